@@ -1,0 +1,42 @@
+//! # dynn-core
+//!
+//! The foundation of dynn: tensors whose storage can move between device and host while
+//! every handle stays valid, a define-by-run autograd tape, and the executor through which
+//! every op passes, calling [`MemoryHooks`] before and after each kernel.
+//!
+//! The core names no op, policy or model. Operators live in `dynn-ops`, memory management
+//! in `dynn-mm`.
+
+#![warn(missing_docs)]
+
+mod autograd;
+mod buffer;
+mod context;
+mod cpu_storage;
+mod device;
+mod dtype;
+mod error;
+mod executor;
+mod hooks;
+mod layout;
+mod op;
+mod shape;
+mod tensor;
+
+pub use autograd::{Accumulate, Node, run_backward};
+pub use buffer::{Buffer, BufferId, BufferKind, Residency, Slot};
+pub use context::{
+    HooksGuard, NoGradGuard, PhaseGuard, enter_phase, install_memory_hooks, is_grad_enabled, mark_step, memory_hooks, no_grad,
+    phase, set_memory_hooks,
+};
+pub use cpu_storage::{CpuElement, CpuStorage, vec_from_fill};
+pub use device::{Backend, CpuBackend, Device, DeviceStorage, register_backend};
+pub use dtype::{DType, Element, FloatElement, erf, num_like::AccFloat};
+pub use error::{Error, Result};
+pub use executor::{Tensors, execute, execute_inplace, execute_on, execute_view, execute1};
+pub use hooks::{Cost, Idioms, MemoryHooks, OpEvent, Phase};
+pub use layout::{Layout, StridedIndex};
+pub use op::{BackwardCtx, InplaceOp, InputGrads, KernelArg, Op, Outputs, Save, Specs, TensorSpec, ViewOp};
+pub use shape::{Dim, Dims, Shape};
+pub use tensor::Tensor;
+pub use {half, smallvec};

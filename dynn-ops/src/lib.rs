@@ -1,1 +1,25 @@
-pub fn _x(){}
+//! # dynn-ops
+//!
+//! Every operator of dynn. An op is defined in one place, its family's file under `ops/`:
+//! output inference, CPU kernel, backward rule, idiom signature and cost. Tensor methods come
+//! from one extension trait per family, all re-exported by [`prelude`].
+
+#![warn(missing_docs)]
+
+pub mod cpu;
+pub mod grad;
+pub mod math;
+pub mod ops;
+pub mod registry;
+
+pub use registry::{OpInfo, op_table};
+
+/// The tensor methods of every op family, and the core types.
+pub mod prelude {
+    pub use crate::grad::Backward;
+    pub use crate::ops::binary::BinaryOps;
+    pub use crate::ops::reduce::ReduceOps;
+    pub use crate::ops::unary::UnaryOps;
+    pub use crate::ops::views::ViewOps;
+    pub use dynn_core::{BufferKind, DType, Device, Error, Result, Shape, Tensor, no_grad};
+}

@@ -1,0 +1,221 @@
+//! Shared CPU kernel machinery: parallel element loops over (possibly strided, broadcast)
+//! layouts, and dtype dispatch. Op files use these; they hold no op of their own.
+
+use crate::math::simd;
+use dynn_core::{Layout, Shape, vec_from_fill};
+use rayon::prelude::*;
+use std::mem::MaybeUninit;
+
+/// Elements below which a loop runs on the calling thread (parallel overhead dominates).
+pub const PAR_MIN: usize = 1 << 15;
+
+/// Chunk length for parallel element loops (a multiple of 64 for vector alignment).
+pub fn chunk_len(n: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    (n.div_ceil(threads * 4)).max(PAR_MIN / 2).next_multiple_of(64)
+}
+
+/// Applies `f` to every element of a contiguous slice, in parallel for large inputs.
+#[inline]
+pub fn map_slice<T: Copy + Sync, U: Copy + Send>(src: &[T], f: impl Fn(T) -> U + Sync) -> Vec<U> {
+    let n = src.len();
+    vec_from_fill(n, |out| {
+        let body = |(o, s): (&mut [MaybeUninit<U>], &[T])| {
+            for (o, &s) in o.iter_mut().zip(s) {
+                o.write(f(s));
+            }
+        };
+        if n < PAR_MIN {
+            simd(|| body((out, src)));
+        } else {
+            let c = chunk_len(n);
+            out.par_chunks_mut(c).zip(src.par_chunks(c)).for_each(|x| simd(|| body(x)));
+        }
+    })
+}
+
+/// Applies `f` to every element of `src` seen through `layout`, returning a contiguous vector
+/// in the layout's row-major order.
+pub fn map_layout<T: Copy + Sync, U: Copy + Send>(src: &[T], layout: &Layout, f: impl Fn(T) -> U + Sync) -> Vec<U> {
+    if let Some((a, b)) = layout.contiguous_range() {
+        return map_slice(&src[a..b], f);
+    }
+    let n = layout.elem_count();
+    let (offsets, block) = layout.blocks();
+    if block >= 16 {
+        return vec_from_fill(n, |out| {
+            let body = |(o, &off): (&mut [MaybeUninit<U>], &usize)| {
+                for (o, &s) in o.iter_mut().zip(&src[off..off + block]) {
+                    o.write(f(s));
+                }
+            };
+            if n < PAR_MIN {
+                out.chunks_mut(block).zip(offsets.iter()).for_each(body);
+            } else {
+                out.par_chunks_mut(block).zip(offsets.par_iter()).for_each(body);
+            }
+        });
+    }
+    rows_of(layout, n, |row_out: &mut [MaybeUninit<U>], base: usize, stride: usize| {
+        for (k, o) in row_out.iter_mut().enumerate() {
+            o.write(f(src[base + k * stride]));
+        }
+    })
+}
+
+/// Runs `row(out_row, base_offset, last_dim_stride)` for every row (last dim) of `layout`,
+/// in parallel over rows, producing a contiguous output of `n` elements.
+fn rows_of<U: Copy + Send>(layout: &Layout, n: usize, row: impl Fn(&mut [MaybeUninit<U>], usize, usize) + Sync) -> Vec<U> {
+    let dims = layout.dims();
+    let inner = dims.last().copied().unwrap_or(1).max(1);
+    let stride = layout.strides().last().copied().unwrap_or(0);
+    let outer = Layout::from_parts(
+        Shape::new(&dims[..dims.len().saturating_sub(1)]),
+        layout.strides()[..layout.strides().len().saturating_sub(1)].into(),
+        layout.offset(),
+    );
+    let bases: Vec<usize> = outer.indices().collect();
+    vec_from_fill(n, |out| {
+        if n == 0 {
+            return;
+        }
+        let body = |(o, &b): (&mut [MaybeUninit<U>], &usize)| row(o, b, stride);
+        if n < PAR_MIN {
+            out.chunks_mut(inner).zip(bases.iter()).for_each(body);
+        } else {
+            out.par_chunks_mut(inner).zip(bases.par_iter()).for_each(body);
+        }
+    })
+}
+
+/// Applies `f` element-wise to two operands whose layouts are already broadcast to `shape`,
+/// returning a contiguous output. Fast paths: both contiguous; either side constant along the
+/// last dim (a broadcast row or column).
+pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
+    lhs: &[T],
+    ll: &Layout,
+    rhs: &[T],
+    rl: &Layout,
+    shape: &Shape,
+    f: impl Fn(T, T) -> U + Sync,
+) -> Vec<U> {
+    let n = shape.elem_count();
+    if let (Some((a, b)), Some((c, d))) = (ll.contiguous_range(), rl.contiguous_range()) {
+        let (l, r) = (&lhs[a..b], &rhs[c..d]);
+        return vec_from_fill(n, |out| {
+            let body = |((o, l), r): ((&mut [MaybeUninit<U>], &[T]), &[T])| {
+                for ((o, &x), &y) in o.iter_mut().zip(l).zip(r) {
+                    o.write(f(x, y));
+                }
+            };
+            if n < PAR_MIN {
+                simd(|| body(((out, l), r)));
+            } else {
+                let ch = chunk_len(n);
+                out.par_chunks_mut(ch).zip(l.par_chunks(ch)).zip(r.par_chunks(ch)).for_each(|x| simd(|| body(x)));
+            }
+        });
+    }
+    let dims = shape.dims();
+    let rank = dims.len();
+    let inner = dims.last().copied().unwrap_or(1).max(1);
+    let (ls, rs) = (ll.strides().last().copied().unwrap_or(0), rl.strides().last().copied().unwrap_or(0));
+    let outer_of = |l: &Layout| {
+        Layout::from_parts(Shape::new(&dims[..rank.saturating_sub(1)]), l.strides()[..rank.saturating_sub(1)].into(), l.offset())
+    };
+    let lb: Vec<usize> = outer_of(ll).indices().collect();
+    let rb: Vec<usize> = outer_of(rl).indices().collect();
+    vec_from_fill(n, |out| {
+        if n == 0 {
+            return;
+        }
+        let body = |((o, &lo), &ro): ((&mut [MaybeUninit<U>], &usize), &usize)| match (ls, rs) {
+            (1, 1) => {
+                for ((o, &x), &y) in o.iter_mut().zip(&lhs[lo..lo + inner]).zip(&rhs[ro..ro + inner]) {
+                    o.write(f(x, y));
+                }
+            }
+            (1, 0) => {
+                let y = rhs[ro];
+                for (o, &x) in o.iter_mut().zip(&lhs[lo..lo + inner]) {
+                    o.write(f(x, y));
+                }
+            }
+            (0, 1) => {
+                let x = lhs[lo];
+                for (o, &y) in o.iter_mut().zip(&rhs[ro..ro + inner]) {
+                    o.write(f(x, y));
+                }
+            }
+            _ => {
+                for (k, o) in o.iter_mut().enumerate() {
+                    o.write(f(lhs[lo + k * ls], rhs[ro + k * rs]));
+                }
+            }
+        };
+        let rows = (PAR_MIN / inner).max(1);
+        if n < PAR_MIN {
+            simd(|| out.chunks_mut(inner).zip(lb.iter()).zip(rb.iter()).for_each(body));
+        } else {
+            out.par_chunks_mut(inner * rows)
+                .zip(lb.par_chunks(rows))
+                .zip(rb.par_chunks(rows))
+                .for_each(|((o, l), r)| simd(|| o.chunks_mut(inner).zip(l).zip(r).for_each(body)));
+        }
+    })
+}
+
+/// Wraps one host storage as a kernel's single output.
+pub fn one(s: dynn_core::CpuStorage) -> dynn_core::Outputs {
+    dynn_core::smallvec::smallvec![Box::new(s) as Box<dyn dynn_core::DeviceStorage>]
+}
+
+/// Copies the elements seen through `layout` into a contiguous vector.
+pub fn gather_layout<T: Copy + Send + Sync>(src: &[T], layout: &Layout) -> Vec<T> {
+    map_layout(src, layout, |x| x)
+}
+
+/// Dispatches on a [`dynn_core::CpuStorage`] holding a float dtype, binding the typed slice
+/// to `$v` (with element type `$T` in scope as a generic); other dtypes give an
+/// `UnsupportedDType` error naming `$op`.
+#[macro_export]
+macro_rules! float_dispatch {
+    ($op:expr, $s:expr, |$v:ident| $body:expr) => {
+        match $s {
+            dynn_core::CpuStorage::F32($v) => $body,
+            dynn_core::CpuStorage::F64($v) => $body,
+            dynn_core::CpuStorage::F16($v) => $body,
+            dynn_core::CpuStorage::BF16($v) => $body,
+            other => return Err(dynn_core::Error::unsupported_dtype($op, other.dtype())),
+        }
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_layout_strided_matches_indices() {
+        let src: Vec<f32> = (0..60).map(|v| v as f32).collect();
+        let l = Layout::contiguous([3, 4, 5]).transpose(0, 2).unwrap();
+        let want: Vec<f32> = l.indices().map(|i| src[i] * 2.0).collect();
+        assert_eq!(map_layout(&src, &l, |x| x * 2.0), want);
+        let n = Layout::contiguous([3, 4, 5]).narrow(2, 1, 3).unwrap();
+        let want: Vec<f32> = n.indices().map(|i| src[i]).collect();
+        assert_eq!(map_layout(&src, &n, |x| x), want);
+    }
+
+    #[test]
+    fn zip_broadcast_paths() {
+        let a: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let b = vec![10.0f32, 20.0, 30.0];
+        let s = Shape::new(&[2, 3]);
+        let la = Layout::contiguous([2, 3]);
+        let lb = Layout::contiguous([3]).broadcast_as(&s).unwrap();
+        assert_eq!(zip_layouts(&a, &la, &b, &lb, &s, |x, y| x + y), vec![10., 21., 32., 13., 24., 35.]);
+        let col = vec![1.0f32, 2.0];
+        let lc = Layout::contiguous([2, 1]).broadcast_as(&s).unwrap();
+        assert_eq!(zip_layouts(&a, &la, &col, &lc, &s, |x, y| x * y), vec![0., 1., 2., 6., 8., 10.]);
+    }
+}

@@ -1,0 +1,139 @@
+//! Scalar math for kernels: vectorizable f32 approximations (accurate to a few ulp) and the
+//! exact std functions for f64. Kernels call these through [`FastMath`].
+
+use dynn_core::AccFloat;
+
+const LOG2E: f32 = std::f32::consts::LOG2_E;
+const LN2_HI: f32 = 0.693_359_4;
+const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// e^x for f32: range reduction to r in [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes),
+/// branch-free so loops over it vectorize.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer.
+    let xc = x.clamp(-87.3, 88.5);
+    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let z = r * r;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let y = p * z + r + 1.0;
+    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    let v = y * scale;
+    if x > 88.72 {
+        f32::INFINITY
+    } else if x < -87.33 {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        v
+    }
+}
+
+/// tanh for f32: an odd polynomial near 0 (Cephes), `1 - 2/(e^{2x}+1)` elsewhere.
+#[inline(always)]
+pub fn tanh_f32(x: f32) -> f32 {
+    let a = x.abs();
+    let z = x * x;
+    let mut p = -5.704_988_7e-3f32;
+    p = p * z + 2.063_908_9e-2;
+    p = p * z - 5.373_971_6e-2;
+    p = p * z + 1.333_144_5e-1;
+    p = p * z - 3.333_328_2e-1;
+    let small = x + x * z * p;
+    let e = exp_f32(2.0 * a);
+    let big = 1.0 - 2.0 / (e + 1.0);
+    let big = if x < 0.0 { -big } else { big };
+    if a < 0.625 { small } else { big }
+}
+
+/// Math that kernels need, fast on f32 and exact on f64.
+pub trait FastMath: AccFloat {
+    /// e^x.
+    fn fexp(self) -> Self;
+    /// tanh x.
+    fn ftanh(self) -> Self;
+    /// 1 / (1 + e^-x).
+    #[inline(always)]
+    fn fsigmoid(self) -> Self {
+        Self::ONE / (Self::ONE + (-self).fexp())
+    }
+}
+
+impl FastMath for f32 {
+    #[inline(always)]
+    fn fexp(self) -> Self {
+        exp_f32(self)
+    }
+    #[inline(always)]
+    fn ftanh(self) -> Self {
+        tanh_f32(self)
+    }
+}
+
+impl FastMath for f64 {
+    #[inline(always)]
+    fn fexp(self) -> Self {
+        self.exp()
+    }
+    #[inline(always)]
+    fn ftanh(self) -> Self {
+        self.tanh()
+    }
+}
+
+/// Runs `f` compiled for AVX2+FMA when the CPU has them (loops inlined into it vectorize
+/// eight f32 lanes wide), else as is.
+#[inline(always)]
+pub fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            #[target_feature(enable = "avx2,fma")]
+            fn run<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { run(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let rel = ((exp_f32(x) as f64 - want) / want).abs();
+            worst = worst.max(rel);
+            x += 0.0137;
+        }
+        assert!(worst < 4e-7, "worst relative error {worst}");
+        assert_eq!(exp_f32(100.0), f32::INFINITY);
+        assert_eq!(exp_f32(-100.0), 0.0);
+        assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn tanh_is_accurate() {
+        let mut x = -12.0f32;
+        while x < 12.0 {
+            let want = (x as f64).tanh();
+            let err = (tanh_f32(x) as f64 - want).abs();
+            assert!(err <= 3e-7 * want.abs().max(1e-3), "tanh({x}) err {err}");
+            x += 0.00731;
+        }
+    }
+}

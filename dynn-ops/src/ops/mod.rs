@@ -1,0 +1,6 @@
+//! One file per op family: kernels, backward rule, idioms and cost in one place.
+
+pub mod binary;
+pub mod reduce;
+pub mod unary;
+pub mod views;

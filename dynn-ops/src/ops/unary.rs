@@ -1,0 +1,431 @@
+//! Element-wise unary ops: neg, abs, exp, log, sqrt, rsqrt, tanh, sigmoid, relu, gelu
+//! (tanh approximation), gelu_erf, silu, sin, cos, sqr, recip, and the scalar maps
+//! `affine` (x * mul + add) and `powf` (x ^ e). Each backward is one fused kernel
+//! (`<name>_backward`: grad * f'(x)).
+
+use crate::cpu::map_layout;
+use crate::float_dispatch;
+use crate::math::FastMath;
+use crate::registry::OpInfo;
+use dynn_core::{
+    AccFloat, BackwardCtx, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg, Op, Outputs, Result, Save,
+    Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
+};
+
+/// Which unary function.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Unary {
+    /// -x
+    Neg,
+    /// |x|
+    Abs,
+    /// e^x
+    Exp,
+    /// ln x
+    Log,
+    /// √x
+    Sqrt,
+    /// 1/√x
+    Rsqrt,
+    /// tanh x
+    Tanh,
+    /// 1/(1+e^-x)
+    Sigmoid,
+    /// max(x, 0)
+    Relu,
+    /// GELU, tanh approximation.
+    Gelu,
+    /// GELU with the exact error function.
+    GeluErf,
+    /// x·sigmoid(x)
+    Silu,
+    /// sin x
+    Sin,
+    /// cos x
+    Cos,
+    /// x²
+    Sqr,
+    /// 1/x
+    Recip,
+    /// x·mul + add
+    Affine {
+        /// Multiplier.
+        mul: f64,
+        /// Offset.
+        add: f64,
+    },
+    /// x^e
+    Powf(f64),
+}
+
+const SQRT_2_OVER_PI: f64 = 0.797_884_560_802_865_4;
+
+impl Unary {
+    /// Every kind (parameterised kinds with sample parameters), for the op table and tests.
+    pub const ALL: [Unary; 18] = [
+        Unary::Neg,
+        Unary::Abs,
+        Unary::Exp,
+        Unary::Log,
+        Unary::Sqrt,
+        Unary::Rsqrt,
+        Unary::Tanh,
+        Unary::Sigmoid,
+        Unary::Relu,
+        Unary::Gelu,
+        Unary::GeluErf,
+        Unary::Silu,
+        Unary::Sin,
+        Unary::Cos,
+        Unary::Sqr,
+        Unary::Recip,
+        Unary::Affine { mul: 1.5, add: -0.25 },
+        Unary::Powf(2.5),
+    ];
+
+    /// The op name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Unary::Neg => "neg",
+            Unary::Abs => "abs",
+            Unary::Exp => "exp",
+            Unary::Log => "log",
+            Unary::Sqrt => "sqrt",
+            Unary::Rsqrt => "rsqrt",
+            Unary::Tanh => "tanh",
+            Unary::Sigmoid => "sigmoid",
+            Unary::Relu => "relu",
+            Unary::Gelu => "gelu",
+            Unary::GeluErf => "gelu_erf",
+            Unary::Silu => "silu",
+            Unary::Sin => "sin",
+            Unary::Cos => "cos",
+            Unary::Sqr => "sqr",
+            Unary::Recip => "recip",
+            Unary::Affine { .. } => "affine",
+            Unary::Powf(_) => "powf",
+        }
+    }
+
+    /// The name of the fused backward op.
+    pub fn backward_name(self) -> &'static str {
+        match self {
+            Unary::Neg => "neg_backward",
+            Unary::Abs => "abs_backward",
+            Unary::Exp => "exp_backward",
+            Unary::Log => "log_backward",
+            Unary::Sqrt => "sqrt_backward",
+            Unary::Rsqrt => "rsqrt_backward",
+            Unary::Tanh => "tanh_backward",
+            Unary::Sigmoid => "sigmoid_backward",
+            Unary::Relu => "relu_backward",
+            Unary::Gelu => "gelu_backward",
+            Unary::GeluErf => "gelu_erf_backward",
+            Unary::Silu => "silu_backward",
+            Unary::Sin => "sin_backward",
+            Unary::Cos => "cos_backward",
+            Unary::Sqr => "sqr_backward",
+            Unary::Recip => "recip_backward",
+            Unary::Affine { .. } => "affine_backward",
+            Unary::Powf(_) => "powf_backward",
+        }
+    }
+
+    /// True when the derivative is computed from the output rather than the input.
+    fn grad_from_output(self) -> bool {
+        matches!(self, Unary::Exp | Unary::Sqrt | Unary::Rsqrt | Unary::Tanh | Unary::Sigmoid | Unary::Recip)
+    }
+
+    /// f(x).
+    #[inline(always)]
+    fn f<A: FastMath>(self, x: A) -> A {
+        let half = A::of(0.5);
+        match self {
+            Unary::Neg => -x,
+            Unary::Abs => x.abs(),
+            Unary::Exp => x.fexp(),
+            Unary::Log => x.ln(),
+            Unary::Sqrt => x.sqrt(),
+            Unary::Rsqrt => A::ONE / x.sqrt(),
+            Unary::Tanh => x.ftanh(),
+            Unary::Sigmoid => x.fsigmoid(),
+            Unary::Relu => {
+                if x > A::ZERO {
+                    x
+                } else {
+                    A::ZERO
+                }
+            }
+            Unary::Gelu => half * x * (A::ONE + (A::of(SQRT_2_OVER_PI) * (x + A::of(0.044715) * x * x * x)).ftanh()),
+            Unary::GeluErf => half * x * (A::ONE + (x * A::of(std::f64::consts::FRAC_1_SQRT_2)).erf()),
+            Unary::Silu => x * x.fsigmoid(),
+            Unary::Sin => x.sin(),
+            Unary::Cos => x.cos(),
+            Unary::Sqr => x * x,
+            Unary::Recip => A::ONE / x,
+            Unary::Affine { mul, add } => x * A::of(mul) + A::of(add),
+            Unary::Powf(e) => x.powf(A::of(e)),
+        }
+    }
+
+    /// f'(x), given x (or y = f(x) when [`Self::grad_from_output`]).
+    #[inline(always)]
+    fn df<A: FastMath>(self, v: A) -> A {
+        let half = A::of(0.5);
+        match self {
+            Unary::Neg => -A::ONE,
+            Unary::Abs => {
+                if v > A::ZERO {
+                    A::ONE
+                } else if v < A::ZERO {
+                    -A::ONE
+                } else {
+                    A::ZERO
+                }
+            }
+            Unary::Exp => v,
+            Unary::Log => A::ONE / v,
+            Unary::Sqrt => half / v,
+            Unary::Rsqrt => A::of(-0.5) * v * v * v,
+            Unary::Tanh => A::ONE - v * v,
+            Unary::Sigmoid => v * (A::ONE - v),
+            Unary::Relu => {
+                if v > A::ZERO {
+                    A::ONE
+                } else {
+                    A::ZERO
+                }
+            }
+            Unary::Gelu => {
+                let k = A::of(SQRT_2_OVER_PI);
+                let inner = k * (v + A::of(0.044715) * v * v * v);
+                let t = inner.ftanh();
+                half * (A::ONE + t) + half * v * (A::ONE - t * t) * k * (A::ONE + A::of(3.0 * 0.044715) * v * v)
+            }
+            Unary::GeluErf => {
+                let cdf = half * (A::ONE + (v * A::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                let pdf = (-half * v * v).fexp() * A::of(0.398_942_280_401_432_7);
+                cdf + v * pdf
+            }
+            Unary::Silu => {
+                let s = v.fsigmoid();
+                s * (A::ONE + v * (A::ONE - s))
+            }
+            Unary::Sin => v.cos(),
+            Unary::Cos => -v.sin(),
+            Unary::Sqr => A::of(2.0) * v,
+            Unary::Recip => -v * v,
+            Unary::Affine { mul, .. } => A::of(mul),
+            Unary::Powf(e) => A::of(e) * v.powf(A::of(e - 1.0)),
+        }
+    }
+
+    /// Idioms: one element-wise map (PyTorch's table gives relu/elu/dropout `[0,0,0,0,1,0]`).
+    pub const IDIOMS: Idioms = Idioms::MAP;
+    /// Idioms of the fused backward: a map that also combines two streams (the table's
+    /// "sigmoid/tanh/gelu backward" row, `[0,0,0,1,1,0]`).
+    pub const BACKWARD_IDIOMS: Idioms = Idioms([0, 0, 0, 1, 1, 0]);
+}
+
+fn run_forward<T: FloatElement + CpuElement>(k: Unary, src: &[T], arg: &KernelArg<'_>) -> Vec<T>
+where
+    T::Acc: FastMath,
+{
+    macro_rules! go {
+        ($($kind:pat),*) => {
+            match k {
+                $($kind => map_layout(src, arg.layout, |x| T::from_acc(k.f(x.to_acc()))),)*
+            }
+        };
+    }
+    // One arm per kind so each loop is monomorphic in the function it applies.
+    go!(
+        Unary::Neg, Unary::Abs, Unary::Exp, Unary::Log, Unary::Sqrt, Unary::Rsqrt, Unary::Tanh, Unary::Sigmoid,
+        Unary::Relu, Unary::Gelu, Unary::GeluErf, Unary::Silu, Unary::Sin, Unary::Cos, Unary::Sqr, Unary::Recip,
+        Unary::Affine { .. }, Unary::Powf(_)
+    )
+}
+
+impl Op for Unary {
+    fn name(&self) -> &'static str {
+        Unary::name(*self)
+    }
+    fn idioms(&self) -> Idioms {
+        Unary::IDIOMS
+    }
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
+        let x = inputs[0];
+        if !x.dtype().is_float() {
+            return Err(Error::unsupported_dtype(self.name(), x.dtype()));
+        }
+        Ok(smallvec![TensorSpec::new(x.shape().clone(), x.dtype())])
+    }
+    fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
+        let k = *self;
+        let x = inputs[0];
+        let out = float_dispatch!(self.name(), x.cpu(self.name())?, |v| T_wrap(run_forward(k, v, &x)));
+        Ok(smallvec![out])
+    }
+    fn save(&self) -> Save {
+        if self.grad_from_output() { Save::OUTPUT } else { Save::INPUTS }
+    }
+    fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
+        let v = if self.grad_from_output() { ctx.output(0)? } else { ctx.input(0)? };
+        let g = execute1(UnaryBackward(*self), &[v, ctx.grad(0)?])?;
+        Ok(smallvec![Some(g)])
+    }
+}
+
+fn grad_kernel<T: FloatElement + CpuElement>(k: Unary, v: &[T], va: &KernelArg<'_>, g: &[T], ga: &KernelArg<'_>, shape: &dynn_core::Shape) -> Vec<T>
+where
+    T::Acc: FastMath,
+{
+    crate::cpu::zip_layouts(v, va.layout, g, ga.layout, shape, |a, b| T::from_acc(b.to_acc() * k.df(a.to_acc())))
+}
+
+/// Boxes a typed vector as device storage.
+#[allow(non_snake_case)]
+fn T_wrap<T: CpuElement>(v: Vec<T>) -> Box<dyn dynn_core::DeviceStorage> {
+    Box::new(T::wrap(v))
+}
+
+/// The fused backward of a [`Unary`]: inputs `(x or y, grad)`, output `grad * f'(·)`.
+#[derive(Debug, Clone, Copy)]
+pub struct UnaryBackward(pub Unary);
+
+impl Op for UnaryBackward {
+    fn name(&self) -> &'static str {
+        self.0.backward_name()
+    }
+    fn idioms(&self) -> Idioms {
+        Unary::BACKWARD_IDIOMS
+    }
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
+        let (v, g) = (inputs[0], inputs[1]);
+        if v.shape() != g.shape() {
+            return Err(Error::shape_mismatch(self.name(), v.shape(), g.shape()));
+        }
+        if v.dtype() != g.dtype() {
+            return Err(Error::DTypeMismatch { op: self.name(), expected: v.dtype(), got: g.dtype() });
+        }
+        Ok(smallvec![TensorSpec::new(v.shape().clone(), v.dtype())])
+    }
+    fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
+        let k = self.0;
+        let name = self.name();
+        let (v, g) = (inputs[0], inputs[1]);
+        let out = float_dispatch!(name, v.cpu(name)?, |vv| T_wrap(grad_kernel(k, vv, &v, g.cpu(name)?.as_slice(name)?, &g, &specs[0].shape)));
+        Ok(smallvec![out])
+    }
+    fn differentiable(&self) -> bool {
+        false
+    }
+}
+
+/// Element-wise unary math on tensors.
+pub trait UnaryOps {
+    /// Applies `kind` element-wise.
+    fn unary(&self, kind: Unary) -> Result<Tensor>;
+    /// -x
+    fn neg(&self) -> Result<Tensor> {
+        self.unary(Unary::Neg)
+    }
+    /// |x|
+    fn abs(&self) -> Result<Tensor> {
+        self.unary(Unary::Abs)
+    }
+    /// e^x
+    fn exp(&self) -> Result<Tensor> {
+        self.unary(Unary::Exp)
+    }
+    /// ln x
+    fn log(&self) -> Result<Tensor> {
+        self.unary(Unary::Log)
+    }
+    /// √x
+    fn sqrt(&self) -> Result<Tensor> {
+        self.unary(Unary::Sqrt)
+    }
+    /// 1/√x
+    fn rsqrt(&self) -> Result<Tensor> {
+        self.unary(Unary::Rsqrt)
+    }
+    /// tanh x
+    fn tanh(&self) -> Result<Tensor> {
+        self.unary(Unary::Tanh)
+    }
+    /// 1/(1+e^-x)
+    fn sigmoid(&self) -> Result<Tensor> {
+        self.unary(Unary::Sigmoid)
+    }
+    /// max(x, 0)
+    fn relu(&self) -> Result<Tensor> {
+        self.unary(Unary::Relu)
+    }
+    /// GELU (tanh approximation, as in GPT-2 and candle's `gelu`).
+    fn gelu(&self) -> Result<Tensor> {
+        self.unary(Unary::Gelu)
+    }
+    /// GELU with the exact error function (PyTorch's default).
+    fn gelu_erf(&self) -> Result<Tensor> {
+        self.unary(Unary::GeluErf)
+    }
+    /// x·sigmoid(x)
+    fn silu(&self) -> Result<Tensor> {
+        self.unary(Unary::Silu)
+    }
+    /// sin x
+    fn sin(&self) -> Result<Tensor> {
+        self.unary(Unary::Sin)
+    }
+    /// cos x
+    fn cos(&self) -> Result<Tensor> {
+        self.unary(Unary::Cos)
+    }
+    /// x²
+    fn sqr(&self) -> Result<Tensor> {
+        self.unary(Unary::Sqr)
+    }
+    /// 1/x
+    fn recip(&self) -> Result<Tensor> {
+        self.unary(Unary::Recip)
+    }
+    /// x·mul + add
+    fn affine(&self, mul: f64, add: f64) -> Result<Tensor> {
+        self.unary(Unary::Affine { mul, add })
+    }
+    /// x·s
+    fn scale(&self, s: f64) -> Result<Tensor> {
+        self.unary(Unary::Affine { mul: s, add: 0.0 })
+    }
+    /// x + s
+    fn add_scalar(&self, s: f64) -> Result<Tensor> {
+        self.unary(Unary::Affine { mul: 1.0, add: s })
+    }
+    /// x^e
+    fn powf(&self, e: f64) -> Result<Tensor> {
+        self.unary(Unary::Powf(e))
+    }
+}
+
+impl UnaryOps for Tensor {
+    fn unary(&self, kind: Unary) -> Result<Tensor> {
+        execute1(kind, &[self])
+    }
+}
+
+/// This file's entries in the op table.
+pub(crate) fn ops() -> Vec<OpInfo> {
+    Unary::ALL
+        .iter()
+        .flat_map(|k| {
+            [
+                OpInfo { name: k.name(), idioms: Unary::IDIOMS, differentiable: true, family: "unary" },
+                OpInfo { name: k.backward_name(), idioms: Unary::BACKWARD_IDIOMS, differentiable: false, family: "unary" },
+            ]
+        })
+        .collect()
+}
+
+// Keep `AccFloat` in scope for the generic math above.
+const _: fn(f32) -> f32 = <f32 as AccFloat>::sqrt;

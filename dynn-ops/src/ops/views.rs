@@ -1,0 +1,244 @@
+//! Zero-copy views (reshape, transpose, permute, narrow, broadcast, squeeze, unsqueeze) and the
+//! one copy op that materializes a layout (`contiguous`). A view shares its input's buffer;
+//! its backward rule maps the gradient back to the input's shape.
+
+use crate::cpu::gather_layout;
+use crate::ops::reduce::ReduceOps;
+use crate::registry::OpInfo;
+use dynn_core::{
+    BackwardCtx, CpuStorage, Dim, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result, Shape, Specs, Tensor,
+    TensorSpec, ViewOp, execute_view, execute1, smallvec::smallvec, with_cpu_storage,
+};
+
+/// A view op and its parameters.
+#[derive(Debug, Clone)]
+pub enum View {
+    /// New shape over contiguous elements.
+    Reshape,
+    /// Swap two dims.
+    Transpose(usize, usize),
+    /// Reorder dims.
+    Permute(Vec<usize>),
+    /// `len` elements of `dim` from `start`.
+    Narrow {
+        /// The dim.
+        dim: usize,
+        /// First index.
+        start: usize,
+    },
+    /// Expand size-1 / missing leading dims.
+    Broadcast,
+    /// Remove a size-1 dim.
+    Squeeze(usize),
+    /// Insert a size-1 dim.
+    Unsqueeze(usize),
+}
+
+impl View {
+    /// Op-table names of the views.
+    pub const NAMES: [&'static str; 7] = ["reshape", "transpose", "permute", "narrow", "broadcast_as", "squeeze", "unsqueeze"];
+}
+
+impl ViewOp for View {
+    fn name(&self) -> &'static str {
+        match self {
+            View::Reshape => "reshape",
+            View::Transpose(..) => "transpose",
+            View::Permute(_) => "permute",
+            View::Narrow { .. } => "narrow",
+            View::Broadcast => "broadcast_as",
+            View::Squeeze(_) => "squeeze",
+            View::Unsqueeze(_) => "unsqueeze",
+        }
+    }
+    fn idioms(&self) -> Idioms {
+        match self {
+            // PyTorch's table: transpose is one layout change.
+            View::Transpose(..) | View::Permute(_) => Idioms::LAYOUT,
+            _ => Idioms::NONE,
+        }
+    }
+    fn backward(&self, g: &Tensor, input: &TensorSpec) -> Result<Tensor> {
+        match self {
+            View::Reshape | View::Squeeze(_) | View::Unsqueeze(_) => g.reshape(input.shape.clone()),
+            View::Transpose(a, b) => g.transpose(*a, *b),
+            View::Permute(p) => {
+                let mut inv = vec![0; p.len()];
+                for (i, &d) in p.iter().enumerate() {
+                    inv[d] = i;
+                }
+                g.permute(&inv)
+            }
+            View::Narrow { dim, start } => execute1(PadNarrow { dim: *dim, start: *start, size: input.shape.dims()[*dim] }, &[g]),
+            View::Broadcast => g.sum_to(&input.shape),
+        }
+    }
+}
+
+/// Backward of `narrow`: places the gradient at its slice of a zero tensor of the input's size.
+#[derive(Debug, Clone, Copy)]
+struct PadNarrow {
+    dim: usize,
+    start: usize,
+    size: usize,
+}
+
+impl Op for PadNarrow {
+    fn name(&self) -> &'static str {
+        "narrow_backward"
+    }
+    fn idioms(&self) -> Idioms {
+        Idioms::NONE
+    }
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
+        let mut dims = inputs[0].dims().to_vec();
+        dims[self.dim] = self.size;
+        Ok(smallvec![TensorSpec::new(dims, inputs[0].dtype())])
+    }
+    fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
+        let g = inputs[0];
+        let out_layout = Layout::contiguous(specs[0].shape.clone()).narrow(self.dim, self.start, g.shape().dims()[self.dim])?;
+        let mut out = CpuStorage::zeros(specs[0].dtype, specs[0].shape.elem_count());
+        let src = g.cpu(self.name())?;
+        match (&mut out, src) {
+            (CpuStorage::F32(o), CpuStorage::F32(s)) => scatter_into(o, &out_layout, s, g.layout),
+            (CpuStorage::F64(o), CpuStorage::F64(s)) => scatter_into(o, &out_layout, s, g.layout),
+            (CpuStorage::F16(o), CpuStorage::F16(s)) => scatter_into(o, &out_layout, s, g.layout),
+            (CpuStorage::BF16(o), CpuStorage::BF16(s)) => scatter_into(o, &out_layout, s, g.layout),
+            (CpuStorage::I64(o), CpuStorage::I64(s)) => scatter_into(o, &out_layout, s, g.layout),
+            (CpuStorage::U32(o), CpuStorage::U32(s)) => scatter_into(o, &out_layout, s, g.layout),
+            _ => return Err(Error::Msg("narrow_backward: dtype mismatch".into())),
+        }
+        Ok(crate::cpu::one(out))
+    }
+    fn differentiable(&self) -> bool {
+        false
+    }
+}
+
+fn scatter_into<T: Copy>(out: &mut [T], out_layout: &Layout, src: &[T], src_layout: &Layout) {
+    for (o, s) in out_layout.indices().zip(src_layout.indices()) {
+        out[o] = src[s];
+    }
+}
+
+/// Materializes a layout into a fresh contiguous buffer (differentiable identity).
+#[derive(Debug, Clone, Copy)]
+pub struct Contiguous;
+
+impl Op for Contiguous {
+    fn name(&self) -> &'static str {
+        "contiguous"
+    }
+    fn idioms(&self) -> Idioms {
+        // PyTorch's table: clone/cat `[0,0,0,0,0,0]`.
+        Idioms::NONE
+    }
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
+        Ok(smallvec![TensorSpec::new(inputs[0].shape().clone(), inputs[0].dtype())])
+    }
+    fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
+        let x = inputs[0];
+        let s = x.cpu(self.name())?;
+        let out: CpuStorage = with_cpu_storage!(s, v => dynn_core::CpuElement::wrap(gather_layout(v, x.layout)));
+        Ok(crate::cpu::one(out))
+    }
+    fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
+        Ok(smallvec![Some(ctx.grad(0)?.clone())])
+    }
+}
+
+/// Zero-copy views and layout changes.
+pub trait ViewOps {
+    /// The same elements with a new shape (copies first when not contiguous).
+    fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor>;
+    /// Swaps dims `a` and `b`.
+    fn transpose<A: Dim, B: Dim>(&self, a: A, b: B) -> Result<Tensor>;
+    /// Swaps the last two dims (matrix transpose).
+    fn t(&self) -> Result<Tensor>;
+    /// Reorders dims: output dim `i` is input dim `perm[i]`.
+    fn permute(&self, perm: &[usize]) -> Result<Tensor>;
+    /// Elements `start..start + len` of dim `d`.
+    fn narrow<D: Dim>(&self, d: D, start: usize, len: usize) -> Result<Tensor>;
+    /// Expands to `shape` by broadcasting (stride 0, no copy).
+    fn broadcast_as(&self, shape: impl Into<Shape>) -> Result<Tensor>;
+    /// Removes size-1 dim `d`.
+    fn squeeze<D: Dim>(&self, d: D) -> Result<Tensor>;
+    /// Inserts a size-1 dim at `d`.
+    fn unsqueeze<D: Dim>(&self, d: D) -> Result<Tensor>;
+    /// Merges dims `from..` into one.
+    fn flatten_from<D: Dim>(&self, from: D) -> Result<Tensor>;
+    /// A contiguous tensor with the same values (no copy when already contiguous).
+    fn contiguous(&self) -> Result<Tensor>;
+}
+
+impl ViewOps for Tensor {
+    fn reshape(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        match self.layout().reshape(&shape)? {
+            Some(l) => execute_view(View::Reshape, self, l),
+            None => {
+                let c = self.contiguous()?;
+                let l = c.layout().reshape(&shape)?.ok_or_else(|| Error::Msg("reshape: copy is not contiguous".into()))?;
+                execute_view(View::Reshape, &c, l)
+            }
+        }
+    }
+    fn transpose<A: Dim, B: Dim>(&self, a: A, b: B) -> Result<Tensor> {
+        let (a, b) = (a.index(self.shape(), "transpose")?, b.index(self.shape(), "transpose")?);
+        execute_view(View::Transpose(a, b), self, self.layout().transpose(a, b)?)
+    }
+    fn t(&self) -> Result<Tensor> {
+        if self.rank() < 2 {
+            return Err(Error::invalid("t", format!("needs rank >= 2, got shape {}", self.shape())));
+        }
+        self.transpose(-2i32, -1i32)
+    }
+    fn permute(&self, perm: &[usize]) -> Result<Tensor> {
+        execute_view(View::Permute(perm.to_vec()), self, self.layout().permute(perm)?)
+    }
+    fn narrow<D: Dim>(&self, d: D, start: usize, len: usize) -> Result<Tensor> {
+        let dim = d.index(self.shape(), "narrow")?;
+        execute_view(View::Narrow { dim, start }, self, self.layout().narrow(dim, start, len)?)
+    }
+    fn broadcast_as(&self, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape = shape.into();
+        if &shape == self.shape() {
+            return Ok(self.clone());
+        }
+        execute_view(View::Broadcast, self, self.layout().broadcast_as(&shape)?)
+    }
+    fn squeeze<D: Dim>(&self, d: D) -> Result<Tensor> {
+        let d = d.index(self.shape(), "squeeze")?;
+        execute_view(View::Squeeze(d), self, self.layout().squeeze(d)?)
+    }
+    fn unsqueeze<D: Dim>(&self, d: D) -> Result<Tensor> {
+        let d = d.index_for_insert(self.shape(), "unsqueeze")?;
+        execute_view(View::Unsqueeze(d), self, self.layout().unsqueeze(d)?)
+    }
+    fn flatten_from<D: Dim>(&self, from: D) -> Result<Tensor> {
+        let from = from.index(self.shape(), "flatten_from")?;
+        let mut dims = self.dims()[..from].to_vec();
+        dims.push(self.dims()[from..].iter().product());
+        self.reshape(dims)
+    }
+    fn contiguous(&self) -> Result<Tensor> {
+        if self.is_contiguous() { Ok(self.clone()) } else { execute1(Contiguous, &[self]) }
+    }
+}
+
+/// This file's entries in the op table.
+pub(crate) fn ops() -> Vec<OpInfo> {
+    let mut v: Vec<OpInfo> = View::NAMES
+        .iter()
+        .map(|&name| OpInfo {
+            name,
+            idioms: if matches!(name, "transpose" | "permute") { Idioms::LAYOUT } else { Idioms::NONE },
+            differentiable: true,
+            family: "views",
+        })
+        .collect();
+    v.push(OpInfo { name: "contiguous", idioms: Idioms::NONE, differentiable: true, family: "views" });
+    v.push(OpInfo { name: "narrow_backward", idioms: Idioms::NONE, differentiable: false, family: "views" });
+    v
+}

@@ -18,8 +18,10 @@ pub use registry::{OpInfo, op_table};
 pub mod prelude {
     pub use crate::grad::Backward;
     pub use crate::ops::binary::BinaryOps;
+    pub use crate::ops::matmul::MatmulOps;
     pub use crate::ops::reduce::ReduceOps;
     pub use crate::ops::unary::UnaryOps;
+    pub use crate::ops::update::UpdateOps;
     pub use crate::ops::views::ViewOps;
     pub use dynn_core::{BufferKind, DType, Device, Error, Result, Shape, Tensor, no_grad};
 }

@@ -18,7 +18,15 @@ pub struct OpInfo {
 /// Every op, sorted by name. Tests check that each one has a gradient check (when
 /// differentiable) and a candle-oracle check.
 pub fn op_table() -> Vec<OpInfo> {
-    let mut all: Vec<OpInfo> = [crate::ops::unary::ops(), crate::ops::binary::ops(), crate::ops::views::ops(), crate::ops::reduce::ops()].concat();
+    let mut all: Vec<OpInfo> = [
+        crate::ops::unary::ops(),
+        crate::ops::binary::ops(),
+        crate::ops::views::ops(),
+        crate::ops::reduce::ops(),
+        crate::ops::matmul::ops(),
+        crate::ops::update::ops(),
+    ]
+    .concat();
     all.sort_by_key(|o| o.name);
     all.dedup_by_key(|o| o.name);
     all

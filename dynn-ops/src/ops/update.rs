@@ -1,0 +1,100 @@
+//! In-place updates for optimizers and gradient accumulation: `axpy_` (target += alpha·x) and
+//! `assign_` (target = x). They run through the executor as in-place ops, so the memory
+//! manager sees the target as both read and written.
+
+use crate::registry::OpInfo;
+use dynn_core::{CpuStorage, DeviceStorage, Error, FloatElement, Idioms, InplaceOp, KernelArg, Layout, Result, Tensor, execute_inplace};
+use rayon::prelude::*;
+
+/// PyTorch's table: in-place add is `[0,1,0,0,0,0]`.
+const IDIOMS: Idioms = Idioms([0, 1, 0, 0, 0, 0]);
+
+/// `target = target·beta + alpha·x` (element-wise, `x` broadcast to the target's shape).
+#[derive(Debug, Clone, Copy)]
+pub struct Axpy {
+    /// Scale of `x`.
+    pub alpha: f64,
+    /// Scale of the old target (1 for a plain accumulate, 0 for an assignment).
+    pub beta: f64,
+}
+
+fn update<T: FloatElement + dynn_core::CpuElement>(dst: &mut [T], layout: &Layout, src: &[T], src_layout: &Layout, alpha: f64, beta: f64) {
+    let (a, b) = (<T::Acc as dynn_core::AccFloat>::of(alpha), <T::Acc as dynn_core::AccFloat>::of(beta));
+    let f = |d: &mut T, s: T| {
+        *d = if beta == 0.0 { T::from_acc(a * s.to_acc()) } else { T::from_acc(b * d.to_acc() + a * s.to_acc()) };
+    };
+    match (layout.contiguous_range(), src_layout.contiguous_range()) {
+        (Some((d0, d1)), Some((s0, s1))) => {
+            dst[d0..d1].par_chunks_mut(1 << 14).zip(src[s0..s1].par_chunks(1 << 14)).for_each(|(d, s)| {
+                crate::math::simd(|| d.iter_mut().zip(s).for_each(|(d, &s)| f(d, s)));
+            });
+        }
+        _ => {
+            for (di, si) in layout.indices().zip(src_layout.indices()) {
+                f(&mut dst[di], src[si]);
+            }
+        }
+    }
+}
+
+impl InplaceOp for Axpy {
+    fn name(&self) -> &'static str {
+        if self.beta == 0.0 { "assign" } else { "axpy" }
+    }
+    fn idioms(&self) -> Idioms {
+        IDIOMS
+    }
+    fn check(&self, target: &Tensor, inputs: &[&Tensor]) -> Result<()> {
+        let x = inputs[0];
+        if x.dtype() != target.dtype() {
+            return Err(Error::DTypeMismatch { op: self.name(), expected: target.dtype(), got: x.dtype() });
+        }
+        if !target.dtype().is_float() {
+            return Err(Error::unsupported_dtype(self.name(), target.dtype()));
+        }
+        x.layout().broadcast_as(target.shape()).map_err(|_| Error::shape_mismatch(self.name(), target.shape(), x.shape()))?;
+        Ok(())
+    }
+    fn forward(&self, target: &mut dyn DeviceStorage, layout: &Layout, inputs: &[KernelArg<'_>]) -> Result<()> {
+        let name = self.name();
+        let x = inputs[0];
+        let xl = x.layout.broadcast_as(layout.shape())?;
+        let src = x.cpu(name)?;
+        match (target.cpu_mut(name)?, src) {
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
+            (d, _) => return Err(Error::unsupported_dtype(name, d.dtype())),
+        }
+        Ok(())
+    }
+}
+
+/// In-place updates (not recorded on the tape; refused on tensors that require grad while
+/// the tape is on — wrap optimizer steps in [`dynn_core::no_grad`]).
+pub trait UpdateOps {
+    /// `self += alpha·x`.
+    fn axpy_(&self, alpha: f64, x: &Tensor) -> Result<()>;
+    /// `self = x` (copying the values into this tensor's buffer).
+    fn assign_(&self, x: &Tensor) -> Result<()>;
+    /// `self = self·beta + alpha·x`.
+    fn scale_add_(&self, beta: f64, alpha: f64, x: &Tensor) -> Result<()>;
+}
+
+impl UpdateOps for Tensor {
+    fn axpy_(&self, alpha: f64, x: &Tensor) -> Result<()> {
+        execute_inplace(Axpy { alpha, beta: 1.0 }, self, &[x])
+    }
+    fn assign_(&self, x: &Tensor) -> Result<()> {
+        execute_inplace(Axpy { alpha: 1.0, beta: 0.0 }, self, &[x])
+    }
+    fn scale_add_(&self, beta: f64, alpha: f64, x: &Tensor) -> Result<()> {
+        execute_inplace(Axpy { alpha, beta }, self, &[x])
+    }
+}
+
+/// This file's entries in the op table (in-place ops have no backward).
+pub(crate) fn ops() -> Vec<OpInfo> {
+    ["axpy", "assign"].into_iter().map(|name| OpInfo { name, idioms: IDIOMS, differentiable: false, family: "update" }).collect()
+}

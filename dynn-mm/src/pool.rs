@@ -1,0 +1,298 @@
+//! The device pool: a caching sub-allocator over large segments under a byte budget.
+//!
+//! Requests are rounded to 512 bytes and served best-fit from free blocks of cached segments
+//! (small requests from 2 MiB segments, large ones from 20 MiB segments or their own), split
+//! when the remainder is usable and coalesced with free neighbours on release. A new segment
+//! is reserved only when no free block fits; empty segments are released when the budget
+//! would otherwise be exceeded. On the CPU backend the pool hands out offsets in a virtual
+//! address space (the accounting is exact); the CUDA backend maps them onto real allocations.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Allocation granularity in bytes.
+pub const ALIGN: usize = 512;
+/// Requests up to this size are "small" and share small segments.
+pub const SMALL_LIMIT: usize = 1 << 20;
+/// Size of a small segment.
+pub const SMALL_SEGMENT: usize = 2 << 20;
+/// Minimum size of a large segment.
+pub const LARGE_SEGMENT: usize = 20 << 20;
+
+/// A live allocation: segment, offset and (rounded) size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Block {
+    /// Segment index.
+    pub segment: u32,
+    /// Byte offset in the segment.
+    pub offset: usize,
+    /// Size in bytes (rounded up to [`ALIGN`]).
+    pub size: usize,
+}
+
+/// Why an allocation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device pool: cannot allocate {requested} bytes: {in_use} in use, {reserved} reserved of a {budget}-byte budget (largest free block {largest_free})")]
+pub struct PoolExhausted {
+    /// Bytes asked for.
+    pub requested: usize,
+    /// Bytes in live blocks.
+    pub in_use: usize,
+    /// Bytes in segments.
+    pub reserved: usize,
+    /// The budget.
+    pub budget: usize,
+    /// Largest free block in any segment.
+    pub largest_free: usize,
+}
+
+/// Pool statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PoolStats {
+    /// Bytes in live blocks.
+    pub in_use: usize,
+    /// Bytes in reserved segments.
+    pub reserved: usize,
+    /// Peak of `in_use`.
+    pub peak_in_use: usize,
+    /// Peak of `reserved`.
+    pub peak_reserved: usize,
+    /// The budget (`usize::MAX` when unlimited).
+    pub budget: usize,
+    /// Number of segments.
+    pub segments: usize,
+    /// Number of allocations served.
+    pub allocations: u64,
+    /// Number of segments reserved over the pool's life.
+    pub segment_allocations: u64,
+    /// Largest free block.
+    pub largest_free: usize,
+    /// 1 − largest free block / free bytes in segments (0 when nothing is free).
+    pub fragmentation: f64,
+}
+
+#[derive(Debug)]
+struct Segment {
+    size: usize,
+    small: bool,
+    /// offset → (size, free)
+    blocks: BTreeMap<usize, (usize, bool)>,
+}
+
+/// The caching sub-allocator.
+#[derive(Debug)]
+pub struct DevicePool {
+    budget: usize,
+    segments: Vec<Option<Segment>>,
+    /// (small, size, segment, offset) of every free block.
+    free: BTreeSet<(bool, usize, u32, usize)>,
+    stats: PoolStats,
+}
+
+fn round_up(n: usize) -> usize {
+    n.max(1).div_ceil(ALIGN) * ALIGN
+}
+
+impl DevicePool {
+    /// A pool with a byte budget (`None`: unlimited).
+    pub fn new(budget: Option<usize>) -> Self {
+        let budget = budget.unwrap_or(usize::MAX);
+        DevicePool { budget, segments: Vec::new(), free: BTreeSet::new(), stats: PoolStats { budget, ..Default::default() } }
+    }
+
+    /// The budget in bytes (`usize::MAX` when unlimited).
+    pub fn budget(&self) -> usize {
+        self.budget
+    }
+
+    /// The size a request of `bytes` occupies.
+    pub fn rounded(bytes: usize) -> usize {
+        round_up(bytes)
+    }
+
+    fn segment_size(&self, size: usize) -> usize {
+        if size <= SMALL_LIMIT { SMALL_SEGMENT } else { size.max(LARGE_SEGMENT).next_multiple_of(SMALL_SEGMENT) }
+    }
+
+    /// Allocates `bytes` (rounded up to [`ALIGN`]).
+    pub fn allocate(&mut self, bytes: usize) -> Result<Block, PoolExhausted> {
+        let size = round_up(bytes);
+        let small = size <= SMALL_LIMIT;
+        let block = match self.take_free(small, size) {
+            Some(b) => b,
+            None => {
+                self.reserve_segment(small, size)?;
+                self.take_free(small, size).ok_or_else(|| self.exhausted(size))?
+            }
+        };
+        self.stats.in_use += block.size;
+        self.stats.peak_in_use = self.stats.peak_in_use.max(self.stats.in_use);
+        self.stats.allocations += 1;
+        Ok(block)
+    }
+
+    fn exhausted(&self, requested: usize) -> PoolExhausted {
+        PoolExhausted {
+            requested,
+            in_use: self.stats.in_use,
+            reserved: self.stats.reserved,
+            budget: self.budget,
+            largest_free: self.largest_free(),
+        }
+    }
+
+    fn take_free(&mut self, small: bool, size: usize) -> Option<Block> {
+        let &key = self.free.range((small, size, 0, 0)..).next().filter(|k| k.0 == small)?;
+        self.free.remove(&key);
+        let (_, fsize, seg, off) = key;
+        let segment = self.segments[seg as usize].as_mut()?;
+        let rest = fsize - size;
+        if rest >= ALIGN {
+            segment.blocks.insert(off, (size, false));
+            segment.blocks.insert(off + size, (rest, true));
+            self.free.insert((small, rest, seg, off + size));
+            Some(Block { segment: seg, offset: off, size })
+        } else {
+            segment.blocks.insert(off, (fsize, false));
+            Some(Block { segment: seg, offset: off, size: fsize })
+        }
+    }
+
+    fn reserve_segment(&mut self, small: bool, size: usize) -> Result<(), PoolExhausted> {
+        let mut seg_size = self.segment_size(size);
+        if self.stats.reserved + seg_size > self.budget {
+            // Fall back to an exact-size segment, then to releasing cached empty segments.
+            seg_size = if small { SMALL_SEGMENT.min(self.budget.saturating_sub(self.stats.reserved)).max(size) } else { size };
+            if self.stats.reserved + seg_size > self.budget {
+                self.release_empty();
+            }
+            if self.stats.reserved + seg_size > self.budget {
+                return Err(self.exhausted(size));
+            }
+        }
+        let idx = match self.segments.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.segments.push(None);
+                self.segments.len() - 1
+            }
+        };
+        let mut blocks = BTreeMap::new();
+        blocks.insert(0, (seg_size, true));
+        self.segments[idx] = Some(Segment { size: seg_size, small, blocks });
+        self.free.insert((small, seg_size, idx as u32, 0));
+        self.stats.reserved += seg_size;
+        self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
+        self.stats.segment_allocations += 1;
+        Ok(())
+    }
+
+    /// Returns a block to the pool, coalescing it with free neighbours.
+    pub fn release(&mut self, block: Block) {
+        let Some(segment) = self.segments.get_mut(block.segment as usize).and_then(Option::as_mut) else { return };
+        let Some(&(size, false)) = segment.blocks.get(&block.offset) else { return };
+        let small = segment.small;
+        let (mut off, mut len) = (block.offset, size);
+        if let Some((&next_off, &(next_len, true))) = segment.blocks.range(off + len..).next()
+            && next_off == off + len
+        {
+            segment.blocks.remove(&next_off);
+            self.free.remove(&(small, next_len, block.segment, next_off));
+            len += next_len;
+        }
+        if let Some((&prev_off, &(prev_len, true))) = segment.blocks.range(..off).next_back()
+            && prev_off + prev_len == off
+        {
+            segment.blocks.remove(&off);
+            self.free.remove(&(small, prev_len, block.segment, prev_off));
+            off = prev_off;
+            len += prev_len;
+        }
+        segment.blocks.insert(off, (len, true));
+        self.free.insert((small, len, block.segment, off));
+        self.stats.in_use -= size;
+    }
+
+    /// Releases every cached segment that holds no live block. Returns the bytes released.
+    pub fn release_empty(&mut self) -> usize {
+        let mut freed = 0;
+        for (i, slot) in self.segments.iter_mut().enumerate() {
+            let empty = slot.as_ref().is_some_and(|s| s.blocks.len() == 1 && s.blocks.values().all(|b| b.1));
+            if empty && let Some(s) = slot.take() {
+                self.free.remove(&(s.small, s.size, i as u32, 0));
+                freed += s.size;
+            }
+        }
+        self.stats.reserved -= freed;
+        freed
+    }
+
+    fn largest_free(&self) -> usize {
+        self.free.iter().map(|f| f.1).max().unwrap_or(0)
+    }
+
+    /// Current statistics.
+    pub fn stats(&self) -> PoolStats {
+        let free_bytes: usize = self.free.iter().map(|f| f.1).sum();
+        let largest = self.largest_free();
+        PoolStats {
+            segments: self.segments.iter().flatten().count(),
+            largest_free: largest,
+            fragmentation: if free_bytes == 0 { 0.0 } else { 1.0 - largest as f64 / free_bytes as f64 },
+            ..self.stats
+        }
+    }
+
+    /// Live blocks of every segment, for invariant checks: `(segment, offset, size)`.
+    pub fn live_blocks(&self) -> Vec<(u32, usize, usize)> {
+        let mut v = Vec::new();
+        for (i, s) in self.segments.iter().enumerate() {
+            if let Some(s) = s {
+                v.extend(s.blocks.iter().filter(|b| !b.1.1).map(|(&o, &(l, _))| (i as u32, o, l)));
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_and_coalesce() {
+        let mut p = DevicePool::new(None);
+        let a = p.allocate(1000).unwrap();
+        let b = p.allocate(1000).unwrap();
+        assert_eq!(a.size, 1024);
+        assert_eq!((a.segment, b.segment), (0, 0));
+        assert_eq!(b.offset, 1024);
+        assert_eq!(p.stats().reserved, SMALL_SEGMENT);
+        p.release(a);
+        p.release(b);
+        assert_eq!(p.stats().in_use, 0);
+        assert_eq!(p.stats().largest_free, SMALL_SEGMENT, "free neighbours coalesce back into one block");
+        assert_eq!(p.release_empty(), SMALL_SEGMENT);
+        assert_eq!(p.stats().reserved, 0);
+    }
+
+    #[test]
+    fn best_fit_reuses_cached_blocks() {
+        let mut p = DevicePool::new(None);
+        let big = p.allocate(30 << 20).unwrap();
+        p.release(big);
+        let again = p.allocate(25 << 20).unwrap();
+        assert_eq!(again.segment, big.segment, "served from the cached segment");
+        assert_eq!(p.stats().segment_allocations, 1);
+    }
+
+    #[test]
+    fn budget_is_enforced_with_a_clear_error() {
+        let mut p = DevicePool::new(Some(4 << 20));
+        let a = p.allocate(3 << 20).unwrap();
+        let e = p.allocate(2 << 20).unwrap_err();
+        assert_eq!(e.requested, 2 << 20);
+        assert!(e.to_string().contains("budget"), "{e}");
+        p.release(a);
+        assert!(p.allocate(2 << 20).is_ok(), "empty segments are released to make room");
+    }
+}

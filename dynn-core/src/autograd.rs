@@ -36,7 +36,7 @@ impl LeafGrad {
 
 /// The backward rule of a node.
 pub(crate) enum Rule {
-    Op(Box<dyn Op>),
+    Op(Arc<dyn Op>),
     View(Box<dyn ViewOp>),
 }
 

@@ -101,8 +101,14 @@ impl Slot {
     }
 }
 
+/// Told when a watched buffer is released (its last handle dropped), from whatever thread
+/// dropped it. A memory manager watches the buffers it accounts for.
+pub trait ReleaseSink: Send + Sync {
+    /// Buffer `id` of `bytes` bytes no longer exists.
+    fn released(&self, id: BufferId, bytes: usize);
+}
+
 /// One allocation's worth of elements with a stable id, kind and residency.
-#[derive(Debug)]
 pub struct Buffer {
     id: BufferId,
     dtype: DType,
@@ -110,12 +116,45 @@ pub struct Buffer {
     device: Device,
     kind: AtomicU8,
     slot: RwLock<Slot>,
+    version: AtomicU64,
+    watcher: RwLock<Option<Arc<dyn ReleaseSink>>>,
+}
+
+impl std::fmt::Debug for Buffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Buffer")
+            .field("id", &self.id)
+            .field("dtype", &self.dtype)
+            .field("len", &self.len)
+            .field("device", &self.device)
+            .field("kind", &self.kind())
+            .field("residency", &self.residency())
+            .finish()
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        let watcher = self.watcher.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = watcher {
+            w.released(self.id, self.size_in_bytes());
+        }
+    }
 }
 
 impl Buffer {
     /// A buffer of `len` elements on `device`, not yet materialized.
     pub fn new(dtype: DType, len: usize, device: Device, kind: BufferKind) -> Self {
-        Buffer { id: BufferId::fresh(), dtype, len, device, kind: AtomicU8::new(kind as u8), slot: RwLock::new(Slot::Unmaterialized) }
+        Buffer {
+            id: BufferId::fresh(),
+            dtype,
+            len,
+            device,
+            kind: AtomicU8::new(kind as u8),
+            slot: RwLock::new(Slot::Unmaterialized),
+            version: AtomicU64::new(0),
+            watcher: RwLock::new(None),
+        }
     }
 
     /// A buffer holding `storage`, resident on its device.
@@ -123,6 +162,12 @@ impl Buffer {
         let b = Buffer::new(storage.dtype(), storage.len(), storage.device(), kind);
         *b.write_slot() = Slot::Device(Arc::from(storage));
         b
+    }
+
+    /// Reports this buffer's release to `sink` (replacing any earlier watcher: one memory
+    /// manager accounts for a buffer at a time).
+    pub fn watch(&self, sink: Arc<dyn ReleaseSink>) {
+        *self.watcher.write().unwrap_or_else(|e| e.into_inner()) = Some(sink);
     }
 
     /// The stable id.
@@ -163,6 +208,12 @@ impl Buffer {
     /// Changes what it is for (e.g. a leaf becomes a parameter).
     pub fn set_kind(&self, kind: BufferKind) {
         self.kind.store(kind as u8, Ordering::Relaxed)
+    }
+
+    /// How many in-place updates the bytes have had (recomputation is exact only while the
+    /// inputs of a recipe keep the versions they had).
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// Where the bytes are.
@@ -259,6 +310,7 @@ impl Buffer {
         }
         // Just made unique above; `get_mut` cannot fail here.
         let storage = Arc::get_mut(arc).ok_or_else(|| Error::Msg("buffer storage still shared".into()))?;
+        self.version.fetch_add(1, Ordering::AcqRel);
         f(storage)
     }
 }

@@ -5,7 +5,7 @@
 //! when gradients are on.
 
 use crate::autograd::{GradMeta, Node, Rule, Saved, next_tape_seq};
-use crate::op::{InplaceOp, KernelArg, Op, TensorSpec, ViewOp};
+use crate::op::{InplaceOp, KernelArg, Op, Recipe, TensorSpec, ViewOp};
 use crate::{
     Buffer, BufferKind, Device, DeviceStorage, Error, Layout, OpEvent, Phase, Result, Slot, Tensor, context, memory_hooks,
 };
@@ -57,12 +57,21 @@ pub fn execute_on<O: Op>(op: O, inputs: &[&Tensor], device: Device) -> Result<Te
         return Err(Error::DeviceMismatch { op: name, lhs: d, rhs: device });
     }
     let specs = op.infer(inputs)?;
+    let op: Arc<dyn Op> = Arc::new(op);
     let phase = context::phase();
     let kind = output_kind(phase);
     let in_bufs: SmallVec<[Arc<Buffer>; 4]> = inputs.iter().map(|t| t.buffer().clone()).collect();
     let out_bufs: SmallVec<[Arc<Buffer>; 2]> =
         specs.iter().map(|s| Arc::new(Buffer::new(s.dtype, s.shape.elem_count(), device, kind))).collect();
     let hooks = memory_hooks();
+    let recipe = hooks.as_ref().filter(|h| h.wants_recipes()).map(|_| {
+        Arc::new(Recipe {
+            op: op.clone(),
+            inputs: inputs.iter().map(|t| t.detach()).collect(),
+            specs: specs.clone(),
+            input_versions: in_bufs.iter().map(|b| b.version()).collect(),
+        })
+    });
     let event = hooks.as_ref().map(|_| OpEvent {
         seq: context::next_op_seq(),
         op: name,
@@ -71,6 +80,7 @@ pub fn execute_on<O: Op>(op: O, inputs: &[&Tensor], device: Device) -> Result<Te
         outputs: &out_bufs,
         idioms: op.idioms(),
         cost: op.cost(inputs, &specs),
+        recipe: recipe.as_ref(),
     });
     if let (Some(h), Some(ev)) = (&hooks, &event) {
         h.before_op(ev)?;
@@ -117,7 +127,7 @@ pub fn execute_on<O: Op>(op: O, inputs: &[&Tensor], device: Device) -> Result<Te
         num_outputs: specs.len(),
         edges: inputs.iter().map(|t| t.grad_meta().cloned()).collect(),
         input_specs: inputs.iter().map(|t| TensorSpec::new(t.shape().clone(), t.dtype())).collect(),
-        rule: Rule::Op(Box::new(op)),
+        rule: Rule::Op(op),
         saved: Mutex::new(Some(saved)),
     });
     Ok(outputs
@@ -152,6 +162,7 @@ pub fn execute_inplace<O: InplaceOp>(op: O, target: &Tensor, inputs: &[&Tensor])
         outputs: &out_bufs,
         idioms: op.idioms(),
         cost: op.cost(target, inputs),
+        recipe: None,
     });
     if let (Some(h), Some(ev)) = (&hooks, &event) {
         h.before_op(ev)?;

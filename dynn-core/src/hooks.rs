@@ -1,6 +1,6 @@
 //! The seam between the executor and a memory manager: op events and the hooks trait.
 
-use crate::{Buffer, BufferId, BufferKind, Result};
+use crate::{Buffer, BufferId, BufferKind, Recipe, Result};
 use std::sync::Arc;
 
 /// Which pass an op runs in.
@@ -73,6 +73,8 @@ pub struct OpEvent<'a> {
     pub idioms: Idioms,
     /// The op's cost.
     pub cost: Cost,
+    /// How to recompute the outputs (only when the hooks ask for recipes).
+    pub recipe: Option<&'a Arc<Recipe>>,
 }
 
 impl OpEvent<'_> {
@@ -95,6 +97,15 @@ pub trait MemoryHooks: Send + Sync {
     fn before_op(&self, event: &OpEvent<'_>) -> Result<()>;
     /// After the kernel: outputs are materialized.
     fn after_op(&self, event: &OpEvent<'_>) -> Result<()>;
+    /// True when the hooks want a [`Recipe`] with every op event (to drop and recompute).
+    fn wants_recipes(&self) -> bool {
+        false
+    }
+    /// Brings a buffer's bytes back (recomputing a dropped one) so the host can read them,
+    /// as `Tensor::to_vec` does. The default cannot.
+    fn materialize(&self, buffer: &Arc<Buffer>) -> Result<()> {
+        Err(crate::Error::NotResident { op: "materialize", buffer: buffer.id().0, residency: buffer.residency() })
+    }
     /// A buffer made outside any op (a tensor created from data, a parameter).
     fn buffer_created(&self, _buffer: &Arc<Buffer>) {}
     /// A step boundary, marked by the training loop (`dynn_core::mark_step`).

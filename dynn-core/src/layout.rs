@@ -104,7 +104,7 @@ impl Layout {
         if start.checked_add(len).is_none_or(|end| end > size) {
             return Err(Error::IndexOutOfRange {
                 op: "narrow",
-                index: (start + len) as i64,
+                index: i64::try_from(start.saturating_add(len)).unwrap_or(i64::MAX),
                 size,
                 context: format!(" (start {start} + len {len} on dim {d} of shape {})", self.shape),
             });

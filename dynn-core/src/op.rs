@@ -182,3 +182,40 @@ pub trait ViewOp: Send + Sync + 'static {
     /// The gradient of the input from the gradient of the view.
     fn backward(&self, grad: &Tensor, input_spec: &TensorSpec) -> Result<Tensor>;
 }
+
+/// How to produce an op's outputs again: the op, handles to its inputs and their versions.
+/// A memory manager that drops an activation (to recompute it on its next use) keeps the
+/// recipe; recomputation runs the same deterministic kernel, so it gives the same bits.
+pub struct Recipe {
+    /// The op.
+    pub op: std::sync::Arc<dyn Op>,
+    /// Its inputs (detached handles; their bytes may themselves be offloaded or dropped).
+    pub inputs: SmallVec<[Tensor; 4]>,
+    /// The output specs.
+    pub specs: Specs,
+    /// Each input buffer's version when the op ran (see [`crate::Buffer::version`]).
+    pub input_versions: SmallVec<[u64; 4]>,
+}
+
+impl Recipe {
+    /// True when no input was updated in place since the op ran (recomputing is exact).
+    pub fn is_fresh(&self) -> bool {
+        self.inputs.iter().zip(&self.input_versions).all(|(t, &v)| t.buffer().version() == v)
+    }
+
+    /// Runs the kernel again. Every input must be resident on the device.
+    pub fn recompute(&self) -> Result<Outputs> {
+        let name = self.op.name();
+        let storages: SmallVec<[std::sync::Arc<dyn DeviceStorage>; 4]> =
+            self.inputs.iter().map(|t| t.buffer().storage(name)).collect::<Result<_>>()?;
+        let args: SmallVec<[KernelArg<'_>; 4]> =
+            storages.iter().zip(&self.inputs).map(|(s, t)| KernelArg { storage: s.as_ref(), layout: t.layout() }).collect();
+        self.op.forward(&args, &self.specs)
+    }
+}
+
+impl std::fmt::Debug for Recipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Recipe({}, {} inputs)", self.op.name(), self.inputs.len())
+    }
+}

@@ -157,9 +157,23 @@ impl Tensor {
         self.0.buffer.set_kind(kind)
     }
 
+    /// The bytes on the host, wherever they are (asking the memory manager to recompute a
+    /// dropped buffer).
+    fn host_bytes(&self, op: &'static str) -> Result<CpuStorage> {
+        match self.0.buffer.to_host(op) {
+            Err(Error::NotResident { .. }) if crate::memory_hooks().is_some() => {
+                if let Some(h) = crate::memory_hooks() {
+                    h.materialize(&self.0.buffer)?;
+                }
+                self.0.buffer.to_host(op)
+            }
+            other => other,
+        }
+    }
+
     /// The elements in row-major order, converted to `T`'s dtype only if equal (else an error).
     pub fn to_vec<T: CpuElement>(&self) -> Result<Vec<T>> {
-        let host = self.0.buffer.to_host("to_vec")?;
+        let host = self.host_bytes("to_vec")?;
         let data = host.as_slice::<T>("to_vec")?;
         Ok(match self.0.layout.contiguous_range() {
             Some((a, b)) => data[a..b].to_vec(),
@@ -169,7 +183,7 @@ impl Tensor {
 
     /// The elements in row-major order as f64, whatever the dtype.
     pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
-        let host = self.0.buffer.to_host("to_f64_vec")?;
+        let host = self.host_bytes("to_f64_vec")?;
         Ok(with_cpu_storage!(&host, v => self.0.layout.indices().map(|i| v[i].to_f64()).collect()))
     }
 

@@ -25,6 +25,16 @@ pub fn op_table() -> Vec<OpInfo> {
         crate::ops::reduce::ops(),
         crate::ops::matmul::ops(),
         crate::ops::update::ops(),
+        crate::ops::indexing::ops(),
+        crate::ops::concat::ops(),
+        crate::ops::topk::ops(),
+        crate::ops::compare::ops(),
+        crate::ops::cast::ops(),
+        crate::ops::softmax::ops(),
+        crate::ops::norm::ops(),
+        crate::ops::cross_entropy::ops(),
+        crate::ops::dropout::ops(),
+        crate::ops::random::ops(),
     ]
     .concat();
     all.sort_by_key(|o| o.name);

@@ -124,6 +124,11 @@ pub(crate) fn reduce_row<T: FloatElement>(kind: ReduceKind, row: &[T]) -> T::Acc
 
 fn reduce_blocks<T: FloatElement + CpuElement>(kind: ReduceKind, x: &[T], outer: usize, red: usize, inner: usize) -> Vec<T> {
     let n_out = outer * inner;
+    if red == 0 || n_out == 0 {
+        // An empty reduced dim gives the identity; an empty output has nothing to compute
+        // (and `chunks(0)` below would panic).
+        return vec![T::from_acc(init(kind)); n_out];
+    }
     if inner == 1 {
         return vec_from_fill(n_out, |out| {
             let body = |(o, row): (&mut std::mem::MaybeUninit<T>, &[T])| {
@@ -224,7 +229,7 @@ impl Op for Reduce {
             ReduceKind::Sum => Ok(smallvec![Some(g.broadcast_as(in_shape.clone())?)]),
             _ => {
                 let y = ctx.output(0)?.reshape(keep)?;
-                let gx = execute1(ExtremumBackward { dim: self.dims[0] }, &[ctx.input(0)?, &y, &g])?;
+                let gx = execute1(ExtremumBackward { dim: self.dims[0], kind: self.kind }, &[ctx.input(0)?, &y, &g])?;
                 Ok(smallvec![Some(gx)])
             }
         }
@@ -236,11 +241,12 @@ impl Op for Reduce {
 #[derive(Debug, Clone, Copy)]
 struct ExtremumBackward {
     dim: usize,
+    kind: ReduceKind,
 }
 
 impl Op for ExtremumBackward {
     fn name(&self) -> &'static str {
-        "max_backward"
+        if self.kind == ReduceKind::Min { "min_backward" } else { "max_backward" }
     }
     fn idioms(&self) -> Idioms {
         Idioms([0, 0, 1, 1, 1, 0])
@@ -440,6 +446,7 @@ pub(crate) fn ops() -> Vec<OpInfo> {
         f("max", Idioms::REDUCE, true),
         f("min", Idioms::REDUCE, true),
         f("max_backward", Idioms([0, 0, 1, 1, 1, 0]), false),
+        f("min_backward", Idioms([0, 0, 1, 1, 1, 0]), false),
         f("argmax", Idioms::REDUCE, false),
     ]
 }

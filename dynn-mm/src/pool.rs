@@ -82,6 +82,8 @@ struct Segment {
 #[derive(Debug)]
 pub struct DevicePool {
     budget: usize,
+    small_segment: usize,
+    large_segment: usize,
     segments: Vec<Option<Segment>>,
     /// (small, size, segment, offset) of every free block.
     free: BTreeSet<(bool, usize, u32, usize)>,
@@ -93,10 +95,23 @@ fn round_up(n: usize) -> usize {
 }
 
 impl DevicePool {
-    /// A pool with a byte budget (`None`: unlimited).
+    /// A pool with a byte budget (`None`: unlimited) and the default segment sizes.
     pub fn new(budget: Option<usize>) -> Self {
+        Self::with_segments(budget, SMALL_SEGMENT, LARGE_SEGMENT)
+    }
+
+    /// A pool whose small and large segments have the given sizes (rounded to [`ALIGN`]);
+    /// small models are best measured with small segments.
+    pub fn with_segments(budget: Option<usize>, small_segment: usize, large_segment: usize) -> Self {
         let budget = budget.unwrap_or(usize::MAX);
-        DevicePool { budget, segments: Vec::new(), free: BTreeSet::new(), stats: PoolStats { budget, ..Default::default() } }
+        DevicePool {
+            budget,
+            small_segment: round_up(small_segment),
+            large_segment: round_up(large_segment),
+            segments: Vec::new(),
+            free: BTreeSet::new(),
+            stats: PoolStats { budget, ..Default::default() },
+        }
     }
 
     /// The budget in bytes (`usize::MAX` when unlimited).
@@ -110,7 +125,7 @@ impl DevicePool {
     }
 
     fn segment_size(&self, size: usize) -> usize {
-        if size <= SMALL_LIMIT { SMALL_SEGMENT } else { size.max(LARGE_SEGMENT).next_multiple_of(SMALL_SEGMENT) }
+        if size <= SMALL_LIMIT { self.small_segment.max(size) } else { size.max(self.large_segment).next_multiple_of(ALIGN) }
     }
 
     /// Allocates `bytes` (rounded up to [`ALIGN`]).
@@ -161,7 +176,7 @@ impl DevicePool {
         let mut seg_size = self.segment_size(size);
         if self.stats.reserved + seg_size > self.budget {
             // Fall back to an exact-size segment, then to releasing cached empty segments.
-            seg_size = if small { SMALL_SEGMENT.min(self.budget.saturating_sub(self.stats.reserved)).max(size) } else { size };
+            seg_size = if small { self.small_segment.min(self.budget.saturating_sub(self.stats.reserved)).max(size) } else { size };
             if self.stats.reserved + seg_size > self.budget {
                 self.release_empty();
             }

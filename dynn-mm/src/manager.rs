@@ -1,0 +1,701 @@
+//! The memory manager: implements [`MemoryHooks`], keeps every buffer's residency, serves
+//! the device pool under its budget, evicts what the policy chooses, fetches on demand and
+//! prefetches ahead, records the access trace and the memory timeline.
+
+use crate::policy::{Candidate, Eviction, Now, Policy};
+use crate::pool::{Block, DevicePool, PoolExhausted};
+use crate::report::{MemoryReport, TimelinePoint};
+use crate::trace::{Access, FNV_START, OpRecord, StepRecord, Trace, fnv1a, kind_code, phase_code};
+use crate::transfer::{Direction, TransferConfig, TransferEngine};
+use dynn_core::{Buffer, BufferId, BufferKind, Error, MemoryHooks, OpEvent, Recipe, ReleaseSink, Result, Slot};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+/// Where a buffer is, as the manager tracks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residency {
+    /// On the device, holding a pool block.
+    Device(Block),
+    /// In the host tier.
+    Host,
+    /// Being copied; the block is held until the copy completes.
+    InFlight(Direction, Block),
+    /// Released; recomputed from its recipe on next use.
+    Dropped,
+}
+
+struct Entry {
+    buf: Weak<Buffer>,
+    bytes: usize,
+    kind: BufferKind,
+    key: u64,
+    res: Residency,
+    pins: u32,
+    last_use: u64,
+    uses: u32,
+    producer: &'static str,
+    recipe: Option<Arc<Recipe>>,
+    flops: u64,
+}
+
+/// Counters of what the manager did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemoryStats {
+    /// Ops seen.
+    pub ops: u64,
+    /// Inputs that were not on the device when an op needed them (each one a stall).
+    pub demand_fetches: u64,
+    /// Time ops waited for bytes (demand fetches, in-flight copies, recomputation).
+    pub stall_time: Duration,
+    /// Bytes copied host → device.
+    pub bytes_h2d: u64,
+    /// Bytes copied device → host.
+    pub bytes_d2h: u64,
+    /// Buffers offloaded to make room.
+    pub evictions: u64,
+    /// Activations dropped to be recomputed.
+    pub drops: u64,
+    /// Recomputations.
+    pub recomputes: u64,
+    /// FLOPs spent recomputing.
+    pub recompute_flops: u64,
+    /// Prefetches issued.
+    pub prefetches: u64,
+    /// Peak device bytes reserved by the pool: what the device must hold (never above the
+    /// budget). A budget of this many bytes runs the same steps without evicting.
+    pub peak_device_bytes: usize,
+    /// Peak device bytes in live blocks.
+    pub peak_in_use: usize,
+    /// Device bytes per kind at the peak of live blocks.
+    pub peak_by_kind: [usize; 5],
+}
+
+/// How to build a manager.
+pub struct ManagerConfig {
+    /// Device budget in bytes (`None`: unlimited).
+    pub budget: Option<usize>,
+    /// The policy.
+    pub policy: Box<dyn Policy>,
+    /// Transfer engine settings.
+    pub transfer: TransferConfig,
+    /// How many ops ahead prefetching looks.
+    pub prefetch_horizon: usize,
+    /// Record every op into a [`Trace`].
+    pub record_trace: bool,
+    /// Record the memory timeline (for the plot).
+    pub record_timeline: bool,
+    /// Pool segment sizes `(small, large)` in bytes.
+    pub segments: (usize, usize),
+}
+
+impl ManagerConfig {
+    /// A config with `policy` and `budget`, recording nothing.
+    pub fn new(policy: Box<dyn Policy>, budget: Option<usize>) -> Self {
+        ManagerConfig { budget, policy, transfer: TransferConfig::default(), prefetch_horizon: 64, record_trace: false, record_timeline: false, segments: (crate::pool::SMALL_SEGMENT, crate::pool::LARGE_SEGMENT) }
+    }
+}
+
+#[derive(Default)]
+struct Releases(Mutex<Vec<BufferId>>);
+
+impl ReleaseSink for Releases {
+    fn released(&self, id: BufferId, _bytes: usize) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(id);
+    }
+}
+
+struct State {
+    pool: DevicePool,
+    policy: Box<dyn Policy>,
+    table: HashMap<BufferId, Entry>,
+    by_key: HashMap<u64, BufferId>,
+    /// Buffer → dropped buffers whose recipes read it (recomputed before it is overwritten).
+    dependents: HashMap<BufferId, Vec<BufferId>>,
+    device_by_kind: [usize; 5],
+    now: Now,
+    created_in_step: u64,
+    step_signature: u64,
+    stats: MemoryStats,
+    trace: Option<Trace>,
+    timeline: Option<Vec<TimelinePoint>>,
+    stalled_this_op: bool,
+    evicted_this_op: bool,
+    horizon: usize,
+    /// Buffers the current op writes in place: nothing computed from them may be dropped.
+    writing: Vec<BufferId>,
+}
+
+/// The memory manager. Install it with [`dynn_core::install_memory_hooks`].
+pub struct MemoryManager {
+    state: Mutex<State>,
+    releases: Arc<Releases>,
+    engine: TransferEngine,
+    wants_recipes: bool,
+}
+
+const CREATED: u64 = 1 << 63;
+
+impl MemoryManager {
+    /// A manager with `config`.
+    pub fn new(config: ManagerConfig) -> Arc<Self> {
+        let wants_recipes = config.policy.name() == "recompute";
+        Arc::new(MemoryManager {
+            state: Mutex::new(State {
+                pool: DevicePool::with_segments(config.budget, config.segments.0, config.segments.1),
+                policy: config.policy,
+                table: HashMap::new(),
+                by_key: HashMap::new(),
+                dependents: HashMap::new(),
+                device_by_kind: [0; 5],
+                now: Now::default(),
+                created_in_step: 0,
+                step_signature: FNV_START,
+                stats: MemoryStats::default(),
+                trace: config.record_trace.then(Trace::default),
+                timeline: config.record_timeline.then(Vec::new),
+                stalled_this_op: false,
+                evicted_this_op: false,
+                horizon: config.prefetch_horizon,
+                writing: Vec::new(),
+            }),
+            releases: Arc::new(Releases::default()),
+            engine: TransferEngine::start(config.transfer),
+            wants_recipes,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves counters possibly stale, never unsafe.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> MemoryStats {
+        let st = self.lock();
+        MemoryStats { peak_device_bytes: st.pool.stats().peak_reserved, ..st.stats.clone() }
+    }
+
+    /// The policy's name.
+    pub fn policy_name(&self) -> &'static str {
+        self.lock().policy.name()
+    }
+
+    /// The recorded trace so far (empty when not recording).
+    pub fn trace(&self) -> Trace {
+        self.lock().trace.clone().unwrap_or_default()
+    }
+
+    /// A report of peak and current memory, allocator statistics and the largest holders.
+    pub fn report(&self) -> MemoryReport {
+        let mut st = self.lock();
+        self.sync(&mut st);
+        let mut holders: Vec<(usize, BufferKind, &'static str, BufferId)> = st
+            .table
+            .iter()
+            .filter(|(_, e)| matches!(e.res, Residency::Device(_) | Residency::InFlight(..)))
+            .map(|(&id, e)| (e.bytes, e.kind, e.producer, id))
+            .collect();
+        holders.sort_by(|a, b| b.0.cmp(&a.0).then(a.3.cmp(&b.3)));
+        holders.truncate(10);
+        MemoryReport {
+            policy: st.policy.name(),
+            pool: st.pool.stats(),
+            stats: MemoryStats { peak_device_bytes: st.pool.stats().peak_reserved, ..st.stats.clone() },
+            device_by_kind: st.device_by_kind,
+            host_bytes: st.table.values().filter(|e| e.res == Residency::Host).map(|e| e.bytes).sum(),
+            top_holders: holders,
+            timeline: st.timeline.clone().unwrap_or_default(),
+        }
+    }
+
+    /// Applies releases and finished transfers.
+    fn sync(&self, st: &mut State) {
+        let released: Vec<BufferId> = std::mem::take(&mut *self.releases.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for id in released {
+            if let Some(e) = st.table.remove(&id) {
+                if let Residency::Device(b) | Residency::InFlight(_, b) = e.res {
+                    st.pool.release(b);
+                    st.device_by_kind[e.kind as usize] -= e.bytes;
+                }
+                if st.by_key.get(&e.key) == Some(&id) {
+                    st.by_key.remove(&e.key);
+                }
+                st.dependents.remove(&id);
+            }
+        }
+        for c in self.engine.poll() {
+            self.complete(st, c);
+        }
+    }
+
+    fn complete(&self, st: &mut State, c: crate::transfer::Completion) {
+        let Some(e) = st.table.get_mut(&c.id) else { return };
+        let Residency::InFlight(dir, block) = e.res else { return };
+        match (dir, c.result.is_ok()) {
+            (Direction::ToHost, true) => {
+                e.res = Residency::Host;
+                st.pool.release(block);
+                st.device_by_kind[e.kind as usize] -= e.bytes;
+                st.stats.bytes_d2h += c.bytes as u64;
+            }
+            (Direction::ToDevice, true) => {
+                e.res = Residency::Device(block);
+                st.stats.bytes_h2d += c.bytes as u64;
+            }
+            // A failed copy leaves the bytes where they were.
+            (Direction::ToHost, false) => e.res = Residency::Device(block),
+            (Direction::ToDevice, false) => {
+                e.res = Residency::Host;
+                st.pool.release(block);
+                st.device_by_kind[e.kind as usize] -= e.bytes;
+            }
+        }
+    }
+
+    /// Waits until buffer `id` has no copy in flight.
+    fn settle(&self, st: &mut State, id: BufferId) {
+        while matches!(st.table.get(&id).map(|e| e.res), Some(Residency::InFlight(..))) {
+            let start = Instant::now();
+            match self.engine.wait() {
+                Some(c) => self.complete(st, c),
+                None => break,
+            }
+            st.stats.stall_time += start.elapsed();
+            st.stalled_this_op = true;
+        }
+    }
+
+    fn register(&self, st: &mut State, buf: &Arc<Buffer>, producer: &'static str) -> Result<()> {
+        if st.table.contains_key(&buf.id()) {
+            return Ok(());
+        }
+        buf.watch(self.releases.clone());
+        let key = CREATED + st.created_in_step;
+        st.created_in_step += 1;
+        let res = match buf.slot() {
+            Slot::Host(_) => Residency::Host,
+            Slot::Dropped => Residency::Dropped,
+            Slot::Device(_) | Slot::Unmaterialized => {
+                let block = self.reserve(st, buf.size_in_bytes(), producer)?;
+                st.device_by_kind[buf.kind() as usize] += buf.size_in_bytes();
+                Residency::Device(block)
+            }
+        };
+        st.by_key.insert(key, buf.id());
+        st.table.insert(
+            buf.id(),
+            Entry {
+                buf: Arc::downgrade(buf),
+                bytes: buf.size_in_bytes(),
+                kind: buf.kind(),
+                key,
+                res,
+                pins: 0,
+                last_use: st.now.seq,
+                uses: 0,
+                producer,
+                recipe: None,
+                flops: 0,
+            },
+        );
+        self.note_peak(st);
+        Ok(())
+    }
+
+    fn note_peak(&self, st: &mut State) {
+        let used = st.pool.stats().in_use;
+        if used > st.stats.peak_in_use {
+            st.stats.peak_in_use = used;
+            st.stats.peak_by_kind = st.device_by_kind;
+        }
+    }
+
+    /// A pool block of `bytes`, evicting what the policy chooses when over budget.
+    fn reserve(&self, st: &mut State, bytes: usize, op: &'static str) -> Result<Block> {
+        loop {
+            self.sync(st);
+            let err = match st.pool.allocate(bytes) {
+                Ok(b) => return Ok(b),
+                Err(e) => e,
+            };
+            if !st.policy.evicts() {
+                return Err(self.oom(st, bytes, op, &err, "the `none` policy never offloads"));
+            }
+            let mut cands: Vec<Candidate> = st
+                .table
+                .iter()
+                .filter(|(_, e)| e.pins == 0 && matches!(e.res, Residency::Device(_)))
+                .map(|(&id, e)| Candidate {
+                    id,
+                    key: e.key,
+                    bytes: e.bytes,
+                    kind: e.kind,
+                    last_use: e.last_use,
+                    uses: e.uses,
+                    recompute_flops: e
+                        .recipe
+                        .as_ref()
+                        .filter(|r| r.is_fresh() && !r.inputs.iter().any(|t| st.writing.contains(&t.buffer().id())))
+                        .map(|_| e.flops),
+                })
+                .collect();
+            if cands.is_empty() {
+                // Copies in flight hold blocks: once they land those buffers can be evicted.
+                if st.table.values().any(|e| matches!(e.res, Residency::InFlight(..))) {
+                    let start = Instant::now();
+                    if let Some(c) = self.engine.wait() {
+                        self.complete(st, c);
+                    }
+                    st.stats.stall_time += start.elapsed();
+                    continue;
+                }
+                return Err(self.oom(st, bytes, op, &err, "every resident buffer is in use by this op"));
+            }
+            let now = st.now;
+            st.policy.rank_victims(now, &mut cands);
+            let need = PoolExhausted::needed(&err);
+            let mut freed = 0;
+            for c in cands {
+                let how = st.policy.eviction(&c);
+                self.evict(st, c.id, how)?;
+                freed += DevicePool::rounded(c.bytes);
+                if freed >= need {
+                    break;
+                }
+            }
+        }
+    }
+
+    fn evict(&self, st: &mut State, id: BufferId, how: Eviction) -> Result<()> {
+        let Some(e) = st.table.get_mut(&id) else { return Ok(()) };
+        let Residency::Device(block) = e.res else { return Ok(()) };
+        let Some(buf) = e.buf.upgrade() else {
+            // Released but not yet reported: its block is free.
+            let (kind, bytes) = (e.kind as usize, e.bytes);
+            st.table.remove(&id);
+            st.pool.release(block);
+            st.device_by_kind[kind] -= bytes;
+            return Ok(());
+        };
+        match how {
+            Eviction::Drop => {
+                buf.drop_data();
+                e.res = Residency::Dropped;
+                let inputs: Vec<BufferId> = e.recipe.iter().flat_map(|r| r.inputs.iter().map(|t| t.buffer().id())).collect();
+                st.stats.drops += 1;
+                for i in inputs {
+                    st.dependents.entry(i).or_default().push(id);
+                }
+            }
+            Eviction::Offload => {
+                let start = Instant::now();
+                let moved = buf.offload()?;
+                e.res = Residency::Host;
+                st.stats.bytes_d2h += moved as u64;
+                st.stats.evictions += 1;
+                st.stats.stall_time += start.elapsed();
+            }
+        }
+        let kind = e.kind as usize;
+        let bytes = e.bytes;
+        st.pool.release(block);
+        st.device_by_kind[kind] -= bytes;
+        st.evicted_this_op = true;
+        Ok(())
+    }
+
+    /// Makes buffer `buf` resident on the device (fetching or recomputing it) and pins it.
+    fn make_resident(&self, st: &mut State, buf: &Arc<Buffer>, op: &'static str) -> Result<()> {
+        self.register(st, buf, "external")?;
+        self.settle(st, buf.id());
+        let (res, bytes, kind) = {
+            let e = st.table.get(&buf.id()).ok_or_else(|| Error::Msg("memory manager lost a buffer".into()))?;
+            (e.res, e.bytes, e.kind)
+        };
+        match res {
+            Residency::Device(_) | Residency::InFlight(..) => {}
+            Residency::Host => {
+                let start = Instant::now();
+                let block = self.reserve(st, bytes, op)?;
+                let moved = buf.fetch()?;
+                st.stats.bytes_h2d += moved as u64;
+                st.stats.demand_fetches += 1;
+                st.stats.stall_time += start.elapsed();
+                st.stalled_this_op = true;
+                self.set_device(st, buf.id(), block, kind, bytes);
+            }
+            Residency::Dropped => {
+                let start = Instant::now();
+                let recipe = st.table.get(&buf.id()).and_then(|e| e.recipe.clone()).ok_or_else(|| {
+                    Error::Msg(format!("{op}: buffer {} was dropped without a recipe to recompute it", buf.id()))
+                })?;
+                let pinned: Vec<Arc<Buffer>> = recipe.inputs.iter().map(|t| t.buffer().clone()).collect();
+                for p in &pinned {
+                    self.make_resident(st, p, op)?;
+                }
+                let block = self.reserve(st, bytes, op);
+                let result = block.and_then(|block| {
+                    let outs = recipe.recompute()?;
+                    let idx = recipe.specs.iter().position(|s| s.shape.elem_count() == buf.len() && s.dtype == buf.dtype());
+                    let out = idx.and_then(|i| outs.into_iter().nth(i)).ok_or_else(|| Error::Msg(format!("{op}: recompute produced no matching output")))?;
+                    buf.set_slot(Slot::Device(Arc::from(out)));
+                    Ok(block)
+                });
+                for p in &pinned {
+                    self.unpin(st, p.id());
+                }
+                let block = result?;
+                st.stats.recomputes += 1;
+                st.stats.recompute_flops += recipe.op.cost(&recipe.inputs.iter().collect::<Vec<_>>(), &recipe.specs).flops;
+                st.stats.stall_time += start.elapsed();
+                st.stalled_this_op = true;
+                self.set_device(st, buf.id(), block, kind, bytes);
+            }
+        }
+        if let Some(e) = st.table.get_mut(&buf.id()) {
+            e.pins += 1;
+            let now_kind = buf.kind();
+            if e.kind != now_kind {
+                // The buffer changed role (e.g. a leaf became a parameter).
+                if matches!(e.res, Residency::Device(_) | Residency::InFlight(..)) {
+                    st.device_by_kind[e.kind as usize] -= e.bytes;
+                    st.device_by_kind[now_kind as usize] += e.bytes;
+                }
+                e.kind = now_kind;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_device(&self, st: &mut State, id: BufferId, block: Block, kind: BufferKind, bytes: usize) {
+        if let Some(e) = st.table.get_mut(&id) {
+            e.res = Residency::Device(block);
+        }
+        st.device_by_kind[kind as usize] += bytes;
+        self.note_peak(st);
+    }
+
+    fn unpin(&self, st: &mut State, id: BufferId) {
+        if let Some(e) = st.table.get_mut(&id) {
+            e.pins = e.pins.saturating_sub(1);
+        }
+    }
+
+    fn oom(&self, st: &State, requested: usize, op: &'static str, err: &PoolExhausted, why: &str) -> Error {
+        let mut by_kind = String::new();
+        for k in BufferKind::ALL {
+            by_kind.push_str(&format!("\n    {:<16} {}", k.as_str(), crate::human_bytes(st.device_by_kind[k as usize])));
+        }
+        let mut top: Vec<(&BufferId, &Entry)> = st.table.iter().filter(|(_, e)| matches!(e.res, Residency::Device(_))).collect();
+        top.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
+        let mut holders = String::new();
+        for (id, e) in top.iter().take(10) {
+            holders.push_str(&format!("\n    {id:>8} {:>12} {:<16} made by {}", crate::human_bytes(e.bytes), e.kind.as_str(), e.producer));
+        }
+        let msg = format!(
+            "{op} needs {} but the device budget is {} with {} in use ({} reserved, largest free block {}); {why}.\n  resident by kind:{by_kind}\n  largest resident buffers:{holders}\n  hint: pick an offloading policy (--policy lru|static|recompute|belady) or a larger --device-budget",
+            crate::human_bytes(requested),
+            crate::human_bytes(err.budget),
+            crate::human_bytes(err.in_use),
+            crate::human_bytes(err.reserved),
+            crate::human_bytes(err.largest_free),
+        );
+        Error::OutOfMemory { requested, budget: err.budget, msg }
+    }
+
+    fn record(&self, st: &mut State, ev: &OpEvent<'_>) -> OpRecord {
+        let access = |st: &State, b: &Arc<Buffer>| -> Access {
+            let key = st.table.get(&b.id()).map_or(b.id().0, |e| e.key);
+            (b.id().0, b.size_in_bytes() as u64, kind_code(b.kind()), key)
+        };
+        OpRecord {
+            t: "op".into(),
+            seq: ev.seq,
+            step: st.now.step,
+            index: st.now.index,
+            phase: phase_code(ev.phase),
+            op: ev.op.to_string(),
+            inputs: ev.inputs.iter().map(|b| access(st, b)).collect(),
+            outputs: ev.outputs.iter().map(|b| access(st, b)).collect(),
+            idioms: ev.idioms.0,
+            flops: ev.cost.flops,
+            bytes_read: ev.cost.bytes_read,
+            bytes_written: ev.cost.bytes_written,
+        }
+    }
+
+    /// Issues prefetches for buffers the policy expects soon, without evicting anything the
+    /// policy expects sooner.
+    fn prefetch(&self, st: &mut State) {
+        let now = st.now;
+        let upcoming = st.policy.upcoming(now, st.horizon);
+        for key in upcoming {
+            let Some(&id) = st.by_key.get(&key) else { continue };
+            let Some(e) = st.table.get(&id) else { continue };
+            if e.res != Residency::Host {
+                continue;
+            }
+            let Some(buf) = e.buf.upgrade() else { continue };
+            let bytes = e.bytes;
+            let kind = e.kind;
+            let Ok(block) = st.pool.allocate(bytes) else {
+                // No free room: stop rather than evict (demand eviction handles the rest).
+                break;
+            };
+            if self.engine.submit(&buf, Direction::ToDevice) {
+                if let Some(e) = st.table.get_mut(&id) {
+                    e.res = Residency::InFlight(Direction::ToDevice, block);
+                }
+                st.device_by_kind[kind as usize] += bytes;
+                st.stats.prefetches += 1;
+                self.note_peak(st);
+            } else {
+                st.pool.release(block);
+            }
+        }
+    }
+}
+
+impl PoolExhausted {
+    fn needed(&self) -> usize {
+        DevicePool::rounded(self.requested)
+    }
+}
+
+impl MemoryHooks for MemoryManager {
+    fn before_op(&self, ev: &OpEvent<'_>) -> Result<()> {
+        let mut st = self.lock();
+        self.sync(&mut st);
+        st.now.seq = ev.seq;
+        st.stalled_this_op = false;
+        st.evicted_this_op = false;
+        st.writing = ev.outputs.iter().filter(|b| ev.inputs.iter().any(|i| Arc::ptr_eq(i, b))).map(|b| b.id()).collect();
+        let mut pinned: Vec<BufferId> = Vec::new();
+        let result = (|| {
+            for b in ev.inputs {
+                self.make_resident(&mut st, b, ev.op)?;
+                pinned.push(b.id());
+            }
+            for b in ev.outputs {
+                if st.table.contains_key(&b.id()) {
+                    // Written in place: already resident and pinned as an input. Dropped
+                    // buffers computed from its old values are recomputed now, while they can be.
+                    while let Some(deps) = st.dependents.remove(&b.id()) {
+                        for d in deps {
+                            let dep = st.table.get(&d).filter(|e| e.res == Residency::Dropped).and_then(|e| e.buf.upgrade());
+                            if let Some(dep) = dep {
+                                self.make_resident(&mut st, &dep, ev.op)?;
+                                self.unpin(&mut st, d);
+                            }
+                        }
+                    }
+                    continue;
+                }
+                self.register(&mut st, b, ev.op)?;
+                if let Some(e) = st.table.get_mut(&b.id()) {
+                    e.pins += 1;
+                }
+                pinned.push(b.id());
+            }
+            Ok(())
+        })();
+        if result.is_err() {
+            for id in pinned {
+                self.unpin(&mut st, id);
+            }
+        }
+        result
+    }
+
+    fn after_op(&self, ev: &OpEvent<'_>) -> Result<()> {
+        let mut st = self.lock();
+        st.writing.clear();
+        let seq = ev.seq;
+        // Each input was pinned once per appearance, each fresh output once; an output
+        // written in place was pinned as an input.
+        let fresh = ev.outputs.iter().filter(|b| !ev.inputs.iter().any(|i| Arc::ptr_eq(i, b)));
+        for b in ev.inputs.iter().chain(fresh) {
+            if let Some(e) = st.table.get_mut(&b.id()) {
+                e.pins = e.pins.saturating_sub(1);
+                e.last_use = seq;
+                e.uses += 1;
+            }
+        }
+        if let Some(recipe) = ev.recipe {
+            for b in ev.outputs {
+                if let Some(e) = st.table.get_mut(&b.id()) {
+                    e.recipe = Some(recipe.clone());
+                    e.flops = ev.cost.flops;
+                }
+            }
+        }
+        let rec = self.record(&mut st, ev);
+        let mut sig = fnv1a(st.step_signature, ev.op.as_bytes());
+        for o in &rec.outputs {
+            sig = fnv1a(sig, &o.1.to_le_bytes());
+        }
+        st.step_signature = sig;
+        st.policy.observe(&rec);
+        if let Some(t) = st.trace.as_mut() {
+            t.ops.push(rec);
+        }
+        st.stats.ops += 1;
+        if st.timeline.is_some() {
+            let point = TimelinePoint {
+                seq,
+                by_kind: st.device_by_kind,
+                stalled: st.stalled_this_op,
+                evicted: st.evicted_this_op,
+            };
+            if let Some(t) = st.timeline.as_mut() {
+                t.push(point);
+            }
+        }
+        st.now.index += 1;
+        self.prefetch(&mut st);
+        Ok(())
+    }
+
+    fn buffer_created(&self, buffer: &Arc<Buffer>) {
+        let mut st = self.lock();
+        self.sync(&mut st);
+        // Over budget here surfaces on the buffer's first use instead.
+        if self.register(&mut st, buffer, "external").is_err() {
+            st.table.remove(&buffer.id());
+        }
+    }
+
+    fn step_boundary(&self, step: u64) {
+        let mut st = self.lock();
+        self.sync(&mut st);
+        let ended = StepRecord { t: "step".into(), step: st.now.step, ops: st.now.index, signature: st.step_signature };
+        if let Some(t) = st.trace.as_mut() {
+            t.steps.push(ended);
+        }
+        st.policy.step_boundary(step);
+        st.now.step = step;
+        st.now.index = 0;
+        st.created_in_step = 0;
+        st.step_signature = FNV_START;
+        // Buffers that outlive a step are named by id from now on.
+        let mut by_key = HashMap::new();
+        for (&id, e) in st.table.iter_mut() {
+            e.key = id.0;
+            by_key.insert(id.0, id);
+        }
+        st.by_key = by_key;
+    }
+
+    fn wants_recipes(&self) -> bool {
+        self.wants_recipes
+    }
+
+    fn materialize(&self, buffer: &Arc<Buffer>) -> Result<()> {
+        let mut st = self.lock();
+        self.sync(&mut st);
+        self.make_resident(&mut st, buffer, "materialize")?;
+        self.unpin(&mut st, buffer.id());
+        Ok(())
+    }
+}

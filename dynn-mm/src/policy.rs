@@ -1,0 +1,291 @@
+//! Policies decide what leaves the device and what comes back early; the manager (or the
+//! simulator) acts. A policy never touches bytes.
+//!
+//! | name | decides by | stands for |
+//! |---|---|---|
+//! | `none` | never evicts: over budget is an out-of-memory error | PyTorch alone |
+//! | `lru` | least recently used, fetch on demand | UVM-style paging |
+//! | `static` | first step's access order, replayed for prefetch; LRU eviction | vDNN / Capuchin / SwapAdvisor |
+//! | `recompute` | DTR's h = cost / (bytes × staleness), activations dropped and recomputed | DTR |
+//! | `belady` | exact next use from a recorded step: evict farthest, prefetch soonest | the offline optimum |
+//! | `pilot` | next use predicted by the pilot model (the `pilot` crate implements [`Policy`]) | DyNN-Offload |
+
+use crate::trace::OpRecord;
+use dynn_core::{BufferId, BufferKind, Error, Result};
+use std::collections::HashMap;
+
+/// What a policy knows of one resident buffer that could be evicted.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    /// The buffer.
+    pub id: BufferId,
+    /// Its stable key across steps (see [`crate::trace`]).
+    pub key: u64,
+    /// Size in bytes.
+    pub bytes: usize,
+    /// What it is for.
+    pub kind: BufferKind,
+    /// Op sequence number of its last use.
+    pub last_use: u64,
+    /// Uses so far.
+    pub uses: u32,
+    /// FLOPs to recompute it (with its dropped inputs), when it can be dropped and recomputed.
+    pub recompute_flops: Option<u64>,
+}
+
+/// Where the clock stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Now {
+    /// Process-wide op sequence number of the op about to run (or just run).
+    pub seq: u64,
+    /// Training step.
+    pub step: u64,
+    /// Op index within the step.
+    pub index: u32,
+}
+
+/// How an evicted buffer leaves the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eviction {
+    /// Copied to the host tier.
+    Offload,
+    /// Released, to be recomputed from its recipe on its next use.
+    Drop,
+}
+
+/// A memory policy.
+pub trait Policy: Send {
+    /// The policy's name (as on the command line).
+    fn name(&self) -> &'static str;
+    /// False when the policy never evicts (`none`): over budget is an error.
+    fn evicts(&self) -> bool {
+        true
+    }
+    /// Sees every op, in order, after it ran.
+    fn observe(&mut self, _op: &OpRecord) {}
+    /// A step ended.
+    fn step_boundary(&mut self, _step: u64) {}
+    /// Orders candidates so the preferred victim comes first.
+    fn rank_victims(&mut self, now: Now, candidates: &mut [Candidate]);
+    /// How to evict this candidate.
+    fn eviction(&self, _c: &Candidate) -> Eviction {
+        Eviction::Offload
+    }
+    /// Predicted ops until the buffer with `key` is used next (`None`: unknown or not soon).
+    fn next_use(&self, _now: Now, _key: u64) -> Option<u64> {
+        None
+    }
+    /// Keys of buffers used in the next `horizon` ops, soonest first (for prefetching).
+    fn upcoming(&self, _now: Now, _horizon: usize) -> Vec<u64> {
+        Vec::new()
+    }
+}
+
+/// Builds a policy by name: `none`, `lru`, `static`, `recompute`, `belady`.
+pub fn by_name(name: &str) -> Result<Box<dyn Policy>> {
+    Ok(match name {
+        "none" => Box::new(NoOffload),
+        "lru" => Box::new(Lru),
+        "static" => Box::new(StaticProfile::default()),
+        "recompute" => Box::new(Recompute),
+        "belady" => Box::new(Belady::default()),
+        other => {
+            return Err(Error::invalid(
+                "policy",
+                format!("unknown policy {other:?}: choose none, lru, static, recompute or belady (pilot comes from the pilot crate)"),
+            ));
+        }
+    })
+}
+
+/// The names [`by_name`] knows.
+pub const POLICIES: [&str; 5] = ["none", "lru", "static", "recompute", "belady"];
+
+/// Never evicts.
+#[derive(Debug, Default)]
+pub struct NoOffload;
+
+impl Policy for NoOffload {
+    fn name(&self) -> &'static str {
+        "none"
+    }
+    fn evicts(&self) -> bool {
+        false
+    }
+    fn rank_victims(&mut self, _: Now, _: &mut [Candidate]) {}
+}
+
+/// Least recently used first; fetch on demand.
+#[derive(Debug, Default)]
+pub struct Lru;
+
+impl Policy for Lru {
+    fn name(&self) -> &'static str {
+        "lru"
+    }
+    fn rank_victims(&mut self, _: Now, c: &mut [Candidate]) {
+        c.sort_by_key(|c| (c.last_use, c.id));
+    }
+}
+
+/// DTR's heuristic: evict the lowest h = recompute cost / (bytes × staleness); activations
+/// with a fresh recipe are dropped and recomputed, everything else is offloaded.
+#[derive(Debug, Default)]
+pub struct Recompute;
+
+impl Policy for Recompute {
+    fn name(&self) -> &'static str {
+        "recompute"
+    }
+    fn rank_victims(&mut self, now: Now, c: &mut [Candidate]) {
+        let h = |c: &Candidate| {
+            let staleness = (now.seq.saturating_sub(c.last_use) + 1) as f64;
+            // Offloading a non-recomputable buffer costs a round trip: price it as if it were
+            // expensive so droppable activations go first.
+            let cost = c.recompute_flops.map_or(1e15, |f| f as f64 + 1.0);
+            cost / (c.bytes.max(1) as f64 * staleness)
+        };
+        c.sort_by(|a, b| h(a).total_cmp(&h(b)).then(a.id.cmp(&b.id)));
+    }
+    fn eviction(&self, c: &Candidate) -> Eviction {
+        if c.recompute_flops.is_some() && c.kind == BufferKind::Activation { Eviction::Drop } else { Eviction::Offload }
+    }
+}
+
+/// Uses of each key at op indices within one recorded step.
+#[derive(Debug, Clone, Default)]
+pub struct Profile {
+    /// Op names by index (to detect a different graph).
+    pub ops: Vec<String>,
+    /// Key → sorted op indices where it is read or written.
+    pub uses: HashMap<u64, Vec<u32>>,
+    /// Keys touched by each op index.
+    pub keys: Vec<Vec<u64>>,
+}
+
+impl Profile {
+    /// A profile from one step's op records.
+    pub fn from_ops<'a>(ops: impl IntoIterator<Item = &'a OpRecord>) -> Profile {
+        let mut p = Profile::default();
+        for (i, op) in ops.into_iter().enumerate() {
+            p.ops.push(op.op.clone());
+            let keys: Vec<u64> = op.inputs.iter().chain(&op.outputs).map(|a| a.3).collect();
+            for &k in &keys {
+                let u = p.uses.entry(k).or_default();
+                if u.last() != Some(&(i as u32)) {
+                    u.push(i as u32);
+                }
+            }
+            p.keys.push(keys);
+        }
+        p
+    }
+
+    /// Ops from `index` (exclusive) to the next use of `key`; uses wrap into the next step for
+    /// keys that live across steps.
+    pub fn next_use(&self, index: u32, key: u64) -> Option<u64> {
+        let uses = self.uses.get(&key)?;
+        let pos = uses.partition_point(|&u| u <= index);
+        match uses.get(pos) {
+            Some(&u) => Some((u - index) as u64),
+            None if key < (1 << 63) => uses.first().map(|&u| (self.ops.len() as u32 - index + u) as u64),
+            None => None,
+        }
+    }
+
+    /// Keys used by ops `index+1 ..= index+horizon`, soonest first, without repeats.
+    pub fn upcoming(&self, index: u32, horizon: usize) -> Vec<u64> {
+        let mut seen = std::collections::HashSet::new();
+        let start = index as usize + 1;
+        self.keys.iter().skip(start).take(horizon).flatten().copied().filter(|k| seen.insert(*k)).collect()
+    }
+}
+
+/// The offline optimum: evicts the buffer used farthest in the future of a recorded step and
+/// prefetches in use order. Live, it follows the previous step (or a profile it is given); in
+/// the simulator it reads the trace being replayed.
+#[derive(Debug, Default)]
+pub struct Belady {
+    profile: Profile,
+    fixed: bool,
+    current: Vec<OpRecord>,
+}
+
+impl Belady {
+    /// Belady with a fixed profile (e.g. a recorded trace of the same step).
+    pub fn with_profile(profile: Profile) -> Self {
+        Belady { profile, fixed: true, current: Vec::new() }
+    }
+}
+
+impl Policy for Belady {
+    fn name(&self) -> &'static str {
+        "belady"
+    }
+    fn observe(&mut self, op: &OpRecord) {
+        if !self.fixed {
+            self.current.push(op.clone());
+        }
+    }
+    fn step_boundary(&mut self, _: u64) {
+        if !self.fixed && !self.current.is_empty() {
+            self.profile = Profile::from_ops(&self.current);
+            self.current.clear();
+        }
+    }
+    fn rank_victims(&mut self, now: Now, c: &mut [Candidate]) {
+        // Farthest next use first; unknown (not used again) before everything.
+        let far = |c: &Candidate| self.profile.next_use(now.index, c.key).unwrap_or(u64::MAX);
+        c.sort_by(|a, b| far(b).cmp(&far(a)).then(a.last_use.cmp(&b.last_use)));
+    }
+    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
+        self.profile.next_use(now.index, key)
+    }
+    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
+        self.profile.upcoming(now.index, horizon)
+    }
+}
+
+/// vDNN/Capuchin-style: profiles the first step, then prefetches by replaying its access
+/// order while the graph matches (on-demand after a mismatch); evicts least recently used.
+#[derive(Debug, Default)]
+pub struct StaticProfile {
+    profile: Option<Profile>,
+    first: Vec<OpRecord>,
+    matching: bool,
+}
+
+impl Policy for StaticProfile {
+    fn name(&self) -> &'static str {
+        "static"
+    }
+    fn observe(&mut self, op: &OpRecord) {
+        match &self.profile {
+            None => self.first.push(op.clone()),
+            Some(p) => {
+                if p.ops.get(op.index as usize) != Some(&op.op) {
+                    self.matching = false;
+                }
+            }
+        }
+    }
+    fn step_boundary(&mut self, _: u64) {
+        if self.profile.is_none() && !self.first.is_empty() {
+            self.profile = Some(Profile::from_ops(&self.first));
+            self.first.clear();
+        }
+        self.matching = true;
+    }
+    fn rank_victims(&mut self, _: Now, c: &mut [Candidate]) {
+        c.sort_by_key(|c| (c.last_use, c.id));
+    }
+    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
+        self.profile.as_ref().filter(|_| self.matching)?.next_use(now.index, key)
+    }
+    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
+        match &self.profile {
+            Some(p) if self.matching => p.upcoming(now.index, horizon),
+            _ => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Offloading never changes a bit: training under every policy and budget gives the same
+//! parameters and losses as training with unlimited memory.
+
+mod common;
+
+use common::Mlp;
+use dynn_core::{Error, install_memory_hooks};
+use dynn_mm::{ManagerConfig, MemoryManager, TransferConfig, policy};
+
+const STEPS: usize = 3;
+const BATCH: usize = 16;
+
+fn reference() -> (Vec<u32>, Vec<Vec<u32>>) {
+    let m = Mlp::new(48, 8, 1).unwrap();
+    let losses = m.train(STEPS, BATCH, 2).unwrap();
+    (losses.into_iter().map(f32::to_bits).collect(), m.bits().unwrap())
+}
+
+/// Peak device bytes of the unlimited run, measured by the manager.
+fn config(policy_name: &str, budget: Option<usize>) -> dynn_core::Result<ManagerConfig> {
+    let mut cfg = ManagerConfig::new(policy::by_name(policy_name)?, budget);
+    // Segments sized for a model of a few hundred KiB.
+    cfg.segments = (16 << 10, 64 << 10);
+    Ok(cfg)
+}
+
+fn unlimited_peak() -> usize {
+    let mm = MemoryManager::new(config("none", None).unwrap());
+    let _g = install_memory_hooks(mm.clone());
+    let m = Mlp::new(48, 8, 1).unwrap();
+    m.train(STEPS, BATCH, 2).unwrap();
+    mm.stats().peak_device_bytes
+}
+
+fn run(policy_name: &str, budget: usize, transfer: TransferConfig) -> dynn_core::Result<(Vec<u32>, Vec<Vec<u32>>, dynn_mm::MemoryStats)> {
+    let mut cfg = config(policy_name, Some(budget))?;
+    cfg.transfer = transfer;
+    let mm = MemoryManager::new(cfg);
+    let _g = install_memory_hooks(mm.clone());
+    let m = Mlp::new(48, 8, 1)?;
+    let losses = m.train(STEPS, BATCH, 2)?;
+    Ok((losses.into_iter().map(f32::to_bits).collect(), m.bits()?, mm.stats()))
+}
+
+#[test]
+fn every_policy_and_budget_is_bit_identical() {
+    let (ref_losses, ref_params) = reference();
+    let peak = unlimited_peak();
+    assert!(peak > 0);
+    for policy_name in ["lru", "static", "recompute", "belady"] {
+        for frac in [1.0, 0.5, 0.25, 0.1] {
+            let budget = (peak as f64 * frac) as usize;
+            let (losses, params, stats) = run(policy_name, budget, TransferConfig::default())
+                .unwrap_or_else(|e| panic!("{policy_name} at {frac}: {e}"));
+            assert_eq!(losses, ref_losses, "{policy_name} at {frac}: losses differ");
+            assert_eq!(params, ref_params, "{policy_name} at {frac}: parameters differ");
+            assert!(stats.peak_device_bytes <= budget, "{policy_name} at {frac}: peak {} over budget {budget}", stats.peak_device_bytes);
+            if frac < 1.0 {
+                assert!(stats.evictions + stats.drops > 0, "{policy_name} at {frac}: nothing was evicted");
+            }
+        }
+    }
+}
+
+#[test]
+fn none_fails_below_peak_with_a_report() {
+    let peak = unlimited_peak();
+    let err = run("none", peak / 2, TransferConfig::default()).unwrap_err();
+    let Error::OutOfMemory { requested, budget, msg } = &err else { panic!("expected OutOfMemory, got {err}") };
+    assert!(*requested > 0 && *budget == peak / 2);
+    assert!(msg.contains("largest resident buffers") && msg.contains("hint"), "{msg}");
+    assert!(run("none", peak, TransferConfig::default()).is_ok(), "the unlimited peak is enough for `none`");
+}
+
+#[test]
+fn delayed_transfers_change_nothing() {
+    let (ref_losses, ref_params) = reference();
+    let peak = unlimited_peak();
+    let slow = TransferConfig { link_bytes_per_sec: None, random_delay_us: Some((9, 300)) };
+    for policy_name in ["lru", "belady"] {
+        let (losses, params, _) = run(policy_name, peak / 4, slow).unwrap();
+        assert_eq!((losses, params), (ref_losses.clone(), ref_params.clone()), "{policy_name}");
+    }
+}
+
+#[test]
+fn a_budget_below_one_op_is_a_clear_error() {
+    let err = run("lru", 4096, TransferConfig::default()).unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    assert!(err.to_string().contains("in use by this op") || err.to_string().contains("out of memory"), "{err}");
+}

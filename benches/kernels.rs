@@ -19,7 +19,11 @@ fn time(quick: bool, mut f: impl FnMut() -> BenchResult<()>) -> BenchResult<f64>
     for _ in 0..2 {
         f()?;
     }
-    let (min_reps, budget) = if quick { (3, Duration::from_millis(150)) } else { (10, Duration::from_millis(800)) };
+    let (min_reps, budget) = if quick {
+        (3, Duration::from_millis(150))
+    } else {
+        (10, Duration::from_millis(800))
+    };
     let mut samples = Vec::new();
     let start = Instant::now();
     while samples.len() < min_reps || (start.elapsed() < budget && samples.len() < 200) {
@@ -38,11 +42,14 @@ fn memory_bandwidth(quick: bool) -> BenchResult<f64> {
     let c = vec![2.0f32; n];
     let mut a = vec![0.0f32; n];
     let ms = time(quick, || {
-        a.par_chunks_mut(1 << 16).zip(b.par_chunks(1 << 16)).zip(c.par_chunks(1 << 16)).for_each(|((a, b), c)| {
-            for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
-                *a = b + c;
-            }
-        });
+        a.par_chunks_mut(1 << 16)
+            .zip(b.par_chunks(1 << 16))
+            .zip(c.par_chunks(1 << 16))
+            .for_each(|((a, b), c)| {
+                for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
+                    *a = b + c;
+                }
+            });
         black_box(&a);
         Ok(())
     })?;
@@ -59,14 +66,19 @@ impl Rng {
         z ^ (z >> 31)
     }
     fn vec(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0).collect()
+        (0..n)
+            .map(|_| ((self.next() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0)
+            .collect()
     }
 }
 
 /// The same data as a dynn and a candle tensor.
 fn pair(rng: &mut Rng, shape: &[usize]) -> BenchResult<(Tensor, CTensor)> {
     let v = rng.vec(shape.iter().product());
-    Ok((Tensor::from_vec(v.clone(), shape, Device::Cpu)?, CTensor::from_vec(v, shape, &CDevice::Cpu)?))
+    Ok((
+        Tensor::from_vec(v.clone(), shape, Device::Cpu)?,
+        CTensor::from_vec(v, shape, &CDevice::Cpu)?,
+    ))
 }
 
 /// What a case's throughput is measured in.
@@ -86,7 +98,11 @@ fn main() -> BenchResult<()> {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
-    let filter = args.iter().position(|a| a == "--filter").and_then(|i| args.get(i + 1)).cloned();
+    let filter = args
+        .iter()
+        .position(|a| a == "--filter")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let mut rng = Rng(7);
     let mut cases: Vec<Case> = Vec::new();
@@ -114,16 +130,31 @@ fn main() -> BenchResult<()> {
     for n in [512usize, 1024, 2048] {
         let (a, ca) = pair(&mut rng, &[n, n])?;
         let (b, cb) = pair(&mut rng, &[n, n])?;
-        case!(format!("matmul_f32_{n}"), Work::Flops(2.0 * (n * n * n) as f64), a.matmul(&b)?, ca.matmul(&cb)?);
+        case!(
+            format!("matmul_f32_{n}"),
+            Work::Flops(2.0 * (n * n * n) as f64),
+            a.matmul(&b)?,
+            ca.matmul(&cb)?
+        );
     }
     {
         let (a, ca) = pair(&mut rng, &[32, 128, 64])?;
         let (b, cb) = pair(&mut rng, &[32, 64, 128])?;
-        case!("bmm_32x128x64x128", Work::Flops(2.0 * 32.0 * 128.0 * 64.0 * 128.0), a.matmul(&b)?, ca.matmul(&cb)?);
+        case!(
+            "bmm_32x128x64x128",
+            Work::Flops(2.0 * 32.0 * 128.0 * 64.0 * 128.0),
+            a.matmul(&b)?,
+            ca.matmul(&cb)?
+        );
     }
     let (x, cx) = pair(&mut rng, &[4096, 1024])?;
     let bytes_rw = 2.0 * 4096.0 * 1024.0 * 4.0;
-    case!("softmax_4096x1024", Work::Bytes(bytes_rw), x.softmax(-1)?, candle_nn::ops::softmax_last_dim(&cx)?);
+    case!(
+        "softmax_4096x1024",
+        Work::Bytes(bytes_rw),
+        x.softmax(-1)?,
+        candle_nn::ops::softmax_last_dim(&cx)?
+    );
     {
         let (w, cw) = pair(&mut rng, &[1024])?;
         let (b, cb) = pair(&mut rng, &[1024])?;
@@ -133,15 +164,30 @@ fn main() -> BenchResult<()> {
             x.layer_norm(Some(&w), Some(&b), 1e-5)?,
             candle_nn::ops::layer_norm(&cx, &cw, &cb, 1e-5)?
         );
-        case!("broadcast_add_4096x1024+1024", Work::Bytes(bytes_rw + 4096.0), x.add(&b)?, cx.broadcast_add(&cb)?);
+        case!(
+            "broadcast_add_4096x1024+1024",
+            Work::Bytes(bytes_rw + 4096.0),
+            x.add(&b)?,
+            cx.broadcast_add(&cb)?
+        );
     }
-    case!("sum_last_dim_4096x1024", Work::Bytes(4096.0 * 1024.0 * 4.0 + 4096.0 * 4.0), x.sum_dims(&[-1], false)?, cx.sum(CD::Minus1)?);
+    case!(
+        "sum_last_dim_4096x1024",
+        Work::Bytes(4096.0 * 1024.0 * 4.0 + 4096.0 * 4.0),
+        x.sum_dims(&[-1], false)?,
+        cx.sum(CD::Minus1)?
+    );
     {
         let (table, ctable) = pair(&mut rng, &[50_000, 512])?;
         let ids: Vec<u32> = (0..8192).map(|_| (rng.next() % 50_000) as u32).collect();
         let dids = Tensor::from_vec(ids.clone(), 8192, Device::Cpu)?;
         let cids = CTensor::from_vec(ids, 8192, &CDevice::Cpu)?;
-        case!("embedding_50000x512_8192ids", Work::Bytes(2.0 * 8192.0 * 512.0 * 4.0), table.embedding(&dids)?, ctable.embedding(&cids)?);
+        case!(
+            "embedding_50000x512_8192ids",
+            Work::Bytes(2.0 * 8192.0 * 512.0 * 4.0),
+            table.embedding(&dids)?,
+            ctable.embedding(&cids)?
+        );
     }
     {
         let (logits, clogits) = pair(&mut rng, &[2048, 8192])?;
@@ -159,8 +205,14 @@ fn main() -> BenchResult<()> {
         let (x, cx) = pair(&mut rng, &[256, 1024])?;
         let (w1, cw1) = pair(&mut rng, &[1024, 4096])?;
         let (w2, cw2) = pair(&mut rng, &[4096, 1024])?;
-        let (w1, w2) = (w1.affine(0.03, 0.0)?.set_requires_grad(true), w2.affine(0.015, 0.0)?.set_requires_grad(true));
-        let (vw1, vw2) = (Var::from_tensor(&(cw1 * 0.03)?)?, Var::from_tensor(&(cw2 * 0.015)?)?);
+        let (w1, w2) = (
+            w1.affine(0.03, 0.0)?.set_requires_grad(true),
+            w2.affine(0.015, 0.0)?.set_requires_grad(true),
+        );
+        let (vw1, vw2) = (
+            Var::from_tensor(&(cw1 * 0.03)?)?,
+            Var::from_tensor(&(cw2 * 0.015)?)?,
+        );
         let flops = 3.0 * 2.0 * 2.0 * 256.0 * 1024.0 * 4096.0;
         case!(
             "mlp_1024x4096x1024_b256_fwd_bwd",
@@ -171,14 +223,24 @@ fn main() -> BenchResult<()> {
                 (w1.grad(), w2.grad())
             },
             {
-                let loss = cx.matmul(vw1.as_tensor())?.relu()?.matmul(vw2.as_tensor())?.sqr()?.mean_all()?;
+                let loss = cx
+                    .matmul(vw1.as_tensor())?
+                    .relu()?
+                    .matmul(vw2.as_tensor())?
+                    .sqr()?
+                    .mean_all()?;
                 loss.backward()?
             }
         );
     }
 
-    println!("machine: {threads} threads, memory bandwidth {mem_bw:.1} GB/s (3-stream add, 64 MiB arrays)");
-    println!("{:<34} {:>10} {:>10} {:>8} {:>14}", "case", "dynn ms", "candle ms", "speedup", "dynn rate");
+    println!(
+        "machine: {threads} threads, memory bandwidth {mem_bw:.1} GB/s (3-stream add, 64 MiB arrays)"
+    );
+    println!(
+        "{:<34} {:>10} {:>10} {:>8} {:>14}",
+        "case", "dynn ms", "candle ms", "speedup", "dynn rate"
+    );
     let mut log_sum = 0.0;
     let mut rows = Vec::new();
     for c in &cases {
@@ -188,7 +250,10 @@ fn main() -> BenchResult<()> {
             Work::Bytes(b) => (b / (c.dynn_ms * 1e-3) / 1e9, "dynn_gbs", "GB/s"),
             Work::Flops(f) => (f / (c.dynn_ms * 1e-3) / 1e9, "dynn_gflops", "GFLOP/s"),
         };
-        println!("{:<34} {:>10.3} {:>10.3} {:>8.2} {:>8.1} {unit}", c.name, c.dynn_ms, c.candle_ms, speedup, rate);
+        println!(
+            "{:<34} {:>10.3} {:>10.3} {:>8.2} {:>8.1} {unit}",
+            c.name, c.dynn_ms, c.candle_ms, speedup, rate
+        );
         rows.push(format!(
             "{{\"name\":\"{}\",\"dynn_ms\":{:.4},\"candle_ms\":{:.4},\"speedup\":{:.3},\"{key}\":{:.2}}}",
             c.name, c.dynn_ms, c.candle_ms, speedup, rate

@@ -30,14 +30,18 @@
 //! ```
 //!
 //! The crates behind this facade: [`core`] (tensors, storage handles, autograd, the executor
-//! seam) and [`ops`] (every operator: kernels, backward rules, idioms, costs).
+//! seam), [`ops`] (every operator: kernels, backward rules, idioms, costs) and [`mm`] (the
+//! memory manager: device budget, policies, traces, reports).
 
 pub use dynn_core as core;
 pub use dynn_core::{DType, Device, Error, Result, Shape, Tensor};
+pub use dynn_mm as mm;
 pub use dynn_ops as ops;
 
 /// Everything a training script needs: tensors, devices, errors and every op's methods.
 pub mod prelude {
-    pub use dynn_core::{BufferKind, DType, Device, Error, Phase, Result, Shape, Tensor, enter_phase, no_grad};
+    pub use dynn_core::{
+        BufferKind, DType, Device, Error, Phase, Result, Shape, Tensor, enter_phase, no_grad,
+    };
     pub use dynn_ops::prelude::*;
 }

@@ -92,7 +92,11 @@ pub type Accumulate<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Result<Tensor>;
 /// with the tape off. Saved tensors are released as each node is processed.
 pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> Result<()> {
     if seed.shape() != root.shape() {
-        return Err(Error::shape_mismatch("backward (seed vs root)", seed.shape(), root.shape()));
+        return Err(Error::shape_mismatch(
+            "backward (seed vs root)",
+            seed.shape(),
+            root.shape(),
+        ));
     }
     let Some(meta) = root.grad_meta() else {
         return Err(Error::Autograd(format!(
@@ -104,7 +108,11 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
     let _nograd = crate::no_grad();
     let mut pending: Pending = HashMap::new();
     let mut heap = BinaryHeap::new();
-    let deliver = |meta: &GradMeta, g: Tensor, pending: &mut Pending, heap: &mut BinaryHeap<u64>| -> Result<()> {
+    let deliver = |meta: &GradMeta,
+                   g: Tensor,
+                   pending: &mut Pending,
+                   heap: &mut BinaryHeap<u64>|
+     -> Result<()> {
         match meta {
             GradMeta::Leaf(leaf) => {
                 let total = match leaf.get() {
@@ -130,7 +138,9 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
     };
     deliver(meta, seed, &mut pending, &mut heap)?;
     while let Some(seq) = heap.pop() {
-        let Some((node, grads)) = pending.remove(&seq) else { continue };
+        let Some((node, grads)) = pending.remove(&seq) else {
+            continue;
+        };
         let saved = node.saved.lock().unwrap_or_else(|e| e.into_inner()).take().ok_or_else(|| {
             Error::Autograd(format!(
                 "the saved tensors of {} were already released by an earlier backward; run the forward again",
@@ -147,13 +157,17 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
                 needs_grad: &needs,
             })?,
             Rule::View(v) => {
-                let g = grads[0].as_ref().ok_or_else(|| Error::Autograd(format!("{}: no gradient for the view", v.name())))?;
+                let g = grads[0].as_ref().ok_or_else(|| {
+                    Error::Autograd(format!("{}: no gradient for the view", v.name()))
+                })?;
                 smallvec::smallvec![Some(v.backward(g, &node.input_specs[0])?)]
             }
         };
         drop(saved);
         for (i, edge) in node.edges.iter().enumerate() {
-            let (Some(edge), Some(Some(g))) = (edge, input_grads.get(i)) else { continue };
+            let (Some(edge), Some(Some(g))) = (edge, input_grads.get(i)) else {
+                continue;
+            };
             let spec = &node.input_specs[i];
             if g.shape() != &spec.shape || g.dtype() != spec.dtype {
                 return Err(Error::Autograd(format!(

@@ -44,11 +44,19 @@ pub enum BufferKind {
 
 impl BufferKind {
     /// Every kind, in declaration order.
-    pub const ALL: [BufferKind; 5] =
-        [BufferKind::Parameter, BufferKind::Gradient, BufferKind::OptimizerState, BufferKind::Activation, BufferKind::Temporary];
+    pub const ALL: [BufferKind; 5] = [
+        BufferKind::Parameter,
+        BufferKind::Gradient,
+        BufferKind::OptimizerState,
+        BufferKind::Activation,
+        BufferKind::Temporary,
+    ];
 
     fn from_u8(v: u8) -> Self {
-        Self::ALL.get(v as usize).copied().unwrap_or(BufferKind::Temporary)
+        Self::ALL
+            .get(v as usize)
+            .copied()
+            .unwrap_or(BufferKind::Temporary)
     }
 
     /// A lowercase name.
@@ -135,7 +143,11 @@ impl std::fmt::Debug for Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        let watcher = self.watcher.get_mut().unwrap_or_else(|e| e.into_inner()).take();
+        let watcher = self
+            .watcher
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(w) = watcher {
             w.released(self.id, self.size_in_bytes());
         }
@@ -245,7 +257,11 @@ impl Buffer {
     pub fn storage(&self, op: &'static str) -> Result<Arc<dyn DeviceStorage>> {
         match &*self.read_slot() {
             Slot::Device(s) => Ok(s.clone()),
-            other => Err(Error::NotResident { op, buffer: self.id.0, residency: other.residency() }),
+            other => Err(Error::NotResident {
+                op,
+                buffer: self.id.0,
+                residency: other.residency(),
+            }),
         }
     }
 
@@ -254,7 +270,11 @@ impl Buffer {
         match self.slot() {
             Slot::Device(s) => s.to_host(),
             Slot::Host(h) => Ok((*h).clone()),
-            other => Err(Error::NotResident { op, buffer: self.id.0, residency: other.residency() }),
+            other => Err(Error::NotResident {
+                op,
+                buffer: self.id.0,
+                residency: other.residency(),
+            }),
         }
     }
 
@@ -269,7 +289,11 @@ impl Buffer {
                 Ok(self.size_in_bytes())
             }
             Slot::Host(_) => Ok(0),
-            other => Err(Error::NotResident { op: "offload", buffer: self.id.0, residency: other.residency() }),
+            other => Err(Error::NotResident {
+                op: "offload",
+                buffer: self.id.0,
+                residency: other.residency(),
+            }),
         }
     }
 
@@ -283,7 +307,11 @@ impl Buffer {
                 Ok(self.size_in_bytes())
             }
             Slot::Device(_) => Ok(0),
-            other => Err(Error::NotResident { op: "fetch", buffer: self.id.0, residency: other.residency() }),
+            other => Err(Error::NotResident {
+                op: "fetch",
+                buffer: self.id.0,
+                residency: other.residency(),
+            }),
         }
     }
 
@@ -300,16 +328,25 @@ impl Buffer {
 
     /// Runs `f` on the device storage with exclusive access (copy-on-write when a kernel or
     /// another reader still shares it). For in-place updates.
-    pub fn update<R>(&self, op: &'static str, f: impl FnOnce(&mut dyn DeviceStorage) -> Result<R>) -> Result<R> {
+    pub fn update<R>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&mut dyn DeviceStorage) -> Result<R>,
+    ) -> Result<R> {
         let mut slot = self.write_slot();
         let Slot::Device(arc) = &mut *slot else {
-            return Err(Error::NotResident { op, buffer: self.id.0, residency: slot.residency() });
+            return Err(Error::NotResident {
+                op,
+                buffer: self.id.0,
+                residency: slot.residency(),
+            });
         };
         if Arc::get_mut(arc).is_none() {
             *arc = Arc::from(arc.duplicate()?);
         }
         // Just made unique above; `get_mut` cannot fail here.
-        let storage = Arc::get_mut(arc).ok_or_else(|| Error::Msg("buffer storage still shared".into()))?;
+        let storage =
+            Arc::get_mut(arc).ok_or_else(|| Error::Msg("buffer storage still shared".into()))?;
         self.version.fetch_add(1, Ordering::AcqRel);
         f(storage)
     }

@@ -23,7 +23,9 @@ pub fn memory_hooks() -> Option<Arc<dyn MemoryHooks>> {
 
 /// Installs hooks until the guard is dropped, then restores the previous ones.
 pub fn install_memory_hooks(hooks: Arc<dyn MemoryHooks>) -> HooksGuard {
-    HooksGuard { previous: set_memory_hooks(Some(hooks)) }
+    HooksGuard {
+        previous: set_memory_hooks(Some(hooks)),
+    }
 }
 
 /// Restores the previously installed hooks on drop.
@@ -45,7 +47,9 @@ pub fn phase() -> Phase {
 
 /// Sets the phase until the guard is dropped.
 pub fn enter_phase(phase: Phase) -> PhaseGuard {
-    PhaseGuard { previous: PHASE.with(|p| p.replace(phase)) }
+    PhaseGuard {
+        previous: PHASE.with(|p| p.replace(phase)),
+    }
 }
 
 /// Restores the previous phase on drop.
@@ -67,7 +71,9 @@ pub fn is_grad_enabled() -> bool {
 
 /// Disables tape recording until the guard is dropped (like `torch.no_grad()`).
 pub fn no_grad() -> NoGradGuard {
-    NoGradGuard { previous: GRAD_ENABLED.with(|g| g.replace(false)) }
+    NoGradGuard {
+        previous: GRAD_ENABLED.with(|g| g.replace(false)),
+    }
 }
 
 /// Restores the previous grad mode on drop.

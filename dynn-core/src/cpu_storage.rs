@@ -114,13 +114,21 @@ impl CpuStorage {
 
     /// Borrows the elements as `&[T]`, or a dtype error naming `op`.
     pub fn as_slice<T: CpuElement>(&self, op: &'static str) -> Result<&[T]> {
-        T::slice(self).ok_or(Error::DTypeMismatch { op, expected: T::DTYPE, got: self.dtype() })
+        T::slice(self).ok_or(Error::DTypeMismatch {
+            op,
+            expected: T::DTYPE,
+            got: self.dtype(),
+        })
     }
 
     /// Mutably borrows the elements as `&mut [T]`, or a dtype error naming `op`.
     pub fn as_mut_slice<T: CpuElement>(&mut self, op: &'static str) -> Result<&mut [T]> {
         let got = self.dtype();
-        T::slice_mut(self).ok_or(Error::DTypeMismatch { op, expected: T::DTYPE, got })
+        T::slice_mut(self).ok_or(Error::DTypeMismatch {
+            op,
+            expected: T::DTYPE,
+            got,
+        })
     }
 
     /// Every element converted to f64 (for tests and printing).
@@ -136,7 +144,10 @@ impl CpuStorage {
 
 /// Builds a vector of `len` elements by filling uninitialised memory with `fill`, which must
 /// write every element of the slice it is given. Avoids zeroing memory a kernel overwrites.
-pub fn vec_from_fill<T: Copy>(len: usize, fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>])) -> Vec<T> {
+pub fn vec_from_fill<T: Copy>(
+    len: usize,
+    fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]),
+) -> Vec<T> {
     let mut v: Vec<T> = Vec::with_capacity(len);
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: `fill`'s contract is to initialise all `len` elements, and `T: Copy` has no drop.

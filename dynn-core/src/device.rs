@@ -20,7 +20,9 @@ impl Device {
         match self {
             Device::Cpu => Ok(cpu_backend()),
             Device::Cuda(_) => {
-                let reg = registry().read().map_err(|_| Error::Msg("backend registry poisoned".into()))?;
+                let reg = registry()
+                    .read()
+                    .map_err(|_| Error::Msg("backend registry poisoned".into()))?;
                 reg.iter().find(|b| b.device() == self).cloned().ok_or_else(|| Error::Device {
                     op: "device",
                     msg: format!("no backend registered for {self:?}: the CUDA backend must be initialised first"),
@@ -60,10 +62,12 @@ pub trait DeviceStorage: Send + Sync + std::fmt::Debug + 'static {
 impl dyn DeviceStorage {
     /// The CPU storage inside, or a device error naming `op`.
     pub fn cpu(&self, op: &'static str) -> Result<&CpuStorage> {
-        self.as_any().downcast_ref::<CpuStorage>().ok_or_else(|| Error::Device {
-            op,
-            msg: format!("expected CPU storage, found storage on {:?}", self.device()),
-        })
+        self.as_any()
+            .downcast_ref::<CpuStorage>()
+            .ok_or_else(|| Error::Device {
+                op,
+                msg: format!("expected CPU storage, found storage on {:?}", self.device()),
+            })
     }
 
     /// The CPU storage inside (mutable), or a device error naming `op`.
@@ -71,7 +75,10 @@ impl dyn DeviceStorage {
         let dev = self.device();
         self.as_any_mut()
             .downcast_mut::<CpuStorage>()
-            .ok_or_else(|| Error::Device { op, msg: format!("expected CPU storage, found storage on {dev:?}") })
+            .ok_or_else(|| Error::Device {
+                op,
+                msg: format!("expected CPU storage, found storage on {dev:?}"),
+            })
     }
 }
 
@@ -137,7 +144,9 @@ fn registry() -> &'static RwLock<Vec<Arc<dyn Backend>>> {
 
 /// Registers a backend for a non-CPU device (replacing any earlier one for that device).
 pub fn register_backend(backend: Arc<dyn Backend>) -> Result<()> {
-    let mut reg = registry().write().map_err(|_| Error::Msg("backend registry poisoned".into()))?;
+    let mut reg = registry()
+        .write()
+        .map_err(|_| Error::Msg("backend registry poisoned".into()))?;
     reg.retain(|b| b.device() != backend.device());
     reg.push(backend);
     Ok(())

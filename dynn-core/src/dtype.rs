@@ -175,6 +175,8 @@ pub mod num_like {
         fn min(self, o: Self) -> Self;
         /// Error function.
         fn erf(self) -> Self;
+        /// True for NaN.
+        fn is_nan(self) -> bool;
     }
     macro_rules! acc {
         ($t:ty) => {
@@ -230,6 +232,10 @@ pub mod num_like {
                 #[inline(always)]
                 fn min(self, o: Self) -> Self {
                     <$t>::min(self, o)
+                }
+                #[inline(always)]
+                fn is_nan(self) -> bool {
+                    <$t>::is_nan(self)
                 }
                 #[inline(always)]
                 fn erf(self) -> Self {
@@ -292,9 +298,19 @@ mod tests {
 
     #[test]
     fn erf_matches_known_values() {
-        let cases = [(0.0, 0.0), (0.5, 0.520_499_877_813_046_5), (1.0, 0.842_700_792_949_714_9), (2.5, 0.999_593_047_982_555), (-1.5, -0.966_105_146_475_310_7)];
+        let cases = [
+            (0.0, 0.0),
+            (0.5, 0.520_499_877_813_046_5),
+            (1.0, 0.842_700_792_949_714_9),
+            (2.5, 0.999_593_047_982_555),
+            (-1.5, -0.966_105_146_475_310_7),
+        ];
         for (x, want) in cases {
-            assert!((erf(x) - want).abs() < 1e-13, "erf({x}) = {} want {want}", erf(x));
+            assert!(
+                (erf(x) - want).abs() < 1e-13,
+                "erf({x}) = {} want {want}",
+                erf(x)
+            );
         }
     }
 

@@ -96,7 +96,9 @@ pub enum Error {
         msg: String,
     },
     /// A buffer's bytes were accessed while not resident on the device.
-    #[error("{op}: buffer {buffer} is not resident on the device (it is {residency:?}); install a memory manager that fetches it")]
+    #[error(
+        "{op}: buffer {buffer} is not resident on the device (it is {residency:?}); install a memory manager that fetches it"
+    )]
     NotResident {
         /// The op that wanted it.
         op: &'static str,
@@ -122,16 +124,27 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An [`Error::InvalidArgument`] for `op`.
     pub fn invalid(op: &'static str, msg: impl Into<String>) -> Self {
-        Error::InvalidArgument { op, msg: msg.into() }
+        Error::InvalidArgument {
+            op,
+            msg: msg.into(),
+        }
     }
 
     /// An [`Error::ShapeMismatch`] for `op`.
     pub fn shape_mismatch(op: &'static str, lhs: &Shape, rhs: &Shape) -> Self {
-        Error::ShapeMismatch { op, lhs: lhs.clone(), rhs: rhs.clone() }
+        Error::ShapeMismatch {
+            op,
+            lhs: lhs.clone(),
+            rhs: rhs.clone(),
+        }
     }
 
     /// An [`Error::UnsupportedDType`] for `op`.
     pub fn unsupported_dtype(op: &'static str, dtype: DType) -> Self {
-        Error::UnsupportedDType { op, dtype, hint: String::new() }
+        Error::UnsupportedDType {
+            op,
+            dtype,
+            hint: String::new(),
+        }
     }
 }

@@ -34,7 +34,14 @@ pub struct Idioms(pub [u8; 6]);
 
 impl Idioms {
     /// The names of the six idioms, in vector order.
-    pub const NAMES: [&'static str; 6] = ["layout", "in_place", "indirect", "reduction", "elementwise", "window"];
+    pub const NAMES: [&'static str; 6] = [
+        "layout",
+        "in_place",
+        "indirect",
+        "reduction",
+        "elementwise",
+        "window",
+    ];
     /// No memory access idiom (a pure copy or a view).
     pub const NONE: Idioms = Idioms([0; 6]);
     /// One layout change.
@@ -80,12 +87,16 @@ pub struct OpEvent<'a> {
 impl OpEvent<'_> {
     /// `(id, bytes, kind)` of every input.
     pub fn input_info(&self) -> impl Iterator<Item = (BufferId, usize, BufferKind)> + '_ {
-        self.inputs.iter().map(|b| (b.id(), b.size_in_bytes(), b.kind()))
+        self.inputs
+            .iter()
+            .map(|b| (b.id(), b.size_in_bytes(), b.kind()))
     }
 
     /// `(id, bytes, kind)` of every output.
     pub fn output_info(&self) -> impl Iterator<Item = (BufferId, usize, BufferKind)> + '_ {
-        self.outputs.iter().map(|b| (b.id(), b.size_in_bytes(), b.kind()))
+        self.outputs
+            .iter()
+            .map(|b| (b.id(), b.size_in_bytes(), b.kind()))
     }
 }
 
@@ -104,7 +115,11 @@ pub trait MemoryHooks: Send + Sync {
     /// Brings a buffer's bytes back (recomputing a dropped one) so the host can read them,
     /// as `Tensor::to_vec` does. The default cannot.
     fn materialize(&self, buffer: &Arc<Buffer>) -> Result<()> {
-        Err(crate::Error::NotResident { op: "materialize", buffer: buffer.id().0, residency: buffer.residency() })
+        Err(crate::Error::NotResident {
+            op: "materialize",
+            buffer: buffer.id().0,
+            residency: buffer.residency(),
+        })
     }
     /// A buffer made outside any op (a tensor created from data, a parameter).
     fn buffer_created(&self, _buffer: &Arc<Buffer>) {}

@@ -17,12 +17,20 @@ impl Layout {
     pub fn contiguous(shape: impl Into<Shape>) -> Self {
         let shape = shape.into();
         let strides = shape.contiguous_strides();
-        Layout { shape, strides, offset: 0 }
+        Layout {
+            shape,
+            strides,
+            offset: 0,
+        }
     }
 
     /// A layout from explicit parts. The caller guarantees it stays inside its buffer.
     pub fn from_parts(shape: Shape, strides: Dims, offset: usize) -> Self {
-        Layout { shape, strides, offset }
+        Layout {
+            shape,
+            strides,
+            offset,
+        }
     }
 
     /// The shape.
@@ -64,7 +72,8 @@ impl Layout {
 
     /// `Some((start, end))` element range when contiguous.
     pub fn contiguous_range(&self) -> Option<(usize, usize)> {
-        self.is_contiguous().then(|| (self.offset, self.offset + self.elem_count()))
+        self.is_contiguous()
+            .then(|| (self.offset, self.offset + self.elem_count()))
     }
 
     /// One past the largest element index this layout touches (0 when empty).
@@ -72,7 +81,15 @@ impl Layout {
         if self.elem_count() == 0 {
             return 0;
         }
-        self.offset + self.shape.dims().iter().zip(self.strides.iter()).map(|(&d, &s)| (d - 1) * s).sum::<usize>() + 1
+        self.offset
+            + self
+                .shape
+                .dims()
+                .iter()
+                .zip(self.strides.iter())
+                .map(|(&d, &s)| (d - 1) * s)
+                .sum::<usize>()
+            + 1
     }
 
     /// Swaps two dims.
@@ -89,12 +106,26 @@ impl Layout {
     pub fn permute(&self, perm: &[usize]) -> Result<Layout> {
         let rank = self.shape.rank();
         let mut seen = Dims::from_elem(0, rank);
-        if perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], 1) == 1) {
-            return Err(Error::invalid("permute", format!("{perm:?} is not a permutation of 0..{rank} for shape {}", self.shape)));
+        if perm.len() != rank
+            || perm
+                .iter()
+                .any(|&p| p >= rank || std::mem::replace(&mut seen[p], 1) == 1)
+        {
+            return Err(Error::invalid(
+                "permute",
+                format!(
+                    "{perm:?} is not a permutation of 0..{rank} for shape {}",
+                    self.shape
+                ),
+            ));
         }
         let dims: Dims = perm.iter().map(|&p| self.shape.dims()[p]).collect();
         let strides: Dims = perm.iter().map(|&p| self.strides[p]).collect();
-        Ok(Layout { shape: Shape::new(&dims), strides, offset: self.offset })
+        Ok(Layout {
+            shape: Shape::new(&dims),
+            strides,
+            offset: self.offset,
+        })
     }
 
     /// The sub-range `start..start + len` of dim `d`.
@@ -106,7 +137,10 @@ impl Layout {
                 op: "narrow",
                 index: i64::try_from(start.saturating_add(len)).unwrap_or(i64::MAX),
                 size,
-                context: format!(" (start {start} + len {len} on dim {d} of shape {})", self.shape),
+                context: format!(
+                    " (start {start} + len {len} on dim {d} of shape {})",
+                    self.shape
+                ),
             });
         }
         let mut l = self.clone();
@@ -138,7 +172,11 @@ impl Layout {
                 return Err(Error::shape_mismatch("broadcast_as", &self.shape, shape));
             };
         }
-        Ok(Layout { shape: shape.clone(), strides, offset: self.offset })
+        Ok(Layout {
+            shape: shape.clone(),
+            strides,
+            offset: self.offset,
+        })
     }
 
     /// A new shape over the same elements; only for contiguous layouts (else `None`).
@@ -146,17 +184,34 @@ impl Layout {
         if shape.elem_count() != self.elem_count() {
             return Err(Error::invalid(
                 "reshape",
-                format!("cannot reshape {} ({} elements) to {} ({} elements)", self.shape, self.elem_count(), shape, shape.elem_count()),
+                format!(
+                    "cannot reshape {} ({} elements) to {} ({} elements)",
+                    self.shape,
+                    self.elem_count(),
+                    shape,
+                    shape.elem_count()
+                ),
             ));
         }
-        Ok(self.is_contiguous().then(|| Layout { shape: shape.clone(), strides: shape.contiguous_strides(), offset: self.offset }))
+        Ok(self.is_contiguous().then(|| Layout {
+            shape: shape.clone(),
+            strides: shape.contiguous_strides(),
+            offset: self.offset,
+        }))
     }
 
     /// Removes dim `d`, which must have size 1.
     pub fn squeeze<D: Dim>(&self, d: D) -> Result<Layout> {
         let d = d.index(&self.shape, "squeeze")?;
         if self.shape.dims()[d] != 1 {
-            return Err(Error::invalid("squeeze", format!("dim {d} of shape {} has size {}, not 1", self.shape, self.shape.dims()[d])));
+            return Err(Error::invalid(
+                "squeeze",
+                format!(
+                    "dim {d} of shape {} has size {}, not 1",
+                    self.shape,
+                    self.shape.dims()[d]
+                ),
+            ));
         }
         let mut l = self.clone();
         l.shape.dims_mut().remove(d);
@@ -168,7 +223,11 @@ impl Layout {
     pub fn unsqueeze<D: Dim>(&self, d: D) -> Result<Layout> {
         let d = d.index_for_insert(&self.shape, "unsqueeze")?;
         let mut l = self.clone();
-        let stride = if d < self.strides.len() { self.strides[d] * self.shape.dims()[d] } else { 1 };
+        let stride = if d < self.strides.len() {
+            self.strides[d] * self.shape.dims()[d]
+        } else {
+            1
+        };
         l.shape.dims_mut().insert(d, 1);
         l.strides.insert(d, stride);
         Ok(l)
@@ -190,7 +249,11 @@ impl Layout {
             block *= dims[k - 1];
             k -= 1;
         }
-        let outer = Layout { shape: Shape::new(&dims[..k]), strides: Dims::from_slice(&self.strides[..k]), offset: self.offset };
+        let outer = Layout {
+            shape: Shape::new(&dims[..k]),
+            strides: Dims::from_slice(&self.strides[..k]),
+            offset: self.offset,
+        };
         (outer.indices().collect(), block)
     }
 }
@@ -205,7 +268,11 @@ pub struct StridedIndex<'a> {
 impl<'a> StridedIndex<'a> {
     fn new(layout: &'a Layout) -> Self {
         let next = (layout.elem_count() > 0).then_some(layout.offset);
-        StridedIndex { layout, next, counter: Dims::from_elem(0, layout.shape.rank()) }
+        StridedIndex {
+            layout,
+            next,
+            counter: Dims::from_elem(0, layout.shape.rank()),
+        }
     }
 }
 
@@ -262,7 +329,9 @@ mod tests {
 
     #[test]
     fn broadcast_strides_zero() {
-        let l = Layout::contiguous([3]).broadcast_as(&Shape::new(&[2, 3])).unwrap();
+        let l = Layout::contiguous([3])
+            .broadcast_as(&Shape::new(&[2, 3]))
+            .unwrap();
         assert_eq!(l.strides(), &[0, 1]);
         assert_eq!(l.indices().collect::<Vec<_>>(), vec![0, 1, 2, 0, 1, 2]);
     }

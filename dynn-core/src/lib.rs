@@ -26,8 +26,8 @@ mod tensor;
 pub use autograd::{Accumulate, Node, run_backward};
 pub use buffer::{Buffer, BufferId, BufferKind, ReleaseSink, Residency, Slot};
 pub use context::{
-    HooksGuard, NoGradGuard, PhaseGuard, enter_phase, install_memory_hooks, is_grad_enabled, mark_step, memory_hooks, no_grad,
-    phase, set_memory_hooks,
+    HooksGuard, NoGradGuard, PhaseGuard, enter_phase, install_memory_hooks, is_grad_enabled,
+    mark_step, memory_hooks, no_grad, phase, set_memory_hooks,
 };
 pub use cpu_storage::{CpuElement, CpuStorage, vec_from_fill};
 pub use device::{Backend, CpuBackend, Device, DeviceStorage, register_backend};
@@ -36,7 +36,10 @@ pub use error::{Error, Result};
 pub use executor::{Tensors, execute, execute_inplace, execute_on, execute_view, execute1};
 pub use hooks::{Cost, Idioms, MemoryHooks, OpEvent, Phase};
 pub use layout::{Layout, StridedIndex};
-pub use op::{BackwardCtx, InplaceOp, InputGrads, KernelArg, Op, Outputs, Recipe, Save, Specs, TensorSpec, ViewOp};
+pub use op::{
+    BackwardCtx, InplaceOp, InputGrads, KernelArg, Op, Outputs, Recipe, Save, Specs, TensorSpec,
+    ViewOp,
+};
 pub use shape::{Dim, Dims, Shape};
 pub use tensor::Tensor;
 pub use {half, smallvec};

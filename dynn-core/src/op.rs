@@ -15,7 +15,10 @@ pub struct TensorSpec {
 impl TensorSpec {
     /// A spec.
     pub fn new(shape: impl Into<Shape>, dtype: DType) -> Self {
-        TensorSpec { shape: shape.into(), dtype }
+        TensorSpec {
+            shape: shape.into(),
+            dtype,
+        }
     }
 
     /// Size in bytes.
@@ -68,11 +71,20 @@ pub struct Save {
 
 impl Save {
     /// Nothing saved.
-    pub const NONE: Save = Save { inputs: 0, outputs: 0 };
+    pub const NONE: Save = Save {
+        inputs: 0,
+        outputs: 0,
+    };
     /// Every input saved.
-    pub const INPUTS: Save = Save { inputs: 0xff, outputs: 0 };
+    pub const INPUTS: Save = Save {
+        inputs: 0xff,
+        outputs: 0,
+    };
     /// Output 0 saved.
-    pub const OUTPUT: Save = Save { inputs: 0, outputs: 1 };
+    pub const OUTPUT: Save = Save {
+        inputs: 0,
+        outputs: 1,
+    };
 }
 
 /// What a backward rule gets: the gradient of each output, the saved tensors, and the
@@ -93,17 +105,26 @@ pub struct BackwardCtx<'a> {
 impl BackwardCtx<'_> {
     /// The gradient of output `i`.
     pub fn grad(&self, i: usize) -> Result<&Tensor> {
-        self.grads.get(i).and_then(|g| g.as_ref()).ok_or_else(|| crate::Error::Autograd(format!("no gradient for output {i}")))
+        self.grads
+            .get(i)
+            .and_then(|g| g.as_ref())
+            .ok_or_else(|| crate::Error::Autograd(format!("no gradient for output {i}")))
     }
 
     /// Saved input `i`.
     pub fn input(&self, i: usize) -> Result<&Tensor> {
-        self.inputs.get(i).and_then(|t| t.as_ref()).ok_or_else(|| crate::Error::Autograd(format!("input {i} was not saved")))
+        self.inputs
+            .get(i)
+            .and_then(|t| t.as_ref())
+            .ok_or_else(|| crate::Error::Autograd(format!("input {i} was not saved")))
     }
 
     /// Saved output `i`.
     pub fn output(&self, i: usize) -> Result<&Tensor> {
-        self.outputs.get(i).and_then(|t| t.as_ref()).ok_or_else(|| crate::Error::Autograd(format!("output {i} was not saved")))
+        self.outputs
+            .get(i)
+            .and_then(|t| t.as_ref())
+            .ok_or_else(|| crate::Error::Autograd(format!("output {i} was not saved")))
     }
 
     /// True when input `i` wants a gradient.
@@ -129,10 +150,17 @@ pub trait Op: Send + Sync + 'static {
     /// The op's cost for these inputs and outputs. The default counts one flop per output
     /// element and the bytes of all inputs and outputs.
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let read: usize = inputs.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+        let read: usize = inputs
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
         let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
         let flops: usize = outputs.iter().map(|s| s.shape.elem_count()).sum();
-        Cost { flops: flops as u64, bytes_read: read as u64, bytes_written: written as u64 }
+        Cost {
+            flops: flops as u64,
+            bytes_read: read as u64,
+            bytes_written: written as u64,
+        }
     }
 
     /// Runs the kernel for the inputs' device, returning one contiguous storage per spec.
@@ -146,7 +174,10 @@ pub trait Op: Send + Sync + 'static {
     /// The gradients of the inputs, computed with ops (so they run through the executor in
     /// the backward phase). Non-differentiable ops keep the default, which errors.
     fn backward(&self, _ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
-        Err(crate::Error::Autograd(format!("{} is not differentiable", self.name())))
+        Err(crate::Error::Autograd(format!(
+            "{} is not differentiable",
+            self.name()
+        )))
     }
 
     /// False for ops whose outputs never carry gradients (comparisons, argmax, indices).
@@ -166,11 +197,23 @@ pub trait InplaceOp: Send + Sync + 'static {
     /// The cost (default: read target and inputs, write target).
     fn cost(&self, target: &Tensor, inputs: &[&Tensor]) -> Cost {
         let t = (target.elem_count() * target.dtype().size_in_bytes()) as u64;
-        let read: usize = inputs.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
-        Cost { flops: target.elem_count() as u64, bytes_read: t + read as u64, bytes_written: t }
+        let read: usize = inputs
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        Cost {
+            flops: target.elem_count() as u64,
+            bytes_read: t + read as u64,
+            bytes_written: t,
+        }
     }
     /// The kernel: updates `target` (with layout `layout`) in place.
-    fn forward(&self, target: &mut dyn DeviceStorage, layout: &Layout, inputs: &[KernelArg<'_>]) -> Result<()>;
+    fn forward(
+        &self,
+        target: &mut dyn DeviceStorage,
+        layout: &Layout,
+        inputs: &[KernelArg<'_>],
+    ) -> Result<()>;
 }
 
 /// A zero-copy op: the output shares the input's buffer with a new layout.
@@ -200,22 +243,39 @@ pub struct Recipe {
 impl Recipe {
     /// True when no input was updated in place since the op ran (recomputing is exact).
     pub fn is_fresh(&self) -> bool {
-        self.inputs.iter().zip(&self.input_versions).all(|(t, &v)| t.buffer().version() == v)
+        self.inputs
+            .iter()
+            .zip(&self.input_versions)
+            .all(|(t, &v)| t.buffer().version() == v)
     }
 
     /// Runs the kernel again. Every input must be resident on the device.
     pub fn recompute(&self) -> Result<Outputs> {
         let name = self.op.name();
-        let storages: SmallVec<[std::sync::Arc<dyn DeviceStorage>; 4]> =
-            self.inputs.iter().map(|t| t.buffer().storage(name)).collect::<Result<_>>()?;
-        let args: SmallVec<[KernelArg<'_>; 4]> =
-            storages.iter().zip(&self.inputs).map(|(s, t)| KernelArg { storage: s.as_ref(), layout: t.layout() }).collect();
+        let storages: SmallVec<[std::sync::Arc<dyn DeviceStorage>; 4]> = self
+            .inputs
+            .iter()
+            .map(|t| t.buffer().storage(name))
+            .collect::<Result<_>>()?;
+        let args: SmallVec<[KernelArg<'_>; 4]> = storages
+            .iter()
+            .zip(&self.inputs)
+            .map(|(s, t)| KernelArg {
+                storage: s.as_ref(),
+                layout: t.layout(),
+            })
+            .collect();
         self.op.forward(&args, &self.specs)
     }
 }
 
 impl std::fmt::Debug for Recipe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Recipe({}, {} inputs)", self.op.name(), self.inputs.len())
+        write!(
+            f,
+            "Recipe({}, {} inputs)",
+            self.op.name(),
+            self.inputs.len()
+        )
     }
 }

@@ -3,8 +3,8 @@
 use crate::{Error, Result};
 use smallvec::SmallVec;
 
-/// Inline storage for dims and strides: no heap allocation up to rank 6.
-pub type Dims = SmallVec<[usize; 6]>;
+/// Inline storage for dims and strides: no heap allocation up to rank 4.
+pub type Dims = SmallVec<[usize; 4]>;
 
 /// The extents of a tensor, outermost first.
 #[derive(Clone, PartialEq, Eq, Hash, Default)]
@@ -58,8 +58,16 @@ impl Shape {
         let rank = l.len().max(r.len());
         let mut out = Dims::from_elem(0, rank);
         for i in 0..rank {
-            let a = if i + l.len() >= rank { l[i + l.len() - rank] } else { 1 };
-            let b = if i + r.len() >= rank { r[i + r.len() - rank] } else { 1 };
+            let a = if i + l.len() >= rank {
+                l[i + l.len() - rank]
+            } else {
+                1
+            };
+            let b = if i + r.len() >= rank {
+                r[i + r.len() - rank]
+            } else {
+                1
+            };
             out[i] = match (a, b) {
                 (a, b) if a == b => a,
                 (1, b) => b,
@@ -156,7 +164,12 @@ fn resolve(d: i64, rank: usize, shape: &Shape, op: &'static str) -> Result<usize
     let r = rank as i64;
     let i = if d < 0 { d + r } else { d };
     if i < 0 || i >= r {
-        return Err(Error::DimOutOfRange { op, dim: d, rank: shape.rank(), shape: shape.clone() });
+        return Err(Error::DimOutOfRange {
+            op,
+            dim: d,
+            rank: shape.rank(),
+            shape: shape.clone(),
+        });
     }
     Ok(i as usize)
 }
@@ -184,7 +197,11 @@ mod tests {
         let a = Shape::new(&[4, 1, 3]);
         let b = Shape::new(&[5, 1]);
         assert_eq!(a.broadcast_with(&b, "t").unwrap().dims(), &[4, 5, 3]);
-        assert!(Shape::new(&[2, 3]).broadcast_with(&Shape::new(&[4]), "add").is_err());
+        assert!(
+            Shape::new(&[2, 3])
+                .broadcast_with(&Shape::new(&[4]), "add")
+                .is_err()
+        );
     }
 
     #[test]

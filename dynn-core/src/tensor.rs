@@ -2,7 +2,8 @@
 
 use crate::autograd::{GradMeta, LeafGrad};
 use crate::{
-    Buffer, BufferKind, CpuElement, CpuStorage, DType, Device, Element, Error, Layout, Result, Shape, with_cpu_storage,
+    Buffer, BufferKind, CpuElement, CpuStorage, DType, Device, Element, Error, Layout, Result,
+    Shape, with_cpu_storage,
 };
 use std::sync::Arc;
 
@@ -18,7 +19,11 @@ pub(crate) struct TensorInner {
 
 impl Tensor {
     pub(crate) fn from_parts(buffer: Arc<Buffer>, layout: Layout, grad: Option<GradMeta>) -> Self {
-        Tensor(Arc::new(TensorInner { buffer, layout, grad }))
+        Tensor(Arc::new(TensorInner {
+            buffer,
+            layout,
+            grad,
+        }))
     }
 
     /// A tensor over `buffer` with `layout`, tracked by no tape (used by backends and views).
@@ -26,17 +31,32 @@ impl Tensor {
         if layout.max_extent() > buffer.len() {
             return Err(Error::invalid(
                 "from_buffer",
-                format!("layout {:?} reaches element {} of a buffer of {}", layout, layout.max_extent(), buffer.len()),
+                format!(
+                    "layout {:?} reaches element {} of a buffer of {}",
+                    layout,
+                    layout.max_extent(),
+                    buffer.len()
+                ),
             ));
         }
         Ok(Self::from_parts(buffer, layout, None))
     }
 
-    fn from_host(storage: CpuStorage, shape: Shape, device: Device, kind: BufferKind) -> Result<Self> {
+    fn from_host(
+        storage: CpuStorage,
+        shape: Shape,
+        device: Device,
+        kind: BufferKind,
+    ) -> Result<Self> {
         if storage.len() != shape.elem_count() {
             return Err(Error::invalid(
                 "from_vec",
-                format!("{} elements do not fill shape {} ({} elements)", storage.len(), shape, shape.elem_count()),
+                format!(
+                    "{} elements do not fill shape {} ({} elements)",
+                    storage.len(),
+                    shape,
+                    shape.elem_count()
+                ),
             ));
         }
         let dev = device.backend()?.upload(&storage)?;
@@ -48,17 +68,29 @@ impl Tensor {
     }
 
     /// A tensor from a vector of elements in row-major order.
-    pub fn from_vec<T: CpuElement>(data: Vec<T>, shape: impl Into<Shape>, device: Device) -> Result<Self> {
+    pub fn from_vec<T: CpuElement>(
+        data: Vec<T>,
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Self> {
         Self::from_host(T::wrap(data), shape.into(), device, BufferKind::Activation)
     }
 
     /// A tensor from a slice of elements in row-major order.
-    pub fn from_slice<T: CpuElement>(data: &[T], shape: impl Into<Shape>, device: Device) -> Result<Self> {
+    pub fn from_slice<T: CpuElement>(
+        data: &[T],
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Self> {
         Self::from_vec(data.to_vec(), shape, device)
     }
 
     /// A tensor from host storage (any dtype).
-    pub fn from_storage(storage: CpuStorage, shape: impl Into<Shape>, device: Device) -> Result<Self> {
+    pub fn from_storage(
+        storage: CpuStorage,
+        shape: impl Into<Shape>,
+        device: Device,
+    ) -> Result<Self> {
         Self::from_host(storage, shape.into(), device, BufferKind::Activation)
     }
 
@@ -190,7 +222,14 @@ impl Tensor {
     /// The only element of a one-element tensor, as f64.
     pub fn to_scalar_f64(&self) -> Result<f64> {
         if self.elem_count() != 1 {
-            return Err(Error::invalid("to_scalar", format!("tensor of shape {} has {} elements, not 1", self.shape(), self.elem_count())));
+            return Err(Error::invalid(
+                "to_scalar",
+                format!(
+                    "tensor of shape {} has {} elements, not 1",
+                    self.shape(),
+                    self.elem_count()
+                ),
+            ));
         }
         Ok(self.to_f64_vec()?[0])
     }
@@ -198,7 +237,14 @@ impl Tensor {
     /// The only element of a one-element tensor.
     pub fn to_scalar<T: CpuElement>(&self) -> Result<T> {
         if self.elem_count() != 1 {
-            return Err(Error::invalid("to_scalar", format!("tensor of shape {} has {} elements, not 1", self.shape(), self.elem_count())));
+            return Err(Error::invalid(
+                "to_scalar",
+                format!(
+                    "tensor of shape {} has {} elements, not 1",
+                    self.shape(),
+                    self.elem_count()
+                ),
+            ));
         }
         Ok(self.to_vec::<T>()?[0])
     }
@@ -206,9 +252,16 @@ impl Tensor {
     /// Rows of a rank-2 tensor.
     pub fn to_vec2<T: CpuElement>(&self) -> Result<Vec<Vec<T>>> {
         let [_, c] = *self.dims() else {
-            return Err(Error::invalid("to_vec2", format!("expected rank 2, got shape {}", self.shape())));
+            return Err(Error::invalid(
+                "to_vec2",
+                format!("expected rank 2, got shape {}", self.shape()),
+            ));
         };
-        Ok(self.to_vec::<T>()?.chunks(c.max(1)).map(|r| r.to_vec()).collect())
+        Ok(self
+            .to_vec::<T>()?
+            .chunks(c.max(1))
+            .map(|r| r.to_vec())
+            .collect())
     }
 
     // ----- autograd -----
@@ -261,7 +314,9 @@ impl Tensor {
                 l.set(grad);
                 Ok(())
             }
-            _ => Err(Error::Autograd("set_grad: only leaves that require grad hold a gradient".into())),
+            _ => Err(Error::Autograd(
+                "set_grad: only leaves that require grad hold a gradient".into(),
+            )),
         }
     }
 
@@ -278,7 +333,14 @@ impl Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor[{}; {}; {:?}; buffer {}", self.shape(), self.dtype(), self.device(), self.0.buffer.id())?;
+        write!(
+            f,
+            "Tensor[{}; {}; {:?}; buffer {}",
+            self.shape(),
+            self.dtype(),
+            self.device(),
+            self.0.buffer.id()
+        )?;
         if self.requires_grad() {
             write!(f, "; grad")?;
         }

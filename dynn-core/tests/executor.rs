@@ -6,9 +6,10 @@
 
 use dynn_core::smallvec::smallvec;
 use dynn_core::{
-    BackwardCtx, CpuStorage, DType, Device, Error, Idioms, InplaceOp, InputGrads, KernelArg, Layout, MemoryHooks, Op, OpEvent,
-    Outputs, Phase, Recipe, Result, Specs, Tensor, TensorSpec, ViewOp, execute, execute_inplace, execute_view, execute1,
-    install_memory_hooks, no_grad, run_backward,
+    BackwardCtx, CpuStorage, DType, Device, Error, Idioms, InplaceOp, InputGrads, KernelArg,
+    Layout, MemoryHooks, Op, OpEvent, Outputs, Phase, Recipe, Result, Specs, Tensor, TensorSpec,
+    ViewOp, execute, execute_inplace, execute_view, execute1, install_memory_hooks, no_grad,
+    run_backward,
 };
 use std::sync::{Arc, Mutex};
 
@@ -35,10 +36,16 @@ impl Op for Scale {
         Idioms::MAP
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
-        Ok(smallvec![TensorSpec::new(inputs[0].shape().clone(), DType::F32)])
+        Ok(smallvec![TensorSpec::new(
+            inputs[0].shape().clone(),
+            DType::F32
+        )])
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
-        let mut v: Vec<f32> = f32s(&inputs[0], "scale")?.iter().map(|x| x * self.s).collect();
+        let mut v: Vec<f32> = f32s(&inputs[0], "scale")?
+            .iter()
+            .map(|x| x * self.s)
+            .collect();
         if self.bad_len {
             v.push(0.0);
         }
@@ -65,9 +72,16 @@ impl Op for Add {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         if inputs[0].shape() != inputs[1].shape() {
-            return Err(Error::shape_mismatch("add", inputs[0].shape(), inputs[1].shape()));
+            return Err(Error::shape_mismatch(
+                "add",
+                inputs[0].shape(),
+                inputs[1].shape(),
+            ));
         }
-        Ok(smallvec![TensorSpec::new(inputs[0].shape().clone(), DType::F32)])
+        Ok(smallvec![TensorSpec::new(
+            inputs[0].shape().clone(),
+            DType::F32
+        )])
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (a, b) = (f32s(&inputs[0], "add")?, f32s(&inputs[1], "add")?);
@@ -95,13 +109,24 @@ impl InplaceOp for AddInto {
     }
     fn check(&self, target: &Tensor, inputs: &[&Tensor]) -> Result<()> {
         if target.shape() != inputs[0].shape() {
-            return Err(Error::shape_mismatch("add_into", target.shape(), inputs[0].shape()));
+            return Err(Error::shape_mismatch(
+                "add_into",
+                target.shape(),
+                inputs[0].shape(),
+            ));
         }
         Ok(())
     }
-    fn forward(&self, target: &mut dyn dynn_core::DeviceStorage, layout: &Layout, inputs: &[KernelArg<'_>]) -> Result<()> {
+    fn forward(
+        &self,
+        target: &mut dyn dynn_core::DeviceStorage,
+        layout: &Layout,
+        inputs: &[KernelArg<'_>],
+    ) -> Result<()> {
         let src = f32s(&inputs[0], "add_into")?;
-        let dst = target.cpu_mut("add_into")?.as_mut_slice::<f32>("add_into")?;
+        let dst = target
+            .cpu_mut("add_into")?
+            .as_mut_slice::<f32>("add_into")?;
         for (i, s) in layout.indices().zip(src) {
             dst[i] += s;
         }
@@ -195,18 +220,28 @@ fn ops_views_and_backward_report_to_the_hooks() -> Result<()> {
     let ops: Vec<(&str, Phase)> = evs.iter().map(|e| (e.op, e.phase)).collect();
     // Forward: scale, add. Backward in reverse: add's rule runs no kernel, the two views' rules
     // none either, scale's rule one scale; then the two gradients of x are accumulated.
-    assert_eq!(ops, vec![
-        ("scale", Phase::Forward),
-        ("add", Phase::Forward),
-        ("scale", Phase::Backward),
-        ("add", Phase::Backward),
-    ]);
+    assert_eq!(
+        ops,
+        vec![
+            ("scale", Phase::Forward),
+            ("add", Phase::Forward),
+            ("scale", Phase::Backward),
+            ("add", Phase::Backward),
+        ]
+    );
     assert_eq!(evs[0].inputs, vec![id(&x)]);
     assert_eq!(evs[0].outputs, vec![id(&y)]);
-    assert_eq!(evs[1].inputs, vec![id(&y), id(&x)], "a view reads its base buffer");
+    assert_eq!(
+        evs[1].inputs,
+        vec![id(&y), id(&x)],
+        "a view reads its base buffer"
+    );
     assert_eq!(evs[1].outputs, vec![id(&z)]);
     assert_eq!(evs[3].outputs, vec![id(&x.grad().unwrap())]);
-    assert!(evs.iter().all(|e| e.recipe.is_none()), "no recipes unless asked for");
+    assert!(
+        evs.iter().all(|e| e.recipe.is_none()),
+        "no recipes unless asked for"
+    );
     Ok(())
 }
 
@@ -220,7 +255,10 @@ fn grad_mode_and_plain_inputs_record_nothing() -> Result<()> {
     }
     assert!(scale(&x, 3.0)?.requires_grad());
     assert!(!scale(&x.detach(), 3.0)?.requires_grad());
-    let e = run_backward(&scale(&x.detach(), 3.0)?, v(&[1.0, 1.0], &[2]), &|a, b| add(a, b)).unwrap_err();
+    let e = run_backward(&scale(&x.detach(), 3.0)?, v(&[1.0, 1.0], &[2]), &|a, b| {
+        add(a, b)
+    })
+    .unwrap_err();
     assert!(matches!(e, Error::Autograd(_)), "{e:?}");
     Ok(())
 }
@@ -242,7 +280,10 @@ fn in_place_updates_report_the_target_as_input_and_output() -> Result<()> {
     // A leaf that requires grad is refused while the tape is on, allowed under no_grad.
     let p = v(&[1.0], &[1]).set_requires_grad(true);
     let e = execute_inplace(AddInto, &p, &[&v(&[1.0], &[1])]).unwrap_err();
-    assert!(e.to_string().contains("add_into") && e.to_string().contains("no_grad"), "{e}");
+    assert!(
+        e.to_string().contains("add_into") && e.to_string().contains("no_grad"),
+        "{e}"
+    );
     {
         let _ng = no_grad();
         execute_inplace(AddInto, &p, &[&v(&[1.0], &[1])])?;
@@ -256,7 +297,10 @@ fn in_place_updates_report_the_target_as_input_and_output() -> Result<()> {
 
 #[test]
 fn recipes_recompute_the_same_bits_and_go_stale_after_in_place_updates() -> Result<()> {
-    let rec = Arc::new(Rec { recipes: true, ..Default::default() });
+    let rec = Arc::new(Rec {
+        recipes: true,
+        ..Default::default()
+    });
     let _g = install_memory_hooks(rec.clone());
     let x = v(&[1.0, -2.0, 0.25], &[3]);
     let y = scale(&x, 3.0)?;
@@ -276,10 +320,30 @@ fn recipes_recompute_the_same_bits_and_go_stale_after_in_place_updates() -> Resu
 #[test]
 fn broken_kernels_and_missing_devices_are_errors() {
     let x = v(&[1.0, 2.0], &[2]);
-    let e = execute1(Scale { s: 1.0, bad_len: true }, &[&x]).unwrap_err();
-    assert!(e.to_string().contains("scale") && e.to_string().contains("3"), "{e}");
-    let e = execute(Scale { s: 1.0, bad_len: false }, &[]).unwrap_err();
-    assert!(matches!(e, Error::InvalidArgument { op: "scale", .. }), "{e:?}");
+    let e = execute1(
+        Scale {
+            s: 1.0,
+            bad_len: true,
+        },
+        &[&x],
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("scale") && e.to_string().contains("3"),
+        "{e}"
+    );
+    let e = execute(
+        Scale {
+            s: 1.0,
+            bad_len: false,
+        },
+        &[],
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument { op: "scale", .. }),
+        "{e:?}"
+    );
     let e = add(&x, &v(&[1.0], &[1])).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { op: "add", .. }), "{e:?}");
     let e = Tensor::zeros(2, DType::F32, Device::Cuda(0)).unwrap_err();

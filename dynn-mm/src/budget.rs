@@ -22,7 +22,13 @@ impl Budget {
             Budget::Bytes(b) => Ok(Some(b)),
             Budget::FractionOfPeak(f) => {
                 let peak = unlimited_peak.ok_or_else(|| {
-                    Error::invalid("budget", format!("a budget of {:.1}% needs the unlimited peak: profile a step first", f * 100.0))
+                    Error::invalid(
+                        "budget",
+                        format!(
+                            "a budget of {:.1}% needs the unlimited peak: profile a step first",
+                            f * 100.0
+                        ),
+                    )
                 })?;
                 Ok(Some((peak as f64 * f).round() as usize))
             }
@@ -34,7 +40,14 @@ impl std::str::FromStr for Budget {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim();
-        let bad = |why: &str| Error::invalid("budget", format!("cannot parse {s:?} as a device budget: {why} (examples: 512MiB, 2GB, 25%, unlimited)"));
+        let bad = |why: &str| {
+            Error::invalid(
+                "budget",
+                format!(
+                    "cannot parse {s:?} as a device budget: {why} (examples: 512MiB, 2GB, 25%, unlimited)"
+                ),
+            )
+        };
         if t.eq_ignore_ascii_case("unlimited") || t.eq_ignore_ascii_case("none") {
             return Ok(Budget::Unlimited);
         }
@@ -45,7 +58,9 @@ impl std::str::FromStr for Budget {
             }
             return Ok(Budget::FractionOfPeak(v / 100.0));
         }
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let v: f64 = num.parse().map_err(|_| bad("no number"))?;
         let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
@@ -71,7 +86,11 @@ pub fn human_bytes(b: usize) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{b} B") } else { format!("{v:.2} {}", UNITS[u]) }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
 }
 
 #[cfg(test)]
@@ -80,15 +99,30 @@ mod tests {
 
     #[test]
     fn parses_budgets() {
-        assert_eq!("512MiB".parse::<Budget>().unwrap(), Budget::Bytes(512 << 20));
-        assert_eq!("2GB".parse::<Budget>().unwrap(), Budget::Bytes(2_000_000_000));
-        assert_eq!("25%".parse::<Budget>().unwrap(), Budget::FractionOfPeak(0.25));
+        assert_eq!(
+            "512MiB".parse::<Budget>().unwrap(),
+            Budget::Bytes(512 << 20)
+        );
+        assert_eq!(
+            "2GB".parse::<Budget>().unwrap(),
+            Budget::Bytes(2_000_000_000)
+        );
+        assert_eq!(
+            "25%".parse::<Budget>().unwrap(),
+            Budget::FractionOfPeak(0.25)
+        );
         assert_eq!("1048576".parse::<Budget>().unwrap(), Budget::Bytes(1 << 20));
         assert_eq!("unlimited".parse::<Budget>().unwrap(), Budget::Unlimited);
         let e = "12 parsecs".parse::<Budget>().unwrap_err().to_string();
-        assert!(e.contains("12 parsecs") && e.contains("unknown unit"), "{e}");
+        assert!(
+            e.contains("12 parsecs") && e.contains("unknown unit"),
+            "{e}"
+        );
         assert!("0%".parse::<Budget>().is_err());
-        assert_eq!(Budget::FractionOfPeak(0.5).resolve(Some(1000)).unwrap(), Some(500));
+        assert_eq!(
+            Budget::FractionOfPeak(0.5).resolve(Some(1000)).unwrap(),
+            Some(500)
+        );
         assert!(Budget::FractionOfPeak(0.5).resolve(None).is_err());
     }
 

@@ -7,7 +7,9 @@ use crate::pool::{Block, DevicePool, PoolExhausted};
 use crate::report::{MemoryReport, TimelinePoint};
 use crate::trace::{Access, FNV_START, OpRecord, StepRecord, Trace, fnv1a, kind_code, phase_code};
 use crate::transfer::{Direction, TransferConfig, TransferEngine};
-use dynn_core::{Buffer, BufferId, BufferKind, Error, MemoryHooks, OpEvent, Recipe, ReleaseSink, Result, Slot};
+use dynn_core::{
+    Buffer, BufferId, BufferKind, Error, MemoryHooks, OpEvent, Recipe, ReleaseSink, Result, Slot,
+};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
@@ -92,7 +94,15 @@ pub struct ManagerConfig {
 impl ManagerConfig {
     /// A config with `policy` and `budget`, recording nothing.
     pub fn new(policy: Box<dyn Policy>, budget: Option<usize>) -> Self {
-        ManagerConfig { budget, policy, transfer: TransferConfig::default(), prefetch_horizon: 64, record_trace: false, record_timeline: false, segments: (crate::pool::SMALL_SEGMENT, crate::pool::LARGE_SEGMENT) }
+        ManagerConfig {
+            budget,
+            policy,
+            transfer: TransferConfig::default(),
+            prefetch_horizon: 64,
+            record_trace: false,
+            record_timeline: false,
+            segments: (crate::pool::SMALL_SEGMENT, crate::pool::LARGE_SEGMENT),
+        }
     }
 }
 
@@ -142,7 +152,11 @@ impl MemoryManager {
         let wants_recipes = config.policy.name() == "recompute";
         Arc::new(MemoryManager {
             state: Mutex::new(State {
-                pool: DevicePool::with_segments(config.budget, config.segments.0, config.segments.1),
+                pool: DevicePool::with_segments(
+                    config.budget,
+                    config.segments.0,
+                    config.segments.1,
+                ),
                 policy: config.policy,
                 table: HashMap::new(),
                 by_key: HashMap::new(),
@@ -173,7 +187,10 @@ impl MemoryManager {
     /// Counters so far.
     pub fn stats(&self) -> MemoryStats {
         let st = self.lock();
-        MemoryStats { peak_device_bytes: st.pool.stats().peak_reserved, ..st.stats.clone() }
+        MemoryStats {
+            peak_device_bytes: st.pool.stats().peak_reserved,
+            ..st.stats.clone()
+        }
     }
 
     /// The policy's name.
@@ -201,9 +218,17 @@ impl MemoryManager {
         MemoryReport {
             policy: st.policy.name(),
             pool: st.pool.stats(),
-            stats: MemoryStats { peak_device_bytes: st.pool.stats().peak_reserved, ..st.stats.clone() },
+            stats: MemoryStats {
+                peak_device_bytes: st.pool.stats().peak_reserved,
+                ..st.stats.clone()
+            },
             device_by_kind: st.device_by_kind,
-            host_bytes: st.table.values().filter(|e| e.res == Residency::Host).map(|e| e.bytes).sum(),
+            host_bytes: st
+                .table
+                .values()
+                .filter(|e| e.res == Residency::Host)
+                .map(|e| e.bytes)
+                .sum(),
             top_holders: holders,
             timeline: st.timeline.clone().unwrap_or_default(),
         }
@@ -211,7 +236,8 @@ impl MemoryManager {
 
     /// Applies releases and finished transfers.
     fn sync(&self, st: &mut State) {
-        let released: Vec<BufferId> = std::mem::take(&mut *self.releases.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let released: Vec<BufferId> =
+            std::mem::take(&mut *self.releases.0.lock().unwrap_or_else(|e| e.into_inner()));
         for id in released {
             if let Some(e) = st.table.remove(&id) {
                 if let Residency::Device(b) | Residency::InFlight(_, b) = e.res {
@@ -230,8 +256,12 @@ impl MemoryManager {
     }
 
     fn complete(&self, st: &mut State, c: crate::transfer::Completion) {
-        let Some(e) = st.table.get_mut(&c.id) else { return };
-        let Residency::InFlight(dir, block) = e.res else { return };
+        let Some(e) = st.table.get_mut(&c.id) else {
+            return;
+        };
+        let Residency::InFlight(dir, block) = e.res else {
+            return;
+        };
         match (dir, c.result.is_ok()) {
             (Direction::ToHost, true) => {
                 e.res = Residency::Host;
@@ -255,7 +285,10 @@ impl MemoryManager {
 
     /// Waits until buffer `id` has no copy in flight.
     fn settle(&self, st: &mut State, id: BufferId) {
-        while matches!(st.table.get(&id).map(|e| e.res), Some(Residency::InFlight(..))) {
+        while matches!(
+            st.table.get(&id).map(|e| e.res),
+            Some(Residency::InFlight(..))
+        ) {
             let start = Instant::now();
             match self.engine.wait() {
                 Some(c) => self.complete(st, c),
@@ -336,13 +369,23 @@ impl MemoryManager {
                     recompute_flops: e
                         .recipe
                         .as_ref()
-                        .filter(|r| r.is_fresh() && !r.inputs.iter().any(|t| st.writing.contains(&t.buffer().id())))
+                        .filter(|r| {
+                            r.is_fresh()
+                                && !r
+                                    .inputs
+                                    .iter()
+                                    .any(|t| st.writing.contains(&t.buffer().id()))
+                        })
                         .map(|_| e.flops),
                 })
                 .collect();
             if cands.is_empty() {
                 // Copies in flight hold blocks: once they land those buffers can be evicted.
-                if st.table.values().any(|e| matches!(e.res, Residency::InFlight(..))) {
+                if st
+                    .table
+                    .values()
+                    .any(|e| matches!(e.res, Residency::InFlight(..)))
+                {
                     let start = Instant::now();
                     if let Some(c) = self.engine.wait() {
                         self.complete(st, c);
@@ -350,7 +393,13 @@ impl MemoryManager {
                     st.stats.stall_time += start.elapsed();
                     continue;
                 }
-                return Err(self.oom(st, bytes, op, &err, "every resident buffer is in use by this op"));
+                return Err(self.oom(
+                    st,
+                    bytes,
+                    op,
+                    &err,
+                    "every resident buffer is in use by this op",
+                ));
             }
             let now = st.now;
             st.policy.rank_victims(now, &mut cands);
@@ -368,8 +417,12 @@ impl MemoryManager {
     }
 
     fn evict(&self, st: &mut State, id: BufferId, how: Eviction) -> Result<()> {
-        let Some(e) = st.table.get_mut(&id) else { return Ok(()) };
-        let Residency::Device(block) = e.res else { return Ok(()) };
+        let Some(e) = st.table.get_mut(&id) else {
+            return Ok(());
+        };
+        let Residency::Device(block) = e.res else {
+            return Ok(());
+        };
         let Some(buf) = e.buf.upgrade() else {
             // Released but not yet reported: its block is free.
             let (kind, bytes) = (e.kind as usize, e.bytes);
@@ -382,7 +435,11 @@ impl MemoryManager {
             Eviction::Drop => {
                 buf.drop_data();
                 e.res = Residency::Dropped;
-                let inputs: Vec<BufferId> = e.recipe.iter().flat_map(|r| r.inputs.iter().map(|t| t.buffer().id())).collect();
+                let inputs: Vec<BufferId> = e
+                    .recipe
+                    .iter()
+                    .flat_map(|r| r.inputs.iter().map(|t| t.buffer().id()))
+                    .collect();
                 st.stats.drops += 1;
                 for i in inputs {
                     st.dependents.entry(i).or_default().push(id);
@@ -410,7 +467,10 @@ impl MemoryManager {
         self.register(st, buf, "external")?;
         self.settle(st, buf.id());
         let (res, bytes, kind) = {
-            let e = st.table.get(&buf.id()).ok_or_else(|| Error::Msg("memory manager lost a buffer".into()))?;
+            let e = st
+                .table
+                .get(&buf.id())
+                .ok_or_else(|| Error::Msg("memory manager lost a buffer".into()))?;
             (e.res, e.bytes, e.kind)
         };
         match res {
@@ -427,18 +487,31 @@ impl MemoryManager {
             }
             Residency::Dropped => {
                 let start = Instant::now();
-                let recipe = st.table.get(&buf.id()).and_then(|e| e.recipe.clone()).ok_or_else(|| {
-                    Error::Msg(format!("{op}: buffer {} was dropped without a recipe to recompute it", buf.id()))
-                })?;
-                let pinned: Vec<Arc<Buffer>> = recipe.inputs.iter().map(|t| t.buffer().clone()).collect();
+                let recipe = st
+                    .table
+                    .get(&buf.id())
+                    .and_then(|e| e.recipe.clone())
+                    .ok_or_else(|| {
+                        Error::Msg(format!(
+                            "{op}: buffer {} was dropped without a recipe to recompute it",
+                            buf.id()
+                        ))
+                    })?;
+                let pinned: Vec<Arc<Buffer>> =
+                    recipe.inputs.iter().map(|t| t.buffer().clone()).collect();
                 for p in &pinned {
                     self.make_resident(st, p, op)?;
                 }
                 let block = self.reserve(st, bytes, op);
                 let result = block.and_then(|block| {
                     let outs = recipe.recompute()?;
-                    let idx = recipe.specs.iter().position(|s| s.shape.elem_count() == buf.len() && s.dtype == buf.dtype());
-                    let out = idx.and_then(|i| outs.into_iter().nth(i)).ok_or_else(|| Error::Msg(format!("{op}: recompute produced no matching output")))?;
+                    let idx = recipe
+                        .specs
+                        .iter()
+                        .position(|s| s.shape.elem_count() == buf.len() && s.dtype == buf.dtype());
+                    let out = idx.and_then(|i| outs.into_iter().nth(i)).ok_or_else(|| {
+                        Error::Msg(format!("{op}: recompute produced no matching output"))
+                    })?;
                     buf.set_slot(Slot::Device(Arc::from(out)));
                     Ok(block)
                 });
@@ -447,7 +520,10 @@ impl MemoryManager {
                 }
                 let block = result?;
                 st.stats.recomputes += 1;
-                st.stats.recompute_flops += recipe.op.cost(&recipe.inputs.iter().collect::<Vec<_>>(), &recipe.specs).flops;
+                st.stats.recompute_flops += recipe
+                    .op
+                    .cost(&recipe.inputs.iter().collect::<Vec<_>>(), &recipe.specs)
+                    .flops;
                 st.stats.stall_time += start.elapsed();
                 st.stalled_this_op = true;
                 self.set_device(st, buf.id(), block, kind, bytes);
@@ -468,7 +544,14 @@ impl MemoryManager {
         Ok(())
     }
 
-    fn set_device(&self, st: &mut State, id: BufferId, block: Block, kind: BufferKind, bytes: usize) {
+    fn set_device(
+        &self,
+        st: &mut State,
+        id: BufferId,
+        block: Block,
+        kind: BufferKind,
+        bytes: usize,
+    ) {
         if let Some(e) = st.table.get_mut(&id) {
             e.res = Residency::Device(block);
         }
@@ -482,16 +565,36 @@ impl MemoryManager {
         }
     }
 
-    fn oom(&self, st: &State, requested: usize, op: &'static str, err: &PoolExhausted, why: &str) -> Error {
+    fn oom(
+        &self,
+        st: &State,
+        requested: usize,
+        op: &'static str,
+        err: &PoolExhausted,
+        why: &str,
+    ) -> Error {
         let mut by_kind = String::new();
         for k in BufferKind::ALL {
-            by_kind.push_str(&format!("\n    {:<16} {}", k.as_str(), crate::human_bytes(st.device_by_kind[k as usize])));
+            by_kind.push_str(&format!(
+                "\n    {:<16} {}",
+                k.as_str(),
+                crate::human_bytes(st.device_by_kind[k as usize])
+            ));
         }
-        let mut top: Vec<(&BufferId, &Entry)> = st.table.iter().filter(|(_, e)| matches!(e.res, Residency::Device(_))).collect();
+        let mut top: Vec<(&BufferId, &Entry)> = st
+            .table
+            .iter()
+            .filter(|(_, e)| matches!(e.res, Residency::Device(_)))
+            .collect();
         top.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
         let mut holders = String::new();
         for (id, e) in top.iter().take(10) {
-            holders.push_str(&format!("\n    {id:>8} {:>12} {:<16} made by {}", crate::human_bytes(e.bytes), e.kind.as_str(), e.producer));
+            holders.push_str(&format!(
+                "\n    {id:>8} {:>12} {:<16} made by {}",
+                crate::human_bytes(e.bytes),
+                e.kind.as_str(),
+                e.producer
+            ));
         }
         let msg = format!(
             "{op} needs {} but the device budget is {} with {} in use ({} reserved, largest free block {}); {why}.\n  resident by kind:{by_kind}\n  largest resident buffers:{holders}\n  hint: pick an offloading policy (--policy lru|static|recompute|belady) or a larger --device-budget",
@@ -501,7 +604,11 @@ impl MemoryManager {
             crate::human_bytes(err.reserved),
             crate::human_bytes(err.largest_free),
         );
-        Error::OutOfMemory { requested, budget: err.budget, msg }
+        Error::OutOfMemory {
+            requested,
+            budget: err.budget,
+            msg,
+        }
     }
 
     fn record(&self, st: &mut State, ev: &OpEvent<'_>) -> OpRecord {
@@ -531,7 +638,9 @@ impl MemoryManager {
         let now = st.now;
         let upcoming = st.policy.upcoming(now, st.horizon);
         for key in upcoming {
-            let Some(&id) = st.by_key.get(&key) else { continue };
+            let Some(&id) = st.by_key.get(&key) else {
+                continue;
+            };
             let Some(e) = st.table.get(&id) else { continue };
             if e.res != Residency::Host {
                 continue;
@@ -570,7 +679,12 @@ impl MemoryHooks for MemoryManager {
         st.now.seq = ev.seq;
         st.stalled_this_op = false;
         st.evicted_this_op = false;
-        st.writing = ev.outputs.iter().filter(|b| ev.inputs.iter().any(|i| Arc::ptr_eq(i, b))).map(|b| b.id()).collect();
+        st.writing = ev
+            .outputs
+            .iter()
+            .filter(|b| ev.inputs.iter().any(|i| Arc::ptr_eq(i, b)))
+            .map(|b| b.id())
+            .collect();
         let mut pinned: Vec<BufferId> = Vec::new();
         let result = (|| {
             for b in ev.inputs {
@@ -583,7 +697,11 @@ impl MemoryHooks for MemoryManager {
                     // buffers computed from its old values are recomputed now, while they can be.
                     while let Some(deps) = st.dependents.remove(&b.id()) {
                         for d in deps {
-                            let dep = st.table.get(&d).filter(|e| e.res == Residency::Dropped).and_then(|e| e.buf.upgrade());
+                            let dep = st
+                                .table
+                                .get(&d)
+                                .filter(|e| e.res == Residency::Dropped)
+                                .and_then(|e| e.buf.upgrade());
                             if let Some(dep) = dep {
                                 self.make_resident(&mut st, &dep, ev.op)?;
                                 self.unpin(&mut st, d);
@@ -614,7 +732,10 @@ impl MemoryHooks for MemoryManager {
         let seq = ev.seq;
         // Each input was pinned once per appearance, each fresh output once; an output
         // written in place was pinned as an input.
-        let fresh = ev.outputs.iter().filter(|b| !ev.inputs.iter().any(|i| Arc::ptr_eq(i, b)));
+        let fresh = ev
+            .outputs
+            .iter()
+            .filter(|b| !ev.inputs.iter().any(|i| Arc::ptr_eq(i, b)));
         for b in ev.inputs.iter().chain(fresh) {
             if let Some(e) = st.table.get_mut(&b.id()) {
                 e.pins = e.pins.saturating_sub(1);
@@ -669,7 +790,12 @@ impl MemoryHooks for MemoryManager {
     fn step_boundary(&self, step: u64) {
         let mut st = self.lock();
         self.sync(&mut st);
-        let ended = StepRecord { t: "step".into(), step: st.now.step, ops: st.now.index, signature: st.step_signature };
+        let ended = StepRecord {
+            t: "step".into(),
+            step: st.now.step,
+            ops: st.now.index,
+            signature: st.step_signature,
+        };
         if let Some(t) = st.trace.as_mut() {
             t.steps.push(ended);
         }

@@ -92,7 +92,9 @@ pub fn by_name(name: &str) -> Result<Box<dyn Policy>> {
         other => {
             return Err(Error::invalid(
                 "policy",
-                format!("unknown policy {other:?}: choose none, lru, static, recompute or belady (pilot comes from the pilot crate)"),
+                format!(
+                    "unknown policy {other:?}: choose none, lru, static, recompute or belady (pilot comes from the pilot crate)"
+                ),
             ));
         }
     })
@@ -148,7 +150,11 @@ impl Policy for Recompute {
         c.sort_by(|a, b| h(a).total_cmp(&h(b)).then(a.id.cmp(&b.id)));
     }
     fn eviction(&self, c: &Candidate) -> Eviction {
-        if c.recompute_flops.is_some() && c.kind == BufferKind::Activation { Eviction::Drop } else { Eviction::Offload }
+        if c.recompute_flops.is_some() && c.kind == BufferKind::Activation {
+            Eviction::Drop
+        } else {
+            Eviction::Offload
+        }
     }
 }
 
@@ -188,7 +194,9 @@ impl Profile {
         let pos = uses.partition_point(|&u| u <= index);
         match uses.get(pos) {
             Some(&u) => Some((u - index) as u64),
-            None if key < (1 << 63) => uses.first().map(|&u| (self.ops.len() as u32 - index + u) as u64),
+            None if key < (1 << 63) => uses
+                .first()
+                .map(|&u| (self.ops.len() as u32 - index + u) as u64),
             None => None,
         }
     }
@@ -197,7 +205,14 @@ impl Profile {
     pub fn upcoming(&self, index: u32, horizon: usize) -> Vec<u64> {
         let mut seen = std::collections::HashSet::new();
         let start = index as usize + 1;
-        self.keys.iter().skip(start).take(horizon).flatten().copied().filter(|k| seen.insert(*k)).collect()
+        self.keys
+            .iter()
+            .skip(start)
+            .take(horizon)
+            .flatten()
+            .copied()
+            .filter(|k| seen.insert(*k))
+            .collect()
     }
 }
 
@@ -214,7 +229,11 @@ pub struct Belady {
 impl Belady {
     /// Belady with a fixed profile (e.g. a recorded trace of the same step).
     pub fn with_profile(profile: Profile) -> Self {
-        Belady { profile, fixed: true, current: Vec::new() }
+        Belady {
+            profile,
+            fixed: true,
+            current: Vec::new(),
+        }
     }
 }
 
@@ -280,7 +299,10 @@ impl Policy for StaticProfile {
         c.sort_by_key(|c| (c.last_use, c.id));
     }
     fn next_use(&self, now: Now, key: u64) -> Option<u64> {
-        self.profile.as_ref().filter(|_| self.matching)?.next_use(now.index, key)
+        self.profile
+            .as_ref()
+            .filter(|_| self.matching)?
+            .next_use(now.index, key)
     }
     fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
         match &self.profile {

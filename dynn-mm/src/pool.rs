@@ -31,7 +31,9 @@ pub struct Block {
 
 /// Why an allocation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("device pool: cannot allocate {requested} bytes: {in_use} in use, {reserved} reserved of a {budget}-byte budget (largest free block {largest_free})")]
+#[error(
+    "device pool: cannot allocate {requested} bytes: {in_use} in use, {reserved} reserved of a {budget}-byte budget (largest free block {largest_free})"
+)]
 pub struct PoolExhausted {
     /// Bytes asked for.
     pub requested: usize,
@@ -102,7 +104,11 @@ impl DevicePool {
 
     /// A pool whose small and large segments have the given sizes (rounded to [`ALIGN`]);
     /// small models are best measured with small segments.
-    pub fn with_segments(budget: Option<usize>, small_segment: usize, large_segment: usize) -> Self {
+    pub fn with_segments(
+        budget: Option<usize>,
+        small_segment: usize,
+        large_segment: usize,
+    ) -> Self {
         let budget = budget.unwrap_or(usize::MAX);
         DevicePool {
             budget,
@@ -110,7 +116,10 @@ impl DevicePool {
             large_segment: round_up(large_segment),
             segments: Vec::new(),
             free: BTreeSet::new(),
-            stats: PoolStats { budget, ..Default::default() },
+            stats: PoolStats {
+                budget,
+                ..Default::default()
+            },
         }
     }
 
@@ -125,7 +134,11 @@ impl DevicePool {
     }
 
     fn segment_size(&self, size: usize) -> usize {
-        if size <= SMALL_LIMIT { self.small_segment.max(size) } else { size.max(self.large_segment).next_multiple_of(ALIGN) }
+        if size <= SMALL_LIMIT {
+            self.small_segment.max(size)
+        } else {
+            size.max(self.large_segment).next_multiple_of(ALIGN)
+        }
     }
 
     /// Allocates `bytes` (rounded up to [`ALIGN`]).
@@ -136,7 +149,8 @@ impl DevicePool {
             Some(b) => b,
             None => {
                 self.reserve_segment(small, size)?;
-                self.take_free(small, size).ok_or_else(|| self.exhausted(size))?
+                self.take_free(small, size)
+                    .ok_or_else(|| self.exhausted(size))?
             }
         };
         self.stats.in_use += block.size;
@@ -156,7 +170,11 @@ impl DevicePool {
     }
 
     fn take_free(&mut self, small: bool, size: usize) -> Option<Block> {
-        let &key = self.free.range((small, size, 0, 0)..).next().filter(|k| k.0 == small)?;
+        let &key = self
+            .free
+            .range((small, size, 0, 0)..)
+            .next()
+            .filter(|k| k.0 == small)?;
         self.free.remove(&key);
         let (_, fsize, seg, off) = key;
         let segment = self.segments[seg as usize].as_mut()?;
@@ -165,10 +183,18 @@ impl DevicePool {
             segment.blocks.insert(off, (size, false));
             segment.blocks.insert(off + size, (rest, true));
             self.free.insert((small, rest, seg, off + size));
-            Some(Block { segment: seg, offset: off, size })
+            Some(Block {
+                segment: seg,
+                offset: off,
+                size,
+            })
         } else {
             segment.blocks.insert(off, (fsize, false));
-            Some(Block { segment: seg, offset: off, size: fsize })
+            Some(Block {
+                segment: seg,
+                offset: off,
+                size: fsize,
+            })
         }
     }
 
@@ -176,7 +202,13 @@ impl DevicePool {
         let mut seg_size = self.segment_size(size);
         if self.stats.reserved + seg_size > self.budget {
             // Fall back to an exact-size segment, then to releasing cached empty segments.
-            seg_size = if small { self.small_segment.min(self.budget.saturating_sub(self.stats.reserved)).max(size) } else { size };
+            seg_size = if small {
+                self.small_segment
+                    .min(self.budget.saturating_sub(self.stats.reserved))
+                    .max(size)
+            } else {
+                size
+            };
             if self.stats.reserved + seg_size > self.budget {
                 self.release_empty();
             }
@@ -193,7 +225,11 @@ impl DevicePool {
         };
         let mut blocks = BTreeMap::new();
         blocks.insert(0, (seg_size, true));
-        self.segments[idx] = Some(Segment { size: seg_size, small, blocks });
+        self.segments[idx] = Some(Segment {
+            size: seg_size,
+            small,
+            blocks,
+        });
         self.free.insert((small, seg_size, idx as u32, 0));
         self.stats.reserved += seg_size;
         self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
@@ -203,22 +239,32 @@ impl DevicePool {
 
     /// Returns a block to the pool, coalescing it with free neighbours.
     pub fn release(&mut self, block: Block) {
-        let Some(segment) = self.segments.get_mut(block.segment as usize).and_then(Option::as_mut) else { return };
-        let Some(&(size, false)) = segment.blocks.get(&block.offset) else { return };
+        let Some(segment) = self
+            .segments
+            .get_mut(block.segment as usize)
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        let Some(&(size, false)) = segment.blocks.get(&block.offset) else {
+            return;
+        };
         let small = segment.small;
         let (mut off, mut len) = (block.offset, size);
         if let Some((&next_off, &(next_len, true))) = segment.blocks.range(off + len..).next()
             && next_off == off + len
         {
             segment.blocks.remove(&next_off);
-            self.free.remove(&(small, next_len, block.segment, next_off));
+            self.free
+                .remove(&(small, next_len, block.segment, next_off));
             len += next_len;
         }
         if let Some((&prev_off, &(prev_len, true))) = segment.blocks.range(..off).next_back()
             && prev_off + prev_len == off
         {
             segment.blocks.remove(&off);
-            self.free.remove(&(small, prev_len, block.segment, prev_off));
+            self.free
+                .remove(&(small, prev_len, block.segment, prev_off));
             off = prev_off;
             len += prev_len;
         }
@@ -231,7 +277,9 @@ impl DevicePool {
     pub fn release_empty(&mut self) -> usize {
         let mut freed = 0;
         for (i, slot) in self.segments.iter_mut().enumerate() {
-            let empty = slot.as_ref().is_some_and(|s| s.blocks.len() == 1 && s.blocks.values().all(|b| b.1));
+            let empty = slot
+                .as_ref()
+                .is_some_and(|s| s.blocks.len() == 1 && s.blocks.values().all(|b| b.1));
             if empty && let Some(s) = slot.take() {
                 self.free.remove(&(s.small, s.size, i as u32, 0));
                 freed += s.size;
@@ -252,7 +300,11 @@ impl DevicePool {
         PoolStats {
             segments: self.segments.iter().flatten().count(),
             largest_free: largest,
-            fragmentation: if free_bytes == 0 { 0.0 } else { 1.0 - largest as f64 / free_bytes as f64 },
+            fragmentation: if free_bytes == 0 {
+                0.0
+            } else {
+                1.0 - largest as f64 / free_bytes as f64
+            },
             ..self.stats
         }
     }
@@ -262,7 +314,12 @@ impl DevicePool {
         let mut v = Vec::new();
         for (i, s) in self.segments.iter().enumerate() {
             if let Some(s) = s {
-                v.extend(s.blocks.iter().filter(|b| !b.1.1).map(|(&o, &(l, _))| (i as u32, o, l)));
+                v.extend(
+                    s.blocks
+                        .iter()
+                        .filter(|b| !b.1.1)
+                        .map(|(&o, &(l, _))| (i as u32, o, l)),
+                );
             }
         }
         v
@@ -285,7 +342,11 @@ mod tests {
         p.release(a);
         p.release(b);
         assert_eq!(p.stats().in_use, 0);
-        assert_eq!(p.stats().largest_free, SMALL_SEGMENT, "free neighbours coalesce back into one block");
+        assert_eq!(
+            p.stats().largest_free,
+            SMALL_SEGMENT,
+            "free neighbours coalesce back into one block"
+        );
         assert_eq!(p.release_empty(), SMALL_SEGMENT);
         assert_eq!(p.stats().reserved, 0);
     }
@@ -308,6 +369,9 @@ mod tests {
         assert_eq!(e.requested, 2 << 20);
         assert!(e.to_string().contains("budget"), "{e}");
         p.release(a);
-        assert!(p.allocate(2 << 20).is_ok(), "empty segments are released to make room");
+        assert!(
+            p.allocate(2 << 20).is_ok(),
+            "empty segments are released to make room"
+        );
     }
 }

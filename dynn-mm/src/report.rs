@@ -1,8 +1,8 @@
 //! Reports people read: the memory summary after a run, and the memory timeline as an SVG.
 
+use crate::human_bytes;
 use crate::manager::MemoryStats;
 use crate::pool::PoolStats;
-use crate::human_bytes;
 use dynn_core::{BufferId, BufferKind};
 use std::fmt::Write as _;
 
@@ -41,13 +41,35 @@ pub struct MemoryReport {
 impl std::fmt::Display for MemoryReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let s = &self.stats;
-        let budget = if self.pool.budget == usize::MAX { "unlimited".to_string() } else { human_bytes(self.pool.budget) };
-        writeln!(f, "== dynn memory report (policy {}, device budget {budget}) ==", self.policy)?;
-        writeln!(f, "peak device memory   {:>12}", human_bytes(s.peak_device_bytes))?;
+        let budget = if self.pool.budget == usize::MAX {
+            "unlimited".to_string()
+        } else {
+            human_bytes(self.pool.budget)
+        };
+        writeln!(
+            f,
+            "== dynn memory report (policy {}, device budget {budget}) ==",
+            self.policy
+        )?;
+        writeln!(
+            f,
+            "peak device memory   {:>12}",
+            human_bytes(s.peak_device_bytes)
+        )?;
         for k in BufferKind::ALL {
-            writeln!(f, "  {:<18} {:>12} at peak, {:>12} now", k.as_str(), human_bytes(s.peak_by_kind[k as usize]), human_bytes(self.device_by_kind[k as usize]))?;
+            writeln!(
+                f,
+                "  {:<18} {:>12} at peak, {:>12} now",
+                k.as_str(),
+                human_bytes(s.peak_by_kind[k as usize]),
+                human_bytes(self.device_by_kind[k as usize])
+            )?;
         }
-        writeln!(f, "host tier now        {:>12}", human_bytes(self.host_bytes))?;
+        writeln!(
+            f,
+            "host tier now        {:>12}",
+            human_bytes(self.host_bytes)
+        )?;
         writeln!(
             f,
             "allocator            {} in use, {} reserved (peak {}), {} segments, {} allocations, fragmentation {:.1}%",
@@ -78,7 +100,12 @@ impl std::fmt::Display for MemoryReport {
         if !self.top_holders.is_empty() {
             writeln!(f, "largest resident buffers:")?;
             for (bytes, kind, op, id) in &self.top_holders {
-                writeln!(f, "  {id:>8} {:>12} {:<16} made by {op}", human_bytes(*bytes), kind.as_str())?;
+                writeln!(
+                    f,
+                    "  {id:>8} {:>12} {:<16} made by {op}",
+                    human_bytes(*bytes),
+                    kind.as_str()
+                )?;
             }
         }
         Ok(())
@@ -95,7 +122,11 @@ impl MemoryReport {
         let (pw, ph) = (w - left - right, h - top - bottom);
         let pts = &self.timeline;
         let n = pts.len().max(2) as f64;
-        let peak = pts.iter().map(|p| p.by_kind.iter().sum::<usize>()).max().unwrap_or(0);
+        let peak = pts
+            .iter()
+            .map(|p| p.by_kind.iter().sum::<usize>())
+            .max()
+            .unwrap_or(0);
         let budget = (self.pool.budget != usize::MAX).then_some(self.pool.budget);
         let ymax = (peak.max(budget.unwrap_or(0)) as f64 * 1.1).max(1.0);
         let x = |i: usize| left + pw * i as f64 / (n - 1.0);
@@ -108,19 +139,33 @@ impl MemoryReport {
         );
         // Stacked areas, one polygon per kind.
         let mut base = vec![0.0f64; pts.len()];
-        for k in 0..5 {
-            let tops: Vec<f64> = pts.iter().zip(&base).map(|(p, b)| b + p.by_kind[k] as f64).collect();
+        for (k, color) in COLORS.iter().enumerate() {
+            let tops: Vec<f64> = pts
+                .iter()
+                .zip(&base)
+                .map(|(p, b)| b + p.by_kind[k] as f64)
+                .collect();
             if tops.iter().zip(&base).all(|(t, b)| t == b) {
                 continue;
             }
             let mut path = String::new();
             for (i, t) in tops.iter().enumerate() {
-                let _ = write!(path, "{}{:.1},{:.1} ", if i == 0 { "M" } else { "L" }, x(i), y(*t));
+                let _ = write!(
+                    path,
+                    "{}{:.1},{:.1} ",
+                    if i == 0 { "M" } else { "L" },
+                    x(i),
+                    y(*t)
+                );
             }
             for (i, b) in base.iter().enumerate().rev() {
                 let _ = write!(path, "L{:.1},{:.1} ", x(i), y(*b));
             }
-            let _ = write!(svg, r#"<path d="{path}Z" fill="{}" fill-opacity="0.8"/>"#, COLORS[k]);
+            let _ = write!(
+                svg,
+                r#"<path d="{path}Z" fill="{}" fill-opacity="0.8"/>"#,
+                color
+            );
             base = tops;
         }
         if let Some(b) = budget {
@@ -136,10 +181,22 @@ impl MemoryReport {
         }
         for (i, p) in pts.iter().enumerate() {
             if p.evicted {
-                let _ = write!(svg, r##"<line x1="{0:.1}" x2="{0:.1}" y1="{1}" y2="{2}" stroke="#999"/>"##, x(i), top + ph + 6.0, top + ph + 14.0);
+                let _ = write!(
+                    svg,
+                    r##"<line x1="{0:.1}" x2="{0:.1}" y1="{1}" y2="{2}" stroke="#999"/>"##,
+                    x(i),
+                    top + ph + 6.0,
+                    top + ph + 14.0
+                );
             }
             if p.stalled {
-                let _ = write!(svg, r##"<line x1="{0:.1}" x2="{0:.1}" y1="{1}" y2="{2}" stroke="#d62728"/>"##, x(i), top + ph + 16.0, top + ph + 24.0);
+                let _ = write!(
+                    svg,
+                    r##"<line x1="{0:.1}" x2="{0:.1}" y1="{1}" y2="{2}" stroke="#d62728"/>"##,
+                    x(i),
+                    top + ph + 16.0,
+                    top + ph + 24.0
+                );
             }
         }
         // Axes and labels.
@@ -151,7 +208,13 @@ impl MemoryReport {
         );
         for t in 0..=4 {
             let v = ymax * t as f64 / 4.0;
-            let _ = write!(svg, r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#, left - 6.0, y(v) + 4.0, human_bytes(v as usize));
+            let _ = write!(
+                svg,
+                r#"<text x="{}" y="{:.1}" text-anchor="end">{}</text>"#,
+                left - 6.0,
+                y(v) + 4.0,
+                human_bytes(v as usize)
+            );
         }
         let _ = write!(
             svg,
@@ -179,5 +242,7 @@ impl MemoryReport {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

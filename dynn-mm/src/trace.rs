@@ -112,7 +112,10 @@ pub fn kind_code(k: BufferKind) -> u8 {
 
 /// Code → kind.
 pub fn kind_of(code: u8) -> BufferKind {
-    BufferKind::ALL.get(code as usize).copied().unwrap_or(BufferKind::Temporary)
+    BufferKind::ALL
+        .get(code as usize)
+        .copied()
+        .unwrap_or(BufferKind::Temporary)
 }
 
 /// FNV-1a over bytes, continuing from `h`.
@@ -131,7 +134,16 @@ impl Trace {
     /// Writes the trace in the documented format.
     pub fn write_to(&self, mut w: impl Write) -> Result<()> {
         let js = |e: serde_json::Error| Error::Msg(format!("trace: {e}"));
-        writeln!(w, "{}", serde_json::to_string(&Header { format: FORMAT.into(), version: TRACE_VERSION, meta: self.meta.clone() }).map_err(js)?)?;
+        writeln!(
+            w,
+            "{}",
+            serde_json::to_string(&Header {
+                format: FORMAT.into(),
+                version: TRACE_VERSION,
+                meta: self.meta.clone()
+            })
+            .map_err(js)?
+        )?;
         // Interleave steps after their last op so the file reads in time order.
         let mut steps = self.steps.iter().peekable();
         for op in &self.ops {
@@ -148,7 +160,11 @@ impl Trace {
         for s in steps {
             writeln!(w, "{}", serde_json::to_string(s).map_err(js)?)?;
         }
-        let footer = Footer { t: "end".into(), ops: self.ops.len() as u64, steps: self.steps.len() as u64 };
+        let footer = Footer {
+            t: "end".into(),
+            ops: self.ops.len() as u64,
+            steps: self.steps.len() as u64,
+        };
         writeln!(w, "{}", serde_json::to_string(&footer).map_err(js)?)?;
         Ok(())
     }
@@ -165,17 +181,32 @@ impl Trace {
     /// Reads and validates a trace: another format or version, a corrupt record, or a
     /// missing/disagreeing footer (truncation) is a clear error naming the line.
     pub fn read_from(r: impl BufRead, what: &str) -> Result<Trace> {
-        let bad = |line: usize, msg: String| Error::invalid("trace", format!("{what}, line {line}: {msg}"));
+        let bad = |line: usize, msg: String| {
+            Error::invalid("trace", format!("{what}, line {line}: {msg}"))
+        };
         let mut lines = r.lines().enumerate();
         let (_, first) = lines.next().ok_or_else(|| bad(1, "empty file".into()))?;
-        let header: Header = serde_json::from_str(&first?).map_err(|e| bad(1, format!("not a dynn trace header ({e})")))?;
+        let header: Header = serde_json::from_str(&first?)
+            .map_err(|e| bad(1, format!("not a dynn trace header ({e})")))?;
         if header.format != FORMAT {
-            return Err(bad(1, format!("format {:?}, expected {FORMAT:?}", header.format)));
+            return Err(bad(
+                1,
+                format!("format {:?}, expected {FORMAT:?}", header.format),
+            ));
         }
         if header.version != TRACE_VERSION {
-            return Err(bad(1, format!("trace version {} but this dynn reads version {TRACE_VERSION}", header.version)));
+            return Err(bad(
+                1,
+                format!(
+                    "trace version {} but this dynn reads version {TRACE_VERSION}",
+                    header.version
+                ),
+            ));
         }
-        let mut trace = Trace { meta: header.meta, ..Default::default() };
+        let mut trace = Trace {
+            meta: header.meta,
+            ..Default::default()
+        };
         let mut footer = None;
         for (i, line) in lines {
             let line = line?;
@@ -183,19 +214,42 @@ impl Trace {
             if footer.is_some() {
                 return Err(bad(n, "data after the end record".into()));
             }
-            let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| bad(n, format!("corrupt record ({e})")))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&line).map_err(|e| bad(n, format!("corrupt record ({e})")))?;
             match v.get("t").and_then(|t| t.as_str()) {
-                Some("op") => trace.ops.push(serde_json::from_value(v).map_err(|e| bad(n, format!("corrupt op record ({e})")))?),
-                Some("step") => trace.steps.push(serde_json::from_value(v).map_err(|e| bad(n, format!("corrupt step record ({e})")))?),
-                Some("end") => footer = Some(serde_json::from_value::<Footer>(v).map_err(|e| bad(n, format!("corrupt end record ({e})")))?),
+                Some("op") => trace.ops.push(
+                    serde_json::from_value(v)
+                        .map_err(|e| bad(n, format!("corrupt op record ({e})")))?,
+                ),
+                Some("step") => trace.steps.push(
+                    serde_json::from_value(v)
+                        .map_err(|e| bad(n, format!("corrupt step record ({e})")))?,
+                ),
+                Some("end") => {
+                    footer = Some(
+                        serde_json::from_value::<Footer>(v)
+                            .map_err(|e| bad(n, format!("corrupt end record ({e})")))?,
+                    )
+                }
                 other => return Err(bad(n, format!("unknown record type {other:?}"))),
             }
         }
-        let footer = footer.ok_or_else(|| bad(0, format!("truncated: no end record after {} ops", trace.ops.len())))?;
+        let footer = footer.ok_or_else(|| {
+            bad(
+                0,
+                format!("truncated: no end record after {} ops", trace.ops.len()),
+            )
+        })?;
         if footer.ops != trace.ops.len() as u64 || footer.steps != trace.steps.len() as u64 {
             return Err(bad(
                 0,
-                format!("truncated or corrupt: end record says {} ops / {} steps, file has {} / {}", footer.ops, footer.steps, trace.ops.len(), trace.steps.len()),
+                format!(
+                    "truncated or corrupt: end record says {} ops / {} steps, file has {} / {}",
+                    footer.ops,
+                    footer.steps,
+                    trace.ops.len(),
+                    trace.steps.len()
+                ),
             ));
         }
         Ok(trace)
@@ -204,7 +258,8 @@ impl Trace {
     /// Loads a trace file.
     pub fn load(path: impl AsRef<std::path::Path>) -> Result<Trace> {
         let p = path.as_ref();
-        let f = std::fs::File::open(p).map_err(|e| Error::invalid("trace", format!("cannot open {}: {e}", p.display())))?;
+        let f = std::fs::File::open(p)
+            .map_err(|e| Error::invalid("trace", format!("cannot open {}: {e}", p.display())))?;
         Self::read_from(std::io::BufReader::new(f), &p.display().to_string())
     }
 
@@ -230,7 +285,7 @@ mod tests {
             phase: 0,
             op: "matmul".into(),
             inputs: vec![(1, 64, 0, 1), (2, 32, 3, 2)],
-            outputs: vec![(3, 16, 3, (1 << 63) + 0)],
+            outputs: vec![(3, 16, 3, 1 << 63)],
             idioms: [0, 0, 0, 1, 1, 0],
             flops: 100,
             bytes_read: 96,
@@ -239,7 +294,20 @@ mod tests {
         Trace {
             meta: serde_json::json!({"model": "test"}),
             ops: vec![op(0, 0, 0), op(1, 0, 1), op(2, 1, 0)],
-            steps: vec![StepRecord { t: "step".into(), step: 0, ops: 2, signature: 7 }, StepRecord { t: "step".into(), step: 1, ops: 1, signature: 9 }],
+            steps: vec![
+                StepRecord {
+                    t: "step".into(),
+                    step: 0,
+                    ops: 2,
+                    signature: 7,
+                },
+                StepRecord {
+                    t: "step".into(),
+                    step: 1,
+                    ops: 1,
+                    signature: 9,
+                },
+            ],
         }
     }
 
@@ -261,13 +329,22 @@ mod tests {
     fn truncated_version_and_corrupt_files_are_rejected() {
         let s = text(&sample());
         let cut: String = s.lines().take(3).map(|l| format!("{l}\n")).collect();
-        let e = Trace::read_from(cut.as_bytes(), "cut").unwrap_err().to_string();
+        let e = Trace::read_from(cut.as_bytes(), "cut")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("truncated"), "{e}");
         let v2 = s.replacen("\"version\":1", "\"version\":2", 1);
-        let e = Trace::read_from(v2.as_bytes(), "v2").unwrap_err().to_string();
-        assert!(e.contains("version 2") && e.contains("reads version 1"), "{e}");
+        let e = Trace::read_from(v2.as_bytes(), "v2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("version 2") && e.contains("reads version 1"),
+            "{e}"
+        );
         let corrupt = s.replacen("\"op\":\"matmul\"", "\"op\":17", 1);
-        let e = Trace::read_from(corrupt.as_bytes(), "bad").unwrap_err().to_string();
+        let e = Trace::read_from(corrupt.as_bytes(), "bad")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("line 2") && e.contains("corrupt"), "{e}");
     }
 }

@@ -63,13 +63,21 @@ impl TransferEngine {
             .name("dynn-transfer".into())
             .spawn(move || run(config, req_rx, done_tx))
             .ok();
-        TransferEngine { requests: Some(req_tx), completions: done_rx, thread }
+        TransferEngine {
+            requests: Some(req_tx),
+            completions: done_rx,
+            thread,
+        }
     }
 
     /// Queues a move of `buffer` in direction `dir`. Holds only a weak handle: a buffer
     /// released meanwhile completes with 0 bytes.
     pub fn submit(&self, buffer: &Arc<Buffer>, dir: Direction) -> bool {
-        let req = Request { buffer: Arc::downgrade(buffer), id: buffer.id(), dir };
+        let req = Request {
+            buffer: Arc::downgrade(buffer),
+            id: buffer.id(),
+            dir,
+        };
         match (&self.requests, &self.thread) {
             (Some(tx), Some(_)) => tx.send(req).is_ok(),
             _ => false,
@@ -101,7 +109,9 @@ fn run(config: TransferConfig, requests: Receiver<Request>, done: Sender<Complet
     for req in requests {
         let start = Instant::now();
         if let Some((_, max)) = config.random_delay_us {
-            rng = rng.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            rng = rng
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
             std::thread::sleep(Duration::from_micros((rng >> 33) % (max + 1)));
         }
         let (bytes, result) = match req.buffer.upgrade() {
@@ -123,7 +133,16 @@ fn run(config: TransferConfig, requests: Receiver<Request>, done: Sender<Complet
                 std::thread::sleep(rest);
             }
         }
-        if done.send(Completion { id: req.id, dir: req.dir, bytes, elapsed: start.elapsed(), result }).is_err() {
+        if done
+            .send(Completion {
+                id: req.id,
+                dir: req.dir,
+                bytes,
+                elapsed: start.elapsed(),
+                result,
+            })
+            .is_err()
+        {
             break;
         }
     }

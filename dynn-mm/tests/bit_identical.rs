@@ -13,7 +13,10 @@ const BATCH: usize = 16;
 fn reference() -> (Vec<u32>, Vec<Vec<u32>>) {
     let m = Mlp::new(48, 8, 1).unwrap();
     let losses = m.train(STEPS, BATCH, 2).unwrap();
-    (losses.into_iter().map(f32::to_bits).collect(), m.bits().unwrap())
+    (
+        losses.into_iter().map(f32::to_bits).collect(),
+        m.bits().unwrap(),
+    )
 }
 
 /// Peak device bytes of the unlimited run, measured by the manager.
@@ -32,14 +35,22 @@ fn unlimited_peak() -> usize {
     mm.stats().peak_device_bytes
 }
 
-fn run(policy_name: &str, budget: usize, transfer: TransferConfig) -> dynn_core::Result<(Vec<u32>, Vec<Vec<u32>>, dynn_mm::MemoryStats)> {
+fn run(
+    policy_name: &str,
+    budget: usize,
+    transfer: TransferConfig,
+) -> dynn_core::Result<(Vec<u32>, Vec<Vec<u32>>, dynn_mm::MemoryStats)> {
     let mut cfg = config(policy_name, Some(budget))?;
     cfg.transfer = transfer;
     let mm = MemoryManager::new(cfg);
     let _g = install_memory_hooks(mm.clone());
     let m = Mlp::new(48, 8, 1)?;
     let losses = m.train(STEPS, BATCH, 2)?;
-    Ok((losses.into_iter().map(f32::to_bits).collect(), m.bits()?, mm.stats()))
+    Ok((
+        losses.into_iter().map(f32::to_bits).collect(),
+        m.bits()?,
+        mm.stats(),
+    ))
 }
 
 #[test]
@@ -53,10 +64,20 @@ fn every_policy_and_budget_is_bit_identical() {
             let (losses, params, stats) = run(policy_name, budget, TransferConfig::default())
                 .unwrap_or_else(|e| panic!("{policy_name} at {frac}: {e}"));
             assert_eq!(losses, ref_losses, "{policy_name} at {frac}: losses differ");
-            assert_eq!(params, ref_params, "{policy_name} at {frac}: parameters differ");
-            assert!(stats.peak_device_bytes <= budget, "{policy_name} at {frac}: peak {} over budget {budget}", stats.peak_device_bytes);
+            assert_eq!(
+                params, ref_params,
+                "{policy_name} at {frac}: parameters differ"
+            );
+            assert!(
+                stats.peak_device_bytes <= budget,
+                "{policy_name} at {frac}: peak {} over budget {budget}",
+                stats.peak_device_bytes
+            );
             if frac < 1.0 {
-                assert!(stats.evictions + stats.drops > 0, "{policy_name} at {frac}: nothing was evicted");
+                assert!(
+                    stats.evictions + stats.drops > 0,
+                    "{policy_name} at {frac}: nothing was evicted"
+                );
             }
         }
     }
@@ -66,20 +87,40 @@ fn every_policy_and_budget_is_bit_identical() {
 fn none_fails_below_peak_with_a_report() {
     let peak = unlimited_peak();
     let err = run("none", peak / 2, TransferConfig::default()).unwrap_err();
-    let Error::OutOfMemory { requested, budget, msg } = &err else { panic!("expected OutOfMemory, got {err}") };
+    let Error::OutOfMemory {
+        requested,
+        budget,
+        msg,
+    } = &err
+    else {
+        panic!("expected OutOfMemory, got {err}")
+    };
     assert!(*requested > 0 && *budget == peak / 2);
-    assert!(msg.contains("largest resident buffers") && msg.contains("hint"), "{msg}");
-    assert!(run("none", peak, TransferConfig::default()).is_ok(), "the unlimited peak is enough for `none`");
+    assert!(
+        msg.contains("largest resident buffers") && msg.contains("hint"),
+        "{msg}"
+    );
+    assert!(
+        run("none", peak, TransferConfig::default()).is_ok(),
+        "the unlimited peak is enough for `none`"
+    );
 }
 
 #[test]
 fn delayed_transfers_change_nothing() {
     let (ref_losses, ref_params) = reference();
     let peak = unlimited_peak();
-    let slow = TransferConfig { link_bytes_per_sec: None, random_delay_us: Some((9, 300)) };
+    let slow = TransferConfig {
+        link_bytes_per_sec: None,
+        random_delay_us: Some((9, 300)),
+    };
     for policy_name in ["lru", "belady"] {
         let (losses, params, _) = run(policy_name, peak / 4, slow).unwrap();
-        assert_eq!((losses, params), (ref_losses.clone(), ref_params.clone()), "{policy_name}");
+        assert_eq!(
+            (losses, params),
+            (ref_losses.clone(), ref_params.clone()),
+            "{policy_name}"
+        );
     }
 }
 
@@ -87,5 +128,8 @@ fn delayed_transfers_change_nothing() {
 fn a_budget_below_one_op_is_a_clear_error() {
     let err = run("lru", 4096, TransferConfig::default()).unwrap_err();
     assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
-    assert!(err.to_string().contains("in use by this op") || err.to_string().contains("out of memory"), "{err}");
+    assert!(
+        err.to_string().contains("in use by this op") || err.to_string().contains("out of memory"),
+        "{err}"
+    );
 }

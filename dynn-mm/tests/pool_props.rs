@@ -11,8 +11,18 @@ enum Step {
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
-    let size = prop_oneof![1usize..4096, 4096usize..(1 << 20), (1usize << 20)..(24 << 20)];
-    prop::collection::vec(prop_oneof![size.prop_map(Step::Alloc), (0usize..64).prop_map(Step::Free)], 1..120)
+    let size = prop_oneof![
+        1usize..4096,
+        4096usize..(1 << 20),
+        (1usize << 20)..(24 << 20)
+    ];
+    prop::collection::vec(
+        prop_oneof![
+            size.prop_map(Step::Alloc),
+            (0usize..64).prop_map(Step::Free)
+        ],
+        1..120,
+    )
 }
 
 proptest! {

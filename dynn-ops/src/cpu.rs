@@ -12,7 +12,9 @@ pub const PAR_MIN: usize = 1 << 15;
 /// Chunk length for parallel element loops (a multiple of 64 for vector alignment).
 pub fn chunk_len(n: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    (n.div_ceil(threads * 4)).max(PAR_MIN / 2).next_multiple_of(64)
+    (n.div_ceil(threads * 4))
+        .max(PAR_MIN / 2)
+        .next_multiple_of(64)
 }
 
 /// Applies `f` to every element of a contiguous slice, in parallel for large inputs.
@@ -29,14 +31,20 @@ pub fn map_slice<T: Copy + Sync, U: Copy + Send>(src: &[T], f: impl Fn(T) -> U +
             simd(|| body((out, src)));
         } else {
             let c = chunk_len(n);
-            out.par_chunks_mut(c).zip(src.par_chunks(c)).for_each(|x| simd(|| body(x)));
+            out.par_chunks_mut(c)
+                .zip(src.par_chunks(c))
+                .for_each(|x| simd(|| body(x)));
         }
     })
 }
 
 /// Applies `f` to every element of `src` seen through `layout`, returning a contiguous vector
 /// in the layout's row-major order.
-pub fn map_layout<T: Copy + Sync, U: Copy + Send>(src: &[T], layout: &Layout, f: impl Fn(T) -> U + Sync) -> Vec<U> {
+pub fn map_layout<T: Copy + Sync, U: Copy + Send>(
+    src: &[T],
+    layout: &Layout,
+    f: impl Fn(T) -> U + Sync,
+) -> Vec<U> {
     if let Some((a, b)) = layout.contiguous_range() {
         return map_slice(&src[a..b], f);
     }
@@ -52,20 +60,30 @@ pub fn map_layout<T: Copy + Sync, U: Copy + Send>(src: &[T], layout: &Layout, f:
             if n < PAR_MIN {
                 out.chunks_mut(block).zip(offsets.iter()).for_each(body);
             } else {
-                out.par_chunks_mut(block).zip(offsets.par_iter()).for_each(body);
+                out.par_chunks_mut(block)
+                    .zip(offsets.par_iter())
+                    .for_each(body);
             }
         });
     }
-    rows_of(layout, n, |row_out: &mut [MaybeUninit<U>], base: usize, stride: usize| {
-        for (k, o) in row_out.iter_mut().enumerate() {
-            o.write(f(src[base + k * stride]));
-        }
-    })
+    rows_of(
+        layout,
+        n,
+        |row_out: &mut [MaybeUninit<U>], base: usize, stride: usize| {
+            for (k, o) in row_out.iter_mut().enumerate() {
+                o.write(f(src[base + k * stride]));
+            }
+        },
+    )
 }
 
 /// Runs `row(out_row, base_offset, last_dim_stride)` for every row (last dim) of `layout`,
 /// in parallel over rows, producing a contiguous output of `n` elements.
-fn rows_of<U: Copy + Send>(layout: &Layout, n: usize, row: impl Fn(&mut [MaybeUninit<U>], usize, usize) + Sync) -> Vec<U> {
+fn rows_of<U: Copy + Send>(
+    layout: &Layout,
+    n: usize,
+    row: impl Fn(&mut [MaybeUninit<U>], usize, usize) + Sync,
+) -> Vec<U> {
     let dims = layout.dims();
     let inner = dims.last().copied().unwrap_or(1).max(1);
     let stride = layout.strides().last().copied().unwrap_or(0);
@@ -83,10 +101,15 @@ fn rows_of<U: Copy + Send>(layout: &Layout, n: usize, row: impl Fn(&mut [MaybeUn
         if n < PAR_MIN {
             out.chunks_mut(inner).zip(bases.iter()).for_each(body);
         } else {
-            out.par_chunks_mut(inner).zip(bases.par_iter()).for_each(body);
+            out.par_chunks_mut(inner)
+                .zip(bases.par_iter())
+                .for_each(body);
         }
     })
 }
+
+/// An output chunk zipped with its two input chunks.
+type Zipped<'a, T, U> = ((&'a mut [MaybeUninit<U>], &'a [T]), &'a [T]);
 
 /// Applies `f` element-wise to two operands whose layouts are already broadcast to `shape`,
 /// returning a contiguous output. Fast paths: both contiguous; either side constant along the
@@ -103,7 +126,7 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
     if let (Some((a, b)), Some((c, d))) = (ll.contiguous_range(), rl.contiguous_range()) {
         let (l, r) = (&lhs[a..b], &rhs[c..d]);
         return vec_from_fill(n, |out| {
-            let body = |((o, l), r): ((&mut [MaybeUninit<U>], &[T]), &[T])| {
+            let body = |((o, l), r): Zipped<'_, T, U>| {
                 for ((o, &x), &y) in o.iter_mut().zip(l).zip(r) {
                     o.write(f(x, y));
                 }
@@ -112,16 +135,26 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
                 simd(|| body(((out, l), r)));
             } else {
                 let ch = chunk_len(n);
-                out.par_chunks_mut(ch).zip(l.par_chunks(ch)).zip(r.par_chunks(ch)).for_each(|x| simd(|| body(x)));
+                out.par_chunks_mut(ch)
+                    .zip(l.par_chunks(ch))
+                    .zip(r.par_chunks(ch))
+                    .for_each(|x| simd(|| body(x)));
             }
         });
     }
     let dims = shape.dims();
     let rank = dims.len();
     let inner = dims.last().copied().unwrap_or(1).max(1);
-    let (ls, rs) = (ll.strides().last().copied().unwrap_or(0), rl.strides().last().copied().unwrap_or(0));
+    let (ls, rs) = (
+        ll.strides().last().copied().unwrap_or(0),
+        rl.strides().last().copied().unwrap_or(0),
+    );
     let outer_of = |l: &Layout| {
-        Layout::from_parts(Shape::new(&dims[..rank.saturating_sub(1)]), l.strides()[..rank.saturating_sub(1)].into(), l.offset())
+        Layout::from_parts(
+            Shape::new(&dims[..rank.saturating_sub(1)]),
+            l.strides()[..rank.saturating_sub(1)].into(),
+            l.offset(),
+        )
     };
     let lb: Vec<usize> = outer_of(ll).indices().collect();
     let rb: Vec<usize> = outer_of(rl).indices().collect();
@@ -131,7 +164,11 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
         }
         let body = |((o, &lo), &ro): ((&mut [MaybeUninit<U>], &usize), &usize)| match (ls, rs) {
             (1, 1) => {
-                for ((o, &x), &y) in o.iter_mut().zip(&lhs[lo..lo + inner]).zip(&rhs[ro..ro + inner]) {
+                for ((o, &x), &y) in o
+                    .iter_mut()
+                    .zip(&lhs[lo..lo + inner])
+                    .zip(&rhs[ro..ro + inner])
+                {
                     o.write(f(x, y));
                 }
             }
@@ -155,7 +192,12 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
         };
         let rows = (PAR_MIN / inner).max(1);
         if n < PAR_MIN {
-            simd(|| out.chunks_mut(inner).zip(lb.iter()).zip(rb.iter()).for_each(body));
+            simd(|| {
+                out.chunks_mut(inner)
+                    .zip(lb.iter())
+                    .zip(rb.iter())
+                    .for_each(body)
+            });
         } else {
             out.par_chunks_mut(inner * rows)
                 .zip(lb.par_chunks(rows))
@@ -213,9 +255,15 @@ mod tests {
         let s = Shape::new(&[2, 3]);
         let la = Layout::contiguous([2, 3]);
         let lb = Layout::contiguous([3]).broadcast_as(&s).unwrap();
-        assert_eq!(zip_layouts(&a, &la, &b, &lb, &s, |x, y| x + y), vec![10., 21., 32., 13., 24., 35.]);
+        assert_eq!(
+            zip_layouts(&a, &la, &b, &lb, &s, |x, y| x + y),
+            vec![10., 21., 32., 13., 24., 35.]
+        );
         let col = vec![1.0f32, 2.0];
         let lc = Layout::contiguous([2, 1]).broadcast_as(&s).unwrap();
-        assert_eq!(zip_layouts(&a, &la, &col, &lc, &s, |x, y| x * y), vec![0., 1., 2., 6., 8., 10.]);
+        assert_eq!(
+            zip_layouts(&a, &la, &col, &lc, &s, |x, y| x * y),
+            vec![0., 1., 2., 6., 8., 10.]
+        );
     }
 }

@@ -21,17 +21,17 @@ pub mod prelude {
     pub use crate::ops::cast::CastOps;
     pub use crate::ops::compare::{CmpOp, CompareOps};
     pub use crate::ops::concat::{ConcatOps, cat, stack};
+    pub use crate::ops::cross_entropy::{CrossEntropyOps, CrossEntropyOpts, LossReduction};
+    pub use crate::ops::dropout::DropoutOps;
     pub use crate::ops::indexing::IndexingOps;
-    pub use crate::ops::topk::TopKOps;
     pub use crate::ops::matmul::MatmulOps;
+    pub use crate::ops::norm::NormOps;
+    pub use crate::ops::random::{RandomOps, rand_normal, rand_uniform};
     pub use crate::ops::reduce::ReduceOps;
+    pub use crate::ops::softmax::SoftmaxOps;
+    pub use crate::ops::topk::TopKOps;
     pub use crate::ops::unary::UnaryOps;
     pub use crate::ops::update::UpdateOps;
     pub use crate::ops::views::ViewOps;
-    pub use crate::ops::softmax::SoftmaxOps;
-    pub use crate::ops::norm::NormOps;
-    pub use crate::ops::cross_entropy::{CrossEntropyOps, CrossEntropyOpts, LossReduction};
-    pub use crate::ops::dropout::DropoutOps;
-    pub use crate::ops::random::{RandomOps, rand_normal, rand_uniform};
     pub use dynn_core::{BufferKind, DType, Device, Error, Result, Shape, Tensor, no_grad};
 }

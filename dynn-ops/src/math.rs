@@ -10,6 +10,7 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 /// e^x for f32: range reduction to r in [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes),
 /// branch-free so loops over it vectorize.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes coefficients, as published.
 pub fn exp_f32(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer.
     let xc = x.clamp(-87.3, 88.5);
@@ -38,6 +39,7 @@ pub fn exp_f32(x: f32) -> f32 {
 
 /// tanh for f32: an odd polynomial near 0 (Cephes), `1 - 2/(e^{2x}+1)` elsewhere.
 #[inline(always)]
+#[allow(clippy::excessive_precision)] // Cephes coefficients, as published.
 pub fn tanh_f32(x: f32) -> f32 {
     let a = x.abs();
     let z = x * x;
@@ -94,7 +96,8 @@ impl FastMath for f64 {
 pub fn simd<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             #[target_feature(enable = "avx2,fma")]
             fn run<R>(f: impl FnOnce() -> R) -> R {
                 f()

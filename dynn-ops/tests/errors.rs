@@ -2,14 +2,20 @@
 //! panic: one test per kind, checking the variant and the message.
 
 use dynn_core::{
-    Backend, CpuStorage, DeviceStorage, MemoryHooks, OpEvent, Residency, Tensor, install_memory_hooks, register_backend,
+    Backend, CpuStorage, DeviceStorage, MemoryHooks, OpEvent, Residency, Tensor,
+    install_memory_hooks, register_backend,
 };
 use dynn_ops::prelude::*;
 use std::sync::{Arc, Mutex};
 
 fn t(shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    Tensor::from_vec((0..n).map(|i| i as f32 * 0.25 + 0.5).collect::<Vec<_>>(), shape, Device::Cpu).unwrap()
+    Tensor::from_vec(
+        (0..n).map(|i| i as f32 * 0.25 + 0.5).collect::<Vec<_>>(),
+        shape,
+        Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn has_all(msg: &str, parts: &[&str]) {
@@ -21,11 +27,23 @@ fn has_all(msg: &str, parts: &[&str]) {
 #[test]
 fn shape_mismatch_names_the_op_and_both_shapes() {
     let e = t(&[2, 3]).add(&t(&[4])).unwrap_err();
-    assert!(matches!(&e, Error::ShapeMismatch { op: "add", lhs, rhs } if lhs.dims() == [2, 3] && rhs.dims() == [4]), "{e:?}");
+    assert!(
+        matches!(&e, Error::ShapeMismatch { op: "add", lhs, rhs } if lhs.dims() == [2, 3] && rhs.dims() == [4]),
+        "{e:?}"
+    );
     has_all(&e.to_string(), &["add", "shape mismatch", "[2, 3]", "[4]"]);
     // Broadcasting a view to an incompatible shape, and sum_to an unrelated shape.
     let e = t(&[3, 2]).broadcast_as((3, 4)).unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { op: "broadcast_as", .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::ShapeMismatch {
+                op: "broadcast_as",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     has_all(&e.to_string(), &["broadcast_as", "[3, 2]", "[3, 4]"]);
     let e = t(&[3, 2]).sum_to(&Shape::new(&[3])).unwrap_err();
     has_all(&e.to_string(), &["sum_to", "[3, 2]", "[3]"]);
@@ -39,7 +57,17 @@ fn shape_mismatch_names_the_op_and_both_shapes() {
 fn dtype_mismatch_names_both_dtypes() {
     let b = Tensor::ones(3, DType::F64, Device::Cpu).unwrap();
     let e = t(&[3]).add(&b).unwrap_err();
-    assert!(matches!(e, Error::DTypeMismatch { op: "add", expected: DType::F32, got: DType::F64 }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::DTypeMismatch {
+                op: "add",
+                expected: DType::F32,
+                got: DType::F64
+            }
+        ),
+        "{e:?}"
+    );
     has_all(&e.to_string(), &["add", "dtype mismatch", "F32", "F64"]);
     // Reading elements as the wrong type.
     let e = t(&[3]).to_vec::<f64>().unwrap_err();
@@ -50,7 +78,17 @@ fn dtype_mismatch_names_both_dtypes() {
 fn unsupported_dtype_names_the_op() {
     let x = Tensor::from_vec(vec![1i64, 2, 3], 3, Device::Cpu).unwrap();
     let e = x.exp().unwrap_err();
-    assert!(matches!(e, Error::UnsupportedDType { op: "exp", dtype: DType::I64, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::UnsupportedDType {
+                op: "exp",
+                dtype: DType::I64,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     has_all(&e.to_string(), &["exp", "unsupported dtype", "I64"]);
     let e = x.sum_all().unwrap_err();
     has_all(&e.to_string(), &["sum", "I64"]);
@@ -61,7 +99,18 @@ fn unsupported_dtype_names_the_op() {
 #[test]
 fn dim_out_of_range_names_dim_rank_and_shape() {
     let e = t(&[2, 3]).sum_dims(&[5], false).unwrap_err();
-    assert!(matches!(&e, Error::DimOutOfRange { op: "sum", dim: 5, rank: 2, .. }), "{e:?}");
+    assert!(
+        matches!(
+            &e,
+            Error::DimOutOfRange {
+                op: "sum",
+                dim: 5,
+                rank: 2,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     has_all(&e.to_string(), &["sum", "dimension 5", "rank 2", "[2, 3]"]);
     let e = t(&[2, 3]).transpose(0, -3i32).unwrap_err();
     has_all(&e.to_string(), &["transpose", "dimension -3", "rank 2"]);
@@ -74,19 +123,52 @@ fn dim_out_of_range_names_dim_rank_and_shape() {
 #[test]
 fn index_out_of_range_on_narrow_past_the_end() {
     let e = t(&[3, 4]).narrow(1, 3, 2).unwrap_err();
-    assert!(matches!(e, Error::IndexOutOfRange { op: "narrow", index: 5, size: 4, .. }), "{e:?}");
-    has_all(&e.to_string(), &["narrow", "index 5", "size 4", "start 3", "len 2", "[3, 4]"]);
+    assert!(
+        matches!(
+            e,
+            Error::IndexOutOfRange {
+                op: "narrow",
+                index: 5,
+                size: 4,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    has_all(
+        &e.to_string(),
+        &["narrow", "index 5", "size 4", "start 3", "len 2", "[3, 4]"],
+    );
     // An overflowing start is an error too, not a wrap-around.
-    assert!(matches!(t(&[3, 4]).narrow(0, usize::MAX, 2).unwrap_err(), Error::IndexOutOfRange { .. }));
+    assert!(matches!(
+        t(&[3, 4]).narrow(0, usize::MAX, 2).unwrap_err(),
+        Error::IndexOutOfRange { .. }
+    ));
 }
 
 #[test]
 fn invalid_arguments_say_what_is_wrong() {
     let e = t(&[2, 3]).reshape(4).unwrap_err();
-    assert!(matches!(e, Error::InvalidArgument { op: "reshape", .. }), "{e:?}");
-    has_all(&e.to_string(), &["reshape", "invalid argument", "[2, 3]", "6 elements", "[4]", "4 elements"]);
+    assert!(
+        matches!(e, Error::InvalidArgument { op: "reshape", .. }),
+        "{e:?}"
+    );
+    has_all(
+        &e.to_string(),
+        &[
+            "reshape",
+            "invalid argument",
+            "[2, 3]",
+            "6 elements",
+            "[4]",
+            "4 elements",
+        ],
+    );
     let e = t(&[2, 3]).permute(&[0, 0]).unwrap_err();
-    assert!(matches!(e, Error::InvalidArgument { op: "permute", .. }), "{e:?}");
+    assert!(
+        matches!(e, Error::InvalidArgument { op: "permute", .. }),
+        "{e:?}"
+    );
     has_all(&e.to_string(), &["permute", "[0, 0]", "not a permutation"]);
     let e = t(&[2, 3]).permute(&[1]).unwrap_err();
     has_all(&e.to_string(), &["permute", "[1]"]);
@@ -105,8 +187,26 @@ fn offloaded_and_dropped_buffers_are_not_resident_without_hooks() {
     assert_eq!(x.buffer().offload().unwrap(), 24);
     assert_eq!(x.buffer().residency(), Residency::Host);
     let e = x.exp().unwrap_err();
-    assert!(matches!(e, Error::NotResident { op: "exp", residency: Residency::Host, .. }), "{e:?}");
-    has_all(&e.to_string(), &["exp", &format!("buffer {}", x.buffer().id().0), "not resident", "Host"]);
+    assert!(
+        matches!(
+            e,
+            Error::NotResident {
+                op: "exp",
+                residency: Residency::Host,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    has_all(
+        &e.to_string(),
+        &[
+            "exp",
+            &format!("buffer {}", x.buffer().id().0),
+            "not resident",
+            "Host",
+        ],
+    );
     // The host tier is still readable, and a fetch makes it usable again.
     assert_eq!(x.to_vec::<f32>().unwrap(), want);
     x.buffer().fetch().unwrap();
@@ -115,11 +215,24 @@ fn offloaded_and_dropped_buffers_are_not_resident_without_hooks() {
     let y = t(&[4]);
     assert_eq!(y.buffer().drop_data(), 16);
     let e = y.add(&y).unwrap_err();
-    assert!(matches!(e, Error::NotResident { op: "add", residency: Residency::Dropped, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::NotResident {
+                op: "add",
+                residency: Residency::Dropped,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     has_all(&e.to_string(), &["add", "Dropped"]);
     let e = y.to_vec::<f32>().unwrap_err();
     has_all(&e.to_string(), &["to_vec", "Dropped"]);
-    assert!(matches!(y.buffer().fetch().unwrap_err(), Error::NotResident { op: "fetch", .. }));
+    assert!(matches!(
+        y.buffer().fetch().unwrap_err(),
+        Error::NotResident { op: "fetch", .. }
+    ));
 }
 
 #[test]
@@ -128,16 +241,28 @@ fn autograd_errors_explain_themselves() {
     let x = t(&[2, 3]).set_requires_grad(true);
     let e = x.exp().unwrap().backward().unwrap_err();
     assert!(matches!(e, Error::Autograd(_)), "{e:?}");
-    has_all(&e.to_string(), &["autograd", "scalar", "[2, 3]", "backward_with"]);
+    has_all(
+        &e.to_string(),
+        &["autograd", "scalar", "[2, 3]", "backward_with"],
+    );
     // Backward on a tensor that does not require grad.
-    let e = t(&[1]).exp().unwrap().sum_all().unwrap().backward().unwrap_err();
+    let e = t(&[1])
+        .exp()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap_err();
     has_all(&e.to_string(), &["autograd", "does not require grad"]);
     // A second backward after the first released the saved tensors.
     let y = x.exp().unwrap().sum_all().unwrap();
     y.backward().unwrap();
     let e = y.backward().unwrap_err();
     assert!(matches!(e, Error::Autograd(_)), "{e:?}");
-    has_all(&e.to_string(), &["already released", "run the forward again"]);
+    has_all(
+        &e.to_string(),
+        &["already released", "run the forward again"],
+    );
     // Only leaves hold a gradient.
     let e = x.exp().unwrap().set_grad(None).unwrap_err();
     has_all(&e.to_string(), &["set_grad", "leaves"]);
@@ -196,8 +321,21 @@ fn mixing_devices_and_kernels_on_an_unsupported_device_are_errors() {
     let g = Tensor::ones(3, DType::F32, Device::Cuda(7)).unwrap();
     assert_eq!(g.to_vec::<f32>().unwrap(), vec![1.0; 3]);
     let e = t(&[3]).add(&g).unwrap_err();
-    assert!(matches!(e, Error::DeviceMismatch { op: "add", lhs: Device::Cpu, rhs: Device::Cuda(7) }), "{e:?}");
-    has_all(&e.to_string(), &["add", "device mismatch", "Cpu", "Cuda(7)"]);
+    assert!(
+        matches!(
+            e,
+            Error::DeviceMismatch {
+                op: "add",
+                lhs: Device::Cpu,
+                rhs: Device::Cuda(7)
+            }
+        ),
+        "{e:?}"
+    );
+    has_all(
+        &e.to_string(),
+        &["add", "device mismatch", "Cpu", "Cuda(7)"],
+    );
     let e = g.exp().unwrap_err();
     assert!(matches!(e, Error::Device { op: "exp", .. }), "{e:?}");
     has_all(&e.to_string(), &["exp", "CPU storage", "Cuda(7)"]);
@@ -212,7 +350,11 @@ struct Refuse {
 impl MemoryHooks for Refuse {
     fn before_op(&self, event: &OpEvent<'_>) -> Result<()> {
         let requested = event.output_info().map(|(_, b, _)| b).sum();
-        Err(Error::OutOfMemory { requested, budget: 8, msg: format!("{} needs {requested} bytes; resident: nothing", event.op) })
+        Err(Error::OutOfMemory {
+            requested,
+            budget: 8,
+            msg: format!("{} needs {requested} bytes; resident: nothing", event.op),
+        })
     }
     fn after_op(&self, event: &OpEvent<'_>) -> Result<()> {
         self.after.lock().unwrap().push(event.op);
@@ -228,7 +370,11 @@ fn out_of_memory_from_the_hooks_propagates_unchanged() {
         let _g = install_memory_hooks(hooks.clone());
         let e = x.exp().unwrap_err();
         match &e {
-            Error::OutOfMemory { requested: 24, budget: 8, msg } => assert_eq!(msg, "exp needs 24 bytes; resident: nothing"),
+            Error::OutOfMemory {
+                requested: 24,
+                budget: 8,
+                msg,
+            } => assert_eq!(msg, "exp needs 24 bytes; resident: nothing"),
             other => panic!("expected OutOfMemory, got {other:?}"),
         }
         has_all(&e.to_string(), &["out of memory", "exp needs 24 bytes"]);
@@ -237,7 +383,10 @@ fn out_of_memory_from_the_hooks_propagates_unchanged() {
         // Views run no kernel and need no memory: they still work.
         assert!(x.t().is_ok());
     }
-    assert!(hooks.after.lock().unwrap().is_empty(), "a refused op must not run");
+    assert!(
+        hooks.after.lock().unwrap().is_empty(),
+        "a refused op must not run"
+    );
     // Uninstalled: ops run again.
     assert!(x.exp().is_ok());
 }

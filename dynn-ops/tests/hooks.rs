@@ -81,14 +81,32 @@ impl Recorder {
         for e in log.iter() {
             match e {
                 Entry::Before(b) => {
-                    assert!(open.is_none(), "before_op of {} while {:?} is running", b.op, open);
-                    assert!(b.output_residency.iter().all(|&r| r == Residency::Unmaterialized), "{b:?}: outputs exist before the kernel");
+                    assert!(
+                        open.is_none(),
+                        "before_op of {} while {:?} is running",
+                        b.op,
+                        open
+                    );
+                    assert!(
+                        b.output_residency
+                            .iter()
+                            .all(|&r| r == Residency::Unmaterialized),
+                        "{b:?}: outputs exist before the kernel"
+                    );
                     open = Some(b.clone());
                 }
                 Entry::After(a) => {
-                    let b = open.take().unwrap_or_else(|| panic!("after_op of {} without before_op", a.op));
-                    assert_eq!((b.seq, b.op, b.phase, &b.inputs, &b.outputs), (a.seq, a.op, a.phase, &a.inputs, &a.outputs));
-                    assert!(a.output_residency.iter().all(|&r| r == Residency::Device), "{a:?}: outputs not materialized after the kernel");
+                    let b = open
+                        .take()
+                        .unwrap_or_else(|| panic!("after_op of {} without before_op", a.op));
+                    assert_eq!(
+                        (b.seq, b.op, b.phase, &b.inputs, &b.outputs),
+                        (a.seq, a.op, a.phase, &a.inputs, &a.outputs)
+                    );
+                    assert!(
+                        a.output_residency.iter().all(|&r| r == Residency::Device),
+                        "{a:?}: outputs not materialized after the kernel"
+                    );
                     out.push(a.clone());
                 }
                 Entry::Created(_) => {}
@@ -100,7 +118,18 @@ impl Recorder {
 
     /// Buffer ids announced through `buffer_created`.
     fn created(&self) -> HashSet<u64> {
-        self.log.lock().unwrap().iter().filter_map(|e| if let Entry::Created(id) = e { Some(*id) } else { None }).collect()
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|e| {
+                if let Entry::Created(id) = e {
+                    Some(*id)
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 }
 
@@ -109,7 +138,9 @@ fn id(t: &Tensor) -> u64 {
 }
 
 fn leaf(v: &[f64], shape: &[usize]) -> Tensor {
-    Tensor::from_vec(v.to_vec(), shape, Device::Cpu).unwrap().set_requires_grad(true)
+    Tensor::from_vec(v.to_vec(), shape, Device::Cpu)
+        .unwrap()
+        .set_requires_grad(true)
 }
 
 #[test]
@@ -143,7 +174,10 @@ fn op_events_report_buffers_phases_and_reverse_tape_order() -> Result<()> {
     }
     assert_eq!(id(&xt), id(&x));
     let created = rec.created();
-    assert!(created.contains(&id(&x)) && created.contains(&id(&w)), "leaves announced through buffer_created");
+    assert!(
+        created.contains(&id(&x)) && created.contains(&id(&w)),
+        "leaves announced through buffer_created"
+    );
 
     l.backward()?;
     let all = rec.events();
@@ -151,29 +185,55 @@ fn op_events_report_buffers_phases_and_reverse_tape_order() -> Result<()> {
     assert!(!bwd.is_empty());
     // Sequence numbers increase by one per op, forward then backward.
     for pair in all.windows(2) {
-        assert_eq!(pair[1].seq, pair[0].seq + 1, "{:?} then {:?}", pair[0].op, pair[1].op);
+        assert_eq!(
+            pair[1].seq,
+            pair[0].seq + 1,
+            "{:?} then {:?}",
+            pair[0].op,
+            pair[1].op
+        );
     }
     assert!(bwd.iter().all(|e| e.phase == Phase::Backward), "{bwd:#?}");
-    assert!(bwd.iter().all(|e| e.output_kinds.iter().all(|&k| k == BufferKind::Gradient)), "{bwd:#?}");
+    assert!(
+        bwd.iter()
+            .all(|e| e.output_kinds.iter().all(|&k| k == BufferKind::Gradient)),
+        "{bwd:#?}"
+    );
 
     // Backward walks the tape in reverse: each forward op's backward kernels come after those of
     // every later forward op. mul's backward is the first (two products and a sum over the
     // broadcast dim for w), then sin's, then exp's.
-    let pos = |name: &str| bwd.iter().position(|e| e.op == name).unwrap_or_else(|| panic!("no {name} in {bwd:#?}"));
+    let pos = |name: &str| {
+        bwd.iter()
+            .position(|e| e.op == name)
+            .unwrap_or_else(|| panic!("no {name} in {bwd:#?}"))
+    };
     let (p_mul, p_sin, p_exp) = (pos("mul"), pos("sin_backward"), pos("exp_backward"));
-    assert!(p_mul < p_sin && p_sin < p_exp, "backward order {:?}", bwd.iter().map(|e| e.op).collect::<Vec<_>>());
+    assert!(
+        p_mul < p_sin && p_sin < p_exp,
+        "backward order {:?}",
+        bwd.iter().map(|e| e.op).collect::<Vec<_>>()
+    );
     // sin_backward reads the saved input (a) and the gradient computed by mul's backward;
     // exp_backward reads the saved output (a again) and sin_backward's output.
     let (sb, eb) = (&bwd[p_sin], &bwd[p_exp]);
     assert_eq!(sb.inputs[0], id(&a));
-    assert!(bwd[..p_sin].iter().any(|e| e.outputs.contains(&sb.inputs[1])));
+    assert!(
+        bwd[..p_sin]
+            .iter()
+            .any(|e| e.outputs.contains(&sb.inputs[1]))
+    );
     assert_eq!(eb.inputs, vec![id(&a), sb.outputs[0]]);
 
     // The leaves' gradients are outputs of backward-phase events.
     let gx = x.grad().expect("x.grad");
     let gw = w.grad().expect("w.grad");
     for g in [&gx, &gw] {
-        assert!(bwd.iter().any(|e| e.outputs.contains(&id(g))), "gradient buffer {} is no backward output", id(g));
+        assert!(
+            bwd.iter().any(|e| e.outputs.contains(&id(g))),
+            "gradient buffer {} is no backward output",
+            id(g)
+        );
         assert_eq!(g.buffer().kind(), BufferKind::Gradient);
     }
 
@@ -187,7 +247,12 @@ fn op_events_report_buffers_phases_and_reverse_tape_order() -> Result<()> {
             }
             Entry::Before(ev) => {
                 for i in &ev.inputs {
-                    assert!(known.contains(i), "{} (seq {}) reads buffer {i}, never announced", ev.op, ev.seq);
+                    assert!(
+                        known.contains(i),
+                        "{} (seq {}) reads buffer {i}, never announced",
+                        ev.op,
+                        ev.seq
+                    );
                 }
             }
             Entry::After(ev) => known.extend(ev.outputs.iter().copied()),
@@ -200,11 +265,19 @@ fn op_events_report_buffers_phases_and_reverse_tape_order() -> Result<()> {
     let gwv = gw.to_vec::<f64>()?;
     for i in 0..6 {
         let want = xv[i].exp().cos() * xv[i].exp() * wv[i % 3] + 1.0;
-        assert!((gxv[i] - want).abs() < 1e-12, "dx[{i}] {} vs {want}", gxv[i]);
+        assert!(
+            (gxv[i] - want).abs() < 1e-12,
+            "dx[{i}] {} vs {want}",
+            gxv[i]
+        );
     }
     for j in 0..3 {
         let want = xv[j].exp().sin() + xv[j + 3].exp().sin();
-        assert!((gwv[j] - want).abs() < 1e-12, "dw[{j}] {} vs {want}", gwv[j]);
+        assert!(
+            (gwv[j] - want).abs() < 1e-12,
+            "dw[{j}] {} vs {want}",
+            gwv[j]
+        );
     }
     Ok(())
 }
@@ -230,7 +303,9 @@ fn hooks_are_per_thread_and_restored_by_the_guard() -> Result<()> {
         let _g = install_memory_hooks(rec.clone());
         x.exp()?;
         // Another thread has no hooks installed.
-        std::thread::spawn(move || x.sqrt().map(|_| ())).join().unwrap()?;
+        std::thread::spawn(move || x.sqrt().map(|_| ()))
+            .join()
+            .unwrap()?;
     }
     Tensor::ones(4, DType::F32, Device::Cpu)?.exp()?;
     let ops: Vec<&str> = rec.events().iter().map(|e| e.op).collect();
@@ -240,7 +315,11 @@ fn hooks_are_per_thread_and_restored_by_the_guard() -> Result<()> {
 
 #[test]
 fn offload_and_fetch_keep_values_and_views_wait_for_the_fetch() -> Result<()> {
-    let x = Tensor::from_vec((0..12).map(|i| i as f32 * 0.5 - 2.0).collect::<Vec<_>>(), (3, 4), Device::Cpu)?;
+    let x = Tensor::from_vec(
+        (0..12).map(|i| i as f32 * 0.5 - 2.0).collect::<Vec<_>>(),
+        (3, 4),
+        Device::Cpu,
+    )?;
     let before = x.to_vec::<f32>()?;
     let exp_before = x.exp()?.to_vec::<f32>()?;
     let v = x.narrow(1, 1, 2)?.t()?;
@@ -252,7 +331,16 @@ fn offload_and_fetch_keep_values_and_views_wait_for_the_fetch() -> Result<()> {
     // Host-tier bytes can be read, but no kernel runs on them: the view errors too.
     assert_eq!(x.to_vec::<f32>()?, before);
     let e = v.contiguous().unwrap_err();
-    assert!(matches!(e, Error::NotResident { residency: Residency::Host, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::NotResident {
+                residency: Residency::Host,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     assert!(x.narrow(0, 0, 1)?.exp().is_err());
 
     assert_eq!(x.buffer().fetch()?, 48);
@@ -260,15 +348,27 @@ fn offload_and_fetch_keep_values_and_views_wait_for_the_fetch() -> Result<()> {
     assert_eq!(x.buffer().residency(), Residency::Device);
     assert_eq!(x.to_vec::<f32>()?, before);
     assert_eq!(v.contiguous()?.to_vec::<f32>()?, v_before);
-    assert_eq!(x.exp()?.to_vec::<f32>()?, exp_before, "same bits after a round trip");
+    assert_eq!(
+        x.exp()?.to_vec::<f32>()?,
+        exp_before,
+        "same bits after a round trip"
+    );
     Ok(())
 }
 
 /// One forward/backward, optionally offloading every buffer the tape saved before backward.
 fn step(offload: bool, rec: Option<Arc<Recorder>>) -> Result<(Vec<u32>, Vec<u32>, f32)> {
-    let _g = rec.clone().map(|r| install_memory_hooks(r as Arc<dyn MemoryHooks>));
-    let x = Tensor::from_vec((0..12).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(), (3, 4), Device::Cpu)?.set_requires_grad(true);
-    let w = Tensor::from_vec(vec![0.5f32, -1.5, 2.0, 0.25], 4, Device::Cpu)?.set_requires_grad(true);
+    let _g = rec
+        .clone()
+        .map(|r| install_memory_hooks(r as Arc<dyn MemoryHooks>));
+    let x = Tensor::from_vec(
+        (0..12).map(|i| (i as f32 * 0.37).sin()).collect::<Vec<_>>(),
+        (3, 4),
+        Device::Cpu,
+    )?
+    .set_requires_grad(true);
+    let w =
+        Tensor::from_vec(vec![0.5f32, -1.5, 2.0, 0.25], 4, Device::Cpu)?.set_requires_grad(true);
     let h = x.mul(&w)?.tanh()?;
     let s = h.sigmoid()?.mul(&x)?;
     let loss = s.sum_all()?;
@@ -278,8 +378,15 @@ fn step(offload: bool, rec: Option<Arc<Recorder>>) -> Result<(Vec<u32>, Vec<u32>
         }
     }
     loss.backward()?;
-    let bits = |t: Tensor| t.to_vec::<f32>().map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>());
-    Ok((bits(x.grad().unwrap())?, bits(w.grad().unwrap())?, loss.to_scalar::<f32>()?))
+    let bits = |t: Tensor| {
+        t.to_vec::<f32>()
+            .map(|v| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>())
+    };
+    Ok((
+        bits(x.grad().unwrap())?,
+        bits(w.grad().unwrap())?,
+        loss.to_scalar::<f32>()?,
+    ))
 }
 
 #[test]
@@ -289,8 +396,14 @@ fn fetching_on_demand_gives_the_same_bits_as_never_offloading() -> Result<()> {
     let e = step(true, None).unwrap_err();
     assert!(matches!(e, Error::NotResident { .. }), "{e:?}");
     // With one that fetches what an op is about to read, it matches bit for bit.
-    let rec = Arc::new(Recorder { fetch_on_demand: true, ..Default::default() });
+    let rec = Arc::new(Recorder {
+        fetch_on_demand: true,
+        ..Default::default()
+    });
     assert_eq!(step(true, Some(rec.clone()))?, reference);
-    assert!(!rec.fetched.lock().unwrap().is_empty(), "backward must have fetched the offloaded buffers");
+    assert!(
+        !rec.fetched.lock().unwrap().is_empty(),
+        "backward must have fetched the offloaded buffers"
+    );
     Ok(())
 }

@@ -14,7 +14,11 @@ const CASES: u32 = 64;
 /// numpy's rule, written out: align right, pad with 1s, each pair equal or one of them 1.
 fn naive_broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let rank = a.len().max(b.len());
-    let pad = |s: &[usize]| -> Vec<usize> { std::iter::repeat_n(1, rank - s.len()).chain(s.iter().copied()).collect() };
+    let pad = |s: &[usize]| -> Vec<usize> {
+        std::iter::repeat_n(1, rank - s.len())
+            .chain(s.iter().copied())
+            .collect()
+    };
     let (a, b) = (pad(a), pad(b));
     a.iter()
         .zip(&b)
@@ -84,12 +88,17 @@ fn ravel(c: &[usize], dims: &[usize]) -> usize {
 
 impl Naive {
     fn contiguous(dims: &[usize]) -> Self {
-        Naive { dims: dims.to_vec(), idx: (0..dims.iter().product()).collect() }
+        Naive {
+            dims: dims.to_vec(),
+            idx: (0..dims.iter().product()).collect(),
+        }
     }
     /// A new view whose element at coordinates `c` is the old element at `src(c)`.
     fn map(&self, dims: Vec<usize>, src: impl Fn(&[usize]) -> Vec<usize>) -> Self {
         let n = dims.iter().product();
-        let idx = (0..n).map(|f| self.idx[ravel(&src(&unravel(f, &dims)), &self.dims)]).collect();
+        let idx = (0..n)
+            .map(|f| self.idx[ravel(&src(&unravel(f, &dims)), &self.dims)])
+            .collect();
         Naive { dims, idx }
     }
 }
@@ -156,9 +165,15 @@ fn resolve(step: &Step, dims: &[usize]) -> Option<View> {
             if rank + lead > 6 {
                 return None;
             }
-            let mut out: Vec<usize> = (0..lead).map(|i| 1 + ((mask >> (2 * i)) % 3) as usize).collect();
+            let mut out: Vec<usize> = (0..lead)
+                .map(|i| 1 + ((mask >> (2 * i)) % 3) as usize)
+                .collect();
             for (i, &d) in dims.iter().enumerate() {
-                out.push(if d == 1 { 1 + ((mask >> (8 + 2 * i)) % 3) as usize } else { d });
+                out.push(if d == 1 {
+                    1 + ((mask >> (8 + 2 * i)) % 3) as usize
+                } else {
+                    d
+                });
             }
             Some(View::Broadcast(out))
         }
@@ -224,18 +239,33 @@ fn apply_naive(v: &View, n: &Naive) -> Naive {
         }
         View::Broadcast(out) => {
             let lead = out.len() - n.dims.len();
-            n.map(out.clone(), |c| c[lead..].iter().zip(&n.dims).map(|(&i, &d)| if d == 1 { 0 } else { i }).collect())
+            n.map(out.clone(), |c| {
+                c[lead..]
+                    .iter()
+                    .zip(&n.dims)
+                    .map(|(&i, &d)| if d == 1 { 0 } else { i })
+                    .collect()
+            })
         }
-        View::Reshape(out) => Naive { dims: out.clone(), idx: n.idx.clone() },
+        View::Reshape(out) => Naive {
+            dims: out.clone(),
+            idx: n.idx.clone(),
+        },
         &View::Squeeze(d) => {
             let mut dims = n.dims.clone();
             dims.remove(d);
-            Naive { dims, idx: n.idx.clone() }
+            Naive {
+                dims,
+                idx: n.idx.clone(),
+            }
         }
         &View::Unsqueeze(d) => {
             let mut dims = n.dims.clone();
             dims.insert(d, 1);
-            Naive { dims, idx: n.idx.clone() }
+            Naive {
+                dims,
+                idx: n.idx.clone(),
+            }
         }
     }
 }
@@ -277,7 +307,12 @@ fn check_layout(l: &Layout, n: &Naive) -> std::result::Result<(), TestCaseError>
     prop_assert_eq!(l.max_extent(), n.idx.iter().max().map_or(0, |m| m + 1));
     let contiguous_run = n.idx.windows(2).all(|w| w[1] == w[0] + 1);
     if !n.idx.is_empty() {
-        prop_assert_eq!(l.is_contiguous(), contiguous_run, "is_contiguous of {:?}", l);
+        prop_assert_eq!(
+            l.is_contiguous(),
+            contiguous_run,
+            "is_contiguous of {:?}",
+            l
+        );
     }
     if let Some((a, b)) = l.contiguous_range() {
         prop_assert_eq!((a..b).collect::<Vec<_>>(), got.clone());

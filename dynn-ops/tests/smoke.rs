@@ -2,7 +2,12 @@ use dynn_ops::prelude::*;
 
 #[test]
 fn exp_mul_sum_backward() -> Result<()> {
-    let x = Tensor::from_vec(vec![0.5f64, -1.0, 2.0, 0.25, 1.5, -0.75], (2, 3), Device::Cpu)?.set_requires_grad(true);
+    let x = Tensor::from_vec(
+        vec![0.5f64, -1.0, 2.0, 0.25, 1.5, -0.75],
+        (2, 3),
+        Device::Cpu,
+    )?
+    .set_requires_grad(true);
     let w = Tensor::from_vec(vec![1.0f64, 2.0, 3.0], 3, Device::Cpu)?;
     let y = x.exp()?.mul(&w)?.sum_all()?;
     y.backward()?;

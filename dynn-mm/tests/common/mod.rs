@@ -31,20 +31,37 @@ impl Mlp {
         let mut rng = Rng(seed);
         let mut params = Vec::new();
         for _ in 0..depth {
-            for (shape, scale) in [((width, 2 * width), 0.5), ((1, 2 * width), 0.1), ((2 * width, width), 0.3)] {
+            for (shape, scale) in [
+                ((width, 2 * width), 0.5),
+                ((1, 2 * width), 0.1),
+                ((2 * width, width), 0.3),
+            ] {
                 let n = shape.0 * shape.1;
-                let t = Tensor::from_vec(rng.vec(n, scale / (shape.0 as f32).sqrt()), shape, Device::Cpu)?.set_requires_grad(true);
+                let t = Tensor::from_vec(
+                    rng.vec(n, scale / (shape.0 as f32).sqrt()),
+                    shape,
+                    Device::Cpu,
+                )?
+                .set_requires_grad(true);
                 t.set_kind(BufferKind::Parameter);
                 params.push(t);
             }
         }
-        Ok(Mlp { params, width, depth })
+        Ok(Mlp {
+            params,
+            width,
+            depth,
+        })
     }
 
     fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
         let mut h = x.clone();
         for l in 0..self.depth {
-            let (w1, b1, w2) = (&self.params[3 * l], &self.params[3 * l + 1], &self.params[3 * l + 2]);
+            let (w1, b1, w2) = (
+                &self.params[3 * l],
+                &self.params[3 * l + 1],
+                &self.params[3 * l + 2],
+            );
             h = h.add(&h.matmul(w1)?.add(b1)?.gelu()?.matmul(w2)?)?;
         }
         h.sub(y)?.sqr()?.mean_all()
@@ -55,8 +72,16 @@ impl Mlp {
         let mut rng = Rng(seed);
         let mut losses = Vec::new();
         for step in 0..steps {
-            let x = Tensor::from_vec(rng.vec(batch * self.width, 1.0), (batch, self.width), Device::Cpu)?;
-            let y = Tensor::from_vec(rng.vec(batch * self.width, 1.0), (batch, self.width), Device::Cpu)?;
+            let x = Tensor::from_vec(
+                rng.vec(batch * self.width, 1.0),
+                (batch, self.width),
+                Device::Cpu,
+            )?;
+            let y = Tensor::from_vec(
+                rng.vec(batch * self.width, 1.0),
+                (batch, self.width),
+                Device::Cpu,
+            )?;
             let loss = self.loss(&x, &y)?;
             loss.backward()?;
             {
@@ -77,6 +102,9 @@ impl Mlp {
 
     /// Every parameter's bits.
     pub fn bits(&self) -> Result<Vec<Vec<u32>>> {
-        self.params.iter().map(|p| Ok(p.to_vec::<f32>()?.into_iter().map(f32::to_bits).collect())).collect()
+        self.params
+            .iter()
+            .map(|p| Ok(p.to_vec::<f32>()?.into_iter().map(f32::to_bits).collect()))
+            .collect()
     }
 }

@@ -6,8 +6,9 @@ use crate::ops::reduce::ReduceOps;
 use crate::ops::unary::UnaryOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    AccFloat, BackwardCtx, CpuElement, CpuStorage, DeviceStorage, Error, FloatElement, Idioms, InputGrads, KernelArg, Op,
-    Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
+    AccFloat, BackwardCtx, CpuElement, CpuStorage, DeviceStorage, Error, FloatElement, Idioms,
+    InputGrads, KernelArg, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute1,
+    smallvec::smallvec,
 };
 
 /// Which binary function.
@@ -31,7 +32,15 @@ pub enum Binary {
 
 impl Binary {
     /// Every kind.
-    pub const ALL: [Binary; 7] = [Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Pow, Binary::Maximum, Binary::Minimum];
+    pub const ALL: [Binary; 7] = [
+        Binary::Add,
+        Binary::Sub,
+        Binary::Mul,
+        Binary::Div,
+        Binary::Pow,
+        Binary::Maximum,
+        Binary::Minimum,
+    ];
 
     /// The op name.
     pub fn name(self) -> &'static str {
@@ -75,7 +84,14 @@ impl Binary {
     }
 }
 
-fn zip<T: FloatElement + CpuElement>(k: Binary, l: &[T], la: &KernelArg<'_>, r: &[T], ra: &KernelArg<'_>, shape: &Shape) -> Result<CpuStorage> {
+fn zip<T: FloatElement + CpuElement>(
+    k: Binary,
+    l: &[T],
+    la: &KernelArg<'_>,
+    r: &[T],
+    ra: &KernelArg<'_>,
+    shape: &Shape,
+) -> Result<CpuStorage> {
     let ll = la.layout.broadcast_as(shape)?;
     let rl = ra.layout.broadcast_as(shape)?;
     macro_rules! go {
@@ -85,7 +101,15 @@ fn zip<T: FloatElement + CpuElement>(k: Binary, l: &[T], la: &KernelArg<'_>, r: 
             }
         };
     }
-    Ok(T::wrap(go!(Binary::Add, Binary::Sub, Binary::Mul, Binary::Div, Binary::Pow, Binary::Maximum, Binary::Minimum)))
+    Ok(T::wrap(go!(
+        Binary::Add,
+        Binary::Sub,
+        Binary::Mul,
+        Binary::Div,
+        Binary::Pow,
+        Binary::Maximum,
+        Binary::Minimum
+    )))
 }
 
 impl Op for Binary {
@@ -98,7 +122,11 @@ impl Op for Binary {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (a, b) = (inputs[0], inputs[1]);
         if a.dtype() != b.dtype() {
-            return Err(Error::DTypeMismatch { op: self.name(), expected: a.dtype(), got: b.dtype() });
+            return Err(Error::DTypeMismatch {
+                op: self.name(),
+                expected: a.dtype(),
+                got: b.dtype(),
+            });
         }
         if !a.dtype().is_float() {
             return Err(Error::unsupported_dtype(self.name(), a.dtype()));
@@ -123,7 +151,10 @@ impl Op for Binary {
     fn save(&self) -> Save {
         match self {
             Binary::Add | Binary::Sub => Save::NONE,
-            Binary::Pow => Save { inputs: 0b11, outputs: 1 },
+            Binary::Pow => Save {
+                inputs: 0b11,
+                outputs: 1,
+            },
             _ => Save::INPUTS,
         }
     }
@@ -135,27 +166,42 @@ impl Op for Binary {
             Binary::Sub => (Some(g.clone()), ctx.needs(1).then(|| g.neg()).transpose()?),
             Binary::Mul => {
                 let (a, b) = (ctx.input(0)?, ctx.input(1)?);
-                (ctx.needs(0).then(|| g.mul(b)).transpose()?, ctx.needs(1).then(|| g.mul(a)).transpose()?)
+                (
+                    ctx.needs(0).then(|| g.mul(b)).transpose()?,
+                    ctx.needs(1).then(|| g.mul(a)).transpose()?,
+                )
             }
             Binary::Div => {
                 let (a, b) = (ctx.input(0)?, ctx.input(1)?);
                 let ga = ctx.needs(0).then(|| g.div(b)).transpose()?;
                 // d(a/b)/db = -a / b²
-                let gb = ctx.needs(1).then(|| g.mul(a)?.div(&b.sqr()?)?.neg()).transpose()?;
+                let gb = ctx
+                    .needs(1)
+                    .then(|| g.mul(a)?.div(&b.sqr()?)?.neg())
+                    .transpose()?;
                 (ga, gb)
             }
             Binary::Pow => {
                 let (a, b, y) = (ctx.input(0)?, ctx.input(1)?, ctx.output(0)?);
                 // d(a^b)/da = b a^(b-1) = b y / a ; d/db = y ln a
-                let ga = ctx.needs(0).then(|| g.mul(&b.mul(&a.powf_t(b, -1.0)?)?)).transpose()?;
-                let gb = ctx.needs(1).then(|| g.mul(&y.mul(&a.log()?)?)).transpose()?;
+                let ga = ctx
+                    .needs(0)
+                    .then(|| g.mul(&b.mul(&a.powf_t(b, -1.0)?)?))
+                    .transpose()?;
+                let gb = ctx
+                    .needs(1)
+                    .then(|| g.mul(&y.mul(&a.log()?)?))
+                    .transpose()?;
                 (ga, gb)
             }
             Binary::Maximum | Binary::Minimum => {
                 let (a, b) = (ctx.input(0)?, ctx.input(1)?);
                 let pick_a = execute1(Select(*self), &[a, b])?;
                 let ga = ctx.needs(0).then(|| g.mul(&pick_a)).transpose()?;
-                let gb = ctx.needs(1).then(|| g.mul(&pick_a.affine(-1.0, 1.0)?)).transpose()?;
+                let gb = ctx
+                    .needs(1)
+                    .then(|| g.mul(&pick_a.affine(-1.0, 1.0)?))
+                    .transpose()?;
                 (ga, gb)
             }
         };
@@ -188,13 +234,24 @@ impl Op for Select {
         let (a, b) = (inputs[0], inputs[1]);
         let (sa, sb) = (a.cpu(name)?, b.cpu(name)?);
         let shape = &specs[0].shape;
-        fn mask<T: FloatElement + CpuElement>(k: Binary, l: &[T], la: &KernelArg<'_>, r: &[T], ra: &KernelArg<'_>, s: &Shape) -> Result<CpuStorage> {
+        fn mask<T: FloatElement + CpuElement>(
+            k: Binary,
+            l: &[T],
+            la: &KernelArg<'_>,
+            r: &[T],
+            ra: &KernelArg<'_>,
+            s: &Shape,
+        ) -> Result<CpuStorage> {
             let (ll, rl) = (la.layout.broadcast_as(s)?, ra.layout.broadcast_as(s)?);
             let one = T::from_f64(1.0);
             let zero = T::from_f64(0.0);
             Ok(T::wrap(match k {
-                Binary::Minimum => zip_layouts(l, &ll, r, &rl, s, |x, y| if x.to_acc() <= y.to_acc() { one } else { zero }),
-                _ => zip_layouts(l, &ll, r, &rl, s, |x, y| if x.to_acc() >= y.to_acc() { one } else { zero }),
+                Binary::Minimum => zip_layouts(l, &ll, r, &rl, s, |x, y| {
+                    if x.to_acc() <= y.to_acc() { one } else { zero }
+                }),
+                _ => zip_layouts(l, &ll, r, &rl, s, |x, y| {
+                    if x.to_acc() >= y.to_acc() { one } else { zero }
+                }),
             }))
         }
         let out = match (sa, sb) {
@@ -263,10 +320,22 @@ impl PowHelper for Tensor {
 
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
-    let mut v: Vec<OpInfo> =
-        Binary::ALL.iter().map(|k| OpInfo { name: k.name(), idioms: Binary::IDIOMS, differentiable: true, family: "binary" }).collect();
+    let mut v: Vec<OpInfo> = Binary::ALL
+        .iter()
+        .map(|k| OpInfo {
+            name: k.name(),
+            idioms: Binary::IDIOMS,
+            differentiable: true,
+            family: "binary",
+        })
+        .collect();
     for name in ["maximum_mask", "minimum_mask"] {
-        v.push(OpInfo { name, idioms: Binary::IDIOMS, differentiable: false, family: "binary" });
+        v.push(OpInfo {
+            name,
+            idioms: Binary::IDIOMS,
+            differentiable: false,
+            family: "binary",
+        });
     }
     v
 }

@@ -7,8 +7,8 @@
 use crate::cpu::map_layout;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuStorage, DType, Error, Idioms, InputGrads, KernelArg, Op, Outputs, Result, Specs, Tensor, TensorSpec,
-    execute1,
+    BackwardCtx, Cost, CpuStorage, DType, Error, Idioms, InputGrads, KernelArg, Op, Outputs,
+    Result, Specs, Tensor, TensorSpec, execute1,
     half::{bf16, f16},
     smallvec::smallvec,
     with_cpu_storage,
@@ -185,7 +185,11 @@ impl Op for Cast {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let x = inputs[0];
         if x.dtype() != self.from {
-            return Err(Error::DTypeMismatch { op: "to_dtype", expected: self.from, got: x.dtype() });
+            return Err(Error::DTypeMismatch {
+                op: "to_dtype",
+                expected: self.from,
+                got: x.dtype(),
+            });
         }
         Ok(smallvec![TensorSpec::new(x.shape().clone(), self.to)])
     }
@@ -224,11 +228,22 @@ impl CastOps for Tensor {
         if dtype == self.dtype() {
             return Ok(self.clone());
         }
-        execute1(Cast { from: self.dtype(), to: dtype }, &[self])
+        execute1(
+            Cast {
+                from: self.dtype(),
+                to: dtype,
+            },
+            &[self],
+        )
     }
 }
 
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
-    vec![OpInfo { name: "to_dtype", idioms: CAST_IDIOMS, differentiable: true, family: "cast" }]
+    vec![OpInfo {
+        name: "to_dtype",
+        idioms: CAST_IDIOMS,
+        differentiable: true,
+        family: "cast",
+    }]
 }

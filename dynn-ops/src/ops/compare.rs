@@ -10,8 +10,9 @@ use crate::math::simd;
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuElement, CpuStorage, DType, Element, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result,
-    Save, Shape, Specs, Tensor, TensorSpec, execute, execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
+    BackwardCtx, Cost, CpuElement, CpuStorage, DType, Element, Error, Idioms, InputGrads,
+    KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute,
+    execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
 };
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -39,7 +40,14 @@ pub enum CmpOp {
 
 impl CmpOp {
     /// Every comparison.
-    pub const ALL: [CmpOp; 6] = [CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge];
+    pub const ALL: [CmpOp; 6] = [
+        CmpOp::Eq,
+        CmpOp::Ne,
+        CmpOp::Lt,
+        CmpOp::Le,
+        CmpOp::Gt,
+        CmpOp::Ge,
+    ];
 
     /// The op name.
     pub fn name(self) -> &'static str {
@@ -81,7 +89,11 @@ fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
     f: impl Fn(M, T, T) -> U + Sync,
 ) -> Vec<U> {
     let n = shape.elem_count();
-    if let (Some((m0, m1)), Some((a0, a1)), Some((b0, b1))) = (ml.contiguous_range(), al.contiguous_range(), bl.contiguous_range()) {
+    if let (Some((m0, m1)), Some((a0, a1)), Some((b0, b1))) = (
+        ml.contiguous_range(),
+        al.contiguous_range(),
+        bl.contiguous_range(),
+    ) {
         let (m, a, b) = (&m[m0..m1], &a[a0..a1], &b[b0..b1]);
         return vec_from_fill(n, |out| {
             type Chunk<'a, M, T, U> = (((&'a mut [MaybeUninit<U>], &'a [M]), &'a [T]), &'a [T]);
@@ -94,7 +106,11 @@ fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
                 simd(|| body((((out, m), a), b)));
             } else {
                 let c = chunk_len(n);
-                out.par_chunks_mut(c).zip(m.par_chunks(c)).zip(a.par_chunks(c)).zip(b.par_chunks(c)).for_each(|x| simd(|| body(x)));
+                out.par_chunks_mut(c)
+                    .zip(m.par_chunks(c))
+                    .zip(a.par_chunks(c))
+                    .zip(b.par_chunks(c))
+                    .for_each(|x| simd(|| body(x)));
             }
         });
     }
@@ -104,9 +120,13 @@ fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
     let last = |l: &Layout| l.strides().last().copied().unwrap_or(0);
     let (ms, as_, bs) = (last(ml), last(al), last(bl));
     let bases = |l: &Layout| -> Vec<usize> {
-        Layout::from_parts(Shape::new(&dims[..rank.saturating_sub(1)]), l.strides()[..rank.saturating_sub(1)].into(), l.offset())
-            .indices()
-            .collect()
+        Layout::from_parts(
+            Shape::new(&dims[..rank.saturating_sub(1)]),
+            l.strides()[..rank.saturating_sub(1)].into(),
+            l.offset(),
+        )
+        .indices()
+        .collect()
     };
     let (mb, ab, bb) = (bases(ml), bases(al), bases(bl));
     vec_from_fill(n, |out| {
@@ -122,7 +142,10 @@ fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
         if n < PAR_MIN {
             out.chunks_mut(inner).enumerate().for_each(body);
         } else {
-            out.par_chunks_mut(inner).enumerate().with_min_len((PAR_MIN / 2 / inner).max(1)).for_each(body);
+            out.par_chunks_mut(inner)
+                .enumerate()
+                .with_min_len((PAR_MIN / 2 / inner).max(1))
+                .for_each(body);
         }
     })
 }
@@ -139,24 +162,53 @@ fn mask_of<T: Element>(v: &[T], layout: &Layout) -> Vec<u8> {
 
 fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
     // One pass: every input read once, the output written once, one operation per element.
-    let read: usize = inputs.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
+    let read: usize = inputs
+        .iter()
+        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+        .sum();
     let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
     let flops: usize = outputs.iter().map(|s| s.shape.elem_count()).sum();
-    Cost { flops: flops as u64, bytes_read: read as u64, bytes_written: written as u64 }
+    Cost {
+        flops: flops as u64,
+        bytes_read: read as u64,
+        bytes_written: written as u64,
+    }
 }
 
 // ----- comparisons -----
 
-fn compare_kernel<T: Element>(k: CmpOp, l: &[T], la: &KernelArg<'_>, r: &[T], ra: &KernelArg<'_>, shape: &Shape) -> Result<Vec<u32>> {
-    let (ll, rl) = (la.layout.broadcast_as(shape)?, ra.layout.broadcast_as(shape)?);
+fn compare_kernel<T: Element>(
+    k: CmpOp,
+    l: &[T],
+    la: &KernelArg<'_>,
+    r: &[T],
+    ra: &KernelArg<'_>,
+    shape: &Shape,
+) -> Result<Vec<u32>> {
+    let (ll, rl) = (
+        la.layout.broadcast_as(shape)?,
+        ra.layout.broadcast_as(shape)?,
+    );
     // `zip3` with the left operand as its "mask" slot keeps one generic element loop.
     Ok(match k {
-        CmpOp::Eq => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| u32::from(CmpOp::Eq.f(a, b))),
-        CmpOp::Ne => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| u32::from(CmpOp::Ne.f(a, b))),
-        CmpOp::Lt => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| u32::from(CmpOp::Lt.f(a, b))),
-        CmpOp::Le => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| u32::from(CmpOp::Le.f(a, b))),
-        CmpOp::Gt => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| u32::from(CmpOp::Gt.f(a, b))),
-        CmpOp::Ge => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| u32::from(CmpOp::Ge.f(a, b))),
+        CmpOp::Eq => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
+            u32::from(CmpOp::Eq.f(a, b))
+        }),
+        CmpOp::Ne => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
+            u32::from(CmpOp::Ne.f(a, b))
+        }),
+        CmpOp::Lt => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
+            u32::from(CmpOp::Lt.f(a, b))
+        }),
+        CmpOp::Le => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
+            u32::from(CmpOp::Le.f(a, b))
+        }),
+        CmpOp::Gt => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
+            u32::from(CmpOp::Gt.f(a, b))
+        }),
+        CmpOp::Ge => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
+            u32::from(CmpOp::Ge.f(a, b))
+        }),
     })
 }
 
@@ -170,7 +222,11 @@ impl Op for CmpOp {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (a, b) = (inputs[0], inputs[1]);
         if a.dtype() != b.dtype() {
-            return Err(Error::DTypeMismatch { op: self.name(), expected: a.dtype(), got: b.dtype() });
+            return Err(Error::DTypeMismatch {
+                op: self.name(),
+                expected: a.dtype(),
+                got: b.dtype(),
+            });
         }
         let shape = a.shape().broadcast_with(b.shape(), self.name())?;
         Ok(smallvec![TensorSpec::new(shape, DType::U32)])
@@ -186,10 +242,18 @@ impl Op for CmpOp {
             (CpuStorage::F32(l), CpuStorage::F32(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
             (CpuStorage::F64(l), CpuStorage::F64(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
             (CpuStorage::F16(l), CpuStorage::F16(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
-            (CpuStorage::BF16(l), CpuStorage::BF16(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
+            (CpuStorage::BF16(l), CpuStorage::BF16(r)) => {
+                compare_kernel(*self, l, &a, r, &b, shape)?
+            }
             (CpuStorage::I64(l), CpuStorage::I64(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
             (CpuStorage::U32(l), CpuStorage::U32(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
-            (l, r) => return Err(Error::DTypeMismatch { op: name, expected: l.dtype(), got: r.dtype() }),
+            (l, r) => {
+                return Err(Error::DTypeMismatch {
+                    op: name,
+                    expected: l.dtype(),
+                    got: r.dtype(),
+                });
+            }
         };
         Ok(crate::cpu::one(CpuStorage::U32(out)))
     }
@@ -204,10 +268,19 @@ impl Op for CmpOp {
 #[derive(Debug, Clone, Copy)]
 pub struct WhereCond;
 
-fn select<T: CpuElement>(mask: &[u8], ml: &Layout, t: &KernelArg<'_>, f: &KernelArg<'_>, shape: &Shape, op: &'static str) -> Result<Vec<T>> {
+fn select<T: CpuElement>(
+    mask: &[u8],
+    ml: &Layout,
+    t: &KernelArg<'_>,
+    f: &KernelArg<'_>,
+    shape: &Shape,
+    op: &'static str,
+) -> Result<Vec<T>> {
     let (tv, fv) = (t.cpu(op)?.as_slice::<T>(op)?, f.cpu(op)?.as_slice::<T>(op)?);
     let (tl, fl) = (t.layout.broadcast_as(shape)?, f.layout.broadcast_as(shape)?);
-    Ok(zip3(mask, ml, tv, &tl, fv, &fl, shape, |m, a, b| if m != 0 { a } else { b }))
+    Ok(zip3(mask, ml, tv, &tl, fv, &fl, shape, |m, a, b| {
+        if m != 0 { a } else { b }
+    }))
 }
 
 impl Op for WhereCond {
@@ -220,9 +293,16 @@ impl Op for WhereCond {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (m, t, f) = (inputs[0], inputs[1], inputs[2]);
         if t.dtype() != f.dtype() {
-            return Err(Error::DTypeMismatch { op: "where_cond", expected: t.dtype(), got: f.dtype() });
+            return Err(Error::DTypeMismatch {
+                op: "where_cond",
+                expected: t.dtype(),
+                got: f.dtype(),
+            });
         }
-        let shape = m.shape().broadcast_with(t.shape(), "where_cond")?.broadcast_with(f.shape(), "where_cond")?;
+        let shape = m
+            .shape()
+            .broadcast_with(t.shape(), "where_cond")?
+            .broadcast_with(f.shape(), "where_cond")?;
         Ok(smallvec![TensorSpec::new(shape, t.dtype())])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
@@ -244,7 +324,10 @@ impl Op for WhereCond {
         Ok(crate::cpu::one(out))
     }
     fn save(&self) -> Save {
-        Save { inputs: 0b001, outputs: 0 }
+        Save {
+            inputs: 0b001,
+            outputs: 0,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         if !ctx.needs(1) && !ctx.needs(2) {
@@ -268,10 +351,34 @@ impl Op for WhereCond {
 #[derive(Debug, Clone, Copy)]
 pub struct WhereBackward;
 
-fn split_grad<T: CpuElement>(mask: &[u8], ml: &Layout, g: &[T], gl: &Layout, shape: &Shape) -> (CpuStorage, CpuStorage) {
+fn split_grad<T: CpuElement>(
+    mask: &[u8],
+    ml: &Layout,
+    g: &[T],
+    gl: &Layout,
+    shape: &Shape,
+) -> (CpuStorage, CpuStorage) {
     let z = T::zero();
-    let t = zip3(mask, ml, g, gl, g, gl, shape, |m, x, _| if m != 0 { x } else { z });
-    let f = zip3(mask, ml, g, gl, g, gl, shape, |m, x, _| if m != 0 { z } else { x });
+    let t = zip3(
+        mask,
+        ml,
+        g,
+        gl,
+        g,
+        gl,
+        shape,
+        |m, x, _| if m != 0 { x } else { z },
+    );
+    let f = zip3(
+        mask,
+        ml,
+        g,
+        gl,
+        g,
+        gl,
+        shape,
+        |m, x, _| if m != 0 { z } else { x },
+    );
     (T::wrap(t), T::wrap(f))
 }
 
@@ -285,7 +392,11 @@ impl Op for WhereBackward {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (m, g) = (inputs[0], inputs[1]);
         if m.shape().broadcast_with(g.shape(), "where_backward")? != *g.shape() {
-            return Err(Error::shape_mismatch("where_backward", m.shape(), g.shape()));
+            return Err(Error::shape_mismatch(
+                "where_backward",
+                m.shape(),
+                g.shape(),
+            ));
         }
         let s = TensorSpec::new(g.shape().clone(), g.dtype());
         Ok(smallvec![s.clone(), s])
@@ -299,7 +410,10 @@ impl Op for WhereBackward {
         let mask = mask_bytes("where_backward", &m)?;
         let ml = Layout::contiguous(m.shape().clone()).broadcast_as(shape)?;
         let (t, f) = with_cpu_storage!(g.cpu("where_backward")?, v => split_grad(&mask, &ml, v, g.layout, shape));
-        Ok(smallvec![Box::new(t) as Box<dyn dynn_core::DeviceStorage>, Box::new(f) as Box<dyn dynn_core::DeviceStorage>])
+        Ok(smallvec![
+            Box::new(t) as Box<dyn dynn_core::DeviceStorage>,
+            Box::new(f) as Box<dyn dynn_core::DeviceStorage>
+        ])
     }
     fn differentiable(&self) -> bool {
         false
@@ -315,9 +429,18 @@ pub struct MaskedFill {
     pub value: f64,
 }
 
-fn fill<T: CpuElement>(mask: &[u8], ml: &Layout, x: &[T], xl: &Layout, shape: &Shape, value: f64) -> CpuStorage {
+fn fill<T: CpuElement>(
+    mask: &[u8],
+    ml: &Layout,
+    x: &[T],
+    xl: &Layout,
+    shape: &Shape,
+    value: f64,
+) -> CpuStorage {
     let v = T::from_f64(value);
-    T::wrap(zip3(mask, ml, x, xl, x, xl, shape, |m, a, _| if m != 0 { v } else { a }))
+    T::wrap(zip3(mask, ml, x, xl, x, xl, shape, |m, a, _| {
+        if m != 0 { v } else { a }
+    }))
 }
 
 impl Op for MaskedFill {
@@ -330,7 +453,14 @@ impl Op for MaskedFill {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (x, m) = (inputs[0], inputs[1]);
         if x.shape().broadcast_with(m.shape(), "masked_fill")? != *x.shape() {
-            return Err(Error::invalid("masked_fill", format!("mask of shape {} does not broadcast to the input's shape {}", m.shape(), x.shape())));
+            return Err(Error::invalid(
+                "masked_fill",
+                format!(
+                    "mask of shape {} does not broadcast to the input's shape {}",
+                    m.shape(),
+                    x.shape()
+                ),
+            ));
         }
         Ok(smallvec![TensorSpec::new(x.shape().clone(), x.dtype())])
     }
@@ -346,7 +476,10 @@ impl Op for MaskedFill {
         Ok(crate::cpu::one(out))
     }
     fn save(&self) -> Save {
-        Save { inputs: 0b10, outputs: 0 }
+        Save {
+            inputs: 0b10,
+            outputs: 0,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         if !ctx.needs(0) {
@@ -416,8 +549,17 @@ impl CompareOps for Tensor {
 
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
-    let f = |name, differentiable| OpInfo { name, idioms: COMPARE_IDIOMS, differentiable, family: "compare" };
+    let f = |name, differentiable| OpInfo {
+        name,
+        idioms: COMPARE_IDIOMS,
+        differentiable,
+        family: "compare",
+    };
     let mut v: Vec<OpInfo> = CmpOp::ALL.iter().map(|k| f(k.name(), false)).collect();
-    v.extend([f("where_cond", true), f("where_backward", false), f("masked_fill", true)]);
+    v.extend([
+        f("where_cond", true),
+        f("where_backward", false),
+        f("masked_fill", true),
+    ]);
     v
 }

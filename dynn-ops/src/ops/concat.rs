@@ -6,8 +6,9 @@ use crate::ops::indexing::write_row;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuElement, Dim, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result, Specs, Tensor,
-    TensorSpec, execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
+    BackwardCtx, Cost, CpuElement, Dim, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs,
+    Result, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec, vec_from_fill,
+    with_cpu_storage,
 };
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -36,12 +37,18 @@ fn copy_into<T: Copy + Send + Sync>(dst: &mut [MaybeUninit<T>], src: &[T]) {
         write_row(dst, src);
     } else {
         let c = chunk_len(dst.len());
-        dst.par_chunks_mut(c).zip(src.par_chunks(c)).for_each(|(d, s)| write_row(d, s));
+        dst.par_chunks_mut(c)
+            .zip(src.par_chunks(c))
+            .for_each(|(d, s)| write_row(d, s));
     }
 }
 
 /// Joins contiguous parts `(outer, n_k * inner)` into one `(outer, Σ n_k * inner)` vector.
-fn cat_kernel<T: Copy + Send + Sync>(parts: &[Cow<'_, [T]>], segs: &[usize], outer: usize) -> Vec<T> {
+fn cat_kernel<T: Copy + Send + Sync>(
+    parts: &[Cow<'_, [T]>],
+    segs: &[usize],
+    outer: usize,
+) -> Vec<T> {
     let row: usize = segs.iter().sum();
     let total = outer * row;
     vec_from_fill(total, |out| {
@@ -70,7 +77,10 @@ fn cat_kernel<T: Copy + Send + Sync>(parts: &[Cow<'_, [T]>], segs: &[usize], out
         if total < PAR_MIN {
             out.chunks_mut(row).enumerate().for_each(body);
         } else {
-            out.par_chunks_mut(row).enumerate().with_min_len((PAR_MIN / 2 / row).max(1)).for_each(body);
+            out.par_chunks_mut(row)
+                .enumerate()
+                .with_min_len((PAR_MIN / 2 / row).max(1))
+                .for_each(body);
         }
     })
 }
@@ -87,18 +97,37 @@ impl Op for Cat {
             return Err(Error::invalid("cat", "needs at least one tensor"));
         };
         if self.dim >= first.rank() {
-            return Err(Error::DimOutOfRange { op: "cat", dim: self.dim as i64, rank: first.rank(), shape: first.shape().clone() });
+            return Err(Error::DimOutOfRange {
+                op: "cat",
+                dim: self.dim as i64,
+                rank: first.rank(),
+                shape: first.shape().clone(),
+            });
         }
         let mut dims = first.dims().to_vec();
         for (k, t) in inputs.iter().enumerate().skip(1) {
             if t.dtype() != first.dtype() {
-                return Err(Error::DTypeMismatch { op: "cat", expected: first.dtype(), got: t.dtype() });
+                return Err(Error::DTypeMismatch {
+                    op: "cat",
+                    expected: first.dtype(),
+                    got: t.dtype(),
+                });
             }
-            let same = t.rank() == first.rank() && t.dims().iter().zip(first.dims()).enumerate().all(|(d, (a, b))| d == self.dim || a == b);
+            let same = t.rank() == first.rank()
+                && t.dims()
+                    .iter()
+                    .zip(first.dims())
+                    .enumerate()
+                    .all(|(d, (a, b))| d == self.dim || a == b);
             if !same {
                 return Err(Error::invalid(
                     "cat",
-                    format!("tensor {k} of shape {} does not match tensor 0 of shape {} outside dim {}", t.shape(), first.shape(), self.dim),
+                    format!(
+                        "tensor {k} of shape {} does not match tensor 0 of shape {} outside dim {}",
+                        t.shape(),
+                        first.shape(),
+                        self.dim
+                    ),
                 ));
             }
             dims[self.dim] += t.dims()[self.dim];
@@ -106,14 +135,24 @@ impl Op for Cat {
         Ok(smallvec![TensorSpec::new(dims, first.dtype())])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let read: usize = inputs.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum();
-        Cost { flops: 0, bytes_read: read as u64, bytes_written: outputs[0].size_in_bytes() as u64 }
+        let read: usize = inputs
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        Cost {
+            flops: 0,
+            bytes_read: read as u64,
+            bytes_written: outputs[0].size_in_bytes() as u64,
+        }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let dims = specs[0].shape.dims();
         let outer: usize = dims[..self.dim].iter().product();
         let inner: usize = dims[self.dim + 1..].iter().product();
-        let segs: Vec<usize> = inputs.iter().map(|a| a.shape().dims()[self.dim] * inner).collect();
+        let segs: Vec<usize> = inputs
+            .iter()
+            .map(|a| a.shape().dims()[self.dim] * inner)
+            .collect();
         let Some(first) = inputs.first() else {
             return Err(Error::invalid("cat", "needs at least one tensor"));
         };
@@ -132,7 +171,11 @@ impl Op for Cat {
         let mut grads: InputGrads = smallvec![];
         for (i, spec) in ctx.input_specs.iter().enumerate() {
             let n = spec.shape.dims()[self.dim];
-            grads.push(if ctx.needs(i) { Some(g.narrow(self.dim, at, n)?) } else { None });
+            grads.push(if ctx.needs(i) {
+                Some(g.narrow(self.dim, at, n)?)
+            } else {
+                None
+            });
             at += n;
         }
         Ok(grads)
@@ -143,7 +186,10 @@ impl Op for Cat {
 /// Differentiable: each input's gradient is its slice (a narrow view) of the output's.
 pub fn cat<D: Dim>(tensors: &[&Tensor], dim: D) -> Result<Tensor> {
     let Some(first) = tensors.first() else {
-        return Err(Error::invalid("cat", "needs at least one tensor, got an empty list"));
+        return Err(Error::invalid(
+            "cat",
+            "needs at least one tensor, got an empty list",
+        ));
     };
     let dim = dim.index(first.shape(), "cat")?;
     execute1(Cat { dim }, tensors)
@@ -153,7 +199,10 @@ pub fn cat<D: Dim>(tensors: &[&Tensor], dim: D) -> Result<Tensor> {
 /// `dim`, then they are concatenated.
 pub fn stack<D: Dim>(tensors: &[&Tensor], dim: D) -> Result<Tensor> {
     let Some(first) = tensors.first() else {
-        return Err(Error::invalid("stack", "needs at least one tensor, got an empty list"));
+        return Err(Error::invalid(
+            "stack",
+            "needs at least one tensor, got an empty list",
+        ));
     };
     let dim = dim.index_for_insert(first.shape(), "stack")?;
     for t in &tensors[1..] {
@@ -161,7 +210,10 @@ pub fn stack<D: Dim>(tensors: &[&Tensor], dim: D) -> Result<Tensor> {
             return Err(Error::shape_mismatch("stack", first.shape(), t.shape()));
         }
     }
-    let parts: Vec<Tensor> = tensors.iter().map(|t| t.unsqueeze(dim)).collect::<Result<_>>()?;
+    let parts: Vec<Tensor> = tensors
+        .iter()
+        .map(|t| t.unsqueeze(dim))
+        .collect::<Result<_>>()?;
     let refs: Vec<&Tensor> = parts.iter().collect();
     execute1(Cat { dim }, &refs)
 }
@@ -184,7 +236,13 @@ impl ConcatOps for Tensor {
         let size = self.dims()[dim];
         let total: usize = sizes.iter().sum();
         if total != size {
-            return Err(Error::invalid("split", format!("sizes {sizes:?} add up to {total}, but dim {dim} of shape {} has {size}", self.shape())));
+            return Err(Error::invalid(
+                "split",
+                format!(
+                    "sizes {sizes:?} add up to {total}, but dim {dim} of shape {} has {size}",
+                    self.shape()
+                ),
+            ));
         }
         let mut at = 0;
         sizes
@@ -199,14 +257,20 @@ impl ConcatOps for Tensor {
     fn chunk<D: Dim>(&self, n: usize, dim: D) -> Result<Vec<Tensor>> {
         let dim = dim.index(self.shape(), "chunk")?;
         if n == 0 {
-            return Err(Error::invalid("chunk", "the number of chunks must be positive"));
+            return Err(Error::invalid(
+                "chunk",
+                "the number of chunks must be positive",
+            ));
         }
         let size = self.dims()[dim];
         if size == 0 {
             return Ok(vec![self.narrow(dim, 0, 0)?]);
         }
         let step = size.div_ceil(n);
-        (0..size).step_by(step).map(|at| self.narrow(dim, at, step.min(size - at))).collect()
+        (0..size)
+            .step_by(step)
+            .map(|at| self.narrow(dim, at, step.min(size - at)))
+            .collect()
     }
     fn cat_with<D: Dim>(&self, others: &[&Tensor], dim: D) -> Result<Tensor> {
         let mut all: Vec<&Tensor> = Vec::with_capacity(others.len() + 1);
@@ -219,5 +283,10 @@ impl ConcatOps for Tensor {
 /// This file's entries in the op table (`stack`, `split` and `chunk` are compositions of
 /// `cat`, `unsqueeze` and `narrow`).
 pub(crate) fn ops() -> Vec<OpInfo> {
-    vec![OpInfo { name: "cat", idioms: CAT_IDIOMS, differentiable: true, family: "concat" }]
+    vec![OpInfo {
+        name: "cat",
+        idioms: CAT_IDIOMS,
+        differentiable: true,
+        family: "concat",
+    }]
 }

@@ -12,8 +12,9 @@ use crate::math::simd;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    AccFloat, BackwardCtx, Cost, CpuElement, CpuStorage, Dim, Error, FloatElement, Idioms, InputGrads, KernelArg, Layout,
-    Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
+    AccFloat, BackwardCtx, Cost, CpuElement, CpuStorage, Dim, Error, FloatElement, Idioms,
+    InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec,
+    execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
 };
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -48,20 +49,45 @@ fn check_index_dtype(op: &'static str, t: &Tensor, what: &str) -> Result<()> {
     if t.dtype().is_int() {
         Ok(())
     } else {
-        Err(Error::UnsupportedDType { op, dtype: t.dtype(), hint: format!(" for {what} (expected i64 or u32)") })
+        Err(Error::UnsupportedDType {
+            op,
+            dtype: t.dtype(),
+            hint: format!(" for {what} (expected i64 or u32)"),
+        })
     }
 }
 
 /// Reads an index tensor (i64 or u32, any layout) as row-major `usize`s, checking each is
 /// below `size`; the error names the first offending index and its position.
-pub(crate) fn read_indices(op: &'static str, arg: &KernelArg<'_>, size: usize, what: &str) -> Result<Vec<usize>> {
+pub(crate) fn read_indices(
+    op: &'static str,
+    arg: &KernelArg<'_>,
+    size: usize,
+    what: &str,
+) -> Result<Vec<usize>> {
     const BAD: usize = usize::MAX;
     let s = arg.cpu(op)?;
     let v = match s {
-        CpuStorage::I64(v) => map_layout(v, arg.layout, |x| if x >= 0 && (x as u64) < size as u64 { x as usize } else { BAD }),
-        CpuStorage::U32(v) => map_layout(v, arg.layout, |x| if (x as u64) < size as u64 { x as usize } else { BAD }),
+        CpuStorage::I64(v) => map_layout(v, arg.layout, |x| {
+            if x >= 0 && (x as u64) < size as u64 {
+                x as usize
+            } else {
+                BAD
+            }
+        }),
+        CpuStorage::U32(v) => map_layout(v, arg.layout, |x| {
+            if (x as u64) < size as u64 {
+                x as usize
+            } else {
+                BAD
+            }
+        }),
         other => {
-            return Err(Error::UnsupportedDType { op, dtype: other.dtype(), hint: format!(" for {what} (expected i64 or u32)") });
+            return Err(Error::UnsupportedDType {
+                op,
+                dtype: other.dtype(),
+                hint: format!(" for {what} (expected i64 or u32)"),
+            });
         }
     };
     if let Some(pos) = v.iter().position(|&x| x == BAD) {
@@ -75,7 +101,11 @@ pub(crate) fn read_indices(op: &'static str, arg: &KernelArg<'_>, size: usize, w
             op,
             index,
             size,
-            context: format!(" at position {pos} {:?} of {what} of shape {}", unravel(pos, arg.shape().dims()), arg.shape()),
+            context: format!(
+                " at position {pos} {:?} of {what} of shape {}",
+                unravel(pos, arg.shape().dims()),
+                arg.shape()
+            ),
         });
     }
     Ok(v)
@@ -107,15 +137,31 @@ impl<'a, T: Copy + Send + Sync> Rows<'a, T> {
         let dims = layout.dims();
         let strides = layout.strides();
         let inner: usize = dims[dim + 1..].iter().product();
-        let inner_contig = Layout::from_parts(Shape::new(&dims[dim + 1..]), strides[dim + 1..].into(), 0).is_contiguous();
+        let inner_contig =
+            Layout::from_parts(Shape::new(&dims[dim + 1..]), strides[dim + 1..].into(), 0)
+                .is_contiguous();
         if inner_contig {
-            let outer = Layout::from_parts(Shape::new(&dims[..dim]), strides[..dim].into(), layout.offset());
-            Rows { data: std::borrow::Cow::Borrowed(src), bases: outer.indices().collect(), stride: strides[dim], inner }
+            let outer = Layout::from_parts(
+                Shape::new(&dims[..dim]),
+                strides[..dim].into(),
+                layout.offset(),
+            );
+            Rows {
+                data: std::borrow::Cow::Borrowed(src),
+                bases: outer.indices().collect(),
+                stride: strides[dim],
+                inner,
+            }
         } else {
             let c = gather_layout(src, layout);
             let n = dims[dim];
             let outer: usize = dims[..dim].iter().product();
-            Rows { data: std::borrow::Cow::Owned(c), bases: (0..outer).map(|o| o * n * inner).collect(), stride: inner, inner }
+            Rows {
+                data: std::borrow::Cow::Owned(c),
+                bases: (0..outer).map(|o| o * n * inner).collect(),
+                stride: inner,
+                inner,
+            }
         }
     }
 
@@ -135,12 +181,16 @@ fn select_rows<T: Copy + Send + Sync>(rows: &Rows<'_, T>, ids: &[usize]) -> Vec<
         if total == 0 {
             return;
         }
-        let body = |(r, row): (usize, &mut [MaybeUninit<T>])| write_row(row, rows.row(r / m, ids[r % m]));
+        let body =
+            |(r, row): (usize, &mut [MaybeUninit<T>])| write_row(row, rows.row(r / m, ids[r % m]));
         if total < PAR_MIN {
             out.chunks_mut(inner).enumerate().for_each(body);
         } else {
             let min_rows = (PAR_MIN / 2 / inner).max(1);
-            out.par_chunks_mut(inner).enumerate().with_min_len(min_rows).for_each(body);
+            out.par_chunks_mut(inner)
+                .enumerate()
+                .with_min_len(min_rows)
+                .for_each(body);
         }
     })
 }
@@ -149,7 +199,13 @@ fn select_rows<T: Copy + Send + Sync>(rows: &Rows<'_, T>, ids: &[usize]) -> Vec<
 /// `src (outer, m, inner)`. Deterministic without atomics: the source rows are bucketed by
 /// destination (a stable counting sort), then each destination row is owned by one task that
 /// adds its sources in increasing `j`, accumulating in `T::Acc`.
-fn add_rows<T: FloatElement + CpuElement>(out: &mut [T], n: usize, inner: usize, src: &[T], ids: &[usize]) {
+fn add_rows<T: FloatElement + CpuElement>(
+    out: &mut [T],
+    n: usize,
+    inner: usize,
+    src: &[T],
+    ids: &[usize],
+) {
     let m = ids.len();
     if out.is_empty() || inner == 0 || m == 0 || n == 0 {
         return;
@@ -189,10 +245,15 @@ fn add_rows<T: FloatElement + CpuElement>(out: &mut [T], n: usize, inner: usize,
     };
     if out.len() + src.len() < PAR_MIN {
         let mut acc = Vec::with_capacity(inner);
-        out.chunks_mut(inner).enumerate().for_each(|x| body(&mut acc, x));
+        out.chunks_mut(inner)
+            .enumerate()
+            .for_each(|x| body(&mut acc, x));
     } else {
         let min_rows = (PAR_MIN / 4 / inner).max(1);
-        out.par_chunks_mut(inner).enumerate().with_min_len(min_rows).for_each_init(|| Vec::with_capacity(inner), body);
+        out.par_chunks_mut(inner)
+            .enumerate()
+            .with_min_len(min_rows)
+            .for_each_init(|| Vec::with_capacity(inner), body);
     }
 }
 
@@ -209,8 +270,17 @@ struct ElemGeometry {
 impl ElemGeometry {
     fn new(idx_dims: &[usize], dim: usize, strides: &[usize], offset: usize) -> Self {
         let outer = Layout::from_parts(Shape::new(&idx_dims[..dim]), strides[..dim].into(), offset);
-        let inner = Layout::from_parts(Shape::new(&idx_dims[dim + 1..]), strides[dim + 1..].into(), 0);
-        ElemGeometry { outer_base: outer.indices().collect(), inner_off: inner.indices().collect(), stride: strides[dim], m: idx_dims[dim] }
+        let inner = Layout::from_parts(
+            Shape::new(&idx_dims[dim + 1..]),
+            strides[dim + 1..].into(),
+            0,
+        );
+        ElemGeometry {
+            outer_base: outer.indices().collect(),
+            inner_off: inner.indices().collect(),
+            stride: strides[dim],
+            m: idx_dims[dim],
+        }
     }
 }
 
@@ -232,7 +302,10 @@ fn gather_elems<T: Copy + Send + Sync>(x: &[T], g: &ElemGeometry, idx: &[usize])
         if total < PAR_MIN {
             out.chunks_mut(ni).enumerate().for_each(body);
         } else {
-            out.par_chunks_mut(ni).enumerate().with_min_len((PAR_MIN / 4 / ni).max(1)).for_each(body);
+            out.par_chunks_mut(ni)
+                .enumerate()
+                .with_min_len((PAR_MIN / 4 / ni).max(1))
+                .for_each(body);
         }
     })
 }
@@ -240,7 +313,14 @@ fn gather_elems<T: Copy + Send + Sync>(x: &[T], g: &ElemGeometry, idx: &[usize])
 /// `out[o, idx[o, j, i], i] += src[o, j, i]` (torch's scatter_add) on a contiguous `out` of
 /// shape `out_dims`. Parallel over the outer blocks of `out` (each owned by one task); inside
 /// a block the sources are added in row-major order, so the result is deterministic.
-fn scatter_add_elems<T: FloatElement>(out: &mut [T], out_dims: &[usize], dim: usize, idx_dims: &[usize], idx: &[usize], src: &[T]) {
+fn scatter_add_elems<T: FloatElement>(
+    out: &mut [T],
+    out_dims: &[usize],
+    dim: usize,
+    idx_dims: &[usize],
+    idx: &[usize],
+    src: &[T],
+) {
     let strides = Shape::new(out_dims).contiguous_strides();
     let g = ElemGeometry::new(idx_dims, dim, &strides, 0);
     let ni = g.inner_off.len();
@@ -255,7 +335,10 @@ fn scatter_add_elems<T: FloatElement>(out: &mut [T], out_dims: &[usize], dim: us
         if coords.iter().zip(i_outer).any(|(&c, &d)| c >= d) {
             return;
         }
-        let o = coords.iter().zip(i_outer).fold(0, |acc, (&c, &d)| acc * d + c);
+        let o = coords
+            .iter()
+            .zip(i_outer)
+            .fold(0, |acc, (&c, &d)| acc * d + c);
         for j in 0..g.m {
             let r = o * g.m + j;
             let (ids, s) = (&idx[r * ni..(r + 1) * ni], &src[r * ni..(r + 1) * ni]);
@@ -287,7 +370,11 @@ fn spec_bytes(s: &TensorSpec) -> u64 {
 
 fn same_float_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     if a.dtype() != b.dtype() {
-        return Err(Error::DTypeMismatch { op, expected: a.dtype(), got: b.dtype() });
+        return Err(Error::DTypeMismatch {
+            op,
+            expected: a.dtype(),
+            got: b.dtype(),
+        });
     }
     if !a.dtype().is_float() {
         return Err(Error::unsupported_dtype(op, a.dtype()));
@@ -311,7 +398,13 @@ impl Op for Embedding {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (table, ids) = (inputs[0], inputs[1]);
         if table.rank() != 2 {
-            return Err(Error::invalid("embedding", format!("the table must be (vocab, dim), got shape {}", table.shape())));
+            return Err(Error::invalid(
+                "embedding",
+                format!(
+                    "the table must be (vocab, dim), got shape {}",
+                    table.shape()
+                ),
+            ));
         }
         check_index_dtype("embedding", ids, "ids")?;
         let mut dims = ids.dims().to_vec();
@@ -321,15 +414,24 @@ impl Op for Embedding {
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         // Reads the ids and one table row per id; writes the output.
         let out = spec_bytes(&outputs[0]);
-        Cost { flops: 0, bytes_read: bytes(inputs[1]) + out, bytes_written: out }
+        Cost {
+            flops: 0,
+            bytes_read: bytes(inputs[1]) + out,
+            bytes_written: out,
+        }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (table, ids) = (inputs[0], inputs[1]);
         let ids = read_indices("embedding", &ids, table.shape().dims()[0], "ids")?;
-        Ok(with_cpu_storage!(table.cpu("embedding")?, v => wrap(select_rows(&Rows::new(v, table.layout, 0), &ids))))
+        Ok(
+            with_cpu_storage!(table.cpu("embedding")?, v => wrap(select_rows(&Rows::new(v, table.layout, 0), &ids))),
+        )
     }
     fn save(&self) -> Save {
-        Save { inputs: 0b10, outputs: 0 }
+        Save {
+            inputs: 0b10,
+            outputs: 0,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         if !ctx.needs(0) {
@@ -340,7 +442,14 @@ impl Op for Embedding {
         let (v, d) = (table.dims()[0], table.dims()[1]);
         let ids = ids.reshape(ids.elem_count())?;
         let g = ctx.grad(0)?.reshape((ids.elem_count(), d))?;
-        let gt = execute1(IndexAddZeros { name: "embedding_backward", dim: 0, size: v }, &[&g, &ids])?;
+        let gt = execute1(
+            IndexAddZeros {
+                name: "embedding_backward",
+                dim: 0,
+                size: v,
+            },
+            &[&g, &ids],
+        )?;
         Ok(smallvec![Some(gt), None])
     }
 }
@@ -365,10 +474,18 @@ impl Op for IndexSelect {
         let (x, ids) = (inputs[0], inputs[1]);
         check_index_dtype("index_select", ids, "ids")?;
         if ids.rank() != 1 {
-            return Err(Error::invalid("index_select", format!("ids must be 1-D, got shape {}", ids.shape())));
+            return Err(Error::invalid(
+                "index_select",
+                format!("ids must be 1-D, got shape {}", ids.shape()),
+            ));
         }
         if self.dim >= x.rank() {
-            return Err(Error::DimOutOfRange { op: "index_select", dim: self.dim as i64, rank: x.rank(), shape: x.shape().clone() });
+            return Err(Error::DimOutOfRange {
+                op: "index_select",
+                dim: self.dim as i64,
+                rank: x.rank(),
+                shape: x.shape().clone(),
+            });
         }
         let mut dims = x.dims().to_vec();
         dims[self.dim] = ids.elem_count();
@@ -376,22 +493,38 @@ impl Op for IndexSelect {
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let out = spec_bytes(&outputs[0]);
-        Cost { flops: 0, bytes_read: bytes(inputs[1]) + out, bytes_written: out }
+        Cost {
+            flops: 0,
+            bytes_read: bytes(inputs[1]) + out,
+            bytes_written: out,
+        }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (x, ids) = (inputs[0], inputs[1]);
         let ids = read_indices("index_select", &ids, x.shape().dims()[self.dim], "ids")?;
-        Ok(with_cpu_storage!(x.cpu("index_select")?, v => wrap(select_rows(&Rows::new(v, x.layout, self.dim), &ids))))
+        Ok(
+            with_cpu_storage!(x.cpu("index_select")?, v => wrap(select_rows(&Rows::new(v, x.layout, self.dim), &ids))),
+        )
     }
     fn save(&self) -> Save {
-        Save { inputs: 0b10, outputs: 0 }
+        Save {
+            inputs: 0b10,
+            outputs: 0,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         if !ctx.needs(0) {
             return Ok(smallvec![None, None]);
         }
         let size = ctx.input_specs[0].shape.dims()[self.dim];
-        let gx = execute1(IndexAddZeros { name: "index_select_backward", dim: self.dim, size }, &[ctx.grad(0)?, ctx.input(1)?])?;
+        let gx = execute1(
+            IndexAddZeros {
+                name: "index_select_backward",
+                dim: self.dim,
+                size,
+            },
+            &[ctx.grad(0)?, ctx.input(1)?],
+        )?;
         Ok(smallvec![Some(gx), None])
     }
 }
@@ -431,7 +564,11 @@ impl Op for IndexAddZeros {
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         // Zero-fills the result, then adds each gradient row into it.
         let g = bytes(inputs[0]);
-        Cost { flops: inputs[0].elem_count() as u64, bytes_read: g + bytes(inputs[1]) + g, bytes_written: spec_bytes(&outputs[0]) + g }
+        Cost {
+            flops: inputs[0].elem_count() as u64,
+            bytes_read: g + bytes(inputs[1]) + g,
+            bytes_written: spec_bytes(&outputs[0]) + g,
+        }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (g, ids) = (inputs[0], inputs[1]);
@@ -457,7 +594,10 @@ fn zero_of<T: FloatElement>(_: &[T]) -> T {
 }
 
 /// The elements of `src` seen through `layout`, borrowed when already contiguous.
-fn contiguous<'a, T: Copy + Send + Sync>(src: &'a [T], layout: &Layout) -> std::borrow::Cow<'a, [T]> {
+fn contiguous<'a, T: Copy + Send + Sync>(
+    src: &'a [T],
+    layout: &Layout,
+) -> std::borrow::Cow<'a, [T]> {
     match layout.contiguous_range() {
         Some((a, b)) => std::borrow::Cow::Borrowed(&src[a..b]),
         None => std::borrow::Cow::Owned(gather_layout(src, layout)),
@@ -485,17 +625,32 @@ impl Op for IndexAdd {
         same_float_dtype("index_add", x, src)?;
         check_index_dtype("index_add", ids, "ids")?;
         if ids.rank() != 1 {
-            return Err(Error::invalid("index_add", format!("ids must be 1-D, got shape {}", ids.shape())));
+            return Err(Error::invalid(
+                "index_add",
+                format!("ids must be 1-D, got shape {}", ids.shape()),
+            ));
         }
         if self.dim >= x.rank() {
-            return Err(Error::DimOutOfRange { op: "index_add", dim: self.dim as i64, rank: x.rank(), shape: x.shape().clone() });
+            return Err(Error::DimOutOfRange {
+                op: "index_add",
+                dim: self.dim as i64,
+                rank: x.rank(),
+                shape: x.shape().clone(),
+            });
         }
         let mut want = x.dims().to_vec();
         want[self.dim] = ids.elem_count();
         if src.dims() != want.as_slice() {
             return Err(Error::invalid(
                 "index_add",
-                format!("src of shape {} must be {} (x {} with dim {} sized like ids {})", src.shape(), Shape::from(want), x.shape(), self.dim, ids.shape()),
+                format!(
+                    "src of shape {} must be {} (x {} with dim {} sized like ids {})",
+                    src.shape(),
+                    Shape::from(want),
+                    x.shape(),
+                    self.dim,
+                    ids.shape()
+                ),
             ));
         }
         Ok(smallvec![TensorSpec::new(x.shape().clone(), x.dtype())])
@@ -514,19 +669,30 @@ impl Op for IndexAdd {
         let (n, inner) = (dims[self.dim], dims[self.dim + 1..].iter().product());
         let ids = read_indices("index_add", &ids, n, "ids")?;
         let ss = src.cpu("index_add")?;
-        Ok(crate::float_dispatch!("index_add", x.cpu("index_add")?, |v| {
-            let mut out = gather_layout(v, x.layout);
-            let s = contiguous(ss.as_slice("index_add")?, src.layout);
-            add_rows(&mut out, n, inner, &s, &ids);
-            wrap(out)
-        }))
+        Ok(crate::float_dispatch!(
+            "index_add",
+            x.cpu("index_add")?,
+            |v| {
+                let mut out = gather_layout(v, x.layout);
+                let s = contiguous(ss.as_slice("index_add")?, src.layout);
+                add_rows(&mut out, n, inner, &s, &ids);
+                wrap(out)
+            }
+        ))
     }
     fn save(&self) -> Save {
-        Save { inputs: 0b010, outputs: 0 }
+        Save {
+            inputs: 0b010,
+            outputs: 0,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         let g = ctx.grad(0)?;
-        let gs = if ctx.needs(2) { Some(g.index_select(self.dim, ctx.input(1)?)?) } else { None };
+        let gs = if ctx.needs(2) {
+            Some(g.index_select(self.dim, ctx.input(1)?)?)
+        } else {
+            None
+        };
         Ok(smallvec![ctx.needs(0).then(|| g.clone()), None, gs])
     }
 }
@@ -536,13 +702,26 @@ impl Op for IndexAdd {
 fn check_elem_shapes(op: &'static str, x: &Shape, index: &Tensor, dim: usize) -> Result<()> {
     check_index_dtype(op, index, "index")?;
     if dim >= x.rank() {
-        return Err(Error::DimOutOfRange { op, dim: dim as i64, rank: x.rank(), shape: x.clone() });
+        return Err(Error::DimOutOfRange {
+            op,
+            dim: dim as i64,
+            rank: x.rank(),
+            shape: x.clone(),
+        });
     }
-    let ok = index.rank() == x.rank() && x.dims().iter().zip(index.dims()).enumerate().all(|(d, (&a, &b))| d == dim || b <= a);
+    let ok = index.rank() == x.rank()
+        && x.dims()
+            .iter()
+            .zip(index.dims())
+            .enumerate()
+            .all(|(d, (&a, &b))| d == dim || b <= a);
     if !ok {
         return Err(Error::invalid(
             op,
-            format!("index of shape {} must have the rank of x {x} and no larger size in any dim but {dim}", index.shape()),
+            format!(
+                "index of shape {} must have the rank of x {x} and no larger size in any dim but {dim}",
+                index.shape()
+            ),
         ));
     }
     Ok(())
@@ -570,23 +749,43 @@ impl Op for Gather {
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let out = spec_bytes(&outputs[0]);
-        Cost { flops: 0, bytes_read: bytes(inputs[1]) + out, bytes_written: out }
+        Cost {
+            flops: 0,
+            bytes_read: bytes(inputs[1]) + out,
+            bytes_written: out,
+        }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (x, index) = (inputs[0], inputs[1]);
         let idx = read_indices("gather", &index, x.shape().dims()[self.dim], "index")?;
-        let g = ElemGeometry::new(index.shape().dims(), self.dim, x.layout.strides(), x.layout.offset());
+        let g = ElemGeometry::new(
+            index.shape().dims(),
+            self.dim,
+            x.layout.strides(),
+            x.layout.offset(),
+        );
         Ok(with_cpu_storage!(x.cpu("gather")?, v => wrap(gather_elems(v, &g, &idx))))
     }
     fn save(&self) -> Save {
-        Save { inputs: 0b10, outputs: 0 }
+        Save {
+            inputs: 0b10,
+            outputs: 0,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         if !ctx.needs(0) {
             return Ok(smallvec![None, None]);
         }
-        let op = ScatterAddZeros { name: "gather_backward", idioms: GATHER_BACKWARD_IDIOMS, dim: self.dim, shape: ctx.input_specs[0].shape.clone() };
-        Ok(smallvec![Some(execute1(op, &[ctx.grad(0)?, ctx.input(1)?])?), None])
+        let op = ScatterAddZeros {
+            name: "gather_backward",
+            idioms: GATHER_BACKWARD_IDIOMS,
+            dim: self.dim,
+            shape: ctx.input_specs[0].shape.clone(),
+        };
+        Ok(smallvec![
+            Some(execute1(op, &[ctx.grad(0)?, ctx.input(1)?])?),
+            None
+        ])
     }
 }
 
@@ -610,7 +809,11 @@ impl Op for ScatterAdd {
         same_float_dtype("scatter_add", x, src)?;
         check_elem_shapes("scatter_add", x.shape(), index, self.dim)?;
         if src.shape() != index.shape() {
-            return Err(Error::shape_mismatch("scatter_add (src vs index)", src.shape(), index.shape()));
+            return Err(Error::shape_mismatch(
+                "scatter_add (src vs index)",
+                src.shape(),
+                index.shape(),
+            ));
         }
         Ok(smallvec![TensorSpec::new(x.shape().clone(), x.dtype())])
     }
@@ -627,19 +830,30 @@ impl Op for ScatterAdd {
         let dims = x.shape().dims();
         let idx = read_indices("scatter_add", &index, dims[self.dim], "index")?;
         let ss = src.cpu("scatter_add")?;
-        Ok(crate::float_dispatch!("scatter_add", x.cpu("scatter_add")?, |v| {
-            let mut out = gather_layout(v, x.layout);
-            let s = contiguous(ss.as_slice("scatter_add")?, src.layout);
-            scatter_add_elems(&mut out, dims, self.dim, index.shape().dims(), &idx, &s);
-            wrap(out)
-        }))
+        Ok(crate::float_dispatch!(
+            "scatter_add",
+            x.cpu("scatter_add")?,
+            |v| {
+                let mut out = gather_layout(v, x.layout);
+                let s = contiguous(ss.as_slice("scatter_add")?, src.layout);
+                scatter_add_elems(&mut out, dims, self.dim, index.shape().dims(), &idx, &s);
+                wrap(out)
+            }
+        ))
     }
     fn save(&self) -> Save {
-        Save { inputs: 0b010, outputs: 0 }
+        Save {
+            inputs: 0b010,
+            outputs: 0,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         let g = ctx.grad(0)?;
-        let gs = if ctx.needs(2) { Some(execute1(Gather { dim: self.dim }, &[g, ctx.input(1)?])?) } else { None };
+        let gs = if ctx.needs(2) {
+            Some(execute1(Gather { dim: self.dim }, &[g, ctx.input(1)?])?)
+        } else {
+            None
+        };
         Ok(smallvec![ctx.needs(0).then(|| g.clone()), None, gs])
     }
 }
@@ -679,18 +893,26 @@ impl Op for ScatterAddZeros {
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let src = bytes(inputs[0]);
-        Cost { flops: inputs[0].elem_count() as u64, bytes_read: bytes(inputs[1]) + 2 * src, bytes_written: spec_bytes(&outputs[0]) + src }
+        Cost {
+            flops: inputs[0].elem_count() as u64,
+            bytes_read: bytes(inputs[1]) + 2 * src,
+            bytes_written: spec_bytes(&outputs[0]) + src,
+        }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (src, index) = (inputs[0], inputs[1]);
         let dims = specs[0].shape.dims();
         let idx = read_indices(self.name, &index, dims[self.dim], "index")?;
-        Ok(crate::float_dispatch!(self.name, src.cpu(self.name)?, |v| {
-            let s = contiguous(v, src.layout);
-            let mut out = vec![zero_of(v); specs[0].shape.elem_count()];
-            scatter_add_elems(&mut out, dims, self.dim, index.shape().dims(), &idx, &s);
-            wrap(out)
-        }))
+        Ok(crate::float_dispatch!(
+            self.name,
+            src.cpu(self.name)?,
+            |v| {
+                let s = contiguous(v, src.layout);
+                let mut out = vec![zero_of(v); specs[0].shape.elem_count()];
+                scatter_add_elems(&mut out, dims, self.dim, index.shape().dims(), &idx, &s);
+                wrap(out)
+            }
+        ))
     }
     fn differentiable(&self) -> bool {
         false
@@ -736,10 +958,16 @@ impl IndexingOps for Tensor {
         let dim = dim.index(self.shape(), "scatter_add")?;
         let mut s = src.clone();
         if src.shape() != index.shape() {
-            if src.rank() != index.rank() || src.dims().iter().zip(index.dims()).any(|(&a, &b)| a < b) {
+            if src.rank() != index.rank()
+                || src.dims().iter().zip(index.dims()).any(|(&a, &b)| a < b)
+            {
                 return Err(Error::invalid(
                     "scatter_add",
-                    format!("src of shape {} must be at least as large as index {} in every dim", src.shape(), index.shape()),
+                    format!(
+                        "src of shape {} must be at least as large as index {} in every dim",
+                        src.shape(),
+                        index.shape()
+                    ),
                 ));
             }
             for (d, &n) in index.dims().iter().enumerate() {
@@ -758,7 +986,12 @@ impl IndexingOps for Tensor {
 
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
-    let f = |name, idioms, differentiable| OpInfo { name, idioms, differentiable, family: "indexing" };
+    let f = |name, idioms, differentiable| OpInfo {
+        name,
+        idioms,
+        differentiable,
+        family: "indexing",
+    };
     vec![
         f("embedding", GATHER_IDIOMS, true),
         f("embedding_backward", EMBEDDING_BACKWARD_IDIOMS, false),

@@ -9,8 +9,9 @@ use crate::ops::unary::UnaryOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    AccFloat, BackwardCtx, CpuElement, DType, Dim, Error, FloatElement, Idioms, InputGrads, KernelArg, Layout, Op, Outputs,
-    Result, Save, Shape, Specs, Tensor, TensorSpec, execute1, smallvec::SmallVec, smallvec::smallvec, vec_from_fill,
+    AccFloat, BackwardCtx, CpuElement, DType, Dim, Error, FloatElement, Idioms, InputGrads,
+    KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute1,
+    smallvec::SmallVec, smallvec::smallvec, vec_from_fill,
 };
 use rayon::prelude::*;
 
@@ -41,17 +42,30 @@ fn out_shape(shape: &Shape, dims: &[usize], keepdim: bool) -> Shape {
         .dims()
         .iter()
         .enumerate()
-        .filter_map(|(i, &s)| if dims.contains(&i) { keepdim.then_some(1) } else { Some(s) })
+        .filter_map(|(i, &s)| {
+            if dims.contains(&i) {
+                keepdim.then_some(1)
+            } else {
+                Some(s)
+            }
+        })
         .collect();
     Shape::from(d)
 }
 
 /// The input as a contiguous `(outer, red, inner)` block: copies (permuting reduced dims last)
 /// unless the input is contiguous and the reduced dims are one run.
-fn as_blocks<'a, T: Copy + Send + Sync>(src: &'a [T], layout: &Layout, dims: &[usize]) -> Result<(std::borrow::Cow<'a, [T]>, usize, usize, usize)> {
+fn as_blocks<'a, T: Copy + Send + Sync>(
+    src: &'a [T],
+    layout: &Layout,
+    dims: &[usize],
+) -> Result<(std::borrow::Cow<'a, [T]>, usize, usize, usize)> {
     let d = layout.dims();
     let run = dims.windows(2).all(|w| w[1] == w[0] + 1);
-    let (first, last) = (dims.first().copied().unwrap_or(0), dims.last().map_or(0, |l| l + 1));
+    let (first, last) = (
+        dims.first().copied().unwrap_or(0),
+        dims.last().map_or(0, |l| l + 1),
+    );
     if run && let Some((a, b)) = layout.contiguous_range() {
         let outer = d[..first].iter().product();
         let red = d[first..last].iter().product();
@@ -62,14 +76,24 @@ fn as_blocks<'a, T: Copy + Send + Sync>(src: &'a [T], layout: &Layout, dims: &[u
         let outer = d[..first].iter().product();
         let red = d[first..last].iter().product();
         let inner = d[last..].iter().product();
-        return Ok((std::borrow::Cow::Owned(gather_layout(src, layout)), outer, red, inner));
+        return Ok((
+            std::borrow::Cow::Owned(gather_layout(src, layout)),
+            outer,
+            red,
+            inner,
+        ));
     }
     let kept: Vec<usize> = (0..d.len()).filter(|i| !dims.contains(i)).collect();
     let perm: Vec<usize> = kept.iter().chain(dims.iter()).copied().collect();
     let p = layout.permute(&perm)?;
     let outer = kept.iter().map(|&i| d[i]).product();
     let red = dims.iter().map(|&i| d[i]).product();
-    Ok((std::borrow::Cow::Owned(gather_layout(src, &p)), outer, red, 1))
+    Ok((
+        std::borrow::Cow::Owned(gather_layout(src, &p)),
+        outer,
+        red,
+        1,
+    ))
 }
 
 #[inline(always)]
@@ -77,14 +101,14 @@ fn combine<A: AccFloat>(kind: ReduceKind, a: A, b: A) -> A {
     match kind {
         ReduceKind::Sum => a + b,
         ReduceKind::Max => {
-            if b > a || b != b {
+            if b > a || b.is_nan() {
                 b
             } else {
                 a
             }
         }
         ReduceKind::Min => {
-            if b < a || b != b {
+            if b < a || b.is_nan() {
                 b
             } else {
                 a
@@ -119,10 +143,17 @@ pub(crate) fn reduce_row<T: FloatElement>(kind: ReduceKind, row: &[T]) -> T::Acc
         }
         w /= 2;
     }
-    rem.iter().fold(acc[0], |a, &x| combine(kind, a, x.to_acc()))
+    rem.iter()
+        .fold(acc[0], |a, &x| combine(kind, a, x.to_acc()))
 }
 
-fn reduce_blocks<T: FloatElement + CpuElement>(kind: ReduceKind, x: &[T], outer: usize, red: usize, inner: usize) -> Vec<T> {
+fn reduce_blocks<T: FloatElement + CpuElement>(
+    kind: ReduceKind,
+    x: &[T],
+    outer: usize,
+    red: usize,
+    inner: usize,
+) -> Vec<T> {
     let n_out = outer * inner;
     if red == 0 || n_out == 0 {
         // An empty reduced dim gives the identity; an empty output has nothing to compute
@@ -144,7 +175,9 @@ fn reduce_blocks<T: FloatElement + CpuElement>(kind: ReduceKind, x: &[T], outer:
                 }
             } else {
                 let rows = (PAR_MIN / red).max(1);
-                out.par_chunks_mut(rows).zip(x.par_chunks(rows * red)).for_each(|(o, xs)| simd(|| o.iter_mut().zip(xs.chunks(red)).for_each(body)));
+                out.par_chunks_mut(rows)
+                    .zip(x.par_chunks(rows * red))
+                    .for_each(|(o, xs)| simd(|| o.iter_mut().zip(xs.chunks(red)).for_each(body)));
             }
         });
     }
@@ -161,9 +194,17 @@ fn reduce_blocks<T: FloatElement + CpuElement>(kind: ReduceKind, x: &[T], outer:
         })
     };
     if outer * red * inner < PAR_MIN || red == 0 {
-        out.chunks_mut(inner).zip(x.chunks(red * inner).chain(std::iter::repeat(&[][..]))).for_each(|(o, b)| if red > 0 { body((o, b)) });
+        out.chunks_mut(inner)
+            .zip(x.chunks(red * inner).chain(std::iter::repeat(&[][..])))
+            .for_each(|(o, b)| {
+                if red > 0 {
+                    body((o, b))
+                }
+            });
     } else if outer >= rayon::current_num_threads() * 2 {
-        out.par_chunks_mut(inner).zip(x.par_chunks(red * inner)).for_each(body);
+        out.par_chunks_mut(inner)
+            .zip(x.par_chunks(red * inner))
+            .for_each(body);
     } else {
         // Few outer blocks: split each block's columns across threads instead.
         let cols = 256.min(inner);
@@ -201,9 +242,15 @@ impl Op for Reduce {
             return Err(Error::unsupported_dtype(self.name(), x.dtype()));
         }
         if self.kind != ReduceKind::Sum && self.dims.len() != 1 {
-            return Err(Error::invalid(self.name(), "max/min kernels reduce exactly one dim"));
+            return Err(Error::invalid(
+                self.name(),
+                "max/min kernels reduce exactly one dim",
+            ));
         }
-        Ok(smallvec![TensorSpec::new(out_shape(x.shape(), &self.dims, self.keepdim), x.dtype())])
+        Ok(smallvec![TensorSpec::new(
+            out_shape(x.shape(), &self.dims, self.keepdim),
+            x.dtype()
+        )])
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
@@ -211,14 +258,19 @@ impl Op for Reduce {
         let kind = self.kind;
         let out = crate::float_dispatch!(name, x.cpu(name)?, |v| {
             let (data, outer, red, inner) = as_blocks(v, x.layout, &self.dims)?;
-            Box::new(CpuElement::wrap(reduce_blocks(kind, &data, outer, red, inner))) as Box<dyn dynn_core::DeviceStorage>
+            Box::new(CpuElement::wrap(reduce_blocks(
+                kind, &data, outer, red, inner,
+            ))) as Box<dyn dynn_core::DeviceStorage>
         });
         Ok(smallvec![out])
     }
     fn save(&self) -> Save {
         match self.kind {
             ReduceKind::Sum => Save::NONE,
-            _ => Save { inputs: 1, outputs: 1 },
+            _ => Save {
+                inputs: 1,
+                outputs: 1,
+            },
         }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
@@ -229,7 +281,13 @@ impl Op for Reduce {
             ReduceKind::Sum => Ok(smallvec![Some(g.broadcast_as(in_shape.clone())?)]),
             _ => {
                 let y = ctx.output(0)?.reshape(keep)?;
-                let gx = execute1(ExtremumBackward { dim: self.dims[0], kind: self.kind }, &[ctx.input(0)?, &y, &g])?;
+                let gx = execute1(
+                    ExtremumBackward {
+                        dim: self.dims[0],
+                        kind: self.kind,
+                    },
+                    &[ctx.input(0)?, &y, &g],
+                )?;
                 Ok(smallvec![Some(gx)])
             }
         }
@@ -246,13 +304,20 @@ struct ExtremumBackward {
 
 impl Op for ExtremumBackward {
     fn name(&self) -> &'static str {
-        if self.kind == ReduceKind::Min { "min_backward" } else { "max_backward" }
+        if self.kind == ReduceKind::Min {
+            "min_backward"
+        } else {
+            "max_backward"
+        }
     }
     fn idioms(&self) -> Idioms {
         Idioms([0, 0, 1, 1, 1, 0])
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
-        Ok(smallvec![TensorSpec::new(inputs[0].shape().clone(), inputs[0].dtype())])
+        Ok(smallvec![TensorSpec::new(
+            inputs[0].shape().clone(),
+            inputs[0].dtype()
+        )])
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();
@@ -262,7 +327,14 @@ impl Op for ExtremumBackward {
         let out = crate::float_dispatch!(name, x.cpu(name)?, |xv| {
             let yv = gather_layout(ys.as_slice(name)?, y.layout);
             let gv = gather_layout(gs.as_slice(name)?, g.layout);
-            Box::new(CpuElement::wrap(extremum_grad(xv, x.layout, &yv, &gv, dim, specs[0].shape.elem_count())?)) as Box<dyn dynn_core::DeviceStorage>
+            Box::new(CpuElement::wrap(extremum_grad(
+                xv,
+                x.layout,
+                &yv,
+                &gv,
+                dim,
+                specs[0].shape.elem_count(),
+            )?)) as Box<dyn dynn_core::DeviceStorage>
         });
         Ok(smallvec![out])
     }
@@ -271,14 +343,24 @@ impl Op for ExtremumBackward {
     }
 }
 
-fn extremum_grad<T: FloatElement + CpuElement>(xv: &[T], layout: &Layout, yv: &[T], gv: &[T], dim: usize, n: usize) -> Result<Vec<T>> {
+fn extremum_grad<T: FloatElement + CpuElement>(
+    xv: &[T],
+    layout: &Layout,
+    yv: &[T],
+    gv: &[T],
+    dim: usize,
+    n: usize,
+) -> Result<Vec<T>> {
     let (xb, outer, red, inner) = as_blocks(xv, layout, &[dim])?;
     let mut out = vec![T::from_acc(AccFloat::ZERO); n];
     for o in 0..outer {
         for i in 0..inner {
             let yy = yv[o * inner + i].to_acc();
             let idx = |r: usize| o * red * inner + r * inner + i;
-            let ties = (0..red).filter(|&r| xb[idx(r)].to_acc() == yy).count().max(1);
+            let ties = (0..red)
+                .filter(|&r| xb[idx(r)].to_acc() == yy)
+                .count()
+                .max(1);
             let share = gv[o * inner + i].to_acc() / AccFloat::of(ties as f64);
             for r in 0..red {
                 if xb[idx(r)].to_acc() == yy {
@@ -311,7 +393,10 @@ impl Op for Argmax {
         if !x.dtype().is_float() {
             return Err(Error::unsupported_dtype("argmax", x.dtype()));
         }
-        Ok(smallvec![TensorSpec::new(out_shape(x.shape(), &[self.dim], self.keepdim), DType::I64)])
+        Ok(smallvec![TensorSpec::new(
+            out_shape(x.shape(), &[self.dim], self.keepdim),
+            DType::I64
+        )])
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
@@ -322,8 +407,11 @@ impl Op for Argmax {
                 for i in 0..inner {
                     let mut best = 0;
                     for r in 1..red {
-                        let (c, m) = (b[o * red * inner + r * inner + i].to_acc(), b[o * red * inner + best * inner + i].to_acc());
-                        if c > m || (c != c && m == m) {
+                        let (c, m) = (
+                            b[o * red * inner + r * inner + i].to_acc(),
+                            b[o * red * inner + best * inner + i].to_acc(),
+                        );
+                        if c > m || (c.is_nan() && !m.is_nan()) {
                             best = r;
                         }
                     }
@@ -340,7 +428,10 @@ impl Op for Argmax {
 }
 
 fn resolve_dims<D: Dim>(x: &Tensor, dims: &[D], op: &'static str) -> Result<SmallVec<[usize; 4]>> {
-    let mut v: SmallVec<[usize; 4]> = dims.iter().map(|d| d.index(x.shape(), op)).collect::<Result<_>>()?;
+    let mut v: SmallVec<[usize; 4]> = dims
+        .iter()
+        .map(|d| d.index(x.shape(), op))
+        .collect::<Result<_>>()?;
     v.sort_unstable();
     v.dedup();
     Ok(v)
@@ -370,19 +461,43 @@ pub trait ReduceOps {
     fn sum_to(&self, shape: &Shape) -> Result<Tensor>;
 }
 
-fn extremum<D: Dim>(x: &Tensor, dims: &[D], keepdim: bool, kind: ReduceKind, op: &'static str) -> Result<Tensor> {
+fn extremum<D: Dim>(
+    x: &Tensor,
+    dims: &[D],
+    keepdim: bool,
+    kind: ReduceKind,
+    op: &'static str,
+) -> Result<Tensor> {
     let dims = resolve_dims(x, dims, op)?;
     let mut t = x.clone();
     for &d in dims.iter().rev() {
-        t = execute1(Reduce { kind, dims: smallvec![d], keepdim: true }, &[&t])?;
+        t = execute1(
+            Reduce {
+                kind,
+                dims: smallvec![d],
+                keepdim: true,
+            },
+            &[&t],
+        )?;
     }
-    if keepdim { Ok(t) } else { t.reshape(out_shape(x.shape(), &dims, false)) }
+    if keepdim {
+        Ok(t)
+    } else {
+        t.reshape(out_shape(x.shape(), &dims, false))
+    }
 }
 
 impl ReduceOps for Tensor {
     fn sum_dims<D: Dim>(&self, dims: &[D], keepdim: bool) -> Result<Tensor> {
         let dims = resolve_dims(self, dims, "sum")?;
-        execute1(Reduce { kind: ReduceKind::Sum, dims, keepdim }, &[self])
+        execute1(
+            Reduce {
+                kind: ReduceKind::Sum,
+                dims,
+                keepdim,
+            },
+            &[self],
+        )
     }
     fn sum_keepdim<D: Dim>(&self, dim: D) -> Result<Tensor> {
         self.sum_dims(&[dim], true)
@@ -414,7 +529,11 @@ impl ReduceOps for Tensor {
         let r = resolve_dims(self, dims, "var")?;
         let n: usize = r.iter().map(|&d| self.dims()[d]).product();
         let dev = self.sub(&self.mean_dims(&r, true)?)?;
-        let denom = if unbiased { n.saturating_sub(1).max(1) } else { n.max(1) };
+        let denom = if unbiased {
+            n.saturating_sub(1).max(1)
+        } else {
+            n.max(1)
+        };
         dev.sqr()?.sum_dims(&r, keepdim)?.scale(1.0 / denom as f64)
     }
     fn sum_to(&self, shape: &Shape) -> Result<Tensor> {
@@ -440,7 +559,12 @@ impl ReduceOps for Tensor {
 
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
-    let f = |name, idioms, differentiable| OpInfo { name, idioms, differentiable, family: "reduce" };
+    let f = |name, idioms, differentiable| OpInfo {
+        name,
+        idioms,
+        differentiable,
+        family: "reduce",
+    };
     vec![
         f("sum", Idioms::REDUCE, true),
         f("max", Idioms::REDUCE, true),

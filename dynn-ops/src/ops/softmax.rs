@@ -210,7 +210,8 @@ fn sum_lanes<A: AccFloat, const L: usize>(mut acc: [A; L]) -> A {
     let mut w = L / 2;
     while w > 0 {
         for k in 0..w {
-            acc[k] = acc[k] + acc[k + w];
+            let v = acc[k + w];
+            acc[k] += v;
         }
         w /= 2;
     }

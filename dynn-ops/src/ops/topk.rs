@@ -7,8 +7,9 @@ use crate::cpu::{PAR_MIN, gather_layout};
 use crate::ops::indexing::ScatterAddZeros;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuElement, CpuStorage, DType, Dim, Element, Error, Idioms, InputGrads, KernelArg, Op, Outputs, Result,
-    Save, Specs, Tensor, TensorSpec, execute, execute1, smallvec::smallvec, with_cpu_storage,
+    BackwardCtx, Cost, CpuElement, CpuStorage, DType, Dim, Element, Error, Idioms, InputGrads,
+    KernelArg, Op, Outputs, Result, Save, Specs, Tensor, TensorSpec, execute, execute1,
+    smallvec::smallvec, with_cpu_storage,
 };
 use rayon::prelude::*;
 use std::cmp::Ordering;
@@ -55,7 +56,11 @@ fn topk_lines<T: Element>(lines: &[T], n: usize, k: usize, largest: bool) -> (Ve
     }
     let cmp = |line: &[T], a: &u32, b: &u32| {
         let (va, vb) = (line[*a as usize], line[*b as usize]);
-        let o = if largest { total_cmp(vb, va) } else { total_cmp(va, vb) };
+        let o = if largest {
+            total_cmp(vb, va)
+        } else {
+            total_cmp(va, vb)
+        };
         o.then(a.cmp(b))
     };
     let body = |scratch: &mut Vec<u32>, (l, (v, i)): (usize, (&mut [T], &mut [i64]))| {
@@ -74,7 +79,10 @@ fn topk_lines<T: Element>(lines: &[T], n: usize, k: usize, largest: bool) -> (Ve
     };
     if lines.len() < PAR_MIN {
         let mut scratch = Vec::with_capacity(n);
-        vals.chunks_mut(k).zip(idxs.chunks_mut(k)).enumerate().for_each(|x| body(&mut scratch, x));
+        vals.chunks_mut(k)
+            .zip(idxs.chunks_mut(k))
+            .enumerate()
+            .for_each(|x| body(&mut scratch, x));
     } else {
         vals.par_chunks_mut(k)
             .zip(idxs.par_chunks_mut(k))
@@ -111,18 +119,37 @@ impl Op for TopK {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let x = inputs[0];
         if self.dim >= x.rank() {
-            return Err(Error::DimOutOfRange { op: "topk", dim: self.dim as i64, rank: x.rank(), shape: x.shape().clone() });
+            return Err(Error::DimOutOfRange {
+                op: "topk",
+                dim: self.dim as i64,
+                rank: x.rank(),
+                shape: x.shape().clone(),
+            });
         }
         let n = x.dims()[self.dim];
         if self.k > n {
-            return Err(Error::invalid("topk", format!("k = {} exceeds the size {n} of dim {} of shape {}", self.k, self.dim, x.shape())));
+            return Err(Error::invalid(
+                "topk",
+                format!(
+                    "k = {} exceeds the size {n} of dim {} of shape {}",
+                    self.k,
+                    self.dim,
+                    x.shape()
+                ),
+            ));
         }
         if n > u32::MAX as usize {
-            return Err(Error::invalid("topk", format!("dim {} of shape {} is too long", self.dim, x.shape())));
+            return Err(Error::invalid(
+                "topk",
+                format!("dim {} of shape {} is too long", self.dim, x.shape()),
+            ));
         }
         let mut dims = x.dims().to_vec();
         dims[self.dim] = self.k;
-        Ok(smallvec![TensorSpec::new(dims.clone(), x.dtype()), TensorSpec::new(dims, DType::I64)])
+        Ok(smallvec![
+            TensorSpec::new(dims.clone(), x.dtype()),
+            TensorSpec::new(dims, DType::I64)
+        ])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         // A selection (about n comparisons) plus a sort of k per line.
@@ -132,7 +159,11 @@ impl Op for TopK {
         let k = self.k.max(1);
         let flops = lines * (n + k * (usize::BITS - k.leading_zeros()) as usize);
         let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
-        Cost { flops: flops as u64, bytes_read: (x.elem_count() * x.dtype().size_in_bytes()) as u64, bytes_written: written as u64 }
+        Cost {
+            flops: flops as u64,
+            bytes_read: (x.elem_count() * x.dtype().size_in_bytes()) as u64,
+            bytes_written: written as u64,
+        }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
@@ -160,13 +191,21 @@ impl Op for TopK {
         ])
     }
     fn save(&self) -> Save {
-        Save { inputs: 0, outputs: 0b10 }
+        Save {
+            inputs: 0,
+            outputs: 0b10,
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
         let Some(Some(g)) = ctx.grads.first() else {
             return Ok(smallvec![None]);
         };
-        let op = ScatterAddZeros { name: "topk_backward", idioms: TOPK_BACKWARD_IDIOMS, dim: self.dim, shape: ctx.input_specs[0].shape.clone() };
+        let op = ScatterAddZeros {
+            name: "topk_backward",
+            idioms: TOPK_BACKWARD_IDIOMS,
+            dim: self.dim,
+            shape: ctx.input_specs[0].shape.clone(),
+        };
         Ok(smallvec![Some(execute1(op, &[g, ctx.output(1)?])?)])
     }
 }
@@ -195,7 +234,17 @@ impl TopKOps for Tensor {
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
     vec![
-        OpInfo { name: "topk", idioms: TOPK_IDIOMS, differentiable: true, family: "topk" },
-        OpInfo { name: "topk_backward", idioms: TOPK_BACKWARD_IDIOMS, differentiable: false, family: "topk" },
+        OpInfo {
+            name: "topk",
+            idioms: TOPK_IDIOMS,
+            differentiable: true,
+            family: "topk",
+        },
+        OpInfo {
+            name: "topk_backward",
+            idioms: TOPK_BACKWARD_IDIOMS,
+            differentiable: false,
+            family: "topk",
+        },
     ]
 }

@@ -8,8 +8,8 @@ use crate::float_dispatch;
 use crate::math::FastMath;
 use crate::registry::OpInfo;
 use dynn_core::{
-    AccFloat, BackwardCtx, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg, Op, Outputs, Result, Save,
-    Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
+    AccFloat, BackwardCtx, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg, Op,
+    Outputs, Result, Save, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
 };
 
 /// Which unary function.
@@ -79,7 +79,10 @@ impl Unary {
         Unary::Cos,
         Unary::Sqr,
         Unary::Recip,
-        Unary::Affine { mul: 1.5, add: -0.25 },
+        Unary::Affine {
+            mul: 1.5,
+            add: -0.25,
+        },
         Unary::Powf(2.5),
     ];
 
@@ -133,7 +136,10 @@ impl Unary {
 
     /// True when the derivative is computed from the output rather than the input.
     fn grad_from_output(self) -> bool {
-        matches!(self, Unary::Exp | Unary::Sqrt | Unary::Rsqrt | Unary::Tanh | Unary::Sigmoid | Unary::Recip)
+        matches!(
+            self,
+            Unary::Exp | Unary::Sqrt | Unary::Rsqrt | Unary::Tanh | Unary::Sigmoid | Unary::Recip
+        )
     }
 
     /// f(x).
@@ -156,8 +162,13 @@ impl Unary {
                     A::ZERO
                 }
             }
-            Unary::Gelu => half * x * (A::ONE + (A::of(SQRT_2_OVER_PI) * (x + A::of(0.044715) * x * x * x)).ftanh()),
-            Unary::GeluErf => half * x * (A::ONE + (x * A::of(std::f64::consts::FRAC_1_SQRT_2)).erf()),
+            Unary::Gelu => {
+                half * x
+                    * (A::ONE + (A::of(SQRT_2_OVER_PI) * (x + A::of(0.044715) * x * x * x)).ftanh())
+            }
+            Unary::GeluErf => {
+                half * x * (A::ONE + (x * A::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+            }
             Unary::Silu => x * x.fsigmoid(),
             Unary::Sin => x.sin(),
             Unary::Cos => x.cos(),
@@ -200,7 +211,8 @@ impl Unary {
                 let k = A::of(SQRT_2_OVER_PI);
                 let inner = k * (v + A::of(0.044715) * v * v * v);
                 let t = inner.ftanh();
-                half * (A::ONE + t) + half * v * (A::ONE - t * t) * k * (A::ONE + A::of(3.0 * 0.044715) * v * v)
+                half * (A::ONE + t)
+                    + half * v * (A::ONE - t * t) * k * (A::ONE + A::of(3.0 * 0.044715) * v * v)
             }
             Unary::GeluErf => {
                 let cdf = half * (A::ONE + (v * A::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
@@ -240,9 +252,24 @@ where
     }
     // One arm per kind so each loop is monomorphic in the function it applies.
     go!(
-        Unary::Neg, Unary::Abs, Unary::Exp, Unary::Log, Unary::Sqrt, Unary::Rsqrt, Unary::Tanh, Unary::Sigmoid,
-        Unary::Relu, Unary::Gelu, Unary::GeluErf, Unary::Silu, Unary::Sin, Unary::Cos, Unary::Sqr, Unary::Recip,
-        Unary::Affine { .. }, Unary::Powf(_)
+        Unary::Neg,
+        Unary::Abs,
+        Unary::Exp,
+        Unary::Log,
+        Unary::Sqrt,
+        Unary::Rsqrt,
+        Unary::Tanh,
+        Unary::Sigmoid,
+        Unary::Relu,
+        Unary::Gelu,
+        Unary::GeluErf,
+        Unary::Silu,
+        Unary::Sin,
+        Unary::Cos,
+        Unary::Sqr,
+        Unary::Recip,
+        Unary::Affine { .. },
+        Unary::Powf(_)
     )
 }
 
@@ -263,24 +290,43 @@ impl Op for Unary {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let k = *self;
         let x = inputs[0];
-        let out = float_dispatch!(self.name(), x.cpu(self.name())?, |v| T_wrap(run_forward(k, v, &x)));
+        let out = float_dispatch!(self.name(), x.cpu(self.name())?, |v| T_wrap(run_forward(
+            k, v, &x
+        )));
         Ok(smallvec![out])
     }
     fn save(&self) -> Save {
-        if self.grad_from_output() { Save::OUTPUT } else { Save::INPUTS }
+        if self.grad_from_output() {
+            Save::OUTPUT
+        } else {
+            Save::INPUTS
+        }
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
-        let v = if self.grad_from_output() { ctx.output(0)? } else { ctx.input(0)? };
+        let v = if self.grad_from_output() {
+            ctx.output(0)?
+        } else {
+            ctx.input(0)?
+        };
         let g = execute1(UnaryBackward(*self), &[v, ctx.grad(0)?])?;
         Ok(smallvec![Some(g)])
     }
 }
 
-fn grad_kernel<T: FloatElement + CpuElement>(k: Unary, v: &[T], va: &KernelArg<'_>, g: &[T], ga: &KernelArg<'_>, shape: &dynn_core::Shape) -> Vec<T>
+fn grad_kernel<T: FloatElement + CpuElement>(
+    k: Unary,
+    v: &[T],
+    va: &KernelArg<'_>,
+    g: &[T],
+    ga: &KernelArg<'_>,
+    shape: &dynn_core::Shape,
+) -> Vec<T>
 where
     T::Acc: FastMath,
 {
-    crate::cpu::zip_layouts(v, va.layout, g, ga.layout, shape, |a, b| T::from_acc(b.to_acc() * k.df(a.to_acc())))
+    crate::cpu::zip_layouts(v, va.layout, g, ga.layout, shape, |a, b| {
+        T::from_acc(b.to_acc() * k.df(a.to_acc()))
+    })
 }
 
 /// Boxes a typed vector as device storage.
@@ -306,7 +352,11 @@ impl Op for UnaryBackward {
             return Err(Error::shape_mismatch(self.name(), v.shape(), g.shape()));
         }
         if v.dtype() != g.dtype() {
-            return Err(Error::DTypeMismatch { op: self.name(), expected: v.dtype(), got: g.dtype() });
+            return Err(Error::DTypeMismatch {
+                op: self.name(),
+                expected: v.dtype(),
+                got: g.dtype(),
+            });
         }
         Ok(smallvec![TensorSpec::new(v.shape().clone(), v.dtype())])
     }
@@ -314,7 +364,14 @@ impl Op for UnaryBackward {
         let k = self.0;
         let name = self.name();
         let (v, g) = (inputs[0], inputs[1]);
-        let out = float_dispatch!(name, v.cpu(name)?, |vv| T_wrap(grad_kernel(k, vv, &v, g.cpu(name)?.as_slice(name)?, &g, &specs[0].shape)));
+        let out = float_dispatch!(name, v.cpu(name)?, |vv| T_wrap(grad_kernel(
+            k,
+            vv,
+            &v,
+            g.cpu(name)?.as_slice(name)?,
+            &g,
+            &specs[0].shape
+        )));
         Ok(smallvec![out])
     }
     fn differentiable(&self) -> bool {
@@ -420,8 +477,18 @@ pub(crate) fn ops() -> Vec<OpInfo> {
         .iter()
         .flat_map(|k| {
             [
-                OpInfo { name: k.name(), idioms: Unary::IDIOMS, differentiable: true, family: "unary" },
-                OpInfo { name: k.backward_name(), idioms: Unary::BACKWARD_IDIOMS, differentiable: false, family: "unary" },
+                OpInfo {
+                    name: k.name(),
+                    idioms: Unary::IDIOMS,
+                    differentiable: true,
+                    family: "unary",
+                },
+                OpInfo {
+                    name: k.backward_name(),
+                    idioms: Unary::BACKWARD_IDIOMS,
+                    differentiable: false,
+                    family: "unary",
+                },
             ]
         })
         .collect()

@@ -3,7 +3,10 @@
 //! manager sees the target as both read and written.
 
 use crate::registry::OpInfo;
-use dynn_core::{CpuStorage, DeviceStorage, Error, FloatElement, Idioms, InplaceOp, KernelArg, Layout, Result, Tensor, execute_inplace};
+use dynn_core::{
+    CpuStorage, DeviceStorage, Error, FloatElement, Idioms, InplaceOp, KernelArg, Layout, Result,
+    Tensor, execute_inplace,
+};
 use rayon::prelude::*;
 
 /// PyTorch's table: in-place add is `[0,1,0,0,0,0]`.
@@ -18,16 +21,33 @@ pub struct Axpy {
     pub beta: f64,
 }
 
-fn update<T: FloatElement + dynn_core::CpuElement>(dst: &mut [T], layout: &Layout, src: &[T], src_layout: &Layout, alpha: f64, beta: f64) {
-    let (a, b) = (<T::Acc as dynn_core::AccFloat>::of(alpha), <T::Acc as dynn_core::AccFloat>::of(beta));
+fn update<T: FloatElement + dynn_core::CpuElement>(
+    dst: &mut [T],
+    layout: &Layout,
+    src: &[T],
+    src_layout: &Layout,
+    alpha: f64,
+    beta: f64,
+) {
+    let (a, b) = (
+        <T::Acc as dynn_core::AccFloat>::of(alpha),
+        <T::Acc as dynn_core::AccFloat>::of(beta),
+    );
     let f = |d: &mut T, s: T| {
-        *d = if beta == 0.0 { T::from_acc(a * s.to_acc()) } else { T::from_acc(b * d.to_acc() + a * s.to_acc()) };
+        *d = if beta == 0.0 {
+            T::from_acc(a * s.to_acc())
+        } else {
+            T::from_acc(b * d.to_acc() + a * s.to_acc())
+        };
     };
     match (layout.contiguous_range(), src_layout.contiguous_range()) {
         (Some((d0, d1)), Some((s0, s1))) => {
-            dst[d0..d1].par_chunks_mut(1 << 14).zip(src[s0..s1].par_chunks(1 << 14)).for_each(|(d, s)| {
-                crate::math::simd(|| d.iter_mut().zip(s).for_each(|(d, &s)| f(d, s)));
-            });
+            dst[d0..d1]
+                .par_chunks_mut(1 << 14)
+                .zip(src[s0..s1].par_chunks(1 << 14))
+                .for_each(|(d, s)| {
+                    crate::math::simd(|| d.iter_mut().zip(s).for_each(|(d, &s)| f(d, s)));
+                });
         }
         _ => {
             for (di, si) in layout.indices().zip(src_layout.indices()) {
@@ -47,24 +67,43 @@ impl InplaceOp for Axpy {
     fn check(&self, target: &Tensor, inputs: &[&Tensor]) -> Result<()> {
         let x = inputs[0];
         if x.dtype() != target.dtype() {
-            return Err(Error::DTypeMismatch { op: self.name(), expected: target.dtype(), got: x.dtype() });
+            return Err(Error::DTypeMismatch {
+                op: self.name(),
+                expected: target.dtype(),
+                got: x.dtype(),
+            });
         }
         if !target.dtype().is_float() {
             return Err(Error::unsupported_dtype(self.name(), target.dtype()));
         }
-        x.layout().broadcast_as(target.shape()).map_err(|_| Error::shape_mismatch(self.name(), target.shape(), x.shape()))?;
+        x.layout()
+            .broadcast_as(target.shape())
+            .map_err(|_| Error::shape_mismatch(self.name(), target.shape(), x.shape()))?;
         Ok(())
     }
-    fn forward(&self, target: &mut dyn DeviceStorage, layout: &Layout, inputs: &[KernelArg<'_>]) -> Result<()> {
+    fn forward(
+        &self,
+        target: &mut dyn DeviceStorage,
+        layout: &Layout,
+        inputs: &[KernelArg<'_>],
+    ) -> Result<()> {
         let name = self.name();
         let x = inputs[0];
         let xl = x.layout.broadcast_as(layout.shape())?;
         let src = x.cpu(name)?;
         match (target.cpu_mut(name)?, src) {
-            (CpuStorage::F32(d), CpuStorage::F32(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
-            (CpuStorage::F64(d), CpuStorage::F64(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
-            (CpuStorage::F16(d), CpuStorage::F16(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
-            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => update(d, layout, s, &xl, self.alpha, self.beta),
+            (CpuStorage::F32(d), CpuStorage::F32(s)) => {
+                update(d, layout, s, &xl, self.alpha, self.beta)
+            }
+            (CpuStorage::F64(d), CpuStorage::F64(s)) => {
+                update(d, layout, s, &xl, self.alpha, self.beta)
+            }
+            (CpuStorage::F16(d), CpuStorage::F16(s)) => {
+                update(d, layout, s, &xl, self.alpha, self.beta)
+            }
+            (CpuStorage::BF16(d), CpuStorage::BF16(s)) => {
+                update(d, layout, s, &xl, self.alpha, self.beta)
+            }
             (d, _) => return Err(Error::unsupported_dtype(name, d.dtype())),
         }
         Ok(())
@@ -87,7 +126,14 @@ impl UpdateOps for Tensor {
         execute_inplace(Axpy { alpha, beta: 1.0 }, self, &[x])
     }
     fn assign_(&self, x: &Tensor) -> Result<()> {
-        execute_inplace(Axpy { alpha: 1.0, beta: 0.0 }, self, &[x])
+        execute_inplace(
+            Axpy {
+                alpha: 1.0,
+                beta: 0.0,
+            },
+            self,
+            &[x],
+        )
     }
     fn scale_add_(&self, beta: f64, alpha: f64, x: &Tensor) -> Result<()> {
         execute_inplace(Axpy { alpha, beta }, self, &[x])
@@ -96,5 +142,13 @@ impl UpdateOps for Tensor {
 
 /// This file's entries in the op table (in-place ops have no backward).
 pub(crate) fn ops() -> Vec<OpInfo> {
-    ["axpy", "assign"].into_iter().map(|name| OpInfo { name, idioms: IDIOMS, differentiable: false, family: "update" }).collect()
+    ["axpy", "assign"]
+        .into_iter()
+        .map(|name| OpInfo {
+            name,
+            idioms: IDIOMS,
+            differentiable: false,
+            family: "update",
+        })
+        .collect()
 }

@@ -6,8 +6,9 @@ use crate::cpu::gather_layout;
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, CpuStorage, Dim, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result, Shape, Specs, Tensor,
-    TensorSpec, ViewOp, execute_view, execute1, smallvec::smallvec, with_cpu_storage,
+    BackwardCtx, CpuStorage, Dim, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs,
+    Result, Shape, Specs, Tensor, TensorSpec, ViewOp, execute_view, execute1, smallvec::smallvec,
+    with_cpu_storage,
 };
 
 /// A view op and its parameters.
@@ -36,7 +37,15 @@ pub enum View {
 
 impl View {
     /// Op-table names of the views.
-    pub const NAMES: [&'static str; 7] = ["reshape", "transpose", "permute", "narrow", "broadcast_as", "squeeze", "unsqueeze"];
+    pub const NAMES: [&'static str; 7] = [
+        "reshape",
+        "transpose",
+        "permute",
+        "narrow",
+        "broadcast_as",
+        "squeeze",
+        "unsqueeze",
+    ];
 }
 
 impl ViewOp for View {
@@ -69,7 +78,14 @@ impl ViewOp for View {
                 }
                 g.permute(&inv)
             }
-            View::Narrow { dim, start } => execute1(PadNarrow { dim: *dim, start: *start, size: input.shape.dims()[*dim] }, &[g]),
+            View::Narrow { dim, start } => execute1(
+                PadNarrow {
+                    dim: *dim,
+                    start: *start,
+                    size: input.shape.dims()[*dim],
+                },
+                &[g],
+            ),
             View::Broadcast => g.sum_to(&input.shape),
         }
     }
@@ -97,7 +113,11 @@ impl Op for PadNarrow {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let g = inputs[0];
-        let out_layout = Layout::contiguous(specs[0].shape.clone()).narrow(self.dim, self.start, g.shape().dims()[self.dim])?;
+        let out_layout = Layout::contiguous(specs[0].shape.clone()).narrow(
+            self.dim,
+            self.start,
+            g.shape().dims()[self.dim],
+        )?;
         let mut out = CpuStorage::zeros(specs[0].dtype, specs[0].shape.elem_count());
         let src = g.cpu(self.name())?;
         match (&mut out, src) {
@@ -135,12 +155,16 @@ impl Op for Contiguous {
         Idioms::NONE
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
-        Ok(smallvec![TensorSpec::new(inputs[0].shape().clone(), inputs[0].dtype())])
+        Ok(smallvec![TensorSpec::new(
+            inputs[0].shape().clone(),
+            inputs[0].dtype()
+        )])
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
         let s = x.cpu(self.name())?;
-        let out: CpuStorage = with_cpu_storage!(s, v => dynn_core::CpuElement::wrap(gather_layout(v, x.layout)));
+        let out: CpuStorage =
+            with_cpu_storage!(s, v => dynn_core::CpuElement::wrap(gather_layout(v, x.layout)));
         Ok(crate::cpu::one(out))
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
@@ -179,27 +203,44 @@ impl ViewOps for Tensor {
             Some(l) => execute_view(View::Reshape, self, l),
             None => {
                 let c = self.contiguous()?;
-                let l = c.layout().reshape(&shape)?.ok_or_else(|| Error::Msg("reshape: copy is not contiguous".into()))?;
+                let l = c
+                    .layout()
+                    .reshape(&shape)?
+                    .ok_or_else(|| Error::Msg("reshape: copy is not contiguous".into()))?;
                 execute_view(View::Reshape, &c, l)
             }
         }
     }
     fn transpose<A: Dim, B: Dim>(&self, a: A, b: B) -> Result<Tensor> {
-        let (a, b) = (a.index(self.shape(), "transpose")?, b.index(self.shape(), "transpose")?);
+        let (a, b) = (
+            a.index(self.shape(), "transpose")?,
+            b.index(self.shape(), "transpose")?,
+        );
         execute_view(View::Transpose(a, b), self, self.layout().transpose(a, b)?)
     }
     fn t(&self) -> Result<Tensor> {
         if self.rank() < 2 {
-            return Err(Error::invalid("t", format!("needs rank >= 2, got shape {}", self.shape())));
+            return Err(Error::invalid(
+                "t",
+                format!("needs rank >= 2, got shape {}", self.shape()),
+            ));
         }
         self.transpose(-2i32, -1i32)
     }
     fn permute(&self, perm: &[usize]) -> Result<Tensor> {
-        execute_view(View::Permute(perm.to_vec()), self, self.layout().permute(perm)?)
+        execute_view(
+            View::Permute(perm.to_vec()),
+            self,
+            self.layout().permute(perm)?,
+        )
     }
     fn narrow<D: Dim>(&self, d: D, start: usize, len: usize) -> Result<Tensor> {
         let dim = d.index(self.shape(), "narrow")?;
-        execute_view(View::Narrow { dim, start }, self, self.layout().narrow(dim, start, len)?)
+        execute_view(
+            View::Narrow { dim, start },
+            self,
+            self.layout().narrow(dim, start, len)?,
+        )
     }
     fn broadcast_as(&self, shape: impl Into<Shape>) -> Result<Tensor> {
         let shape = shape.into();
@@ -223,7 +264,11 @@ impl ViewOps for Tensor {
         self.reshape(dims)
     }
     fn contiguous(&self) -> Result<Tensor> {
-        if self.is_contiguous() { Ok(self.clone()) } else { execute1(Contiguous, &[self]) }
+        if self.is_contiguous() {
+            Ok(self.clone())
+        } else {
+            execute1(Contiguous, &[self])
+        }
     }
 }
 
@@ -233,12 +278,26 @@ pub(crate) fn ops() -> Vec<OpInfo> {
         .iter()
         .map(|&name| OpInfo {
             name,
-            idioms: if matches!(name, "transpose" | "permute") { Idioms::LAYOUT } else { Idioms::NONE },
+            idioms: if matches!(name, "transpose" | "permute") {
+                Idioms::LAYOUT
+            } else {
+                Idioms::NONE
+            },
             differentiable: true,
             family: "views",
         })
         .collect();
-    v.push(OpInfo { name: "contiguous", idioms: Idioms::NONE, differentiable: true, family: "views" });
-    v.push(OpInfo { name: "narrow_backward", idioms: Idioms::NONE, differentiable: false, family: "views" });
+    v.push(OpInfo {
+        name: "contiguous",
+        idioms: Idioms::NONE,
+        differentiable: true,
+        family: "views",
+    });
+    v.push(OpInfo {
+        name: "narrow_backward",
+        idioms: Idioms::NONE,
+        differentiable: false,
+        family: "views",
+    });
     v
 }

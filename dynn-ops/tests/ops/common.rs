@@ -47,7 +47,13 @@ pub fn run_cases(cases: &[Case]) {
             failed.push(format!("case {names:?} failed: {e}"));
         }
     }
-    assert!(failed.is_empty(), "{} of {} cases failed:\n{}", failed.len(), cases.len(), failed.join("\n"));
+    assert!(
+        failed.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failed.len(),
+        cases.len(),
+        failed.join("\n")
+    );
 }
 
 // ----- deterministic random data -----
@@ -100,7 +106,12 @@ pub fn rand_f32(shape: &[usize], seed: u64) -> Tensor {
 
 /// f64 values uniform in [0.2, 2.0].
 pub fn rand_positive(shape: &[usize], seed: u64) -> Tensor {
-    Tensor::from_vec(values(count(shape), seed, |r| 0.2 + 1.8 * r.uniform()), shape, Device::Cpu).expect("rand_positive")
+    Tensor::from_vec(
+        values(count(shape), seed, |r| 0.2 + 1.8 * r.uniform()),
+        shape,
+        Device::Cpu,
+    )
+    .expect("rand_positive")
 }
 
 /// `shape` of `dtype`: floats as [`randn`] (rounded to the dtype), integers in `0..4`.
@@ -115,7 +126,12 @@ pub fn rand_dtype(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 
 /// Positive values in [0.2, 2.0] of `dtype` (floats only).
 pub fn rand_positive_dtype(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
-    from_f64(&values(count(shape), seed, |r| 0.2 + 1.8 * r.uniform()), shape, dtype).expect("rand_positive_dtype")
+    from_f64(
+        &values(count(shape), seed, |r| 0.2 + 1.8 * r.uniform()),
+        shape,
+        dtype,
+    )
+    .expect("rand_positive_dtype")
 }
 
 /// A tensor of `dtype` from f64 values (rounded to the dtype).
@@ -150,37 +166,66 @@ pub fn gradcheck(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> 
 
 /// Like [`gradcheck`], checking only the inputs with `wants_grad[i]`; the others (index
 /// tensors, constants) are passed to `f` unchanged and are not made leaves.
-pub fn gradcheck_some(inputs: &[Tensor], wants_grad: &[bool], f: impl Fn(&[Tensor]) -> Result<Tensor>) -> Result<()> {
+pub fn gradcheck_some(
+    inputs: &[Tensor],
+    wants_grad: &[bool],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) -> Result<()> {
     if wants_grad.len() != inputs.len() {
-        return Err(Error::Msg(format!("gradcheck: {} inputs but {} wants_grad flags", inputs.len(), wants_grad.len())));
+        return Err(Error::Msg(format!(
+            "gradcheck: {} inputs but {} wants_grad flags",
+            inputs.len(),
+            wants_grad.len()
+        )));
     }
     for (i, (x, &w)) in inputs.iter().zip(wants_grad).enumerate() {
         if w && x.dtype() != DType::F64 {
-            return Err(Error::Msg(format!("gradcheck: input {i} is {}, gradient checks run in f64", x.dtype())));
+            return Err(Error::Msg(format!(
+                "gradcheck: input {i} is {}, gradient checks run in f64",
+                x.dtype()
+            )));
         }
     }
     if !wants_grad.iter().any(|&w| w) {
         return Err(Error::Msg("gradcheck: no input to check".into()));
     }
     // Analytic gradients.
-    let leaves: Vec<Tensor> =
-        inputs.iter().zip(wants_grad).map(|(x, &w)| if w { x.detach().set_requires_grad(true) } else { x.detach() }).collect();
+    let leaves: Vec<Tensor> = inputs
+        .iter()
+        .zip(wants_grad)
+        .map(|(x, &w)| {
+            if w {
+                x.detach().set_requires_grad(true)
+            } else {
+                x.detach()
+            }
+        })
+        .collect();
     let y = f(&leaves)?;
     if y.dtype() != DType::F64 {
-        return Err(Error::Msg(format!("gradcheck: f returned {}, expected f64", y.dtype())));
+        return Err(Error::Msg(format!(
+            "gradcheck: f returned {}, expected f64",
+            y.dtype()
+        )));
     }
     let r = randn(y.dims(), 0xC0FFEE ^ y.elem_count() as u64);
     let rv = r.to_f64_vec()?;
     if y.requires_grad() {
         y.backward_with(r.clone())?;
     } else {
-        return Err(Error::Msg("gradcheck: the output of f does not require grad (is f recorded on the tape?)".into()));
+        return Err(Error::Msg(
+            "gradcheck: the output of f does not require grad (is f recorded on the tape?)".into(),
+        ));
     }
     let loss = |xs: &[Tensor]| -> Result<f64> {
         let _g = no_grad();
         let out = f(xs)?;
         if out.dims() != y.dims() {
-            return Err(Error::Msg(format!("gradcheck: f's output shape changed from {} to {}", y.shape(), out.shape())));
+            return Err(Error::Msg(format!(
+                "gradcheck: f's output shape changed from {} to {}",
+                y.shape(),
+                out.shape()
+            )));
         }
         Ok(out.to_f64_vec()?.iter().zip(&rv).map(|(a, b)| a * b).sum())
     };
@@ -192,7 +237,11 @@ pub fn gradcheck_some(inputs: &[Tensor], wants_grad: &[bool], f: impl Fn(&[Tenso
         let analytic = match leaves[i].grad() {
             Some(g) => {
                 if g.dims() != x.dims() {
-                    return Err(Error::Msg(format!("gradcheck: gradient of input {i} has shape {}, input {}", g.shape(), x.shape())));
+                    return Err(Error::Msg(format!(
+                        "gradcheck: gradient of input {i} has shape {}, input {}",
+                        g.shape(),
+                        x.shape()
+                    )));
                 }
                 g.to_f64_vec()?
             }
@@ -204,10 +253,16 @@ pub fn gradcheck_some(inputs: &[Tensor], wants_grad: &[bool], f: impl Fn(&[Tenso
         sorted.sort_unstable();
         sorted.dedup();
         let (data, layout) = if sorted.len() == idx.len() {
-            (x.buffer().to_host("gradcheck")?.to_f64_vec(), x.layout().clone())
+            (
+                x.buffer().to_host("gradcheck")?.to_f64_vec(),
+                x.layout().clone(),
+            )
         } else {
             idx = (0..x.elem_count()).collect();
-            (x.to_f64_vec()?, dynn_core::Layout::contiguous(x.shape().clone()))
+            (
+                x.to_f64_vec()?,
+                dynn_core::Layout::contiguous(x.shape().clone()),
+            )
         };
         let mut xs = plain.clone();
         let mut eval = |j: usize, delta: f64| -> Result<f64> {
@@ -259,7 +314,13 @@ pub fn from_candle(t: &cc::Tensor) -> Tensor {
         cc::DType::BF16 => CpuStorage::BF16(flat.to_vec1().expect("to_vec1")),
         cc::DType::I64 => CpuStorage::I64(flat.to_vec1().expect("to_vec1")),
         cc::DType::U32 => CpuStorage::U32(flat.to_vec1().expect("to_vec1")),
-        cc::DType::U8 => CpuStorage::U32(flat.to_vec1::<u8>().expect("to_vec1").into_iter().map(u32::from).collect()),
+        cc::DType::U8 => CpuStorage::U32(
+            flat.to_vec1::<u8>()
+                .expect("to_vec1")
+                .into_iter()
+                .map(u32::from)
+                .collect(),
+        ),
         other => panic!("from_candle: unsupported candle dtype {other:?}"),
     };
     Tensor::from_storage(s, dims, Device::Cpu).expect("from_candle")
@@ -294,7 +355,11 @@ pub fn candle_dtype(d: DType) -> cc::DType {
 /// differ (a half-precision result against an f32 reference).
 pub fn assert_close(a: &Tensor, b: &cc::Tensor, tol: f64) -> Result<()> {
     if a.dims() != b.dims() {
-        return Err(Error::Msg(format!("assert_close: shape {:?} (dynn) vs {:?} (candle)", a.dims(), b.dims())));
+        return Err(Error::Msg(format!(
+            "assert_close: shape {:?} (dynn) vs {:?} (candle)",
+            a.dims(),
+            b.dims()
+        )));
     }
     let av = a.to_f64_vec()?;
     let bv: Vec<f64> = b
@@ -305,7 +370,11 @@ pub fn assert_close(a: &Tensor, b: &cc::Tensor, tol: f64) -> Result<()> {
     let mut worst: Option<(usize, f64)> = None;
     for (i, (&x, &y)) in av.iter().zip(&bv).enumerate() {
         let excess = if x.is_nan() || y.is_nan() {
-            if x.is_nan() && y.is_nan() { 0.0 } else { f64::INFINITY }
+            if x.is_nan() && y.is_nan() {
+                0.0
+            } else {
+                f64::INFINITY
+            }
         } else if x.is_infinite() || y.is_infinite() {
             if x == y { 0.0 } else { f64::INFINITY }
         } else {
@@ -324,7 +393,12 @@ pub fn assert_close(a: &Tensor, b: &cc::Tensor, tol: f64) -> Result<()> {
             b.dtype(),
             av[i],
             bv[i],
-            av.iter().zip(&bv).filter(|(x, y)| !((*x - *y).abs() <= tol * (1.0 + y.abs())) && !(x.is_nan() && y.is_nan()) && *x != *y).count(),
+            av.iter()
+                .zip(&bv)
+                .filter(|(x, y)| !((*x - *y).abs() <= tol * (1.0 + y.abs()))
+                    && !(x.is_nan() && y.is_nan())
+                    && *x != *y)
+                .count(),
             av.len()
         ))),
     }
@@ -333,11 +407,21 @@ pub fn assert_close(a: &Tensor, b: &cc::Tensor, tol: f64) -> Result<()> {
 /// The gradients of `sum(f(x) * r)` with respect to each input, by candle's autograd. Float
 /// inputs become `Var`s; an integer input is passed through and reported as f32 zeros of its
 /// shape (as [`dynn_grad`] does). Panics on candle errors.
-pub fn candle_grad(inputs: &[cc::Tensor], f: impl Fn(&[cc::Tensor]) -> cc::Result<cc::Tensor>, r: &cc::Tensor) -> Vec<cc::Tensor> {
+pub fn candle_grad(
+    inputs: &[cc::Tensor],
+    f: impl Fn(&[cc::Tensor]) -> cc::Result<cc::Tensor>,
+    r: &cc::Tensor,
+) -> Vec<cc::Tensor> {
     let is_float = |t: &cc::Tensor| t.dtype().is_float();
     let vars: Vec<cc::Tensor> = inputs
         .iter()
-        .map(|t| if is_float(t) { cc::Var::from_tensor(t).expect("Var").as_tensor().clone() } else { t.clone() })
+        .map(|t| {
+            if is_float(t) {
+                cc::Var::from_tensor(t).expect("Var").as_tensor().clone()
+            } else {
+                t.clone()
+            }
+        })
         .collect();
     let y = f(&vars).expect("candle forward");
     let loss = y.mul(r).and_then(|p| p.sum_all()).expect("candle loss");
@@ -345,7 +429,8 @@ pub fn candle_grad(inputs: &[cc::Tensor], f: impl Fn(&[cc::Tensor]) -> cc::Resul
     vars.iter()
         .map(|v| {
             if !is_float(v) {
-                return cc::Tensor::zeros(v.dims(), cc::DType::F32, &cc::Device::Cpu).expect("zeros");
+                return cc::Tensor::zeros(v.dims(), cc::DType::F32, &cc::Device::Cpu)
+                    .expect("zeros");
             }
             match grads.get(v) {
                 Some(g) => g.clone(),
@@ -359,9 +444,21 @@ pub fn candle_grad(inputs: &[cc::Tensor], f: impl Fn(&[cc::Tensor]) -> cc::Resul
 /// seeded with `r`). Float inputs become leaves with their own layout (views stay views); an
 /// integer input is passed through and reported as f32 zeros of its shape; a float leaf that
 /// backward does not reach gets zeros.
-pub fn dynn_grad(inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>, r: &Tensor) -> Result<Vec<Tensor>> {
-    let leaves: Vec<Tensor> =
-        inputs.iter().map(|t| if t.dtype().is_float() { t.detach().set_requires_grad(true) } else { t.detach() }).collect();
+pub fn dynn_grad(
+    inputs: &[Tensor],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    r: &Tensor,
+) -> Result<Vec<Tensor>> {
+    let leaves: Vec<Tensor> = inputs
+        .iter()
+        .map(|t| {
+            if t.dtype().is_float() {
+                t.detach().set_requires_grad(true)
+            } else {
+                t.detach()
+            }
+        })
+        .collect();
     let y = f(&leaves)?;
     if y.requires_grad() {
         y.backward_with(r.clone())?;
@@ -411,7 +508,9 @@ pub fn oracle(
         return Ok(());
     }
     let r = rand_dtype(y.dims(), 0xBADC0DE ^ y.elem_count() as u64, y.dtype());
-    let cr = reference_input(&r).to_dtype(cy.dtype()).map_err(|e| Error::Msg(format!("candle: {e}")))?;
+    let cr = reference_input(&r)
+        .to_dtype(cy.dtype())
+        .map_err(|e| Error::Msg(format!("candle: {e}")))?;
     let dg = dynn_grad(inputs, &f, &r)?;
     let cg = candle_grad(&cin, &cf, &cr);
     for (i, (d, c)) in dg.iter().zip(&cg).enumerate() {
@@ -445,7 +544,9 @@ impl<T> Ctx<T> for Result<T> {
 mod self_tests {
     use super::*;
     use dynn_core::smallvec::smallvec;
-    use dynn_core::{BackwardCtx, Idioms, InputGrads, KernelArg, Op, Outputs, Specs, TensorSpec, execute1};
+    use dynn_core::{
+        BackwardCtx, Idioms, InputGrads, KernelArg, Op, Outputs, Specs, TensorSpec, execute1,
+    };
     use dynn_ops::prelude::*;
 
     /// y = 2x, with a backward that returns `factor * grad`: right for 2, wrong otherwise.
@@ -461,10 +562,15 @@ mod self_tests {
             Idioms::MAP
         }
         fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
-            Ok(smallvec![TensorSpec::new(inputs[0].shape().clone(), inputs[0].dtype())])
+            Ok(smallvec![TensorSpec::new(
+                inputs[0].shape().clone(),
+                inputs[0].dtype()
+            )])
         }
         fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
-            let v = inputs[0].cpu("test_double")?.as_slice::<f64>("test_double")?;
+            let v = inputs[0]
+                .cpu("test_double")?
+                .as_slice::<f64>("test_double")?;
             let out: Vec<f64> = inputs[0].layout.indices().map(|i| 2.0 * v[i]).collect();
             Ok(dynn_ops::cpu::one(CpuStorage::F64(out)))
         }
@@ -482,9 +588,13 @@ mod self_tests {
         let x = randn(&[3, 4], 1);
         gradcheck(&[x.clone()], |v| double(&v[0], 2.0)).unwrap();
         gradcheck(&[x.t().unwrap()], |v| double(&v[0], 2.0)).unwrap();
-        let e = gradcheck(&[x.clone()], |v| double(&v[0], 2.0 + 1e-3)).unwrap_err().to_string();
+        let e = gradcheck(&[x.clone()], |v| double(&v[0], 2.0 + 1e-3))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("input 0") && e.contains("element 0"), "{e}");
-        let e = gradcheck(&[x.narrow(1, 1, 2).unwrap()], |v| double(&v[0], -2.0)).unwrap_err().to_string();
+        let e = gradcheck(&[x.narrow(1, 1, 2).unwrap()], |v| double(&v[0], -2.0))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("input 0"), "{e}");
         // Only the checked inputs are checked.
         let y = randn(&[3, 4], 2);
@@ -502,23 +612,55 @@ mod self_tests {
     #[test]
     fn oracle_catches_wrong_values_and_gradients() {
         let x = rand_f32(&[2, 3], 1);
-        oracle(&[x.clone()], |v| v[0].exp(), |v| v[0].exp(), tol(DType::F32)).unwrap();
-        let e = oracle(&[x.clone()], |v| v[0].exp(), |v| v[0].exp()? * (1.0 + 1e-4), tol(DType::F32)).unwrap_err().to_string();
+        oracle(
+            &[x.clone()],
+            |v| v[0].exp(),
+            |v| v[0].exp(),
+            tol(DType::F32),
+        )
+        .unwrap();
+        let e = oracle(
+            &[x.clone()],
+            |v| v[0].exp(),
+            |v| v[0].exp()? * (1.0 + 1e-4),
+            tol(DType::F32),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("forward"), "{e}");
         // Same values, no gradient on the candle side.
-        let e = oracle(&[x.clone()], |v| v[0].sqr(), |v| v[0].detach().sqr(), tol(DType::F32)).unwrap_err().to_string();
+        let e = oracle(
+            &[x.clone()],
+            |v| v[0].sqr(),
+            |v| v[0].detach().sqr(),
+            tol(DType::F32),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("gradient of input 0"), "{e}");
-        let e = oracle(&[x], |v| v[0].t(), |v| Ok(v[0].clone()), tol(DType::F32)).unwrap_err().to_string();
+        let e = oracle(&[x], |v| v[0].t(), |v| Ok(v[0].clone()), tol(DType::F32))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("shape"), "{e}");
     }
 
     #[test]
     fn assert_close_measures_relative_error() {
         let a = from_f64(&[1.0, 100.0, f64::NAN], &[3], DType::F64).unwrap();
-        let ok = candle_core::Tensor::new(&[1.0 + 1e-6, 100.0 + 1e-4, f64::NAN], &candle_core::Device::Cpu).unwrap();
+        let ok = candle_core::Tensor::new(
+            &[1.0 + 1e-6, 100.0 + 1e-4, f64::NAN],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         assert_close(&a, &ok, 1e-5).unwrap();
-        let bad = candle_core::Tensor::new(&[1.0, 100.1, f64::NAN], &candle_core::Device::Cpu).unwrap();
-        assert!(assert_close(&a, &bad, 1e-5).unwrap_err().to_string().contains("element 1"));
+        let bad =
+            candle_core::Tensor::new(&[1.0, 100.1, f64::NAN], &candle_core::Device::Cpu).unwrap();
+        assert!(
+            assert_close(&a, &bad, 1e-5)
+                .unwrap_err()
+                .to_string()
+                .contains("element 1")
+        );
         let nan = candle_core::Tensor::new(&[1.0, 100.0, 0.0], &candle_core::Device::Cpu).unwrap();
         assert!(assert_close(&a, &nan, 1e-5).is_err());
     }
@@ -541,7 +683,14 @@ mod self_tests {
 
     #[test]
     fn candle_round_trip_keeps_dtype_and_values() {
-        for d in [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64, DType::U32] {
+        for d in [
+            DType::F32,
+            DType::F64,
+            DType::F16,
+            DType::BF16,
+            DType::I64,
+            DType::U32,
+        ] {
             let x = rand_dtype(&[2, 3], 5, d).t().unwrap();
             let c = to_candle(&x);
             assert_eq!(c.dtype(), candle_dtype(d));

@@ -29,16 +29,54 @@ macro_rules! families {
     };
 }
 
-families!(unary, binary, views, reduce, matmul, update, softmax, norm, cross_entropy, dropout, random, indexing, concat, topk, compare, cast);
+families!(
+    unary,
+    binary,
+    views,
+    reduce,
+    matmul,
+    update,
+    softmax,
+    norm,
+    cross_entropy,
+    dropout,
+    random,
+    indexing,
+    concat,
+    topk,
+    compare,
+    cast
+);
 
 /// Every op in the op table has a candle-oracle case, and every differentiable op a gradient check.
 #[test]
 fn every_op_is_covered() {
-    let grad: Vec<&str> = all_grad_cases().iter().flat_map(|c| c.0.iter().copied()).collect();
-    let oracle: Vec<&str> = all_oracle_cases().iter().flat_map(|c| c.0.iter().copied()).collect();
+    let grad: Vec<&str> = all_grad_cases()
+        .iter()
+        .flat_map(|c| c.0.iter().copied())
+        .collect();
+    let oracle: Vec<&str> = all_oracle_cases()
+        .iter()
+        .flat_map(|c| c.0.iter().copied())
+        .collect();
     let table = dynn_ops::op_table();
-    let missing_oracle: Vec<&str> = table.iter().map(|o| o.name).filter(|n| !oracle.contains(n)).collect();
-    let missing_grad: Vec<&str> = table.iter().filter(|o| o.differentiable).map(|o| o.name).filter(|n| !grad.contains(n)).collect();
-    assert!(missing_oracle.is_empty(), "ops without a candle-oracle case: {missing_oracle:?}");
-    assert!(missing_grad.is_empty(), "differentiable ops without a gradient check: {missing_grad:?}");
+    let missing_oracle: Vec<&str> = table
+        .iter()
+        .map(|o| o.name)
+        .filter(|n| !oracle.contains(n))
+        .collect();
+    let missing_grad: Vec<&str> = table
+        .iter()
+        .filter(|o| o.differentiable)
+        .map(|o| o.name)
+        .filter(|n| !grad.contains(n))
+        .collect();
+    assert!(
+        missing_oracle.is_empty(),
+        "ops without a candle-oracle case: {missing_oracle:?}"
+    );
+    assert!(
+        missing_grad.is_empty(),
+        "differentiable ops without a gradient check: {missing_grad:?}"
+    );
 }

@@ -12,10 +12,10 @@
 //! and policy gives bit-identical weights; only the memory traffic differs.
 
 use clap::Parser;
-use dynn::mm::{Budget, ManagerConfig, MemoryManager, human_bytes, policy};
-use dynn::prelude::*;
 use dynn::core::{install_memory_hooks, mark_step};
+use dynn::mm::{Budget, ManagerConfig, MemoryManager, human_bytes, policy};
 use dynn::ops::ops::random::rand_normal;
+use dynn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -86,7 +86,10 @@ fn batch(rng: &mut Rng, n: usize) -> Result<(Tensor, Tensor)> {
             (a > 0.0) as u32 * 2 + (b > 0.0) as u32
         })
         .collect();
-    Ok((Tensor::from_vec(x, (n, IN), Device::Cpu)?, Tensor::from_vec(y, n, Device::Cpu)?))
+    Ok((
+        Tensor::from_vec(x, (n, IN), Device::Cpu)?,
+        Tensor::from_vec(y, n, Device::Cpu)?,
+    ))
 }
 
 struct Model {
@@ -101,18 +104,26 @@ impl Model {
         let mut seed = args.seed * 1000;
         let mut param = |shape: (usize, usize), std: f64| -> Result<Tensor> {
             seed += 1;
-            let t = rand_normal(shape, 0.0, std, DType::F32, seed, Device::Cpu)?.set_requires_grad(true);
+            let t = rand_normal(shape, 0.0, std, DType::F32, seed, Device::Cpu)?
+                .set_requires_grad(true);
             t.set_kind(BufferKind::Parameter);
             Ok(t)
         };
-        let stem = (param((IN, h), (1.0 / IN as f64).sqrt())?, param((1, h), 0.0)?);
+        let stem = (
+            param((IN, h), (1.0 / IN as f64).sqrt())?,
+            param((1, h), 0.0)?,
+        );
         let mut blocks = Vec::new();
         let mut heads = Vec::new();
         for _ in 0..args.depth {
             blocks.push((param((h, h), (1.0 / h as f64).sqrt())?, param((1, h), 0.0)?));
             heads.push(param((h, CLASSES), (1.0 / h as f64).sqrt())?);
         }
-        Ok(Model { stem, blocks, heads })
+        Ok(Model {
+            stem,
+            blocks,
+            heads,
+        })
     }
 
     fn params(&self) -> Vec<&Tensor> {
@@ -137,14 +148,21 @@ impl Model {
             });
             let conf = {
                 let _g = no_grad();
-                logits.softmax(-1)?.max_dims(&[-1], false)?.mean_all()?.to_scalar_f64()?
+                logits
+                    .softmax(-1)?
+                    .max_dims(&[-1], false)?
+                    .mean_all()?
+                    .to_scalar_f64()?
             };
             if conf >= confidence || i + 1 == self.blocks.len() {
                 let loss = total.ok_or_else(|| Error::Msg("no block ran".into()))?;
                 return Ok((loss, i + 1));
             }
         }
-        Err(Error::invalid("quickstart", "the model has no blocks (--depth 0)"))
+        Err(Error::invalid(
+            "quickstart",
+            "the model has no blocks (--depth 0)",
+        ))
     }
 }
 
@@ -161,9 +179,17 @@ fn sgd(model: &Model, lr: f64) -> Result<()> {
     Ok(())
 }
 
+/// The manager's settings: segments sized for a model of a few hundred KiB, so that the
+/// unlimited peak (and budgets as a share of it) are measured finely.
+fn config(policy: Box<dyn dynn::mm::Policy>, budget: Option<usize>) -> ManagerConfig {
+    let mut cfg = ManagerConfig::new(policy, budget);
+    cfg.segments = (64 << 10, 1 << 20);
+    cfg
+}
+
 /// Peak device bytes of one unlimited step (for budgets given as a percentage).
 fn unlimited_peak(args: &Args) -> Result<usize> {
-    let mm = MemoryManager::new(ManagerConfig::new(policy::by_name("none")?, None));
+    let mm = MemoryManager::new(config(policy::by_name("none")?, None));
     let _hooks = install_memory_hooks(mm.clone());
     let model = Model::new(args)?;
     let mut rng = Rng(args.seed);
@@ -175,8 +201,18 @@ fn unlimited_peak(args: &Args) -> Result<usize> {
     Ok(mm.stats().peak_device_bytes)
 }
 
-fn main() -> Result<()> {
-    tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let args = Args::parse();
     let budget: Budget = args.device_budget.parse()?;
     let peak = match budget {
@@ -184,7 +220,7 @@ fn main() -> Result<()> {
         _ => None,
     };
     let budget_bytes = budget.resolve(peak)?;
-    let mut cfg = ManagerConfig::new(policy::by_name(&args.policy)?, budget_bytes);
+    let mut cfg = config(policy::by_name(&args.policy)?, budget_bytes);
     cfg.record_timeline = args.plot.is_some();
     cfg.record_trace = args.trace_out.is_some();
     let mm = MemoryManager::new(cfg);
@@ -196,8 +232,10 @@ fn main() -> Result<()> {
     let mut rng = Rng(args.seed);
     let bar = ProgressBar::new(args.steps as u64);
     bar.set_style(
-        ProgressStyle::with_template("{bar:32} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        ProgressStyle::with_template(
+            "{bar:32} {pos}/{len} {msg} [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let start = Instant::now();
     let mut losses = Vec::new();
@@ -212,17 +250,26 @@ fn main() -> Result<()> {
         losses.push(l);
         *exits.entry(exit).or_default() += 1;
         let resident = mm.report().pool.in_use;
-        bar.set_message(format!("loss/exit {l:.3}  exit {exit}  device {}", human_bytes(resident)));
+        bar.set_message(format!(
+            "loss/exit {l:.3}  exit {exit}  device {}",
+            human_bytes(resident)
+        ));
         bar.inc(1);
     }
     bar.finish_and_clear();
     let secs = start.elapsed().as_secs_f64();
     let avg = |s: &[f32]| s.iter().sum::<f32>() / s.len().max(1) as f32;
     let window = (args.steps / 10).max(1);
-    let (first, last) = (avg(&losses[..window.min(losses.len())]), avg(&losses[losses.len().saturating_sub(window)..]));
+    let (first, last) = (
+        avg(&losses[..window.min(losses.len())]),
+        avg(&losses[losses.len().saturating_sub(window)..]),
+    );
     println!("step   mean loss per exit");
     for chunk_start in (0..losses.len()).step_by(window) {
-        println!("{chunk_start:>4}   {:.4}", avg(&losses[chunk_start..(chunk_start + window).min(losses.len())]));
+        println!(
+            "{chunk_start:>4}   {:.4}",
+            avg(&losses[chunk_start..(chunk_start + window).min(losses.len())])
+        );
     }
     println!("exits taken (block: steps): {exits:?}");
     println!(
@@ -237,7 +284,10 @@ fn main() -> Result<()> {
     let report = mm.report();
     println!("{report}");
     if let Some(path) = &args.plot {
-        let title = format!("early-exit MLP, policy {}, budget {}", args.policy, args.device_budget);
+        let title = format!(
+            "early-exit MLP, policy {}, budget {}",
+            args.policy, args.device_budget
+        );
         std::fs::write(path, report.timeline_svg(&title))?;
         println!("memory timeline written to {}", path.display());
     }

@@ -211,7 +211,14 @@ impl MemoryManager {
             .table
             .iter()
             .filter(|(_, e)| matches!(e.res, Residency::Device(_) | Residency::InFlight(..)))
-            .map(|(&id, e)| (e.bytes, e.kind, e.producer, id))
+            .map(|(&id, e)| {
+                (
+                    e.bytes,
+                    e.buf.upgrade().map_or(e.kind, |b| b.kind()),
+                    e.producer,
+                    id,
+                )
+            })
             .collect();
         holders.sort_by(|a, b| b.0.cmp(&a.0).then(a.3.cmp(&b.3)));
         holders.truncate(10);
@@ -573,27 +580,34 @@ impl MemoryManager {
         err: &PoolExhausted,
         why: &str,
     ) -> Error {
+        // Kinds are read from the live buffers: a leaf may have become a parameter since.
+        let live_kind = |e: &Entry| e.buf.upgrade().map_or(e.kind, |b| b.kind());
+        let mut resident = [0usize; 5];
+        let mut top: Vec<(BufferId, usize, BufferKind, &'static str)> = Vec::new();
+        for (&id, e) in st
+            .table
+            .iter()
+            .filter(|(_, e)| matches!(e.res, Residency::Device(_) | Residency::InFlight(..)))
+        {
+            let kind = live_kind(e);
+            resident[kind as usize] += e.bytes;
+            top.push((id, e.bytes, kind, e.producer));
+        }
+        top.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         let mut by_kind = String::new();
         for k in BufferKind::ALL {
             by_kind.push_str(&format!(
                 "\n    {:<16} {}",
                 k.as_str(),
-                crate::human_bytes(st.device_by_kind[k as usize])
+                crate::human_bytes(resident[k as usize])
             ));
         }
-        let mut top: Vec<(&BufferId, &Entry)> = st
-            .table
-            .iter()
-            .filter(|(_, e)| matches!(e.res, Residency::Device(_)))
-            .collect();
-        top.sort_by(|a, b| b.1.bytes.cmp(&a.1.bytes).then(a.0.cmp(b.0)));
         let mut holders = String::new();
-        for (id, e) in top.iter().take(10) {
+        for (id, bytes, kind, producer) in top.iter().take(10) {
             holders.push_str(&format!(
-                "\n    {id:>8} {:>12} {:<16} made by {}",
-                crate::human_bytes(e.bytes),
-                e.kind.as_str(),
-                e.producer
+                "\n    {id:>8} {:>12} {:<16} made by {producer}",
+                crate::human_bytes(*bytes),
+                kind.as_str()
             ));
         }
         let msg = format!(

@@ -173,8 +173,8 @@ impl MemoryReport {
                 svg,
                 r##"<line x1="{left}" x2="{}" y1="{by:.1}" y2="{by:.1}" stroke="#333" stroke-dasharray="6,4"/><text x="{}" y="{:.1}">budget {}</text>"##,
                 left + pw,
-                left + pw + 6.0,
-                y(b as f64) + 4.0,
+                left + 6.0,
+                y(b as f64) - 5.0,
                 human_bytes(b),
                 by = y(b as f64)
             );

@@ -188,7 +188,7 @@ fn resolve(step: &Step, dims: &[usize]) -> Option<View> {
                     out.extend_from_slice(&dims[d + 2..]);
                     Some(View::Reshape(out))
                 }
-                2 if rank >= 1 && rank < 6 => {
+                2 if (1..6).contains(&rank) => {
                     let d = d % rank;
                     let f = (2..=dims[d]).find(|f| dims[d] % f == 0)?;
                     let mut out = dims[..d].to_vec();

@@ -30,7 +30,7 @@ fn oracle_cast() -> Result<()> {
             // of the two dtypes (f16 inputs reach candle widened to f32).
             let t = tol(from).max(tol(to));
             let cd = candle_dtype(to);
-            oracle(&[x.clone()], move |v| v[0].to_dtype(to), move |v| v[0].to_dtype(cd), t).ctx(format!("{from} -> {to}"))?;
+            oracle(std::slice::from_ref(&x), move |v| v[0].to_dtype(to), move |v| v[0].to_dtype(cd), t).ctx(format!("{from} -> {to}"))?;
             oracle(&[x.t()?], move |v| v[0].to_dtype(to), move |v| v[0].to_dtype(cd), t).ctx(format!("{from} -> {to} transposed"))?;
         }
     }

@@ -41,7 +41,7 @@ fn oracle_compare() -> Result<()> {
         }
         let (a, b) = (coarse(&[256, 200], 5, DType::F32), coarse(&[256, 1], 6, DType::F32));
         oracle(&[a.clone(), b], move |v| v[0].compare(&v[1], k), move |v| cf(&v[0], &v[1]), 0.0).ctx(format!("{} large", k.name()))?;
-        oracle(&[a.clone()], move |v| v[0].compare_scalar(0.5, k), move |v| cf(&v[0], &cc::Tensor::new(0.5f32, v[0].device())?), 0.0)
+        oracle(std::slice::from_ref(&a), move |v| v[0].compare_scalar(0.5, k), move |v| cf(&v[0], &cc::Tensor::new(0.5f32, v[0].device())?), 0.0)
             .ctx(format!("{} scalar", k.name()))?;
     }
     Ok(())

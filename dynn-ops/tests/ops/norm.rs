@@ -90,7 +90,7 @@ fn oracle_layer_norm() -> Result<()> {
             )
             .ctx(&what)?;
             oracle(
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 |t| t[0].layer_norm(None, None, EPS),
                 |t| {
                     candle_nn::ops::layer_norm_slow(
@@ -145,7 +145,7 @@ fn oracle_rms_norm() -> Result<()> {
             )
             .ctx(&what)?;
             oracle(
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 |t| t[0].rms_norm(None, EPS),
                 |t| candle_nn::ops::rms_norm_slow(&t[0], &ones_like_last(&t[0])?, EPS as f32),
                 tol(dtype),

@@ -103,7 +103,7 @@ fn oracle_argmax() -> Result<()> {
     for (i, &(what, shape, f, cf)) in CASES.iter().enumerate() {
         for dtype in [DType::F32, DType::F16] {
             let x = rand_dtype(shape, 800 + i as u64, dtype);
-            let y = f(&[x.clone()])?;
+            let y = f(std::slice::from_ref(&x))?;
             if y.dtype() != DType::I64 || y.requires_grad() {
                 return Err(dynn_core::Error::Msg(format!("argmax {what}: {y:?} is not a plain i64 tensor")));
             }
@@ -121,20 +121,20 @@ fn oracle_large() -> Result<()> {
     let y = rand_f32(&[64, 30, 20], 902);
     let f64_ = |v: &cc::Tensor| v.to_dtype(cc::DType::F64);
     // inner == 1: rows reduced in parallel.
-    oracle(&[x.clone()], |v| v[0].sum_dims(&[1], false), |v| f64_(&v[0])?.sum(1), t).ctx("sum rows")?;
+    oracle(std::slice::from_ref(&x), |v| v[0].sum_dims(&[1], false), |v| f64_(&v[0])?.sum(1), t).ctx("sum rows")?;
     // outer == 1, inner == 200: columns split across threads.
-    oracle(&[x.clone()], |v| v[0].sum_dims(&[0], false), |v| f64_(&v[0])?.sum(0), t).ctx("sum columns")?;
+    oracle(std::slice::from_ref(&x), |v| v[0].sum_dims(&[0], false), |v| f64_(&v[0])?.sum(0), t).ctx("sum columns")?;
     // many outer blocks, inner > 1: parallel over blocks.
-    oracle(&[y.clone()], |v| v[0].sum_dims(&[1], true), |v| f64_(&v[0])?.sum_keepdim(1), t).ctx("sum middle dim")?;
+    oracle(std::slice::from_ref(&y), |v| v[0].sum_dims(&[1], true), |v| f64_(&v[0])?.sum_keepdim(1), t).ctx("sum middle dim")?;
     // a strided input, non-adjacent dims (permuting copy).
-    oracle(&[y.clone()], |v| v[0].sum_dims(&[0, 2], false), |v| f64_(&v[0])?.sum((0, 2)), t).ctx("sum dims 0,2")?;
-    oracle(&[x.clone()], |v| v[0].t()?.sum_dims(&[1], false), |v| f64_(&v[0])?.t()?.sum(1), t).ctx("sum of transposed")?;
-    oracle(&[x.clone()], |v| v[0].sum_all(), |v| f64_(&v[0])?.sum_all(), t).ctx("sum all")?;
+    oracle(std::slice::from_ref(&y), |v| v[0].sum_dims(&[0, 2], false), |v| f64_(&v[0])?.sum((0, 2)), t).ctx("sum dims 0,2")?;
+    oracle(std::slice::from_ref(&x), |v| v[0].t()?.sum_dims(&[1], false), |v| f64_(&v[0])?.t()?.sum(1), t).ctx("sum of transposed")?;
+    oracle(std::slice::from_ref(&x), |v| v[0].sum_all(), |v| f64_(&v[0])?.sum_all(), t).ctx("sum all")?;
     // max / min / argmax on the same paths (exact results).
-    oracle(&[x.clone()], |v| v[0].max_dims(&[1], false), |v| v[0].max(1), t).ctx("max rows")?;
-    oracle(&[x.clone()], |v| v[0].max_dims(&[0], false), |v| v[0].max(0), t).ctx("max columns")?;
-    oracle(&[y.clone()], |v| v[0].min_dims(&[1], false), |v| v[0].min(1), t).ctx("min middle dim")?;
-    oracle(&[x.clone()], |v| v[0].argmax(0, false), |v| v[0].argmax(0), 0.0).ctx("argmax columns")?;
+    oracle(std::slice::from_ref(&x), |v| v[0].max_dims(&[1], false), |v| v[0].max(1), t).ctx("max rows")?;
+    oracle(std::slice::from_ref(&x), |v| v[0].max_dims(&[0], false), |v| v[0].max(0), t).ctx("max columns")?;
+    oracle(std::slice::from_ref(&y), |v| v[0].min_dims(&[1], false), |v| v[0].min(1), t).ctx("min middle dim")?;
+    oracle(std::slice::from_ref(&x), |v| v[0].argmax(0, false), |v| v[0].argmax(0), 0.0).ctx("argmax columns")?;
     oracle(&[y], |v| v[0].argmax(2, false), |v| v[0].argmax(2), 0.0).ctx("argmax last dim")?;
     Ok(())
 }

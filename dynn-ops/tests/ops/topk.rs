@@ -9,11 +9,11 @@ use dynn_ops::prelude::*;
 
 fn grad_topk() -> Result<()> {
     let x = randn(&[4, 6], 1);
-    gradcheck(&[x.clone()], |v| Ok(v[0].topk(3, 1, true)?.0)).ctx("dim 1 largest")?;
-    gradcheck(&[x.clone()], |v| Ok(v[0].topk(2, 0, false)?.0)).ctx("dim 0 smallest")?;
-    gradcheck(&[x], |v| Ok(v[0].topk(6, -1i32, true)?.0.sqr()?)).ctx("k = n, then sqr")?;
+    gradcheck(std::slice::from_ref(&x), |v| Ok(v[0].topk(3, 1, true)?.0)).ctx("dim 1 largest")?;
+    gradcheck(std::slice::from_ref(&x), |v| Ok(v[0].topk(2, 0, false)?.0)).ctx("dim 0 smallest")?;
+    gradcheck(&[x], |v| v[0].topk(6, -1i32, true)?.0.sqr()).ctx("k = n, then sqr")?;
     let xt = randn(&[5, 3, 4], 2).permute(&[1, 2, 0])?; // (3,4,5) strided
-    gradcheck(&[xt.clone()], |v| Ok(v[0].topk(2, 1, true)?.0)).ctx("permuted, middle dim")?;
+    gradcheck(std::slice::from_ref(&xt), |v| Ok(v[0].topk(2, 1, true)?.0)).ctx("permuted, middle dim")?;
     gradcheck(&[xt], |v| Ok(v[0].topk(4, 2, false)?.0)).ctx("permuted, last dim")?;
     Ok(())
 }
@@ -33,7 +33,7 @@ fn oracle_topk() -> Result<()> {
         for (shape, k, dim, largest) in [(&[4usize, 9][..], 3, 1, true), (&[4, 9], 4, 1, false), (&[7, 3, 5], 2, 0, true), (&[3, 8, 5], 8, 1, false)] {
             let x = rand_dtype(shape, 10 + k as u64, dtype);
             let what = format!("{dtype} {shape:?} k {k} dim {dim} largest {largest}");
-            oracle(&[x.clone()], move |v| Ok(v[0].topk(k, dim, largest)?.0), move |v| Ok(candle_topk(&v[0], k, dim, largest)?.0), t)
+            oracle(std::slice::from_ref(&x), move |v| Ok(v[0].topk(k, dim, largest)?.0), move |v| Ok(candle_topk(&v[0], k, dim, largest)?.0), t)
                 .ctx(format!("values {what}"))?;
             oracle(&[x], move |v| Ok(v[0].topk(k, dim, largest)?.1), move |v| Ok(candle_topk(&v[0], k, dim, largest)?.1), 0.0)
                 .ctx(format!("indices {what}"))?;
@@ -41,7 +41,7 @@ fn oracle_topk() -> Result<()> {
     }
     // Above the parallel threshold, and a transposed input.
     let x = rand_f32(&[300, 257], 20);
-    oracle(&[x.clone()], |v| Ok(v[0].topk(10, 1, true)?.0), |v| Ok(candle_topk(&v[0], 10, 1, true)?.0), tol(DType::F32)).ctx("large")?;
+    oracle(std::slice::from_ref(&x), |v| Ok(v[0].topk(10, 1, true)?.0), |v| Ok(candle_topk(&v[0], 10, 1, true)?.0), tol(DType::F32)).ctx("large")?;
     oracle(&[x.t()?], |v| Ok(v[0].topk(5, 0, false)?.1), |v| Ok(candle_topk(&v[0], 5, 0, false)?.1), 0.0).ctx("large transposed")?;
     Ok(())
 }

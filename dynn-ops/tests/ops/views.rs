@@ -331,12 +331,12 @@ pub const ORACLE_CASES: &[Case] = &[
 /// Views of non-contiguous leaves, gradient-checked (the leaf keeps its strided layout).
 fn grad_leaf_views() -> Result<()> {
     let xt = randn(&[4, 3], 401).t()?; // (3,4) strided
-    gradcheck(&[xt.clone()], |v| v[0].reshape(12)).ctx("reshape of a transposed leaf")?;
-    gradcheck(&[xt.clone()], |v| v[0].narrow(1, 1, 2)).ctx("narrow of a transposed leaf")?;
-    gradcheck(&[xt.clone()], |v| v[0].t()).ctx("transpose of a transposed leaf")?;
+    gradcheck(std::slice::from_ref(&xt), |v| v[0].reshape(12)).ctx("reshape of a transposed leaf")?;
+    gradcheck(std::slice::from_ref(&xt), |v| v[0].narrow(1, 1, 2)).ctx("narrow of a transposed leaf")?;
+    gradcheck(std::slice::from_ref(&xt), |v| v[0].t()).ctx("transpose of a transposed leaf")?;
     gradcheck(&[xt], |v| v[0].contiguous()?.sqr()).ctx("contiguous of a transposed leaf")?;
     let xn = randn(&[3, 9], 402).narrow(1, 2, 5)?; // offset and gaps
-    gradcheck(&[xn.clone()], |v| v[0].reshape(15)).ctx("reshape of a narrowed leaf")?;
+    gradcheck(std::slice::from_ref(&xn), |v| v[0].reshape(15)).ctx("reshape of a narrowed leaf")?;
     gradcheck(&[xn], |v| v[0].unsqueeze(0)?.squeeze(0))
         .ctx("unsqueeze/squeeze of a narrowed leaf")?;
     Ok(())
@@ -348,7 +348,7 @@ fn oracle_large() -> Result<()> {
     let t = tol(DType::F32);
     let x = rand_f32(&[190, 190], 501);
     oracle(
-        &[x.clone()],
+        std::slice::from_ref(&x),
         |v| v[0].t()?.contiguous(),
         |v| v[0].t()?.contiguous(),
         t,
@@ -356,7 +356,7 @@ fn oracle_large() -> Result<()> {
     .ctx("large transposed contiguous")?;
     let y = rand_f32(&[190, 230], 502);
     oracle(
-        &[y.clone()],
+        std::slice::from_ref(&y),
         |v| v[0].narrow(1, 20, 190)?.contiguous(),
         |v| v[0].narrow(1, 20, 190)?.contiguous(),
         t,

@@ -215,7 +215,7 @@ where
                 // Only -inf so far: those terms are 0 (and x - m would be NaN).
                 continue;
             }
-            s += exp_sum(blk, m, scratch);
+            s += sum_map(blk, |v: T| (v.to_acc() - m).vexp());
         }
         let ln_s = s.ln();
         // Targets are checked before the kernel runs: 0 <= t < C.

@@ -75,11 +75,26 @@ pub(crate) trait SimdTask {
     fn run(self) -> Self::Out;
 }
 
-/// Runs `task` with AVX2+FMA code when the CPU has them, else with baseline code.
+/// Runs `task` with AVX-512 or AVX2+FMA code when the CPU has them, else with baseline
+/// code. The kernels' lane counts and operation order are fixed in the source, so every path
+/// gives the same bits.
 #[inline(always)]
 pub(crate) fn simd_task<K: SimdTask>(task: K) -> K::Out {
     #[cfg(target_arch = "x86_64")]
     {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            fn avx512<K: SimdTask>(task: K) -> K::Out {
+                task.run()
+            }
+            // SAFETY: the CPU supports these features, checked just above.
+            return unsafe { avx512(task) };
+        }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             #[target_feature(enable = "avx2,fma")]

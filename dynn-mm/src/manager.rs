@@ -241,12 +241,19 @@ impl MemoryManager {
         }
     }
 
-    /// Applies releases and finished transfers.
+    /// Applies releases and finished transfers. Dropping an entry drops its recipe, which may
+    /// release more buffers: repeat until none are pending.
     fn sync(&self, st: &mut State) {
-        let released: Vec<BufferId> =
-            std::mem::take(&mut *self.releases.0.lock().unwrap_or_else(|e| e.into_inner()));
-        for id in released {
-            if let Some(e) = st.table.remove(&id) {
+        loop {
+            let released: Vec<BufferId> =
+                std::mem::take(&mut *self.releases.0.lock().unwrap_or_else(|e| e.into_inner()));
+            if released.is_empty() {
+                break;
+            }
+            for id in released {
+                let Some(e) = st.table.remove(&id) else {
+                    continue;
+                };
                 if let Residency::Device(b) | Residency::InFlight(_, b) = e.res {
                     st.pool.release(b);
                     st.device_by_kind[e.kind as usize] -= e.bytes;

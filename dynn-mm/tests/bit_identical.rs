@@ -133,3 +133,19 @@ fn a_budget_below_one_op_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn accounting_returns_to_zero_when_tensors_are_released() {
+    for policy_name in ["lru", "recompute", "belady"] {
+        let mm = MemoryManager::new(config(policy_name, Some(200_000)).unwrap());
+        {
+            let _g = install_memory_hooks(mm.clone());
+            let m = Mlp::new(48, 8, 1).unwrap();
+            m.train(2, BATCH, 2).unwrap();
+        }
+        let report = mm.report();
+        assert_eq!(report.pool.in_use, 0, "{policy_name}: {report}");
+        assert_eq!(report.device_by_kind, [0; 5], "{policy_name}");
+        assert_eq!(report.host_bytes, 0, "{policy_name}");
+    }
+}

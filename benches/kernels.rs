@@ -3,7 +3,8 @@
 //!
 //! `cargo bench -p dynn --bench kernels -- --json` prints a table and, as its last line, one
 //! JSON object: `{"mem_bw_gbs", "threads", "cases":[{"name","dynn_ms","candle_ms","speedup",
-//! "dynn_gbs"|"dynn_gflops"}], "geomean_speedup"}` (speedup = candle time / dynn time, medians).
+//! "dynn_gbs"|"dynn_gflops"}], "geomean_speedup"}` (speedup = candle time / dynn time, medians
+//! of samples taken alternately, so both peers see the same conditions on a shared host).
 //! `-- --quick` runs fewer repetitions; `-- --filter NAME` runs matching cases only.
 
 use candle_core::{D as CD, Device as CDevice, Tensor as CTensor, Var};
@@ -33,6 +34,39 @@ fn time(quick: bool, mut f: impl FnMut() -> BenchResult<()>) -> BenchResult<f64>
     }
     samples.sort_by(f64::total_cmp);
     Ok(samples[samples.len() / 2])
+}
+
+/// Median wall times of `a` and `b`, sampled alternately (a, b, a, b, ...) so that both see
+/// the same machine conditions on a shared host.
+fn time_pair(
+    quick: bool,
+    mut a: impl FnMut() -> BenchResult<()>,
+    mut b: impl FnMut() -> BenchResult<()>,
+) -> BenchResult<(f64, f64)> {
+    for _ in 0..2 {
+        a()?;
+        b()?;
+    }
+    let (min_reps, budget) = if quick {
+        (3, Duration::from_millis(300))
+    } else {
+        (15, Duration::from_millis(2000))
+    };
+    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while sa.len() < min_reps || (start.elapsed() < budget && sa.len() < 200) {
+        let t = Instant::now();
+        a()?;
+        sa.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        b()?;
+        sb.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((median(sa), median(sb)))
 }
 
 /// Multithreaded 3-stream add (a = b + c) over 64 MiB arrays: GB/s of bytes read and written.
@@ -113,14 +147,17 @@ fn main() -> BenchResult<()> {
         ($name:expr, $work:expr, $dynn:expr, $candle:expr) => {
             let name: String = $name.into();
             if want(&name) {
-                let dynn_ms = time(quick, || {
-                    black_box($dynn);
-                    Ok(())
-                })?;
-                let candle_ms = time(quick, || {
-                    black_box($candle);
-                    Ok(())
-                })?;
+                let (dynn_ms, candle_ms) = time_pair(
+                    quick,
+                    || {
+                        black_box($dynn);
+                        Ok(())
+                    },
+                    || {
+                        black_box($candle);
+                        Ok(())
+                    },
+                )?;
                 eprintln!("{name:<34} dynn {dynn_ms:>9.3} ms   candle {candle_ms:>9.3} ms   speedup {:.2}", candle_ms / dynn_ms);
                 cases.push(Case { name, dynn_ms, candle_ms, work: $work });
             }

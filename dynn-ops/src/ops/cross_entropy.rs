@@ -10,9 +10,7 @@
 
 use crate::cpu::gather_layout;
 use crate::float_dispatch;
-use crate::ops::softmax::{
-    RowKernel, Rows, VecExp, acc_dtype, boxed, exp_sum, max_row, run_rows, sum_map,
-};
+use crate::ops::softmax::{RowKernel, Rows, VecExp, acc_dtype, boxed, max_row, run_rows, sum_map};
 use crate::registry::OpInfo;
 use dynn_core::{
     AccFloat, BackwardCtx, Cost, CpuElement, CpuStorage, DType, Error, FloatElement, Idioms,
@@ -158,8 +156,8 @@ fn check_targets(
     Ok(count)
 }
 
-/// Elements per block of the forward's sweep: a block of logits and its exponentials
-/// (2 × 8 KiB in f32) stay in L1 between the block's passes.
+/// Elements per block of the forward's sweep: a block of logits (8 KiB in f32) stays in L1
+/// between the block's two passes (its max, then its fused Σ exp).
 const LSE_BLOCK: usize = 2048;
 
 /// The forward over rows: each row's `(lse, loss)`, `(0, 0)` for ignored rows.
@@ -175,18 +173,16 @@ where
     T::Acc: VecExp,
 {
     type Out = (T::Acc, T::Acc);
-    type State = Vec<T::Acc>;
+    type State = ();
     fn out_len(&self) -> usize {
         1
     }
     fn work_len(&self) -> usize {
         self.x.len
     }
-    fn state(&self) -> Vec<T::Acc> {
-        vec![<T::Acc as AccFloat>::ZERO; self.x.len.min(LSE_BLOCK)]
-    }
+    fn state(&self) {}
     #[inline(always)]
-    fn row(&self, r: usize, out: &mut [MaybeUninit<(T::Acc, T::Acc)>], scratch: &mut Vec<T::Acc>) {
+    fn row(&self, r: usize, out: &mut [MaybeUninit<(T::Acc, T::Acc)>], _: &mut ()) {
         let zero = <T::Acc as AccFloat>::ZERO;
         let t = self.targets[r];
         if Some(t) == self.ignore {

@@ -22,6 +22,7 @@ pub mod manager;
 pub mod policy;
 pub mod pool;
 pub mod report;
+pub mod sim;
 pub mod trace;
 pub mod transfer;
 
@@ -30,5 +31,6 @@ pub use manager::{ManagerConfig, MemoryManager, MemoryStats, Residency};
 pub use policy::{Candidate, Eviction, Now, Policy, Profile};
 pub use pool::{Block, DevicePool, PoolExhausted, PoolStats};
 pub use report::{MemoryReport, TimelinePoint};
+pub use sim::{DeviceProfile, SimResult, simulate};
 pub use trace::{OpRecord, StepRecord, Trace};
 pub use transfer::{Direction, TransferConfig, TransferEngine};

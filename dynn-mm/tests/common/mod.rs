@@ -1,6 +1,9 @@
 //! A small model trained by hand with dynn-ops, used to check that offloading never changes
 //! a bit.
 
+// Each test binary uses a different part of this module.
+#![allow(dead_code)]
+
 use dynn_core::{BufferKind, Device, Phase, Result, Tensor, enter_phase, mark_step, no_grad};
 use dynn_ops::prelude::*;
 

@@ -1,0 +1,103 @@
+//! The simulator replays a recorded step deterministically; the offline optimum (belady with
+//! the step's own profile) is faster and stalls less than lru at budgets below the peak.
+
+mod common;
+
+use common::Mlp;
+use dynn_core::{Error, install_memory_hooks};
+use dynn_mm::policy::{Belady, Profile};
+use dynn_mm::{DeviceProfile, ManagerConfig, MemoryManager, OpRecord, policy, simulate};
+
+/// The ops of the second training step of the test MLP, recorded without a budget.
+fn recorded_step() -> Vec<OpRecord> {
+    let mut cfg = ManagerConfig::new(policy::by_name("none").unwrap(), None);
+    cfg.record_trace = true;
+    let mm = MemoryManager::new(cfg);
+    {
+        let _g = install_memory_hooks(mm.clone());
+        let m = Mlp::new(48, 8, 1).unwrap();
+        m.train(3, 16, 2).unwrap();
+    }
+    let trace = mm.trace();
+    assert_eq!(trace.steps.len(), 3);
+    trace.ops.into_iter().filter(|o| o.step == 1).collect()
+}
+
+#[test]
+fn replay_is_deterministic_and_free_without_a_budget() {
+    let ops = recorded_step();
+    let prof = DeviceProfile::a100_pcie4();
+    let a = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof).unwrap();
+    let b = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof).unwrap();
+    assert_eq!(a, b);
+    assert!(a.step_ms > 0.0 && a.peak_device_bytes > 0);
+    assert_eq!(
+        (a.stall_ms, a.bytes_h2d, a.bytes_d2h, a.evictions),
+        (0.0, 0, 0, 0)
+    );
+    assert!(
+        (a.step_ms - a.compute_ms).abs() < 1e-9,
+        "no budget: all time is compute"
+    );
+}
+
+#[test]
+fn none_fails_below_the_peak() {
+    let ops = recorded_step();
+    let prof = DeviceProfile::a100_pcie4();
+    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
+        .unwrap()
+        .peak_device_bytes;
+    let err = simulate(
+        &ops,
+        policy::by_name("none").unwrap().as_mut(),
+        Some(peak / 2),
+        &prof,
+    )
+    .unwrap_err();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
+    assert!(
+        simulate(
+            &ops,
+            policy::by_name("none").unwrap().as_mut(),
+            Some(peak),
+            &prof
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn belady_beats_lru_below_the_peak() {
+    let ops = recorded_step();
+    let prof = DeviceProfile::a100_pcie4();
+    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
+        .unwrap()
+        .peak_device_bytes;
+    for frac in [0.5, 0.25] {
+        let bytes = (peak as f64 * frac) as usize;
+        let budget = Some(bytes);
+        let lru = simulate(
+            &ops,
+            policy::by_name("lru").unwrap().as_mut(),
+            budget,
+            &prof,
+        )
+        .unwrap();
+        let mut belady = Belady::with_profile(Profile::from_ops(&ops));
+        let opt = simulate(&ops, &mut belady, budget, &prof).unwrap();
+        assert!(lru.peak_device_bytes <= bytes && opt.peak_device_bytes <= bytes);
+        assert!(lru.evictions > 0, "{frac}: lru evicted nothing");
+        assert!(
+            opt.step_ms < lru.step_ms,
+            "{frac}: belady {opt:?} vs lru {lru:?}"
+        );
+        // Prefetching may move more bytes than fetching on demand; what it must cut is waiting.
+        assert!(
+            opt.stall_ms < lru.stall_ms,
+            "{frac}: belady stalled {} ms, lru {} ms",
+            opt.stall_ms,
+            lru.stall_ms
+        );
+    }
+}

@@ -11,14 +11,16 @@
 //! is the sum of the cross entropies of the exits taken. The same training under any budget
 //! and policy gives bit-identical weights; only the memory traffic differs.
 
+mod workloads;
+
 use clap::Parser;
 use dynn::core::{install_memory_hooks, mark_step};
 use dynn::mm::{Budget, ManagerConfig, MemoryManager, human_bytes, policy};
-use dynn::ops::ops::random::rand_normal;
 use dynn::prelude::*;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::BTreeMap;
 use std::time::Instant;
+use workloads::{MlpConfig, Model, Rng, batch, sgd};
 
 /// Train an early-exit MLP on generated data under a device memory budget.
 #[derive(Parser, Debug)]
@@ -61,122 +63,12 @@ struct Args {
     json: bool,
 }
 
-const IN: usize = 16;
-const CLASSES: usize = 4;
-
-/// splitmix64 for the data.
-struct Rng(u64);
-impl Rng {
-    fn next_f32(&mut self) -> f32 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+fn mlp_config(args: &Args) -> MlpConfig {
+    MlpConfig {
+        hidden: args.hidden,
+        depth: args.depth,
+        seed: args.seed,
     }
-}
-
-/// A batch of points labelled by which quadrant of a rotated, warped plane they fall in.
-fn batch(rng: &mut Rng, n: usize) -> Result<(Tensor, Tensor)> {
-    let x: Vec<f32> = (0..n * IN).map(|_| rng.next_f32()).collect();
-    let y: Vec<u32> = x
-        .chunks(IN)
-        .map(|r| {
-            let (a, b) = (r[0] + 0.5 * (3.0 * r[2]).sin(), r[1] - 0.3 * r[3] * r[4]);
-            (a > 0.0) as u32 * 2 + (b > 0.0) as u32
-        })
-        .collect();
-    Ok((
-        Tensor::from_vec(x, (n, IN), Device::Cpu)?,
-        Tensor::from_vec(y, n, Device::Cpu)?,
-    ))
-}
-
-struct Model {
-    stem: (Tensor, Tensor),
-    blocks: Vec<(Tensor, Tensor)>,
-    heads: Vec<Tensor>,
-}
-
-impl Model {
-    fn new(args: &Args) -> Result<Self> {
-        let h = args.hidden;
-        let mut seed = args.seed * 1000;
-        let mut param = |shape: (usize, usize), std: f64| -> Result<Tensor> {
-            seed += 1;
-            let t = rand_normal(shape, 0.0, std, DType::F32, seed, Device::Cpu)?
-                .set_requires_grad(true);
-            t.set_kind(BufferKind::Parameter);
-            Ok(t)
-        };
-        let stem = (
-            param((IN, h), (1.0 / IN as f64).sqrt())?,
-            param((1, h), 0.0)?,
-        );
-        let mut blocks = Vec::new();
-        let mut heads = Vec::new();
-        for _ in 0..args.depth {
-            blocks.push((param((h, h), (1.0 / h as f64).sqrt())?, param((1, h), 0.0)?));
-            heads.push(param((h, CLASSES), (1.0 / h as f64).sqrt())?);
-        }
-        Ok(Model {
-            stem,
-            blocks,
-            heads,
-        })
-    }
-
-    fn params(&self) -> Vec<&Tensor> {
-        let mut v = vec![&self.stem.0, &self.stem.1];
-        for (b, h) in self.blocks.iter().zip(&self.heads) {
-            v.extend([&b.0, &b.1, h]);
-        }
-        v
-    }
-
-    /// Forward until an exit is confident; returns the joint loss and the exit taken.
-    fn loss(&self, x: &Tensor, y: &Tensor, confidence: f64) -> Result<(Tensor, usize)> {
-        let mut h = x.matmul(&self.stem.0)?.add(&self.stem.1)?.gelu()?;
-        let mut total: Option<Tensor> = None;
-        for (i, ((w, b), head)) in self.blocks.iter().zip(&self.heads).enumerate() {
-            h = h.add(&h.matmul(w)?.add(b)?.gelu()?)?;
-            let logits = h.matmul(head)?;
-            let l = logits.cross_entropy(y, Default::default())?;
-            total = Some(match total {
-                Some(t) => t.add(&l)?,
-                None => l,
-            });
-            let conf = {
-                let _g = no_grad();
-                logits
-                    .softmax(-1)?
-                    .max_dims(&[-1], false)?
-                    .mean_all()?
-                    .to_scalar_f64()?
-            };
-            if conf >= confidence || i + 1 == self.blocks.len() {
-                let loss = total.ok_or_else(|| Error::Msg("no block ran".into()))?;
-                return Ok((loss, i + 1));
-            }
-        }
-        Err(Error::invalid(
-            "quickstart",
-            "the model has no blocks (--depth 0)",
-        ))
-    }
-}
-
-/// One step of plain SGD on every parameter.
-fn sgd(model: &Model, lr: f64) -> Result<()> {
-    let _g = no_grad();
-    let _p = enter_phase(Phase::Optimizer);
-    for p in model.params() {
-        if let Some(g) = p.grad() {
-            p.axpy_(-lr, &g)?;
-        }
-        p.zero_grad();
-    }
-    Ok(())
 }
 
 /// The manager's settings: segments sized for a model of a few hundred KiB, so that the
@@ -191,13 +83,13 @@ fn config(policy: Box<dyn dynn::mm::Policy>, budget: Option<usize>) -> ManagerCo
 fn unlimited_peak(args: &Args) -> Result<usize> {
     let mm = MemoryManager::new(config(policy::by_name("none")?, None));
     let _hooks = install_memory_hooks(mm.clone());
-    let model = Model::new(args)?;
+    let model = Model::new(&mlp_config(args))?;
     let mut rng = Rng(args.seed);
     // The deepest graph bounds the peak: run every block.
     let (x, y) = batch(&mut rng, args.batch)?;
     let (loss, _) = model.loss(&x, &y, f64::INFINITY)?;
     loss.backward()?;
-    sgd(&model, 0.0)?;
+    sgd(&model.params(), 0.0)?;
     Ok(mm.stats().peak_device_bytes)
 }
 
@@ -227,7 +119,7 @@ fn run() -> Result<()> {
     let _hooks = install_memory_hooks(mm.clone());
     tracing::info!(policy = %args.policy, budget = ?budget_bytes.map(human_bytes), unlimited_peak = ?peak.map(human_bytes), "memory manager installed");
 
-    let model = Model::new(&args)?;
+    let model = Model::new(&mlp_config(&args))?;
     let n_params: usize = model.params().iter().map(|p| p.elem_count()).sum();
     let mut rng = Rng(args.seed);
     let bar = ProgressBar::new(args.steps as u64);
@@ -244,7 +136,7 @@ fn run() -> Result<()> {
         let (x, y) = batch(&mut rng, args.batch)?;
         let (loss, exit) = model.loss(&x, &y, args.exit_confidence)?;
         loss.backward()?;
-        sgd(&model, args.lr)?;
+        sgd(&model.params(), args.lr)?;
         mark_step(step as u64 + 1);
         let l = loss.to_scalar::<f32>()? / exit as f32;
         losses.push(l);

@@ -7,13 +7,17 @@
 //! host→device stream (a stall), a prefetched one is waited for. Outputs need room: the policy
 //! ranks resident, unpinned buffers and victims are copied out on the device→host stream (or
 //! dropped and, on next use, recomputed at their producer's cost). A buffer is freed after
-//! its last access in the trace. After each op the policy's upcoming keys are prefetched while
-//! there is free room.
+//! its last access in the trace. After each op the inputs of the next [`PREFETCH_HORIZON`] ops that
+//! the policy expects are prefetched while there is free room.
 
 use crate::policy::{Candidate, Eviction, Now, Policy};
 use crate::trace::{OpRecord, kind_of};
 use dynn_core::{BufferId, Error, Result};
 use std::collections::HashMap;
+
+/// How many ops ahead the simulator prefetches: inputs of the next few ops only, so that
+/// prefetched bytes do not push out what is needed sooner.
+pub const PREFETCH_HORIZON: usize = 4;
 
 /// A device as the simulator sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -306,7 +310,7 @@ pub fn simulate(
             step: op.step,
             index: i as u32,
         };
-        for key in policy.upcoming(next, 64) {
+        for key in policy.upcoming(next, PREFETCH_HORIZON) {
             let Some(&id) = by_key.get(&key) else {
                 continue;
             };

@@ -416,6 +416,9 @@ impl MemoryManager {
                 ));
             }
             let now = st.now;
+            // Candidates come from a hash map: give policies a fixed order, so ties break the same way
+            // in every run.
+            cands.sort_by_key(|c| c.id);
             st.policy.rank_victims(now, &mut cands);
             let need = PoolExhausted::needed(&err);
             let mut freed = 0;

@@ -255,7 +255,12 @@ impl Policy for Belady {
     fn rank_victims(&mut self, now: Now, c: &mut [Candidate]) {
         // Farthest next use first; unknown (not used again) before everything.
         let far = |c: &Candidate| self.profile.next_use(now.index, c.key).unwrap_or(u64::MAX);
-        c.sort_by(|a, b| far(b).cmp(&far(a)).then(a.last_use.cmp(&b.last_use)));
+        c.sort_by(|a, b| {
+            far(b)
+                .cmp(&far(a))
+                .then(a.last_use.cmp(&b.last_use))
+                .then(a.id.cmp(&b.id))
+        });
     }
     fn next_use(&self, now: Now, key: u64) -> Option<u64> {
         self.profile.next_use(now.index, key)

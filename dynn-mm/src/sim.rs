@@ -86,10 +86,9 @@ impl DeviceProfile {
         }
     }
 
-    fn compute_s(&self, op: &OpRecord) -> f64 {
-        self.launch_s
-            + (op.flops as f64 / self.peak_flops)
-                .max((op.bytes_read + op.bytes_written) as f64 / self.mem_bytes_per_sec)
+    /// Seconds for a kernel of `flops` that moves `bytes`: launch plus the roofline bound.
+    fn kernel_s(&self, flops: u64, bytes: u64) -> f64 {
+        self.launch_s + (flops as f64 / self.peak_flops).max(bytes as f64 / self.mem_bytes_per_sec)
     }
 }
 
@@ -162,6 +161,24 @@ pub fn simulate(
             index: i as u32,
         };
         let pinned: Vec<u64> = op.inputs.iter().chain(&op.outputs).map(|a| a.0).collect();
+        // Makes room for `bytes` more under the budget, evicting what the policy ranks first.
+        macro_rules! room {
+            ($bytes:expr) => {
+                make_room(
+                    &mut bufs,
+                    &mut used,
+                    $bytes,
+                    budget,
+                    &pinned,
+                    policy,
+                    clock,
+                    profile,
+                    &mut now,
+                    &mut d2h_free,
+                    &mut r,
+                )?
+            };
+        }
         // Inputs: resident, arriving, in the host tier, dropped, or first seen (made outside ops).
         for a in &op.inputs {
             let place = bufs.get(&a.0).map(|b| b.place);
@@ -170,19 +187,7 @@ pub fn simulate(
                 Some(Place::Device) => {}
                 Some(Place::Arriving(t)) => now = now.max(t),
                 Some(Place::Host) => {
-                    make_room(
-                        &mut bufs,
-                        &mut used,
-                        a.1 as usize,
-                        budget,
-                        &pinned,
-                        policy,
-                        clock,
-                        profile,
-                        &mut now,
-                        &mut d2h_free,
-                        &mut r,
-                    )?;
+                    room!(a.1 as usize);
                     let begin = now.max(h2d_free);
                     h2d_free = begin + a.1 as f64 / profile.h2d_bytes_per_sec;
                     now = h2d_free;
@@ -190,43 +195,17 @@ pub fn simulate(
                     used += a.1 as usize;
                 }
                 Some(Place::Dropped) => {
-                    make_room(
-                        &mut bufs,
-                        &mut used,
-                        a.1 as usize,
-                        budget,
-                        &pinned,
-                        policy,
-                        clock,
-                        profile,
-                        &mut now,
-                        &mut d2h_free,
-                        &mut r,
-                    )?;
+                    room!(a.1 as usize);
                     let (flops, bytes) =
                         bufs.get(&a.0).and_then(|b| b.producer).unwrap_or((0, a.1));
-                    let t = profile.launch_s
-                        + (flops as f64 / profile.peak_flops)
-                            .max(bytes as f64 / profile.mem_bytes_per_sec);
+                    let t = profile.kernel_s(flops, bytes);
                     now += t;
                     r.compute_ms += t * 1e3;
                     r.recomputed_flops += flops;
                     used += a.1 as usize;
                 }
                 None => {
-                    make_room(
-                        &mut bufs,
-                        &mut used,
-                        a.1 as usize,
-                        budget,
-                        &pinned,
-                        policy,
-                        clock,
-                        profile,
-                        &mut now,
-                        &mut d2h_free,
-                        &mut r,
-                    )?;
+                    room!(a.1 as usize);
                     used += a.1 as usize;
                     bufs.insert(
                         a.0,
@@ -253,19 +232,7 @@ pub fn simulate(
                 continue; // written in place
             }
             let start = now;
-            make_room(
-                &mut bufs,
-                &mut used,
-                a.1 as usize,
-                budget,
-                &pinned,
-                policy,
-                clock,
-                profile,
-                &mut now,
-                &mut d2h_free,
-                &mut r,
-            )?;
+            room!(a.1 as usize);
             r.stall_ms += (now - start) * 1e3;
             used += a.1 as usize;
             bufs.insert(
@@ -283,7 +250,7 @@ pub fn simulate(
             by_key.insert(a.3, a.0);
         }
         r.peak_device_bytes = r.peak_device_bytes.max(used);
-        let t = profile.compute_s(op);
+        let t = profile.kernel_s(op.flops, op.bytes_read + op.bytes_written);
         now += t;
         r.compute_ms += t * 1e3;
         policy.observe(op);
@@ -376,6 +343,9 @@ fn make_room(
             recompute_flops: b.producer.map(|p| p.0),
         })
         .collect();
+    // Candidates come from a hash map: give policies a fixed order, so ties break the same way
+    // in every run.
+    cands.sort_by_key(|c| c.id);
     policy.rank_victims(now_clock, &mut cands);
     for c in cands {
         if *used + bytes <= budget {

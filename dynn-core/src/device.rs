@@ -151,3 +151,32 @@ pub fn register_backend(backend: Arc<dyn Backend>) -> Result<()> {
     reg.push(backend);
     Ok(())
 }
+
+impl std::str::FromStr for Device {
+    type Err = Error;
+    /// `cpu`, `cuda` (ordinal 0) or `cuda:N`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::InvalidArgument {
+            op: "device",
+            msg: format!("unknown device {s:?}: expected `cpu`, `cuda` or `cuda:N`"),
+        };
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(bad),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}

@@ -107,6 +107,15 @@ pub enum Error {
         /// Where the buffer is.
         residency: crate::Residency,
     },
+    /// A checkpoint file that cannot be read, is truncated or corrupt, or does not match the
+    /// model (the message names the tensor).
+    #[error("checkpoint {path}: {msg}")]
+    Checkpoint {
+        /// The file.
+        path: String,
+        /// What is wrong, naming the tensor where one is at fault.
+        msg: String,
+    },
     /// Autograd was asked for something it cannot do.
     #[error("autograd: {0}")]
     Autograd(String),

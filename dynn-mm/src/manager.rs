@@ -71,6 +71,9 @@ pub struct MemoryStats {
     pub peak_in_use: usize,
     /// Device bytes per kind at the peak of live blocks.
     pub peak_by_kind: [usize; 5],
+    /// Distinct graph signatures (op sequences with output sizes) over the steps ended so far:
+    /// 1 for a static network, more for a dynamic one.
+    pub distinct_graphs: usize,
 }
 
 /// How to build a manager.
@@ -126,6 +129,8 @@ struct State {
     now: Now,
     created_in_step: u64,
     step_signature: u64,
+    /// Signatures of the steps ended so far.
+    graphs: std::collections::HashSet<u64>,
     stats: MemoryStats,
     trace: Option<Trace>,
     timeline: Option<Vec<TimelinePoint>>,
@@ -165,6 +170,7 @@ impl MemoryManager {
                 now: Now::default(),
                 created_in_step: 0,
                 step_signature: FNV_START,
+                graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
                 timeline: config.record_timeline.then(Vec::new),
@@ -189,6 +195,7 @@ impl MemoryManager {
         let st = self.lock();
         MemoryStats {
             peak_device_bytes: st.pool.stats().peak_reserved,
+            distinct_graphs: st.graphs.len(),
             ..st.stats.clone()
         }
     }
@@ -227,6 +234,7 @@ impl MemoryManager {
             pool: st.pool.stats(),
             stats: MemoryStats {
                 peak_device_bytes: st.pool.stats().peak_reserved,
+                distinct_graphs: st.graphs.len(),
                 ..st.stats.clone()
             },
             device_by_kind: st.device_by_kind,
@@ -820,6 +828,9 @@ impl MemoryHooks for MemoryManager {
             ops: st.now.index,
             signature: st.step_signature,
         };
+        if ended.ops > 0 {
+            st.graphs.insert(ended.signature);
+        }
         if let Some(t) = st.trace.as_mut() {
             t.steps.push(ended);
         }

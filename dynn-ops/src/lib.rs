@@ -26,6 +26,7 @@ pub mod prelude {
     pub use crate::ops::indexing::IndexingOps;
     pub use crate::ops::matmul::MatmulOps;
     pub use crate::ops::norm::NormOps;
+    pub use crate::ops::optim::OptimOps;
     pub use crate::ops::random::{RandomOps, rand_normal, rand_uniform};
     pub use crate::ops::reduce::ReduceOps;
     pub use crate::ops::softmax::SoftmaxOps;

@@ -25,6 +25,7 @@ pub fn op_table() -> Vec<OpInfo> {
         crate::ops::reduce::ops(),
         crate::ops::matmul::ops(),
         crate::ops::update::ops(),
+        crate::ops::optim::ops(),
         crate::ops::indexing::ops(),
         crate::ops::concat::ops(),
         crate::ops::topk::ops(),

@@ -9,6 +9,7 @@ pub mod dropout;
 pub mod indexing;
 pub mod matmul;
 pub mod norm;
+pub mod optim;
 pub mod random;
 pub mod reduce;
 pub mod softmax;

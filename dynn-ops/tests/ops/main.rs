@@ -36,6 +36,7 @@ families!(
     reduce,
     matmul,
     update,
+    optim,
     softmax,
     norm,
     cross_entropy,

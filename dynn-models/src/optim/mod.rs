@@ -1,0 +1,80 @@
+//! Optimizers, gradient clipping and learning-rate schedules.
+//!
+//! Optimizer state tensors are [`BufferKind::OptimizerState`](dynn_core::BufferKind) buffers,
+//! so the memory manager can offload them like any other tensor. Every update runs through
+//! the executor as an in-place op in the optimizer phase.
+
+mod adam;
+mod clip;
+mod schedule;
+mod sgd;
+
+pub use adam::{Adam, AdamConfig};
+pub use clip::clip_grad_norm;
+pub use schedule::{LrSchedule, WarmupCosine};
+pub use sgd::{Sgd, SgdConfig};
+
+use crate::nn::Param;
+use dynn_core::{BufferKind, Result, Tensor};
+
+/// An optimizer: updates parameters from their accumulated gradients.
+pub trait Optimizer {
+    /// Applies one update to every parameter that has a gradient, then clears the gradients.
+    /// Parameters without a gradient (e.g. experts no token was routed to) are left as they
+    /// are, state included, as PyTorch does.
+    fn step(&mut self, params: &[Param]) -> Result<()>;
+
+    /// The learning rate of the next step.
+    fn lr(&self) -> f64;
+
+    /// Sets the learning rate (for schedules).
+    fn set_lr(&mut self, lr: f64);
+
+    /// The state tensors by name (e.g. `blocks.0.w.exp_avg`), for checkpoints.
+    fn state(&self) -> Vec<(String, Tensor)>;
+
+    /// Restores state saved by [`Optimizer::state`] for the given parameters. A missing or
+    /// misshapen entry is an error naming it.
+    fn load_state(
+        &mut self,
+        params: &[Param],
+        state: &dyn Fn(&str) -> Option<Tensor>,
+    ) -> Result<()>;
+}
+
+/// Zeros shaped like `p`, marked as optimizer state.
+pub(crate) fn state_like(p: &Tensor) -> Result<Tensor> {
+    let t = p.zeros_like()?;
+    t.set_kind(BufferKind::OptimizerState);
+    Ok(t)
+}
+
+/// Looks up `name` in a loaded state and checks it has `like`'s shape and dtype; the copy is
+/// a fresh optimizer-state buffer.
+pub(crate) fn restore(
+    state: &dyn Fn(&str) -> Option<Tensor>,
+    name: &str,
+    like: &Tensor,
+) -> Result<Tensor> {
+    use dynn_ops::prelude::*;
+    let t = state(name).ok_or_else(|| dynn_core::Error::Checkpoint {
+        path: String::new(),
+        msg: format!("optimizer state `{name}` is missing"),
+    })?;
+    if t.shape() != like.shape() || t.dtype() != like.dtype() {
+        return Err(dynn_core::Error::Checkpoint {
+            path: String::new(),
+            msg: format!(
+                "optimizer state `{name}` is {:?} {}, the parameter is {:?} {}",
+                t.dtype(),
+                t.shape(),
+                like.dtype(),
+                like.shape()
+            ),
+        });
+    }
+    let out = state_like(like)?;
+    let _g = dynn_core::no_grad();
+    out.assign_(&t)?;
+    Ok(out)
+}

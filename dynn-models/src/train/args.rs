@@ -1,0 +1,71 @@
+//! The command-line interface every bundled trainer shares.
+
+use clap::Args;
+use std::path::PathBuf;
+
+/// Flags common to every trainer (flatten them into a trainer's own `clap` parser beside its
+/// model-size flags). Unset numbers take the trainer's defaults.
+#[derive(Args, Clone, Debug, Default, PartialEq)]
+pub struct TrainArgs {
+    /// Optimizer steps to run (in total, counting steps before a resume).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Samples (sequences, trees, proteins) per micro-batch.
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Peak learning rate (AdamW, warmup then cosine decay).
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Seed of the parameters, the data and dropout.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Device: `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Device memory budget: bytes (`512MiB`), a share of an unlimited step's peak (`25%`),
+    /// or `unlimited`.
+    #[arg(long, default_value = "unlimited")]
+    pub device_budget: String,
+    /// Memory policy: none, lru, static, recompute, belady. Defaults to `lru` under a budget
+    /// and `none` without one.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Write a checkpoint (safetensors) here at the end, and every `--checkpoint-every` steps.
+    #[arg(long)]
+    pub checkpoint: Option<PathBuf>,
+    /// Steps between checkpoints (with `--checkpoint`; 0 = only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub checkpoint_every: u64,
+    /// Resume from this checkpoint (parameters, optimizer, step, RNG state).
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Record the memory access trace (dynn-trace JSON lines) to this file.
+    #[arg(long)]
+    pub trace_out: Option<PathBuf>,
+    /// Write the memory timeline as an SVG plot to this file.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// Micro-batches accumulated per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Clip gradients to this global norm (0 = no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f64,
+    /// Print one JSON summary as the last line of stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Defaults a trainer picks for the flags the user left unset.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Defaults {
+    /// Optimizer steps.
+    pub steps: u64,
+    /// Micro-batch size.
+    pub batch: usize,
+    /// Peak learning rate.
+    pub lr: f64,
+}

@@ -1,0 +1,13 @@
+//! The training loop every bundled trainer shares: one `clap` interface ([`TrainArgs`]), a
+//! [`Task`] (model plus data) and [`train`], which runs it under a memory budget and policy
+//! with a progress bar, checkpoints and a JSON [`Summary`].
+
+mod args;
+mod runner;
+mod summary;
+mod task;
+
+pub use args::{Defaults, TrainArgs};
+pub use runner::{Outcome, main, print_outcome, train};
+pub use summary::Summary;
+pub use task::{Eval, StepOut, Task};

@@ -31,11 +31,13 @@
 //!
 //! The crates behind this facade: [`core`] (tensors, storage handles, autograd, the executor
 //! seam), [`ops`] (every operator: kernels, backward rules, idioms, costs) and [`mm`] (the
-//! memory manager: device budget, policies, traces, reports).
+//! memory manager: device budget, policies, traces, reports) and [`models`] (modules,
+//! optimizers, checkpoints, data and the four dynamic networks with their training loop).
 
 pub use dynn_core as core;
 pub use dynn_core::{DType, Device, Error, Result, Shape, Tensor};
 pub use dynn_mm as mm;
+pub use dynn_models as models;
 pub use dynn_ops as ops;
 
 /// Everything a training script needs: tensors, devices, errors and every op's methods.

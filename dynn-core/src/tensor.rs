@@ -149,6 +149,37 @@ impl Tensor {
         self.shape().rank()
     }
 
+    /// The two dims of a rank-2 tensor (an error naming the shape otherwise).
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match *self.dims() {
+            [a, b] => Ok((a, b)),
+            _ => Err(self.rank_error(2)),
+        }
+    }
+
+    /// The three dims of a rank-3 tensor (an error naming the shape otherwise).
+    pub fn dims3(&self) -> Result<(usize, usize, usize)> {
+        match *self.dims() {
+            [a, b, c] => Ok((a, b, c)),
+            _ => Err(self.rank_error(3)),
+        }
+    }
+
+    /// The four dims of a rank-4 tensor (an error naming the shape otherwise).
+    pub fn dims4(&self) -> Result<(usize, usize, usize, usize)> {
+        match *self.dims() {
+            [a, b, c, d] => Ok((a, b, c, d)),
+            _ => Err(self.rank_error(4)),
+        }
+    }
+
+    fn rank_error(&self, want: usize) -> Error {
+        Error::invalid(
+            "dims",
+            format!("expected a rank-{want} tensor, got shape {}", self.shape()),
+        )
+    }
+
     /// Number of elements.
     pub fn elem_count(&self) -> usize {
         self.shape().elem_count()

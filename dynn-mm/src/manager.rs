@@ -38,6 +38,8 @@ struct Entry {
     uses: u32,
     producer: &'static str,
     recipe: Option<Arc<Recipe>>,
+    /// Which of the recipe's outputs this buffer is.
+    output: usize,
     flops: u64,
 }
 
@@ -351,6 +353,7 @@ impl MemoryManager {
                 uses: 0,
                 producer,
                 recipe: None,
+                output: 0,
                 flops: 0,
             },
         );
@@ -512,10 +515,10 @@ impl MemoryManager {
             }
             Residency::Dropped => {
                 let start = Instant::now();
-                let recipe = st
+                let (recipe, output) = st
                     .table
                     .get(&buf.id())
-                    .and_then(|e| e.recipe.clone())
+                    .and_then(|e| Some((e.recipe.clone()?, e.output)))
                     .ok_or_else(|| {
                         Error::Msg(format!(
                             "{op}: buffer {} was dropped without a recipe to recompute it",
@@ -530,13 +533,20 @@ impl MemoryManager {
                 let block = self.reserve(st, bytes, op);
                 let result = block.and_then(|block| {
                     let outs = recipe.recompute()?;
-                    let idx = recipe
-                        .specs
-                        .iter()
-                        .position(|s| s.shape.elem_count() == buf.len() && s.dtype == buf.dtype());
-                    let out = idx.and_then(|i| outs.into_iter().nth(i)).ok_or_else(|| {
-                        Error::Msg(format!("{op}: recompute produced no matching output"))
-                    })?;
+                    // The output this buffer was (outputs of one op may share size and dtype,
+                    // e.g. a norm's mean and inverse deviation).
+                    let out = outs
+                        .into_iter()
+                        .nth(output)
+                        .filter(|o| o.len() == buf.len() && o.dtype() == buf.dtype())
+                        .ok_or_else(|| {
+                            Error::Msg(format!(
+                                "{op}: recomputing {} gave no output {output} of {} {:?} elements",
+                                recipe.op.name(),
+                                buf.len(),
+                                buf.dtype()
+                            ))
+                        })?;
                     buf.set_slot(Slot::Device(Arc::from(out)));
                     Ok(block)
                 });
@@ -776,9 +786,10 @@ impl MemoryHooks for MemoryManager {
             }
         }
         if let Some(recipe) = ev.recipe {
-            for b in ev.outputs {
+            for (i, b) in ev.outputs.iter().enumerate() {
                 if let Some(e) = st.table.get_mut(&b.id()) {
                     e.recipe = Some(recipe.clone());
+                    e.output = i;
                     e.flops = ev.cost.flops;
                 }
             }

@@ -2,7 +2,7 @@
 //! `torch.autograd.gradcheck`: the gradient backward computes for each parameter is compared
 //! with central differences of the loss.
 //!
-//! ```no_run
+//! ```
 //! # use dynn_models::gradcheck::GradCheck;
 //! # use dynn_models::nn::{Forward, Linear, Module, ParamBuilder};
 //! # use dynn_ops::prelude::*;
@@ -148,7 +148,9 @@ impl GradCheck {
                 restored?;
                 let (a, err) = (grad[i], (grad[i] - numeric).abs());
                 let name = || element_name(p.path(), p.dims(), i);
-                if !(err <= self.atol + self.rtol * numeric.abs()) {
+                // NaN in either value fails too.
+                let within = err <= self.atol + self.rtol * numeric.abs();
+                if !within {
                     return Err(Error::Msg(format!(
                         "gradcheck: {}: analytic gradient {a:e} vs numeric {numeric:e} (|diff| {err:e} > atol {:e} + rtol {:e} · |numeric|)",
                         name(),

@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod gradcheck;
+pub mod models;
 pub mod nn;
 pub mod optim;
 pub mod rng;

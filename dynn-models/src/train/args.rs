@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 /// Flags common to every trainer (flatten them into a trainer's own `clap` parser beside its
 /// model-size flags). Unset numbers take the trainer's defaults.
-#[derive(Args, Clone, Debug, Default, PartialEq)]
+#[derive(Args, Clone, Debug, PartialEq)]
 pub struct TrainArgs {
     /// Optimizer steps to run (in total, counting steps before a resume).
     #[arg(long)]
@@ -59,6 +59,30 @@ pub struct TrainArgs {
     pub quiet: bool,
 }
 
+impl Default for TrainArgs {
+    /// The values the command line gives when no flag is passed.
+    fn default() -> Self {
+        TrainArgs {
+            steps: None,
+            batch: None,
+            lr: None,
+            seed: 0,
+            device: "cpu".into(),
+            device_budget: "unlimited".into(),
+            policy: None,
+            checkpoint: None,
+            checkpoint_every: 0,
+            resume: None,
+            trace_out: None,
+            plot: None,
+            grad_accum: 1,
+            clip: 1.0,
+            json: false,
+            quiet: false,
+        }
+    }
+}
+
 /// Defaults a trainer picks for the flags the user left unset.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Defaults {
@@ -68,4 +92,21 @@ pub struct Defaults {
     pub batch: usize,
     /// Peak learning rate.
     pub lr: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    #[test]
+    fn default_is_what_an_empty_command_line_gives() {
+        assert_eq!(Cli::parse_from(["trainer"]).args, TrainArgs::default());
+    }
 }

@@ -27,6 +27,8 @@ pub struct Outcome {
     pub report: MemoryReport,
     /// Mean loss per step, in order (steps before a resume are not included).
     pub losses: Vec<f64>,
+    /// The trained parameters.
+    pub params: Vec<crate::nn::Param>,
 }
 
 /// The data stream of a run: one RNG for batches, checkpointed.
@@ -267,6 +269,7 @@ pub fn train<T: Task>(
         summary,
         report,
         losses,
+        params,
     })
 }
 

@@ -1,0 +1,112 @@
+//! The two layers the MSA and pair stacks share: gated multi-head attention along one axis
+//! of a 2-D grid of embeddings (with an optional additive bias), and the transition MLP.
+
+use crate::nn::{
+    Forward, LayerNorm, Linear, Module, Param, ParamBuilder, scaled_dot_product_attention,
+};
+use dynn_core::{Error, Result, Tensor};
+use dynn_ops::prelude::*;
+
+/// AlphaFold's gated self-attention over the third axis of `(batch, rows, cols, dim)`: every
+/// row attends over its columns independently. Layer-normed input; fused query, key, value
+/// and gate projection; a sigmoid gate on each head's output; an output projection.
+#[derive(Clone, Debug)]
+pub struct GatedAttention {
+    /// Input layer norm.
+    pub norm: LayerNorm,
+    /// Query, key, value and gate, `dim → 4·dim`.
+    pub qkvg: Linear,
+    /// Output projection `dim → dim`.
+    pub out: Linear,
+    /// Number of heads.
+    pub heads: usize,
+}
+
+impl GatedAttention {
+    /// Attention of width `dim` in `heads` heads (`dim % heads` must be 0).
+    pub fn new(b: &ParamBuilder, dim: usize, heads: usize) -> Result<Self> {
+        if heads == 0 || dim % heads != 0 {
+            return Err(Error::invalid(
+                "GatedAttention::new",
+                format!("dim {dim} is not a positive multiple of heads {heads}"),
+            ));
+        }
+        Ok(GatedAttention {
+            norm: LayerNorm::new(&b.pp("norm"), dim)?,
+            qkvg: Linear::new(&b.pp("qkvg"), dim, 4 * dim)?,
+            out: Linear::new(&b.pp("out"), dim, dim)?,
+            heads,
+        })
+    }
+
+    /// The update for `x` of shape `(batch, rows, cols, dim)`: attention over `cols` within
+    /// each row. `bias`, when given, is added to the logits `(batch, rows, heads, cols, cols)`
+    /// and must broadcast to them (the pair bias is `(batch, 1, heads, cols, cols)`).
+    pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        let &[b, r, c, d] = x.dims() else {
+            return Err(Error::invalid(
+                "GatedAttention",
+                format!("expected (batch, rows, cols, dim), got {}", x.shape()),
+            ));
+        };
+        let (h, hd) = (self.heads, d / self.heads);
+        let parts = self.qkvg.forward(&self.norm.forward(x)?)?.chunk(4, -1)?;
+        let [q, k, v, g] = parts.as_slice() else {
+            return Err(Error::invalid(
+                "GatedAttention",
+                "dim too small to split in four",
+            ));
+        };
+        let heads = |t: &Tensor| t.reshape(vec![b, r, c, h, hd])?.permute(&[0, 1, 3, 2, 4]);
+        let ctx = scaled_dot_product_attention(&heads(q)?, &heads(k)?, &heads(v)?, bias)?
+            .permute(&[0, 1, 3, 2, 4])?
+            .reshape((b, r, c, d))?;
+        self.out.forward(&ctx.mul(&g.sigmoid()?)?)
+    }
+}
+
+impl Module for GatedAttention {
+    fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
+        self.norm.visit_params(f);
+        self.qkvg.visit_params(f);
+        self.out.visit_params(f);
+    }
+}
+
+/// The transition: layer norm, `dim → n·dim`, ReLU, `n·dim → dim`.
+#[derive(Clone, Debug)]
+pub struct Transition {
+    /// Input layer norm.
+    pub norm: LayerNorm,
+    /// The expansion.
+    pub up: Linear,
+    /// The projection back.
+    pub down: Linear,
+}
+
+impl Transition {
+    /// A transition of width `dim` expanded `n` times.
+    pub fn new(b: &ParamBuilder, dim: usize, n: usize) -> Result<Self> {
+        Ok(Transition {
+            norm: LayerNorm::new(&b.pp("norm"), dim)?,
+            up: Linear::new(&b.pp("up"), dim, n * dim)?,
+            down: Linear::new(&b.pp("down"), n * dim, dim)?,
+        })
+    }
+}
+
+impl Module for Transition {
+    fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
+        self.norm.visit_params(f);
+        self.up.visit_params(f);
+        self.down.visit_params(f);
+    }
+}
+
+impl Forward for Transition {
+    /// The update for `x` (any leading shape).
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.down
+            .forward(&self.up.forward(&self.norm.forward(x)?)?.relu()?)
+    }
+}

@@ -1,0 +1,148 @@
+//! The updates of the pair representation: the outer-product mean (MSA → pair) and the
+//! triangle multiplicative updates (pair → pair).
+
+use crate::nn::{Forward, LayerNorm, Linear, Module, Param, ParamBuilder};
+use dynn_core::{Error, Result, Tensor};
+use dynn_ops::prelude::*;
+
+/// AlphaFold's outer-product mean: `z_ij += W · mean_s (a_si ⊗ b_sj)` with `a`, `b` linear
+/// projections of the layer-normed MSA. Co-varying columns `i`, `j` give large entries here.
+#[derive(Clone, Debug)]
+pub struct OuterProductMean {
+    /// Layer norm of the MSA.
+    pub norm: LayerNorm,
+    /// Both projections, `msa_dim → 2·hidden`.
+    pub ab: Linear,
+    /// `hidden² → pair_dim`.
+    pub out: Linear,
+    /// Channels of each projection.
+    pub hidden: usize,
+}
+
+impl OuterProductMean {
+    /// An outer-product mean from `msa_dim` to `pair_dim` through `hidden` channels.
+    pub fn new(b: &ParamBuilder, msa_dim: usize, pair_dim: usize, hidden: usize) -> Result<Self> {
+        Ok(OuterProductMean {
+            norm: LayerNorm::new(&b.pp("norm"), msa_dim)?,
+            ab: Linear::new(&b.pp("ab"), msa_dim, 2 * hidden)?,
+            out: Linear::new(&b.pp("out"), hidden * hidden, pair_dim)?,
+            hidden,
+        })
+    }
+
+    /// The pair update `(batch, len, len, pair_dim)` from `m` of shape
+    /// `(batch, depth, len, msa_dim)`.
+    pub fn forward(&self, m: &Tensor) -> Result<Tensor> {
+        let &[bs, s, l, _] = m.dims() else {
+            return Err(Error::invalid(
+                "OuterProductMean",
+                format!("expected (batch, depth, len, dim), got {}", m.shape()),
+            ));
+        };
+        let c = self.hidden;
+        let ab = self.ab.forward(&self.norm.forward(m)?)?;
+        let ab = ab.split(&[c, c], -1)?;
+        // (b, l·c, s) @ (b, s, l·c): every (i, p, j, q) product summed over the sequences.
+        let a = ab[0].permute(&[0, 2, 3, 1])?.reshape((bs, l * c, s))?;
+        let bm = ab[1].reshape((bs, s, l * c))?;
+        let outer = a
+            .matmul(&bm)?
+            .scale(1.0 / s as f64)?
+            .reshape(vec![bs, l, c, l, c])?
+            .permute(&[0, 1, 3, 2, 4])?
+            .reshape((bs, l, l, c * c))?;
+        self.out.forward(&outer)
+    }
+}
+
+impl Module for OuterProductMean {
+    fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
+        self.norm.visit_params(f);
+        self.ab.visit_params(f);
+        self.out.visit_params(f);
+    }
+}
+
+/// Which edges of the triangle `(i, j, k)` a multiplicative update combines.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Triangle {
+    /// `z_ij += Σ_k a_ik ⊙ b_jk` (edges leaving `i` and `j`).
+    Outgoing,
+    /// `z_ij += Σ_k a_ki ⊙ b_kj` (edges entering `i` and `j`).
+    Incoming,
+}
+
+/// AlphaFold's triangle multiplicative update: gated projections `a`, `b` of the layer-normed
+/// pair representation multiplied along the third residue of each triangle, layer-normed,
+/// projected back and gated.
+#[derive(Clone, Debug)]
+pub struct TriangleMultiplication {
+    /// Which edges it combines.
+    pub kind: Triangle,
+    /// Input layer norm.
+    pub norm: LayerNorm,
+    /// `a`, its gate, `b`, its gate: `pair_dim → 4·hidden`.
+    pub proj: Linear,
+    /// The output gate `pair_dim → pair_dim`.
+    pub gate: Linear,
+    /// Layer norm of the product.
+    pub out_norm: LayerNorm,
+    /// `hidden → pair_dim`.
+    pub out: Linear,
+    /// Channels of `a` and `b`.
+    pub hidden: usize,
+}
+
+impl TriangleMultiplication {
+    /// An update of `kind` on a pair representation of width `pair_dim` through `hidden`
+    /// channels.
+    pub fn new(b: &ParamBuilder, kind: Triangle, pair_dim: usize, hidden: usize) -> Result<Self> {
+        Ok(TriangleMultiplication {
+            kind,
+            norm: LayerNorm::new(&b.pp("norm"), pair_dim)?,
+            proj: Linear::new(&b.pp("proj"), pair_dim, 4 * hidden)?,
+            gate: Linear::new(&b.pp("gate"), pair_dim, pair_dim)?,
+            out_norm: LayerNorm::new(&b.pp("out_norm"), hidden)?,
+            out: Linear::new(&b.pp("out"), hidden, pair_dim)?,
+            hidden,
+        })
+    }
+
+    /// The update for `z` of shape `(batch, len, len, pair_dim)`.
+    pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        if z.rank() != 4 {
+            return Err(Error::invalid(
+                "TriangleMultiplication",
+                format!("expected (batch, len, len, dim), got {}", z.shape()),
+            ));
+        }
+        let c = self.hidden;
+        let zn = self.norm.forward(z)?;
+        let p = self.proj.forward(&zn)?.split(&[c, c, c, c], -1)?;
+        let a = p[0].mul(&p[1].sigmoid()?)?;
+        let b = p[2].mul(&p[3].sigmoid()?)?;
+        // Channels first, so the sum over k is a batched matrix product per channel.
+        let prod = match self.kind {
+            // (b, c, i, k) @ (b, c, k, j)
+            Triangle::Outgoing => a
+                .permute(&[0, 3, 1, 2])?
+                .matmul(&b.permute(&[0, 3, 2, 1])?)?,
+            Triangle::Incoming => a
+                .permute(&[0, 3, 2, 1])?
+                .matmul(&b.permute(&[0, 3, 1, 2])?)?,
+        };
+        let prod = prod.permute(&[0, 2, 3, 1])?;
+        let upd = self.out.forward(&self.out_norm.forward(&prod)?)?;
+        upd.mul(&self.gate.forward(&zn)?.sigmoid()?)
+    }
+}
+
+impl Module for TriangleMultiplication {
+    fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
+        self.norm.visit_params(f);
+        self.proj.visit_params(f);
+        self.gate.visit_params(f);
+        self.out_norm.visit_params(f);
+        self.out.visit_params(f);
+    }
+}

@@ -66,6 +66,8 @@ pub struct MemoryStats {
     pub recompute_flops: u64,
     /// Prefetches issued.
     pub prefetches: u64,
+    /// Times the device pool was repacked because free space was too scattered.
+    pub compactions: u64,
     /// Peak device bytes reserved by the pool: what the device must hold (never above the
     /// budget). A budget of this many bytes runs the same steps without evicting.
     pub peak_device_bytes: usize,
@@ -361,6 +363,33 @@ impl MemoryManager {
         Ok(())
     }
 
+    /// Repacks every device-resident block so scattered free space becomes one range. On the
+    /// CPU tier blocks are accounting only; a device backend moves the bytes with them.
+    /// Returns false when repacking would not fit (nothing changes then).
+    fn compact(&self, st: &mut State) -> bool {
+        let live: Vec<(BufferId, Block)> = st
+            .table
+            .iter()
+            .filter_map(|(&id, e)| match e.res {
+                Residency::Device(b) => Some((id, b)),
+                _ => None,
+            })
+            .collect();
+        let blocks: Vec<Block> = live.iter().map(|l| l.1).collect();
+        match st.pool.compact(&blocks) {
+            Ok(moved) => {
+                for ((id, _), b) in live.iter().zip(moved) {
+                    if let Some(e) = st.table.get_mut(id) {
+                        e.res = Residency::Device(b);
+                    }
+                }
+                st.stats.compactions += 1;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
     fn note_peak(&self, st: &mut State) {
         let used = st.pool.stats().in_use;
         if used > st.stats.peak_in_use {
@@ -371,6 +400,7 @@ impl MemoryManager {
 
     /// A pool block of `bytes`, evicting what the policy chooses when over budget.
     fn reserve(&self, st: &mut State, bytes: usize, op: &'static str) -> Result<Block> {
+        let mut compacted = false;
         loop {
             self.sync(st);
             let err = match st.pool.allocate(bytes) {
@@ -417,6 +447,13 @@ impl MemoryManager {
                     }
                     st.stats.stall_time += start.elapsed();
                     continue;
+                }
+                // Free space may be scattered over segments that each hold a pinned block.
+                if !compacted {
+                    compacted = true;
+                    if self.compact(st) {
+                        continue;
+                    }
                 }
                 return Err(self.oom(
                     st,
@@ -734,9 +771,11 @@ impl MemoryHooks for MemoryManager {
                 pinned.push(b.id());
             }
             for b in ev.outputs {
-                if st.table.contains_key(&b.id()) {
-                    // Written in place: already resident and pinned as an input. Dropped
-                    // buffers computed from its old values are recomputed now, while they can be.
+                if let Some(e) = st.table.get_mut(&b.id()) {
+                    // Written in place: its recipe (if any) no longer reproduces it.
+                    e.recipe = None;
+                    // Already resident and pinned as an input. Dropped buffers computed from
+                    // its old values are recomputed now, while they can be.
                     while let Some(deps) = st.dependents.remove(&b.id()) {
                         for d in deps {
                             let dep = st

@@ -196,7 +196,8 @@ impl Profile {
             Some(&u) => Some((u - index) as u64),
             None if key < (1 << 63) => uses
                 .first()
-                .map(|&u| (self.ops.len() as u32 - index + u) as u64),
+                // A step longer than the profiled one (a dynamic graph) is past its end.
+                .map(|&u| (self.ops.len() as u64).saturating_sub(index as u64) + u as u64),
             None => None,
         }
     }

@@ -72,7 +72,7 @@ pub struct PoolStats {
     pub fragmentation: f64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Segment {
     size: usize,
     small: bool,
@@ -271,6 +271,34 @@ impl DevicePool {
         segment.blocks.insert(off, (len, true));
         self.free.insert((small, len, block.segment, off));
         self.stats.in_use -= size;
+    }
+
+    /// Repacks `live` (every block still allocated, largest first is best): releases them and
+    /// every segment left empty, then allocates them again, so free space scattered over
+    /// several segments becomes one. Returns the new block of each, in order. The caller moves
+    /// the bytes (on the CPU tier the blocks are accounting only, so nothing moves). Fails,
+    /// leaving the pool as it was, when the repacked blocks would not fit.
+    pub fn compact(&mut self, live: &[Block]) -> Result<Vec<Block>, PoolExhausted> {
+        let before = (self.segments.clone(), self.free.clone(), self.stats.clone());
+        for b in live {
+            self.release(*b);
+        }
+        self.release_empty();
+        let mut order: Vec<usize> = (0..live.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(live[i].size));
+        let mut out = vec![None; live.len()];
+        for i in order {
+            match self.allocate(live[i].size) {
+                Ok(b) => out[i] = Some(b),
+                Err(e) => {
+                    (self.segments, self.free, self.stats) = before;
+                    return Err(e);
+                }
+            }
+        }
+        // Compaction is not a user allocation.
+        self.stats.allocations = before.2.allocations;
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// Releases every cached segment that holds no live block. Returns the bytes released.

@@ -30,7 +30,8 @@ pub struct TrainArgs {
     /// and `none` without one.
     #[arg(long)]
     pub policy: Option<String>,
-    /// Write a checkpoint (safetensors) here at the end, and every `--checkpoint-every` steps.
+    /// Write a checkpoint (safetensors) here at the end; with `--checkpoint-every N`, also
+    /// `<name>-step<k>.safetensors` every N steps.
     #[arg(long)]
     pub checkpoint: Option<PathBuf>,
     /// Steps between checkpoints (with `--checkpoint`; 0 = only at the end).

@@ -156,8 +156,13 @@ pub fn train<T: Task>(
     }
 
     let save = |task: &T, opt: &Adam, rng: &Rng, step: u64| -> Result<()> {
-        let Some(path) = &args.checkpoint else {
+        let Some(last) = &args.checkpoint else {
             return Ok(());
+        };
+        let path = if step < steps {
+            &periodic_path(last, step)
+        } else {
+            last
         };
         let mut rngs = vec![(DATA_RNG, rng.state())];
         if let Some(s) = task.seeds() {
@@ -234,6 +239,13 @@ pub fn train<T: Task>(
     task.set_train(true);
     let Eval { metric, value } = eval;
 
+    // The manager goes away with this function: bring back any parameter it dropped (a
+    // recompute policy may drop one no step has updated yet), so the caller can read them.
+    for p in &params {
+        if p.buffer().residency() == dynn_core::Residency::Dropped {
+            dynn_core::MemoryHooks::materialize(mm.as_ref(), p.buffer())?;
+        }
+    }
     let report = mm.report();
     let window = (losses.len() / 10).max(1);
     let run_steps = losses.len().max(1) as f64;
@@ -271,6 +283,20 @@ pub fn train<T: Task>(
         losses,
         params,
     })
+}
+
+/// Where the checkpoint of `step` goes when `--checkpoint-every` writes one before the end:
+/// `run.safetensors` → `run-step200.safetensors` (the final one keeps the given name).
+pub fn periodic_path(last: &std::path::Path, step: u64) -> std::path::PathBuf {
+    let stem = last
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("checkpoint");
+    let ext = last
+        .extension()
+        .and_then(|s| s.to_str())
+        .unwrap_or("safetensors");
+    last.with_file_name(format!("{stem}-step{step}.{ext}"))
 }
 
 fn console_is_tty() -> bool {

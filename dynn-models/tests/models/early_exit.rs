@@ -1,17 +1,19 @@
 //! The early-exit transformer: gradients, dynamic depth, config errors.
 
 use dynn_core::{DType, Result};
+use dynn_models::data::Split;
 use dynn_models::data::{TextDataset, generated_corpus};
 use dynn_models::gradcheck::GradCheck;
 use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask};
+use dynn_models::nn::Module;
 use dynn_models::rng::Rng;
 use dynn_models::train::{Defaults, TrainArgs, train};
-use dynn_models::nn::Module;
-use dynn_models::data::Split;
 use std::sync::Arc;
 
 pub fn tiny_data() -> Arc<TextDataset> {
-    Arc::new(TextDataset::new(&generated_corpus(3, 20_000), 256).expect("corpus trains a tokenizer"))
+    Arc::new(
+        TextDataset::new(&generated_corpus(3, 20_000), 256).expect("corpus trains a tokenizer"),
+    )
 }
 
 pub fn tiny() -> EarlyExitConfig {
@@ -35,7 +37,9 @@ fn gradients_match_finite_differences() -> Result<()> {
         max_elems_per_param: 3,
         ..Default::default()
     }
-    .check(&model.params(), || Ok(model.loss(&ids, &tgt, f64::INFINITY)?.0))?;
+    .check(&model.params(), || {
+        Ok(model.loss(&ids, &tgt, f64::INFINITY)?.0)
+    })?;
     assert!(report.checked > 50, "{report:?}");
     Ok(())
 }
@@ -81,9 +85,18 @@ fn bad_configs_are_errors() {
     let data = tiny_data();
     for cfg in [
         EarlyExitConfig { heads: 3, ..tiny() },
-        EarlyExitConfig { layers: 0, ..tiny() },
-        EarlyExitConfig { threshold: 1.5, ..tiny() },
+        EarlyExitConfig {
+            layers: 0,
+            ..tiny()
+        },
+        EarlyExitConfig {
+            threshold: 1.5,
+            ..tiny()
+        },
     ] {
-        assert!(EarlyExitTask::with_data(&cfg, data.clone(), 0, DType::F32).is_err(), "{cfg:?}");
+        assert!(
+            EarlyExitTask::with_data(&cfg, data.clone(), 0, DType::F32).is_err(),
+            "{cfg:?}"
+        );
     }
 }

@@ -4,4 +4,5 @@
 mod early_exit;
 mod evoformer;
 mod moe;
+mod training;
 mod tree_lstm;

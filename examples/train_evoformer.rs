@@ -46,8 +46,16 @@ struct Cli {
 
 fn main() {
     let cli = Cli::parse();
+    if std::env::var("EVO_FLOOR").is_ok() {
+        prof::floors(EvoformerConfig::default());
+        return;
+    }
     if std::env::var("EVO_PROF").is_ok() {
-        let c = EvoformerConfig { msa_dim: cli.msa_dim, pair_dim: cli.pair_dim, ..EvoformerConfig::default() };
+        let c = EvoformerConfig {
+            msa_dim: cli.msa_dim,
+            pair_dim: cli.pair_dim,
+            ..EvoformerConfig::default()
+        };
         prof::run(c, cli.train.batch.unwrap_or(8));
         return;
     }
@@ -103,6 +111,58 @@ mod prof {
             Ok(())
         }
     }
+    pub fn floors(cfg: EvoformerConfig) {
+        use dynn::models::data::protein;
+        let pc = cfg.protein();
+        let (l, s, nb) = (pc.len, pc.msa_depth, pc.bins);
+        let mut rng = Rng::new(5);
+        // key -> histogram
+        let mut h1: HashMap<usize, Vec<f64>> = HashMap::new();
+        let mut h2: HashMap<(usize, bool), Vec<f64>> = HashMap::new();
+        let mut h3: HashMap<(usize, u8), Vec<f64>> = HashMap::new();
+        for _ in 0..3000 {
+            let smp = protein::sample(&mut rng, &pc);
+            let mutp = |c: usize| -> Vec<bool> {
+                (1..s).map(|r| smp.msa[r * l + c] != smp.msa[c]).collect()
+            };
+            for i in 0..l {
+                for j in 0..l {
+                    if i == j {
+                        continue;
+                    }
+                    let sep = i.abs_diff(j);
+                    let b = smp.distogram[i * l + j] as usize;
+                    let (mi, mj) = (mutp(i), mutp(j));
+                    let co = mi == mj && mi.iter().any(|&x| x);
+                    let nmut = (mi.iter().filter(|&&x| x).count()
+                        + mj.iter().filter(|&&x| x).count()) as u8;
+                    h1.entry(sep).or_insert(vec![0.0; nb])[b] += 1.0;
+                    h2.entry((sep, co)).or_insert(vec![0.0; nb])[b] += 1.0;
+                    h3.entry((sep, if co { 255 } else { nmut.min(14) }))
+                        .or_insert(vec![0.0; nb])[b] += 1.0;
+                }
+            }
+        }
+        fn ent<K>(h: &HashMap<K, Vec<f64>>) -> f64 {
+            let tot: f64 = h.values().flat_map(|v| v.iter()).sum();
+            let mut e = 0.0;
+            for v in h.values() {
+                let n: f64 = v.iter().sum();
+                for &c in v {
+                    if c > 0.0 {
+                        e -= c / tot * (c / n).ln();
+                    }
+                }
+            }
+            e
+        }
+        println!(
+            "H(bin|sep) {:.4}  H(bin|sep,co) {:.4}  H(bin|sep,co,nmut) {:.4}",
+            ent(&h1),
+            ent(&h2),
+            ent(&h3)
+        );
+    }
     pub fn run(cfg: EvoformerConfig, batch: usize) {
         let p = Arc::new(P::default());
         let _g = install_memory_hooks(p.clone());
@@ -112,11 +172,17 @@ mod prof {
         let mut tdata = 0.0;
         for _ in 0..10 {
             let t = Instant::now();
-            let _ = dynn::models::data::protein::batch(&mut rng.clone(), &task.model().cfg.protein(), batch);
+            let _ = dynn::models::data::protein::batch(
+                &mut rng.clone(),
+                &task.model().cfg.protein(),
+                batch,
+            );
             tdata += t.elapsed().as_secs_f64();
             let out = task.step(&mut rng, batch).unwrap();
             out.loss.backward().unwrap();
-            for q in task.params() { q.zero_grad(); }
+            for q in task.params() {
+                q.zero_grad();
+            }
         }
         let total = t0.elapsed().as_secs_f64();
         let m = p.tot.lock().unwrap();

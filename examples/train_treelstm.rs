@@ -9,8 +9,8 @@
 
 use clap::Parser;
 use dynn_core::Device;
-use dynn_models::models::tree_lstm::{TreeLstmConfig, TreeLstmTask};
-use dynn_models::train::{self, Defaults, TrainArgs};
+use dynn_models::models::tree_lstm::{DEFAULTS, TreeLstmConfig, TreeLstmTask};
+use dynn_models::train::{self, TrainArgs};
 
 /// Train a Tree-LSTM on ListOps expression trees; reports held-out accuracy.
 #[derive(Parser, Debug)]
@@ -44,14 +44,9 @@ fn main() {
         max_nodes: args.max_nodes,
         ..TreeLstmConfig::default()
     };
-    let defaults = Defaults {
-        steps: 600,
-        batch: 64,
-        lr: 3e-3,
-    };
     let seed = args.train.seed;
     let device = args.train.device.clone();
-    train::main(&args.train, defaults, move || {
+    train::main(&args.train, DEFAULTS, move || {
         let device: Device = device.parse()?;
         TreeLstmTask::new(cfg.clone(), seed, device)
     });

@@ -279,7 +279,7 @@ impl DevicePool {
     /// the bytes (on the CPU tier the blocks are accounting only, so nothing moves). Fails,
     /// leaving the pool as it was, when the repacked blocks would not fit.
     pub fn compact(&mut self, live: &[Block]) -> Result<Vec<Block>, PoolExhausted> {
-        let before = (self.segments.clone(), self.free.clone(), self.stats.clone());
+        let before = (self.segments.clone(), self.free.clone(), self.stats);
         for b in live {
             self.release(*b);
         }
@@ -401,5 +401,26 @@ mod tests {
             p.allocate(2 << 20).is_ok(),
             "empty segments are released to make room"
         );
+    }
+
+    #[test]
+    fn compaction_gathers_scattered_free_space() {
+        // Two 64 KiB segments, each holding one small live block: 100 KiB is free in total
+        // but no 96 KiB request fits until the live blocks are repacked into one segment.
+        let mut p = DevicePool::with_segments(Some(192 << 10), 64 << 10, 1 << 20);
+        let a = p.allocate(40 << 10).unwrap();
+        let fill = p.allocate(24 << 10).unwrap();
+        let b = p.allocate(4 << 10).unwrap();
+        p.release(fill);
+        assert_ne!(a.segment, b.segment);
+        assert!(p.allocate(96 << 10).is_err());
+        let moved = p.compact(&[a, b]).unwrap();
+        assert_eq!(moved.len(), 2);
+        assert_eq!(moved[0].size, a.size);
+        assert_eq!(moved[1].size, b.size);
+        assert_eq!(moved[0].segment, moved[1].segment, "repacked together");
+        assert_eq!(p.stats().in_use, a.size + b.size);
+        assert!(p.allocate(96 << 10).is_ok());
+        assert_eq!(p.live_blocks().len(), 3);
     }
 }

@@ -3,11 +3,13 @@
 //! offloading under every policy and budget changes no bit.
 
 use crate::early_exit::{tiny, tiny_data};
-use dynn_core::{DType, Error, Result};
+use dynn_core::{DType, Device, Error, Result};
 use dynn_models::checkpoint::Checkpoint;
 use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask};
+use dynn_models::models::moe::{MoeConfig, MoeTask};
+use dynn_models::models::tree_lstm::{TreeLstmConfig, TreeLstmTask};
 use dynn_models::nn::Param;
-use dynn_models::train::{Defaults, Outcome, TrainArgs, periodic_path, train};
+use dynn_models::train::{Defaults, Outcome, Task, TrainArgs, periodic_path, train};
 use std::path::PathBuf;
 
 const DEFAULTS: Defaults = Defaults {
@@ -29,10 +31,7 @@ fn cfg() -> EarlyExitConfig {
 }
 
 fn run(args: TrainArgs) -> Result<Outcome> {
-    run_with(args, cfg())
-}
-
-fn run_with(args: TrainArgs, cfg: EarlyExitConfig) -> Result<Outcome> {
+    let cfg = cfg();
     let data = tiny_data();
     train(&args, DEFAULTS, move || {
         EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32)
@@ -178,29 +177,28 @@ fn bad_checkpoints_are_rejected_with_the_reason() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn offloading_changes_no_bit_under_any_policy() -> Result<()> {
-    // Big enough that a quarter of the peak holds every op's working set despite the pool's
-    // 64 KiB segment granularity.
-    let cfg = EarlyExitConfig {
-        dim: 64,
-        seq: 12,
-        ..cfg()
-    };
-    let run = |args| run_with(args, cfg.clone());
+/// Trains 3 steps unlimited, then under every offloading policy at each of `budgets` (shares
+/// of the first steps' peak), and asserts every loss and parameter is bit-identical.
+fn offload_is_exact<T: Task>(
+    name: &str,
+    batch: usize,
+    budgets: &[&str],
+    make: impl Fn() -> Result<T> + Clone,
+) -> Result<()> {
+    let run = |args: TrainArgs| train(&args, DEFAULTS, make.clone());
     let base = run(TrainArgs {
         steps: Some(3),
-        batch: Some(8),
+        batch: Some(batch),
         ..quiet()
     })?;
     for policy in ["lru", "static", "recompute", "belady"] {
-        for budget in ["50%", "35%"] {
-            let what = format!("{policy} at {budget}");
+        for budget in budgets {
+            let what = format!("{name}: {policy} at {budget}");
             let out = run(TrainArgs {
                 steps: Some(3),
-                batch: Some(8),
+                batch: Some(batch),
                 policy: Some(policy.into()),
-                device_budget: budget.into(),
+                device_budget: budget.to_string(),
                 ..quiet()
             })
             .map_err(|e| Error::Msg(format!("{what}: {e}")))?;
@@ -214,4 +212,51 @@ fn offloading_changes_no_bit_under_any_policy() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[test]
+fn offloading_the_early_exit_lm_changes_no_bit() -> Result<()> {
+    // Big enough that a third of the peak holds every op's working set despite the pool's
+    // 64 KiB segment granularity.
+    let cfg = EarlyExitConfig {
+        dim: 64,
+        seq: 12,
+        ..cfg()
+    };
+    let data = tiny_data();
+    offload_is_exact("early_exit", 8, &["50%", "35%"], move || {
+        EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32)
+    })
+}
+
+#[test]
+fn offloading_the_moe_lm_changes_no_bit() -> Result<()> {
+    let cfg = MoeConfig {
+        dim: 64,
+        heads: 4,
+        layers: 2,
+        experts: 8,
+        top_k: 2,
+        expert_hidden: 64,
+        seq: 12,
+        ..Default::default()
+    };
+    let data = (*tiny_data()).clone();
+    offload_is_exact("moe", 8, &["50%", "35%"], move || {
+        MoeTask::with_data(&cfg, data.clone(), 7)
+    })
+}
+
+#[test]
+fn offloading_the_tree_lstm_changes_no_bit() -> Result<()> {
+    let cfg = TreeLstmConfig {
+        embed: 32,
+        hidden: 96,
+        // Evaluation runs under the budget too: keep its batch near the training batch.
+        eval_trees: 8,
+        ..Default::default()
+    };
+    offload_is_exact("tree_lstm", 8, &["50%", "35%"], move || {
+        TreeLstmTask::new(cfg.clone(), 7, Device::Cpu)
+    })
 }

@@ -8,14 +8,20 @@ use dynn_core::{Error, Result, Tensor};
 use dynn_ops::prelude::*;
 
 /// AlphaFold's gated self-attention over the third axis of `(batch, rows, cols, dim)`: every
-/// row attends over its columns independently. Layer-normed input; fused query, key, value
-/// and gate projection; a sigmoid gate on each head's output; an output projection.
+/// row attends over its columns independently. Layer-normed input; query, key and value
+/// projections; a sigmoid gate on each head's output; an output projection.
 #[derive(Clone, Debug)]
 pub struct GatedAttention {
     /// Input layer norm.
     pub norm: LayerNorm,
-    /// Query, key, value and gate, `dim → 4·dim`.
-    pub qkvg: Linear,
+    /// Query projection (no bias).
+    pub q: Linear,
+    /// Key projection (no bias).
+    pub k: Linear,
+    /// Value projection (no bias).
+    pub v: Linear,
+    /// Gate projection (sigmoid applied).
+    pub gate: Linear,
     /// Output projection `dim → dim`.
     pub out: Linear,
     /// Number of heads.
@@ -33,7 +39,10 @@ impl GatedAttention {
         }
         Ok(GatedAttention {
             norm: LayerNorm::new(&b.pp("norm"), dim)?,
-            qkvg: Linear::new(&b.pp("qkvg"), dim, 4 * dim)?,
+            q: Linear::no_bias(&b.pp("q"), dim, dim)?,
+            k: Linear::no_bias(&b.pp("k"), dim, dim)?,
+            v: Linear::no_bias(&b.pp("v"), dim, dim)?,
+            gate: Linear::new(&b.pp("gate"), dim, dim)?,
             out: Linear::new(&b.pp("out"), dim, dim)?,
             heads,
         })
@@ -50,17 +59,21 @@ impl GatedAttention {
             ));
         };
         let (h, hd) = (self.heads, d / self.heads);
-        let parts = self.qkvg.forward(&self.norm.forward(x)?)?.chunk(4, -1)?;
-        let [q, k, v, g] = parts.as_slice() else {
-            return Err(Error::invalid(
-                "GatedAttention",
-                "dim too small to split in four",
-            ));
+        let xn = self.norm.forward(x)?;
+        let heads = |lin: &Linear| {
+            lin.forward(&xn)?
+                .reshape(vec![b, r, c, h, hd])?
+                .permute(&[0, 1, 3, 2, 4])
         };
-        let heads = |t: &Tensor| t.reshape(vec![b, r, c, h, hd])?.permute(&[0, 1, 3, 2, 4]);
-        let ctx = scaled_dot_product_attention(&heads(q)?, &heads(k)?, &heads(v)?, bias)?
-            .permute(&[0, 1, 3, 2, 4])?
-            .reshape((b, r, c, d))?;
+        let g = self.gate.forward(&xn)?;
+        let ctx = scaled_dot_product_attention(
+            &heads(&self.q)?,
+            &heads(&self.k)?,
+            &heads(&self.v)?,
+            bias,
+        )?
+        .permute(&[0, 1, 3, 2, 4])?
+        .reshape((b, r, c, d))?;
         self.out.forward(&ctx.mul(&g.sigmoid()?)?)
     }
 }
@@ -68,7 +81,10 @@ impl GatedAttention {
 impl Module for GatedAttention {
     fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
         self.norm.visit_params(f);
-        self.qkvg.visit_params(f);
+        self.q.visit_params(f);
+        self.k.visit_params(f);
+        self.v.visit_params(f);
+        self.gate.visit_params(f);
         self.out.visit_params(f);
     }
 }

@@ -31,7 +31,8 @@ impl Recycled {
 pub struct Evoformer {
     /// The sizes.
     pub cfg: EvoformerConfig,
-    /// MSA token embedding `MSA_VOCAB → msa_dim`.
+    /// MSA token embedding `2·MSA_VOCAB → msa_dim`: a token and whether it differs from the
+    /// target's at its column (the mutation pattern the outer-product mean correlates).
     pub msa_emb: Embedding,
     /// Embedding of the target (first-row) token, added to every MSA row.
     pub target_emb: Embedding,
@@ -61,7 +62,7 @@ impl Evoformer {
         let emb = |name: &str, n: usize, d: usize| Embedding::with_std(&b.pp(name), n, d, 0.5);
         Ok(Evoformer {
             cfg: cfg.clone(),
-            msa_emb: emb("msa_emb", MSA_VOCAB, cm)?,
+            msa_emb: emb("msa_emb", 2 * MSA_VOCAB, cm)?,
             target_emb: emb("target_emb", MSA_VOCAB, cm)?,
             left_emb: emb("left_emb", MSA_VOCAB, cz)?,
             right_emb: emb("right_emb", MSA_VOCAB, cz)?,
@@ -112,7 +113,7 @@ impl Evoformer {
         let target = msa.narrow(1, 0, 1)?.contiguous()?;
         let mut m = self
             .msa_emb
-            .forward(msa)?
+            .forward(&msa_features(msa, s, l)?)?
             .add(&self.target_emb.forward(&target)?)?;
         let t = target.reshape((b, l))?;
         let mut z = self
@@ -177,6 +178,20 @@ impl Evoformer {
             },
         )
     }
+}
+
+/// `(batch, depth, len)` u32 ids `token + MSA_VOCAB·[token != target token]`.
+fn msa_features(msa: &Tensor, s: usize, l: usize) -> Result<Tensor> {
+    let mut t = msa.to_dtype(DType::U32)?.to_vec::<u32>()?;
+    for row in t.chunks_mut(s * l) {
+        let (target, rest) = row.split_at_mut(l);
+        for (k, tok) in rest.iter_mut().enumerate() {
+            if *tok != target[k % l] {
+                *tok += MSA_VOCAB as u32;
+            }
+        }
+    }
+    Tensor::from_vec(t, msa.shape().clone(), msa.device())
 }
 
 /// The labels with the diagonal replaced by `ignore` (the pair of a residue with itself says

@@ -11,8 +11,10 @@ use dynn_ops::prelude::*;
 pub struct OuterProductMean {
     /// Layer norm of the MSA.
     pub norm: LayerNorm,
-    /// Both projections, `msa_dim → 2·hidden`.
-    pub ab: Linear,
+    /// Left projection `msa_dim → hidden`.
+    pub a: Linear,
+    /// Right projection `msa_dim → hidden`.
+    pub b: Linear,
     /// `hidden² → pair_dim`.
     pub out: Linear,
     /// Channels of each projection.
@@ -24,7 +26,8 @@ impl OuterProductMean {
     pub fn new(b: &ParamBuilder, msa_dim: usize, pair_dim: usize, hidden: usize) -> Result<Self> {
         Ok(OuterProductMean {
             norm: LayerNorm::new(&b.pp("norm"), msa_dim)?,
-            ab: Linear::new(&b.pp("ab"), msa_dim, 2 * hidden)?,
+            a: Linear::new(&b.pp("a"), msa_dim, hidden)?,
+            b: Linear::new(&b.pp("b"), msa_dim, hidden)?,
             out: Linear::new(&b.pp("out"), hidden * hidden, pair_dim)?,
             hidden,
         })
@@ -40,11 +43,14 @@ impl OuterProductMean {
             ));
         };
         let c = self.hidden;
-        let ab = self.ab.forward(&self.norm.forward(m)?)?;
-        let ab = ab.split(&[c, c], -1)?;
+        let mn = self.norm.forward(m)?;
         // (b, l·c, s) @ (b, s, l·c): every (i, p, j, q) product summed over the sequences.
-        let a = ab[0].permute(&[0, 2, 3, 1])?.reshape((bs, l * c, s))?;
-        let bm = ab[1].reshape((bs, s, l * c))?;
+        let a = self
+            .a
+            .forward(&mn)?
+            .permute(&[0, 2, 3, 1])?
+            .reshape((bs, l * c, s))?;
+        let bm = self.b.forward(&mn)?.reshape((bs, s, l * c))?;
         let outer = a
             .matmul(&bm)?
             .scale(1.0 / s as f64)?
@@ -58,7 +64,8 @@ impl OuterProductMean {
 impl Module for OuterProductMean {
     fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
         self.norm.visit_params(f);
-        self.ab.visit_params(f);
+        self.a.visit_params(f);
+        self.b.visit_params(f);
         self.out.visit_params(f);
     }
 }
@@ -81,8 +88,14 @@ pub struct TriangleMultiplication {
     pub kind: Triangle,
     /// Input layer norm.
     pub norm: LayerNorm,
-    /// `a`, its gate, `b`, its gate: `pair_dim → 4·hidden`.
-    pub proj: Linear,
+    /// `a`'s projection `pair_dim → hidden`.
+    pub a: Linear,
+    /// `a`'s gate (sigmoid applied).
+    pub a_gate: Linear,
+    /// `b`'s projection.
+    pub b: Linear,
+    /// `b`'s gate.
+    pub b_gate: Linear,
     /// The output gate `pair_dim → pair_dim`.
     pub gate: Linear,
     /// Layer norm of the product.
@@ -100,7 +113,10 @@ impl TriangleMultiplication {
         Ok(TriangleMultiplication {
             kind,
             norm: LayerNorm::new(&b.pp("norm"), pair_dim)?,
-            proj: Linear::new(&b.pp("proj"), pair_dim, 4 * hidden)?,
+            a: Linear::new(&b.pp("a"), pair_dim, hidden)?,
+            a_gate: Linear::new(&b.pp("a_gate"), pair_dim, hidden)?,
+            b: Linear::new(&b.pp("b"), pair_dim, hidden)?,
+            b_gate: Linear::new(&b.pp("b_gate"), pair_dim, hidden)?,
             gate: Linear::new(&b.pp("gate"), pair_dim, pair_dim)?,
             out_norm: LayerNorm::new(&b.pp("out_norm"), hidden)?,
             out: Linear::new(&b.pp("out"), hidden, pair_dim)?,
@@ -116,11 +132,10 @@ impl TriangleMultiplication {
                 format!("expected (batch, len, len, dim), got {}", z.shape()),
             ));
         }
-        let c = self.hidden;
         let zn = self.norm.forward(z)?;
-        let p = self.proj.forward(&zn)?.split(&[c, c, c, c], -1)?;
-        let a = p[0].mul(&p[1].sigmoid()?)?;
-        let b = p[2].mul(&p[3].sigmoid()?)?;
+        let gated = |p: &Linear, g: &Linear| p.forward(&zn)?.mul(&g.forward(&zn)?.sigmoid()?);
+        let a = gated(&self.a, &self.a_gate)?;
+        let b = gated(&self.b, &self.b_gate)?;
         // Channels first, so the sum over k is a batched matrix product per channel.
         let prod = match self.kind {
             // (b, c, i, k) @ (b, c, k, j)
@@ -140,7 +155,10 @@ impl TriangleMultiplication {
 impl Module for TriangleMultiplication {
     fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
         self.norm.visit_params(f);
-        self.proj.visit_params(f);
+        self.a.visit_params(f);
+        self.a_gate.visit_params(f);
+        self.b.visit_params(f);
+        self.b_gate.visit_params(f);
         self.gate.visit_params(f);
         self.out_norm.visit_params(f);
         self.out.visit_params(f);

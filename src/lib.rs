@@ -29,6 +29,70 @@
 //! # }
 //! ```
 //!
+//! ## A dynamic model of your own
+//!
+//! A module whose forward pass branches on the data, trained with AdamW under a device budget
+//! a third of what it needs: the memory manager moves its tensors as the graph changes, and the
+//! result is bit-identical to an unlimited run.
+//!
+//! ```
+//! use dynn::prelude::*;
+//! use dynn::models::nn::Linear;
+//! use dynn::mm::{ManagerConfig, MemoryManager, policy};
+//!
+//! /// Refines its input 1 to 3 times: as often as the batch's mean square asks for.
+//! struct Ponder {
+//!     block: Linear,
+//!     head: Linear,
+//! }
+//!
+//! impl Ponder {
+//!     fn loss(&self, x: &Tensor, y: &Tensor) -> dynn::Result<(Tensor, usize)> {
+//!         let energy = {
+//!             let _g = no_grad();
+//!             x.sqr()?.mean_all()?.to_scalar_f64()?
+//!         };
+//!         let repeats = 1 + (energy * 300.0) as usize % 3; // the graph follows the data
+//!         let mut h = x.clone();
+//!         for _ in 0..repeats {
+//!             h = h.add(&self.block.forward(&h)?.tanh()?)?;
+//!         }
+//!         Ok((self.head.forward(&h)?.sub(y)?.sqr()?.mean_all()?, repeats))
+//!     }
+//! }
+//!
+//! impl Module for Ponder {
+//!     fn visit_params(&self, f: &mut dyn FnMut(&Param)) {
+//!         self.block.visit_params(f);
+//!         self.head.visit_params(f);
+//!     }
+//! }
+//!
+//! # fn main() -> dynn::Result<()> {
+//! let b = ParamBuilder::new(DType::F32, Device::Cpu, 0);
+//! let model = Ponder {
+//!     block: Linear::new(&b.pp("block"), 64, 64)?,
+//!     head: Linear::new(&b.pp("head"), 64, 1)?,
+//! };
+//! let mm = MemoryManager::new(ManagerConfig::new(policy::by_name("lru")?, Some(96 << 10)));
+//! let _installed = dynn::core::install_memory_hooks(mm.clone());
+//! let mut opt = Adam::new(AdamConfig::adamw(1e-2))?;
+//! let mut depths = std::collections::BTreeSet::new();
+//! for step in 0..20u64 {
+//!     let x = rand_normal((32, 64), 0.0, 0.1 + 0.02 * (step % 5) as f64, DType::F32, step, Device::Cpu)?;
+//!     let y = x.sum_keepdim(1)?.tanh()?;
+//!     let (loss, depth) = model.loss(&x, &y)?;
+//!     loss.backward()?;
+//!     opt.step(&model.params())?;
+//!     dynn::core::mark_step(step + 1);
+//!     depths.insert(depth);
+//! }
+//! assert!(depths.len() > 1, "the depth changed with the data");
+//! assert!(mm.stats().evictions > 0, "the budget forced offloading");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! The crates behind this facade: [`core`] (tensors, storage handles, autograd, the executor
 //! seam), [`ops`] (every operator: kernels, backward rules, idioms, costs) and [`mm`] (the
 //! memory manager: device budget, policies, traces, reports) and [`models`] (modules,
@@ -45,5 +109,7 @@ pub mod prelude {
     pub use dynn_core::{
         BufferKind, DType, Device, Error, Phase, Result, Shape, Tensor, enter_phase, no_grad,
     };
+    pub use dynn_models::nn::{Forward, Init, Module, Param, ParamBuilder};
+    pub use dynn_models::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig};
     pub use dynn_ops::prelude::*;
 }

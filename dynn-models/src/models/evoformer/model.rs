@@ -1,6 +1,7 @@
 //! The Evoformer-lite: input embeddings, recycling embeddings, the block stack and the
 //! distogram head, with the recycling loop around them.
 
+use super::layers::final_linear;
 use super::{EvoformerBlock, EvoformerConfig};
 use crate::data::protein::MSA_VOCAB;
 use crate::nn::{Embedding, Forward, LayerNorm, Linear, Module, Param, ParamBuilder};
@@ -73,7 +74,7 @@ impl Evoformer {
                 .map(|i| EvoformerBlock::new(&b.pp("blocks").pp(i), cfg))
                 .collect::<Result<_>>()?,
             head_norm: LayerNorm::new(&b.pp("head_norm"), cz)?,
-            head: Linear::new(&b.pp("head"), cz, cfg.bins)?,
+            head: final_linear(&b.pp("head"), cz, cfg.bins)?,
         })
     }
 

@@ -58,6 +58,10 @@ pub struct TrainArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Keep the access trace in [`Outcome::trace`](super::Outcome::trace) (for harnesses
+    /// that replay it; not a command-line flag).
+    #[arg(skip)]
+    pub record_trace: bool,
 }
 
 impl Default for TrainArgs {
@@ -80,6 +84,7 @@ impl Default for TrainArgs {
             clip: 1.0,
             json: false,
             quiet: false,
+            record_trace: false,
         }
     }
 }

@@ -29,6 +29,8 @@ pub struct Outcome {
     pub losses: Vec<f64>,
     /// The trained parameters.
     pub params: Vec<crate::nn::Param>,
+    /// The access trace (empty unless `--trace-out` or `record_trace` asked for it).
+    pub trace: dynn_mm::Trace,
 }
 
 /// The data stream of a run: one RNG for batches, checkpointed.
@@ -39,7 +41,7 @@ const DROPOUT_RNG: &str = "dropout";
 fn manager_config(policy: &str, budget: Option<usize>, args: &TrainArgs) -> Result<ManagerConfig> {
     let mut cfg = ManagerConfig::new(policy::by_name(policy)?, budget);
     cfg.segments = SEGMENTS;
-    cfg.record_trace = args.trace_out.is_some();
+    cfg.record_trace = args.trace_out.is_some() || args.record_trace;
     cfg.record_timeline = args.plot.is_some();
     Ok(cfg)
 }
@@ -282,6 +284,7 @@ pub fn train<T: Task>(
         report,
         losses,
         params,
+        trace: mm.trace(),
     })
 }
 

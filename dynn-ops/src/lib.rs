@@ -12,7 +12,7 @@ pub mod math;
 pub mod ops;
 pub mod registry;
 
-pub use registry::{OpInfo, op_table};
+pub use registry::{OpInfo, idioms_markdown, op_table};
 
 /// The tensor methods of every op family, and the core types.
 pub mod prelude {

@@ -42,3 +42,40 @@ pub fn op_table() -> Vec<OpInfo> {
     all.dedup_by_key(|o| o.name);
     all
 }
+
+/// `docs/IDIOMS.md`: every op of the table with its six idiom counts, generated from the code
+/// (a test fails when the committed file differs).
+pub fn idioms_markdown() -> String {
+    let mut s = String::from(
+        "# Operator idioms\n\n\
+         Generated from `dynn_ops::op_table()` by `cargo test -p dynn-ops --test idioms` \
+         (set `DYNN_BLESS=1` to rewrite this file). Each op declares six counts of the \
+         memory-access idioms it performs — the idiom-based representation the pilot model \
+         reads instead of the op's name:\n\n\
+         | idiom | counts |\n|---|---|\n\
+         | layout | transposes and layout changes (strided reads of a permuted view) |\n\
+         | in_place | writes into an input's buffer |\n\
+         | indirect | reads or writes through an index tensor |\n\
+         | reduction | reductions over a dimension |\n\
+         | elementwise | element-wise maps |\n\
+         | window | sliding windows / stencils |\n\n\
+         | op | family | layout | in_place | indirect | reduction | elementwise | window | backward |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
+    );
+    for op in op_table() {
+        let v = op.idioms.0;
+        s.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            op.name,
+            op.family,
+            v[0],
+            v[1],
+            v[2],
+            v[3],
+            v[4],
+            v[5],
+            if op.differentiable { "yes" } else { "—" }
+        ));
+    }
+    s
+}

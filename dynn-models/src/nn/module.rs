@@ -194,6 +194,16 @@ impl ParamBuilder {
         init: Init,
     ) -> Result<Param> {
         let shape = shape.into();
+        let path = self.full(name);
+        if self.created.borrow().iter().any(|p| p.path() == path) {
+            return Err(dynn_core::Error::invalid(
+                "ParamBuilder::param",
+                format!(
+                    "a parameter named `{path}` already exists \
+                     (optimizer state and checkpoints are keyed by path)"
+                ),
+            ));
+        }
         let seed = self.seed_for(name);
         let (dtype, dev) = (self.dtype, self.device);
         let t = match init {
@@ -207,7 +217,7 @@ impl ParamBuilder {
             }
         };
         t.set_kind(BufferKind::Parameter);
-        let p = Param::new(self.full(name), t.set_requires_grad(true));
+        let p = Param::new(path, t.set_requires_grad(true));
         self.created.borrow_mut().push(p.clone());
         Ok(p)
     }
@@ -256,6 +266,8 @@ mod tests {
         assert_eq!(x1.path(), "blocks.3.w");
         assert_eq!(x1.to_vec::<f32>()?, x2.to_vec::<f32>()?);
         assert_eq!(a.created().len(), 2);
+        let dup = a.pp("blocks").pp(3).param("w", 1, Init::Const(0.0));
+        assert!(dup.is_err(), "a duplicate path is an error");
         assert!(x1.requires_grad());
         assert_eq!(x1.buffer().kind(), BufferKind::Parameter);
         Ok(())

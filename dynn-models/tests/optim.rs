@@ -1,0 +1,183 @@
+//! Optimizers against references: AdamW and Adam against candle-nn's `AdamW` (the oracle) on
+//! the same parameters and gradients; SGD with momentum and Nesterov against the update rule
+//! computed in f64; clipping by global norm; parameters without a gradient are left alone.
+
+use candle_core as cc;
+use candle_nn::Optimizer as _;
+use dynn_core::{DType, Device, Result, Tensor};
+use dynn_models::nn::{Init, Module, Param, ParamBuilder};
+use dynn_models::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm};
+use dynn_ops::prelude::*;
+
+fn param(seed: u64, shape: (usize, usize)) -> Result<Param> {
+    ParamBuilder::new(DType::F32, Device::Cpu, seed).param(
+        "p",
+        shape,
+        Init::Normal {
+            mean: 0.0,
+            std: 1.0,
+        },
+    )
+}
+
+fn grads(step: u64, shape: (usize, usize)) -> Result<Tensor> {
+    rand_normal(shape, 0.0, 1.0, DType::F32, 1000 + step, Device::Cpu)
+}
+
+/// Sets `p`'s gradient to `g` through autograd: the gradient of `sum(p ⊙ g)`.
+fn backward_with(p: &Param, g: &Tensor) -> Result<()> {
+    p.mul(g)?.sum_all()?.backward()
+}
+
+#[test]
+fn adamw_matches_candle() -> Result<()> {
+    let shape = (5, 7);
+    for (wd, lr) in [(0.0, 1e-2), (0.1, 3e-2)] {
+        let p = param(1, shape)?;
+        let var = cc::Var::from_vec(p.to_vec::<f32>()?, shape, &cc::Device::Cpu).expect("var");
+        let mut theirs = candle_nn::AdamW::new(
+            vec![var.clone()],
+            candle_nn::ParamsAdamW {
+                lr,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                weight_decay: wd,
+            },
+        )
+        .expect("candle AdamW");
+        let mut ours = Adam::new(AdamConfig {
+            weight_decay: wd,
+            ..AdamConfig::adamw(lr)
+        })?;
+        for step in 0..6 {
+            let g = grads(step, shape)?;
+            backward_with(&p, &g)?;
+            ours.step(std::slice::from_ref(&p))?;
+            let gc = cc::Tensor::from_vec(g.to_vec::<f32>()?, shape, &cc::Device::Cpu).expect("g");
+            let loss = (var.as_tensor() * gc)
+                .and_then(|t| t.sum_all())
+                .expect("loss");
+            theirs.backward_step(&loss).expect("candle step");
+        }
+        let want: Vec<f32> = var
+            .as_tensor()
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .expect("v");
+        for (a, b) in p.to_vec::<f32>()?.iter().zip(&want) {
+            assert!(
+                (a - b).abs() <= 2e-6 * (1.0 + b.abs()),
+                "wd {wd}: {a} vs {b}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn sgd_momentum_and_nesterov_follow_the_rule() -> Result<()> {
+    let shape = (3, 4);
+    for nesterov in [false, true] {
+        let p = param(2, shape)?;
+        let mut want: Vec<f64> = p.to_vec::<f32>()?.iter().map(|&v| v as f64).collect();
+        let mut buf = vec![0.0f64; want.len()];
+        let (lr, mu, wd) = (0.1, 0.9, 0.01);
+        let mut sgd = Sgd::new(SgdConfig {
+            lr,
+            momentum: mu,
+            nesterov,
+            weight_decay: wd,
+        })?;
+        for step in 0..4 {
+            let g = grads(step, shape)?;
+            backward_with(&p, &g)?;
+            sgd.step(std::slice::from_ref(&p))?;
+            for ((w, b), &gi) in want.iter_mut().zip(&mut buf).zip(&g.to_vec::<f32>()?) {
+                let d = gi as f64 + wd * *w;
+                *b = if step == 0 { d } else { mu * *b + d };
+                *w -= lr * if nesterov { d + mu * *b } else { *b };
+            }
+        }
+        for (a, b) in p.to_vec::<f32>()?.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() < 1e-5,
+                "nesterov {nesterov}: {a} vs {b}"
+            );
+        }
+        assert!(p.grad().is_none(), "step clears the gradient");
+    }
+    Ok(())
+}
+
+#[test]
+fn clipping_scales_to_the_global_norm() -> Result<()> {
+    let a = param(3, (2, 3))?;
+    let b = param(4, (4, 1))?;
+    backward_with(&a, &Tensor::full(3.0, (2, 3), DType::F32, Device::Cpu)?)?;
+    backward_with(&b, &Tensor::full(4.0, (4, 1), DType::F32, Device::Cpu)?)?;
+    let norm = clip_grad_norm(&[a.clone(), b.clone()], 1.0)?;
+    let expect = (6.0f64 * 9.0 + 4.0 * 16.0).sqrt();
+    assert!((norm - expect).abs() < 1e-4, "{norm} vs {expect}");
+    let mut sq = 0.0;
+    for p in [&a, &b] {
+        sq += p.grad().expect("kept").sqr()?.sum_all()?.to_scalar_f64()?;
+    }
+    assert!((sq.sqrt() - 1.0).abs() < 1e-4, "clipped norm {}", sq.sqrt());
+    // Below the limit nothing changes.
+    let before = a.grad().expect("kept").to_vec::<f32>()?;
+    clip_grad_norm(&[a.clone(), b.clone()], 10.0)?;
+    assert_eq!(a.grad().expect("kept").to_vec::<f32>()?, before);
+    Ok(())
+}
+
+#[test]
+fn parameters_without_a_gradient_are_left_alone() -> Result<()> {
+    let used = param(5, (2, 2))?;
+    let idle = param(6, (2, 2))?;
+    let before = idle.to_vec::<f32>()?;
+    let mut opt = Adam::new(AdamConfig::adamw(0.1))?;
+    for step in 0..3 {
+        backward_with(&used, &grads(step, (2, 2))?)?;
+        opt.step(&[used.clone(), idle.clone()])?;
+    }
+    assert_eq!(
+        idle.to_vec::<f32>()?,
+        before,
+        "no gradient, no weight decay either"
+    );
+    let state: Vec<String> = opt.state().into_iter().map(|(n, _)| n).collect();
+    assert!(state.iter().all(|n| n.starts_with("p.")), "{state:?}");
+    assert_eq!(
+        state.len(),
+        3,
+        "m, v and the step count of the one used parameter"
+    );
+    assert!(used.params().len() == 1);
+    Ok(())
+}
+
+#[test]
+fn bad_settings_are_errors() {
+    assert!(
+        Adam::new(AdamConfig {
+            betas: (1.0, 0.9),
+            ..AdamConfig::adam(0.1)
+        })
+        .is_err()
+    );
+    assert!(
+        Sgd::new(SgdConfig {
+            nesterov: true,
+            ..Default::default()
+        })
+        .is_err()
+    );
+    assert!(
+        Sgd::new(SgdConfig {
+            lr: -1.0,
+            ..Default::default()
+        })
+        .is_err()
+    );
+}

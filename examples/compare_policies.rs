@@ -1,109 +1,59 @@
-//! Records the access traces of the bundled workloads and replays them in the simulator under
-//! every policy at budgets of 50, 25 and 12.5% of the unlimited peak.
+//! Records the access traces of the bundled workloads — the four DyNN trainers of
+//! `dynn-models` (MoE, early exit, Tree-LSTM, Evoformer) and a static transformer — and replays
+//! them in the simulator under every policy at 100, 50, 25 and 12.5% of the unlimited peak.
 //!
 //! ```sh
 //! cargo run --release --example compare_policies -- --json
+//! cargo run --release --example compare_policies -- --max-size --json
 //! ```
 //!
 //! Each workload trains a few steps with no budget while the memory manager records the trace;
-//! the simulator then replays one steady-state step (the second) on a device profile. `static`
-//! is first shown the step before (its profiling step); `belady` gets the replayed step's own
-//! access order (the offline optimum). The last line with `--json` is
-//! `{"rows":[{"model","policy","budget_frac","profile","step_ms","compute_ms","stall_ms",
-//! "bytes_h2d","bytes_d2h","peak_device_bytes","slowdown"}]}`; a policy that cannot run a
-//! budget (`none` below the peak) has `"oom": true` and no timings.
+//! the simulator then replays the last step on a device profile. `static` is first shown the
+//! step before (its profiling step); `belady` gets the replayed step's own access order. The
+//! last line with `--json` is `{"rows":[{"model","policy","budget_frac","profile","step_ms",
+//! "compute_ms","stall_ms","bytes_h2d","bytes_d2h","peak_device_bytes","slowdown"}]}`
+//! (slowdown = step time / unlimited step time); a replay that runs out of memory (`none`
+//! below the peak) has `"oom": true`, its report in `"oom_report"` and null figures.
+//!
+//! `--max-size` fixes the budget at what `none` needs at each workload's base size and finds,
+//! per policy, the largest batch (and, for the language models, width) whose step runs at a
+//! slowdown of at most 1.25 against the same size unlimited; its JSON line is
+//! `{"max_size":[{"model","policy","dim","max","multiple_of_none",...}]}`.
 
+mod compare;
 mod workloads;
 
 use clap::Parser;
-use dynn::core::{install_memory_hooks, mark_step};
-use dynn::mm::policy::{Belady, POLICIES, Profile};
-use dynn::mm::{
-    DeviceProfile, ManagerConfig, MemoryManager, OpRecord, SimResult, policy, simulate,
-};
+use compare::record::STEPS;
+use compare::replay::{self, Row, replay};
+use compare::search::{self, CAP, Dim, MAX_SLOWDOWN};
+use compare::workload::{ALL, Shared, Workload};
+use dynn::mm::DeviceProfile;
+use dynn::mm::policy::POLICIES;
 use dynn::prelude::*;
-use workloads::{MlpConfig, Model, Rng, Transformer, batch, sgd};
+use std::time::Instant;
 
-/// Compare memory policies on recorded traces.
+/// Compare memory policies on recorded traces of the bundled workloads.
 #[derive(Parser, Debug)]
 struct Args {
     /// Device profile: a100-pcie4 or h100-pcie5.
     #[arg(long, default_value = "a100-pcie4")]
     profile: String,
+    /// Workloads to run, comma-separated: moe, early_exit, tree_lstm, evoformer, transformer.
+    #[arg(long, value_delimiter = ',')]
+    models: Vec<String>,
+    /// Find the largest batch (and width) each policy trains under a fixed budget instead.
+    #[arg(long)]
+    max_size: bool,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
 }
 
-/// Records `steps` training steps of `train_step` and returns the ops of steps 0 and 1.
-fn record(
-    steps: u64,
-    mut train_step: impl FnMut(u64) -> Result<()>,
-) -> Result<(Vec<OpRecord>, Vec<OpRecord>)> {
-    let mut cfg = ManagerConfig::new(policy::by_name("none")?, None);
-    cfg.record_trace = true;
-    let mm = MemoryManager::new(cfg);
-    {
-        let _hooks = install_memory_hooks(mm.clone());
-        for step in 0..steps {
-            train_step(step)?;
-            mark_step(step + 1);
-        }
-    }
-    let ops = mm.trace().ops;
-    let of = |s: u64| {
-        ops.iter()
-            .filter(|o| o.step == s)
-            .cloned()
-            .collect::<Vec<_>>()
-    };
-    Ok((of(0), of(1)))
-}
-
-fn early_exit() -> Result<(Vec<OpRecord>, Vec<OpRecord>)> {
-    let model = Model::new(&MlpConfig {
-        hidden: 128,
-        depth: 6,
-        seed: 0,
-    })?;
-    let mut rng = Rng(0);
-    record(3, |_| {
-        let (x, y) = batch(&mut rng, 128)?;
-        let (loss, _) = model.loss(&x, &y, 0.8)?;
-        loss.backward()?;
-        sgd(&model.params(), 0.05)
-    })
-}
-
-fn transformer() -> Result<(Vec<OpRecord>, Vec<OpRecord>)> {
-    let model = Transformer::new(64, 1)?;
-    let mut rng = Rng(1);
-    record(3, |_| {
-        let (x, y) = model.batch(&mut rng, 8, 32)?;
-        let loss = model.loss(&x, &y)?;
-        loss.backward()?;
-        sgd(&model.params(), 0.01)
-    })
-}
-
-fn run_policy(
-    name: &str,
-    warmup: &[OpRecord],
-    step: &[OpRecord],
-    budget: Option<usize>,
-    prof: &DeviceProfile,
-) -> Result<SimResult> {
-    let mut p: Box<dyn dynn::mm::Policy> = match name {
-        "belady" => Box::new(Belady::with_profile(Profile::from_ops(step))),
-        other => policy::by_name(other)?,
-    };
-    // Policies that learn from a profiling step see the step before.
-    for op in warmup {
-        p.observe(op);
-    }
-    p.step_boundary(1);
-    simulate(step, p.as_mut(), budget, prof)
-}
+/// Budgets, as shares of the unlimited replay's peak.
+const FRACS: [f64; 4] = [1.0, 0.5, 0.25, 0.125];
+/// Workloads whose width `--max-size` also scales.
+const WIDTH_MODELS: [Workload; 2] = [Workload::Moe, Workload::EarlyExit];
 
 fn main() {
     if let Err(e) = run() {
@@ -115,45 +65,183 @@ fn main() {
 fn run() -> Result<()> {
     let args = Args::parse();
     let prof = DeviceProfile::by_name(&args.profile)?;
-    let mut rows = Vec::new();
+    let models = if args.models.is_empty() {
+        ALL.to_vec()
+    } else {
+        args.models
+            .iter()
+            .map(|m| Workload::parse(m.trim()))
+            .collect::<Result<Vec<_>>>()?
+    };
+    let shared = Shared::default();
+    let start = Instant::now();
+    if args.max_size {
+        max_size(&args, &models, &shared, &prof)?;
+    } else {
+        table(&args, &models, &shared, &prof)?;
+    }
+    eprintln!("total {:.1}s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// Replays every workload at every budget under every policy.
+fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile) -> Result<()> {
     println!(
-        "{:<14} {:<10} {:>6} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "model", "policy", "budget", "step ms", "stall ms", "h2d bytes", "d2h bytes", "slowdown"
+        "profile {}; {STEPS} steps recorded per workload, step {} replayed (static profiled on step {})",
+        prof.name,
+        STEPS - 1,
+        STEPS - 2
     );
-    for (model, (warmup, step)) in [
-        ("early_exit_mlp", early_exit()?),
-        ("transformer", transformer()?),
-    ] {
-        let base = run_policy("none", &warmup, &step, None, &prof)?;
-        for frac in [0.5, 0.25, 0.125] {
-            let budget = (base.peak_device_bytes as f64 * frac) as usize;
-            for name in POLICIES {
-                match run_policy(name, &warmup, &step, Some(budget), &prof) {
-                    Ok(r) => {
-                        let slowdown = r.step_ms / base.step_ms;
-                        println!(
-                            "{model:<14} {name:<10} {frac:>6} {:>10.4} {:>10.4} {:>12} {:>12} {slowdown:>9.3}",
-                            r.step_ms, r.stall_ms, r.bytes_h2d, r.bytes_d2h
-                        );
-                        rows.push(format!(
-                            "{{\"model\":\"{model}\",\"policy\":\"{name}\",\"budget_frac\":{frac},\"profile\":\"{}\",\"step_ms\":{:.6},\"compute_ms\":{:.6},\"stall_ms\":{:.6},\"bytes_h2d\":{},\"bytes_d2h\":{},\"peak_device_bytes\":{},\"slowdown\":{slowdown:.4}}}",
-                            prof.name, r.step_ms, r.compute_ms, r.stall_ms, r.bytes_h2d, r.bytes_d2h, r.peak_device_bytes
-                        ));
+    let mut rows: Vec<Row> = Vec::new();
+    for &w in models {
+        let size = w.base();
+        let rec = w.record(shared, size)?;
+        let base = replay(&rec, "none", None, prof)?
+            .map_err(|e| Error::Msg(format!("{}: unlimited replay failed: {e}", w.name())))?;
+        println!();
+        println!("{}: {}", w.name(), w.describe(size));
+        println!(
+            "  {} ops in the replayed step; {} distinct graphs in {STEPS} steps; replayed graph {} its profiling step's",
+            rec.step.len(),
+            rec.distinct_graphs,
+            if rec.same_graph {
+                "equals"
+            } else {
+                "differs from"
+            }
+        );
+        let (op, largest) = rec.largest_op();
+        if std::env::var("DBG").is_ok() {
+            let mut v: Vec<_> = rec
+                .step
+                .iter()
+                .map(|o| {
+                    let b: u64 = o.inputs.iter().chain(&o.outputs).map(|a| a.1).sum();
+                    (b, o)
+                })
+                .collect();
+            v.sort_by_key(|x| std::cmp::Reverse(x.0));
+            if let Ok(sz) = std::env::var("DBGSZ") {
+                let sz: u64 = sz.parse().unwrap_or(0);
+                let mut c = std::collections::BTreeMap::new();
+                for o in &rec.step {
+                    if o.outputs.iter().any(|a| a.1 == sz) {
+                        *c.entry((o.phase, o.op.clone())).or_insert(0) += 1;
                     }
-                    Err(Error::OutOfMemory { .. }) => {
-                        println!("{model:<14} {name:<10} {frac:>6} {:>10}", "out of memory");
-                        rows.push(format!(
-                            "{{\"model\":\"{model}\",\"policy\":\"{name}\",\"budget_frac\":{frac},\"profile\":\"{}\",\"oom\":true}}",
-                            prof.name
-                        ));
-                    }
-                    Err(e) => return Err(e),
                 }
+                eprintln!("DBG producers of {sz}: {c:?}");
+            }
+            for (b, o) in v.iter().take(6) {
+                eprintln!(
+                    "DBG {b} {} phase {} in {:?} out {:?}",
+                    o.op, o.phase, o.inputs, o.outputs
+                );
+            }
+        }
+        println!(
+            "  unlimited: {:.4} ms, peak {} bytes; largest op ({op}) touches {} bytes ({:.1}% of the peak); recorded in {:.1}s",
+            base.step_ms,
+            base.peak_device_bytes,
+            largest,
+            100.0 * largest as f64 / base.peak_device_bytes.max(1) as f64,
+            rec.record_s
+        );
+        println!("{}", replay::header());
+        for frac in FRACS {
+            for policy in POLICIES {
+                let row = Row::run(w.name(), policy, frac, &rec, &base, prof)?;
+                println!("{}", row.line());
+                rows.push(row);
             }
         }
     }
+    println!();
+    for line in checks(&rows) {
+        println!("{line}");
+    }
     if args.json {
-        println!("{{\"rows\":[{}]}}", rows.join(","));
+        let rows: Vec<_> = rows.iter().map(Row::json).collect();
+        println!("{}", serde_json::json!({ "rows": rows }));
+    }
+    Ok(())
+}
+
+/// The orderings the comparison is expected to show, checked on the rows.
+fn checks(rows: &[Row]) -> Vec<String> {
+    let find = |m: &str, p: &str, f: f64| {
+        rows.iter()
+            .find(|r| r.model == m && r.policy == p && r.budget_frac == f)
+    };
+    let step = |r: Option<&Row>| r.and_then(|r| r.result.as_ref().ok()).map(|r| r.step_ms);
+    let mut out = Vec::new();
+    let mut models: Vec<&str> = rows.iter().map(|r| r.model).collect();
+    models.dedup();
+    for m in models {
+        for f in FRACS.into_iter().filter(|&f| f < 1.0) {
+            let none_oom = find(m, "none", f).is_some_and(|r| r.result.is_err());
+            let (lru, bel, sta) = (
+                step(find(m, "lru", f)),
+                step(find(m, "belady", f)),
+                step(find(m, "static", f)),
+            );
+            let verdict = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                (Some(a), Some(b)) if a < b => "yes",
+                (Some(_), Some(_)) => "NO",
+                _ => "NO (out of memory)",
+            };
+            let mut line = format!(
+                "check {m:<12} {:>5}%: none OOM {}; belady < lru {}; static < lru {}",
+                f * 100.0,
+                if none_oom { "yes" } else { "NO" },
+                verdict(bel, lru),
+                verdict(sta, lru)
+            );
+            for p in POLICIES {
+                if let (Some(s), Some(b)) = (step(find(m, p, f)), bel)
+                    && p != "belady"
+                    && s < b
+                {
+                    line += &format!("; {p} beats belady ({s:.4} < {b:.4} ms)");
+                }
+            }
+            out.push(line);
+        }
+    }
+    out
+}
+
+/// Finds the largest sizes each policy trains under the budget `none` needs at the base size.
+fn max_size(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile) -> Result<()> {
+    println!(
+        "profile {}; budget = unlimited peak at the base size (what `none` fits); largest size with slowdown <= {MAX_SLOWDOWN} against the same size unlimited; doubling from the base, capped at {CAP}x the base (`+`: the cap ran, the true maximum may be larger), then bisected to a quarter octave",
+        prof.name
+    );
+    let mut all = Vec::new();
+    for &w in models {
+        let dims: &[Dim] = if WIDTH_MODELS.contains(&w) {
+            &[Dim::Batch, Dim::Width]
+        } else {
+            &[Dim::Batch]
+        };
+        for &dim in dims {
+            let (found, secs) = search::search(w, dim, shared, prof)?;
+            println!();
+            println!(
+                "{}: {}; budget {} bytes; traces recorded in {secs:.1}s",
+                w.name(),
+                w.describe(w.base()),
+                found.first().map_or(0, |f| f.budget)
+            );
+            println!("{}", search::header());
+            for f in &found {
+                println!("{}", f.line());
+            }
+            all.extend(found);
+        }
+    }
+    if args.json {
+        let rows: Vec<_> = all.iter().map(|f| f.json(&prof.name)).collect();
+        println!("{}", serde_json::json!({ "max_size": rows }));
     }
     Ok(())
 }

@@ -181,6 +181,12 @@ impl Transformer {
 
     /// Loss on `x` of shape (batch, seq, dim) against target `y` of the same shape.
     pub fn loss(&self, x: &Tensor, y: &Tensor) -> Result<Tensor> {
+        self.forward(x)?.sub(y)?.sqr()?.mean_all()
+    }
+
+    /// The block's output for `x` of shape (batch, seq, dim): attention, residual, layer norm,
+    /// then a residual GELU MLP.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let [wq, wk, wv, wo, w1, w2] = &self.w[..] else {
             return Err(Error::invalid("transformer", "needs six weight matrices"));
         };
@@ -192,8 +198,7 @@ impl Transformer {
         let h = x
             .add(&att.matmul(&v)?.matmul(wo)?)?
             .layer_norm(None, None, 1e-5)?;
-        let out = h.add(&h.matmul(w1)?.gelu()?.matmul(w2)?)?;
-        out.sub(y)?.sqr()?.mean_all()
+        h.add(&h.matmul(w1)?.gelu()?.matmul(w2)?)
     }
 
     /// A random batch and target of shape (batch, seq, dim).

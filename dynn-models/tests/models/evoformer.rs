@@ -166,6 +166,8 @@ fn bad_configs_and_inputs_are_errors() -> Result<()> {
     let floats = msa.to_dtype(DType::F64)?;
     assert!(m.forward_with_recycles(&floats, 1).is_err());
     assert!(m.forward_with_recycles(&msa.reshape((3, 5))?, 1).is_err());
+    let out_of_vocab = Tensor::full(21.0, (1, 3, 5), DType::U32, Device::Cpu)?;
+    assert!(m.forward_with_recycles(&out_of_vocab, 1).is_err());
     let logits = m.forward_with_recycles(&msa, 1)?;
     assert!(m.loss(&logits, &dist.reshape((5, 5))?).is_err());
     Ok(())

@@ -6,6 +6,7 @@ use crate::early_exit::{tiny, tiny_data};
 use dynn_core::{DType, Device, Error, Result};
 use dynn_models::checkpoint::Checkpoint;
 use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask};
+use dynn_models::models::evoformer::{EvoformerConfig, EvoformerTask};
 use dynn_models::models::moe::{MoeConfig, MoeTask};
 use dynn_models::models::tree_lstm::{TreeLstmConfig, TreeLstmTask};
 use dynn_models::nn::Param;
@@ -258,5 +259,19 @@ fn offloading_the_tree_lstm_changes_no_bit() -> Result<()> {
     };
     offload_is_exact("tree_lstm", 8, &["50%", "35%"], move || {
         TreeLstmTask::new(cfg.clone(), 7, Device::Cpu)
+    })
+}
+
+#[test]
+fn offloading_the_evoformer_changes_no_bit() -> Result<()> {
+    let cfg = EvoformerConfig {
+        len: 12,
+        msa_depth: 4,
+        max_recycles: 3,
+        eval_samples: 2,
+        ..Default::default()
+    };
+    offload_is_exact("evoformer", 2, &["50%", "35%"], move || {
+        EvoformerTask::new(cfg.clone(), 7)
     })
 }

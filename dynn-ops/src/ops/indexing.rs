@@ -183,7 +183,26 @@ fn select_rows<T: Copy + Send + Sync>(rows: &Rows<'_, T>, ids: &[usize]) -> Vec<
         }
         let body =
             |(r, row): (usize, &mut [MaybeUninit<T>])| write_row(row, rows.row(r / m, ids[r % m]));
-        if total < PAR_MIN {
+        if total * std::mem::size_of::<T>() >= crate::cpu::STREAM_MIN_BYTES && inner >= 64 {
+            // Large gathers are bound by memory latency and traffic: fetch the next row while
+            // copying this one, and stream the output past the cache.
+            let per_task = (out.len() / inner)
+                .div_ceil(rayon::current_num_threads() * 8)
+                .max(1);
+            out.par_chunks_mut(inner * per_task)
+                .enumerate()
+                .for_each(|(t, chunk)| {
+                    let first = t * per_task;
+                    for (k, row) in chunk.chunks_mut(inner).enumerate() {
+                        let r = first + k;
+                        if r + 2 < outer * m {
+                            crate::cpu::prefetch(rows.row((r + 2) / m, ids[(r + 2) % m]));
+                        }
+                        crate::cpu::stream_copy(row, rows.row(r / m, ids[r % m]));
+                    }
+                    crate::cpu::stream_fence();
+                });
+        } else if total < PAR_MIN {
             out.chunks_mut(inner).enumerate().for_each(body);
         } else {
             let min_rows = (PAR_MIN / 2 / inner).max(1);

@@ -39,8 +39,8 @@ pub struct EvoformerConfig {
 impl Default for EvoformerConfig {
     fn default() -> Self {
         EvoformerConfig {
-            msa_dim: 32,
-            pair_dim: 32,
+            msa_dim: 16,
+            pair_dim: 16,
             heads: 4,
             blocks: 2,
             max_recycles: 4,
@@ -48,7 +48,7 @@ impl Default for EvoformerConfig {
             msa_depth: 8,
             bins: 8,
             opm_dim: 8,
-            tri_dim: 32,
+            tri_dim: 16,
             transition: 2,
             max_rel: 16,
             eval_samples: 64,

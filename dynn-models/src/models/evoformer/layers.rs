@@ -1,26 +1,11 @@
 //! The two layers the MSA and pair stacks share: gated multi-head attention along one axis
 //! of a 2-D grid of embeddings (with an optional additive bias), and the transition MLP.
 
-use crate::nn::{Init, 
+use crate::nn::{
     Forward, LayerNorm, Linear, Module, Param, ParamBuilder, scaled_dot_product_attention,
 };
 use dynn_core::{Error, Result, Tensor};
 use dynn_ops::prelude::*;
-
-/// A residual branch's last projection, zero at initialisation (AlphaFold's `final` init), so
-/// every block starts as the identity.
-pub(super) fn final_linear(b: &ParamBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Linear::with_init(b, in_dim, out_dim, Init::Const(0.0), true)
-}
-
-/// A gate's projection: zero weights and a bias of 1 (AlphaFold's `gating` init), so every
-/// gate starts at `sigmoid(1)` whatever its input.
-pub(super) fn gate_linear(b: &ParamBuilder, in_dim: usize, out_dim: usize) -> Result<Linear> {
-    Ok(Linear {
-        weight: b.param("weight", (in_dim, out_dim), Init::Const(0.0))?,
-        bias: Some(b.param("bias", out_dim, Init::Const(1.0))?),
-    })
-}
 
 /// AlphaFold's gated self-attention over the third axis of `(batch, rows, cols, dim)`: every
 /// row attends over its columns independently. Layer-normed input; query, key and value
@@ -57,8 +42,8 @@ impl GatedAttention {
             q: Linear::no_bias(&b.pp("q"), dim, dim)?,
             k: Linear::no_bias(&b.pp("k"), dim, dim)?,
             v: Linear::no_bias(&b.pp("v"), dim, dim)?,
-            gate: gate_linear(&b.pp("gate"), dim, dim)?,
-            out: final_linear(&b.pp("out"), dim, dim)?,
+            gate: Linear::new(&b.pp("gate"), dim, dim)?,
+            out: Linear::new(&b.pp("out"), dim, dim)?,
             heads,
         })
     }
@@ -121,7 +106,7 @@ impl Transition {
         Ok(Transition {
             norm: LayerNorm::new(&b.pp("norm"), dim)?,
             up: Linear::new(&b.pp("up"), dim, n * dim)?,
-            down: final_linear(&b.pp("down"), n * dim, dim)?,
+            down: Linear::new(&b.pp("down"), n * dim, dim)?,
         })
     }
 }

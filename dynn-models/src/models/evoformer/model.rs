@@ -1,7 +1,6 @@
 //! The Evoformer-lite: input embeddings, recycling embeddings, the block stack and the
 //! distogram head, with the recycling loop around them.
 
-use super::layers::final_linear;
 use super::{EvoformerBlock, EvoformerConfig};
 use crate::data::protein::MSA_VOCAB;
 use crate::nn::{Embedding, Forward, LayerNorm, Linear, Module, Param, ParamBuilder};
@@ -74,7 +73,7 @@ impl Evoformer {
                 .map(|i| EvoformerBlock::new(&b.pp("blocks").pp(i), cfg))
                 .collect::<Result<_>>()?,
             head_norm: LayerNorm::new(&b.pp("head_norm"), cz)?,
-            head: final_linear(&b.pp("head"), cz, cfg.bins)?,
+            head: Linear::new(&b.pp("head"), cz, cfg.bins)?,
         })
     }
 
@@ -181,9 +180,17 @@ impl Evoformer {
     }
 }
 
-/// `(batch, depth, len)` u32 ids `token + MSA_VOCAB·[token != target token]`.
+/// `(batch, depth, len)` u32 ids `token + MSA_VOCAB·[token != target token]`; an error when
+/// a token is outside `0..MSA_VOCAB`.
 fn msa_features(msa: &Tensor, s: usize, l: usize) -> Result<Tensor> {
-    let mut t = msa.to_dtype(DType::U32)?.to_vec::<u32>()?;
+    let raw = msa.to_dtype(DType::I64)?.to_vec::<i64>()?;
+    if let Some(bad) = raw.iter().find(|&&t| !(0..MSA_VOCAB as i64).contains(&t)) {
+        return Err(Error::invalid(
+            "Evoformer",
+            format!("MSA token {bad} is outside 0..{MSA_VOCAB}"),
+        ));
+    }
+    let mut t: Vec<u32> = raw.into_iter().map(|x| x as u32).collect();
     for row in t.chunks_mut(s * l) {
         let (target, rest) = row.split_at_mut(l);
         for (k, tok) in rest.iter_mut().enumerate() {

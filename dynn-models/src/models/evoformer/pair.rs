@@ -1,7 +1,6 @@
 //! The updates of the pair representation: the outer-product mean (MSA → pair) and the
 //! triangle multiplicative updates (pair → pair).
 
-use super::layers::{final_linear, gate_linear};
 use crate::nn::{Forward, LayerNorm, Linear, Module, Param, ParamBuilder};
 use dynn_core::{Error, Result, Tensor};
 use dynn_ops::prelude::*;
@@ -29,7 +28,7 @@ impl OuterProductMean {
             norm: LayerNorm::new(&b.pp("norm"), msa_dim)?,
             a: Linear::new(&b.pp("a"), msa_dim, hidden)?,
             b: Linear::new(&b.pp("b"), msa_dim, hidden)?,
-            out: final_linear(&b.pp("out"), hidden * hidden, pair_dim)?,
+            out: Linear::new(&b.pp("out"), hidden * hidden, pair_dim)?,
             hidden,
         })
     }
@@ -115,12 +114,12 @@ impl TriangleMultiplication {
             kind,
             norm: LayerNorm::new(&b.pp("norm"), pair_dim)?,
             a: Linear::new(&b.pp("a"), pair_dim, hidden)?,
-            a_gate: gate_linear(&b.pp("a_gate"), pair_dim, hidden)?,
+            a_gate: Linear::new(&b.pp("a_gate"), pair_dim, hidden)?,
             b: Linear::new(&b.pp("b"), pair_dim, hidden)?,
-            b_gate: gate_linear(&b.pp("b_gate"), pair_dim, hidden)?,
-            gate: gate_linear(&b.pp("gate"), pair_dim, pair_dim)?,
+            b_gate: Linear::new(&b.pp("b_gate"), pair_dim, hidden)?,
+            gate: Linear::new(&b.pp("gate"), pair_dim, pair_dim)?,
             out_norm: LayerNorm::new(&b.pp("out_norm"), hidden)?,
-            out: final_linear(&b.pp("out"), hidden, pair_dim)?,
+            out: Linear::new(&b.pp("out"), hidden, pair_dim)?,
             hidden,
         })
     }

@@ -1,0 +1,147 @@
+//! Replaying a recorded step under one policy and budget, and the rows that report it.
+
+use super::record::Recorded;
+use dynn::mm::policy::{self, Belady, Profile};
+use dynn::mm::{DeviceProfile, Policy, SimResult, simulate};
+use dynn::prelude::*;
+use serde_json::{Value, json};
+
+/// Simulates the replayed step of `rec` under policy `name` and `budget` (`None`:
+/// unlimited). `static` is first shown the step before; `belady` reads the replayed step's own
+/// access order. `Ok(Err(report))` is an out-of-memory in the simulation.
+pub fn replay(
+    rec: &Recorded,
+    name: &str,
+    budget: Option<usize>,
+    prof: &DeviceProfile,
+) -> Result<std::result::Result<SimResult, String>> {
+    let mut p: Box<dyn Policy> = match name {
+        "belady" => Box::new(Belady::with_profile(Profile::from_ops(&rec.step))),
+        other => policy::by_name(other)?,
+    };
+    // Policies that learn from a profiling step see the step before.
+    for op in &rec.warmup {
+        p.observe(op);
+    }
+    p.step_boundary(rec.step.first().map_or(1, |o| o.step));
+    match simulate(&rec.step, p.as_mut(), budget, prof) {
+        Ok(r) => Ok(Ok(r)),
+        Err(e @ Error::OutOfMemory { .. }) => Ok(Err(e.to_string())),
+        Err(e) => Err(e),
+    }
+}
+
+/// One replay, as reported.
+pub struct Row {
+    /// Workload name.
+    pub model: &'static str,
+    /// Policy name.
+    pub policy: &'static str,
+    /// Budget as a share of the unlimited replay's peak.
+    pub budget_frac: f64,
+    /// Device profile name.
+    pub profile: String,
+    /// The simulation, or the out-of-memory report.
+    pub result: std::result::Result<SimResult, String>,
+    /// Step time over the unlimited step time.
+    pub slowdown: Option<f64>,
+}
+
+impl Row {
+    /// Replays `rec` under `policy` at `frac` of `base`'s peak.
+    pub fn run(
+        model: &'static str,
+        policy: &'static str,
+        frac: f64,
+        rec: &Recorded,
+        base: &SimResult,
+        prof: &DeviceProfile,
+    ) -> Result<Row> {
+        let budget = (base.peak_device_bytes as f64 * frac) as usize;
+        let result = replay(rec, policy, Some(budget), prof)?;
+        let slowdown = result.as_ref().ok().map(|r| r.step_ms / base.step_ms);
+        Ok(Row {
+            model,
+            policy,
+            budget_frac: frac,
+            profile: prof.name.clone(),
+            result,
+            slowdown,
+        })
+    }
+
+    /// The table line.
+    pub fn line(&self) -> String {
+        let head = format!(
+            "{:<12} {:<10} {:>6}",
+            self.model,
+            self.policy,
+            format!("{}%", self.budget_frac * 100.0)
+        );
+        match &self.result {
+            Ok(r) => format!(
+                "{head} {:>9.4} {:>9.4} {:>9.4} {:>12} {:>12} {:>12} {:>8.3}",
+                r.step_ms,
+                r.compute_ms,
+                r.stall_ms,
+                r.bytes_h2d,
+                r.bytes_d2h,
+                r.peak_device_bytes,
+                self.slowdown.unwrap_or(f64::NAN)
+            ),
+            Err(report) => format!("{head} out of memory: {report}"),
+        }
+    }
+
+    /// The JSON row; an out-of-memory row has `"oom": true`, the report and null figures.
+    pub fn json(&self) -> Value {
+        match &self.result {
+            Ok(r) => json!({
+                "model": self.model,
+                "policy": self.policy,
+                "budget_frac": self.budget_frac,
+                "profile": self.profile,
+                "step_ms": r.step_ms,
+                "compute_ms": r.compute_ms,
+                "stall_ms": r.stall_ms,
+                "bytes_h2d": r.bytes_h2d,
+                "bytes_d2h": r.bytes_d2h,
+                "peak_device_bytes": r.peak_device_bytes,
+                "slowdown": self.slowdown,
+                "oom": false,
+            }),
+            Err(report) => json!({
+                "model": self.model,
+                "policy": self.policy,
+                "budget_frac": self.budget_frac,
+                "profile": self.profile,
+                "step_ms": null,
+                "compute_ms": null,
+                "stall_ms": null,
+                "bytes_h2d": null,
+                "bytes_d2h": null,
+                "peak_device_bytes": null,
+                "slowdown": null,
+                "oom": true,
+                "oom_report": report,
+            }),
+        }
+    }
+}
+
+/// The table header.
+pub fn header() -> String {
+    format!(
+        "{:<12} {:<10} {:>6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12} {:>8}",
+        "model",
+        "policy",
+        "budget",
+        "step ms",
+        "comp ms",
+        "stall ms",
+        "h2d bytes",
+        "d2h bytes",
+        "peak bytes",
+        "slowdown"
+    )
+}

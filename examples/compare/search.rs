@@ -1,0 +1,260 @@
+//! `--max-size`: under a fixed device budget (what `none` needs at the base size), the
+//! largest batch (or width) each policy trains at a bounded slowdown, as a multiple of what
+//! `none` fits.
+
+use super::record::Recorded;
+use super::replay::replay;
+use super::workload::{Shared, Size, Workload};
+use dynn::mm::policy::POLICIES;
+use dynn::mm::{DeviceProfile, SimResult};
+use dynn::prelude::*;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// The largest slowdown (budgeted step time over the same size's unlimited step time) that
+/// still counts as "trains at this size".
+pub const MAX_SLOWDOWN: f64 = 1.25;
+/// The search stops at this multiple of the base size.
+pub const CAP: usize = 32;
+/// Steps per octave once doubling has bracketed the answer (4: quarter octaves).
+const STEPS_PER_OCTAVE: usize = 4;
+
+/// Which size is scaled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dim {
+    /// Samples per step.
+    Batch,
+    /// The model's hidden width.
+    Width,
+}
+
+impl Dim {
+    /// `batch` or `width`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Dim::Batch => "batch",
+            Dim::Width => "width",
+        }
+    }
+}
+
+/// The answer for one policy.
+pub struct Found {
+    /// Workload name.
+    pub model: &'static str,
+    /// Policy name.
+    pub policy: &'static str,
+    /// Scaled dimension.
+    pub dim: Dim,
+    /// The base value (where the budget comes from).
+    pub base: usize,
+    /// The largest value that ran within the slowdown bound.
+    pub max: usize,
+    /// Its slowdown.
+    pub slowdown: f64,
+    /// `max` over `none`'s max.
+    pub multiple_of_none: f64,
+    /// Whether `max` is the cap (the true maximum may be larger).
+    pub capped: bool,
+    /// The device budget in bytes.
+    pub budget: usize,
+}
+
+impl Found {
+    /// The table line.
+    pub fn line(&self) -> String {
+        format!(
+            "{:<12} {:<6} {:<10} {:>6} {:>7}{} {:>8.3} {:>9.2}x",
+            self.model,
+            self.dim.name(),
+            self.policy,
+            self.base,
+            self.max,
+            if self.capped { "+" } else { " " },
+            self.slowdown,
+            self.multiple_of_none
+        )
+    }
+
+    /// The JSON row.
+    pub fn json(&self, prof: &str) -> Value {
+        json!({
+            "model": self.model,
+            "policy": self.policy,
+            "dim": self.dim.name(),
+            "max": self.max,
+            "multiple_of_none": self.multiple_of_none,
+            "base": self.base,
+            "budget_bytes": self.budget,
+            "slowdown_at_max": self.slowdown,
+            "capped": self.capped,
+            "profile": prof,
+        })
+    }
+}
+
+/// The table header.
+pub fn header() -> String {
+    format!(
+        "{:<12} {:<6} {:<10} {:>6} {:>8} {:>8} {:>10}",
+        "model", "dim", "policy", "base", "max", "slowdown", "x none"
+    )
+}
+
+/// Recorded traces of one workload along one dimension, by value, each with its unlimited
+/// replay; recorded once and shared by every policy.
+struct Traces<'a> {
+    workload: Workload,
+    dim: Dim,
+    shared: &'a Shared,
+    prof: &'a DeviceProfile,
+    cache: HashMap<usize, Rc<(Recorded, SimResult)>>,
+    record_s: f64,
+}
+
+impl Traces<'_> {
+    fn size(&self, value: usize) -> Size {
+        let base = self.workload.base();
+        match self.dim {
+            Dim::Batch => Size {
+                batch: value,
+                ..base
+            },
+            Dim::Width => Size {
+                width: value,
+                ..base
+            },
+        }
+    }
+
+    fn get(&mut self, value: usize) -> Result<Rc<(Recorded, SimResult)>> {
+        if let Some(t) = self.cache.get(&value) {
+            return Ok(t.clone());
+        }
+        let start = Instant::now();
+        let rec = self.workload.record(self.shared, self.size(value))?;
+        let base = replay(&rec, "none", None, self.prof)?
+            .map_err(|e| Error::Msg(format!("unlimited replay failed: {e}")))?;
+        self.record_s += start.elapsed().as_secs_f64();
+        eprintln!(
+            "  recorded {} {}={value}: {} ops, unlimited peak {} bytes ({:.1}s)",
+            self.workload.name(),
+            self.dim.name(),
+            rec.step.len(),
+            base.peak_device_bytes,
+            start.elapsed().as_secs_f64()
+        );
+        let t = Rc::new((rec, base));
+        self.cache.insert(value, t.clone());
+        Ok(t)
+    }
+
+    /// The slowdown of `policy` at `value` under `budget`, `None` when it runs out of memory.
+    fn slowdown(&mut self, policy: &str, value: usize, budget: usize) -> Result<Option<f64>> {
+        let t = self.get(value)?;
+        let (rec, base) = (&t.0, &t.1);
+        Ok(replay(rec, policy, Some(budget), self.prof)?
+            .ok()
+            .map(|r| r.step_ms / base.step_ms))
+    }
+}
+
+/// Rounds `v` down to a multiple of `unit` (at least `unit`).
+fn round(v: f64, unit: usize) -> usize {
+    ((v / unit as f64).floor() as usize).max(1) * unit
+}
+
+/// Searches every policy for `workload` along `dim`: doubling from the base value up to
+/// `CAP`× it, then bisecting the last octave to a quarter octave.
+pub fn search(
+    workload: Workload,
+    dim: Dim,
+    shared: &Shared,
+    prof: &DeviceProfile,
+) -> Result<(Vec<Found>, f64)> {
+    let base_size = workload.base();
+    let (base, unit) = match dim {
+        Dim::Batch => (base_size.batch, 1),
+        Dim::Width => (base_size.width, workload.width_unit()),
+    };
+    let mut traces = Traces {
+        workload,
+        dim,
+        shared,
+        prof,
+        cache: HashMap::new(),
+        record_s: 0.0,
+    };
+    let budget = traces.get(base)?.1.peak_device_bytes;
+    let mut found = Vec::new();
+    for policy in POLICIES {
+        let mut ok = |v: usize| -> Result<Option<f64>> {
+            Ok(traces
+                .slowdown(policy, v, budget)?
+                .filter(|&s| s <= MAX_SLOWDOWN))
+        };
+        let Some(mut best) = ok(base)? else {
+            return Err(Error::Msg(format!(
+                "{}: {policy} does not run the base size under its own peak",
+                workload.name()
+            )));
+        };
+        // Double while it runs.
+        let (mut lo, mut hi) = (base, None);
+        while lo < CAP * base {
+            let next = (2 * lo).min(CAP * base);
+            match ok(next)? {
+                Some(s) => {
+                    lo = next;
+                    best = s;
+                }
+                None => {
+                    hi = Some(next);
+                    break;
+                }
+            }
+        }
+        // Bisect the octave [lo, hi) on a grid of quarter octaves.
+        if let Some(hi) = hi {
+            let step = (lo as f64 / STEPS_PER_OCTAVE as f64).max(unit as f64);
+            let grid: Vec<usize> = (1..)
+                .map(|k| round(lo as f64 + k as f64 * step, unit))
+                .take_while(|&v| v < hi)
+                .filter(|&v| v > lo)
+                .collect();
+            let (mut a, mut b) = (0usize, grid.len()); // grid[..a] ran, grid[b..] did not
+            while a < b {
+                let mid = (a + b) / 2;
+                match ok(grid[mid])? {
+                    Some(s) => {
+                        a = mid + 1;
+                        lo = grid[mid];
+                        best = s;
+                    }
+                    None => b = mid,
+                }
+            }
+        }
+        found.push(Found {
+            model: workload.name(),
+            policy,
+            dim,
+            base,
+            max: lo,
+            slowdown: best,
+            multiple_of_none: 0.0,
+            capped: lo >= CAP * base,
+            budget,
+        });
+    }
+    let none = found
+        .iter()
+        .find(|f| f.policy == "none")
+        .map_or(base, |f| f.max);
+    for f in &mut found {
+        f.multiple_of_none = f.max as f64 / none.max(1) as f64;
+    }
+    Ok((found, traces.record_s))
+}

@@ -273,12 +273,12 @@ mod tests {
 /// every destination line (a third of the memory traffic of a copy).
 pub const STREAM_MIN_BYTES: usize = 4 << 20;
 
-/// Hints the cache to load the first `bytes` of `src` (up to 4 KiB) ahead of their use.
+/// Hints the cache to load `src` (up to 16 KiB of it) ahead of its use.
 #[inline(always)]
 pub fn prefetch<T>(src: &[T]) {
     #[cfg(target_arch = "x86_64")]
     {
-        let bytes = std::mem::size_of_val(src).min(4096);
+        let bytes = std::mem::size_of_val(src).min(16 << 10);
         let p = src.as_ptr().cast::<i8>();
         for off in (0..bytes).step_by(64) {
             // SAFETY: `off < size_of_val(src)`, so the address is inside `src`; prefetching

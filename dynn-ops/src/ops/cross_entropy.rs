@@ -198,7 +198,16 @@ where
             <T::Acc as AccFloat>::ZERO,
             <T::Acc as AccFloat>::ZERO,
         );
-        for blk in x.chunks(LSE_BLOCK) {
+        let blocks = x.len().div_ceil(LSE_BLOCK);
+        for (b, blk) in x.chunks(LSE_BLOCK).enumerate() {
+            // Ask for the next block (or the next row's first) now, so memory streams in while
+            // this block's exponentials keep the core busy.
+            if b + 1 < blocks {
+                crate::cpu::prefetch(&x[(b + 1) * LSE_BLOCK..((b + 2) * LSE_BLOCK).min(x.len())]);
+            } else if r + 1 < self.targets.len() {
+                let next = self.x.row(r + 1);
+                crate::cpu::prefetch(&next[..LSE_BLOCK.min(next.len())]);
+            }
             if self.eps > 0.0 {
                 sx += sum_map(blk, |v: T| v.to_acc());
             }

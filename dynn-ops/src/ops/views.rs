@@ -136,10 +136,38 @@ impl Op for PadNarrow {
     }
 }
 
+/// Writes `src` (laid out by `src_layout`) into the window `out_layout` of `out` — a narrow of
+/// `out`'s contiguous layout. A contiguous source is copied one run at a time (each outer index
+/// is one run of `len · inner` elements); any other goes element by element.
 fn scatter_into<T: Copy>(out: &mut [T], out_layout: &Layout, src: &[T], src_layout: &Layout) {
+    if let (Some((s0, s1)), Some(run)) = (src_layout.contiguous_range(), inner_run(out_layout)) {
+        let src = &src[s0..s1];
+        let starts = Layout::from_parts(
+            Shape::new(&out_layout.dims()[..run.0]),
+            out_layout.strides()[..run.0].into(),
+            out_layout.offset(),
+        );
+        for (chunk, o) in src.chunks_exact(run.1).zip(starts.indices()) {
+            out[o..o + run.1].copy_from_slice(chunk);
+        }
+        return;
+    }
     for (o, s) in out_layout.indices().zip(src_layout.indices()) {
         out[o] = src[s];
     }
+}
+
+/// For a layout whose trailing dims from some `d` on are contiguous: `(d, elements in them)`,
+/// with `d` as small as possible (so runs are long). `None` when even the last dim is strided.
+fn inner_run(l: &Layout) -> Option<(usize, usize)> {
+    let (dims, strides) = (l.dims(), l.strides());
+    let mut expect = 1;
+    let mut d = dims.len();
+    while d > 0 && (strides[d - 1] == expect || dims[d - 1] == 1) {
+        expect *= dims[d - 1];
+        d -= 1;
+    }
+    (d < dims.len() || dims.is_empty()).then_some((d, expect))
 }
 
 /// Materializes a layout into a fresh contiguous buffer (differentiable identity).

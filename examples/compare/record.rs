@@ -24,11 +24,14 @@ pub struct Recorded {
     pub same_graph: bool,
     /// Seconds the recording took.
     pub record_s: f64,
+    /// The memory manager's own peak over the recorded run (device pool bytes, with the
+    /// parameters and optimizer state resident throughout).
+    pub manager_peak: usize,
 }
 
 impl Recorded {
     /// Keeps steps `STEPS - 2` and `STEPS - 1` of `trace`.
-    fn from_trace(trace: &Trace, record_s: f64) -> Result<Recorded> {
+    fn from_trace(trace: &Trace, record_s: f64, manager_peak: usize) -> Result<Recorded> {
         let of = |s: u64| -> Vec<OpRecord> {
             trace.ops.iter().filter(|o| o.step == s).cloned().collect()
         };
@@ -62,7 +65,21 @@ impl Recorded {
             distinct_graphs,
             same_graph,
             record_s,
+            manager_peak,
         })
+    }
+
+    /// Bytes of the distinct buffers the replayed step uses that existed before it
+    /// (parameters, gradients, optimizer state): the simulator places each on the device at
+    /// its first use, without a transfer, and frees it after its last use in the step.
+    pub fn preexisting_bytes(&self) -> u64 {
+        let mut seen = HashSet::new();
+        self.step
+            .iter()
+            .flat_map(|op| op.inputs.iter().chain(&op.outputs))
+            .filter(|a| a.3 < 1 << 63 && seen.insert(a.0))
+            .map(|a| a.1)
+            .sum()
     }
 
     /// The op of the replayed step that touches the most bytes (its distinct inputs and
@@ -108,7 +125,11 @@ pub fn record_task<T: Task>(
     };
     let start = Instant::now();
     let out = train(&args, defaults, make)?;
-    Recorded::from_trace(&out.trace, start.elapsed().as_secs_f64())
+    Recorded::from_trace(
+        &out.trace,
+        start.elapsed().as_secs_f64(),
+        out.summary.peak_device_bytes,
+    )
 }
 
 /// Records `STEPS` calls of a hand-written training step under an unlimited manager.
@@ -124,5 +145,9 @@ pub fn record_loop(mut train_step: impl FnMut(u64) -> Result<()>) -> Result<Reco
             mark_step(step + 1);
         }
     }
-    Recorded::from_trace(&mm.trace(), start.elapsed().as_secs_f64())
+    Recorded::from_trace(
+        &mm.trace(),
+        start.elapsed().as_secs_f64(),
+        mm.stats().peak_device_bytes,
+    )
 }

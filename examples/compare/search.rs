@@ -58,6 +58,8 @@ pub struct Found {
     pub multiple_of_none: f64,
     /// Whether `max` is the cap (the true maximum may be larger).
     pub capped: bool,
+    /// What ended the search: the smallest failing size and why (`cap` when none failed).
+    pub stopped_by: String,
     /// The device budget in bytes.
     pub budget: usize,
 }
@@ -66,7 +68,7 @@ impl Found {
     /// The table line.
     pub fn line(&self) -> String {
         format!(
-            "{:<12} {:<6} {:<10} {:>6} {:>7}{} {:>8.3} {:>9.2}x",
+            "{:<12} {:<6} {:<10} {:>6} {:>7}{} {:>8.3} {:>9.2}x  {}",
             self.model,
             self.dim.name(),
             self.policy,
@@ -74,7 +76,8 @@ impl Found {
             self.max,
             if self.capped { "+" } else { " " },
             self.slowdown,
-            self.multiple_of_none
+            self.multiple_of_none,
+            self.stopped_by
         )
     }
 
@@ -90,6 +93,7 @@ impl Found {
             "budget_bytes": self.budget,
             "slowdown_at_max": self.slowdown,
             "capped": self.capped,
+            "stopped_by": self.stopped_by,
             "profile": prof,
         })
     }
@@ -98,8 +102,8 @@ impl Found {
 /// The table header.
 pub fn header() -> String {
     format!(
-        "{:<12} {:<6} {:<10} {:>6} {:>8} {:>8} {:>10}",
-        "model", "dim", "policy", "base", "max", "slowdown", "x none"
+        "{:<12} {:<6} {:<10} {:>6} {:>8} {:>8} {:>10}  {}",
+        "model", "dim", "policy", "base", "max", "slowdown", "x none", "stopped by"
     )
 }
 
@@ -151,13 +155,37 @@ impl Traces<'_> {
         Ok(t)
     }
 
-    /// The slowdown of `policy` at `value` under `budget`, `None` when it runs out of memory.
-    fn slowdown(&mut self, policy: &str, value: usize, budget: usize) -> Result<Option<f64>> {
+    /// How `policy` does at `value` under `budget`.
+    fn trial(&mut self, policy: &str, value: usize, budget: usize) -> Result<Trial> {
         let t = self.get(value)?;
         let (rec, base) = (&t.0, &t.1);
-        Ok(replay(rec, policy, Some(budget), self.prof)?
-            .ok()
-            .map(|r| r.step_ms / base.step_ms))
+        Ok(match replay(rec, policy, Some(budget), self.prof)? {
+            Ok(r) if r.step_ms / base.step_ms <= MAX_SLOWDOWN => {
+                Trial::Ran(r.step_ms / base.step_ms)
+            }
+            Ok(r) => Trial::Slow(r.step_ms / base.step_ms),
+            Err(_) => Trial::OutOfMemory,
+        })
+    }
+}
+
+/// One size tried under one policy.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Trial {
+    /// Ran within the slowdown bound (this slowdown).
+    Ran(f64),
+    /// Ran, too slowly.
+    Slow(f64),
+    /// Did not fit.
+    OutOfMemory,
+}
+
+/// What ended a search: the smallest size tried that failed, and how.
+fn stop_reason(stop: Option<(usize, Trial)>) -> String {
+    match stop {
+        Some((v, Trial::Slow(s))) => format!("slowdown {s:.3} at {v}"),
+        Some((v, _)) => format!("out of memory at {v}"),
+        None => "cap".to_string(),
     }
 }
 
@@ -190,34 +218,30 @@ pub fn search(
     let budget = traces.get(base)?.1.peak_device_bytes;
     let mut found = Vec::new();
     for policy in POLICIES {
-        let mut ok = |v: usize| -> Result<Option<f64>> {
-            Ok(traces
-                .slowdown(policy, v, budget)?
-                .filter(|&s| s <= MAX_SLOWDOWN))
-        };
-        let Some(mut best) = ok(base)? else {
+        let mut trial = |v: usize| traces.trial(policy, v, budget);
+        let Trial::Ran(mut best) = trial(base)? else {
             return Err(Error::Msg(format!(
                 "{}: {policy} does not run the base size under its own peak",
                 workload.name()
             )));
         };
         // Double while it runs.
-        let (mut lo, mut hi) = (base, None);
+        let (mut lo, mut stop) = (base, None);
         while lo < CAP * base {
             let next = (2 * lo).min(CAP * base);
-            match ok(next)? {
-                Some(s) => {
+            match trial(next)? {
+                Trial::Ran(s) => {
                     lo = next;
                     best = s;
                 }
-                None => {
-                    hi = Some(next);
+                fail => {
+                    stop = Some((next, fail));
                     break;
                 }
             }
         }
         // Bisect the octave [lo, hi) on a grid of quarter octaves.
-        if let Some(hi) = hi {
+        if let Some((hi, _)) = stop {
             let step = (lo as f64 / STEPS_PER_OCTAVE as f64).max(unit as f64);
             let grid: Vec<usize> = (1..)
                 .map(|k| round(lo as f64 + k as f64 * step, unit))
@@ -227,13 +251,16 @@ pub fn search(
             let (mut a, mut b) = (0usize, grid.len()); // grid[..a] ran, grid[b..] did not
             while a < b {
                 let mid = (a + b) / 2;
-                match ok(grid[mid])? {
-                    Some(s) => {
+                match trial(grid[mid])? {
+                    Trial::Ran(s) => {
                         a = mid + 1;
                         lo = grid[mid];
                         best = s;
                     }
-                    None => b = mid,
+                    fail => {
+                        b = mid;
+                        stop = Some((grid[mid], fail));
+                    }
                 }
             }
         }
@@ -246,6 +273,7 @@ pub fn search(
             slowdown: best,
             multiple_of_none: 0.0,
             capped: lo >= CAP * base,
+            stopped_by: stop_reason(stop),
             budget,
         });
     }

@@ -158,7 +158,7 @@ fn check_targets(
 
 /// Elements per block of the forward's sweep: a block of logits (8 KiB in f32) stays in L1
 /// between the block's two passes (its max, then its fused Σ exp).
-const LSE_BLOCK: usize = 2048;
+const LSE_BLOCK: usize = 512;
 
 /// The forward over rows: each row's `(lse, loss)`, `(0, 0)` for ignored rows.
 struct CeRows<'r, 'a, T: FloatElement> {
@@ -198,16 +198,7 @@ where
             <T::Acc as AccFloat>::ZERO,
             <T::Acc as AccFloat>::ZERO,
         );
-        let blocks = x.len().div_ceil(LSE_BLOCK);
-        for (b, blk) in x.chunks(LSE_BLOCK).enumerate() {
-            // Ask for the next block (or the next row's first) now, so memory streams in while
-            // this block's exponentials keep the core busy.
-            if b + 1 < blocks {
-                crate::cpu::prefetch(&x[(b + 1) * LSE_BLOCK..((b + 2) * LSE_BLOCK).min(x.len())]);
-            } else if r + 1 < self.targets.len() {
-                let next = self.x.row(r + 1);
-                crate::cpu::prefetch(&next[..LSE_BLOCK.min(next.len())]);
-            }
+        for blk in x.chunks(LSE_BLOCK) {
             if self.eps > 0.0 {
                 sx += sum_map(blk, |v: T| v.to_acc());
             }

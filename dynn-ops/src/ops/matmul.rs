@@ -267,7 +267,20 @@ impl Op for Matmul {
             .transpose()?;
         let gb = ctx
             .needs(1)
-            .then(|| a.t()?.matmul(g)?.sum_to(&ctx.input_specs[1].shape))
+            .then(|| {
+                let (ad, gd) = (a.dims(), g.dims());
+                if b.rank() == 2 && a.rank() > 2 {
+                    // A batch times one weight (`x W` in a layer): fold the batch into the rows,
+                    // `Σ_b a_bᵀ g_b = [a]ᵀ [g]`, one matmul instead of a per-batch gradient
+                    // the size of the weight times the batch, summed.
+                    let rows: usize = ad[..ad.len() - 1].iter().product();
+                    let a2 = a.contiguous()?.reshape((rows, ad[ad.len() - 1]))?;
+                    let g2 = g.contiguous()?.reshape((rows, gd[gd.len() - 1]))?;
+                    a2.t()?.matmul(&g2)
+                } else {
+                    a.t()?.matmul(g)?.sum_to(&ctx.input_specs[1].shape)
+                }
+            })
             .transpose()?;
         Ok(smallvec![ga, gb])
     }

@@ -21,6 +21,7 @@ fn grad_cases() -> Result<()> {
     gradcheck(&[randn(&[2, 1, 3, 4], 5), randn(&[3, 4, 2], 6)], mm).ctx("batch broadcast")?;
     gradcheck(&[randn(&[4, 3], 7), randn(&[5, 4], 8)], |x| x[0].t()?.matmul(&x[1].t()?)).ctx("transposed operands")?;
     gradcheck(&[randn(&[3, 6], 9), randn(&[4, 5], 10)], |x| x[0].narrow(1, 1, 4)?.matmul(&x[1])).ctx("narrowed lhs")?;
+    gradcheck(&[randn(&[2, 4, 3], 11), randn(&[4, 5], 12)], |x| x[0].transpose(1, 2)?.matmul(&x[1])).ctx("transposed batch times a weight")?;
     Ok(())
 }
 

@@ -44,6 +44,7 @@ struct Cli {
 }
 
 fn main() {
+    dynn::pilot::register(); // `--policy pilot`
     let cli = Cli::parse();
     let cfg = EarlyExitConfig {
         dim: cli.dim,

@@ -45,6 +45,7 @@ struct Cli {
 }
 
 fn main() {
+    dynn::pilot::register(); // `--policy pilot`
     let cli = Cli::parse();
     let cfg = EvoformerConfig {
         msa_dim: cli.msa_dim,

@@ -56,6 +56,7 @@ struct Cli {
 }
 
 fn main() {
+    dynn::pilot::register(); // `--policy pilot`
     let cli = Cli::parse();
     let cfg = MoeConfig {
         vocab: cli.vocab,

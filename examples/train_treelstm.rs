@@ -35,6 +35,7 @@ struct Args {
 }
 
 fn main() {
+    dynn::pilot::register(); // `--policy pilot`
     let args = Args::parse();
     let cfg = TreeLstmConfig {
         embed: args.embed,

@@ -13,6 +13,7 @@
 use crate::trace::OpRecord;
 use dynn_core::{BufferId, BufferKind, Error, Result};
 use std::collections::HashMap;
+use std::sync::RwLock;
 
 /// What a policy knows of one resident buffer that could be evicted.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -81,7 +82,8 @@ pub trait Policy: Send {
     }
 }
 
-/// Builds a policy by name: `none`, `lru`, `static`, `recompute`, `belady`.
+/// Builds a policy by name: the built-ins `none`, `lru`, `static`, `recompute`, `belady`, then
+/// the policies crates above dynn-mm added with [`register_policy`] (e.g. `pilot`).
 pub fn by_name(name: &str) -> Result<Box<dyn Policy>> {
     Ok(match name {
         "none" => Box::new(NoOffload),
@@ -90,18 +92,63 @@ pub fn by_name(name: &str) -> Result<Box<dyn Policy>> {
         "recompute" => Box::new(Recompute),
         "belady" => Box::new(Belady::default()),
         other => {
+            let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
+            if let Some((_, make)) = registry.iter().find(|(n, _)| *n == other) {
+                return Ok(make());
+            }
+            drop(registry);
+            let mut hint = String::new();
+            if other == "pilot" {
+                hint.push_str(
+                    " (pilot comes from the pilot crate: call `pilot::register()` first)",
+                );
+            }
             return Err(Error::invalid(
                 "policy",
                 format!(
-                    "unknown policy {other:?}: choose none, lru, static, recompute or belady (pilot comes from the pilot crate)"
+                    "unknown policy {other:?}: choose {}{hint}",
+                    policy_names().join(", ")
                 ),
             ));
         }
     })
 }
 
-/// The names [`by_name`] knows.
+/// The names of the built-in policies (see [`policy_names`] for registered ones too).
 pub const POLICIES: [&str; 5] = ["none", "lru", "static", "recompute", "belady"];
+
+/// Builds a registered policy.
+pub type MakePolicy = fn() -> Box<dyn Policy>;
+
+/// Policies added by crates above dynn-mm, by name.
+static REGISTRY: RwLock<Vec<(&'static str, MakePolicy)>> = RwLock::new(Vec::new());
+
+/// Adds (or replaces) a policy [`by_name`] can build, so a crate above dynn-mm (the `pilot`
+/// crate) can offer its policy to every trainer's `--policy`. A built-in name cannot be
+/// replaced: [`by_name`] consults the built-ins first.
+pub fn register_policy(name: &'static str, make: MakePolicy) {
+    let mut registry = REGISTRY.write().unwrap_or_else(|e| e.into_inner());
+    match registry.iter_mut().find(|(n, _)| *n == name) {
+        Some(entry) => entry.1 = make,
+        None => registry.push((name, make)),
+    }
+}
+
+/// Every name [`by_name`] accepts now: the built-ins, then the registered policies in
+/// registration order.
+pub fn policy_names() -> Vec<&'static str> {
+    let registry = REGISTRY.read().unwrap_or_else(|e| e.into_inner());
+    POLICIES
+        .iter()
+        .copied()
+        .chain(
+            registry
+                .iter()
+                .map(|(n, _)| *n)
+                .filter(|n| !POLICIES.contains(n)),
+        )
+        .collect()
+}
 
 /// Never evicts.
 #[derive(Debug, Default)]
@@ -315,5 +362,29 @@ impl Policy for StaticProfile {
             Some(p) if self.matching => p.upcoming(now.index, horizon),
             _ => Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_policies_are_built_by_name_and_listed() {
+        let e = by_name("registry-test").err().expect("not registered yet");
+        assert!(e.to_string().contains("belady"), "{e}");
+        register_policy("registry-test", || Box::new(Lru));
+        assert_eq!(by_name("registry-test").map(|p| p.name()).ok(), Some("lru"));
+        // A built-in name keeps its built-in meaning.
+        register_policy("none", || Box::new(Lru));
+        assert_eq!(by_name("none").map(|p| p.name()).ok(), Some("none"));
+        let names = policy_names();
+        assert!(names.contains(&"registry-test") && names.contains(&"static"));
+        assert_eq!(names.iter().filter(|n| **n == "none").count(), 1);
+        let e = by_name("nope").err().expect("unknown").to_string();
+        assert!(
+            e.contains("registry-test") && e.contains("recompute"),
+            "{e}"
+        );
     }
 }

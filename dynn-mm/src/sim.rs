@@ -12,7 +12,7 @@
 
 use crate::policy::{Candidate, Eviction, Now, Policy};
 use crate::trace::{OpRecord, kind_of};
-use dynn_core::{BufferId, Error, Result};
+use dynn_core::{BufferId, BufferKind, Error, Result};
 use std::collections::HashMap;
 
 /// How many ops ahead the simulator prefetches: inputs of the next few ops only, so that
@@ -205,7 +205,15 @@ pub fn simulate(
                     used += a.1 as usize;
                 }
                 None => {
-                    room!(a.1 as usize);
+                    // Made before the step (parameters, optimizer state, inputs): left on the
+                    // device by the previous step if it still fits, else in the host tier.
+                    if used + a.1 as usize > budget {
+                        room!(a.1 as usize);
+                        let begin = now.max(h2d_free);
+                        h2d_free = begin + a.1 as f64 / profile.h2d_bytes_per_sec;
+                        now = h2d_free;
+                        r.bytes_h2d += a.1;
+                    }
                     used += a.1 as usize;
                     bufs.insert(
                         a.0,
@@ -260,9 +268,14 @@ pub fn simulate(
                 b.uses += 1;
             }
         }
-        // Free what the trace never touches again.
+        // Free what the trace never touches again; parameters and optimizer state outlive
+        // the step (they stay where they are, evictable).
         for a in op.inputs.iter().chain(&op.outputs) {
             if last_access.get(&a.0) == Some(&i)
+                && !matches!(
+                    kind_of(a.2),
+                    BufferKind::Parameter | BufferKind::OptimizerState
+                )
                 && let Some(b) = bufs.remove(&a.0)
             {
                 if matches!(b.place, Place::Device | Place::Arriving(_)) {

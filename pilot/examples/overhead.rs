@@ -1,0 +1,123 @@
+//! Where the pilot's time goes while a DyNN trains under it: the policy's time on the critical
+//! path (observe, rank, upcoming, step boundary) against the step time, for `pilot` and `lru`.
+//!
+//! ```text
+//! cargo run --release -p dynn-pilot --example overhead -- [workload] [steps] [budget]
+//! ```
+//!
+//! `workload` is one of the small evaluation DyNNs (`early_exit`, `moe`, `tree_lstm`,
+//! `evoformer`) or `early_exit_full`: the early-exit LM at its trainer's default size.
+
+use dynn_core::Result;
+use dynn_mm::{Candidate, Now, OpRecord, Policy};
+use dynn_pilot::{PilotConfig, PilotPolicy, PilotStats};
+use std::sync::Mutex;
+
+static STATS: Mutex<Option<PilotStats>> = Mutex::new(None);
+
+/// The default pilot, handing its counters over when dropped.
+struct Probe(PilotPolicy);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        *STATS.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.0.stats());
+    }
+}
+
+impl Policy for Probe {
+    fn name(&self) -> &'static str {
+        "pilot"
+    }
+    fn observe(&mut self, op: &OpRecord) {
+        self.0.observe(op)
+    }
+    fn step_boundary(&mut self, step: u64) {
+        self.0.step_boundary(step)
+    }
+    fn rank_victims(&mut self, now: Now, c: &mut [Candidate]) {
+        self.0.rank_victims(now, c)
+    }
+    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
+        self.0.next_use(now, key)
+    }
+    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
+        self.0.upcoming(now, horizon)
+    }
+}
+
+/// The early-exit LM as `train_early_exit` builds it by default.
+fn full_early_exit(steps: u64, policy: &str, budget: &str) -> Result<dynn_models::train::Outcome> {
+    use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask, TextSource};
+    let args = dynn_models::train::TrainArgs {
+        steps: Some(steps),
+        policy: Some(policy.to_string()),
+        device_budget: budget.to_string(),
+        quiet: true,
+        ..Default::default()
+    };
+    let defaults = dynn_models::train::Defaults {
+        steps,
+        batch: 16,
+        lr: 3e-3,
+    };
+    let text = TextSource {
+        path: None,
+        vocab: 512,
+    };
+    dynn_models::train::train(&args, defaults, || {
+        EarlyExitTask::new(&EarlyExitConfig::default(), &text, 0)
+    })
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let name = args.first().map(String::as_str).unwrap_or("early_exit");
+    let steps: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(40);
+    let budget = args.get(2).map(String::as_str).unwrap_or("25%");
+    dynn_mm::policy::register_policy("pilot-probe", || {
+        // PILOT_RETRAIN=0 trains once after the warm-up; unset, the default (every 8 steps).
+        let mut cfg = PilotConfig::default();
+        if let (Some(o), Some(n)) = (
+            cfg.online.as_mut(),
+            std::env::var("PILOT_RETRAIN")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+        ) {
+            o.retrain_every = n;
+        }
+        Box::new(Probe(PilotPolicy::new(cfg)))
+    });
+    for policy in ["lru", "pilot-probe"] {
+        let out = match name {
+            "early_exit_full" => full_early_exit(steps, policy, budget)?,
+            _ => dynn_pilot::eval::train_under(name, steps, policy, budget)?,
+        };
+        let step_s = out.summary.step_ms_mean * 1e-3 * steps as f64;
+        print!(
+            "{name} {policy:<12} {budget}: {:.2} ms/step, {} evictions, {} demand fetches",
+            out.summary.step_ms_mean, out.report.stats.evictions, out.report.stats.demand_fetches
+        );
+        if policy == "pilot-probe" {
+            let s = STATS
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take()
+                .unwrap_or_default();
+            println!(
+                "\n  pilot: {:.1}% of the run on the critical path (observe {:.1} ms, rank {:.1} ms, upcoming {:.1} ms, boundary {:.1} ms); {} predictions, {} rankings ({} LRU before training), {} swaps",
+                100.0 * s.critical_seconds() / step_s,
+                s.observe_ns as f64 * 1e-6,
+                s.rank_ns as f64 * 1e-6,
+                s.upcoming_ns as f64 * 1e-6,
+                s.boundary_ns as f64 * 1e-6,
+                s.predictions,
+                s.pilot_rankings,
+                s.lru_rankings,
+                s.swaps
+            );
+        } else {
+            println!();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,162 @@
+//! One step's access order by buffer key, as the pilot records it: the previous step replayed
+//! tells where a key was used next from the same position (exact while the graph repeats).
+
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// Hashes a `u64` key (a buffer id or key) with one multiply: keys are already spread, and
+/// the pilot looks them up on every op.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29);
+    }
+}
+
+/// A map keyed by buffer ids or keys.
+pub type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+
+/// The ops (one-hot slots) and key uses of one step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepProfile {
+    /// The one-hot slot of each op, in order (to tell whether a step repeats this one).
+    slots: Vec<u16>,
+    /// The phase code of each op.
+    phases: Vec<u8>,
+    /// Keys touched, op after op.
+    keys: Vec<u64>,
+    /// `keys[starts[i]..starts[i + 1]]` are the keys of op `i`.
+    starts: Vec<u32>,
+    /// Key → sorted indices of the ops that touch it.
+    uses: KeyMap<Vec<u32>>,
+}
+
+impl StepProfile {
+    /// Appends op number `self.len()`, with its slot, phase and the keys it reads and writes.
+    pub fn push(&mut self, slot: u16, phase: u8, keys: impl IntoIterator<Item = u64>) {
+        let index = self.slots.len() as u32;
+        if self.starts.is_empty() {
+            self.starts.push(0);
+        }
+        self.slots.push(slot);
+        self.phases.push(phase);
+        for k in keys {
+            let u = self.uses.entry(k).or_default();
+            if u.last() != Some(&index) {
+                u.push(index);
+                self.keys.push(k);
+            }
+        }
+        self.starts.push(self.keys.len() as u32);
+    }
+
+    /// Ops recorded.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// True when no op is recorded.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The slot of op `index`.
+    pub fn slot(&self, index: usize) -> Option<u16> {
+        self.slots.get(index).copied()
+    }
+
+    /// Ops from op `after` (`None`: before the first op) to the next use of `key` within the
+    /// step; `None` when the step does not use it again.
+    pub fn next_use(&self, after: Option<u32>, key: u64) -> Option<u64> {
+        let uses = self.uses.get(&key)?;
+        let from = after.map_or(-1, |a| a as i64);
+        let pos = uses.partition_point(|&u| (u as i64) <= from);
+        uses.get(pos).map(|&u| (u as i64 - from) as u64)
+    }
+
+    /// The gap in ops between the `k`-th and `k+1`-th ops that use `key` (`k ≥ 1`; `None`
+    /// when the step used it at most `k` times).
+    pub fn gap(&self, key: u64, k: u32) -> Option<u64> {
+        let uses = self.uses.get(&key)?;
+        let k = k as usize;
+        match (k.checked_sub(1).and_then(|i| uses.get(i)), uses.get(k)) {
+            (Some(&a), Some(&b)) => Some((b - a) as u64),
+            _ => None,
+        }
+    }
+
+    /// The index of the `rank`-th op (from 1) of phase `phase` that uses `key`.
+    pub fn nth_use_in_phase(&self, key: u64, phase: u8, rank: u32) -> Option<u32> {
+        let uses = self.uses.get(&key)?;
+        uses.iter()
+            .copied()
+            .filter(|&u| self.phases.get(u as usize) == Some(&phase))
+            .nth((rank as usize).checked_sub(1)?)
+    }
+
+    /// Appends to `out` the keys used by the `horizon` ops after op `after`, soonest first
+    /// (a key used by several of them repeats: callers skip what is already coming).
+    pub fn upcoming(&self, after: Option<u32>, horizon: usize, out: &mut Vec<u64>) {
+        let first = after.map_or(0, |a| a as usize + 1);
+        let last = (first + horizon).min(self.slots.len());
+        if first >= last {
+            return;
+        }
+        let (a, b) = (self.starts[first] as usize, self.starts[last] as usize);
+        out.extend_from_slice(&self.keys[a..b]);
+    }
+
+    /// Forgets everything, keeping the allocations.
+    pub fn clear(&mut self) {
+        self.slots.clear();
+        self.phases.clear();
+        self.keys.clear();
+        self.starts.clear();
+        self.uses.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_use_and_upcoming_follow_the_recorded_order() {
+        let mut p = StepProfile::default();
+        p.push(1, 0, [10, 11]);
+        p.push(2, 0, [11, 11, 12]);
+        p.push(3, 1, [10]);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.next_use(None, 10), Some(1));
+        assert_eq!(p.next_use(Some(0), 10), Some(2));
+        assert_eq!(p.next_use(Some(2), 10), None);
+        assert_eq!(p.next_use(Some(0), 99), None);
+        assert_eq!(p.gap(10, 1), Some(2));
+        assert_eq!(p.gap(10, 2), None);
+        assert_eq!(p.gap(11, 1), Some(1));
+        assert_eq!(p.nth_use_in_phase(10, 0, 1), Some(0));
+        assert_eq!(p.nth_use_in_phase(10, 1, 1), Some(2));
+        assert_eq!(p.nth_use_in_phase(10, 1, 2), None);
+        let mut out = Vec::new();
+        p.upcoming(Some(0), 5, &mut out);
+        assert_eq!(out, [11, 12, 10]);
+        out.clear();
+        p.upcoming(None, 3, &mut out);
+        assert_eq!(out, [10, 11, 11, 12, 10]);
+        out.clear();
+        p.upcoming(None, 1, &mut out);
+        assert_eq!(out, [10, 11]);
+    }
+}

@@ -1,0 +1,94 @@
+//! # dynn-pilot
+//!
+//! DyNN-Offload's pilot for dynn: an **idiom encoder** (each op described by six
+//! memory-access idiom counts, not by its name), a small network written with dynn's own
+//! modules and autograd that predicts every live buffer's **next-use distance bucket**, an
+//! allocation-free predictor for the hot path, an online trainer on a background thread, and
+//! the `pilot` memory policy they drive.
+//!
+//! | module | job |
+//! |---|---|
+//! | [`bucket`](mod@bucket) | next-use distance buckets |
+//! | [`encoder`] | op / candidate → fixed-size features (idioms or one-hot op names) |
+//! | [`history`] | one step's access order by key |
+//! | [`tracker`] | replays ops; a candidate's features at this moment |
+//! | [`labels`] | exact labels from a recorded trace; datasets; split by step |
+//! | [`model`] | the MLP, its training and evaluation |
+//! | [`predictor`] | frozen weights, allocation-free forward, save / load |
+//! | [`online`] | the background trainer and the hot-swapped snapshot |
+//! | [`eval`] | traces of the four DyNNs; hold-out and ablation accuracy |
+//! | [`policy`] | [`PilotPolicy`], registered as `--policy pilot` by [`register`] |
+//!
+//! ```
+//! // Every trainer's `--policy pilot`: LRU while the first steps are recorded, then the
+//! // trained pilot, fine-tuned online on a background thread.
+//! dynn_pilot::register();
+//! let policy = dynn_mm::policy::by_name("pilot")?;
+//! assert_eq!(policy.name(), "pilot");
+//! # Ok::<(), dynn_core::Error>(())
+//! ```
+//!
+//! Offline: label a recorded trace, train, freeze, save, and start a policy from it.
+//!
+//! ```no_run
+//! use dynn_pilot::{LabelConfig, ModelConfig, PilotConfig, PilotPolicy, Snapshot};
+//! # fn main() -> dynn_core::Result<()> {
+//! let trace = dynn_mm::Trace::load("run.trace")?;
+//! let labels = LabelConfig::default();
+//! let (train, valid) = dynn_pilot::label_trace(&trace, &labels).split_by_step(0.25);
+//! let (snapshot, report) = dynn_pilot::train(&train, &valid, labels.features, &ModelConfig::default())?;
+//! println!("valid accuracy {:.3}, confusion {:?}", report.accuracy_valid, report.confusion);
+//! snapshot.save("pilot.safetensors")?;
+//! let policy = PilotPolicy::with_snapshot(Snapshot::load("pilot.safetensors")?, PilotConfig::default());
+//! # let _ = policy;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod bucket;
+pub mod encoder;
+pub mod eval;
+pub mod history;
+pub mod labels;
+pub mod model;
+pub mod online;
+pub mod policy;
+pub mod predictor;
+pub mod tracker;
+
+pub use bucket::{BUCKETS, bucket};
+pub use encoder::{Encoding, FeatureConfig};
+pub use labels::{Dataset, LabelConfig, exact_labels, label_trace};
+pub use model::{ModelConfig, PilotNet, Report, Trainer, evaluate, train};
+pub use online::{OnlineConfig, OnlineTrainer, SnapshotCell};
+pub use policy::{PilotConfig, PilotPolicy, PilotStats};
+pub use predictor::{Scratch, Snapshot};
+pub use tracker::Tracker;
+
+/// Environment variable naming a saved pilot (see [`Snapshot::save`]) that the registered
+/// `pilot` policy starts from instead of warming up as LRU.
+pub const WEIGHTS_ENV: &str = "DYNN_PILOT_WEIGHTS";
+
+/// The policy `--policy pilot` builds: online training with the default settings, starting
+/// from the saved pilot named by [`WEIGHTS_ENV`] when that loads.
+pub fn default_policy() -> Box<dyn dynn_mm::Policy> {
+    let saved = std::env::var_os(WEIGHTS_ENV).and_then(|p| match Snapshot::load(&p) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!("{WEIGHTS_ENV}: {e}; the pilot warms up from scratch");
+            None
+        }
+    });
+    match saved {
+        Some(s) => Box::new(PilotPolicy::with_snapshot(s, PilotConfig::default())),
+        None => Box::new(PilotPolicy::new(PilotConfig::default())),
+    }
+}
+
+/// Registers the `pilot` policy with dynn-mm, so `dynn_mm::policy::by_name("pilot")` (and
+/// every trainer's `--policy pilot`) builds [`default_policy`]. Idempotent.
+pub fn register() {
+    dynn_mm::policy::register_policy("pilot", default_policy);
+}

@@ -1,0 +1,389 @@
+//! The `pilot` memory policy: evicts the resident buffer with the farthest predicted next use
+//! and prefetches the soonest. Until a trained snapshot is available it behaves like `lru`
+//! while recording steps for the trainer. While the current step repeats the previous one op
+//! for op, the previous step's access order gives exact distances (as `static`/`belady` replay
+//! a profile); after the graph diverges the pilot's predictions take over. A misprediction
+//! costs time, never correctness: the manager still fetches on demand whatever was evicted.
+
+use crate::bucket::{lower_bound, representative};
+use crate::encoder::FeatureConfig;
+use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
+use crate::predictor::{Scratch, Snapshot};
+use crate::tracker::{Query, Tracker};
+use dynn_core::BufferId;
+use dynn_mm::trace::kind_code;
+use dynn_mm::{Candidate, Now, OpRecord, Policy};
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Buffers ranked first in recent evictions whose return the policy watches for prefetching.
+const SUSPECTS: usize = 16;
+
+/// How the pilot policy runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PilotConfig {
+    /// The features (must match the snapshot's).
+    pub features: FeatureConfig,
+    /// Train online on a background thread (`None`: only a given snapshot is used).
+    pub online: Option<OnlineConfig>,
+    /// Wait at each step boundary until the trainer has processed the step (deterministic
+    /// timing of the hot swap, for tests; costs the training time on the critical path).
+    pub wait_for_training: bool,
+    /// Use the previous step's exact order while the current step repeats it.
+    pub replay_when_matching: bool,
+    /// The most candidates (least recently used first) ranked per eviction decision: bounds
+    /// the predictions on the critical path.
+    pub max_ranked: usize,
+    /// The farthest ahead (in ops) prefetching looks, whatever horizon the caller offers.
+    pub max_horizon: usize,
+}
+
+impl Default for PilotConfig {
+    fn default() -> Self {
+        PilotConfig {
+            features: FeatureConfig::default(),
+            online: Some(OnlineConfig::default()),
+            wait_for_training: false,
+            replay_when_matching: true,
+            max_ranked: 32,
+            max_horizon: 32,
+        }
+    }
+}
+
+/// Counters of what the pilot did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PilotStats {
+    /// Model predictions made.
+    pub predictions: u64,
+    /// Rankings decided by LRU (no snapshot yet).
+    pub lru_rankings: u64,
+    /// Rankings decided with the snapshot or the replayed order.
+    pub pilot_rankings: u64,
+    /// Snapshots swapped in.
+    pub swaps: u64,
+    /// Candidates ranked, over all rankings.
+    pub candidates: u64,
+    /// Time in `observe` (on the critical path), nanoseconds.
+    pub observe_ns: u64,
+    /// Time in `rank_victims`, nanoseconds.
+    pub rank_ns: u64,
+    /// Time in `upcoming`, nanoseconds.
+    pub upcoming_ns: u64,
+    /// Time in `step_boundary` (handing the step to the trainer, swapping), nanoseconds.
+    pub boundary_ns: u64,
+}
+
+impl PilotStats {
+    /// Time the pilot spent on the critical path, seconds.
+    pub fn critical_seconds(&self) -> f64 {
+        (self.observe_ns + self.rank_ns + self.upcoming_ns + self.boundary_ns) as f64 * 1e-9
+    }
+}
+
+/// Buffers reused by every prediction.
+#[derive(Debug, Default)]
+struct Hot {
+    scratch: Scratch,
+    row: Vec<f32>,
+    soon: Vec<(u64, u64)>,
+}
+
+/// The learned policy.
+pub struct PilotPolicy {
+    cfg: PilotConfig,
+    tracker: Tracker,
+    cell: Arc<SnapshotCell>,
+    version: u64,
+    snapshot: Option<Arc<Snapshot>>,
+    trainer: Option<OnlineTrainer>,
+    recording: Option<Vec<OpRecord>>,
+    steps_seen: u64,
+    /// Scratch space of the predictor (a cell: `upcoming` takes `&self`).
+    hot: RefCell<Hot>,
+    /// `(latest distance reversed, earliest distance, last use, id, index)` per candidate.
+    order: Vec<(std::cmp::Reverse<u64>, u64, u64, BufferId, usize)>,
+    sorted: Vec<Candidate>,
+    /// Likely-evicted buffers `(id, key, tracker clock when due back)`.
+    suspects: Vec<(u64, u64, u64)>,
+    stats: PilotStats,
+    /// `upcoming` takes `&self`: its time is counted here.
+    upcoming_ns: Cell<u64>,
+}
+
+impl std::fmt::Debug for PilotPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PilotPolicy")
+            .field("cfg", &self.cfg)
+            .field("trained", &self.snapshot.is_some())
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl PilotPolicy {
+    /// A pilot that starts untrained (LRU) and trains online when `cfg.online` says so. If
+    /// the trainer thread cannot start it stays LRU.
+    pub fn new(cfg: PilotConfig) -> Self {
+        Self::start(cfg, None)
+    }
+
+    fn start(cfg: PilotConfig, snapshot: Option<Snapshot>) -> Self {
+        let cell = SnapshotCell::new();
+        if let Some(s) = &snapshot {
+            cell.publish(s.clone());
+        }
+        let trainer = cfg.online.and_then(|o| {
+            let o = OnlineConfig {
+                labels: crate::labels::LabelConfig {
+                    features: cfg.features,
+                    ..o.labels
+                },
+                ..o
+            };
+            OnlineTrainer::spawn(o, cell.clone(), snapshot.clone()).ok()
+        });
+        let recording = trainer.as_ref().map(|_| Vec::new());
+        PilotPolicy {
+            cfg,
+            tracker: Tracker::new(cfg.features),
+            cell,
+            version: 0,
+            snapshot: None,
+            trainer,
+            recording,
+            steps_seen: 0,
+            hot: RefCell::new(Hot {
+                scratch: Scratch::default(),
+                row: vec![0.0; cfg.features.input_dim()],
+                soon: Vec::with_capacity(SUSPECTS),
+            }),
+            order: Vec::new(),
+            sorted: Vec::new(),
+            suspects: Vec::with_capacity(SUSPECTS),
+            stats: PilotStats::default(),
+            upcoming_ns: Cell::new(0),
+        }
+    }
+
+    /// A pilot that starts from a trained snapshot (loaded from a file, or trained on other
+    /// workloads) and, when `cfg.online` says so, keeps fine-tuning it online. The features
+    /// come from the snapshot.
+    pub fn with_snapshot(snapshot: Snapshot, cfg: PilotConfig) -> Self {
+        let cfg = PilotConfig {
+            features: snapshot.features,
+            ..cfg
+        };
+        Self::start(cfg, Some(snapshot))
+    }
+
+    /// The snapshot in use.
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.snapshot.clone()
+    }
+
+    /// Where the trainer publishes snapshots (also for callers that train elsewhere).
+    pub fn cell(&self) -> Arc<SnapshotCell> {
+        self.cell.clone()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> PilotStats {
+        PilotStats {
+            upcoming_ns: self.upcoming_ns.get(),
+            ..self.stats
+        }
+    }
+
+    /// The tracker (features, history).
+    pub fn tracker(&self) -> &Tracker {
+        &self.tracker
+    }
+
+    /// Swaps in a newer snapshot if one was published (allocates only then).
+    fn refresh(&mut self) {
+        let v = self.cell.version();
+        if v == self.version {
+            return;
+        }
+        self.version = v;
+        if let Some(s) = self.cell.get().filter(|s| s.features == self.cfg.features) {
+            self.hot.get_mut().scratch = s.scratch();
+            self.snapshot = Some(s);
+            self.stats.swaps += 1;
+        }
+    }
+
+    fn query(c: &Candidate) -> Query {
+        Query {
+            id: c.id.0,
+            key: c.key,
+            kind: kind_code(c.kind),
+            bytes: c.bytes as u64,
+        }
+    }
+
+    /// Predicted ops to the next use of `q`, as `(latest, earliest)`: exact from the
+    /// replayed previous step while the step repeats it, else the bounds of the snapshot's
+    /// bucket.
+    fn distance(&mut self, q: &Query) -> (u64, u64) {
+        if self.cfg.replay_when_matching
+            && self.tracker.matching()
+            && let Some(h) = self.tracker.hint_for(q)
+        {
+            let d = h.unwrap_or(u64::MAX);
+            return (d, d);
+        }
+        match &self.snapshot {
+            Some(s) => {
+                let hot = self.hot.get_mut();
+                self.tracker.features(q, &mut hot.row);
+                self.stats.predictions += 1;
+                let b = s.predict(&hot.row, &mut hot.scratch);
+                (representative(b), lower_bound(b))
+            }
+            None => (u64::MAX, u64::MAX),
+        }
+    }
+
+    fn guided(&self) -> bool {
+        self.snapshot.is_some()
+    }
+}
+
+impl Policy for PilotPolicy {
+    fn name(&self) -> &'static str {
+        "pilot"
+    }
+
+    fn observe(&mut self, op: &OpRecord) {
+        let t = Instant::now();
+        self.tracker.observe(op);
+        if let Some(r) = self.recording.as_mut() {
+            r.push(op.clone());
+        }
+        if !self.suspects.is_empty() {
+            self.suspects
+                .retain(|s| !op.inputs.iter().chain(&op.outputs).any(|a| a.0 == s.0));
+        }
+        self.stats.observe_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    fn step_boundary(&mut self, step: u64) {
+        let t = Instant::now();
+        if let (Some(r), Some(t)) = (self.recording.as_mut(), self.trainer.as_ref())
+            && !r.is_empty()
+        {
+            t.send_step(std::mem::take(r));
+            if self.cfg.wait_for_training {
+                t.flush();
+            }
+        }
+        self.tracker.step_boundary(step);
+        self.steps_seen += 1;
+        let online = self.cfg.online.filter(|_| self.trainer.is_some());
+        self.recording = online
+            .filter(|o| o.records(self.steps_seen))
+            .map(|_| self.recording.take().unwrap_or_default());
+        self.suspects.clear();
+        self.refresh();
+        self.stats.boundary_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    fn rank_victims(&mut self, _now: Now, c: &mut [Candidate]) {
+        let t = Instant::now();
+        self.refresh();
+        // LRU order: the fallback, and where the pilot looks for victims.
+        c.sort_unstable_by_key(|c| (c.last_use, c.id));
+        if !self.guided() {
+            self.stats.lru_rankings += 1;
+            self.stats.rank_ns += t.elapsed().as_nanos() as u64;
+            return;
+        }
+        self.stats.pilot_rankings += 1;
+        // The model ranks the least recently used candidates (a bounded cost per decision);
+        // the rest follow in LRU order. A replayed order is cheap: it ranks them all.
+        let replaying = self.cfg.replay_when_matching && self.tracker.matching();
+        let n = match replaying {
+            true => c.len(),
+            false => c.len().min(self.cfg.max_ranked.max(1)),
+        };
+        self.stats.candidates += n as u64;
+        self.order.clear();
+        for (i, cand) in c[..n].iter().copied().enumerate() {
+            let (latest, earliest) = self.distance(&Self::query(&cand));
+            self.order.push((
+                std::cmp::Reverse(latest),
+                earliest,
+                cand.last_use,
+                cand.id,
+                i,
+            ));
+        }
+        self.order.sort_unstable();
+        self.sorted.clear();
+        self.sorted.extend(self.order.iter().map(|o| c[o.4]));
+        c[..n].copy_from_slice(&self.sorted);
+        // The likely victims: remember when each is due back, for prefetching.
+        let clock = self.tracker.clock();
+        for o in self.order.iter().take(4) {
+            let id = o.3.0;
+            let Some(key) = self.tracker.state(id).map(|b| b.key) else {
+                continue;
+            };
+            let due = clock.saturating_add(o.1);
+            match self.suspects.iter_mut().find(|s| s.0 == id) {
+                Some(s) => s.2 = due,
+                None => {
+                    if self.suspects.len() == SUSPECTS {
+                        self.suspects.remove(0);
+                    }
+                    self.suspects.push((id, key, due));
+                }
+            }
+        }
+        self.stats.rank_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    fn next_use(&self, _now: Now, key: u64) -> Option<u64> {
+        self.tracker
+            .hint(key)
+            .filter(|_| self.cfg.replay_when_matching && self.tracker.matching())
+            .flatten()
+    }
+
+    fn upcoming(&self, _now: Now, horizon: usize) -> Vec<u64> {
+        let t = Instant::now();
+        let horizon = horizon.min(self.cfg.max_horizon);
+        let mut out = Vec::new();
+        if self.guided() {
+            if self.cfg.replay_when_matching && self.tracker.matching() {
+                self.tracker.upcoming_by_history(horizon, &mut out);
+            } else {
+                self.predicted_soon(horizon, &mut out);
+            }
+        }
+        self.upcoming_ns
+            .set(self.upcoming_ns.get() + t.elapsed().as_nanos() as u64);
+        out
+    }
+}
+
+impl PilotPolicy {
+    /// Keys of the likely-evicted buffers due back within `horizon` ops, soonest first (from
+    /// the distances predicted when they were ranked: no prediction here).
+    fn predicted_soon(&self, horizon: usize, out: &mut Vec<u64>) {
+        let clock = self.tracker.clock();
+        let mut hot = self.hot.borrow_mut();
+        let soon = &mut hot.soon;
+        soon.clear();
+        for &(_, key, due) in &self.suspects {
+            if due.saturating_sub(clock) < horizon as u64 {
+                soon.push((due, key));
+            }
+        }
+        soon.sort_unstable();
+        out.extend(soon.iter().map(|s| s.1));
+    }
+}

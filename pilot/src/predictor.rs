@@ -1,0 +1,222 @@
+//! The hot-path predictor: a snapshot of the trained pilot's weights in plain vectors and an
+//! MLP forward pass over caller-owned scratch buffers — no dynn tensors, no allocation.
+//! Snapshots are saved and loaded as safetensors checkpoints.
+
+use crate::bucket::BUCKETS;
+use crate::encoder::{Encoding, FeatureConfig};
+use dynn_core::{Device, Error, Result, Tensor};
+use dynn_models::checkpoint::Checkpoint;
+use dynn_models::nn::Linear;
+use std::path::Path;
+
+/// One dense layer: `y = x W + b`, `W` row-major `(inputs, outputs)`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dense {
+    /// Input width.
+    pub inputs: usize,
+    /// Output width.
+    pub outputs: usize,
+    /// Weights, `inputs × outputs`, row-major.
+    pub w: Vec<f32>,
+    /// Biases.
+    pub b: Vec<f32>,
+}
+
+impl Dense {
+    /// A layer from a trained [`Linear`].
+    pub fn of_linear(l: &Linear) -> Result<Self> {
+        let (inputs, outputs) = (l.in_dim(), l.out_dim());
+        let b = match &l.bias {
+            Some(b) => b.to_vec::<f32>()?,
+            None => vec![0.0; outputs],
+        };
+        Ok(Dense {
+            inputs,
+            outputs,
+            w: l.weight.to_vec::<f32>()?,
+            b,
+        })
+    }
+
+    /// `out = x W + b`, ReLU'd when `relu`.
+    fn apply(&self, x: &[f32], out: &mut [f32], relu: bool) {
+        out.copy_from_slice(&self.b);
+        for (i, &xi) in x.iter().enumerate() {
+            if xi == 0.0 {
+                continue; // one-hot and missing features are mostly zeros
+            }
+            let row = &self.w[i * self.outputs..(i + 1) * self.outputs];
+            for (o, &w) in out.iter_mut().zip(row) {
+                *o += xi * w;
+            }
+        }
+        if relu {
+            for o in out.iter_mut() {
+                *o = o.max(0.0);
+            }
+        }
+    }
+}
+
+/// Preallocated activations for [`Snapshot::logits`]; make one per snapshot with
+/// [`Snapshot::scratch`] and reuse it for every call.
+#[derive(Debug, Clone, Default)]
+pub struct Scratch {
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Scratch {
+    /// The buffer's capacity in floats (to check that calls do not grow it).
+    pub fn capacity(&self) -> (usize, usize) {
+        (self.a.capacity(), self.b.capacity())
+    }
+}
+
+/// A trained pilot, frozen: the features it reads and its layers (ReLU between them; the
+/// last one gives one logit per bucket).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    /// What the input vector holds.
+    pub features: FeatureConfig,
+    /// The layers, input first.
+    pub layers: Vec<Dense>,
+}
+
+const FORMAT: &str = "dynn-pilot";
+
+impl Snapshot {
+    /// A snapshot of layers; checks that widths chain from `features.input_dim()` to the
+    /// bucket count.
+    pub fn new(features: FeatureConfig, layers: Vec<Dense>) -> Result<Self> {
+        let mut width = features.input_dim();
+        for (i, l) in layers.iter().enumerate() {
+            if l.inputs != width || l.w.len() != l.inputs * l.outputs || l.b.len() != l.outputs {
+                return Err(Error::invalid(
+                    "pilot snapshot",
+                    format!(
+                        "layer {i} is {}×{} ({} weights, {} biases) after a width of {width}",
+                        l.inputs,
+                        l.outputs,
+                        l.w.len(),
+                        l.b.len()
+                    ),
+                ));
+            }
+            width = l.outputs;
+        }
+        if layers.is_empty() || width != BUCKETS {
+            return Err(Error::invalid(
+                "pilot snapshot",
+                format!("the last layer must give {BUCKETS} logits, not {width}"),
+            ));
+        }
+        Ok(Snapshot { features, layers })
+    }
+
+    /// Scratch buffers big enough for this snapshot.
+    pub fn scratch(&self) -> Scratch {
+        let widest = self.layers.iter().map(|l| l.outputs).max().unwrap_or(0);
+        Scratch {
+            a: Vec::with_capacity(widest),
+            b: Vec::with_capacity(widest),
+        }
+    }
+
+    /// The logits of input `x` (`features.input_dim()` long), computed in `s`. Allocates
+    /// nothing when `s` came from [`Snapshot::scratch`].
+    pub fn logits<'s>(&self, x: &[f32], s: &'s mut Scratch) -> &'s [f32] {
+        debug_assert_eq!(x.len(), self.features.input_dim());
+        let last = self.layers.len() - 1;
+        for (i, l) in self.layers.iter().enumerate() {
+            // `a` holds the previous layer's output; the new one goes into `b`.
+            s.b.clear();
+            s.b.resize(l.outputs, 0.0);
+            let input: &[f32] = if i == 0 { x } else { &s.a };
+            l.apply(input, &mut s.b, i < last);
+            std::mem::swap(&mut s.a, &mut s.b);
+        }
+        &s.a
+    }
+
+    /// The predicted bucket of input `x`.
+    pub fn predict(&self, x: &[f32], s: &mut Scratch) -> u8 {
+        let logits = self.logits(x, s);
+        let mut best = 0;
+        for (i, &v) in logits.iter().enumerate() {
+            if v > logits[best] {
+                best = i;
+            }
+        }
+        best as u8
+    }
+
+    /// Saves the snapshot as a safetensors checkpoint (`layer.<i>.weight`, `layer.<i>.bias`;
+    /// the features in the metadata).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let mut c = Checkpoint::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let w = Tensor::from_vec(l.w.clone(), (l.inputs, l.outputs), Device::Cpu)?;
+            c.insert(format!("layer.{i}.weight"), w);
+            c.insert(
+                format!("layer.{i}.bias"),
+                Tensor::from_vec(l.b.clone(), l.outputs, Device::Cpu)?,
+            );
+        }
+        c.set_meta("model", FORMAT);
+        c.set_meta("pilot.layers", self.layers.len().to_string());
+        c.set_meta("pilot.encoding", self.features.encoding.as_str());
+        c.set_meta("pilot.window", self.features.window.to_string());
+        c.set_meta("pilot.hint", self.features.hint.to_string());
+        c.save(path)
+    }
+
+    /// Loads a snapshot saved by [`Snapshot::save`]; another file, or one whose layers do
+    /// not chain, is an error naming the problem.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let c = Checkpoint::load(path)?;
+        let bad = |msg: String| Error::Checkpoint {
+            path: path.display().to_string(),
+            msg,
+        };
+        if c.meta("model") != Some(FORMAT) {
+            return Err(bad(format!("not a saved pilot ({:?})", c.meta("model"))));
+        }
+        let meta = |k: &str| {
+            c.meta(k)
+                .ok_or_else(|| bad(format!("no `{k}` in the metadata")))
+        };
+        let features = FeatureConfig {
+            encoding: Encoding::parse(meta("pilot.encoding")?)
+                .ok_or_else(|| bad("unknown pilot.encoding".into()))?,
+            window: meta("pilot.window")?
+                .parse()
+                .map_err(|_| bad("pilot.window is not a number".into()))?,
+            hint: meta("pilot.hint")? == "true",
+        };
+        let n: usize = meta("pilot.layers")?
+            .parse()
+            .map_err(|_| bad("pilot.layers is not a number".into()))?;
+        let mut layers = Vec::with_capacity(n);
+        for i in 0..n {
+            let get = |name: String| {
+                c.get(&name)
+                    .ok_or_else(|| bad(format!("tensor `{name}` is missing")))
+            };
+            let w = get(format!("layer.{i}.weight"))?;
+            let b = get(format!("layer.{i}.bias"))?;
+            let dims = w.dims().to_vec();
+            let [inputs, outputs] = dims[..] else {
+                return Err(bad(format!("layer.{i}.weight is not a matrix")));
+            };
+            layers.push(Dense {
+                inputs,
+                outputs,
+                w: w.to_vec::<f32>()?,
+                b: b.to_vec::<f32>()?,
+            });
+        }
+        Snapshot::new(features, layers).map_err(|e| bad(e.to_string()))
+    }
+}

@@ -1,0 +1,476 @@
+//! The tracker: what the pilot remembers of the ops it has seen — a window of recent op
+//! features, every buffer's use history, and the previous step's access order — and the
+//! feature vector of a candidate buffer at this moment. Labels (offline) and the policy
+//! (online) replay ops through the same tracker, so both see the same features.
+
+use crate::encoder::{
+    CandidateView, Encoding, FeatureConfig, OpView, PHASES, Producer, StepPosition,
+    encode_candidate, encode_op,
+};
+use crate::history::{KeyMap, StepProfile};
+use dynn_mm::OpRecord;
+
+/// Buffers unused for this many steps are forgotten.
+const KEEP_STEPS: u64 = 4;
+
+/// Keys from here on name buffers made in the current step (see [`dynn_mm::trace`]).
+const PERSISTENT: u64 = 1 << 63;
+
+/// The aligned key of the `rank`-th buffer made in phase `phase` of a step.
+fn aligned_key(phase: u8, rank: u32) -> u64 {
+    PERSISTENT | ((phase as u64) << 40) | rank as u64
+}
+
+/// What the tracker knows of one buffer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BufferState {
+    /// Kind code.
+    pub kind: u8,
+    /// Size in bytes.
+    pub bytes: u64,
+    /// Its key now (renamed to its id at every step boundary, as the memory manager does).
+    pub key: u64,
+    /// The key the tracker's own history uses: the id for a buffer that existed before the
+    /// step, else its creation rank within the phase that made it — so the same buffer of two
+    /// steps whose earlier phases differ in length still shares a key.
+    pub aligned: u64,
+    /// Phase of its last use.
+    pub last_phase: u8,
+    /// Tracker clock of the op that used it last.
+    pub last_use: u64,
+    /// Index within its step of that op.
+    pub last_use_index: u32,
+    /// Step of that op.
+    pub last_step: u64,
+    /// Step it was first seen in.
+    pub first_step: u64,
+    /// Forward position (index in the step) of its last forward use this step.
+    pub last_forward: Option<u32>,
+    /// Ops of each phase that used it this step.
+    pub phase_uses: [u32; PHASES],
+    /// Ops of the current step that used it.
+    pub uses_step: u32,
+    /// Ops of earlier steps that used it.
+    pub uses_past: u32,
+    /// The op that wrote it first, when an op did.
+    pub producer: Option<Producer>,
+}
+
+/// A candidate as the tracker is asked about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Query {
+    /// Buffer id.
+    pub id: u64,
+    /// Its key now.
+    pub key: u64,
+    /// Kind code.
+    pub kind: u8,
+    /// Size in bytes.
+    pub bytes: u64,
+}
+
+/// Replays ops and step boundaries; encodes candidates.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    cfg: FeatureConfig,
+    /// `window` op feature rows; row `next` is the oldest.
+    ring: Vec<f32>,
+    next: usize,
+    clock: u64,
+    index: u32,
+    expected: u32,
+    step: u64,
+    /// Ops per phase in this step so far, and in the previous step.
+    phase_ops: [u32; PHASES],
+    prev_phase_ops: [u32; PHASES],
+    /// Index of each phase's first op in this step and in the previous step.
+    phase_start: [u32; PHASES],
+    prev_phase_start: [u32; PHASES],
+    /// Phase of the op just observed.
+    phase: u8,
+    /// The last op anchored to the previous step: `(its index there, its index here)`.
+    anchor: Option<(u32, u32)>,
+    /// Buffers made so far this step, per phase (for aligned keys).
+    made: [u32; PHASES],
+    /// Aligned key → buffer id, for buffers made this step.
+    by_aligned: KeyMap<u64>,
+    /// Aligned keys of the op being observed.
+    op_keys: Vec<u64>,
+    bufs: KeyMap<BufferState>,
+    current: StepProfile,
+    previous: StepProfile,
+    matching: bool,
+}
+
+impl Tracker {
+    /// An empty tracker for features `cfg`.
+    pub fn new(cfg: FeatureConfig) -> Self {
+        Tracker {
+            cfg,
+            ring: vec![0.0; cfg.window * cfg.encoding.op_dim()],
+            next: 0,
+            clock: 0,
+            index: 0,
+            expected: 0,
+            step: 0,
+            phase_ops: [0; PHASES],
+            prev_phase_ops: [0; PHASES],
+            phase_start: [0; PHASES],
+            prev_phase_start: [0; PHASES],
+            phase: 0,
+            anchor: None,
+            made: [0; PHASES],
+            by_aligned: KeyMap::default(),
+            op_keys: Vec::new(),
+            bufs: KeyMap::default(),
+            current: StepProfile::default(),
+            previous: StepProfile::default(),
+            matching: false,
+        }
+    }
+
+    /// The features this tracker encodes.
+    pub fn config(&self) -> FeatureConfig {
+        self.cfg
+    }
+
+    /// Ops observed so far.
+    pub fn clock(&self) -> u64 {
+        self.clock
+    }
+
+    /// Ops observed in the current step.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The current step.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Whether the ops of this step so far repeat the previous step's.
+    pub fn matching(&self) -> bool {
+        self.matching
+    }
+
+    /// The previous step's access order (empty before the first boundary).
+    pub fn previous(&self) -> &StepProfile {
+        &self.previous
+    }
+
+    /// What is known of buffer `id`.
+    pub fn state(&self, id: u64) -> Option<&BufferState> {
+        self.bufs.get(&id)
+    }
+
+    /// Buffers tracked now.
+    pub fn tracked(&self) -> usize {
+        self.bufs.len()
+    }
+
+    /// The previous step's op corresponding to the op just observed, as `after` for
+    /// [`StepProfile`] queries: counted from the last op that used a buffer living across
+    /// steps (its `r`-th use in this phase ↔ its `r`-th use in that phase of the previous
+    /// step), else the same progress through the same phase (so a longer or shorter forward
+    /// pass does not shift the backward and optimizer passes), else the same index.
+    fn after(&self) -> Option<u32> {
+        let last = self.index.checked_sub(1)?;
+        if let Some((prev, here)) = self.anchor {
+            let at = prev + (last - here);
+            if (at as usize) < self.previous.len() {
+                return Some(at);
+            }
+        }
+        let p = (self.phase as usize).min(PHASES - 1);
+        let (k, n) = (self.phase_ops[p], self.prev_phase_ops[p]);
+        if k == 0 || n == 0 {
+            return Some(last);
+        }
+        Some(self.prev_phase_start[p] + k.min(n) - 1)
+    }
+
+    fn position(&self, index: u32) -> f32 {
+        match self.expected {
+            0 => 0.0,
+            n => index as f32 / n as f32,
+        }
+    }
+
+    /// Where the next op of phase `phase` stands.
+    fn step_position(&self, phase: u8) -> StepPosition {
+        let p = (phase as usize).min(PHASES - 1);
+        StepPosition {
+            position: self.position(self.index),
+            progress: match self.prev_phase_ops[p] {
+                0 => 0.0,
+                n => self.phase_ops[p] as f32 / n as f32,
+            },
+        }
+    }
+
+    /// Ops until the backward pass reaches a buffer last used at forward position `p`: the
+    /// tape replays the forward in reverse, at the previous step's ratio of backward to
+    /// forward ops.
+    fn mirror(&self, p: u32) -> Option<u64> {
+        let [fwd_prev, bwd_prev, _] = self.prev_phase_ops;
+        let ratio = match (fwd_prev, bwd_prev) {
+            (0, _) | (_, 0) => 1.0,
+            (f, b) => b as f64 / f as f64,
+        };
+        let [fwd, bwd, _] = self.phase_ops;
+        match self.phase {
+            0 => {
+                let total = fwd.max(fwd_prev) as f64;
+                let rest = total - fwd as f64;
+                Some((rest + ratio * (total - p as f64)).max(1.0) as u64)
+            }
+            1 => Some((ratio * (fwd as f64 - p as f64) - bwd as f64).max(1.0) as u64),
+            _ => None,
+        }
+    }
+
+    /// Records that op `op` ran.
+    pub fn observe(&mut self, op: &OpRecord) {
+        let view = OpView::of_record(op);
+        let d = self.cfg.encoding.op_dim();
+        if self.cfg.window > 0 {
+            let at = self.step_position(op.phase);
+            let row = &mut self.ring[self.next * d..(self.next + 1) * d];
+            encode_op(self.cfg.encoding, &view, at, row);
+            self.next = (self.next + 1) % self.cfg.window;
+        }
+        let producer = Producer {
+            idioms: op.idioms,
+            slot: view.slot,
+            phase: op.phase,
+        };
+        let (clock, index, step) = (self.clock, self.index, self.step);
+        let phase = (op.phase as usize).min(PHASES - 1);
+        let mut anchor = None;
+        self.op_keys.clear();
+        for (j, a) in op.inputs.iter().chain(&op.outputs).enumerate() {
+            let written = j >= op.inputs.len();
+            let b = self.bufs.entry(a.0).or_insert_with(|| {
+                let aligned = if a.3 < PERSISTENT {
+                    a.3
+                } else {
+                    self.made[phase] += 1;
+                    let k = aligned_key(op.phase, self.made[phase]);
+                    self.by_aligned.insert(k, a.0);
+                    k
+                };
+                BufferState {
+                    kind: a.2,
+                    bytes: a.1,
+                    key: a.3,
+                    aligned,
+                    last_phase: op.phase,
+                    last_use: u64::MAX,
+                    last_use_index: 0,
+                    last_step: step,
+                    first_step: step,
+                    last_forward: None,
+                    phase_uses: [0; PHASES],
+                    uses_step: 0,
+                    uses_past: 0,
+                    producer: written.then_some(producer),
+                }
+            });
+            let fresh_use = b.last_use != clock;
+            if fresh_use {
+                b.uses_step += 1;
+            }
+            b.kind = a.2;
+            b.bytes = a.1;
+            b.key = a.3;
+            b.last_use = clock;
+            b.last_use_index = index;
+            b.last_step = step;
+            b.last_phase = op.phase;
+            self.op_keys.push(b.aligned);
+            if op.phase == 0 {
+                b.last_forward = Some(index);
+            }
+            if fresh_use {
+                b.phase_uses[phase] += 1;
+            }
+            // Anchor this op on a buffer's same use (its `r`-th in this phase) in the
+            // previous step.
+            if fresh_use && anchor.is_none() {
+                anchor = self
+                    .previous
+                    .nth_use_in_phase(b.aligned, op.phase, b.phase_uses[phase]);
+            }
+        }
+        self.anchor = anchor.map(|prev| (prev, index));
+        self.current
+            .push(view.slot, op.phase, self.op_keys.iter().copied());
+        self.matching = self.matching && self.previous.slot(index as usize) == Some(view.slot);
+        self.clock += 1;
+        self.index += 1;
+        self.phase = op.phase;
+        let p = (op.phase as usize).min(PHASES - 1);
+        if self.phase_ops[p] == 0 {
+            self.phase_start[p] = index;
+        }
+        self.phase_ops[p] += 1;
+    }
+
+    /// Step `step` begins: this step's order becomes the previous one, keys are renamed to
+    /// ids, use counts roll over, long-unused buffers are forgotten.
+    pub fn step_boundary(&mut self, step: u64) {
+        if self.index > 0 {
+            self.expected = self.index;
+            self.prev_phase_ops = self.phase_ops;
+            self.prev_phase_start = self.phase_start;
+            std::mem::swap(&mut self.current, &mut self.previous);
+            self.current.clear();
+        }
+        for (&id, b) in self.bufs.iter_mut() {
+            b.uses_past = b.uses_past.saturating_add(b.uses_step);
+            b.uses_step = 0;
+            b.key = id;
+            b.aligned = id;
+            b.last_forward = None;
+            b.phase_uses = [0; PHASES];
+        }
+        self.bufs
+            .retain(|_, b| b.last_step.saturating_add(KEEP_STEPS) >= step);
+        self.step = step;
+        self.index = 0;
+        self.phase_ops = [0; PHASES];
+        self.phase_start = [0; PHASES];
+        self.phase = 0;
+        self.anchor = None;
+        self.made = [0; PHASES];
+        self.by_aligned.clear();
+        self.matching = !self.previous.is_empty();
+    }
+
+    /// The previous step's distance from here to the next use of the buffer with aligned
+    /// key `aligned`, from the corresponding op (see [`Tracker::after`]): `None` without a
+    /// previous step.
+    fn hint_aligned(&self, aligned: u64) -> Option<Option<u64>> {
+        (!self.previous.is_empty()).then(|| self.previous.next_use(self.after(), aligned))
+    }
+
+    /// The previous step's distance from here to the next use of the buffer with memory
+    /// manager key `key` (see [`Tracker::hint_for`] for a candidate).
+    pub fn hint(&self, key: u64) -> Option<Option<u64>> {
+        let aligned = match key {
+            k if k < PERSISTENT => k,
+            k => self
+                .by_aligned
+                .iter()
+                .find(|(_, id)| self.bufs.get(id).is_some_and(|b| b.key == k))
+                .map_or(k, |(a, _)| *a),
+        };
+        self.hint_aligned(aligned)
+    }
+
+    /// The previous step's prediction for candidate `q` (see [`CandidateView::hint`]). A
+    /// buffer last used in its `r`-th use of a phase this step is due when the previous
+    /// step's gap from that use to the next one has passed — robust to ops added or removed
+    /// elsewhere in the step; one not used yet this step is due where the previous step first
+    /// used it, counted from the corresponding op.
+    pub fn hint_for(&self, q: &Query) -> Option<Option<u64>> {
+        if self.previous.is_empty() {
+            return None;
+        }
+        let state = self.bufs.get(&q.id);
+        match state.filter(|b| b.uses_step > 0 && b.last_step == self.step) {
+            Some(b) => {
+                let p = (b.last_phase as usize).min(PHASES - 1);
+                let there =
+                    self.previous
+                        .nth_use_in_phase(b.aligned, b.last_phase, b.phase_uses[p]);
+                let Some(there) = there else {
+                    return self.hint_aligned(b.aligned);
+                };
+                Some(self.previous.next_use(Some(there), b.aligned).map(|gap| {
+                    let age = self.index.saturating_sub(1 + b.last_use_index) as u64;
+                    gap.saturating_sub(age).max(1)
+                }))
+            }
+            None => self.hint_aligned(state.map_or(q.key, |b| b.aligned)),
+        }
+    }
+
+    /// Appends the memory manager keys of the buffers the previous step used in the next
+    /// `horizon` ops from here, soonest first (buffers of this step not made yet are
+    /// skipped).
+    pub fn upcoming_by_history(&self, horizon: usize, out: &mut Vec<u64>) {
+        let from = out.len();
+        self.previous.upcoming(self.after(), horizon, out);
+        let mut keep = from;
+        for i in from..out.len() {
+            let k = out[i];
+            let key = if k < PERSISTENT {
+                Some(k)
+            } else {
+                self.by_aligned
+                    .get(&k)
+                    .and_then(|id| self.bufs.get(id))
+                    .map(|b| b.key)
+            };
+            if let Some(key) = key {
+                out[keep] = key;
+                keep += 1;
+            }
+        }
+        out.truncate(keep);
+    }
+
+    /// What the encoder reads of candidate `q` now.
+    pub fn candidate(&self, q: &Query) -> CandidateView {
+        let state = self.bufs.get(&q.id);
+        let used = state.filter(|b| b.last_use != u64::MAX);
+        CandidateView {
+            kind: q.kind,
+            bytes: q.bytes,
+            age: used.map_or(0, |b| self.clock.saturating_sub(b.last_use + 1)),
+            uses_step: state.map_or(0, |b| b.uses_step),
+            uses_past: state.map_or(0, |b| b.uses_past),
+            created_this_step: state.is_none_or(|b| b.first_step == self.step),
+            last_use_position: state
+                .filter(|b| b.uses_step > 0)
+                .map_or(0.0, |b| self.position(b.last_use_index)),
+            matching: self.matching,
+            hint: self.hint_for(q).filter(|_| self.cfg.hint),
+            mirror: state
+                .and_then(|b| b.last_forward.filter(|_| b.last_step == self.step))
+                .and_then(|p| self.mirror(p)),
+            producer: state.and_then(|b| b.producer),
+        }
+    }
+
+    /// Writes the model input for candidate `q` into `out` (`cfg.input_dim()` long): the
+    /// window's op rows oldest first (zeros before the first ops), then the candidate.
+    pub fn features(&self, q: &Query, out: &mut [f32]) {
+        debug_assert_eq!(out.len(), self.cfg.input_dim());
+        let d = self.cfg.encoding.op_dim();
+        let w = self.cfg.window;
+        let (ops, cand) = out.split_at_mut(w * d);
+        let split = self.next * d;
+        let (newer, older) = self.ring.split_at(split);
+        ops[..older.len()].copy_from_slice(older);
+        ops[older.len()..].copy_from_slice(newer);
+        encode_candidate(self.cfg.encoding, &self.candidate(q), cand);
+    }
+
+    /// The query for a tracked buffer `id` (its current key, kind and size).
+    pub fn query(&self, id: u64) -> Option<Query> {
+        self.bufs.get(&id).map(|b| Query {
+            id,
+            key: b.key,
+            kind: b.kind,
+            bytes: b.bytes,
+        })
+    }
+
+    /// The encoding in use.
+    pub fn encoding(&self) -> Encoding {
+        self.cfg.encoding
+    }
+}

@@ -1,0 +1,212 @@
+//! The pilot policy: LRU until trained, predictions after; registered by name; offloading
+//! under it changes no bit of training.
+
+use crate::common::synthetic;
+use dynn_core::{BufferId, BufferKind, DType, Error, Result};
+use dynn_mm::{Candidate, DeviceProfile, Now, OpRecord, Policy, policy, simulate};
+use dynn_models::data::{TextDataset, generated_corpus};
+use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask};
+use dynn_models::nn::Param;
+use dynn_models::train::{Defaults, Outcome, TrainArgs, train};
+use dynn_pilot::{
+    LabelConfig, ModelConfig, OnlineConfig, PilotConfig, PilotPolicy, PilotStats, label_trace,
+};
+use std::sync::{Arc, Mutex};
+
+fn cand(id: u64, last_use: u64) -> Candidate {
+    Candidate {
+        id: BufferId(id),
+        key: id,
+        bytes: 1024,
+        kind: BufferKind::Activation,
+        last_use,
+        uses: 1,
+        recompute_flops: None,
+    }
+}
+
+#[test]
+fn untrained_it_ranks_like_lru() {
+    let mut p = PilotPolicy::new(PilotConfig {
+        online: None,
+        ..Default::default()
+    });
+    let mut c = vec![cand(3, 9), cand(1, 4), cand(2, 4), cand(4, 0)];
+    p.rank_victims(Now::default(), &mut c);
+    let ids: Vec<u64> = c.iter().map(|c| c.id.0).collect();
+    assert_eq!(ids, [4, 1, 2, 3]);
+    assert!(p.upcoming(Now::default(), 8).is_empty());
+    assert_eq!(p.stats().lru_rankings, 1);
+}
+
+#[test]
+fn registered_by_name() -> Result<()> {
+    dynn_pilot::register();
+    assert_eq!(policy::by_name("pilot")?.name(), "pilot");
+    assert!(policy::policy_names().contains(&"pilot"));
+    Ok(())
+}
+
+/// Replays the last step of a synthetic trace under a budget; the policy saw the step before.
+fn replay(p: &mut dyn Policy, steps: &[Vec<OpRecord>], budget: usize) -> Result<f64> {
+    for op in &steps[steps.len() - 2] {
+        p.observe(op);
+    }
+    p.step_boundary(steps.len() as u64 - 1);
+    let r = simulate(
+        &steps[steps.len() - 1],
+        p,
+        Some(budget),
+        &DeviceProfile::a100_pcie4(),
+    )?;
+    Ok(r.step_ms)
+}
+
+#[test]
+fn trained_it_predicts_and_survives_the_simulator() -> Result<()> {
+    let t = synthetic(16, 6, 9);
+    let labels = LabelConfig::default();
+    let ds = label_trace(&t, &labels);
+    let (tr, va) = ds.split_by_step(0.25);
+    let (snap, _) = dynn_pilot::train(&tr, &va, labels.features, &ModelConfig::default())?;
+    let steps: Vec<Vec<OpRecord>> = (0..16)
+        .map(|s| t.ops.iter().filter(|o| o.step == s).cloned().collect())
+        .collect();
+    let peak = simulate(
+        &steps[15],
+        policy::by_name("none")?.as_mut(),
+        None,
+        &DeviceProfile::a100_pcie4(),
+    )?
+    .peak_device_bytes;
+    for replay_when_matching in [false, true] {
+        let mut p = PilotPolicy::with_snapshot(
+            snap.clone(),
+            PilotConfig {
+                online: None,
+                replay_when_matching,
+                ..Default::default()
+            },
+        );
+        let ms = replay(&mut p, &steps, peak / 2)?;
+        let lru = replay(policy::by_name("lru")?.as_mut(), &steps, peak / 2)?;
+        println!("pilot {ms:.4} ms, lru {lru:.4} ms, {:?}", p.stats());
+        assert!(p.stats().pilot_rankings > 0 && p.stats().lru_rankings == 0);
+        if !replay_when_matching {
+            assert!(p.stats().predictions > 0);
+        }
+    }
+    Ok(())
+}
+
+static STATS: Mutex<Vec<PilotStats>> = Mutex::new(Vec::new());
+
+/// The pilot with synchronous online training, reporting its counters when dropped.
+struct Probe(PilotPolicy);
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        STATS.lock().unwrap().push(self.0.stats());
+    }
+}
+
+impl Policy for Probe {
+    fn name(&self) -> &'static str {
+        "pilot"
+    }
+    fn observe(&mut self, op: &OpRecord) {
+        self.0.observe(op)
+    }
+    fn step_boundary(&mut self, step: u64) {
+        self.0.step_boundary(step)
+    }
+    fn rank_victims(&mut self, now: Now, c: &mut [Candidate]) {
+        self.0.rank_victims(now, c)
+    }
+    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
+        self.0.next_use(now, key)
+    }
+    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
+        self.0.upcoming(now, horizon)
+    }
+}
+
+fn probe() -> Box<dyn Policy> {
+    Box::new(Probe(PilotPolicy::new(PilotConfig {
+        online: Some(OnlineConfig {
+            warmup_steps: 2,
+            epochs_first: 3,
+            model: ModelConfig {
+                hidden: 32,
+                ..Default::default()
+            },
+            labels: LabelConfig {
+                per_op: 2,
+                ..Default::default()
+            },
+            ..Default::default()
+        }),
+        wait_for_training: true,
+        // Rank with the model even where the step repeats the previous one.
+        replay_when_matching: false,
+        ..Default::default()
+    })))
+}
+
+fn values(params: &[Param]) -> Result<Vec<(String, Vec<u32>)>> {
+    params
+        .iter()
+        .map(|p| {
+            Ok((
+                p.path().to_string(),
+                p.to_vec::<f32>()?.iter().map(|v| v.to_bits()).collect(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn offloading_under_the_pilot_changes_no_bit() -> Result<()> {
+    dynn_mm::policy::register_policy("pilot-probe", probe);
+    let data = Arc::new(TextDataset::new(&generated_corpus(3, 20_000), 256)?);
+    let cfg = EarlyExitConfig {
+        dim: 64,
+        heads: 2,
+        layers: 3,
+        seq: 12,
+        threshold: 0.012,
+        dropout: 0.1,
+        ..Default::default()
+    };
+    let defaults = Defaults {
+        steps: 5,
+        batch: 8,
+        lr: 1e-2,
+    };
+    let run = |policy: Option<&str>, budget: &str| -> Result<Outcome> {
+        let args = TrainArgs {
+            policy: policy.map(str::to_string),
+            device_budget: budget.to_string(),
+            quiet: true,
+            ..Default::default()
+        };
+        let (cfg, data) = (cfg.clone(), data.clone());
+        train(&args, defaults, move || {
+            EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32)
+        })
+    };
+    let base = run(None, "unlimited")?;
+    let out = run(Some("pilot-probe"), "50%").map_err(|e| Error::Msg(format!("pilot: {e}")))?;
+    assert!(out.summary.peak_device_bytes < base.summary.peak_device_bytes);
+    assert!(
+        out.report.stats.evictions > 0,
+        "the budget forced offloading"
+    );
+    assert_eq!(out.losses, base.losses, "losses");
+    assert_eq!(values(&out.params)?, values(&base.params)?, "parameters");
+    let stats = STATS.lock().unwrap().pop().expect("the probe was dropped");
+    println!("{stats:?}");
+    assert!(stats.swaps >= 1, "the online trainer published a snapshot");
+    assert!(stats.predictions > 0, "the trained pilot ranked victims");
+    Ok(())
+}

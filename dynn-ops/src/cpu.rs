@@ -233,41 +233,6 @@ macro_rules! float_dispatch {
     };
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn map_layout_strided_matches_indices() {
-        let src: Vec<f32> = (0..60).map(|v| v as f32).collect();
-        let l = Layout::contiguous([3, 4, 5]).transpose(0, 2).unwrap();
-        let want: Vec<f32> = l.indices().map(|i| src[i] * 2.0).collect();
-        assert_eq!(map_layout(&src, &l, |x| x * 2.0), want);
-        let n = Layout::contiguous([3, 4, 5]).narrow(2, 1, 3).unwrap();
-        let want: Vec<f32> = n.indices().map(|i| src[i]).collect();
-        assert_eq!(map_layout(&src, &n, |x| x), want);
-    }
-
-    #[test]
-    fn zip_broadcast_paths() {
-        let a: Vec<f32> = (0..6).map(|v| v as f32).collect();
-        let b = vec![10.0f32, 20.0, 30.0];
-        let s = Shape::new(&[2, 3]);
-        let la = Layout::contiguous([2, 3]);
-        let lb = Layout::contiguous([3]).broadcast_as(&s).unwrap();
-        assert_eq!(
-            zip_layouts(&a, &la, &b, &lb, &s, |x, y| x + y),
-            vec![10., 21., 32., 13., 24., 35.]
-        );
-        let col = vec![1.0f32, 2.0];
-        let lc = Layout::contiguous([2, 1]).broadcast_as(&s).unwrap();
-        assert_eq!(
-            zip_layouts(&a, &la, &col, &lc, &s, |x, y| x * y),
-            vec![0., 1., 2., 6., 8., 10.]
-        );
-    }
-}
-
 /// Output bytes above which row copies bypass the cache with non-temporal stores: such an
 /// output does not fit in cache anyway, and streaming stores skip the read-for-ownership of
 /// every destination line (a third of the memory traffic of a copy).
@@ -332,5 +297,40 @@ pub fn stream_fence() {
     // SAFETY: `sfence` only orders stores.
     unsafe {
         std::arch::x86_64::_mm_sfence()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_layout_strided_matches_indices() {
+        let src: Vec<f32> = (0..60).map(|v| v as f32).collect();
+        let l = Layout::contiguous([3, 4, 5]).transpose(0, 2).unwrap();
+        let want: Vec<f32> = l.indices().map(|i| src[i] * 2.0).collect();
+        assert_eq!(map_layout(&src, &l, |x| x * 2.0), want);
+        let n = Layout::contiguous([3, 4, 5]).narrow(2, 1, 3).unwrap();
+        let want: Vec<f32> = n.indices().map(|i| src[i]).collect();
+        assert_eq!(map_layout(&src, &n, |x| x), want);
+    }
+
+    #[test]
+    fn zip_broadcast_paths() {
+        let a: Vec<f32> = (0..6).map(|v| v as f32).collect();
+        let b = vec![10.0f32, 20.0, 30.0];
+        let s = Shape::new(&[2, 3]);
+        let la = Layout::contiguous([2, 3]);
+        let lb = Layout::contiguous([3]).broadcast_as(&s).unwrap();
+        assert_eq!(
+            zip_layouts(&a, &la, &b, &lb, &s, |x, y| x + y),
+            vec![10., 21., 32., 13., 24., 35.]
+        );
+        let col = vec![1.0f32, 2.0];
+        let lc = Layout::contiguous([2, 1]).broadcast_as(&s).unwrap();
+        assert_eq!(
+            zip_layouts(&a, &la, &col, &lc, &s, |x, y| x * y),
+            vec![0., 1., 2., 6., 8., 10.]
+        );
     }
 }

@@ -26,8 +26,8 @@ pub struct TrainArgs {
     /// or `unlimited`.
     #[arg(long, default_value = "unlimited")]
     pub device_budget: String,
-    /// Memory policy: none, lru, static, recompute, belady. Defaults to `lru` under a budget
-    /// and `none` without one.
+    /// Memory policy: none, lru, static, recompute, belady, or a registered one (`pilot` in
+    /// the bundled trainers). Defaults to `lru` under a budget and `none` without one.
     #[arg(long)]
     pub policy: Option<String>,
     /// Write a checkpoint (safetensors) here at the end; with `--checkpoint-every N`, also

@@ -103,7 +103,7 @@ impl Workload {
         let (batch, width) = match self {
             Workload::Moe => (4, 64),
             Workload::EarlyExit => (4, 64),
-            Workload::TreeLstm => (8, 128),
+            Workload::TreeLstm => (32, 128),
             Workload::Evoformer => (2, 32),
             Workload::Transformer => (8, 64),
         };
@@ -228,6 +228,8 @@ fn tree_lstm_cfg(width: usize) -> TreeLstmConfig {
         max_depth: 6,
         max_nodes: 60,
         embed: 128,
+        // Wide levels in chunks: one op's working set stays small beside the step's peak.
+        level_chunk: 96,
         ..TreeLstmConfig::default()
     }
 }

@@ -31,6 +31,9 @@ pub struct TreeLstmConfig {
     pub max_nodes: usize,
     /// Held-out trees drawn for the evaluation.
     pub eval_trees: usize,
+    /// The most nodes one cell call takes: a wider level is computed in chunks, so no single
+    /// op's working set grows with the batch (what a tight memory budget needs).
+    pub level_chunk: usize,
 }
 
 impl Default for TreeLstmConfig {
@@ -42,6 +45,7 @@ impl Default for TreeLstmConfig {
             max_args: 4,
             max_nodes: 30,
             eval_trees: 500,
+            level_chunk: 512,
         }
     }
 }
@@ -57,6 +61,7 @@ impl TreeLstmConfig {
             ("hidden", self.hidden),
             ("max_depth", self.max_depth),
             ("eval_trees", self.eval_trees),
+            ("level_chunk", self.level_chunk),
         ];
         for (name, v) in positive {
             if v == 0 {
@@ -206,6 +211,8 @@ pub struct TreeLstm {
     pub head: Linear,
     /// Classifier output layer, over the ten values.
     pub out: Linear,
+    /// The most nodes one cell call takes (see [`TreeLstmConfig::level_chunk`]).
+    pub level_chunk: usize,
 }
 
 impl TreeLstm {
@@ -217,38 +224,83 @@ impl TreeLstm {
             cell: TreeLstmCell::new(&b.pp("cell"), cfg.embed, cfg.hidden)?,
             head: Linear::new(&b.pp("head"), cfg.hidden, cfg.hidden)?,
             out: Linear::new(&b.pp("out"), cfg.hidden, DIGITS as usize)?,
+            level_chunk: cfg.level_chunk,
         })
     }
 
-    /// The roots' hidden states `(trees, hidden)`, computed bottom-up one level per cell call.
+    /// The roots' hidden states `(trees, hidden)`, computed bottom-up one level (or one chunk
+    /// of a wide level) per cell call.
     pub fn encode(&self, plan: &LevelPlan) -> Result<Tensor> {
         let device = self.embed.weight.device();
-        let ids = Tensor::from_vec(plan.tokens.clone(), plan.nodes(), device)?;
-        let x_all = self.embed.forward(&ids)?;
-        let mut all: Option<LstmState> = None;
+        let index = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::from_vec(v, n, device)
+        };
+        let join = |v: &[Tensor]| -> Result<Tensor> {
+            match v {
+                [one] => Ok(one.clone()),
+                _ => cat(&v.iter().collect::<Vec<_>>(), 0),
+            }
+        };
+        // Each level is computed in chunks of at most `level_chunk` rows, and every chunk's
+        // states stay their own tensors: children are gathered from the chunks they live in,
+        // so no op touches more than a chunk's worth of states.
+        let chunk = self.level_chunk.max(1);
+        let mut done: Vec<(i64, i64, LstmState)> = Vec::new();
         for k in 0..plan.levels() {
-            let x = x_all.narrow(0, plan.offsets[k], plan.sizes[k])?;
-            let state = match &all {
-                None => self.cell.forward(&x, None)?,
-                Some(prev) => {
-                    let m = plan.child_rows[k].len();
-                    let rows = Tensor::from_vec(plan.child_rows[k].clone(), m, device)?;
-                    let parent = Tensor::from_vec(plan.child_parent[k].clone(), m, device)?;
-                    let kids = ChildStates::select(prev, &rows, parent)?;
-                    self.cell.forward(&x, Some(&kids))?
+            for lo in (0..plan.sizes[k]).step_by(chunk) {
+                let hi = (lo + chunk).min(plan.sizes[k]);
+                let g0 = plan.offsets[k];
+                let x = self
+                    .embed
+                    .forward(&index(plan.tokens[g0 + lo..g0 + hi].to_vec())?)?;
+                let (mut hs, mut cs, mut parents) = (Vec::new(), Vec::new(), Vec::new());
+                for (s0, s1, prev) in &done {
+                    let (rows, parent): (Vec<i64>, Vec<i64>) = plan.child_rows[k]
+                        .iter()
+                        .zip(&plan.child_parent[k])
+                        .filter(|(r, p)| {
+                            (*s0..*s1).contains(*r) && (lo as i64..hi as i64).contains(*p)
+                        })
+                        .map(|(r, p)| (r - s0, p - lo as i64))
+                        .unzip();
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    let rows = index(rows)?;
+                    hs.push(prev.h.index_select(0, &rows)?);
+                    cs.push(prev.c.index_select(0, &rows)?);
+                    parents.extend(parent);
                 }
-            };
-            all = Some(match all {
-                None => state,
-                Some(prev) => LstmState {
-                    h: cat(&[&prev.h, &state.h], 0)?,
-                    c: cat(&[&prev.c, &state.c], 0)?,
-                },
-            });
+                let state = if hs.is_empty() {
+                    self.cell.forward(&x, None)?
+                } else {
+                    let kids = ChildStates::new(join(&hs)?, join(&cs)?, index(parents)?)?;
+                    self.cell.forward(&x, Some(&kids))?
+                };
+                done.push(((g0 + lo) as i64, (g0 + hi) as i64, state));
+            }
         }
-        let all = all.ok_or_else(|| Error::invalid("TreeLstm::encode", "empty plan"))?;
-        let roots = Tensor::from_vec(plan.roots.clone(), plan.roots.len(), device)?;
-        all.h.index_select(0, &roots)
+        // Roots, gathered chunk by chunk, then put back in tree order.
+        let (mut picked, mut order) = (Vec::new(), vec![0i64; plan.roots.len()]);
+        let mut n = 0;
+        for (s0, s1, st) in &done {
+            let mut rows = Vec::new();
+            for (t, r) in plan.roots.iter().enumerate() {
+                if (*s0..*s1).contains(r) {
+                    rows.push(r - s0);
+                    order[t] = n;
+                    n += 1;
+                }
+            }
+            if !rows.is_empty() {
+                picked.push(st.h.index_select(0, &index(rows)?)?);
+            }
+        }
+        if picked.is_empty() {
+            return Err(Error::invalid("TreeLstm::encode", "empty plan"));
+        }
+        join(&picked)?.index_select(0, &index(order)?)
     }
 
     /// Logits `(trees, 10)` over the value of each tree.

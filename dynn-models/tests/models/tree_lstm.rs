@@ -15,6 +15,8 @@ fn tiny() -> TreeLstmConfig {
         max_args: 3,
         max_nodes: 12,
         eval_trees: 20,
+        // Small, so wide levels are split and the chunked gather is what the tests check.
+        level_chunk: 3,
     }
 }
 

@@ -5,15 +5,26 @@
 //! ```sh
 //! cargo run --release --example compare_policies -- --json
 //! cargo run --release --example compare_policies -- --max-size --json
+//! cargo run --release --example compare_policies -- --json --holdout evoformer --plot /tmp/p.svg
 //! ```
 //!
 //! Each workload trains a few steps with no budget while the memory manager records the trace;
 //! the simulator then replays the last step on a device profile. `static` is first shown the
-//! step before (its profiling step); `belady` gets the replayed step's own access order. The
+//! step before (its profiling step); `belady` gets the replayed step's own access order;
+//! `pilot` is the learned policy of `dynn::pilot` with a snapshot trained (a few epochs, no
+//! online training) on the workload's recorded steps other than the replayed one, shown the
+//! step before like `static`. The
 //! last line with `--json` is `{"rows":[{"model","policy","budget_frac","profile","step_ms",
 //! "compute_ms","stall_ms","bytes_h2d","bytes_d2h","peak_device_bytes","slowdown"}]}`
 //! (slowdown = step time / unlimited step time); a replay that runs out of memory (`none`
 //! below the peak) has `"oom": true`, its report in `"oom_report"` and null figures.
+//!
+//! `--holdout evoformer` also trains a pilot on the traces of the other three DyNNs only and
+//! scores its next-use bucket accuracy on the held-out one, with idiom features and with
+//! one-hot op names; the JSON line then has `"pilot":{"accuracy_trained","accuracy_holdout",
+//! "accuracy_holdout_onehot","predict_us_p50","overhead_frac",...}` beside `"rows"`
+//! (`overhead_frac` is null: measured by `pilot/examples/overhead.rs`). `--plot FILE.svg`
+//! draws slowdown against budget, one panel per model and one line per policy.
 //!
 //! `--max-size` fixes the budget at what `none` needs at each workload's base size and finds,
 //! per policy, the largest batch (and, for the language models, width) whose step runs at a
@@ -24,13 +35,13 @@ mod compare;
 mod workloads;
 
 use clap::Parser;
-use compare::record::STEPS;
+use compare::record::{Recorded, STEPS};
 use compare::replay::{self, Row, replay};
 use compare::search::{self, CAP, Dim, MAX_SLOWDOWN};
 use compare::workload::{ALL, Shared, Workload};
 use dynn::mm::DeviceProfile;
-use dynn::mm::policy::POLICIES;
 use dynn::prelude::*;
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Compare memory policies on recorded traces of the bundled workloads.
@@ -45,6 +56,12 @@ struct Args {
     /// Find the largest batch (and width) each policy trains under a fixed budget instead.
     #[arg(long)]
     max_size: bool,
+    /// Also train a pilot on the other three DyNNs and score it on this one (e.g. evoformer).
+    #[arg(long)]
+    holdout: Option<String>,
+    /// Write an SVG of slowdown against budget (one panel per model) to this file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -52,6 +69,15 @@ struct Args {
 
 /// Budgets, as shares of the unlimited replay's peak.
 const FRACS: [f64; 4] = [1.0, 0.5, 0.25, 0.125];
+/// Policies of the table: dynn-mm's built-ins and the learned pilot.
+const TABLE_POLICIES: [&str; 6] = ["none", "lru", "static", "recompute", "belady", "pilot"];
+/// The DyNNs `--holdout` trains on and holds out (not the static transformer).
+const DYNNS: [Workload; 4] = [
+    Workload::Moe,
+    Workload::EarlyExit,
+    Workload::TreeLstm,
+    Workload::Evoformer,
+];
 /// Workloads whose width `--max-size` also scales (not the early-exit model: at the start of
 /// training its exits follow the width, so a wider model would also be a shallower one).
 const WIDTH_MODELS: [Workload; 2] = [Workload::Moe, Workload::Transformer];
@@ -93,12 +119,26 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
         STEPS - 1,
         STEPS - 2
     );
+    let held = match &args.holdout {
+        Some(name) => {
+            let w = Workload::parse(name.trim())?;
+            if !DYNNS.contains(&w) {
+                return Err(Error::invalid(
+                    "--holdout",
+                    "hold out one of the four DyNNs: moe, early_exit, tree_lstm, evoformer",
+                ));
+            }
+            Some(w)
+        }
+        None => None,
+    };
     let mut rows: Vec<Row> = Vec::new();
     let mut largest_share = Vec::new();
+    let mut recorded: Vec<(Workload, Recorded)> = Vec::new();
     for &w in models {
         let size = w.base();
         let rec = w.record(shared, size)?;
-        let base = replay(&rec, "none", None, prof)?
+        let base = replay(&rec, "none", None, prof, None)?
             .map_err(|e| Error::Msg(format!("{}: unlimited replay failed: {e}", w.name())))?;
         println!();
         println!("{}: {}", w.name(), w.describe(size));
@@ -130,22 +170,80 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
             w.name(),
             largest as f64 / base.peak_device_bytes.max(1) as f64,
         ));
+        let pilot = compare::pilot::train_own(&rec)?;
+        let r = &pilot.report;
+        println!(
+            "  pilot: trained on steps 0..{} ({} rows, {:.1}s): accuracy {:.3}; on the replayed step {:.3} (majority {:.3}, {} rows)",
+            STEPS - 1,
+            r.rows_train,
+            r.seconds,
+            r.accuracy_train,
+            r.accuracy_valid,
+            r.majority_valid,
+            r.rows_valid
+        );
         println!("{}", replay::header());
         for frac in FRACS {
-            for policy in POLICIES {
-                let row = Row::run(w.name(), policy, frac, &rec, &base, prof)?;
+            for policy in TABLE_POLICIES {
+                let row = Row::run(
+                    w.name(),
+                    policy,
+                    frac,
+                    &rec,
+                    &base,
+                    prof,
+                    Some(&pilot.snapshot),
+                )?;
                 println!("{}", row.line());
                 rows.push(row);
             }
         }
+        recorded.push((w, rec));
     }
     println!();
     for line in checks(&rows, &largest_share) {
         println!("{line}");
     }
+    let pilot = match held {
+        Some(h) => {
+            // The other DyNNs the table did not record are recorded now.
+            for w in DYNNS {
+                if !recorded.iter().any(|(r, _)| *r == w) {
+                    recorded.push((w, w.record(shared, w.base())?));
+                }
+            }
+            let traces: Vec<(&'static str, &Recorded)> = recorded
+                .iter()
+                .filter(|(w, _)| DYNNS.contains(w))
+                .map(|(w, r)| (w.name(), r))
+                .collect();
+            let run = compare::pilot::holdout(&traces, h.name())?;
+            println!();
+            println!(
+                "pilot hold-out: trained on the other DyNNs' traces (a third of each one's steps validate), scored on every step of {} ({:.1}s)",
+                h.name(),
+                run.seconds
+            );
+            for line in run.lines() {
+                println!("{line}");
+            }
+            Some(run.json())
+        }
+        None => None,
+    };
+    if let Some(path) = &args.plot {
+        let svg = compare::plot::svg(&rows, &FRACS, &TABLE_POLICIES);
+        std::fs::write(path, svg)
+            .map_err(|e| Error::Msg(format!("--plot {}: {e}", path.display())))?;
+        println!("plot written to {}", path.display());
+    }
     if args.json {
         let rows: Vec<_> = rows.iter().map(Row::json).collect();
-        println!("{}", serde_json::json!({ "rows": rows }));
+        let mut out = serde_json::json!({ "rows": rows });
+        if let Some(p) = pilot {
+            out["pilot"] = p;
+        }
+        println!("{out}");
     }
     Ok(())
 }
@@ -164,10 +262,11 @@ fn checks(rows: &[Row], largest: &[(&str, f64)]) -> Vec<String> {
     for m in models {
         for f in FRACS.into_iter().filter(|&f| f < 1.0) {
             let none_oom = find(m, "none", f).is_some_and(|r| r.result.is_err());
-            let (lru, bel, sta) = (
+            let (lru, bel, sta, pil) = (
                 step(find(m, "lru", f)),
                 step(find(m, "belady", f)),
                 step(find(m, "static", f)),
+                step(find(m, "pilot", f)),
             );
             let share = largest.iter().find(|(n, _)| *n == m).map_or(0.0, |l| l.1);
             let verdict = |a: Option<f64>, b: Option<f64>| match (a, b) {
@@ -181,13 +280,14 @@ fn checks(rows: &[Row], largest: &[(&str, f64)]) -> Vec<String> {
                 _ => "NO (out of memory)".to_string(),
             };
             let mut line = format!(
-                "check {m:<12} {:>5}%: none OOM {}; belady < lru {}; static < lru {}",
+                "check {m:<12} {:>5}%: none OOM {}; belady < lru {}; static < lru {}; pilot < lru {}",
                 f * 100.0,
                 if none_oom { "yes" } else { "NO" },
                 verdict(bel, lru),
-                verdict(sta, lru)
+                verdict(sta, lru),
+                verdict(pil, lru)
             );
-            for p in POLICIES {
+            for p in TABLE_POLICIES {
                 if let (Some(s), Some(b)) = (step(find(m, p, f)), bel)
                     && p != "belady"
                     && s < b

@@ -27,6 +27,9 @@ pub struct Recorded {
     /// The memory manager's own peak over the recorded run (device pool bytes, with the
     /// parameters and optimizer state resident throughout).
     pub manager_peak: usize,
+    /// The recorded steps (ops and step records of steps `0..STEPS`): what the pilot learns
+    /// from (every step but the replayed one) and is scored on (the replayed one).
+    pub trace: Trace,
 }
 
 impl Recorded {
@@ -66,6 +69,21 @@ impl Recorded {
             same_graph,
             record_s,
             manager_peak,
+            trace: Trace {
+                meta: trace.meta.clone(),
+                ops: trace
+                    .ops
+                    .iter()
+                    .filter(|o| o.step < STEPS)
+                    .cloned()
+                    .collect(),
+                steps: trace
+                    .steps
+                    .iter()
+                    .filter(|r| r.step < STEPS)
+                    .cloned()
+                    .collect(),
+            },
         })
     }
 

@@ -3,21 +3,31 @@
 use super::record::Recorded;
 use dynn::mm::policy::{self, Belady, Profile};
 use dynn::mm::{DeviceProfile, Policy, SimResult, simulate};
+use dynn::pilot::Snapshot;
 use dynn::prelude::*;
 use serde_json::{Value, json};
 
 /// Simulates the replayed step of `rec` under policy `name` and `budget` (`None`:
 /// unlimited). `static` is first shown the step before; `belady` reads the replayed step's own
-/// access order. `Ok(Err(report))` is an out-of-memory in the simulation.
+/// access order; `pilot` runs `pilot` (a snapshot trained on the other recorded steps) and,
+/// like `static`, is shown the step before. `Ok(Err(report))` is an out-of-memory in the
+/// simulation.
 pub fn replay(
     rec: &Recorded,
     name: &str,
     budget: Option<usize>,
     prof: &DeviceProfile,
+    pilot: Option<&Snapshot>,
 ) -> Result<std::result::Result<SimResult, String>> {
-    let mut p: Box<dyn Policy> = match name {
-        "belady" => Box::new(Belady::with_profile(Profile::from_ops(&rec.step))),
-        other => policy::by_name(other)?,
+    let mut p: Box<dyn Policy> = match (name, pilot) {
+        ("belady", _) => Box::new(Belady::with_profile(Profile::from_ops(&rec.step))),
+        ("pilot", Some(s)) => Box::new(super::pilot::policy(s)),
+        ("pilot", None) => {
+            return Err(Error::Msg(
+                "the pilot replay needs a trained snapshot".into(),
+            ));
+        }
+        (other, _) => policy::by_name(other)?,
     };
     // Policies that learn from a profiling step see the step before.
     for op in &rec.warmup {
@@ -56,9 +66,10 @@ impl Row {
         rec: &Recorded,
         base: &SimResult,
         prof: &DeviceProfile,
+        pilot: Option<&Snapshot>,
     ) -> Result<Row> {
         let budget = (base.peak_device_bytes as f64 * frac) as usize;
-        let result = replay(rec, policy, Some(budget), prof)?;
+        let result = replay(rec, policy, Some(budget), prof, pilot)?;
         let slowdown = result.as_ref().ok().map(|r| r.step_ms / base.step_ms);
         Ok(Row {
             model,

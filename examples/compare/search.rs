@@ -139,7 +139,7 @@ impl Traces<'_> {
         }
         let start = Instant::now();
         let rec = self.workload.record(self.shared, self.size(value))?;
-        let base = replay(&rec, "none", None, self.prof)?
+        let base = replay(&rec, "none", None, self.prof, None)?
             .map_err(|e| Error::Msg(format!("unlimited replay failed: {e}")))?;
         self.record_s += start.elapsed().as_secs_f64();
         eprintln!(
@@ -159,7 +159,7 @@ impl Traces<'_> {
     fn trial(&mut self, policy: &str, value: usize, budget: usize) -> Result<Trial> {
         let t = self.get(value)?;
         let (rec, base) = (&t.0, &t.1);
-        Ok(match replay(rec, policy, Some(budget), self.prof)? {
+        Ok(match replay(rec, policy, Some(budget), self.prof, None)? {
             Ok(r) if r.step_ms / base.step_ms <= MAX_SLOWDOWN => {
                 Trial::Ran(r.step_ms / base.step_ms)
             }

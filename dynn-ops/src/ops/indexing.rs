@@ -184,8 +184,9 @@ fn select_rows<T: Copy + Send + Sync>(rows: &Rows<'_, T>, ids: &[usize]) -> Vec<
         let body =
             |(r, row): (usize, &mut [MaybeUninit<T>])| write_row(row, rows.row(r / m, ids[r % m]));
         if total * std::mem::size_of::<T>() >= crate::cpu::STREAM_MIN_BYTES && inner >= 64 {
-            // Large gathers are bound by memory latency and traffic: fetch the next row while
-            // copying this one, and stream the output past the cache.
+            // Large gathers are bound by memory latency and traffic: fetch a row a few ahead
+            // while copying this one, and stream the output past the cache.
+            const AHEAD: usize = 8;
             let per_task = (out.len() / inner)
                 .div_ceil(rayon::current_num_threads() * 8)
                 .max(1);
@@ -195,8 +196,8 @@ fn select_rows<T: Copy + Send + Sync>(rows: &Rows<'_, T>, ids: &[usize]) -> Vec<
                     let first = t * per_task;
                     for (k, row) in chunk.chunks_mut(inner).enumerate() {
                         let r = first + k;
-                        if r + 2 < outer * m {
-                            crate::cpu::prefetch(rows.row((r + 2) / m, ids[(r + 2) % m]));
+                        if r + AHEAD < outer * m {
+                            crate::cpu::prefetch(rows.row((r + AHEAD) / m, ids[(r + AHEAD) % m]));
                         }
                         crate::cpu::stream_copy(row, rows.row(r / m, ids[r % m]));
                     }

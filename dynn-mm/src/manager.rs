@@ -194,6 +194,12 @@ impl MemoryManager {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Device bytes in live blocks now (cheap: for progress bars; [`MemoryManager::report`]
+    /// builds the whole summary).
+    pub fn device_in_use(&self) -> usize {
+        self.lock().pool.in_use()
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> MemoryStats {
         let st = self.lock();
@@ -391,7 +397,7 @@ impl MemoryManager {
     }
 
     fn note_peak(&self, st: &mut State) {
-        let used = st.pool.stats().in_use;
+        let used = st.pool.in_use();
         if used > st.stats.peak_in_use {
             st.stats.peak_in_use = used;
             st.stats.peak_by_kind = st.device_by_kind;

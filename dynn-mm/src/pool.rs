@@ -321,6 +321,12 @@ impl DevicePool {
         self.free.iter().map(|f| f.1).max().unwrap_or(0)
     }
 
+    /// Bytes in live blocks (the one counter the per-op path needs; [`DevicePool::stats`]
+    /// also walks the free list).
+    pub fn in_use(&self) -> usize {
+        self.stats.in_use
+    }
+
     /// Current statistics.
     pub fn stats(&self) -> PoolStats {
         let free_bytes: usize = self.free.iter().map(|f| f.1).sum();

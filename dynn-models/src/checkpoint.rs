@@ -6,9 +6,10 @@
 //! (the model's settings, compared on resume), `rng.<name>` states, and `hash.<tensor>`: an
 //! FNV-1a hash of each tensor's bytes, so a corrupted payload is caught and named, not loaded.
 
-use crate::nn::{Param, fnv1a};
+use crate::nn::Param;
 use crate::optim::Optimizer;
 use dynn_core::{DType, Device, Error, Result, Tensor, no_grad};
+use dynn_mm::trace::{FNV_START, fnv1a};
 use dynn_ops::prelude::*;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use std::collections::{BTreeMap, HashMap};
@@ -110,7 +111,10 @@ impl Checkpoint {
         meta.insert("format".into(), FORMAT.into());
         meta.insert("version".into(), VERSION.into());
         for (name, _, _, data) in &bytes {
-            meta.insert(format!("hash.{name}"), format!("{:016x}", fnv1a(0, data)));
+            meta.insert(
+                format!("hash.{name}"),
+                format!("{:016x}", fnv1a(FNV_START, data)),
+            );
         }
         let views = bytes
             .iter()
@@ -166,7 +170,7 @@ impl Checkpoint {
             let want = meta
                 .get(&format!("hash.{name}"))
                 .ok_or_else(|| err(path, format!("tensor `{name}` has no hash")))?;
-            let got = format!("{:016x}", fnv1a(0, view.data()));
+            let got = format!("{:016x}", fnv1a(FNV_START, view.data()));
             if &got != want {
                 return Err(err(
                     path,

@@ -18,6 +18,5 @@ pub use embedding::Embedding;
 pub use linear::Linear;
 pub use lstm::{ChildStates, LstmCell, LstmState, TreeLstmCell};
 pub use mlp::{Mlp, SwiGlu};
-pub(crate) use module::fnv1a;
 pub use module::{Forward, Init, Module, Param, ParamBuilder};
 pub use norm::{LayerNorm, RmsNorm};

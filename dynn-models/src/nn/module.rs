@@ -1,6 +1,7 @@
 //! The `Module` trait, named parameters and the builder that creates them.
 
 use dynn_core::{BufferKind, DType, Device, Result, Tensor};
+use dynn_mm::trace::{FNV_START, fnv1a};
 use dynn_ops::prelude::*;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -175,7 +176,7 @@ impl ParamBuilder {
 
     /// A seed for `name` under this path (for modules that draw their own randomness).
     pub fn seed_for(&self, name: &str) -> u64 {
-        fnv1a(self.seed, self.full(name).as_bytes())
+        fnv1a(self.seed ^ FNV_START, self.full(name).as_bytes())
     }
 
     fn full(&self, name: &str) -> String {
@@ -226,16 +227,6 @@ impl ParamBuilder {
     pub fn created(&self) -> Vec<Param> {
         self.created.borrow().clone()
     }
-}
-
-/// 64-bit FNV-1a of `bytes`, continuing from `h`.
-pub(crate) fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
-    h ^= 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]

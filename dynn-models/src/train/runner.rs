@@ -220,7 +220,7 @@ pub fn train<T: Task>(
             "loss {s:.4}  {:.0} {}/s  device {}  {note}",
             units as f64 / secs,
             task.unit(),
-            human_bytes(mm.report().pool.in_use)
+            human_bytes(mm.device_in_use())
         ));
         pb.inc(1);
         if args.checkpoint_every > 0 && (step + 1) % args.checkpoint_every == 0 && step + 1 < steps

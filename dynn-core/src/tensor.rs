@@ -234,6 +234,23 @@ impl Tensor {
         }
     }
 
+    /// A copy of this tensor's elements on `device` (contiguous, detached from the tape: a
+    /// leaf). Returns a clone when it is already there.
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if device == self.device() {
+            return Ok(self.clone());
+        }
+        let host = self.host_bytes("to_device")?;
+        let host = match self.0.layout.contiguous_range() {
+            Some((0, end)) if end == host.len() => host,
+            _ => with_cpu_storage!(&host, v => {
+                let picked: Vec<_> = self.0.layout.indices().map(|i| v[i]).collect();
+                CpuElement::wrap(picked)
+            }),
+        };
+        Self::from_host(host, self.shape().clone(), device, self.0.buffer.kind())
+    }
+
     /// The elements in row-major order, converted to `T`'s dtype only if equal (else an error).
     pub fn to_vec<T: CpuElement>(&self) -> Result<Vec<T>> {
         let host = self.host_bytes("to_vec")?;

@@ -7,12 +7,13 @@
 #![warn(missing_docs)]
 
 pub mod cpu;
+pub mod cuda;
 pub mod grad;
 pub mod math;
 pub mod ops;
 pub mod registry;
 
-pub use registry::{OpInfo, idioms_markdown, op_table};
+pub use registry::{OpInfo, cuda_sources, idioms_markdown, op_table};
 
 /// The tensor methods of every op family, and the core types.
 pub mod prelude {

@@ -79,3 +79,9 @@ pub fn idioms_markdown() -> String {
     }
     s
 }
+
+/// Every op family's CUDA C source (each is compiled for every float scalar type). The
+/// kernel-compile test compiles them all for sm_80 and sm_90.
+pub fn cuda_sources() -> Vec<&'static crate::cuda::CudaSource> {
+    vec![&crate::ops::unary::CUDA]
+}

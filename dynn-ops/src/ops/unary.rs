@@ -4,6 +4,7 @@
 //! (`<name>_backward`: grad * f'(x)).
 
 use crate::cpu::map_layout;
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
 use crate::math::FastMath;
 use crate::registry::OpInfo;
@@ -232,11 +233,164 @@ impl Unary {
         }
     }
 
+    /// The kind's number in the CUDA kernels' switch, and its two scalar parameters.
+    fn cuda_kind(self) -> (i32, f64, f64) {
+        match self {
+            Unary::Neg => (0, 0.0, 0.0),
+            Unary::Abs => (1, 0.0, 0.0),
+            Unary::Exp => (2, 0.0, 0.0),
+            Unary::Log => (3, 0.0, 0.0),
+            Unary::Sqrt => (4, 0.0, 0.0),
+            Unary::Rsqrt => (5, 0.0, 0.0),
+            Unary::Tanh => (6, 0.0, 0.0),
+            Unary::Sigmoid => (7, 0.0, 0.0),
+            Unary::Relu => (8, 0.0, 0.0),
+            Unary::Gelu => (9, 0.0, 0.0),
+            Unary::GeluErf => (10, 0.0, 0.0),
+            Unary::Silu => (11, 0.0, 0.0),
+            Unary::Sin => (12, 0.0, 0.0),
+            Unary::Cos => (13, 0.0, 0.0),
+            Unary::Sqr => (14, 0.0, 0.0),
+            Unary::Recip => (15, 0.0, 0.0),
+            Unary::Affine { mul, add } => (16, mul, add),
+            Unary::Powf(e) => (17, e, 0.0),
+        }
+    }
+
     /// Idioms: one element-wise map (PyTorch's table gives relu/elu/dropout `[0,0,0,0,1,0]`).
     pub const IDIOMS: Idioms = Idioms::MAP;
     /// Idioms of the fused backward: a map that also combines two streams (the table's
     /// "sigmoid/tanh/gelu backward" row, `[0,0,0,1,1,0]`).
     pub const BACKWARD_IDIOMS: Idioms = Idioms([0, 0, 0, 1, 1, 0]);
+}
+
+/// The CUDA kernels: f(x) and grad·f'(v), the kind chosen by a uniform switch
+/// (numbered by `Unary::cuda_kind`; `v` is the output where `grad_from_output`).
+pub const CUDA: CudaSource = CudaSource {
+    name: "unary",
+    code: r#"
+__device__ __forceinline__ scalar sigm(scalar x) { return (scalar)1 / ((scalar)1 + exp(-x)); }
+#define GELU_K ((scalar)0.7978845608028654)
+#define GELU_C ((scalar)0.044715)
+
+__device__ __forceinline__ scalar unary_f(int kind, scalar x, scalar p0, scalar p1) {
+    switch (kind) {
+    case 0: return -x;
+    case 1: return fabs(x);
+    case 2: return exp(x);
+    case 3: return log(x);
+    case 4: return sqrt(x);
+    case 5: return rsqrt(x);
+    case 6: return tanh(x);
+    case 7: return sigm(x);
+    case 8: return x > (scalar)0 ? x : (scalar)0;
+    case 9: return (scalar)0.5 * x * ((scalar)1 + tanh(GELU_K * (x + GELU_C * x * x * x)));
+    case 10: return (scalar)0.5 * x * ((scalar)1 + erf(x * (scalar)0.7071067811865476));
+    case 11: return x * sigm(x);
+    case 12: return sin(x);
+    case 13: return cos(x);
+    case 14: return x * x;
+    case 15: return (scalar)1 / x;
+    case 16: return x * p0 + p1;
+    default: return pow(x, p0);
+    }
+}
+
+__device__ __forceinline__ scalar unary_df(int kind, scalar v, scalar p0) {
+    switch (kind) {
+    case 0: return (scalar)-1;
+    case 1: return v > (scalar)0 ? (scalar)1 : (v < (scalar)0 ? (scalar)-1 : (scalar)0);
+    case 2: return v;
+    case 3: return (scalar)1 / v;
+    case 4: return (scalar)0.5 / v;
+    case 5: return (scalar)-0.5 * v * v * v;
+    case 6: return (scalar)1 - v * v;
+    case 7: return v * ((scalar)1 - v);
+    case 8: return v > (scalar)0 ? (scalar)1 : (scalar)0;
+    case 9: {
+        scalar t = tanh(GELU_K * (v + GELU_C * v * v * v));
+        return (scalar)0.5 * ((scalar)1 + t)
+             + (scalar)0.5 * v * ((scalar)1 - t * t) * GELU_K * ((scalar)1 + (scalar)3 * GELU_C * v * v);
+    }
+    case 10: {
+        scalar cdf = (scalar)0.5 * ((scalar)1 + erf(v * (scalar)0.7071067811865476));
+        return cdf + v * exp((scalar)-0.5 * v * v) * (scalar)0.3989422804014327;
+    }
+    case 11: { scalar s = sigm(v); return s * ((scalar)1 + v * ((scalar)1 - s)); }
+    case 12: return cos(v);
+    case 13: return -sin(v);
+    case 14: return (scalar)2 * v;
+    case 15: return -v * v;
+    case 16: return p0;
+    default: return p0 * pow(v, p0 - (scalar)1);
+    }
+}
+
+extern "C" __global__ void unary_forward(int kind, double p0, double p1,
+                                         const scalar* x, Strided xs, scalar* y, i64 n) {
+    GRID_LOOP(i, n) y[i] = unary_f(kind, x[at(xs, i)], (scalar)p0, (scalar)p1);
+}
+
+extern "C" __global__ void unary_backward(int kind, double p0, const scalar* v, Strided vs,
+                                          const scalar* g, Strided gs, scalar* out, i64 n) {
+    GRID_LOOP(i, n) out[i] = g[at(gs, i)] * unary_df(kind, v[at(vs, i)], (scalar)p0);
+}
+"#,
+};
+
+fn cuda_forward(k: Unary, x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
+    let name = k.name();
+    let xs = cuda::storage(name, x)?;
+    let dev = xs.dev();
+    let n = x.layout.elem_count();
+    let f = dev.function(&CUDA, x.dtype(), "unary_forward")?;
+    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
+    let (kind, p0, p1) = k.cuda_kind();
+    let (view, n64) = (Strided::of(name, x.layout)?, n as i64);
+    crate::cuda_launch!(
+        dev,
+        name,
+        f,
+        cuda::grid(n),
+        [&kind, &p0, &p1, xs.slice(), &view, out.slice_mut(), &n64]
+    )?;
+    Ok(Box::new(out))
+}
+
+fn cuda_backward(
+    k: Unary,
+    v: &KernelArg<'_>,
+    g: &KernelArg<'_>,
+) -> Result<Box<dyn dynn_core::DeviceStorage>> {
+    let name = k.backward_name();
+    let (vs, gs) = (cuda::storage(name, v)?, cuda::storage(name, g)?);
+    let dev = vs.dev();
+    let n = v.layout.elem_count();
+    let f = dev.function(&CUDA, v.dtype(), "unary_backward")?;
+    let mut out = CudaStorage::alloc(dev, v.dtype(), n)?;
+    let (kind, p0, _) = k.cuda_kind();
+    let (vv, gv, n64) = (
+        Strided::of(name, v.layout)?,
+        Strided::of(name, g.layout)?,
+        n as i64,
+    );
+    crate::cuda_launch!(
+        dev,
+        name,
+        f,
+        cuda::grid(n),
+        [
+            &kind,
+            &p0,
+            vs.slice(),
+            &vv,
+            gs.slice(),
+            &gv,
+            out.slice_mut(),
+            &n64
+        ]
+    )?;
+    Ok(Box::new(out))
 }
 
 fn run_forward<T: FloatElement + CpuElement>(k: Unary, src: &[T], arg: &KernelArg<'_>) -> Vec<T>
@@ -290,6 +444,9 @@ impl Op for Unary {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let k = *self;
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_forward(k, &x)?]);
+        }
         let out = float_dispatch!(self.name(), x.cpu(self.name())?, |v| T_wrap(run_forward(
             k, v, &x
         )));
@@ -364,6 +521,9 @@ impl Op for UnaryBackward {
         let k = self.0;
         let name = self.name();
         let (v, g) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_backward(k, &v, &g)?]);
+        }
         let out = float_dispatch!(name, v.cpu(name)?, |vv| T_wrap(grad_kernel(
             k,
             vv,

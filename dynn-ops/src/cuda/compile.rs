@@ -1,0 +1,164 @@
+//! NVRTC: an op family's CUDA C → PTX for one architecture and scalar type, cached on disk
+//! (keyed by source hash, architecture, scalar type and NVRTC version). Works without a GPU.
+
+use super::CudaSource;
+use dynn_core::{DType, Error, Result};
+use std::hash::{Hash, Hasher};
+use std::path::PathBuf;
+
+/// A GPU architecture (compute capability), as NVRTC names it: `sm_80`, `sm_90`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Arch {
+    /// Major compute capability.
+    pub major: u32,
+    /// Minor compute capability.
+    pub minor: u32,
+}
+
+impl Arch {
+    /// A100 (Ampere).
+    pub const SM80: Arch = Arch { major: 8, minor: 0 };
+    /// H100/H200 (Hopper).
+    pub const SM90: Arch = Arch { major: 9, minor: 0 };
+}
+
+impl std::fmt::Display for Arch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "sm_{}{}", self.major, self.minor)
+    }
+}
+
+/// True when one of the names cudarc would try for the shared library `lib` (`cuda`,
+/// `nvrtc`, `cublas`) loads. Checked before any cudarc call, whose loader panics otherwise.
+pub fn library_loadable(lib: &str) -> bool {
+    cudarc::get_lib_name_candidates(lib).iter().any(|name| {
+        // SAFETY: loading a CUDA library runs only its initialisers, which have no
+        // preconditions; the handle is dropped at once (cudarc keeps its own).
+        unsafe { libloading::Library::new(name) }.is_ok()
+    })
+}
+
+/// True when the NVRTC library can be loaded (needed to compile kernels; no GPU needed).
+pub fn nvrtc_available() -> bool {
+    use std::sync::OnceLock;
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| library_loadable("nvrtc"))
+}
+
+fn nvrtc_missing(op: &'static str) -> Error {
+    Error::Device {
+        op,
+        msg: "the NVRTC library (libnvrtc.so) was not found: install the CUDA toolkit or the \
+              `nvidia-cuda-nvrtc-cu12` wheel and add its lib folder to LD_LIBRARY_PATH"
+            .into(),
+    }
+}
+
+/// NVRTC's (major, minor) version.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    if !nvrtc_available() {
+        return Err(nvrtc_missing("nvrtc_version"));
+    }
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: the library is loaded (checked above) and both pointers are valid for writes.
+    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if status != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(Error::Device {
+            op: "nvrtc_version",
+            msg: format!("nvrtcVersion failed: {status:?}"),
+        });
+    }
+    Ok((major, minor))
+}
+
+/// The C type a family is compiled for when its data has `dtype` (kernels compute in it).
+pub fn scalar_type(op: &'static str, dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("float"),
+        DType::F64 => Ok("double"),
+        other => Err(Error::Device {
+            op,
+            msg: format!("CUDA kernels run on f32 and f64 data, got {other:?}: cast first"),
+        }),
+    }
+}
+
+fn cache_dir() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("DYNN_KERNEL_CACHE") {
+        return Some(PathBuf::from(d));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(base.join("dynn").join("kernels"))
+}
+
+/// Compiles `source` for `arch` with `scalar` as its element type, returning PTX. A cached PTX
+/// is reused when source, architecture, scalar type and NVRTC version all match.
+pub fn compile_ptx(source: &CudaSource, scalar: &str, arch: Arch) -> Result<String> {
+    compile(source, scalar, arch, true)
+}
+
+/// [`compile_ptx`] without the disk cache: always runs NVRTC (for the kernel-compile test).
+pub fn compile_ptx_fresh(source: &CudaSource, scalar: &str, arch: Arch) -> Result<String> {
+    compile(source, scalar, arch, false)
+}
+
+fn compile(source: &CudaSource, scalar: &str, arch: Arch, cached: bool) -> Result<String> {
+    let (major, minor) = nvrtc_version()?;
+    let code = source.full_source();
+    let options = vec![
+        format!("--gpu-architecture={arch}"),
+        format!("-DDYNN_SCALAR={scalar}"),
+        "--std=c++17".to_string(),
+    ];
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (&code, &options, major, minor).hash(&mut h);
+    let file = cache_dir().filter(|_| cached).map(|d| {
+        d.join(format!(
+            "{}-{scalar}-{arch}-nvrtc{major}.{minor}-{:016x}.ptx",
+            source.name,
+            h.finish()
+        ))
+    });
+    if let Some(f) = &file
+        && let Ok(ptx) = std::fs::read_to_string(f)
+    {
+        return Ok(ptx);
+    }
+    let opts = cudarc::nvrtc::CompileOptions {
+        options,
+        name: Some(format!("{}.cu", source.name)),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&code, opts).map_err(|e| {
+        let detail = match e {
+            cudarc::nvrtc::CompileError::CompileError { log, .. } => {
+                log.to_string_lossy().into_owned()
+            }
+            other => format!("{other:?}"),
+        };
+        Error::Device {
+            op: "nvrtc",
+            msg: format!(
+                "compiling the `{}` kernels for {arch} ({scalar}):\n{detail}",
+                source.name
+            ),
+        }
+    })?;
+    let text = ptx.to_src();
+    if let Some(f) = &file {
+        // The cache is an optimisation: a failed write only costs a recompile next time.
+        let tmp = f.with_extension(format!("tmp{}", std::process::id()));
+        let written = f
+            .parent()
+            .map(std::fs::create_dir_all)
+            .transpose()
+            .and_then(|_| std::fs::write(&tmp, &text))
+            .and_then(|_| std::fs::rename(&tmp, f));
+        if let Err(e) = written {
+            tracing::debug!(file = %f.display(), error = %e, "kernel cache not written");
+        }
+    }
+    Ok(text)
+}

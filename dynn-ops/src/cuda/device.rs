@@ -1,0 +1,273 @@
+//! [`CudaDevice`]: one GPU's context, streams, compiled kernels and cuBLAS handle, and its
+//! registration as the dynn-core backend of `Device::Cuda(ordinal)`.
+
+use super::compile::{Arch, compile_ptx, library_loadable, scalar_type};
+use super::{CudaSource, CudaStorage};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use dynn_core::{Backend, CpuStorage, DType, Device, DeviceStorage, Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Key of a compiled function: family, scalar type, kernel name.
+type FnKey = (&'static str, &'static str, &'static str);
+
+/// One GPU: a context, a compute stream, one copy stream per direction, the kernels compiled
+/// so far and a cuBLAS handle on the compute stream.
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    arch: Arch,
+    ctx: Arc<CudaContext>,
+    compute: Arc<CudaStream>,
+    upload: Arc<CudaStream>,
+    download: Arc<CudaStream>,
+    modules: Mutex<HashMap<(&'static str, &'static str), Arc<CudaModule>>>,
+    functions: Mutex<HashMap<FnKey, CudaFunction>>,
+    blas: Mutex<Option<Arc<CudaBlas>>>,
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaDevice(cuda:{} {} {})",
+            self.ordinal, self.name, self.arch
+        )
+    }
+}
+
+/// True when the CUDA driver library (libcuda.so) can be loaded.
+pub fn driver_available() -> bool {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| library_loadable("cuda"))
+}
+
+fn no_driver(ordinal: usize) -> Error {
+    Error::Device {
+        op: "cuda",
+        msg: format!(
+            "no CUDA driver found (libcuda.so could not be loaded) while asking for cuda:{ordinal}"
+        ),
+    }
+}
+
+/// The number of CUDA devices (0 when there is no driver).
+pub fn device_count() -> usize {
+    if !driver_available() {
+        return 0;
+    }
+    CudaContext::device_count()
+        .map(|n| n.max(0) as usize)
+        .unwrap_or(0)
+}
+
+fn devices() -> &'static Mutex<HashMap<usize, Arc<CudaDevice>>> {
+    static DEVICES: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    DEVICES.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+/// Opens GPU `ordinal` (once) and registers it as the backend of `Device::Cuda(ordinal)`.
+/// Without a driver or with no such GPU this is a clear [`Error::Device`], never a panic.
+pub fn init(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    let mut map = devices()
+        .lock()
+        .map_err(|_| Error::Msg("CUDA device table poisoned".into()))?;
+    if let Some(d) = map.get(&ordinal) {
+        return Ok(d.clone());
+    }
+    if !driver_available() {
+        return Err(no_driver(ordinal));
+    }
+    let count = CudaContext::device_count().map_err(|e| Error::Device {
+        op: "cuda",
+        msg: format!(
+            "the CUDA driver failed to count devices ({e}) while asking for cuda:{ordinal}"
+        ),
+    })?;
+    if ordinal >= count.max(0) as usize {
+        return Err(Error::Device {
+            op: "cuda",
+            msg: format!("cuda:{ordinal} asked for, but the driver reports {count} device(s)"),
+        });
+    }
+    let dev = Arc::new(CudaDevice::open(ordinal)?);
+    dynn_core::register_backend(Arc::new(CudaBackend(dev.clone())))?;
+    tracing::info!(device = ?dev, "CUDA device ready");
+    map.insert(ordinal, dev.clone());
+    Ok(dev)
+}
+
+/// The opened device `ordinal`, or an error saying to call [`init`].
+pub fn device(ordinal: usize) -> Result<Arc<CudaDevice>> {
+    devices()
+        .lock()
+        .map_err(|_| Error::Msg("CUDA device table poisoned".into()))?
+        .get(&ordinal)
+        .cloned()
+        .ok_or_else(|| Error::Device {
+            op: "cuda",
+            msg: format!("cuda:{ordinal} is not initialised: call dynn::cuda::init({ordinal})"),
+        })
+}
+
+impl CudaDevice {
+    fn open(ordinal: usize) -> Result<Self> {
+        let e = |what: &str, err: cudarc::driver::DriverError| Error::Device {
+            op: "cuda",
+            msg: format!("cuda:{ordinal}: {what}: {err}"),
+        };
+        let ctx = CudaContext::new(ordinal).map_err(|x| e("creating the context", x))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|x| e("compute capability", x))?;
+        let name = ctx.name().map_err(|x| e("device name", x))?;
+        let compute = ctx.new_stream().map_err(|x| e("compute stream", x))?;
+        let upload = ctx.new_stream().map_err(|x| e("upload stream", x))?;
+        let download = ctx.new_stream().map_err(|x| e("download stream", x))?;
+        Ok(CudaDevice {
+            ordinal,
+            name,
+            arch: Arch {
+                major: major as u32,
+                minor: minor as u32,
+            },
+            ctx,
+            compute,
+            upload,
+            download,
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            blas: Mutex::new(None),
+        })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    /// The GPU's name as the driver reports it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The GPU's architecture (kernels are compiled for it).
+    pub fn arch(&self) -> Arch {
+        self.arch
+    }
+
+    /// The driver context.
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    /// The stream every kernel runs on.
+    pub fn compute(&self) -> &Arc<CudaStream> {
+        &self.compute
+    }
+
+    /// The host → device copy stream.
+    pub fn upload_stream(&self) -> &Arc<CudaStream> {
+        &self.upload
+    }
+
+    /// The device → host copy stream.
+    pub fn download_stream(&self) -> &Arc<CudaStream> {
+        &self.download
+    }
+
+    /// Maps a driver or library error to [`Error::Device`] naming `op` and this device.
+    pub fn err<E: std::fmt::Display>(&self, op: &'static str) -> impl Fn(E) -> Error + '_ {
+        move |e| Error::Device {
+            op,
+            msg: format!("cuda:{}: {e}", self.ordinal),
+        }
+    }
+
+    /// Waits for all queued work on every stream.
+    pub fn synchronize(&self) -> Result<()> {
+        self.ctx.synchronize().map_err(self.err("synchronize"))
+    }
+
+    /// The kernel `kernel` of `source`, compiled (NVRTC, disk-cached) for this device and the
+    /// scalar type of `dtype` on first use.
+    pub fn function(
+        &self,
+        source: &'static CudaSource,
+        dtype: DType,
+        kernel: &'static str,
+    ) -> Result<CudaFunction> {
+        let scalar = scalar_type(kernel, dtype)?;
+        let key = (source.name, scalar, kernel);
+        fn lock<G>(_: G) -> Error {
+            Error::Msg("CUDA function cache poisoned".into())
+        }
+        if let Some(f) = self.functions.lock().map_err(lock)?.get(&key) {
+            return Ok(f.clone());
+        }
+        let module = {
+            let mut modules = self.modules.lock().map_err(lock)?;
+            match modules.get(&(source.name, scalar)) {
+                Some(m) => m.clone(),
+                None => {
+                    let ptx = compile_ptx(source, scalar, self.arch)?;
+                    let m = self
+                        .ctx
+                        .load_module(cudarc::nvrtc::Ptx::from_src(ptx))
+                        .map_err(self.err("load_module"))?;
+                    modules.insert((source.name, scalar), m.clone());
+                    m
+                }
+            }
+        };
+        let f = module.load_function(kernel).map_err(|e| Error::Device {
+            op: kernel,
+            msg: format!(
+                "kernel `{kernel}` not found in the `{}` module: {e}",
+                source.name
+            ),
+        })?;
+        self.functions.lock().map_err(lock)?.insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// The cuBLAS handle (bound to the compute stream), created on first use.
+    pub fn blas(&self) -> Result<Arc<CudaBlas>> {
+        let mut slot = self
+            .blas
+            .lock()
+            .map_err(|_| Error::Msg("cuBLAS handle poisoned".into()))?;
+        if let Some(b) = &*slot {
+            return Ok(b.clone());
+        }
+        if !library_loadable("cublas") {
+            return Err(Error::Device {
+                op: "matmul",
+                msg: format!(
+                    "cuda:{}: the cuBLAS library (libcublas.so) was not found",
+                    self.ordinal
+                ),
+            });
+        }
+        let b = Arc::new(CudaBlas::new(self.compute.clone()).map_err(self.err("cublas"))?);
+        *slot = Some(b.clone());
+        Ok(b)
+    }
+}
+
+/// The dynn-core backend of one GPU: uploads on the device's copy stream.
+#[derive(Debug)]
+struct CudaBackend(Arc<CudaDevice>);
+
+impl Backend for CudaBackend {
+    fn device(&self) -> Device {
+        Device::Cuda(self.0.ordinal)
+    }
+    fn upload(&self, host: &CpuStorage) -> Result<Box<dyn DeviceStorage>> {
+        Ok(Box::new(CudaStorage::upload(&self.0, host)?))
+    }
+    fn synchronize(&self) -> Result<()> {
+        self.0.synchronize()
+    }
+}

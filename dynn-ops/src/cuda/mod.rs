@@ -1,0 +1,22 @@
+//! The CUDA backend: GPU storage, NVRTC-compiled kernels (their CUDA C lives with each op
+//! family), cuBLAS for matmul, and one copy stream per direction for the memory manager.
+//! The CUDA libraries are loaded at run time, so everything builds without a CUDA toolkit;
+//! without a driver, [`init`] returns a clear error.
+
+mod compile;
+mod device;
+mod launch;
+mod source;
+mod storage;
+
+pub use compile::{
+    Arch, compile_ptx, compile_ptx_fresh, library_loadable, nvrtc_available, nvrtc_version,
+    scalar_type,
+};
+pub use device::{CudaDevice, device, device_count, driver_available, init};
+pub use launch::{
+    BLOCK, MAX_RANK, Strided, cuda_storage, device_of, grid, no_kernel, on_cuda, row_threads, rows,
+    storage,
+};
+pub use source::{CudaSource, PRELUDE};
+pub use storage::CudaStorage;

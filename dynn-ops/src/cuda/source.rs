@@ -1,0 +1,96 @@
+//! CUDA C sources: the shared prelude and the [`CudaSource`] each op family declares.
+
+/// One op family's CUDA C kernels, compiled with NVRTC on first use (after [`PRELUDE`]).
+#[derive(Debug)]
+pub struct CudaSource {
+    /// The family's name (also the module's cache key).
+    pub name: &'static str,
+    /// The CUDA C source (kernels are `extern "C"`).
+    pub code: &'static str,
+}
+
+impl CudaSource {
+    /// The full translation unit handed to NVRTC: prelude then the family's code.
+    pub fn full_source(&self) -> String {
+        format!("{PRELUDE}\n// ---- {} ----\n{}", self.name, self.code)
+    }
+}
+
+/// Helpers every kernel may use: element types, the strided-layout descriptor shared with the
+/// host ([`crate::cuda::Strided`]), grid-stride loops and warp/block reductions.
+pub const PRELUDE: &str = r#"
+typedef long long i64;
+typedef unsigned int u32;
+#define DYNN_MAX_RANK 8
+
+// A tensor view over a buffer: element offset, then dims and strides (in elements).
+// contiguous != 0 means element i lives at offset + i.
+struct Strided {
+    int rank;
+    int contiguous;
+    i64 offset;
+    i64 dims[DYNN_MAX_RANK];
+    i64 strides[DYNN_MAX_RANK];
+};
+
+__device__ __forceinline__ i64 at(const Strided& s, i64 i) {
+    if (s.contiguous) return s.offset + i;
+    i64 off = s.offset;
+    for (int d = s.rank - 1; d >= 0; --d) {
+        i64 n = s.dims[d];
+        i64 q = i / n;
+        off += (i - q * n) * s.strides[d];
+        i = q;
+    }
+    return off;
+}
+
+#define GRID_LOOP(i, n) \
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (i64)blockDim.x * gridDim.x)
+
+template <typename T> __device__ __forceinline__ T warp_sum(T v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+template <typename T> __device__ __forceinline__ T warp_max(T v) {
+    for (int o = 16; o > 0; o >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+template <typename T> __device__ __forceinline__ T warp_min(T v) {
+    for (int o = 16; o > 0; o >>= 1) v = min(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Block-wide reductions for blocks of up to 1024 threads; every thread gets the result.
+template <typename T> __device__ T block_sum(T v) {
+    __shared__ T shared[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    T r = lane < nw ? shared[lane] : (T)0;
+    return warp_sum(r);
+}
+template <typename T> __device__ T block_max(T v, T lowest) {
+    __shared__ T shared[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) shared[warp] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    T r = lane < nw ? shared[lane] : lowest;
+    return warp_max(r);
+}
+
+__device__ __forceinline__ float dexp(float x) { return __expf(x); }
+__device__ __forceinline__ double dexp(double x) { return exp(x); }
+
+// Every family is compiled once per float dtype with DYNN_SCALAR set (float or double).
+#ifndef DYNN_SCALAR
+#define DYNN_SCALAR float
+#endif
+typedef DYNN_SCALAR scalar;
+"#;

@@ -1,0 +1,170 @@
+//! [`CudaStorage`]: the bytes of one buffer in GPU memory.
+
+use super::CudaDevice;
+use cudarc::driver::CudaSlice;
+use dynn_core::{CpuStorage, DType, Device, DeviceStorage, Result};
+use std::any::Any;
+use std::sync::Arc;
+
+/// One buffer's elements in GPU memory, untyped bytes plus their dtype.
+pub struct CudaStorage {
+    dev: Arc<CudaDevice>,
+    data: CudaSlice<u8>,
+    dtype: DType,
+    len: usize,
+}
+
+impl std::fmt::Debug for CudaStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CudaStorage({:?} x {} on cuda:{})",
+            self.dtype,
+            self.len,
+            self.dev.ordinal()
+        )
+    }
+}
+
+/// The bytes of a host storage (every dtype is plain old data).
+fn host_bytes(host: &CpuStorage) -> &[u8] {
+    fn bytes<T>(v: &[T]) -> &[u8] {
+        // SAFETY: every CpuStorage element type (f32, f64, f16, bf16, i64, u32) is plain old
+        // data without padding, so its memory is valid as bytes for the same lifetime.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+    }
+    match host {
+        CpuStorage::F32(v) => bytes(v),
+        CpuStorage::F64(v) => bytes(v),
+        CpuStorage::F16(v) => bytes(v),
+        CpuStorage::BF16(v) => bytes(v),
+        CpuStorage::I64(v) => bytes(v),
+        CpuStorage::U32(v) => bytes(v),
+    }
+}
+
+/// The bytes of a host storage, mutable (for downloads).
+fn host_bytes_mut(host: &mut CpuStorage) -> &mut [u8] {
+    fn bytes<T>(v: &mut [T]) -> &mut [u8] {
+        // SAFETY: as in `host_bytes`; every bit pattern is a valid element of these types.
+        unsafe {
+            std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v))
+        }
+    }
+    match host {
+        CpuStorage::F32(v) => bytes(v),
+        CpuStorage::F64(v) => bytes(v),
+        CpuStorage::F16(v) => bytes(v),
+        CpuStorage::BF16(v) => bytes(v),
+        CpuStorage::I64(v) => bytes(v),
+        CpuStorage::U32(v) => bytes(v),
+    }
+}
+
+impl CudaStorage {
+    /// Uninitialised storage for `len` elements of `dtype` (kernels write every element).
+    pub fn alloc(dev: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<Self> {
+        let bytes = (len * dtype.size_in_bytes()).max(1);
+        // SAFETY: the memory is written by the kernel that asked for it before anything
+        // reads it (every output kernel covers all its elements).
+        let data = unsafe { dev.compute().alloc::<u8>(bytes) }.map_err(dev.err("alloc"))?;
+        Ok(CudaStorage {
+            dev: dev.clone(),
+            data,
+            dtype,
+            len,
+        })
+    }
+
+    /// Zero-filled storage.
+    pub fn zeros(dev: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<Self> {
+        let bytes = (len * dtype.size_in_bytes()).max(1);
+        let data = dev
+            .compute()
+            .alloc_zeros::<u8>(bytes)
+            .map_err(dev.err("zeros"))?;
+        Ok(CudaStorage {
+            dev: dev.clone(),
+            data,
+            dtype,
+            len,
+        })
+    }
+
+    /// Copies host elements to the GPU on the device's upload stream; kernels on the compute
+    /// stream wait for the copy through the slice's event, not the host.
+    pub fn upload(dev: &Arc<CudaDevice>, host: &CpuStorage) -> Result<Self> {
+        let bytes = host_bytes(host);
+        let data = if bytes.is_empty() {
+            dev.upload_stream().alloc_zeros::<u8>(1)
+        } else {
+            dev.upload_stream().clone_htod(bytes)
+        }
+        .map_err(dev.err("upload"))?;
+        Ok(CudaStorage {
+            dev: dev.clone(),
+            data,
+            dtype: host.dtype(),
+            len: host.len(),
+        })
+    }
+
+    /// The device this storage lives on.
+    pub fn dev(&self) -> &Arc<CudaDevice> {
+        &self.dev
+    }
+
+    /// The raw bytes (kernels take them as typed pointers).
+    pub fn slice(&self) -> &CudaSlice<u8> {
+        &self.data
+    }
+
+    /// The raw bytes, mutable (for kernels that write them).
+    pub fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
+        &mut self.data
+    }
+}
+
+impl DeviceStorage for CudaStorage {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn device(&self) -> Device {
+        Device::Cuda(self.dev.ordinal())
+    }
+    fn to_host(&self) -> Result<CpuStorage> {
+        let mut host = CpuStorage::zeros(self.dtype, self.len);
+        let dst = host_bytes_mut(&mut host);
+        if !dst.is_empty() {
+            let n = dst.len();
+            let stream = self.dev.download_stream();
+            stream
+                .memcpy_dtoh(&self.data.slice(..n), dst)
+                .map_err(self.dev.err("to_host"))?;
+            stream.synchronize().map_err(self.dev.err("to_host"))?;
+        }
+        Ok(host)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn Any {
+        self
+    }
+    fn duplicate(&self) -> Result<Box<dyn DeviceStorage>> {
+        let data = self
+            .dev
+            .compute()
+            .clone_dtod(&self.data)
+            .map_err(self.dev.err("duplicate"))?;
+        Ok(Box::new(CudaStorage {
+            dev: self.dev.clone(),
+            data,
+            dtype: self.dtype,
+            len: self.len,
+        }))
+    }
+}

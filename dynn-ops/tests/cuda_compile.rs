@@ -1,0 +1,63 @@
+//! Every CUDA kernel compiles with NVRTC for sm_80 (A100) and sm_90 (H100/H200), in f32 and
+//! f64. Needs only the NVRTC library, no GPU. Skipped with a notice when NVRTC is missing,
+//! unless `DYNN_REQUIRE_NVRTC=1` (set by CI), which turns a missing NVRTC into a failure.
+
+use dynn_ops::cuda::{Arch, compile_ptx_fresh, nvrtc_available, nvrtc_version};
+
+#[test]
+fn every_kernel_compiles_for_sm80_and_sm90() {
+    if !nvrtc_available() {
+        assert!(
+            std::env::var("DYNN_REQUIRE_NVRTC").as_deref() != Ok("1"),
+            "DYNN_REQUIRE_NVRTC=1 but libnvrtc could not be loaded (check LD_LIBRARY_PATH)"
+        );
+        eprintln!("skipped: NVRTC not found (set LD_LIBRARY_PATH to a folder with libnvrtc.so)");
+        return;
+    }
+    let (major, minor) = nvrtc_version().expect("nvrtc version");
+    eprintln!("NVRTC {major}.{minor}");
+    let mut failures = Vec::new();
+    let mut compiled = 0;
+    for source in dynn_ops::cuda_sources() {
+        for arch in [Arch::SM80, Arch::SM90] {
+            for scalar in ["float", "double"] {
+                match compile_ptx_fresh(source, scalar, arch) {
+                    Ok(ptx) => {
+                        assert!(
+                            ptx.contains(".entry"),
+                            "{}: PTX without kernels",
+                            source.name
+                        );
+                        compiled += 1;
+                    }
+                    Err(e) => failures.push(e.to_string()),
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} compile failure(s):\n{}",
+        failures.len(),
+        failures.join("\n\n")
+    );
+    eprintln!("{compiled} modules compiled");
+}
+
+#[test]
+fn a_compile_error_is_reported_with_the_log() {
+    if !nvrtc_available() {
+        return;
+    }
+    static BROKEN: dynn_ops::cuda::CudaSource = dynn_ops::cuda::CudaSource {
+        name: "broken",
+        code: "extern \"C\" __global__ void k(scalar* x) { x[0] = undefined_name; }",
+    };
+    let err = compile_ptx_fresh(&BROKEN, "float", Arch::SM90)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("broken") && err.contains("undefined_name"),
+        "{err}"
+    );
+}

@@ -7,6 +7,7 @@
 //! ```
 
 use clap::Parser;
+use dynn::core::Device;
 use dynn::models::models::early_exit::{EarlyExitConfig, EarlyExitTask, TextSource};
 use dynn::models::train::{Defaults, TrainArgs, main as train_main};
 use std::path::PathBuf;
@@ -66,6 +67,7 @@ fn main() {
     };
     let seed = cli.train.seed;
     train_main(&cli.train, defaults, || {
-        EarlyExitTask::new(&cfg, &text, seed)
+        let device: Device = cli.train.device.parse()?;
+        EarlyExitTask::new(&cfg, &text, seed, device)
     });
 }

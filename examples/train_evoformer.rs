@@ -9,6 +9,7 @@
 //! ```
 
 use clap::Parser;
+use dynn::core::Device;
 use dynn::models::models::evoformer::{EvoformerConfig, EvoformerTask};
 use dynn::models::train::{Defaults, TrainArgs, main as train_main};
 
@@ -65,6 +66,7 @@ fn main() {
     };
     let seed = cli.train.seed;
     train_main(&cli.train, defaults, || {
-        EvoformerTask::new(cfg.clone(), seed)
+        let device: Device = cli.train.device.parse()?;
+        EvoformerTask::new(cfg.clone(), seed, device)
     });
 }

@@ -7,6 +7,7 @@
 //! ```
 
 use clap::Parser;
+use dynn::core::Device;
 use dynn::models::models::moe::{MoeConfig, MoeTask};
 use dynn::models::train::{Defaults, TrainArgs, main as train_main};
 use std::path::PathBuf;
@@ -78,6 +79,7 @@ fn main() {
     };
     let seed = cli.train.seed;
     train_main(&cli.train, defaults, || {
-        MoeTask::new(&cfg, cli.data.as_deref(), seed)
+        let device: Device = cli.train.device.parse()?;
+        MoeTask::new(&cfg, cli.data.as_deref(), seed, device)
     });
 }

@@ -184,9 +184,9 @@ impl Checkpoint {
         Ok(Checkpoint { tensors, meta })
     }
 
-    /// Copies the saved values into `params` (`model.<path>` entries). A missing tensor, or
-    /// one with another shape or dtype, is an error naming it; nothing is half-restored
-    /// (all entries are checked before any is copied).
+    /// Copies the saved values into `params` (`model.<path>` entries), onto each parameter's
+    /// device. A missing tensor, or one with another shape or dtype, is an error naming it;
+    /// nothing is half-restored (all entries are checked before any is copied).
     pub fn restore_params(&self, params: &[Param]) -> Result<()> {
         let here = Path::new("<loaded>");
         let mut pairs = Vec::with_capacity(params.len());
@@ -211,7 +211,9 @@ impl Checkpoint {
         }
         let _g = no_grad();
         for (p, t) in pairs {
-            p.assign_(t)?;
+            // Loaded tensors are on the CPU: copy each onto its parameter's device (a clone
+            // when that is the CPU).
+            p.assign_(&t.to_device(p.device())?)?;
         }
         Ok(())
     }

@@ -83,5 +83,23 @@ pub fn idioms_markdown() -> String {
 /// Every op family's CUDA C source (each is compiled for every float scalar type). The
 /// kernel-compile test compiles them all for sm_80 and sm_90.
 pub fn cuda_sources() -> Vec<&'static crate::cuda::CudaSource> {
-    vec![&crate::ops::unary::CUDA]
+    vec![
+        &crate::ops::unary::CUDA,
+        &crate::ops::indexing::CUDA,
+        &crate::ops::concat::CUDA,
+        &crate::ops::topk::CUDA,
+        &crate::ops::dropout::CUDA,
+        &crate::ops::random::CUDA,
+        &crate::ops::softmax::CUDA,
+        &crate::ops::norm::CUDA,
+        &crate::ops::cross_entropy::CUDA,
+        &crate::ops::reduce::CUDA,
+        &crate::ops::binary::CUDA,
+        &crate::ops::compare::CUDA,
+        &crate::ops::views::CUDA,
+        &crate::ops::update::CUDA,
+        &crate::ops::optim::CUDA,
+        &crate::ops::cast::CUDA,
+        &crate::ops::matmul::CUDA,
+    ]
 }

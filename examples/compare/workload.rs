@@ -160,13 +160,13 @@ impl Workload {
             Workload::Moe => {
                 let (cfg, text) = (moe_cfg(width), shared.text()?);
                 record_task(batch, 3e-3, || {
-                    MoeTask::with_data(&cfg, (*text).clone(), SEED)
+                    MoeTask::with_data(&cfg, (*text).clone(), SEED, Device::Cpu)
                 })
             }
             Workload::EarlyExit => {
                 let (cfg, text) = (early_exit_cfg(width), shared.text()?);
                 record_task(batch, 3e-3, || {
-                    EarlyExitTask::with_data(&cfg, text.clone(), SEED, DType::F32)
+                    EarlyExitTask::with_data(&cfg, text.clone(), SEED, DType::F32, Device::Cpu)
                 })
             }
             Workload::TreeLstm => {
@@ -177,7 +177,9 @@ impl Workload {
             }
             Workload::Evoformer => {
                 let cfg = evoformer_cfg(width);
-                record_task(batch, 3e-3, || EvoformerTask::new(cfg.clone(), SEED))
+                record_task(batch, 3e-3, || {
+                    EvoformerTask::new(cfg.clone(), SEED, Device::Cpu)
+                })
             }
             Workload::Transformer => record_transformer(batch, width),
         }

@@ -8,7 +8,7 @@
 //! `workload` is one of the small evaluation DyNNs (`early_exit`, `moe`, `tree_lstm`,
 //! `evoformer`) or `early_exit_full`: the early-exit LM at its trainer's default size.
 
-use dynn_core::Result;
+use dynn_core::{Device, Result};
 use dynn_mm::{Candidate, Now, OpRecord, Policy};
 use dynn_pilot::{PilotConfig, PilotPolicy, PilotStats};
 use std::sync::Mutex;
@@ -65,7 +65,7 @@ fn full_early_exit(steps: u64, policy: &str, budget: &str) -> Result<dynn_models
         vocab: 512,
     };
     dynn_models::train::train(&args, defaults, || {
-        EarlyExitTask::new(&EarlyExitConfig::default(), &text, 0)
+        EarlyExitTask::new(&EarlyExitConfig::default(), &text, 0, Device::Cpu)
     })
 }
 

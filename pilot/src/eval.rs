@@ -59,7 +59,7 @@ pub fn run(name: &str, args: &TrainArgs) -> Result<Outcome> {
             };
             let data = Arc::new(text()?);
             outcome(args, 8, move || {
-                EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32)
+                EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32, Device::Cpu)
             })
         }
         "moe" => {
@@ -74,7 +74,9 @@ pub fn run(name: &str, args: &TrainArgs) -> Result<Outcome> {
                 ..Default::default()
             };
             let data = text()?;
-            outcome(args, 8, move || MoeTask::with_data(&cfg, data.clone(), 7))
+            outcome(args, 8, move || {
+                MoeTask::with_data(&cfg, data.clone(), 7, Device::Cpu)
+            })
         }
         "tree_lstm" => {
             let cfg = TreeLstmConfig {
@@ -103,7 +105,9 @@ pub fn run(name: &str, args: &TrainArgs) -> Result<Outcome> {
                 eval_samples: 4,
                 ..Default::default()
             };
-            outcome(args, 2, move || EvoformerTask::new(cfg.clone(), 7))
+            outcome(args, 2, move || {
+                EvoformerTask::new(cfg.clone(), 7, Device::Cpu)
+            })
         }
         other => Err(Error::invalid(
             "pilot eval",

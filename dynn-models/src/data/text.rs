@@ -65,14 +65,15 @@ impl TextDataset {
     }
 
     /// `batch` windows of `seq` tokens at random offsets in `split`: the inputs and the
-    /// next-token targets (the same windows shifted by one), both `(batch, seq)` U32 on the
-    /// CPU. An error when `batch` or `seq` is zero or the split is shorter than `seq + 1`.
+    /// next-token targets (the same windows shifted by one), both `(batch, seq)` U32 on
+    /// `device`. An error when `batch` or `seq` is zero or the split is shorter than `seq + 1`.
     pub fn batch(
         &self,
         rng: &mut Rng,
         batch: usize,
         seq: usize,
         split: Split,
+        device: Device,
     ) -> Result<(Tensor, Tensor)> {
         const OP: &str = "TextDataset::batch";
         if batch == 0 || seq == 0 {
@@ -100,8 +101,8 @@ impl TextDataset {
             targets.extend_from_slice(&toks[start + 1..start + seq + 1]);
         }
         Ok((
-            Tensor::from_vec(inputs, (batch, seq), Device::Cpu)?,
-            Tensor::from_vec(targets, (batch, seq), Device::Cpu)?,
+            Tensor::from_vec(inputs, (batch, seq), device)?,
+            Tensor::from_vec(targets, (batch, seq), device)?,
         ))
     }
 }
@@ -118,7 +119,9 @@ mod tests {
         assert_eq!(ds.vocab_size(), ds.tokenizer().vocab_size());
         assert!(ds.valid_tokens() * 9 <= ds.train_tokens() + 9);
         let mut rng = Rng::new(0);
-        let (x, y) = ds.batch(&mut rng, 3, 16, Split::Train).unwrap();
+        let (x, y) = ds
+            .batch(&mut rng, 3, 16, Split::Train, Device::Cpu)
+            .unwrap();
         assert_eq!(x.dims(), &[3, 16]);
         assert_eq!(y.dims(), &[3, 16]);
         assert_eq!(x.dtype(), DType::U32);
@@ -126,11 +129,16 @@ mod tests {
         for r in 0..3 {
             assert_eq!(x[r * 16 + 1..(r + 1) * 16], y[r * 16..(r + 1) * 16 - 1]);
         }
-        let (x2, _) = ds.batch(&mut Rng::new(0), 3, 16, Split::Train).unwrap();
+        let (x2, _) = ds
+            .batch(&mut Rng::new(0), 3, 16, Split::Train, Device::Cpu)
+            .unwrap();
         assert_eq!(x, x2.to_vec::<u32>().unwrap());
-        assert!(ds.batch(&mut rng, 2, 8, Split::Valid).is_ok());
+        assert!(ds.batch(&mut rng, 2, 8, Split::Valid, Device::Cpu).is_ok());
         let too_long = ds.valid_tokens();
-        assert!(ds.batch(&mut rng, 1, too_long, Split::Valid).is_err());
-        assert!(ds.batch(&mut rng, 0, 4, Split::Train).is_err());
+        assert!(
+            ds.batch(&mut rng, 1, too_long, Split::Valid, Device::Cpu)
+                .is_err()
+        );
+        assert!(ds.batch(&mut rng, 0, 4, Split::Train, Device::Cpu).is_err());
     }
 }

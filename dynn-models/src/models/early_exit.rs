@@ -255,6 +255,7 @@ pub struct EarlyExitTask {
     model: EarlyExitLm,
     data: Arc<TextDataset>,
     seeds: SeedStream,
+    device: Device,
 }
 
 /// Where the text comes from and how many BPE tokens to learn.
@@ -267,32 +268,50 @@ pub struct TextSource {
 }
 
 impl EarlyExitTask {
-    /// Loads (or generates) the corpus, trains the tokenizer, and builds the model from `seed`.
-    pub fn new(cfg: &EarlyExitConfig, text: &TextSource, seed: u64) -> Result<Self> {
+    /// Loads (or generates) the corpus, trains the tokenizer, and builds the model from `seed`
+    /// (F32 parameters and every batch on `device`).
+    pub fn new(
+        cfg: &EarlyExitConfig,
+        text: &TextSource,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
         let corpus = load_corpus(text.path.as_deref(), seed)?;
         let data = Arc::new(TextDataset::new(&corpus, text.vocab)?);
-        Self::with_data(cfg, data, seed, DType::F32)
+        Self::with_data(cfg, data, seed, DType::F32, device)
     }
 
-    /// A task over an already tokenized dataset (the model's vocabulary follows it).
+    /// A task over an already tokenized dataset (the model's vocabulary follows it), with
+    /// parameters of `dtype` and every batch on `device`.
     pub fn with_data(
         cfg: &EarlyExitConfig,
         data: Arc<TextDataset>,
         seed: u64,
         dtype: DType,
+        device: Device,
     ) -> Result<Self> {
         let cfg = EarlyExitConfig {
             vocab: data.vocab_size(),
             ..cfg.clone()
         };
         let seeds = SeedStream::new(seed ^ 0xD20F);
-        let model = EarlyExitLm::new(&ParamBuilder::new(dtype, Device::Cpu, seed), &cfg, &seeds)?;
-        Ok(EarlyExitTask { model, data, seeds })
+        let model = EarlyExitLm::new(&ParamBuilder::new(dtype, device, seed), &cfg, &seeds)?;
+        Ok(EarlyExitTask {
+            model,
+            data,
+            seeds,
+            device,
+        })
     }
 
     /// The model.
     pub fn model(&self) -> &EarlyExitLm {
         &self.model
+    }
+
+    /// The device of the parameters and batches.
+    pub fn device(&self) -> Device {
+        self.device
     }
 }
 
@@ -314,7 +333,9 @@ impl Task for EarlyExitTask {
     }
     fn step(&mut self, rng: &mut Rng, batch: usize) -> Result<StepOut> {
         let seq = self.model.cfg.seq;
-        let (ids, tgt) = self.data.batch(rng, batch, seq, Split::Train)?;
+        let (ids, tgt) = self
+            .data
+            .batch(rng, batch, seq, Split::Train, self.device)?;
         let (loss, stats) = self.model.loss(&ids, &tgt, self.model.cfg.threshold)?;
         Ok(StepOut {
             loss,
@@ -327,7 +348,7 @@ impl Task for EarlyExitTask {
         let mut sum = 0.0;
         const BATCHES: usize = 8;
         for _ in 0..BATCHES {
-            let (ids, tgt) = self.data.batch(rng, 32, seq, Split::Valid)?;
+            let (ids, tgt) = self.data.batch(rng, 32, seq, Split::Valid, self.device)?;
             let (_, stats) = self.model.loss(&ids, &tgt, self.model.cfg.threshold)?;
             sum += stats.exit_loss;
         }

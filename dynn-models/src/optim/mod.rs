@@ -50,7 +50,7 @@ pub(crate) fn state_like(p: &Tensor) -> Result<Tensor> {
 }
 
 /// Looks up `name` in a loaded state and checks it has `like`'s shape and dtype; the copy is
-/// a fresh optimizer-state buffer.
+/// a fresh optimizer-state buffer on `like`'s device.
 pub(crate) fn restore(
     state: &dyn Fn(&str) -> Option<Tensor>,
     name: &str,
@@ -75,6 +75,7 @@ pub(crate) fn restore(
     }
     let out = state_like(like)?;
     let _g = dynn_core::no_grad();
-    out.assign_(&t)?;
+    // A loaded state is on the CPU: copy it onto the parameter's device.
+    out.assign_(&t.to_device(like.device())?)?;
     Ok(out)
 }

@@ -49,12 +49,14 @@ fn manager_config(policy: &str, budget: Option<usize>, args: &TrainArgs) -> Resu
 /// Peak device bytes of the first steps without a budget (for budgets given as a share).
 fn unlimited_peak<T: Task>(
     make: &dyn Fn() -> Result<T>,
+    device: Device,
     args: &TrainArgs,
     d: &Defaults,
 ) -> Result<usize> {
     let mm = MemoryManager::new(manager_config("none", None, &TrainArgs::default())?);
     let _hooks = install_memory_hooks(mm.clone());
     let mut task = make()?;
+    check_device(&task, device)?;
     let mut opt = Adam::new(AdamConfig::adamw(0.0))?;
     let mut rng = Rng::new(args.seed);
     let batch = args.batch.unwrap_or(d.batch);
@@ -65,6 +67,24 @@ fn unlimited_peak<T: Task>(
         mark_step(step + 1);
     }
     Ok(mm.stats().peak_device_bytes)
+}
+
+/// An error unless every parameter of `task` lives on `device` (the `make` closure must build
+/// the task on the device `--device` names).
+fn check_device<T: Task>(task: &T, device: Device) -> Result<()> {
+    match task.params().iter().find(|p| p.device() != device) {
+        Some(p) => Err(Error::Device {
+            op: "train",
+            msg: format!(
+                "{}: parameter `{}` is on {}, but the run's device is {device}: build the task \
+                 on the device `--device` names",
+                task.name(),
+                p.path(),
+                p.device()
+            ),
+        }),
+        None => Ok(()),
+    }
 }
 
 fn bar(total: u64, start: u64, hidden: bool) -> ProgressBar {
@@ -88,12 +108,19 @@ fn mean(v: &[f64]) -> f64 {
 
 /// Trains the task `make` builds, as `args` say, with the trainer's `defaults` for unset
 /// flags. Prints nothing to stdout (the caller prints the report and summary).
+///
+/// `make` must build the task on the device `args.device` names (checked: a parameter
+/// elsewhere is an error); a CUDA device is initialised here, before `make` runs.
 pub fn train<T: Task>(
     args: &TrainArgs,
     defaults: Defaults,
     make: impl Fn() -> Result<T>,
 ) -> Result<Outcome> {
     let device: Device = args.device.parse()?;
+    if let Device::Cuda(ordinal) = device {
+        // Opens the GPU and registers its backend (a clear error without a CUDA driver).
+        dynn_ops::cuda::init(ordinal)?;
+    }
     device.backend()?;
     if args.grad_accum == 0 {
         return Err(Error::invalid("train", "--grad-accum must be at least 1"));
@@ -108,7 +135,7 @@ pub fn train<T: Task>(
         (None, _) => "lru".to_string(),
     };
     let peak = match budget {
-        Budget::FractionOfPeak(_) => Some(unlimited_peak(&make, args, &defaults)?),
+        Budget::FractionOfPeak(_) => Some(unlimited_peak(&make, device, args, &defaults)?),
         _ => None,
     };
     let budget_bytes = budget.resolve(peak)?;
@@ -123,6 +150,7 @@ pub fn train<T: Task>(
     );
 
     let mut task = make()?;
+    check_device(&task, device)?;
     task.set_train(true);
     let params = task.params();
     let n_params: usize = params.iter().map(|p| p.elem_count()).sum();
@@ -264,6 +292,7 @@ pub fn train<T: Task>(
         policy: policy_name,
         budget_bytes,
         units_per_sec: units as f64 / secs.max(1e-9),
+        params_fnv: super::summary::params_fnv(&params)?,
     };
     if let Some(path) = &args.plot {
         let title = format!(

@@ -29,4 +29,20 @@ pub struct Summary {
     pub budget_bytes: Option<usize>,
     /// Units (tokens, samples) per second.
     pub units_per_sec: f64,
+    /// FNV-1a of every trained parameter's path and bytes, in order (hex): equal exactly when
+    /// two runs end with bit-identical weights (e.g. under different budgets and policies).
+    pub params_fnv: String,
+}
+
+/// The [`Summary::params_fnv`] of `params`.
+pub fn params_fnv(params: &[crate::nn::Param]) -> dynn_core::Result<String> {
+    use dynn_mm::trace::{FNV_START, fnv1a};
+    let mut h = FNV_START;
+    for p in params {
+        h = fnv1a(h, p.path().as_bytes());
+        for v in p.tensor().to_f64_vec()? {
+            h = fnv1a(h, &v.to_bits().to_le_bytes());
+        }
+    }
+    Ok(format!("{h:016x}"))
 }

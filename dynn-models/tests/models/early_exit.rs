@@ -1,6 +1,6 @@
 //! The early-exit transformer: gradients, dynamic depth, config errors.
 
-use dynn_core::{DType, Result};
+use dynn_core::{DType, Device, Result};
 use dynn_models::data::Split;
 use dynn_models::data::{TextDataset, generated_corpus};
 use dynn_models::gradcheck::GradCheck;
@@ -29,9 +29,9 @@ pub fn tiny() -> EarlyExitConfig {
 
 #[test]
 fn gradients_match_finite_differences() -> Result<()> {
-    let task = EarlyExitTask::with_data(&tiny(), tiny_data(), 1, DType::F64)?;
+    let task = EarlyExitTask::with_data(&tiny(), tiny_data(), 1, DType::F64, Device::Cpu)?;
     let model = task.model();
-    let (ids, tgt) = tiny_data().batch(&mut Rng::new(5), 3, 6, Split::Train)?;
+    let (ids, tgt) = tiny_data().batch(&mut Rng::new(5), 3, 6, Split::Train, Device::Cpu)?;
     // Every block runs (no exit can flip under a perturbation).
     let report = GradCheck {
         max_elems_per_param: 3,
@@ -46,8 +46,8 @@ fn gradients_match_finite_differences() -> Result<()> {
 
 #[test]
 fn sequences_leave_at_different_depths() -> Result<()> {
-    let task = EarlyExitTask::with_data(&tiny(), tiny_data(), 1, DType::F32)?;
-    let (ids, tgt) = tiny_data().batch(&mut Rng::new(5), 16, 6, Split::Train)?;
+    let task = EarlyExitTask::with_data(&tiny(), tiny_data(), 1, DType::F32, Device::Cpu)?;
+    let (ids, tgt) = tiny_data().batch(&mut Rng::new(5), 16, 6, Split::Train, Device::Cpu)?;
     let (_, all) = task.model().loss(&ids, &tgt, f64::INFINITY)?;
     assert_eq!(all.exits, vec![0, 0, 16]);
     let (_, none) = task.model().loss(&ids, &tgt, 0.0)?;
@@ -74,7 +74,7 @@ fn graphs_differ_within_five_steps() -> Result<()> {
         ..tiny()
     };
     let out = train(&args, defaults, || {
-        EarlyExitTask::with_data(&cfg, data.clone(), 2, DType::F32)
+        EarlyExitTask::with_data(&cfg, data.clone(), 2, DType::F32, Device::Cpu)
     })?;
     assert!(out.summary.distinct_graphs >= 2, "{:?}", out.summary);
     Ok(())
@@ -95,7 +95,7 @@ fn bad_configs_are_errors() {
         },
     ] {
         assert!(
-            EarlyExitTask::with_data(&cfg, data.clone(), 0, DType::F32).is_err(),
+            EarlyExitTask::with_data(&cfg, data.clone(), 0, DType::F32, Device::Cpu).is_err(),
             "{cfg:?}"
         );
     }

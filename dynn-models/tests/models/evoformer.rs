@@ -43,7 +43,7 @@ fn check() -> GradCheck {
 fn gradients_of_one_iteration() -> Result<()> {
     let cfg = tiny();
     let m = model(&cfg)?;
-    let (msa, dist) = protein::batch(&mut Rng::new(1), &cfg.protein(), 2)?;
+    let (msa, dist) = protein::batch(&mut Rng::new(1), &cfg.protein(), 2, Device::Cpu)?;
     let r = check().check(&m.params(), || {
         m.loss(&m.forward_with_recycles(&msa, 1)?, &dist)
     })?;
@@ -55,7 +55,7 @@ fn gradients_of_one_iteration() -> Result<()> {
 fn gradients_of_the_last_iteration_given_a_recycled_state() -> Result<()> {
     let cfg = tiny();
     let m = model(&cfg)?;
-    let (msa, dist) = protein::batch(&mut Rng::new(2), &cfg.protein(), 1)?;
+    let (msa, dist) = protein::batch(&mut Rng::new(2), &cfg.protein(), 1, Device::Cpu)?;
     let prev = {
         let _g = no_grad();
         m.iteration(&msa, None)?.detach()
@@ -72,7 +72,7 @@ fn gradients_of_the_last_iteration_given_a_recycled_state() -> Result<()> {
 fn earlier_iterations_pass_no_gradient() -> Result<()> {
     let cfg = tiny();
     let m = model(&cfg)?;
-    let (msa, dist) = protein::batch(&mut Rng::new(3), &cfg.protein(), 2)?;
+    let (msa, dist) = protein::batch(&mut Rng::new(3), &cfg.protein(), 2, Device::Cpu)?;
     let grads = |loss: Tensor| -> Result<Vec<Vec<f64>>> {
         m.params().iter().for_each(|p| p.zero_grad());
         loss.backward()?;
@@ -118,7 +118,9 @@ fn recycles_change_the_graph() -> Result<()> {
         batch: 2,
         lr: 1e-3,
     };
-    let out = train(&args, defaults, || EvoformerTask::new(cfg.clone(), 0))?;
+    let out = train(&args, defaults, || {
+        EvoformerTask::new(cfg.clone(), 0, Device::Cpu)
+    })?;
     assert!(out.summary.distinct_graphs >= 2, "{:?}", out.summary);
     assert!(out.losses.iter().all(|l| l.is_finite()));
     assert_eq!(out.summary.eval_metric, "distogram_accuracy");
@@ -158,10 +160,10 @@ fn bad_configs_and_inputs_are_errors() -> Result<()> {
     ];
     for cfg in bad {
         assert!(cfg.validate().is_err(), "{cfg:?}");
-        assert!(EvoformerTask::new(cfg, 0).is_err());
+        assert!(EvoformerTask::new(cfg, 0, Device::Cpu).is_err());
     }
     let m = model(&ok)?;
-    let (msa, dist) = protein::batch(&mut Rng::new(4), &ok.protein(), 1)?;
+    let (msa, dist) = protein::batch(&mut Rng::new(4), &ok.protein(), 1, Device::Cpu)?;
     assert!(m.forward_with_recycles(&msa, 0).is_err());
     let floats = msa.to_dtype(DType::F64)?;
     assert!(m.forward_with_recycles(&floats, 1).is_err());

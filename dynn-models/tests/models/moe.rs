@@ -110,7 +110,9 @@ fn graphs_differ_between_steps() -> Result<()> {
         batch: 2,
         lr: 1e-3,
     };
-    let outcome = train(&args, defaults, || MoeTask::from_text(&cfg, &text, 0))?;
+    let outcome = train(&args, defaults, || {
+        MoeTask::from_text(&cfg, &text, 0, Device::Cpu)
+    })?;
     assert!(
         outcome.summary.distinct_graphs >= 2,
         "{:?}",
@@ -168,7 +170,8 @@ fn bad_configs_are_errors() {
                 ..ok.clone()
             },
             &text,
-            0
+            0,
+            Device::Cpu
         )
         .is_err()
     );

@@ -35,7 +35,7 @@ fn run(args: TrainArgs) -> Result<Outcome> {
     let cfg = cfg();
     let data = tiny_data();
     train(&args, DEFAULTS, move || {
-        EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32)
+        EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32, Device::Cpu)
     })
 }
 
@@ -97,6 +97,24 @@ fn expect_checkpoint_error(r: Result<Outcome>, needle: &str) {
         }
         Err(e) => panic!("expected a checkpoint error about {needle:?}, got {e}"),
         Ok(_) => panic!("a bad checkpoint ({needle}) was accepted"),
+    }
+}
+
+#[test]
+fn a_run_on_another_device_than_the_task_is_an_error() {
+    // Without a CUDA driver `--device cuda` stops at the driver; with one, the task built on
+    // the CPU is refused. Either way a device error, never a panic or a silent CPU run.
+    let args = TrainArgs {
+        device: "cuda".into(),
+        steps: Some(1),
+        ..quiet()
+    };
+    match run(args) {
+        Err(Error::Device { msg, .. }) => {
+            assert!(msg.contains("CUDA") || msg.contains("cuda"), "{msg}")
+        }
+        Err(e) => panic!("expected a device error, got {e}"),
+        Ok(_) => panic!("a CPU-built task trained under --device cuda"),
     }
 }
 
@@ -171,7 +189,7 @@ fn bad_checkpoints_are_rejected_with_the_reason() -> Result<()> {
             ..quiet()
         },
         DEFAULTS,
-        move || EarlyExitTask::with_data(&other, data.clone(), 7, DType::F32),
+        move || EarlyExitTask::with_data(&other, data.clone(), 7, DType::F32, Device::Cpu),
     );
     expect_checkpoint_error(r, "settings differ");
     std::fs::remove_file(&path)?;
@@ -226,7 +244,7 @@ fn offloading_the_early_exit_lm_changes_no_bit() -> Result<()> {
     };
     let data = tiny_data();
     offload_is_exact("early_exit", 8, &["50%", "40%"], move || {
-        EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32)
+        EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32, Device::Cpu)
     })
 }
 
@@ -244,7 +262,7 @@ fn offloading_the_moe_lm_changes_no_bit() -> Result<()> {
     };
     let data = (*tiny_data()).clone();
     offload_is_exact("moe", 8, &["50%", "35%"], move || {
-        MoeTask::with_data(&cfg, data.clone(), 7)
+        MoeTask::with_data(&cfg, data.clone(), 7, Device::Cpu)
     })
 }
 
@@ -272,6 +290,6 @@ fn offloading_the_evoformer_changes_no_bit() -> Result<()> {
         ..Default::default()
     };
     offload_is_exact("evoformer", 2, &["50%", "35%"], move || {
-        EvoformerTask::new(cfg.clone(), 7)
+        EvoformerTask::new(cfg.clone(), 7, Device::Cpu)
     })
 }

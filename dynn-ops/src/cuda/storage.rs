@@ -109,6 +109,21 @@ impl CudaStorage {
         })
     }
 
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when it holds no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// The device this storage lives on.
     pub fn dev(&self) -> &Arc<CudaDevice> {
         &self.dev

@@ -5,10 +5,12 @@
 //! gradient is cast back.
 
 use crate::cpu::map_layout;
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
+use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuStorage, DType, Error, Idioms, InputGrads, KernelArg, Op, Outputs,
-    Result, Specs, Tensor, TensorSpec, execute1,
+    BackwardCtx, Cost, CpuStorage, DType, DeviceStorage, Error, Idioms, InputGrads, KernelArg, Op,
+    Outputs, Result, Specs, Tensor, TensorSpec, execute1,
     half::{bf16, f16},
     smallvec::smallvec,
     with_cpu_storage,
@@ -166,6 +168,210 @@ fn cast_slice<T: CastElem>(v: &[T], layout: &dynn_core::Layout, to: DType) -> Cp
     }
 }
 
+/// The CUDA kernels: `cast_<from>_<to>` for every pair of the six dtypes, each element
+/// converted as the CPU converts it (`cv` below). They use no `scalar`, so one module
+/// (compiled for the f32 scalar) serves all. f16 converts with the PTX `cvt` instructions
+/// (round to nearest even); bf16 in integer arithmetic: from f32 round to nearest even, from
+/// f64 through an f32 rounded to odd, which then rounds to nearest even exactly once.
+pub const CUDA: CudaSource = CudaSource {
+    name: "cast",
+    code: concat!(
+        cuda_elementwise_helpers!(),
+        r#"
+struct h16 { unsigned short x; };
+struct b16 { unsigned short x; };
+
+__device__ __forceinline__ float h2f(h16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
+    return f;
+}
+__device__ __forceinline__ h16 f2h(float v) {
+    h16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(v));
+    return r;
+}
+__device__ __forceinline__ h16 d2h(double v) {
+    h16 r;
+    asm("cvt.rn.f16.f64 %0, %1;" : "=h"(r.x) : "d"(v));
+    return r;
+}
+__device__ __forceinline__ float b2f(b16 v) { return __uint_as_float(((u32)v.x) << 16); }
+// Branch-free (selects), so a thread's unrolled loads are not held behind a branch.
+__device__ __forceinline__ b16 f2b(float v) {
+    u32 x = __float_as_uint(v);
+    u32 nan = (x >> 16) | 0x0040u;  // NaN stays NaN (quiet)
+    u32 rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    b16 r;
+    r.x = (unsigned short)((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+    return r;
+}
+__device__ __forceinline__ b16 d2b(double v) {
+    // Round to odd: a dropped nonzero remainder sets the last bit (f32 has 16 bits to spare),
+    // so the one rounding to bf16 below is correct. NaN converts directly.
+    float f = __double2float_rz(v);
+    u32 odd = __float_as_uint(f) | ((double)f != v && !isinf(f) && v == v ? 1u : 0u);
+    return f2b(v != v ? (float)v : __uint_as_float(odd));
+}
+// float -> integer: truncate toward zero, saturate, NaN -> 0 (Rust's `as`).
+__device__ __forceinline__ i64 f2ll(float v) { return v != v ? 0 : __float2ll_rz(v); }
+__device__ __forceinline__ i64 d2ll(double v) { return v != v ? 0 : __double2ll_rz(v); }
+__device__ __forceinline__ u32 f2u(float v) { return v != v ? 0u : __float2uint_rz(v); }
+__device__ __forceinline__ u32 d2u(double v) { return v != v ? 0u : __double2uint_rz(v); }
+
+// cv(v, (To*)0): one element converted; the null pointer only selects the overload.
+__device__ __forceinline__ float cv(float v, float*) { return v; }
+__device__ __forceinline__ float cv(double v, float*) { return (float)v; }
+__device__ __forceinline__ float cv(h16 v, float*) { return h2f(v); }
+__device__ __forceinline__ float cv(b16 v, float*) { return b2f(v); }
+__device__ __forceinline__ float cv(i64 v, float*) { return (float)v; }
+__device__ __forceinline__ float cv(u32 v, float*) { return (float)v; }
+
+__device__ __forceinline__ double cv(float v, double*) { return (double)v; }
+__device__ __forceinline__ double cv(double v, double*) { return v; }
+__device__ __forceinline__ double cv(h16 v, double*) { return (double)h2f(v); }
+__device__ __forceinline__ double cv(b16 v, double*) { return (double)b2f(v); }
+__device__ __forceinline__ double cv(i64 v, double*) { return (double)v; }
+__device__ __forceinline__ double cv(u32 v, double*) { return (double)v; }
+
+__device__ __forceinline__ h16 cv(float v, h16*) { return f2h(v); }
+__device__ __forceinline__ h16 cv(double v, h16*) { return d2h(v); }
+__device__ __forceinline__ h16 cv(h16 v, h16*) { return v; }
+__device__ __forceinline__ h16 cv(b16 v, h16*) { return f2h(b2f(v)); }
+__device__ __forceinline__ h16 cv(i64 v, h16*) { return d2h((double)v); }
+__device__ __forceinline__ h16 cv(u32 v, h16*) { return d2h((double)v); }
+
+__device__ __forceinline__ b16 cv(float v, b16*) { return f2b(v); }
+__device__ __forceinline__ b16 cv(double v, b16*) { return d2b(v); }
+__device__ __forceinline__ b16 cv(h16 v, b16*) { return f2b(h2f(v)); }
+__device__ __forceinline__ b16 cv(b16 v, b16*) { return v; }
+__device__ __forceinline__ b16 cv(i64 v, b16*) { return d2b((double)v); }
+__device__ __forceinline__ b16 cv(u32 v, b16*) { return d2b((double)v); }
+
+__device__ __forceinline__ i64 cv(float v, i64*) { return f2ll(v); }
+__device__ __forceinline__ i64 cv(double v, i64*) { return d2ll(v); }
+__device__ __forceinline__ i64 cv(h16 v, i64*) { return f2ll(h2f(v)); }
+__device__ __forceinline__ i64 cv(b16 v, i64*) { return f2ll(b2f(v)); }
+__device__ __forceinline__ i64 cv(i64 v, i64*) { return v; }
+__device__ __forceinline__ i64 cv(u32 v, i64*) { return (i64)v; }
+
+__device__ __forceinline__ u32 cv(float v, u32*) { return f2u(v); }
+__device__ __forceinline__ u32 cv(double v, u32*) { return d2u(v); }
+__device__ __forceinline__ u32 cv(h16 v, u32*) { return f2u(h2f(v)); }
+__device__ __forceinline__ u32 cv(b16 v, u32*) { return f2u(b2f(v)); }
+__device__ __forceinline__ u32 cv(i64 v, u32*) { return (u32)v; }
+__device__ __forceinline__ u32 cv(u32 v, u32*) { return v; }
+
+template <typename I, typename S, typename D>
+__device__ void cast_t(const S* __restrict__ x, const Strided& xs, D* __restrict__ y, I n) {
+    MAP(I, i, n, D, y, cv(x[sat<I>(xs, i)], (D*)0));
+}
+
+#define CAST(SN, S, DN, D) \
+extern "C" __global__ void cast_##SN##_##DN(const S* x, Strided xs, D* y, i64 n, int small) { \
+    if (small) cast_t<u32, S, D>(x, xs, y, (u32)n); \
+    else cast_t<u64, S, D>(x, xs, y, (u64)n); \
+}
+#define CAST_FROM(SN, S) \
+    CAST(SN, S, f32, float) CAST(SN, S, f64, double) CAST(SN, S, f16, h16) \
+    CAST(SN, S, bf16, b16) CAST(SN, S, i64, i64) CAST(SN, S, u32, u32)
+CAST_FROM(f32, float)
+CAST_FROM(f64, double)
+CAST_FROM(f16, h16)
+CAST_FROM(bf16, b16)
+CAST_FROM(i64, i64)
+CAST_FROM(u32, u32)
+"#
+    ),
+};
+
+/// The kernel converting `from` to `to`.
+fn cuda_kernel(from: DType, to: DType) -> &'static str {
+    const NAMES: [[&str; 6]; 6] = [
+        [
+            "cast_f32_f32",
+            "cast_f32_f64",
+            "cast_f32_f16",
+            "cast_f32_bf16",
+            "cast_f32_i64",
+            "cast_f32_u32",
+        ],
+        [
+            "cast_f64_f32",
+            "cast_f64_f64",
+            "cast_f64_f16",
+            "cast_f64_bf16",
+            "cast_f64_i64",
+            "cast_f64_u32",
+        ],
+        [
+            "cast_f16_f32",
+            "cast_f16_f64",
+            "cast_f16_f16",
+            "cast_f16_bf16",
+            "cast_f16_i64",
+            "cast_f16_u32",
+        ],
+        [
+            "cast_bf16_f32",
+            "cast_bf16_f64",
+            "cast_bf16_f16",
+            "cast_bf16_bf16",
+            "cast_bf16_i64",
+            "cast_bf16_u32",
+        ],
+        [
+            "cast_i64_f32",
+            "cast_i64_f64",
+            "cast_i64_f16",
+            "cast_i64_bf16",
+            "cast_i64_i64",
+            "cast_i64_u32",
+        ],
+        [
+            "cast_u32_f32",
+            "cast_u32_f64",
+            "cast_u32_f16",
+            "cast_u32_bf16",
+            "cast_u32_i64",
+            "cast_u32_u32",
+        ],
+    ];
+    let index = |d: DType| match d {
+        DType::F32 => 0,
+        DType::F64 => 1,
+        DType::F16 => 2,
+        DType::BF16 => 3,
+        DType::I64 => 4,
+        DType::U32 => 5,
+    };
+    NAMES[index(from)][index(to)]
+}
+
+fn cuda_cast(x: &KernelArg<'_>, to: DType) -> Result<Box<dyn DeviceStorage>> {
+    const NAME: &str = "to_dtype";
+    let sx = cuda::storage(NAME, x)?;
+    let dev = sx.dev();
+    let n = x.layout.elem_count();
+    let mut out = CudaStorage::alloc(dev, to, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let c = coalesce(x.shape(), &[x.layout]);
+    let small = index32(n, &[&c[0]]);
+    let view = Strided::of(NAME, &c[0])?;
+    let f = dev.function(&CUDA, DType::F32, cuda_kernel(x.dtype(), to))?;
+    let n64 = n as i64;
+    crate::cuda_launch!(
+        dev,
+        NAME,
+        f,
+        elementwise_grid(n),
+        [sx.slice(), &view, out.slice_mut(), &n64, &small]
+    )?;
+    Ok(Box::new(out))
+}
+
 /// Converts from dtype `from` to dtype `to`.
 #[derive(Debug, Clone, Copy)]
 pub struct Cast {
@@ -203,6 +409,16 @@ impl Op for Cast {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            if x.dtype() != self.from {
+                return Err(Error::DTypeMismatch {
+                    op: "to_dtype",
+                    expected: self.from,
+                    got: x.dtype(),
+                });
+            }
+            return Ok(smallvec![cuda_cast(&x, self.to)?]);
+        }
         let out = with_cpu_storage!(x.cpu("to_dtype")?, v => cast_slice(v, x.layout, self.to));
         Ok(crate::cpu::one(out))
     }

@@ -6,13 +6,18 @@
 //! A mask may be any dtype; an element is true when it is nonzero (NaN is nonzero).
 
 use crate::cpu::{PAR_MIN, chunk_len, map_layout};
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::math::simd;
+use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuElement, CpuStorage, DType, Element, Error, Idioms, InputGrads,
-    KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute,
-    execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
+    BackwardCtx, Cost, CpuElement, CpuStorage, DType, DeviceStorage, Element, Error, Idioms,
+    InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec,
+    execute, execute1,
+    half::{bf16, f16},
+    smallvec::smallvec,
+    vec_from_fill, with_cpu_storage,
 };
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -175,6 +180,417 @@ fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
     }
 }
 
+// ----- CUDA -----
+
+/// The CUDA kernels. They move elements without arithmetic, so one module (compiled for the
+/// f32 scalar) serves every dtype: comparisons have one entry point per operand dtype
+/// (`compare_<dtype>`, 16-bit floats widened to float exactly), selections one per element
+/// size (`_2`, `_4`, `_8`: values are copied as bits). Selections read u32 0/1 masks; a mask
+/// of another dtype goes through `nonzero_<bytes>` first ([`u32_mask`]).
+pub const CUDA: CudaSource = CudaSource {
+    name: "compare",
+    code: concat!(
+        cuda_elementwise_helpers!(),
+        r#"
+struct h16 { unsigned short x; };
+struct b16 { unsigned short x; };
+__device__ __forceinline__ float val(h16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
+    return f;
+}
+__device__ __forceinline__ float val(b16 v) { return __uint_as_float(((u32)v.x) << 16); }
+__device__ __forceinline__ float val(float v) { return v; }
+__device__ __forceinline__ double val(double v) { return v; }
+__device__ __forceinline__ i64 val(i64 v) { return v; }
+__device__ __forceinline__ u32 val(u32 v) { return v; }
+
+// A comparison is a truth table over the four outcomes (bit 0: x < z, 1: x == z, 2: x > z,
+// 3: unordered, i.e. a NaN), so every comparison runs the same branch-free code.
+template <typename V> __device__ __forceinline__ u32 cmp(u32 truth, V x, V z) {
+    u32 outcome = x < z ? 0u : x == z ? 1u : x > z ? 2u : 3u;
+    return (truth >> outcome) & 1u;
+}
+
+template <typename I, typename T>
+__device__ void cmp_t(u32 truth, const T* __restrict__ a, const Strided& as,
+                      const T* __restrict__ b, const Strided& bs, u32* __restrict__ y, I n) {
+    MAP(I, i, n, u32, y, cmp(truth, val(a[sat<I>(as, i)]), val(b[sat<I>(bs, i)])));
+}
+
+#define COMPARE(NAME, T) \
+extern "C" __global__ void compare_##NAME(u32 truth, const T* a, Strided as, const T* b, \
+                                          Strided bs, u32* y, i64 n, int small) { \
+    if (small) cmp_t<u32, T>(truth, a, as, b, bs, y, (u32)n); \
+    else cmp_t<u64, T>(truth, a, as, b, bs, y, (u64)n); \
+}
+COMPARE(f32, float)
+COMPARE(f64, double)
+COMPARE(f16, h16)
+COMPARE(bf16, b16)
+COMPARE(i64, i64)
+COMPARE(u32, u32)
+
+// Masks reach the selections as u32 0/1 (comparisons make them); a mask of another dtype is
+// first turned into one by `nonzero_<bytes>`: an element is true when its bits outside `keep`'s
+// zeros are not all zero (`keep` drops the sign bit of float masks, so -0.0 is false and NaN
+// true).
+template <typename I, typename T>
+__device__ void nonzero_t(const T* __restrict__ x, const Strided& xs, u64 keep, u32* __restrict__ y,
+                          I n) {
+    MAP(I, i, n, u32, y, (((u64)x[sat<I>(xs, i)]) & keep) != 0 ? 1u : 0u);
+}
+
+template <typename T> __device__ __forceinline__ T select_(bool c, T x, T z) { return c ? x : z; }
+
+// Both values are loaded (no branch), then one is selected.
+template <typename I, typename T>
+__device__ void where_t(const u32* __restrict__ m, const Strided& ms, const T* __restrict__ a,
+                        const Strided& as, const T* __restrict__ b, const Strided& bs,
+                        T* __restrict__ y, I n) {
+    MAP(I, i, n, T, y, select_(m[sat<I>(ms, i)] != 0, a[sat<I>(as, i)], b[sat<I>(bs, i)]));
+}
+
+// Two outputs: with 32-bit indices every load of a step first, then the stores.
+template <typename I, typename T>
+__device__ void where_bw_t(const u32* __restrict__ m, const Strided& ms, const T* __restrict__ g,
+                           const Strided& gs, T* __restrict__ yt, T* __restrict__ yf, I n) {
+    I step = (I)blockDim.x * gridDim.x, base = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    if (sizeof(I) == 4) {
+        for (; base + (UNROLL - 1) * step < n; base += UNROLL * step) {
+            T v[UNROLL];
+            u32 c[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                I i = base + (I)u * step;
+                v[u] = g[sat<I>(gs, i)];
+                c[u] = m[sat<I>(ms, i)];
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                I i = base + (I)u * step;
+                yt[i] = c[u] != 0 ? v[u] : (T)0;
+                yf[i] = c[u] != 0 ? (T)0 : v[u];
+            }
+        }
+    }
+    for (I i = base; i < n; i += step) {
+        T v = g[sat<I>(gs, i)];
+        bool c = m[sat<I>(ms, i)] != 0;
+        yt[i] = c ? v : (T)0;
+        yf[i] = c ? (T)0 : v;
+    }
+}
+
+template <typename I, typename T>
+__device__ void fill_t(const T* __restrict__ x, const Strided& xs, const u32* __restrict__ m,
+                       const Strided& ms, T v, T* __restrict__ y, I n) {
+    MAP(I, i, n, T, y, select_(m[sat<I>(ms, i)] != 0, v, x[sat<I>(xs, i)]));
+}
+
+#define SELECT(SIZE, T) \
+extern "C" __global__ void nonzero_##SIZE(const T* x, Strided xs, u64 keep, u32* y, i64 n, \
+                                          int small) { \
+    if (small) nonzero_t<u32, T>(x, xs, keep, y, (u32)n); \
+    else nonzero_t<u64, T>(x, xs, keep, y, (u64)n); \
+} \
+extern "C" __global__ void where_cond_##SIZE(const u32* m, Strided ms, const T* a, Strided as, \
+                                             const T* b, Strided bs, T* y, i64 n, int small) { \
+    if (small) where_t<u32, T>(m, ms, a, as, b, bs, y, (u32)n); \
+    else where_t<u64, T>(m, ms, a, as, b, bs, y, (u64)n); \
+} \
+extern "C" __global__ void where_backward_##SIZE(const u32* m, Strided ms, const T* g, Strided gs, \
+                                                 T* yt, T* yf, i64 n, int small) { \
+    if (small) where_bw_t<u32, T>(m, ms, g, gs, yt, yf, (u32)n); \
+    else where_bw_t<u64, T>(m, ms, g, gs, yt, yf, (u64)n); \
+} \
+extern "C" __global__ void masked_fill_##SIZE(const T* x, Strided xs, const u32* m, Strided ms, \
+                                              u64 bits, T* y, i64 n, int small) { \
+    if (small) fill_t<u32, T>(x, xs, m, ms, (T)bits, y, (u32)n); \
+    else fill_t<u64, T>(x, xs, m, ms, (T)bits, y, (u64)n); \
+}
+SELECT(2, unsigned short)
+SELECT(4, u32)
+SELECT(8, u64)
+"#
+    ),
+};
+
+/// A mask of any dtype as u32 0/1 on the GPU, for the selection kernels: `None` for a U32 mask
+/// (used as it is); otherwise a fresh contiguous buffer in the mask's shape (nonzero is true:
+/// NaN too, -0.0 not) and its layout.
+fn u32_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, Layout)>> {
+    let keep: u64 = match m.dtype() {
+        DType::U32 => return Ok(None),
+        DType::F32 => 0x7fff_ffff,
+        DType::F64 => 0x7fff_ffff_ffff_ffff,
+        DType::F16 | DType::BF16 => 0x7fff,
+        DType::I64 => u64::MAX,
+    };
+    let sm = cuda::storage(op, m)?;
+    let dev = sm.dev();
+    let n = m.layout.elem_count();
+    let mut out = CudaStorage::alloc(dev, DType::U32, n)?;
+    if n > 0 {
+        let c = coalesce(m.shape(), &[m.layout]);
+        let small = index32(n, &[&c[0]]);
+        let view = Strided::of(op, &c[0])?;
+        let kernel = by_size(m.dtype(), ["nonzero_2", "nonzero_4", "nonzero_8"]);
+        let f = dev.function(&CUDA, DType::F32, kernel)?;
+        let n64 = n as i64;
+        crate::cuda_launch!(
+            dev,
+            op,
+            f,
+            elementwise_grid(n),
+            [sm.slice(), &view, &keep, out.slice_mut(), &n64, &small]
+        )?;
+    }
+    Ok(Some((out, Layout::contiguous(m.shape().clone()))))
+}
+
+/// The u32 mask of `m` ([`u32_mask`]'s result, or `m` itself) with its layout.
+fn mask_view<'a>(
+    op: &'static str,
+    m: &KernelArg<'a>,
+    converted: &'a Option<(CudaStorage, Layout)>,
+) -> Result<(&'a CudaStorage, &'a Layout)> {
+    match converted {
+        Some((s, l)) => Ok((s, l)),
+        None => Ok((cuda::storage(op, m)?, m.layout)),
+    }
+}
+
+/// The name of a selection kernel for elements of `dtype` (`<prefix>_<bytes>`).
+fn by_size(dtype: DType, names: [&'static str; 3]) -> &'static str {
+    match dtype.size_in_bytes() {
+        2 => names[0],
+        4 => names[1],
+        _ => names[2],
+    }
+}
+
+/// A fill value as the bits of one element of `dtype` (converted as `Element::from_f64`).
+fn fill_bits(dtype: DType, value: f64) -> u64 {
+    match dtype {
+        DType::F32 => (value as f32).to_bits() as u64,
+        DType::F64 => value.to_bits(),
+        DType::F16 => f16::from_f64(value).to_bits() as u64,
+        DType::BF16 => bf16::from_f64(value).to_bits() as u64,
+        DType::I64 => (value as i64) as u64,
+        DType::U32 => (value as u32) as u64,
+    }
+}
+
+/// Coalesced views of `layouts` broadcast to `shape`, and the kernels' `small` flag.
+fn views(op: &'static str, shape: &Shape, layouts: &[&Layout]) -> Result<(Vec<Strided>, i32)> {
+    let b: Vec<Layout> = layouts
+        .iter()
+        .map(|l| l.broadcast_as(shape))
+        .collect::<Result<_>>()?;
+    let refs: Vec<&Layout> = b.iter().collect();
+    let c = coalesce(shape, &refs);
+    let small = index32(shape.elem_count(), &c.iter().collect::<Vec<_>>());
+    let v = c
+        .iter()
+        .map(|l| Strided::of(op, l))
+        .collect::<Result<_>>()?;
+    Ok((v, small))
+}
+
+fn cuda_compare(
+    k: CmpOp,
+    a: &KernelArg<'_>,
+    b: &KernelArg<'_>,
+    shape: &Shape,
+) -> Result<Box<dyn DeviceStorage>> {
+    let name = k.name();
+    let (sa, sb) = (cuda::storage(name, a)?, cuda::storage(name, b)?);
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch {
+            op: name,
+            expected: a.dtype(),
+            got: b.dtype(),
+        });
+    }
+    let dev = sa.dev();
+    let n = shape.elem_count();
+    let mut out = CudaStorage::alloc(dev, DType::U32, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let kernel = match a.dtype() {
+        DType::F32 => "compare_f32",
+        DType::F64 => "compare_f64",
+        DType::F16 => "compare_f16",
+        DType::BF16 => "compare_bf16",
+        DType::I64 => "compare_i64",
+        DType::U32 => "compare_u32",
+    };
+    let f = dev.function(&CUDA, DType::F32, kernel)?;
+    let (v, small) = views(name, shape, &[a.layout, b.layout])?;
+    // The comparison's truth table over (less, equal, greater, unordered): bits 0 to 3.
+    let truth: u32 = match k {
+        CmpOp::Eq => 0b0010,
+        CmpOp::Ne => 0b1101,
+        CmpOp::Lt => 0b0001,
+        CmpOp::Le => 0b0011,
+        CmpOp::Gt => 0b0100,
+        CmpOp::Ge => 0b0110,
+    };
+    let n64 = n as i64;
+    crate::cuda_launch!(
+        dev,
+        name,
+        f,
+        elementwise_grid(n),
+        [
+            &truth,
+            sa.slice(),
+            &v[0],
+            sb.slice(),
+            &v[1],
+            out.slice_mut(),
+            &n64,
+            &small
+        ]
+    )?;
+    Ok(Box::new(out))
+}
+
+fn cuda_where(
+    m: &KernelArg<'_>,
+    t: &KernelArg<'_>,
+    f: &KernelArg<'_>,
+    spec: &TensorSpec,
+) -> Result<Box<dyn DeviceStorage>> {
+    const NAME: &str = "where_cond";
+    let (st, sf) = (cuda::storage(NAME, t)?, cuda::storage(NAME, f)?);
+    if t.dtype() != f.dtype() || t.dtype() != spec.dtype {
+        return Err(Error::DTypeMismatch {
+            op: NAME,
+            expected: spec.dtype,
+            got: if t.dtype() != spec.dtype {
+                t.dtype()
+            } else {
+                f.dtype()
+            },
+        });
+    }
+    let dev = st.dev();
+    let n = spec.shape.elem_count();
+    let mut out = CudaStorage::alloc(dev, spec.dtype, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let kernel = by_size(spec.dtype, ["where_cond_2", "where_cond_4", "where_cond_8"]);
+    let func = dev.function(&CUDA, DType::F32, kernel)?;
+    let converted = u32_mask(NAME, m)?;
+    let (sm, ml) = mask_view(NAME, m, &converted)?;
+    let (v, small) = views(NAME, &spec.shape, &[ml, t.layout, f.layout])?;
+    let n64 = n as i64;
+    crate::cuda_launch!(
+        dev,
+        NAME,
+        func,
+        elementwise_grid(n),
+        [
+            sm.slice(),
+            &v[0],
+            st.slice(),
+            &v[1],
+            sf.slice(),
+            &v[2],
+            out.slice_mut(),
+            &n64,
+            &small
+        ]
+    )?;
+    Ok(Box::new(out))
+}
+
+fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) -> Result<Outputs> {
+    const NAME: &str = "where_backward";
+    let sg = cuda::storage(NAME, g)?;
+    let dev = sg.dev();
+    let n = spec.shape.elem_count();
+    let mut yt = CudaStorage::alloc(dev, g.dtype(), n)?;
+    let mut yf = CudaStorage::alloc(dev, g.dtype(), n)?;
+    if n > 0 {
+        let kernel = by_size(
+            g.dtype(),
+            ["where_backward_2", "where_backward_4", "where_backward_8"],
+        );
+        let func = dev.function(&CUDA, DType::F32, kernel)?;
+        let converted = u32_mask(NAME, m)?;
+        let (sm, ml) = mask_view(NAME, m, &converted)?;
+        let (v, small) = views(NAME, &spec.shape, &[ml, g.layout])?;
+        let n64 = n as i64;
+        crate::cuda_launch!(
+            dev,
+            NAME,
+            func,
+            elementwise_grid(n),
+            [
+                sm.slice(),
+                &v[0],
+                sg.slice(),
+                &v[1],
+                yt.slice_mut(),
+                yf.slice_mut(),
+                &n64,
+                &small
+            ]
+        )?;
+    }
+    Ok(smallvec![
+        Box::new(yt) as Box<dyn DeviceStorage>,
+        Box::new(yf) as Box<dyn DeviceStorage>
+    ])
+}
+
+fn cuda_masked_fill(
+    x: &KernelArg<'_>,
+    m: &KernelArg<'_>,
+    value: f64,
+    spec: &TensorSpec,
+) -> Result<Box<dyn DeviceStorage>> {
+    const NAME: &str = "masked_fill";
+    let sx = cuda::storage(NAME, x)?;
+    let dev = sx.dev();
+    let n = spec.shape.elem_count();
+    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let kernel = by_size(
+        x.dtype(),
+        ["masked_fill_2", "masked_fill_4", "masked_fill_8"],
+    );
+    let func = dev.function(&CUDA, DType::F32, kernel)?;
+    let converted = u32_mask(NAME, m)?;
+    let (sm, ml) = mask_view(NAME, m, &converted)?;
+    let (v, small) = views(NAME, &spec.shape, &[x.layout, ml])?;
+    let (bits, n64) = (fill_bits(x.dtype(), value), n as i64);
+    crate::cuda_launch!(
+        dev,
+        NAME,
+        func,
+        elementwise_grid(n),
+        [
+            sx.slice(),
+            &v[0],
+            sm.slice(),
+            &v[1],
+            &bits,
+            out.slice_mut(),
+            &n64,
+            &small
+        ]
+    )?;
+    Ok(Box::new(out))
+}
+
 // ----- comparisons -----
 
 fn compare_kernel<T: Element>(
@@ -238,6 +654,9 @@ impl Op for CmpOp {
         let name = self.name();
         let (a, b) = (inputs[0], inputs[1]);
         let shape = &specs[0].shape;
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_compare(*self, &a, &b, shape)?]);
+        }
         let out = match (a.cpu(name)?, b.cpu(name)?) {
             (CpuStorage::F32(l), CpuStorage::F32(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
             (CpuStorage::F64(l), CpuStorage::F64(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
@@ -310,6 +729,9 @@ impl Op for WhereCond {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (m, t, f) = (inputs[0], inputs[1], inputs[2]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_where(&m, &t, &f, &specs[0])?]);
+        }
         let shape = &specs[0].shape;
         let mask = mask_bytes("where_cond", &m)?;
         let ml = Layout::contiguous(m.shape().clone()).broadcast_as(shape)?;
@@ -406,6 +828,9 @@ impl Op for WhereBackward {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (m, g) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return cuda_where_backward(&m, &g, &specs[0]);
+        }
         let shape = &specs[0].shape;
         let mask = mask_bytes("where_backward", &m)?;
         let ml = Layout::contiguous(m.shape().clone()).broadcast_as(shape)?;
@@ -469,6 +894,9 @@ impl Op for MaskedFill {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (x, m) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_masked_fill(&x, &m, self.value, &specs[0])?]);
+        }
         let shape = &specs[0].shape;
         let mask = mask_bytes("masked_fill", &m)?;
         let ml = Layout::contiguous(m.shape().clone()).broadcast_as(shape)?;

@@ -2,13 +2,14 @@
 //! zero-copy `split` and `chunk` (narrow views of the input).
 
 use crate::cpu::{PAR_MIN, chunk_len};
-use crate::ops::indexing::write_row;
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
+use crate::ops::indexing::{elem_slot, write_row};
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuElement, Dim, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs,
-    Result, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec, vec_from_fill,
-    with_cpu_storage,
+    BackwardCtx, Cost, CpuElement, DType, DeviceStorage, Dim, Error, Idioms, InputGrads, KernelArg,
+    Layout, Op, Outputs, Result, Shape, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
+    vec_from_fill, with_cpu_storage,
 };
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -85,6 +86,101 @@ fn cat_kernel<T: Copy + Send + Sync>(
     })
 }
 
+/// The CUDA kernels: one launch per input copies it (read through its layout) into its slice
+/// of every output row. Raw element moves, one kernel per element size (`b16`: 16-byte
+/// vectors, for contiguous aligned inputs), so every dtype is served.
+pub const CUDA: CudaSource = CudaSource {
+    name: "concat",
+    code: r#"
+// Element e of the input (outer, seg) goes to out[o * row + at0 + r]; all counts in units of E.
+template <typename E>
+__device__ __forceinline__ void cat_copy_impl(const E* x, const Strided& xs, E* out, i64 seg,
+                                              i64 row, i64 at0, i64 total) {
+    GRID_LOOP(e, total) {
+        i64 o = e / seg;
+        out[o * row + at0 + (e - o * seg)] = x[at(xs, e)];
+    }
+}
+
+#define CAT_COPY(E, ES)                                                                        \
+    extern "C" __global__ void cat_copy_##ES(const E* x, Strided xs, E* out, i64 seg, i64 row, \
+                                            i64 at0, i64 total) {                              \
+        cat_copy_impl<E>(x, xs, out, seg, row, at0, total);                                    \
+    }
+CAT_COPY(unsigned short, b2)
+CAT_COPY(unsigned int, b4)
+CAT_COPY(unsigned long long, b8)
+CAT_COPY(uint4, b16)
+"#,
+};
+
+/// The copy kernels by element size: 2, 4, 8 bytes, then 16-byte vectors.
+const CAT_COPY: [&str; 4] = ["cat_copy_b2", "cat_copy_b4", "cat_copy_b8", "cat_copy_b16"];
+
+/// `cat` on the GPU: each input copied into its slice of the output rows by one launch.
+fn cuda_cat(
+    inputs: &[KernelArg<'_>],
+    dim: usize,
+    spec: &TensorSpec,
+) -> Result<Box<dyn DeviceStorage>> {
+    const OP: &str = "cat";
+    let dev = cuda::device_of(OP, inputs)?;
+    let dims = spec.shape.dims();
+    let outer: usize = dims[..dim].iter().product();
+    let inner: usize = dims[dim + 1..].iter().product();
+    let row = dims[dim] * inner;
+    let mut out = CudaStorage::alloc(&dev, spec.dtype, spec.shape.elem_count())?;
+    let slot = elem_slot(OP, spec.dtype)?;
+    let f = 16 / spec.dtype.size_in_bytes();
+    let mut at = 0;
+    for a in inputs {
+        let xs = cuda::storage(OP, a)?;
+        let seg = a.shape().dims()[dim] * inner;
+        let total = outer * seg;
+        if total > 0 {
+            let vec = a.layout.is_contiguous()
+                && a.layout.offset() % f == 0
+                && seg % f == 0
+                && row % f == 0
+                && at % f == 0;
+            let (name, unit, view) = if vec {
+                let l = Layout::from_parts(
+                    Shape::from(total / f),
+                    [1].as_slice().into(),
+                    a.layout.offset() / f,
+                );
+                (CAT_COPY[3], f, Strided::of(OP, &l)?)
+            } else {
+                (CAT_COPY[slot], 1, Strided::of(OP, a.layout)?)
+            };
+            let func = dev.function(&CUDA, DType::F32, name)?;
+            let (seg64, row64, at64, total64) = (
+                (seg / unit) as i64,
+                (row / unit) as i64,
+                (at / unit) as i64,
+                (total / unit) as i64,
+            );
+            crate::cuda_launch!(
+                dev,
+                OP,
+                func,
+                cuda::grid(total / unit),
+                [
+                    xs.slice(),
+                    &view,
+                    out.slice_mut(),
+                    &seg64,
+                    &row64,
+                    &at64,
+                    &total64
+                ]
+            )?;
+        }
+        at += seg;
+    }
+    Ok(Box::new(out))
+}
+
 impl Op for Cat {
     fn name(&self) -> &'static str {
         "cat"
@@ -146,6 +242,9 @@ impl Op for Cat {
         }
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_cat(inputs, self.dim, &specs[0])?]);
+        }
         let dims = specs[0].shape.dims();
         let outer: usize = dims[..self.dim].iter().product();
         let inner: usize = dims[self.dim + 1..].iter().product();

@@ -9,13 +9,16 @@
 //! i64 or u32.
 
 use crate::cpu::gather_layout;
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
-use crate::ops::softmax::{RowKernel, Rows, VecExp, acc_dtype, boxed, max_row, run_rows, sum_map};
+use crate::ops::softmax::{
+    RowKernel, RowPlan, Rows, VecExp, acc_dtype, boxed, max_row, run_rows, sum_map, vec_ok,
+};
 use crate::registry::OpInfo;
 use dynn_core::{
-    AccFloat, BackwardCtx, Cost, CpuElement, CpuStorage, DType, Error, FloatElement, Idioms,
-    InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec,
-    execute, execute1, smallvec::smallvec,
+    AccFloat, BackwardCtx, Cost, CpuElement, CpuStorage, DType, DeviceStorage, Error, FloatElement,
+    Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor,
+    TensorSpec, execute, execute1, smallvec::smallvec,
 };
 use std::mem::MaybeUninit;
 
@@ -121,9 +124,14 @@ fn split_shape(
 
 /// The targets as i64 in row order.
 fn targets_i64(op: &'static str, t: &KernelArg<'_>) -> Result<Vec<i64>> {
-    Ok(match t.cpu(op)? {
-        CpuStorage::I64(v) => gather_layout(v, t.layout),
-        CpuStorage::U32(v) => gather_layout(v, t.layout)
+    targets_of(op, t.cpu(op)?, t.layout)
+}
+
+/// The targets in `s` seen through `layout`, as i64 in row order.
+fn targets_of(op: &'static str, s: &CpuStorage, layout: &Layout) -> Result<Vec<i64>> {
+    Ok(match s {
+        CpuStorage::I64(v) => gather_layout(v, layout),
+        CpuStorage::U32(v) => gather_layout(v, layout)
             .into_iter()
             .map(i64::from)
             .collect(),
@@ -263,6 +271,351 @@ where
     Ok(smallvec![boxed(loss), boxed(lse)])
 }
 
+// ----- CUDA -----
+
+/// Cross-entropy forward and backward. Forward: one warp (rows up to 1024 classes) or one
+/// block per row; each thread keeps an online log-sum-exp (running max, Σ exp against it) and
+/// Σ x over its elements in one pass over the logits, merged across the warp and block in a
+/// fixed order; the loss reduction is one block summing the row losses in f64 in a fixed
+/// order. Backward: one block per row. Targets are i64 or u32 (`_i64` / `_u32` kernels).
+pub const CUDA: CudaSource = CudaSource {
+    name: "cross_entropy",
+    code: concat!(
+        crate::ops::softmax::cuda_row_helpers!(),
+        r#"
+// Online log-sum-exp state of a run of elements: max m, Σ e^(x - m), Σ x.
+struct Lse {
+    scalar m, s, sx;
+};
+
+__device__ __forceinline__ void lse_add(Lse& a, scalar v) {
+    if (v > a.m) {
+        a.s = a.s * dexp(a.m - v) + (scalar)1;
+        a.m = v;
+    } else if (!(v == neg_inf<scalar>())) {
+        a.s += dexp(v - a.m);  // a NaN poisons the sum, as on the CPU
+    }
+    a.sx += v;
+}
+
+__device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
+    const scalar m = max(a.m, b.m);
+    const scalar ea = a.m == m ? (scalar)1 : dexp(a.m - m);
+    const scalar eb = b.m == m ? (scalar)1 : dexp(b.m - m);
+    return Lse{m, a.s * ea + b.s * eb, a.sx + b.sx};
+}
+
+__device__ __forceinline__ Lse lse_warp(Lse a) {
+    for (int o = 16; o > 0; o >>= 1) {
+        Lse b;
+        b.m = __shfl_xor_sync(0xffffffffu, a.m, o);
+        b.s = __shfl_xor_sync(0xffffffffu, a.s, o);
+        b.sx = __shfl_xor_sync(0xffffffffu, a.sx, o);
+        a = lse_merge(a, b);
+    }
+    return a;
+}
+
+// The whole block's state, valid in thread 0.
+__device__ __forceinline__ Lse lse_block(Lse a) {
+    __shared__ scalar sm[32], ss[32], sx[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+    a = lse_warp(a);
+    if (lane == 0) {
+        sm[warp] = a.m;
+        ss[warp] = a.s;
+        sx[warp] = a.sx;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        a = lane < nw ? Lse{sm[lane], ss[lane], sx[lane]} : Lse{neg_inf<scalar>(), 0, 0};
+        a = lse_warp(a);
+    }
+    return a;
+}
+
+// One row: BLOCK = one block per row, else one warp per row (4 warps per block).
+template <typename L, int V, bool BLOCK>
+__device__ __forceinline__ void ce_fwd(const scalar* x, Strided xs, const L* t, Strided ts,
+                                       i64 ignore, int has_ignore, double eps, scalar* lse,
+                                       scalar* loss, i64 rows, i64 len) {
+    const i64 row = BLOCK ? (i64)blockIdx.x
+                          : (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const i64 tgt = (i64)t[at(ts, row)];
+    if (has_ignore && tgt == ignore) {
+        if (BLOCK ? threadIdx.x == 0 : (threadIdx.x & 31) == 0) {
+            lse[row] = 0;
+            loss[row] = 0;
+        }
+        return;
+    }
+    const i64 base = row * len;
+    const int lane = BLOCK ? threadIdx.x : (threadIdx.x & 31);
+    const i64 step = (BLOCK ? (i64)blockDim.x : 32) * V;
+    Lse a{neg_inf<scalar>(), 0, 0};
+    for (i64 j = (i64)lane * V; j < len; j += step) {
+        scalar d[V];
+        ld<V>(d, x, xs, base, j, len, (scalar)0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) lse_add(a, d[e]);
+    }
+    a = BLOCK ? lse_block(a) : lse_warp(a);
+    if (lane != 0) return;
+    const scalar ln_s = log(a.s);
+    scalar l;
+    if (tgt < 0 || tgt >= len) {
+        l = ln_s * (scalar)__longlong_as_double(0x7ff8000000000000LL);  // NaN (the host checks)
+    } else {
+        const scalar xt = x[at(xs, base + tgt)];
+        if (eps > 0) {
+            const scalar ep = (scalar)eps;
+            const scalar mean_x = a.sx / (scalar)len;
+            l = ln_s + ((scalar)1 - ep) * (a.m - xt) + ep * (a.m - mean_x);
+        } else {
+            l = ln_s + (a.m - xt);
+        }
+    }
+    lse[row] = a.m + ln_s;
+    loss[row] = l;
+}
+
+#define CE_FWD(NAME, L, V, BLOCK) \
+    extern "C" __global__ void NAME(const scalar* x, Strided xs, const L* t, Strided ts, \
+                                    i64 ignore, int has_ignore, double eps, scalar* lse, \
+                                    scalar* loss, i64 rows, i64 len) { \
+        ce_fwd<L, V, BLOCK>(x, xs, t, ts, ignore, has_ignore, eps, lse, loss, rows, len); \
+    }
+CE_FWD(ce_fwd_wv_i64, i64, VEC, false)
+CE_FWD(ce_fwd_ws_i64, i64, 1, false)
+CE_FWD(ce_fwd_bv_i64, i64, VEC, true)
+CE_FWD(ce_fwd_bs_i64, i64, 1, true)
+CE_FWD(ce_fwd_wv_u32, u32, VEC, false)
+CE_FWD(ce_fwd_ws_u32, u32, 1, false)
+CE_FWD(ce_fwd_bv_u32, u32, VEC, true)
+CE_FWD(ce_fwd_bs_u32, u32, 1, true)
+
+// The reduced loss: Σ of the row losses in f64 (fixed order: strided per thread, then the
+// block tree), divided by `div` (the count of rows for the mean, 1 for the sum). One block.
+extern "C" __global__ void ce_reduce(const scalar* loss, i64 rows, double div, scalar* out) {
+    double s = 0;
+    for (i64 r = threadIdx.x; r < rows; r += blockDim.x) s += (double)loss[r];
+    s = block_sum(s);
+    if (threadIdx.x == 0) out[0] = (scalar)(s / div);
+}
+
+// The gradient of row blockIdx.x: (e^(x - lse) - ε/C - (1-ε)·[j = t])·scale, 0 if ignored.
+// red: 0 none (scale g[row]), 1 sum (g[0]), 2 mean (g[0] / count).
+template <typename L>
+__device__ __forceinline__ void ce_bwd(const scalar* x, Strided xs, const L* t, Strided ts,
+                                       i64 ignore, int has_ignore, const scalar* lse,
+                                       Strided ls, const scalar* g, Strided gs, int red,
+                                       double count, double off, double one_minus_eps,
+                                       scalar* out, i64 rows, i64 len) {
+    const i64 row = blockIdx.x;
+    if (row >= rows) return;
+    const i64 base = row * len;
+    const i64 tgt = (i64)t[at(ts, row)];
+    if (has_ignore && tgt == ignore) {
+        for (i64 j = threadIdx.x; j < len; j += blockDim.x) out[base + j] = 0;
+        return;
+    }
+    scalar scale;
+    if (red == 0) scale = g[at(gs, row)];
+    else if (red == 1) scale = g[at(gs, 0)];
+    else scale = (scalar)((double)g[at(gs, 0)] / count);
+    if (tgt < 0 || tgt >= len) scale = (scalar)__longlong_as_double(0x7ff8000000000000LL);
+    const scalar l = lse[at(ls, row)], o = (scalar)off, ome = (scalar)one_minus_eps;
+    for (i64 j = threadIdx.x; j < len; j += blockDim.x) {
+        const scalar p = dexp(x[at(xs, base + j)] - l) - o;
+        out[base + j] = (j == tgt ? p - ome : p) * scale;
+    }
+}
+
+#define CE_BWD(NAME, L) \
+    extern "C" __global__ void NAME(const scalar* x, Strided xs, const L* t, Strided ts, \
+                                    i64 ignore, int has_ignore, const scalar* lse, Strided ls, \
+                                    const scalar* g, Strided gs, int red, double count, \
+                                    double off, double one_minus_eps, scalar* out, i64 rows, \
+                                    i64 len) { \
+        ce_bwd<L>(x, xs, t, ts, ignore, has_ignore, lse, ls, g, gs, red, count, off, \
+                  one_minus_eps, out, rows, len); \
+    }
+CE_BWD(ce_bwd_i64, i64)
+CE_BWD(ce_bwd_u32, u32)
+"#
+    ),
+};
+
+/// The forward kernel: `[warp, block][vec, scalar][i64, u32]`.
+const FWD_KERNELS: [[[&str; 2]; 2]; 2] = [
+    [
+        ["ce_fwd_wv_i64", "ce_fwd_wv_u32"],
+        ["ce_fwd_ws_i64", "ce_fwd_ws_u32"],
+    ],
+    [
+        ["ce_fwd_bv_i64", "ce_fwd_bv_u32"],
+        ["ce_fwd_bs_i64", "ce_fwd_bs_u32"],
+    ],
+];
+
+/// Index of the targets' dtype among the kernels' label types.
+fn label_index(op: &'static str, t: &KernelArg<'_>) -> Result<usize> {
+    match t.dtype() {
+        DType::I64 => Ok(0),
+        DType::U32 => Ok(1),
+        other => Err(Error::UnsupportedDType {
+            op,
+            dtype: other,
+            hint: " for targets (expected i64 or u32 class indices)".into(),
+        }),
+    }
+}
+
+/// The targets of GPU storage, copied to the host in row order (for the same checks as on
+/// the CPU: a bad target is an error, and the mean needs the count of rows that count).
+fn gpu_targets(op: &'static str, t: &KernelArg<'_>) -> Result<Vec<i64>> {
+    let host = dynn_core::DeviceStorage::to_host(cuda::storage(op, t)?)?;
+    targets_of(op, &host, t.layout)
+}
+
+fn cuda_forward(op: &CrossEntropy, x: &KernelArg<'_>, t: &KernelArg<'_>) -> Result<Outputs> {
+    let name = "cross_entropy";
+    let (xs, ts) = (cuda::storage(name, x)?, cuda::storage(name, t)?);
+    let dev = xs.dev();
+    let dtype = x.dtype();
+    let len = x.shape().dims().last().copied().unwrap_or(1);
+    let targets = gpu_targets(name, t)?;
+    let count = check_targets(name, &targets, len, op.opts.ignore_index)?;
+    let rows = targets.len();
+    let li = label_index(name, t)?;
+    let warp = len <= 1024;
+    let vec = vec_ok(dtype, len, &[x.layout]);
+    let f = dev.function(&CUDA, dtype, FWD_KERNELS[!warp as usize][!vec as usize][li])?;
+    let none = op.opts.reduction == LossReduction::None;
+    let mut lse = CudaStorage::alloc(dev, acc_dtype(dtype), rows)?;
+    let mut per_row = CudaStorage::alloc(dev, dtype, rows)?;
+    if rows > 0 {
+        let (xv, tv) = (Strided::of(name, x.layout)?, Strided::of(name, t.layout)?);
+        let ignore = op.opts.ignore_index.unwrap_or(0);
+        let has_ignore = op.opts.ignore_index.is_some() as i32;
+        let (eps, rows64, len64) = (op.opts.label_smoothing, rows as i64, len as i64);
+        let cfg = if warp {
+            RowPlan::Warp { vec, it: 1 }.cfg(rows)
+        } else {
+            cuda::rows(rows, cuda::row_threads(len))
+        };
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cfg,
+            [
+                xs.slice(),
+                &xv,
+                ts.slice(),
+                &tv,
+                &ignore,
+                &has_ignore,
+                &eps,
+                lse.slice_mut(),
+                per_row.slice_mut(),
+                &rows64,
+                &len64
+            ]
+        )?;
+    }
+    if none {
+        return Ok(smallvec![Box::new(per_row) as _, Box::new(lse) as _]);
+    }
+    let mut loss = CudaStorage::alloc(dev, dtype, 1)?;
+    let div = if op.opts.reduction == LossReduction::Mean {
+        count as f64
+    } else {
+        1.0
+    };
+    let f = dev.function(&CUDA, dtype, "ce_reduce")?;
+    let rows64 = rows as i64;
+    crate::cuda_launch!(
+        dev,
+        name,
+        f,
+        cuda::rows(1, 1024),
+        [per_row.slice(), &rows64, &div, loss.slice_mut()]
+    )?;
+    Ok(smallvec![Box::new(loss) as _, Box::new(lse) as _])
+}
+
+fn cuda_backward(
+    op: &CrossEntropyBackward,
+    x: &KernelArg<'_>,
+    t: &KernelArg<'_>,
+    l: &KernelArg<'_>,
+    g: &KernelArg<'_>,
+) -> Result<Box<dyn DeviceStorage>> {
+    let name = "cross_entropy_backward";
+    let (xs, ts) = (cuda::storage(name, x)?, cuda::storage(name, t)?);
+    let (ls, gs) = (cuda::storage(name, l)?, cuda::storage(name, g)?);
+    let dev = xs.dev();
+    let dtype = x.dtype();
+    if g.dtype() != dtype {
+        return Err(Error::DTypeMismatch {
+            op: name,
+            expected: dtype,
+            got: g.dtype(),
+        });
+    }
+    let len = x.shape().dims().last().copied().unwrap_or(1);
+    let targets = gpu_targets(name, t)?;
+    let count = check_targets(name, &targets, len, op.opts.ignore_index)?;
+    let rows = targets.len();
+    let kernel = ["ce_bwd_i64", "ce_bwd_u32"][label_index(name, t)?];
+    let f = dev.function(&CUDA, dtype, kernel)?;
+    let mut out = CudaStorage::alloc(dev, dtype, rows * len)?;
+    if rows == 0 {
+        return Ok(Box::new(out));
+    }
+    let (xv, tv) = (Strided::of(name, x.layout)?, Strided::of(name, t.layout)?);
+    let (lv, gv) = (Strided::of(name, l.layout)?, Strided::of(name, g.layout)?);
+    let ignore = op.opts.ignore_index.unwrap_or(0);
+    let has_ignore = op.opts.ignore_index.is_some() as i32;
+    let red: i32 = match op.opts.reduction {
+        LossReduction::None => 0,
+        LossReduction::Sum => 1,
+        LossReduction::Mean => 2,
+    };
+    let eps = op.opts.label_smoothing;
+    let (count, off, one_minus_eps) = (count as f64, eps / len as f64, 1.0 - eps);
+    let (rows64, len64) = (rows as i64, len as i64);
+    let threads = len.next_power_of_two().clamp(32, 256) as u32;
+    crate::cuda_launch!(
+        dev,
+        name,
+        f,
+        cuda::rows(rows, threads),
+        [
+            xs.slice(),
+            &xv,
+            ts.slice(),
+            &tv,
+            &ignore,
+            &has_ignore,
+            ls.slice(),
+            &lv,
+            gs.slice(),
+            &gv,
+            &red,
+            &count,
+            &off,
+            &one_minus_eps,
+            out.slice_mut(),
+            &rows64,
+            &len64
+        ]
+    )?;
+    Ok(Box::new(out))
+}
+
 impl Op for CrossEntropy {
     fn name(&self) -> &'static str {
         "cross_entropy"
@@ -305,6 +658,9 @@ impl Op for CrossEntropy {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = "cross_entropy";
         let (x, t) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return cuda_forward(self, &x, &t);
+        }
         let c = x.shape().dims().last().copied().unwrap_or(1);
         let targets = targets_i64(name, &t)?;
         let count = check_targets(name, &targets, c, self.opts.ignore_index)?;
@@ -484,6 +840,9 @@ impl Op for CrossEntropyBackward {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = "cross_entropy_backward";
         let (x, t, l, g) = (inputs[0], inputs[1], inputs[2], inputs[3]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_backward(self, &x, &t, &l, &g)?]);
+        }
         let c = x.shape().dims().last().copied().unwrap_or(1);
         let targets = targets_i64(name, &t)?;
         let count = check_targets(name, &targets, c, self.opts.ignore_index)?;

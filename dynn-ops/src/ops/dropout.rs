@@ -6,13 +6,15 @@
 //! bit-identical to the original.
 
 use crate::cpu::gather_layout;
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
-use crate::ops::random::{counter_hash, fill_indexed, stream_key};
+use crate::ops::random::{counter_hash, counter_hash_cuda, fill_indexed, stream_key};
 use crate::ops::softmax::{SimdTask, boxed, simd_task};
 use crate::registry::OpInfo;
 use dynn_core::{
-    AccFloat, BackwardCtx, Cost, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg,
-    Layout, Op, Outputs, Result, Save, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
+    AccFloat, BackwardCtx, Cost, CpuElement, DeviceStorage, Error, FloatElement, Idioms,
+    InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Specs, Tensor, TensorSpec, execute1,
+    smallvec::smallvec,
 };
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
@@ -118,6 +120,58 @@ fn dropout_kernel<T: FloatElement + CpuElement>(src: &[T], layout: &Layout, d: &
     })
 }
 
+/// The CUDA kernel, shared by `dropout` and `dropout_backward`: the CPU's mask bit for bit
+/// (the same counter hash, one per pair of elements, low half for the even element), and the
+/// same `x · scale` in the dtype for kept elements.
+pub const CUDA: CudaSource = CudaSource {
+    name: "dropout",
+    code: concat!(
+        counter_hash_cuda!(),
+        r#"
+extern "C" __global__ void dropout_forward(unsigned long long key, unsigned long long thr,
+                                           double scale, const scalar* x, Strided xs,
+                                           scalar* y, i64 n) {
+    const scalar s = (scalar)scale;
+    GRID_LOOP(q, (n + 1) / 2) {
+        unsigned long long h = counter_hash(key, (unsigned long long)q);
+        i64 i = 2 * q;
+        y[i] = (h & 0xFFFFFFFFull) >= thr ? x[at(xs, i)] * s : (scalar)0;
+        if (i + 1 < n) y[i + 1] = (h >> 32) >= thr ? x[at(xs, i + 1)] * s : (scalar)0;
+    }
+}
+"#
+    ),
+};
+
+/// `x · mask / (1 - p)` on the GPU (`op` names the caller).
+fn cuda_dropout(
+    op: &'static str,
+    x: &KernelArg<'_>,
+    d: &Dropout,
+) -> Result<Box<dyn DeviceStorage>> {
+    let xs = cuda::storage(op, x)?;
+    let dev = xs.dev();
+    let n = x.layout.elem_count();
+    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let f = dev.function(&CUDA, x.dtype(), "dropout_forward")?;
+    let key = stream_key(d.seed, DROPOUT_SALT);
+    let thr = threshold(d.p);
+    // The CPU's scale: `1/(1-p)` in f64, rounded to the dtype (the kernel rounds it the same way).
+    let scale = if d.p < 1.0 { 1.0 / (1.0 - d.p) } else { 0.0 };
+    let (view, n64) = (Strided::of(op, x.layout)?, n as i64);
+    crate::cuda_launch!(
+        dev,
+        op,
+        f,
+        cuda::grid(n.div_ceil(2)),
+        [&key, &thr, &scale, xs.slice(), &view, out.slice_mut(), &n64]
+    )?;
+    Ok(Box::new(out))
+}
+
 impl Op for Dropout {
     fn name(&self) -> &'static str {
         "dropout"
@@ -147,6 +201,9 @@ impl Op for Dropout {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_dropout("dropout", &x, self)?]);
+        }
         Ok(smallvec![float_dispatch!(
             "dropout",
             x.cpu("dropout")?,
@@ -191,6 +248,9 @@ impl Op for DropoutBackward {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let g = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_dropout("dropout_backward", &g, &self.0)?]);
+        }
         Ok(smallvec![float_dispatch!(
             "dropout_backward",
             g.cpu("dropout_backward")?,

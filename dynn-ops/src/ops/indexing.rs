@@ -8,16 +8,19 @@
 //! count or timing.
 
 use crate::cpu::{PAR_MIN, gather_layout, map_layout};
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::math::simd;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
+use cudarc::driver::{CudaView, LaunchConfig};
 use dynn_core::{
-    AccFloat, BackwardCtx, Cost, CpuElement, CpuStorage, Dim, Error, FloatElement, Idioms,
-    InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec,
-    execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
+    AccFloat, BackwardCtx, Cost, CpuElement, CpuStorage, DType, DeviceStorage, Dim, Error,
+    FloatElement, Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs,
+    Tensor, TensorSpec, execute1, smallvec::smallvec, vec_from_fill, with_cpu_storage,
 };
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
+use std::sync::Arc;
 
 /// Idioms of the forward indexing ops (`embedding`, `index_select`, `gather`): one indirect
 /// access (a gather through an index tensor). PyTorch's table has no forward row for them;
@@ -402,6 +405,539 @@ fn same_float_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
     Ok(())
 }
 
+// ----- CUDA -----
+
+/// The CUDA kernels. The gathers (`select_rows_*`, `gather_*`) move raw elements, so they come
+/// in one version per element size (`b2`, `b4`, `b8`, and `b16` for 16-byte vectors of aligned
+/// rows) and index dtype, and serve every dtype. The scatter-adds are float kernels: each
+/// destination is owned by one thread, which adds its sources (listed by the host from the
+/// downloaded indices) in increasing source order onto the existing value, exactly like the
+/// CPU, so the results are deterministic and equal the CPU's bit for bit. The indices are
+/// checked on the host first, giving the CPU's error for one out of range.
+pub const CUDA: CudaSource = CudaSource {
+    name: "indexing",
+    code: r#"
+// Index j of an index tensor, clamped into 0..n (the host has already checked every index, so
+// the clamp only guarantees that no kernel ever reads outside its input).
+template <typename I>
+__device__ __forceinline__ i64 load_index(const I* ids, const Strided& s, i64 j, i64 n) {
+    i64 v = (i64)ids[at(s, j)];
+    return v < 0 ? 0 : (v >= n ? n - 1 : v);
+}
+
+// The buffer offset of element i of a view whose dims are `s.dims` (row-major), with its
+// coordinate along `dim` replaced by v. Ignores the contiguous flag.
+__device__ __forceinline__ i64 at_replace(const Strided& s, i64 i, int dim, i64 v) {
+    i64 off = s.offset;
+    for (int d = s.rank - 1; d >= 0; --d) {
+        i64 n = s.dims[d];
+        i64 q = i / n;
+        off += (d == dim ? v : i - q * n) * s.strides[d];
+        i = q;
+    }
+    return off;
+}
+
+// out[(o, j, c)] = x[outer(o) + ids[j] * sn + inner(c)]: rows of `inner` elements, one row per
+// threadIdx.y, threads along the row (coalesced). `os` places the outer index, `ins` the inner
+// one (contiguous fast path). E is the element (or 16-byte vector) moved.
+template <typename E, typename I>
+__device__ __forceinline__ void select_rows_impl(const E* x, const Strided& os, i64 sn,
+                                                 const Strided& ins, i64 n, const I* ids,
+                                                 const Strided& is, E* out, i64 outer, i64 m,
+                                                 i64 inner) {
+    i64 rows = outer * m;
+    for (i64 r = (i64)blockIdx.x * blockDim.y + threadIdx.y; r < rows;
+         r += (i64)gridDim.x * blockDim.y) {
+        i64 o = r / m, j = r - o * m;
+        const E* src = x + at(os, o) + load_index(ids, is, j, n) * sn;
+        E* dst = out + r * inner;
+        if (ins.contiguous) {
+            for (i64 c = threadIdx.x; c < inner; c += blockDim.x) dst[c] = src[ins.offset + c];
+        } else {
+            for (i64 c = threadIdx.x; c < inner; c += blockDim.x) dst[c] = src[at(ins, c)];
+        }
+    }
+}
+
+// Torch's gather: out[p] = x[p's coordinates with the one along dim replaced by idx[p]]; `xg`
+// has the index's dims and x's strides and offset.
+template <typename E, typename I>
+__device__ __forceinline__ void gather_impl(const E* x, const Strided& xg, int dim, i64 n,
+                                            const I* idx, const Strided& is, E* out, i64 total) {
+    GRID_LOOP(p, total) out[p] = x[at_replace(xg, p, dim, load_index(idx, is, p, n))];
+}
+
+#define SELECT_ROWS(E, ES, I, IS)                                                              \
+    extern "C" __global__ void select_rows_##ES##_##IS(const E* x, Strided os, i64 sn,         \
+                                                      Strided ins, i64 n, const I* ids,        \
+                                                      Strided is, E* out, i64 outer, i64 m,    \
+                                                      i64 inner) {                             \
+        select_rows_impl<E, I>(x, os, sn, ins, n, ids, is, out, outer, m, inner);              \
+    }
+#define GATHER(E, ES, I, IS)                                                                   \
+    extern "C" __global__ void gather_##ES##_##IS(const E* x, Strided xg, int dim, i64 n,      \
+                                                 const I* idx, Strided is, E* out,             \
+                                                 i64 total) {                                  \
+        gather_impl<E, I>(x, xg, dim, n, idx, is, out, total);                                 \
+    }
+#define EACH_INDEX(M, E, ES) M(E, ES, i64, i64) M(E, ES, u32, u32)
+EACH_INDEX(SELECT_ROWS, unsigned short, b2)
+EACH_INDEX(SELECT_ROWS, unsigned int, b4)
+EACH_INDEX(SELECT_ROWS, unsigned long long, b8)
+EACH_INDEX(SELECT_ROWS, uint4, b16)
+EACH_INDEX(GATHER, unsigned short, b2)
+EACH_INDEX(GATHER, unsigned int, b4)
+EACH_INDEX(GATHER, unsigned long long, b8)
+
+// y = x made contiguous (the starting value of scatter_add and index_add).
+extern "C" __global__ void copy_strided(const scalar* x, Strided xs, scalar* y, i64 n) {
+    GRID_LOOP(i, n) y[i] = x[at(xs, i)];
+}
+
+// Element scatter-add: segment s adds src[pos[k]] for k in start[s]..start[s+1] (in that
+// order) onto out[dest[s]]. One thread per destination: no atomics, deterministic.
+extern "C" __global__ void scatter_segments(const scalar* src, Strided ss, const i64* start,
+                                            const i64* dest, const i64* pos, scalar* out,
+                                            i64 nseg) {
+    GRID_LOOP(s, nseg) {
+        i64 d = dest[s];
+        scalar acc = out[d];
+        for (i64 k = start[s], e = start[s + 1]; k < e; ++k) acc += src[at(ss, pos[k])];
+        out[d] = acc;
+    }
+}
+
+// Row scatter-add on out (outer, n, inner) from src (outer, m, inner): segment s adds source
+// rows pos[start[s]..start[s+1]] (in that order) onto row key[s], for every outer index. One
+// (outer, segment) row per threadIdx.y, threads along the row.
+extern "C" __global__ void add_rows_segments(const scalar* src, Strided ss, const i64* start,
+                                             const i64* key, const i64* pos, scalar* out,
+                                             i64 outer, i64 n, i64 m, i64 inner, i64 nseg) {
+    i64 rows = outer * nseg;
+    for (i64 r = (i64)blockIdx.x * blockDim.y + threadIdx.y; r < rows;
+         r += (i64)gridDim.x * blockDim.y) {
+        i64 o = r / nseg, s = r - o * nseg;
+        i64 k0 = start[s], k1 = start[s + 1];
+        scalar* dst = out + (o * n + key[s]) * inner;
+        for (i64 c = threadIdx.x; c < inner; c += blockDim.x) {
+            scalar acc = dst[c];
+            for (i64 k = k0; k < k1; ++k) acc += src[at(ss, (o * m + pos[k]) * inner + c)];
+            dst[c] = acc;
+        }
+    }
+}
+"#,
+};
+
+/// The select-rows kernels by element size (2, 4, 8 bytes, 16-byte vector) and index dtype.
+const SELECT_ROWS: [[&str; 2]; 4] = [
+    ["select_rows_b2_i64", "select_rows_b2_u32"],
+    ["select_rows_b4_i64", "select_rows_b4_u32"],
+    ["select_rows_b8_i64", "select_rows_b8_u32"],
+    ["select_rows_b16_i64", "select_rows_b16_u32"],
+];
+/// The gather kernels by element size (2, 4, 8 bytes) and index dtype.
+const GATHER: [[&str; 2]; 3] = [
+    ["gather_b2_i64", "gather_b2_u32"],
+    ["gather_b4_i64", "gather_b4_u32"],
+    ["gather_b8_i64", "gather_b8_u32"],
+];
+
+/// The row of the kernel tables for elements of `dtype`: 0, 1, 2 for 2, 4, 8 bytes.
+pub(crate) fn elem_slot(op: &'static str, dtype: DType) -> Result<usize> {
+    match dtype.size_in_bytes() {
+        2 => Ok(0),
+        4 => Ok(1),
+        8 => Ok(2),
+        _ => Err(Error::unsupported_dtype(op, dtype)),
+    }
+}
+
+/// The column of the kernel tables for an index tensor: 0 for i64, 1 for u32.
+fn index_slot(op: &'static str, ids: &KernelArg<'_>, what: &str) -> Result<usize> {
+    match ids.dtype() {
+        DType::I64 => Ok(0),
+        DType::U32 => Ok(1),
+        dtype => Err(Error::UnsupportedDType {
+            op,
+            dtype,
+            hint: format!(" for {what} (expected i64 or u32)"),
+        }),
+    }
+}
+
+/// The indices of a GPU index tensor in row-major order, downloaded and checked exactly as on
+/// the CPU (the same [`Error::IndexOutOfRange`] for an index outside `0..size`).
+fn gpu_indices(
+    op: &'static str,
+    arg: &KernelArg<'_>,
+    size: usize,
+    what: &str,
+) -> Result<Vec<usize>> {
+    let host = arg.storage.to_host()?;
+    let view = KernelArg {
+        storage: &host,
+        layout: arg.layout,
+    };
+    read_indices(op, &view, size, what)
+}
+
+/// A launch over `rows` rows of `units` elements: threads along a row (a power of two up to
+/// 256), the rest of the 256-thread block on further rows.
+fn row_launch(rows: usize, units: usize) -> LaunchConfig {
+    let tx = units.next_power_of_two().clamp(1, 256) as u32;
+    let ty = 256 / tx;
+    let blocks = rows.div_ceil(ty as usize).clamp(1, 1 << 20) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (tx, ty, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `Layout::from_parts` with every stride and the offset divided by `f` (16-byte vectors).
+fn scaled(dims: &[usize], strides: &[usize], offset: usize, f: usize) -> Layout {
+    let s: Vec<usize> = strides.iter().map(|&s| s / f).collect();
+    Layout::from_parts(Shape::new(dims), s.as_slice().into(), offset / f)
+}
+
+/// `out[o, j, :] = x[o, ids[j], :]` along `dim` on the GPU (embedding and index_select): rows
+/// copied by threads along the row, as 16-byte vectors when the rows are contiguous and
+/// aligned. Works for every dtype.
+fn cuda_select(
+    op: &'static str,
+    x: &KernelArg<'_>,
+    ids: &KernelArg<'_>,
+    dim: usize,
+) -> Result<Box<dyn DeviceStorage>> {
+    let (xs, is) = (cuda::storage(op, x)?, cuda::storage(op, ids)?);
+    let dev = xs.dev();
+    let dims = x.shape().dims();
+    let n = dims[dim];
+    gpu_indices(op, ids, n, "ids")?;
+    let (outer, inner): (usize, usize) = (
+        dims[..dim].iter().product(),
+        dims[dim + 1..].iter().product(),
+    );
+    let m = ids.layout.elem_count();
+    let total = outer * m * inner;
+    let mut out = CudaStorage::alloc(dev, x.dtype(), total)?;
+    if total == 0 {
+        return Ok(Box::new(out));
+    }
+    let (strides, offset) = (x.layout.strides(), x.layout.offset());
+    let esize = x.dtype().size_in_bytes();
+    let slot = elem_slot(op, x.dtype())?;
+    let f = 16 / esize;
+    let inner_layout =
+        Layout::from_parts(Shape::new(&dims[dim + 1..]), strides[dim + 1..].into(), 0);
+    let aligned = |d: usize, s: usize| d <= 1 || s % f == 0;
+    let vec = inner_layout.is_contiguous()
+        && inner % f == 0
+        && offset % f == 0
+        && aligned(n, strides[dim])
+        && dims[..dim]
+            .iter()
+            .zip(&strides[..dim])
+            .all(|(&d, &s)| aligned(d, s));
+    let (name, unit, ins) = if vec {
+        (SELECT_ROWS[3], f, Layout::contiguous(inner / f))
+    } else {
+        (SELECT_ROWS[slot], 1, inner_layout)
+    };
+    let name = name[index_slot(op, ids, "ids")?];
+    let f_ = dev.function(&CUDA, DType::F32, name)?;
+    let os = Strided::of(op, &scaled(&dims[..dim], &strides[..dim], offset, unit))?;
+    let ins = Strided::of(op, &ins)?;
+    let idv = Strided::of(op, ids.layout)?;
+    let (sn, n64, outer64, m64, inner64) = (
+        (strides[dim] / unit) as i64,
+        n as i64,
+        outer as i64,
+        m as i64,
+        (inner / unit) as i64,
+    );
+    crate::cuda_launch!(
+        dev,
+        op,
+        f_,
+        row_launch(outer * m, inner / unit),
+        [
+            xs.slice(),
+            &os,
+            &sn,
+            &ins,
+            &n64,
+            is.slice(),
+            &idv,
+            out.slice_mut(),
+            &outer64,
+            &m64,
+            &inner64
+        ]
+    )?;
+    Ok(Box::new(out))
+}
+
+/// Torch's gather on the GPU: one thread per output element. Works for every dtype.
+fn cuda_gather(
+    x: &KernelArg<'_>,
+    index: &KernelArg<'_>,
+    dim: usize,
+) -> Result<Box<dyn DeviceStorage>> {
+    const OP: &str = "gather";
+    let (xs, is) = (cuda::storage(OP, x)?, cuda::storage(OP, index)?);
+    let dev = xs.dev();
+    let n = x.shape().dims()[dim];
+    gpu_indices(OP, index, n, "index")?;
+    let total = index.layout.elem_count();
+    let mut out = CudaStorage::alloc(dev, x.dtype(), total)?;
+    if total == 0 {
+        return Ok(Box::new(out));
+    }
+    let name = GATHER[elem_slot(OP, x.dtype())?][index_slot(OP, index, "index")?];
+    let f = dev.function(&CUDA, DType::F32, name)?;
+    let xg = Strided::of(
+        OP,
+        &Layout::from_parts(
+            index.shape().clone(),
+            x.layout.strides().into(),
+            x.layout.offset(),
+        ),
+    )?;
+    let iv = Strided::of(OP, index.layout)?;
+    let (dim32, n64, total64) = (dim as i32, n as i64, total as i64);
+    crate::cuda_launch!(
+        dev,
+        OP,
+        f,
+        cuda::grid(total),
+        [
+            xs.slice(),
+            &xg,
+            &dim32,
+            &n64,
+            is.slice(),
+            &iv,
+            out.slice_mut(),
+            &total64
+        ]
+    )?;
+    Ok(Box::new(out))
+}
+
+/// Sources grouped by destination, for the deterministic GPU scatter-adds: segment `s` adds
+/// the sources `pos[start[s]..start[s + 1]]`, in increasing order, onto destination `key[s]`.
+/// Only destinations with sources have a segment. Packed as one i64 buffer
+/// `[start (nseg + 1) | key (nseg) | pos (npos)]` so it is one upload.
+struct Segments {
+    packed: Vec<i64>,
+    nseg: usize,
+}
+
+impl Segments {
+    /// Groups source `j` under destination row `ids[j]` (`ids` below `n`): a stable counting
+    /// sort.
+    fn by_row(ids: &[usize], n: usize) -> Self {
+        let mut count = vec![0usize; n + 1];
+        for &v in ids {
+            count[v + 1] += 1;
+        }
+        let nseg = count.iter().filter(|&&c| c > 0).count();
+        let mut packed = Vec::with_capacity(2 * nseg + 1 + ids.len());
+        // Segment starts, then keys; `fill[v]` becomes where row v's sources go in `pos`.
+        let mut fill = vec![0usize; n];
+        let mut at = 0usize;
+        let mut keys = Vec::with_capacity(nseg);
+        for v in 0..n {
+            let c = count[v + 1];
+            if c > 0 {
+                packed.push(at as i64);
+                keys.push(v as i64);
+                fill[v] = at;
+                at += c;
+            }
+        }
+        packed.push(at as i64);
+        packed.extend_from_slice(&keys);
+        let base = packed.len();
+        packed.resize(base + ids.len(), 0);
+        for (j, &v) in ids.iter().enumerate() {
+            packed[base + fill[v]] = j as i64;
+            fill[v] += 1;
+        }
+        Segments { packed, nseg }
+    }
+
+    /// Groups the elements of an index (row-major, values `idx`, seen as `(outer, m, inner)`
+    /// by `g`) under the element of a contiguous tensor each lands on (`g` holds that tensor's
+    /// offsets): line by line (fixed outer and inner position), sorting the line's `m` entries
+    /// by (index, position), so the cost is `O(N log m)`.
+    fn by_lines(g: &ElemGeometry, idx: &[usize]) -> Self {
+        let (m, ni) = (g.m, g.inner_off.len());
+        let mut starts = Vec::new();
+        let mut keys = Vec::new();
+        let mut pos = Vec::with_capacity(idx.len());
+        let mut line: Vec<(usize, usize)> = Vec::with_capacity(m);
+        for (o, &ob) in g.outer_base.iter().enumerate() {
+            for (i, &ib) in g.inner_off.iter().enumerate() {
+                line.clear();
+                line.extend((0..m).map(|j| {
+                    let p = (o * m + j) * ni + i;
+                    (idx[p], p)
+                }));
+                line.sort_unstable();
+                for (k, &(v, p)) in line.iter().enumerate() {
+                    if k == 0 || line[k - 1].0 != v {
+                        starts.push(pos.len() as i64);
+                        keys.push((ob + ib + v * g.stride) as i64);
+                    }
+                    pos.push(p as i64);
+                }
+            }
+        }
+        let nseg = keys.len();
+        let mut packed = Vec::with_capacity(2 * nseg + 1 + pos.len());
+        packed.extend_from_slice(&starts);
+        packed.push(pos.len() as i64);
+        packed.extend_from_slice(&keys);
+        packed.extend_from_slice(&pos);
+        Segments { packed, nseg }
+    }
+
+    /// Uploads the segments; `launch` gets views of `start`, `key` and `pos`.
+    fn launch(
+        self,
+        dev: &Arc<cuda::CudaDevice>,
+        launch: impl FnOnce(&CudaView<'_, u8>, &CudaView<'_, u8>, &CudaView<'_, u8>) -> Result<()>,
+    ) -> Result<()> {
+        if self.nseg == 0 {
+            return Ok(());
+        }
+        let buf = CudaStorage::upload(dev, &CpuStorage::I64(self.packed))?;
+        let s = buf.slice();
+        let (a, b) = ((self.nseg + 1) * 8, (2 * self.nseg + 1) * 8);
+        launch(&s.slice(..a), &s.slice(a..b), &s.slice(b..))
+    }
+}
+
+/// A contiguous GPU copy of `x` (the starting value of `scatter_add` and `index_add`).
+fn cuda_copy(op: &'static str, x: &KernelArg<'_>) -> Result<CudaStorage> {
+    let xs = cuda::storage(op, x)?;
+    let dev = xs.dev();
+    let n = x.layout.elem_count();
+    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
+    if n == 0 {
+        return Ok(out);
+    }
+    let f = dev.function(&CUDA, x.dtype(), "copy_strided")?;
+    let (view, n64) = (Strided::of(op, x.layout)?, n as i64);
+    crate::cuda_launch!(
+        dev,
+        op,
+        f,
+        cuda::grid(n),
+        [xs.slice(), &view, out.slice_mut(), &n64]
+    )?;
+    Ok(out)
+}
+
+/// Adds the rows of `src` (`(outer, m, inner)` through its layout) at rows `ids` of dim `dim`
+/// of `out` (contiguous `(outer, n, inner)`), deterministically: the rows of each destination
+/// are summed in increasing source order by one thread per column.
+fn cuda_add_rows(
+    op: &'static str,
+    out: &mut CudaStorage,
+    out_dims: &[usize],
+    dim: usize,
+    src: &KernelArg<'_>,
+    ids: &KernelArg<'_>,
+) -> Result<()> {
+    let ss = cuda::storage(op, src)?;
+    let dev = ss.dev().clone();
+    let n = out_dims[dim];
+    let ids = gpu_indices(op, ids, n, "ids")?;
+    let (outer, inner): (usize, usize) = (
+        out_dims[..dim].iter().product(),
+        out_dims[dim + 1..].iter().product(),
+    );
+    if outer * inner == 0 {
+        return Ok(());
+    }
+    let f = dev.function(&CUDA, src.dtype(), "add_rows_segments")?;
+    let view = Strided::of(op, src.layout)?;
+    let seg = Segments::by_row(&ids, n);
+    let (outer64, n64, m64, inner64, nseg64) = (
+        outer as i64,
+        n as i64,
+        ids.len() as i64,
+        inner as i64,
+        seg.nseg as i64,
+    );
+    let cfg = row_launch(outer * seg.nseg, inner);
+    seg.launch(&dev, |start, key, pos| {
+        crate::cuda_launch!(
+            dev,
+            op,
+            f,
+            cfg,
+            [
+                ss.slice(),
+                &view,
+                start,
+                key,
+                pos,
+                out.slice_mut(),
+                &outer64,
+                &n64,
+                &m64,
+                &inner64,
+                &nseg64
+            ]
+        )
+    })
+}
+
+/// Torch's scatter-add on the GPU into `out` (contiguous, of `out_dims`): `src` (the index's
+/// shape, through its layout) added at `index` along `dim`, one thread per destination adding
+/// its sources in increasing order.
+fn cuda_scatter_elems(
+    op: &'static str,
+    out: &mut CudaStorage,
+    out_dims: &[usize],
+    dim: usize,
+    src: &KernelArg<'_>,
+    index: &KernelArg<'_>,
+) -> Result<()> {
+    let ss = cuda::storage(op, src)?;
+    let dev = ss.dev().clone();
+    let idx = gpu_indices(op, index, out_dims[dim], "index")?;
+    let f = dev.function(&CUDA, src.dtype(), "scatter_segments")?;
+    let view = Strided::of(op, src.layout)?;
+    let strides = Shape::new(out_dims).contiguous_strides();
+    let geometry = ElemGeometry::new(index.shape().dims(), dim, &strides, 0);
+    let seg = Segments::by_lines(&geometry, &idx);
+    let (nseg, nseg64) = (seg.nseg, seg.nseg as i64);
+    seg.launch(&dev, |start, dest, pos| {
+        crate::cuda_launch!(
+            dev,
+            op,
+            f,
+            cuda::grid(nseg),
+            [
+                ss.slice(),
+                &view,
+                start,
+                dest,
+                pos,
+                out.slice_mut(),
+                &nseg64
+            ]
+        )
+    })
+}
+
 // ----- embedding -----
 
 /// Rows of a `(V, D)` table at `ids` (any shape, i64 or u32): output `ids.shape + [D]`.
@@ -442,6 +978,9 @@ impl Op for Embedding {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (table, ids) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_select("embedding", &table, &ids, 0)?]);
+        }
         let ids = read_indices("embedding", &ids, table.shape().dims()[0], "ids")?;
         Ok(
             with_cpu_storage!(table.cpu("embedding")?, v => wrap(select_rows(&Rows::new(v, table.layout, 0), &ids))),
@@ -521,6 +1060,9 @@ impl Op for IndexSelect {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (x, ids) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_select("index_select", &x, &ids, self.dim)?]);
+        }
         let ids = read_indices("index_select", &ids, x.shape().dims()[self.dim], "ids")?;
         Ok(
             with_cpu_storage!(x.cpu("index_select")?, v => wrap(select_rows(&Rows::new(v, x.layout, self.dim), &ids))),
@@ -592,10 +1134,16 @@ impl Op for IndexAddZeros {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (g, ids) = (inputs[0], inputs[1]);
-        let ids = read_indices(self.name, &ids, self.size, "ids")?;
         let out_dims = specs[0].shape.dims();
-        let inner: usize = out_dims[self.dim + 1..].iter().product();
         let n_out = specs[0].shape.elem_count();
+        if cuda::on_cuda(inputs) {
+            let dev = cuda::storage(self.name, &g)?.dev();
+            let mut out = CudaStorage::zeros(dev, g.dtype(), n_out)?;
+            cuda_add_rows(self.name, &mut out, out_dims, self.dim, &g, &ids)?;
+            return Ok(smallvec![Box::new(out) as Box<dyn DeviceStorage>]);
+        }
+        let ids = read_indices(self.name, &ids, self.size, "ids")?;
+        let inner: usize = out_dims[self.dim + 1..].iter().product();
         Ok(crate::float_dispatch!(self.name, g.cpu(self.name)?, |v| {
             let src = contiguous(v, g.layout);
             let mut out = vec![zero_of(v); n_out];
@@ -686,6 +1234,11 @@ impl Op for IndexAdd {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (x, ids, src) = (inputs[0], inputs[1], inputs[2]);
         let dims = x.shape().dims();
+        if cuda::on_cuda(inputs) {
+            let mut out = cuda_copy("index_add", &x)?;
+            cuda_add_rows("index_add", &mut out, dims, self.dim, &src, &ids)?;
+            return Ok(smallvec![Box::new(out) as Box<dyn DeviceStorage>]);
+        }
         let (n, inner) = (dims[self.dim], dims[self.dim + 1..].iter().product());
         let ids = read_indices("index_add", &ids, n, "ids")?;
         let ss = src.cpu("index_add")?;
@@ -777,6 +1330,9 @@ impl Op for Gather {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (x, index) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_gather(&x, &index, self.dim)?]);
+        }
         let idx = read_indices("gather", &index, x.shape().dims()[self.dim], "index")?;
         let g = ElemGeometry::new(
             index.shape().dims(),
@@ -848,6 +1404,11 @@ impl Op for ScatterAdd {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (x, index, src) = (inputs[0], inputs[1], inputs[2]);
         let dims = x.shape().dims();
+        if cuda::on_cuda(inputs) {
+            let mut out = cuda_copy("scatter_add", &x)?;
+            cuda_scatter_elems("scatter_add", &mut out, dims, self.dim, &src, &index)?;
+            return Ok(smallvec![Box::new(out) as Box<dyn DeviceStorage>]);
+        }
         let idx = read_indices("scatter_add", &index, dims[self.dim], "index")?;
         let ss = src.cpu("scatter_add")?;
         Ok(crate::float_dispatch!(
@@ -922,6 +1483,12 @@ impl Op for ScatterAddZeros {
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (src, index) = (inputs[0], inputs[1]);
         let dims = specs[0].shape.dims();
+        if cuda::on_cuda(inputs) {
+            let dev = cuda::storage(self.name, &src)?.dev();
+            let mut out = CudaStorage::zeros(dev, src.dtype(), specs[0].shape.elem_count())?;
+            cuda_scatter_elems(self.name, &mut out, dims, self.dim, &src, &index)?;
+            return Ok(smallvec![Box::new(out) as Box<dyn DeviceStorage>]);
+        }
         let idx = read_indices(self.name, &index, dims[self.dim], "index")?;
         Ok(crate::float_dispatch!(
             self.name,

@@ -2,6 +2,7 @@
 //! from the `gemm` crate, which reads any row/column strides, so transposed operands (as in
 //! every backward) are never copied. f16/bf16 are computed in f32.
 
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::ops::reduce::ReduceOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
@@ -176,6 +177,252 @@ fn to_f32(s: &CpuStorage) -> Vec<f32> {
     }
 }
 
+/// The CUDA side: products run on cuBLAS; this kernel only gathers an operand whose layout
+/// cuBLAS cannot read (neither rows nor columns unit-strided, or irregular batch strides) into
+/// a contiguous copy first.
+pub const CUDA: CudaSource = CudaSource {
+    name: "matmul",
+    code: r#"
+extern "C" __global__ void matmul_gather(const scalar* x, Strided xs, scalar* y, i64 n) {
+    GRID_LOOP(i, n) y[i] = x[at(xs, i)];
+}
+"#,
+};
+
+/// How cuBLAS reads one operand: transposed or not, its leading dimension, the element offset
+/// of its first matrix and the stride between batch entries.
+struct BlasOperand {
+    trans: bool,
+    ld: i64,
+    offset: i64,
+    batch_stride: i64,
+}
+
+/// The batch stride of evenly spaced offsets (0 for one entry or a broadcast operand).
+fn even_stride(offsets: &[usize]) -> Option<i64> {
+    match offsets {
+        [] | [_] => Some(0),
+        [a, b, ..] => {
+            let d = *b as i64 - *a as i64;
+            (d >= 0 && offsets.windows(2).all(|w| w[1] as i64 - w[0] as i64 == d)).then_some(d)
+        }
+    }
+}
+
+/// An operand of logical shape (rows, cols) per batch entry, read as cuBLAS's first operand of
+/// `Cᵀ = Bᵀ·Aᵀ` (column-major): row-major memory is the transpose already (`N`), column-major
+/// memory needs `T`. `None` when cuBLAS cannot read the layout directly.
+fn blas_operand(
+    l: &Layout,
+    batch: &Shape,
+    rows: usize,
+    cols: usize,
+) -> Result<Option<BlasOperand>> {
+    let st = l.strides();
+    let r = st.len();
+    let (rs, cs) = (st[r - 2] as i64, st[r - 1] as i64);
+    let (rows, cols) = (rows as i64, cols as i64);
+    let offsets = batch_offsets(l, batch)?;
+    let Some(batch_stride) = even_stride(&offsets) else {
+        return Ok(None);
+    };
+    let offset = offsets.first().copied().unwrap_or(0) as i64;
+    let row_major = (cs == 1 || cols == 1) && (rows == 1 || rs >= cols.max(1));
+    let col_major = (rs == 1 || rows == 1) && (cols == 1 || cs >= rows.max(1));
+    Ok(if row_major {
+        Some(BlasOperand {
+            trans: false,
+            ld: if rows == 1 { cols.max(1) } else { rs },
+            offset,
+            batch_stride,
+        })
+    } else if col_major {
+        Some(BlasOperand {
+            trans: true,
+            ld: if cols == 1 { rows.max(1) } else { cs },
+            offset,
+            batch_stride,
+        })
+    } else {
+        None
+    })
+}
+
+/// A contiguous `(batch, rows, cols)` copy of an operand on the GPU.
+fn gather_operand(
+    x: &KernelArg<'_>,
+    batch: &Shape,
+    rows: usize,
+    cols: usize,
+) -> Result<CudaStorage> {
+    let xs = cuda::storage("matmul", x)?;
+    let dev = xs.dev();
+    let mut dims = batch.to_vec();
+    dims.extend([rows, cols]);
+    let shape = Shape::new(&dims);
+    let view = Strided::broadcast("matmul", x.layout, &shape)?;
+    let n = shape.elem_count();
+    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
+    let f = dev.function(&CUDA, x.dtype(), "matmul_gather")?;
+    let n64 = n as i64;
+    crate::cuda_launch!(
+        dev,
+        "matmul",
+        f,
+        cuda::grid(n),
+        [xs.slice(), &view, out.slice_mut(), &n64]
+    )?;
+    Ok(out)
+}
+
+/// `a @ b` on the GPU through cuBLAS's strided-batched GEMM.
+fn cuda_matmul(a: &KernelArg<'_>, b: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
+    let p = problem(a.shape(), b.shape())?;
+    let dtype = a.dtype();
+    let (sa, sb) = (cuda::storage("matmul", a)?, cuda::storage("matmul", b)?);
+    let dev = sa.dev().clone();
+    let nb = p.batch.elem_count();
+    let mut out = CudaStorage::alloc(&dev, dtype, nb * p.m * p.n)?;
+    if nb * p.m * p.n == 0 {
+        return Ok(Box::new(out));
+    }
+    if p.k == 0 {
+        return Ok(Box::new(CudaStorage::zeros(&dev, dtype, nb * p.m * p.n)?));
+    }
+    let too_big = [p.m, p.n, p.k, nb].iter().any(|&d| d > i32::MAX as usize);
+    if too_big {
+        return Err(Error::invalid(
+            "matmul",
+            format!(
+                "cuBLAS takes dims below 2^31, got batch {nb}, m {}, n {}, k {}",
+                p.m, p.n, p.k
+            ),
+        ));
+    }
+    // Operands cuBLAS cannot read directly are gathered into contiguous copies.
+    let (ga, gb);
+    let (oa, da) = match blas_operand(a.layout, &p.batch, p.m, p.k)? {
+        Some(o) => (o, sa),
+        None => {
+            ga = gather_operand(a, &p.batch, p.m, p.k)?;
+            let o = blas_operand(
+                &Layout::contiguous([nb, p.m, p.k]),
+                &Shape::new(&[nb]),
+                p.m,
+                p.k,
+            )?;
+            (
+                o.ok_or_else(|| Error::Msg("matmul: contiguous operand unreadable".into()))?,
+                &ga,
+            )
+        }
+    };
+    let (ob, db) = match blas_operand(b.layout, &p.batch, p.k, p.n)? {
+        Some(o) => (o, sb),
+        None => {
+            gb = gather_operand(b, &p.batch, p.k, p.n)?;
+            let o = blas_operand(
+                &Layout::contiguous([nb, p.k, p.n]),
+                &Shape::new(&[nb]),
+                p.k,
+                p.n,
+            )?;
+            (
+                o.ok_or_else(|| Error::Msg("matmul: contiguous operand unreadable".into()))?,
+                &gb,
+            )
+        }
+    };
+    // A batch of row-major matrices times one shared matrix is one taller GEMM.
+    let folds =
+        nb > 1 && ob.batch_stride == 0 && !oa.trans && oa.batch_stride == p.m as i64 * oa.ld;
+    let (p, nb) = if folds {
+        let tall = Problem {
+            batch: Shape::new(&[]),
+            m: p.m * nb,
+            n: p.n,
+            k: p.k,
+        };
+        (tall, 1)
+    } else {
+        (p, nb)
+    };
+    let blas = dev.blas()?;
+    match dtype {
+        DType::F32 => blas_gemm::<f32>(&blas, &p, nb, (&oa, da), (&ob, db), &mut out, 1.0, 0.0),
+        DType::F64 => blas_gemm::<f64>(&blas, &p, nb, (&oa, da), (&ob, db), &mut out, 1.0, 0.0),
+        other => Err(Error::Device {
+            op: "matmul",
+            msg: format!("CUDA matmul runs on f32 and f64, got {other:?}"),
+        }),
+    }
+    .map_err(|e| match e {
+        Error::Device { .. } => e,
+        other => Error::Device {
+            op: "matmul",
+            msg: other.to_string(),
+        },
+    })?;
+    Ok(Box::new(out))
+}
+
+/// One strided-batched GEMM: `Cᵀ (n×m) = Bᵀ (n×k) · Aᵀ (k×m)` in cuBLAS's column-major terms,
+/// which is the row-major `C = A·B` dynn stores.
+#[allow(clippy::too_many_arguments)]
+fn blas_gemm<T>(
+    blas: &cudarc::cublas::CudaBlas,
+    p: &Problem,
+    nb: usize,
+    a: (&BlasOperand, &CudaStorage),
+    b: (&BlasOperand, &CudaStorage),
+    out: &mut CudaStorage,
+    alpha: T,
+    beta: T,
+) -> Result<()>
+where
+    cudarc::cublas::CudaBlas: cudarc::cublas::Gemm<T>,
+{
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    use cudarc::cublas::{Gemm, GemmConfig, StridedBatchedConfig};
+    fn view<'s, T>(o: &BlasOperand, s: &'s CudaStorage) -> Result<cudarc::driver::CudaView<'s, T>> {
+        // SAFETY: the storage holds `s.len()` elements of T (its dtype is T's, checked by the
+        // caller's match), so the bytes are valid as that many T.
+        let all = unsafe { s.slice().transmute::<T>(s.len()) };
+        all.and_then(|v| v.try_slice(o.offset as usize..))
+            .ok_or_else(|| Error::Msg("matmul: operand view out of range".into()))
+    }
+    let (oa, sa) = a;
+    let (ob, sb) = b;
+    let (va, vb) = (view::<T>(oa, sa)?, view::<T>(ob, sb)?);
+    let len = out.len();
+    let dev = out.dev().clone();
+    // SAFETY: as above, the output holds `len` elements of T.
+    let mut vc = unsafe { out.slice_mut().transmute_mut::<T>(len) }
+        .ok_or_else(|| Error::Msg("matmul: output view out of range".into()))?;
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let cfg = StridedBatchedConfig {
+        gemm: GemmConfig {
+            transa: op(ob.trans),
+            transb: op(oa.trans),
+            m: p.n as i32,
+            n: p.m as i32,
+            k: p.k as i32,
+            alpha,
+            lda: ob.ld as i32,
+            ldb: oa.ld as i32,
+            beta,
+            ldc: p.n as i32,
+        },
+        batch_size: nb as i32,
+        stride_a: ob.batch_stride,
+        stride_b: oa.batch_stride,
+        stride_c: (p.m * p.n) as i64,
+    };
+    // SAFETY: the problem dims, leading dimensions and batch strides describe only elements
+    // inside each operand's layout (validated against its buffer) and the (nb, m, n) output.
+    unsafe { blas.gemm_strided_batched(cfg, &vb, &va, &mut vc) }.map_err(dev.err("matmul"))
+}
+
 impl Op for Matmul {
     fn name(&self) -> &'static str {
         "matmul"
@@ -220,6 +467,9 @@ impl Op for Matmul {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (a, b) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_matmul(&a, &b)?]);
+        }
         let p = problem(a.shape(), b.shape())?;
         let (sa, sb) = (a.cpu("matmul")?, b.cpu("matmul")?);
         let out = match (sa, sb) {

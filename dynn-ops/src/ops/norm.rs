@@ -9,10 +9,15 @@
 //! shape) produces a partial sum, and the partials are added in chunk order, so the result
 //! never depends on thread timing.
 
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
 use crate::math::FastMath;
-use crate::ops::softmax::{RowKernel, Rows, acc_dtype, boxed, run_rows, sum_map, sum_map2};
+use crate::ops::softmax::{
+    RowKernel, RowKernels, RowPlan, Rows, WARPS_PER_BLOCK, acc_dtype, boxed, row_kernels, run_rows,
+    sum_map, sum_map2, vec_ok,
+};
 use crate::registry::OpInfo;
+use cudarc::driver::LaunchConfig;
 use dynn_core::{
     AccFloat, BackwardCtx, Cost, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg,
     Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute,
@@ -257,6 +262,537 @@ where
     })
 }
 
+// ----- CUDA -----
+
+/// Layer and RMS norm over the last dim. Forward: one warp per row with the row in registers
+/// (rows up to 1024 f32 / 512 f64 elements with 16-byte loads, 256 otherwise), else one block
+/// per row; mean and variance in two passes over the row, as on the CPU. Backward: dx per row
+/// the same way; dweight and dbias without atomics: the warp plan sums each block's rows (a
+/// fixed chunk) in registers and then across its warps in warp order; the block plan sums
+/// fixed chunks of rows per column; a last kernel adds the chunks' partials in chunk order.
+pub const CUDA: CudaSource = CudaSource {
+    name: "norm",
+    code: concat!(
+        crate::ops::softmax::cuda_row_helpers!(),
+        r#"
+#define NORM_WARPS 4
+
+// ---- forward: y = (x - mean)·rstd·w + b (RMS: mean = 0, no bias) ----
+
+#define NORM_FWD_PARAMS (int layer, double eps, const scalar* x, Strided xs, const scalar* w, \
+    Strided ws, int has_w, const scalar* b, Strided bs, int has_b, scalar* y, scalar* mean, \
+    scalar* rstd, i64 rows, i64 len)
+#define NORM_FWD_ARGS (layer, eps, x, xs, w, ws, has_w, b, bs, has_b, y, mean, rstd, rows, len)
+
+template <int V, int IT>
+__device__ __forceinline__ void norm_fwd_warp NORM_FWD_PARAMS {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const i64 base = row * len;
+    const scalar c = (scalar)len;
+    scalar v[IT][V];
+    scalar s = 0;
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+        ld<V>(v[k], x, xs, base, ((i64)k * 32 + lane) * V, len, (scalar)0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) s += v[k][e];
+    }
+    scalar mu = 0;
+    if (layer) mu = warp_sum(s) / c;
+    scalar q = 0;
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+        if (((i64)k * 32 + lane) * V < len) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                const scalar d = v[k][e] - mu;
+                q += d * d;
+            }
+        }
+    }
+    const scalar r = (scalar)1 / sqrt(warp_sum(q) / c + (scalar)eps);
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+        const i64 j = ((i64)k * 32 + lane) * V;
+        if (j < len) {
+            scalar wk[V], bk[V];
+            if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+            if (has_b) ld<V>(bk, b, bs, 0, j, len, (scalar)0);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                scalar t = (v[k][e] - mu) * r;
+                if (has_w) t = t * wk[e];
+                if (has_b) t = t + bk[e];
+                v[k][e] = t;
+            }
+            st<V>(y, base + j, v[k]);
+        }
+    }
+    if (lane == 0) {
+        if (layer) mean[row] = mu;
+        rstd[row] = r;
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void norm_fwd_block NORM_FWD_PARAMS {
+    const i64 row = blockIdx.x;
+    if (row >= rows) return;
+    const i64 base = row * len, step = (i64)blockDim.x * V;
+    const scalar c = (scalar)len;
+    scalar d[V];
+    scalar mu = 0;
+    if (layer) {
+        scalar s = 0;
+        for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+            ld<V>(d, x, xs, base, j, len, (scalar)0);
+#pragma unroll
+            for (int e = 0; e < V; ++e) s += d[e];
+        }
+        mu = block_sum(s) / c;
+    }
+    scalar q = 0;
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(d, x, xs, base, j, len, (scalar)0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) q += (d[e] - mu) * (d[e] - mu);
+    }
+    const scalar r = (scalar)1 / sqrt(block_sum(q) / c + (scalar)eps);
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        scalar wk[V], bk[V];
+        ld<V>(d, x, xs, base, j, len, (scalar)0);
+        if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+        if (has_b) ld<V>(bk, b, bs, 0, j, len, (scalar)0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            scalar t = (d[e] - mu) * r;
+            if (has_w) t = t * wk[e];
+            if (has_b) t = t + bk[e];
+            d[e] = t;
+        }
+        st<V>(y, base + j, d);
+    }
+    if (threadIdx.x == 0) {
+        if (layer) mean[row] = mu;
+        rstd[row] = r;
+    }
+}
+
+WARP_PLANS(norm_fwd, norm_fwd_warp, NORM_FWD_PARAMS, NORM_FWD_ARGS)
+BLOCK_PLANS(norm_fwd, norm_fwd_block, NORM_FWD_PARAMS, NORM_FWD_ARGS)
+
+// ---- backward: dx = rstd·(d - mean(d) - xhat·mean(d·xhat)), d = g·w, xhat = (x - mean)·rstd
+// (RMS: no mean(d) term); dweight = Σ_rows g·xhat, dbias = Σ_rows g ----
+
+#define NORM_BWD_PARAMS (int layer, const scalar* x, Strided xs, const scalar* w, Strided ws, \
+    int has_w, const scalar* mean, Strided ms, const scalar* rstd, Strided rs, const scalar* g, \
+    Strided gs, scalar* dx, scalar* pdw, scalar* pdb, int want_dw, int want_db, i64 rows, \
+    i64 len, i64 rows_per_block)
+#define NORM_BWD_ARGS (layer, x, xs, w, ws, has_w, mean, ms, rstd, rs, g, gs, dx, pdw, pdb, \
+    want_dw, want_db, rows, len, rows_per_block)
+
+// Block b takes rows [b·rows_per_block, (b+1)·rows_per_block), its warps one row at a time;
+// each lane keeps the dweight/dbias partial sums of its columns, and the block writes the sum
+// of its warps' partials (in warp order) as row b of pdw/pdb.
+template <int V, int IT>
+__device__ __forceinline__ void norm_bwd_warp NORM_BWD_PARAMS {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const scalar c = (scalar)len;
+    scalar adw[IT][V], adb[IT][V];
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) adw[k][e] = adb[k][e] = 0;
+    }
+    const i64 r0 = (i64)blockIdx.x * rows_per_block;
+    const i64 r1 = min(rows, r0 + rows_per_block);
+    for (i64 row = r0 + warp; row < r1; row += NORM_WARPS) {
+        const i64 base = row * len;
+        const scalar mu = layer ? mean[at(ms, row)] : (scalar)0;
+        const scalar r = rstd[at(rs, row)];
+        scalar xh[IT][V], d[IT][V];
+        scalar s1 = 0, s2 = 0;
+#pragma unroll
+        for (int k = 0; k < IT; ++k) {
+            const i64 j = ((i64)k * 32 + lane) * V;
+            scalar wk[V];
+            ld<V>(xh[k], x, xs, base, j, len, (scalar)0);
+            ld<V>(d[k], g, gs, base, j, len, (scalar)0);
+            if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                const scalar gv = d[k][e], xv = (xh[k][e] - mu) * r;
+                const scalar dv = has_w ? gv * wk[e] : gv;
+                xh[k][e] = xv;
+                d[k][e] = dv;
+                adw[k][e] += gv * xv;
+                adb[k][e] += gv;
+                s1 += dv;
+                s2 += dv * xv;
+            }
+        }
+        const scalar m1 = layer ? warp_sum(s1) / c : (scalar)0;
+        const scalar m2 = warp_sum(s2) / c;
+#pragma unroll
+        for (int k = 0; k < IT; ++k) {
+            const i64 j = ((i64)k * 32 + lane) * V;
+            if (j < len) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) d[k][e] = r * (d[k][e] - m1 - xh[k][e] * m2);
+                st<V>(dx, base + j, d[k]);
+            }
+        }
+    }
+    if (!want_dw && !want_db) return;
+    __shared__ scalar part[NORM_WARPS][IT * V * 32];
+    for (int which = 0; which < 2; ++which) {
+        if (which == 0 ? !want_dw : !want_db) continue;
+        scalar* out = which == 0 ? pdw : pdb;
+#pragma unroll
+        for (int k = 0; k < IT; ++k) {
+#pragma unroll
+            for (int e = 0; e < V; ++e)
+                part[warp][(k * 32 + lane) * V + e] = which == 0 ? adw[k][e] : adb[k][e];
+        }
+        __syncthreads();
+        for (i64 j = threadIdx.x; j < len; j += blockDim.x) {
+            scalar s = part[0][j];
+#pragma unroll
+            for (int q = 1; q < NORM_WARPS; ++q) s += part[q][j];
+            out[(i64)blockIdx.x * len + j] = s;
+        }
+        __syncthreads();
+    }
+}
+
+// One block per row: dx only (the partials come from norm_bwd_cols).
+template <int V>
+__device__ __forceinline__ void norm_bwd_block NORM_BWD_PARAMS {
+    const i64 row = blockIdx.x;
+    if (row >= rows) return;
+    const i64 base = row * len, step = (i64)blockDim.x * V;
+    const scalar c = (scalar)len;
+    const scalar mu = layer ? mean[at(ms, row)] : (scalar)0;
+    const scalar r = rstd[at(rs, row)];
+    scalar xk[V], gk[V], wk[V];
+    scalar s1 = 0, s2 = 0;
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(xk, x, xs, base, j, len, (scalar)0);
+        ld<V>(gk, g, gs, base, j, len, (scalar)0);
+        if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const scalar dv = has_w ? gk[e] * wk[e] : gk[e];
+            s1 += dv;
+            s2 += dv * ((xk[e] - mu) * r);
+        }
+    }
+    const scalar m1 = layer ? block_sum(s1) / c : (scalar)0;
+    const scalar m2 = block_sum(s2) / c;
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(xk, x, xs, base, j, len, (scalar)0);
+        ld<V>(gk, g, gs, base, j, len, (scalar)0);
+        if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            const scalar dv = has_w ? gk[e] * wk[e] : gk[e];
+            gk[e] = r * (dv - m1 - ((xk[e] - mu) * r) * m2);
+        }
+        st<V>(dx, base + j, gk);
+    }
+}
+
+WARP_PLANS(norm_bwd, norm_bwd_warp, NORM_BWD_PARAMS, NORM_BWD_ARGS)
+BLOCK_PLANS(norm_bwd, norm_bwd_block, NORM_BWD_PARAMS, NORM_BWD_ARGS)
+
+// Partial dweight/dbias of the block plan: block (32, 8) sums columns blockIdx.x·32 + tx over
+// the rows of chunk blockIdx.y (rows_per_chunk each), then over ty in order.
+extern "C" __global__ void norm_bwd_cols(int layer, const scalar* x, Strided xs,
+                                         const scalar* mean, Strided ms, const scalar* rstd,
+                                         Strided rs, const scalar* g, Strided gs, scalar* pdw,
+                                         scalar* pdb, int want_dw, int want_db, i64 rows, i64 len,
+                                         i64 rows_per_chunk) {
+    __shared__ scalar sw[8][33], sb[8][33];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const i64 col = (i64)blockIdx.x * 32 + tx, chunk = blockIdx.y;
+    const i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
+    scalar adw = 0, adb = 0;
+    if (col < len) {
+        for (i64 row = r0 + ty; row < r1; row += 8) {
+            const scalar gv = g[at(gs, row * len + col)];
+            const scalar mu = layer ? mean[at(ms, row)] : (scalar)0;
+            adw += gv * ((x[at(xs, row * len + col)] - mu) * rstd[at(rs, row)]);
+            adb += gv;
+        }
+    }
+    sw[ty][tx] = adw;
+    sb[ty][tx] = adb;
+    __syncthreads();
+    if (ty == 0 && col < len) {
+        scalar a = sw[0][tx], b = sb[0][tx];
+#pragma unroll
+        for (int q = 1; q < 8; ++q) {
+            a += sw[q][tx];
+            b += sb[q][tx];
+        }
+        if (want_dw) pdw[chunk * len + col] = a;
+        if (want_db) pdb[chunk * len + col] = b;
+    }
+}
+
+// dweight/dbias: the chunks' partials added in chunk order.
+extern "C" __global__ void norm_bwd_final(const scalar* pdw, const scalar* pdb, scalar* dw,
+                                          scalar* db, int want_dw, int want_db, i64 chunks,
+                                          i64 len) {
+    GRID_LOOP(j, len) {
+        if (want_dw) {
+            scalar s = 0;
+            for (i64 q = 0; q < chunks; ++q) s += pdw[q * len + j];
+            dw[j] = s;
+        }
+        if (want_db) {
+            scalar s = 0;
+            for (i64 q = 0; q < chunks; ++q) s += pdb[q * len + j];
+            db[j] = s;
+        }
+    }
+}
+"#
+    ),
+};
+
+const FWD_KERNELS: RowKernels = row_kernels!("norm_fwd");
+const BWD_KERNELS: RowKernels = row_kernels!("norm_bwd");
+
+/// At most this many row chunks carry partial dweight/dbias sums.
+const MAX_CHUNKS: usize = 256;
+
+/// Rows per chunk of the partial sums: a function of the shape only (deterministic).
+fn rows_per_chunk(rows: usize, multiple: usize) -> usize {
+    rows.div_ceil(MAX_CHUNKS * multiple).max(1) * multiple
+}
+
+/// The storage and view of an optional input, or x's as an unused placeholder.
+fn opt_arg<'a>(
+    op: &'static str,
+    a: Option<&KernelArg<'a>>,
+    x: &'a CudaStorage,
+    xv: Strided,
+) -> Result<(&'a CudaStorage, Strided, i32)> {
+    match a {
+        Some(a) => Ok((cuda::storage(op, a)?, Strided::of(op, a.layout)?, 1)),
+        None => Ok((x, xv, 0)),
+    }
+}
+
+fn cuda_forward(
+    norm: &Norm,
+    x: &KernelArg<'_>,
+    wa: Option<&KernelArg<'_>>,
+    ba: Option<&KernelArg<'_>>,
+) -> Result<Outputs> {
+    let name = norm.name();
+    let xs = cuda::storage(name, x)?;
+    let dev = xs.dev();
+    let dtype = x.dtype();
+    let len = x.shape().dims().last().copied().unwrap_or(1);
+    let n = x.layout.elem_count();
+    let rows = n.checked_div(len).unwrap_or(0);
+    let layer = norm.kind == NormKind::Layer;
+    let mut layouts = vec![x.layout];
+    layouts.extend(wa.map(|a| a.layout));
+    layouts.extend(ba.map(|a| a.layout));
+    let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &layouts));
+    let f = dev.function(&CUDA, dtype, plan.kernel(name, &FWD_KERNELS)?)?;
+    let mut y = CudaStorage::alloc(dev, dtype, n)?;
+    let mut mean = CudaStorage::alloc(dev, acc_dtype(dtype), if layer { rows } else { 0 })?;
+    let mut rstd = CudaStorage::alloc(dev, acc_dtype(dtype), rows)?;
+    if rows > 0 {
+        let xv = Strided::of(name, x.layout)?;
+        let (ws, wv, has_w) = opt_arg(name, wa, xs, xv)?;
+        let (bs, bv, has_b) = opt_arg(name, ba, xs, xv)?;
+        let (layer32, eps, rows64, len64) = (layer as i32, norm.eps, rows as i64, len as i64);
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            plan.cfg(rows),
+            [
+                &layer32,
+                &eps,
+                xs.slice(),
+                &xv,
+                ws.slice(),
+                &wv,
+                &has_w,
+                bs.slice(),
+                &bv,
+                &has_b,
+                y.slice_mut(),
+                mean.slice_mut(),
+                rstd.slice_mut(),
+                &rows64,
+                &len64
+            ]
+        )?;
+    }
+    Ok(if layer {
+        smallvec![Box::new(y) as _, Box::new(mean) as _, Box::new(rstd) as _]
+    } else {
+        smallvec![Box::new(y) as _, Box::new(rstd) as _]
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn cuda_backward(
+    op: &NormBackward,
+    x: &KernelArg<'_>,
+    wa: Option<&KernelArg<'_>>,
+    mean: Option<&KernelArg<'_>>,
+    rstd: &KernelArg<'_>,
+    g: &KernelArg<'_>,
+) -> Result<Outputs> {
+    let name = op.name();
+    let xs = cuda::storage(name, x)?;
+    let dev = xs.dev();
+    let dtype = x.dtype();
+    let len = x.shape().dims().last().copied().unwrap_or(1);
+    let n = x.layout.elem_count();
+    let rows = n.checked_div(len).unwrap_or(0);
+    let layer = op.kind == NormKind::Layer;
+    let mut layouts = vec![x.layout, g.layout];
+    layouts.extend(wa.map(|a| a.layout));
+    let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &layouts));
+    let f = dev.function(&CUDA, dtype, plan.kernel(name, &BWD_KERNELS)?)?;
+    let (want_dw, want_db) = (op.want_dw, op.want_db);
+    let mut dx = CudaStorage::alloc(dev, dtype, n)?;
+    let mut dw = CudaStorage::alloc(dev, dtype, if want_dw { len } else { 0 })?;
+    let mut db = CudaStorage::alloc(dev, dtype, if want_db { len } else { 0 })?;
+    let per = match plan {
+        RowPlan::Warp { .. } => rows_per_chunk(rows, WARPS_PER_BLOCK),
+        RowPlan::Block { .. } => rows_per_chunk(rows, 32),
+    };
+    let chunks = rows.div_ceil(per);
+    let partial = |on: bool| CudaStorage::alloc(dev, dtype, if on { chunks * len } else { 0 });
+    let (mut pdw, mut pdb) = (partial(want_dw)?, partial(want_db)?);
+    let xv = Strided::of(name, x.layout)?;
+    let (ws, wv, has_w) = opt_arg(name, wa, xs, xv)?;
+    let (ms, mv, _) = opt_arg(name, mean, xs, xv)?;
+    let (rs, rv) = (cuda::storage(name, rstd)?, Strided::of(name, rstd.layout)?);
+    let (gs, gv) = (cuda::storage(name, g)?, Strided::of(name, g.layout)?);
+    let (layer32, dw32, db32) = (layer as i32, want_dw as i32, want_db as i32);
+    let (rows64, len64, chunks64) = (rows as i64, len as i64, chunks as i64);
+    if rows > 0 {
+        let (cfg, per64) = match plan {
+            RowPlan::Warp { .. } => (
+                LaunchConfig {
+                    grid_dim: (chunks as u32, 1, 1),
+                    block_dim: (32 * WARPS_PER_BLOCK as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+                per as i64,
+            ),
+            RowPlan::Block { .. } => (plan.cfg(rows), 1),
+        };
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cfg,
+            [
+                &layer32,
+                xs.slice(),
+                &xv,
+                ws.slice(),
+                &wv,
+                &has_w,
+                ms.slice(),
+                &mv,
+                rs.slice(),
+                &rv,
+                gs.slice(),
+                &gv,
+                dx.slice_mut(),
+                pdw.slice_mut(),
+                pdb.slice_mut(),
+                &dw32,
+                &db32,
+                &rows64,
+                &len64,
+                &per64
+            ]
+        )?;
+        if matches!(plan, RowPlan::Block { .. }) && (want_dw || want_db) {
+            let f = dev.function(&CUDA, dtype, "norm_bwd_cols")?;
+            let cfg = LaunchConfig {
+                grid_dim: (len.div_ceil(32) as u32, chunks as u32, 1),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            let per64 = per as i64;
+            crate::cuda_launch!(
+                dev,
+                name,
+                f,
+                cfg,
+                [
+                    &layer32,
+                    xs.slice(),
+                    &xv,
+                    ms.slice(),
+                    &mv,
+                    rs.slice(),
+                    &rv,
+                    gs.slice(),
+                    &gv,
+                    pdw.slice_mut(),
+                    pdb.slice_mut(),
+                    &dw32,
+                    &db32,
+                    &rows64,
+                    &len64,
+                    &per64
+                ]
+            )?;
+        }
+    }
+    if want_dw || want_db {
+        if rows == 0 {
+            // No rows: the sums are empty.
+            let zeros = |on: bool| CudaStorage::zeros(dev, dtype, if on { len } else { 0 });
+            (dw, db) = (zeros(want_dw)?, zeros(want_db)?);
+        } else {
+            let f = dev.function(&CUDA, dtype, "norm_bwd_final")?;
+            crate::cuda_launch!(
+                dev,
+                name,
+                f,
+                cuda::grid(len),
+                [
+                    pdw.slice(),
+                    pdb.slice(),
+                    dw.slice_mut(),
+                    db.slice_mut(),
+                    &dw32,
+                    &db32,
+                    &chunks64,
+                    &len64
+                ]
+            )?;
+        }
+    }
+    let mut o: Outputs = smallvec![Box::new(dx) as _];
+    if want_dw {
+        o.push(Box::new(dw));
+    }
+    if want_db {
+        o.push(Box::new(db));
+    }
+    Ok(o)
+}
+
 impl Op for Norm {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -326,6 +862,9 @@ impl Op for Norm {
         let c = x.shape().dims().last().copied().unwrap_or(1);
         let wa = self.has_weight.then(|| &inputs[1]);
         let ba = self.has_bias.then(|| &inputs[1 + self.has_weight as usize]);
+        if cuda::on_cuda(inputs) {
+            return cuda_forward(self, &x, wa, ba);
+        }
         Ok(float_dispatch!(name, x.cpu(name)?, |v| fwd_kernel(
             self, v, x.layout, wa, ba, c
         )?))
@@ -646,9 +1185,12 @@ impl Op for NormBackward {
         let s0 = 1 + self.has_weight as usize;
         let layer = self.kind == NormKind::Layer;
         let g = inputs[inputs.len() - 1];
-        let gs = g.cpu(name)?;
         let mean = layer.then(|| &inputs[s0]);
         let rstd = &inputs[s0 + layer as usize];
+        if cuda::on_cuda(inputs) {
+            return cuda_backward(self, &x, wa, mean, rstd, &g);
+        }
+        let gs = g.cpu(name)?;
         Ok(float_dispatch!(name, x.cpu(name)?, |v| bwd_kernel(
             self, v, x.layout, wa, mean, rstd, gs, g.layout, c
         )?))

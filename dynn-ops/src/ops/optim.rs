@@ -9,6 +9,9 @@
 //! In-place ops are never recorded on the tape: wrap optimizer steps in
 //! [`dynn_core::no_grad`].
 
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
+use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
+use crate::ops::update::{check_target, cuda_target};
 use crate::registry::OpInfo;
 use dynn_core::{
     AccFloat, CpuElement, CpuStorage, DeviceStorage, Error, FloatElement, Idioms, InplaceOp,
@@ -102,6 +105,152 @@ fn run<T: FloatElement + CpuElement>(
     Ok(())
 }
 
+/// The CUDA kernel: one fused pass per rule (`rule` numbered by [`Rule::cuda`]), inputs read
+/// through their layouts in the target's index order, computed in the scalar type.
+pub const CUDA: CudaSource = CudaSource {
+    name: "optim",
+    code: concat!(
+        cuda_elementwise_helpers!(),
+        r#"
+template <int R, typename I>
+__device__ void optim_t(scalar* __restrict__ t, const Strided& ts, const scalar* __restrict__ a,
+                        const Strided& as, const scalar* __restrict__ b, const Strided& bs,
+                        scalar p0, scalar p1, scalar p2, I n) {
+    // UNROLL elements per thread and step: every load first, then every store.
+    I step = (I)blockDim.x * gridDim.x;
+    for (I base = (I)blockIdx.x * blockDim.x + threadIdx.x; base < n; base += UNROLL * step) {
+        I o[UNROLL];
+        scalar tv[UNROLL], xv[UNROLL], vv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            I i = base + (I)u * step;
+            if (i < n) {
+                o[u] = sat<I>(ts, i);
+                tv[u] = t[o[u]];
+                xv[u] = a[sat<I>(as, i)];
+                if (R == 2) vv[u] = b[sat<I>(bs, i)];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (base + (I)u * step >= n) continue;
+            scalar r;
+            if (R == 0) {
+                r = p0 * tv[u] + p1 * xv[u];
+            } else if (R == 1) {
+                r = p0 * tv[u] + p1 * xv[u] * xv[u];
+            } else {
+                r = p0 * tv[u] - p1 * xv[u] / (sqrt(vv[u]) + p2);
+            }
+            t[o[u]] = r;
+        }
+    }
+}
+
+extern "C" __global__ void optim_update(int rule, scalar* t, Strided ts, const scalar* a,
+                                        Strided as, const scalar* b, Strided bs, double p0,
+                                        double p1, double p2, i64 n, int small) {
+#define RUN(R) \
+    if (small) optim_t<R, u32>(t, ts, a, as, b, bs, (scalar)p0, (scalar)p1, (scalar)p2, (u32)n); \
+    else optim_t<R, u64>(t, ts, a, as, b, bs, (scalar)p0, (scalar)p1, (scalar)p2, (u64)n);
+    switch (rule) {
+    case 0: RUN(0) break;
+    case 1: RUN(1) break;
+    default: RUN(2) break;
+    }
+#undef RUN
+}
+"#
+    ),
+};
+
+impl Rule {
+    /// The rule's number in the CUDA kernel, its three constants (as the CPU computes them,
+    /// in f64 before the cast to the scalar type) and how many inputs it reads.
+    fn cuda(self) -> (i32, [f64; 3], usize) {
+        match self {
+            Rule::Ema { beta } => (0, [beta, 1.0 - beta, 0.0], 1),
+            Rule::EmaSq { beta } => (1, [beta, 1.0 - beta, 0.0], 1),
+            Rule::Step { decay, lr_t, eps } => (2, [decay, lr_t, eps], 2),
+        }
+    }
+}
+
+impl Fused {
+    fn cuda_forward(
+        &self,
+        t: &mut CudaStorage,
+        layout: &Layout,
+        inputs: &[KernelArg<'_>],
+    ) -> Result<()> {
+        let name = self.name();
+        let (rule, [p0, p1, p2], arity) = self.0.cuda();
+        if inputs.len() != arity {
+            return Err(Error::invalid(
+                name,
+                format!("expects {arity} input(s), got {}", inputs.len()),
+            ));
+        }
+        check_target(name, layout)?;
+        let shape = layout.shape();
+        let mut layouts = vec![layout.clone()];
+        let mut slices = Vec::with_capacity(arity);
+        for x in inputs {
+            if x.dtype() != t.dtype() {
+                return Err(Error::DTypeMismatch {
+                    op: name,
+                    expected: t.dtype(),
+                    got: x.dtype(),
+                });
+            }
+            if x.shape() != shape {
+                return Err(Error::shape_mismatch(name, shape, x.shape()));
+            }
+            slices.push(cuda::storage(name, x)?);
+            layouts.push(x.layout.clone());
+        }
+        let n = shape.elem_count();
+        if n == 0 {
+            return Ok(());
+        }
+        let c = coalesce(shape, &layouts.iter().collect::<Vec<_>>());
+        let small = index32(n, &c.iter().collect::<Vec<_>>());
+        let views = c
+            .iter()
+            .map(|l| Strided::of(name, l))
+            .collect::<Result<Vec<_>>>()?;
+        // A one-input rule reads its `b` operand never: pass `a` again.
+        let (sa, va) = (slices[0], &views[1]);
+        let (sb, vb) = match slices.get(1) {
+            Some(&s) => (s, &views[2]),
+            None => (sa, va),
+        };
+        let dev = t.dev().clone();
+        let f = dev.function(&CUDA, t.dtype(), "optim_update")?;
+        let n64 = n as i64;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            elementwise_grid(n),
+            [
+                &rule,
+                t.slice_mut(),
+                &views[0],
+                sa.slice(),
+                va,
+                sb.slice(),
+                vb,
+                &p0,
+                &p1,
+                &p2,
+                &n64,
+                &small
+            ]
+        )
+    }
+}
+
 impl InplaceOp for Fused {
     fn name(&self) -> &'static str {
         match self.0 {
@@ -142,6 +291,9 @@ impl InplaceOp for Fused {
         inputs: &[KernelArg<'_>],
     ) -> Result<()> {
         let name = self.name();
+        if let Some(t) = cuda_target(target) {
+            return self.cuda_forward(t, layout, inputs);
+        }
         macro_rules! go {
             ($variant:ident) => {{
                 let mut src = Vec::with_capacity(inputs.len());

@@ -7,10 +7,12 @@
 //! same bits.
 
 use crate::cpu::PAR_MIN;
+use crate::cuda::{self, CudaSource, CudaStorage};
 use crate::registry::OpInfo;
 use dynn_core::{
-    Cost, CpuElement, CpuStorage, DType, Device, Error, Idioms, KernelArg, Op, Outputs, Result,
-    Shape, Specs, Tensor, TensorSpec, execute_on, smallvec::smallvec, vec_from_fill,
+    Cost, CpuElement, CpuStorage, DType, Device, DeviceStorage, Error, Idioms, KernelArg, Op,
+    Outputs, Result, Shape, Specs, Tensor, TensorSpec, execute_on, smallvec::smallvec,
+    vec_from_fill,
 };
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -37,6 +39,48 @@ pub fn stream_key(seed: u64, salt: u64) -> u64 {
 pub fn counter_hash(key: u64, i: u64) -> u64 {
     mix64(key.wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA)))
 }
+
+/// The CUDA C of [`mix64`] and [`counter_hash`], bit for bit the same functions (unsigned
+/// 64-bit arithmetic wraps in C as `wrapping_*` does in Rust), for the kernels of every family
+/// that draws random bits (`concat!(counter_hash_cuda!(), ...)`).
+macro_rules! counter_hash_cuda {
+    () => {
+        r#"
+__device__ __forceinline__ unsigned long long mix64(unsigned long long z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+__device__ __forceinline__ unsigned long long counter_hash(unsigned long long key,
+                                                           unsigned long long i) {
+    return mix64(key + (i + 1ull) * 0x9E3779B97F4A7C15ull);
+}
+"#
+    };
+}
+pub(crate) use counter_hash_cuda;
+
+/// The CUDA kernel of `rand_uniform` (f32 and f64): element `i` is the CPU's value bit for bit
+/// (the same hash, the same exact 53-bit fraction, then one multiply and one add, each
+/// rounded — no fused multiply-add — and one rounding to the dtype). `rand_normal` (whose
+/// `ln`, `sqrt`, `sin` and `cos` would not round like the CPU's) and the 16-bit dtypes are
+/// generated on the host and uploaded, so they too equal the CPU's values bit for bit.
+pub const CUDA: CudaSource = CudaSource {
+    name: "random",
+    code: concat!(
+        counter_hash_cuda!(),
+        r#"
+extern "C" __global__ void rand_uniform(unsigned long long key, double lo, double span,
+                                        scalar* y, i64 n) {
+    GRID_LOOP(i, n) {
+        double u = (double)(counter_hash(key, (unsigned long long)i) >> 11)
+                 * (1.0 / 9007199254740992.0);
+        y[i] = (scalar)__dadd_rn(lo, __dmul_rn(span, u));
+    }
+}
+"#
+    ),
+};
 
 /// A uniform f64 in [0, 1) from the top 53 bits.
 #[inline(always)]
@@ -93,6 +137,8 @@ pub struct RandInit {
     pub seed: u64,
     /// What to draw.
     pub dist: Distribution,
+    /// The device the tensor is made on (the op has no inputs to tell it).
+    pub device: Device,
 }
 
 const UNIFORM_SALT: u64 = 0x756E_6966_6F72_6D00; // "uniform"
@@ -139,6 +185,43 @@ fn generate<T: CpuElement>(dist: Distribution, seed: u64, n: usize) -> Vec<T> {
 impl RandInit {
     /// Idioms: one element-wise map (generation writes every element once; nothing is read).
     pub const IDIOMS: Idioms = Idioms::MAP;
+
+    /// The `n` elements, generated on the host.
+    fn host(&self, n: usize) -> Result<CpuStorage> {
+        Ok(match self.dtype {
+            DType::F32 => CpuStorage::F32(generate(self.dist, self.seed, n)),
+            DType::F64 => CpuStorage::F64(generate(self.dist, self.seed, n)),
+            DType::F16 => CpuStorage::F16(generate(self.dist, self.seed, n)),
+            DType::BF16 => CpuStorage::BF16(generate(self.dist, self.seed, n)),
+            other => return Err(Error::unsupported_dtype(self.name(), other)),
+        })
+    }
+
+    /// The `n` elements on GPU `ordinal`: uniform f32/f64 by the kernel, the rest generated on
+    /// the host and uploaded (see [`CUDA`]).
+    fn cuda_forward(&self, ordinal: usize, n: usize) -> Result<Box<dyn DeviceStorage>> {
+        let name = self.name();
+        let dev = cuda::device(ordinal)?;
+        let Distribution::Uniform { lo, hi } = self.dist else {
+            return Ok(Box::new(CudaStorage::upload(&dev, &self.host(n)?)?));
+        };
+        if !matches!(self.dtype, DType::F32 | DType::F64) {
+            return Ok(Box::new(CudaStorage::upload(&dev, &self.host(n)?)?));
+        }
+        let mut out = CudaStorage::alloc(&dev, self.dtype, n)?;
+        if n > 0 {
+            let f = dev.function(&CUDA, self.dtype, "rand_uniform")?;
+            let (key, span, n64) = (stream_key(self.seed, UNIFORM_SALT), hi - lo, n as i64);
+            crate::cuda_launch!(
+                dev,
+                name,
+                f,
+                cuda::grid(n),
+                [&key, &lo, &span, out.slice_mut(), &n64]
+            )?;
+        }
+        Ok(Box::new(out))
+    }
 }
 
 impl Op for RandInit {
@@ -198,22 +281,18 @@ impl Op for RandInit {
     }
     fn forward(&self, _: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let n = specs[0].shape.elem_count();
-        let s = match self.dtype {
-            DType::F32 => CpuStorage::F32(generate(self.dist, self.seed, n)),
-            DType::F64 => CpuStorage::F64(generate(self.dist, self.seed, n)),
-            DType::F16 => CpuStorage::F16(generate(self.dist, self.seed, n)),
-            DType::BF16 => CpuStorage::BF16(generate(self.dist, self.seed, n)),
-            other => return Err(Error::unsupported_dtype(self.name(), other)),
-        };
-        Ok(crate::cpu::one(s))
+        if let Device::Cuda(ordinal) = self.device {
+            return Ok(smallvec![self.cuda_forward(ordinal, n)?]);
+        }
+        Ok(crate::cpu::one(self.host(n)?))
     }
     fn differentiable(&self) -> bool {
         false
     }
 }
 
-fn run(op: RandInit, device: Device) -> Result<Tensor> {
-    let name = op.name();
+fn run(op: RandInit) -> Result<Tensor> {
+    let (name, device) = (op.name(), op.device);
     execute_on(op, &[], device)?
         .into_iter()
         .next()
@@ -230,15 +309,13 @@ pub fn rand_uniform(
     seed: u64,
     device: Device,
 ) -> Result<Tensor> {
-    run(
-        RandInit {
-            shape: shape.into(),
-            dtype,
-            seed,
-            dist: Distribution::Uniform { lo, hi },
-        },
+    run(RandInit {
+        shape: shape.into(),
+        dtype,
+        seed,
+        dist: Distribution::Uniform { lo, hi },
         device,
-    )
+    })
 }
 
 /// A tensor of `shape` with normally distributed elements (`mean`, `std`), a pure function of
@@ -251,15 +328,13 @@ pub fn rand_normal(
     seed: u64,
     device: Device,
 ) -> Result<Tensor> {
-    run(
-        RandInit {
-            shape: shape.into(),
-            dtype,
-            seed,
-            dist: Distribution::Normal { mean, std },
-        },
+    run(RandInit {
+        shape: shape.into(),
+        dtype,
+        seed,
+        dist: Distribution::Normal { mean, std },
         device,
-    )
+    })
 }
 
 /// Seeded random constructors as associated functions (`Tensor::rand_uniform(..)`).

@@ -3,15 +3,17 @@
 //! Summation order depends only on the shape, never on thread timing.
 
 use crate::cpu::{PAR_MIN, gather_layout};
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::math::simd;
 use crate::ops::binary::BinaryOps;
 use crate::ops::unary::UnaryOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
+use cudarc::driver::LaunchConfig;
 use dynn_core::{
-    AccFloat, BackwardCtx, CpuElement, DType, Dim, Error, FloatElement, Idioms, InputGrads,
-    KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec, execute1,
-    smallvec::SmallVec, smallvec::smallvec, vec_from_fill,
+    AccFloat, BackwardCtx, CpuElement, DType, DeviceStorage, Dim, Error, FloatElement, Idioms,
+    InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor, TensorSpec,
+    execute1, smallvec::SmallVec, smallvec::smallvec, vec_from_fill,
 };
 use rayon::prelude::*;
 
@@ -225,6 +227,525 @@ fn reduce_blocks<T: FloatElement + CpuElement>(
     out.into_iter().map(T::from_acc).collect()
 }
 
+// ----- CUDA -----
+
+/// Reductions on the GPU. The input is seen as `(outer, red, inner)` blocks through its layout
+/// (reduced dims permuted last when they are not one run, as on the CPU), never copied. With
+/// `inner == 1` a warp (short rows) or a block (long rows) reduces each row; otherwise blocks
+/// of 32 columns × 8 row-slices reduce columns, coalesced. Long reductions over few outputs
+/// are split into fixed chunks (a function of the shape only) whose partials a second launch
+/// reduces: every order is fixed, so results are deterministic. NaN propagates through max and
+/// min as on the CPU; argmax takes the first NaN, else the first maximum.
+pub const CUDA: CudaSource = CudaSource {
+    name: "reduce",
+    code: r#"
+#define RED_INF ((scalar)__longlong_as_double(0x7ff0000000000000LL))
+
+__device__ __forceinline__ scalar red_init(int kind) {
+    if (kind == 0) return (scalar)0;
+    return kind == 1 ? -RED_INF : RED_INF;
+}
+
+// 0 sum, 1 max, 2 min (b replaces a when it is more extreme or NaN).
+__device__ __forceinline__ scalar red_combine(int kind, scalar a, scalar b) {
+    if (kind == 0) return a + b;
+    if (kind == 1) return (b > a || isnan(b)) ? b : a;
+    return (b < a || isnan(b)) ? b : a;
+}
+
+__device__ __forceinline__ scalar red_warp(int kind, scalar a) {
+    for (int o = 16; o > 0; o >>= 1) a = red_combine(kind, a, __shfl_xor_sync(0xffffffffu, a, o));
+    return a;
+}
+
+// Group g = (row, chunk) of `chunks` per row reduces elements [chunk·chunk_len, …) of its row
+// into out[g]. BLOCK: one block per group; else one warp per group, 8 per block.
+template <bool BLOCK>
+__device__ __forceinline__ void reduce_rows_t(int kind, const scalar* x, Strided xs, scalar* out,
+                                              i64 groups, i64 red, i64 chunks, i64 chunk_len) {
+    const i64 g = BLOCK ? (i64)blockIdx.x : (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (g >= groups) return;
+    const i64 row = g / chunks, c = g - row * chunks;
+    const i64 j0 = c * chunk_len, j1 = min(red, j0 + chunk_len);
+    const int lane = BLOCK ? threadIdx.x : (threadIdx.x & 31);
+    const int step = BLOCK ? blockDim.x : 32;
+    const i64 base = row * red;
+    scalar a = red_init(kind);
+    if (xs.contiguous) {
+        const scalar* p = x + xs.offset + base;
+        for (i64 j = j0 + lane; j < j1; j += step) a = red_combine(kind, a, p[j]);
+    } else {
+        for (i64 j = j0 + lane; j < j1; j += step) a = red_combine(kind, a, x[at(xs, base + j)]);
+    }
+    a = red_warp(kind, a);
+    if (BLOCK) {
+        __shared__ scalar sh[32];
+        const int w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+        if ((threadIdx.x & 31) == 0) sh[w] = a;
+        __syncthreads();
+        if (w == 0) {
+            a = (threadIdx.x & 31) < nw ? sh[threadIdx.x & 31] : red_init(kind);
+            a = red_warp(kind, a);
+        }
+    }
+    if (lane == 0) out[g] = a;
+}
+
+extern "C" __global__ void reduce_rows_warp(int kind, const scalar* x, Strided xs, scalar* out,
+                                            i64 groups, i64 red, i64 chunks, i64 chunk_len) {
+    reduce_rows_t<false>(kind, x, xs, out, groups, red, chunks, chunk_len);
+}
+extern "C" __global__ void reduce_rows_block(int kind, const scalar* x, Strided xs, scalar* out,
+                                             i64 groups, i64 red, i64 chunks, i64 chunk_len) {
+    reduce_rows_t<true>(kind, x, xs, out, groups, red, chunks, chunk_len);
+}
+
+// Block (32, 8): columns (blockIdx.x % ncb)·32 + tx of outer block blockIdx.x / ncb, rows of
+// chunk blockIdx.y stepped by 8 per ty, then the 8 partials in ty order; out is
+// (outer, chunks, inner).
+extern "C" __global__ void reduce_cols(int kind, const scalar* x, Strided xs, scalar* out,
+                                       i64 outer, i64 red, i64 inner, i64 chunks,
+                                       i64 chunk_len) {
+    __shared__ scalar sh[8][33];
+    const int tx = threadIdx.x, ty = threadIdx.y;
+    const i64 ncb = (inner + 31) / 32;
+    const i64 o = blockIdx.x / ncb, i = (blockIdx.x - o * ncb) * 32 + tx, c = blockIdx.y;
+    const i64 r0 = c * chunk_len, r1 = min(red, r0 + chunk_len);
+    scalar a = red_init(kind);
+    if (i < inner) {
+        for (i64 r = r0 + ty; r < r1; r += 8) a = red_combine(kind, a, x[at(xs, (o * red + r) * inner + i)]);
+    }
+    sh[ty][tx] = a;
+    __syncthreads();
+    if (ty == 0 && i < inner) {
+#pragma unroll
+        for (int q = 1; q < 8; ++q) a = red_combine(kind, a, sh[q][tx]);
+        out[(o * chunks + c) * inner + i] = a;
+    }
+}
+
+// ---- max/min backward: the gradient split evenly between the elements equal to y ----
+
+// inner == 1: one warp per row, 8 per block.
+extern "C" __global__ void extremum_bwd_rows(const scalar* x, Strided xs, const scalar* y,
+                                             Strided ys, const scalar* g, Strided gs,
+                                             scalar* out, i64 rows, i64 red) {
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = threadIdx.x & 31;
+    const i64 base = row * red;
+    const scalar yy = y[at(ys, row)];
+    i64 n = 0;
+    for (i64 j = lane; j < red; j += 32) n += x[at(xs, base + j)] == yy;
+    n = warp_sum(n);
+    const scalar share = g[at(gs, row)] / (scalar)(n > 0 ? n : 1);
+    for (i64 j = lane; j < red; j += 32) out[base + j] = x[at(xs, base + j)] == yy ? share : (scalar)0;
+}
+
+// inner > 1: one thread per (outer, inner) column.
+extern "C" __global__ void extremum_bwd_cols(const scalar* x, Strided xs, const scalar* y,
+                                             Strided ys, const scalar* g, Strided gs,
+                                             scalar* out, i64 outer, i64 red, i64 inner) {
+    GRID_LOOP(t, outer * inner) {
+        const i64 o = t / inner, i = t - o * inner, base = o * red * inner + i;
+        const scalar yy = y[at(ys, t)];
+        i64 n = 0;
+        for (i64 r = 0; r < red; ++r) n += x[at(xs, base + r * inner)] == yy;
+        const scalar share = g[at(gs, t)] / (scalar)(n > 0 ? n : 1);
+        for (i64 r = 0; r < red; ++r) {
+            const i64 l = base + r * inner;
+            out[l] = x[at(xs, l)] == yy ? share : (scalar)0;
+        }
+    }
+}
+
+// ---- argmax: the first NaN, else the first maximum (a total order: any tree gives it) ----
+
+__device__ __forceinline__ bool am_better(scalar bv, i64 bi, scalar av, i64 ai) {
+    const bool an = isnan(av), bn = isnan(bv);
+    if (an || bn) return (an && bn) ? bi < ai : bn;
+    if (bv != av) return bv > av;
+    return bi < ai;
+}
+
+// inner == 1: one warp per row (8 per block), or one block per row (BLOCK).
+template <bool BLOCK>
+__device__ __forceinline__ void argmax_rows_t(const scalar* x, Strided xs, i64* out, i64 rows,
+                                              i64 red) {
+    const i64 row = BLOCK ? (i64)blockIdx.x : (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const int lane = BLOCK ? threadIdx.x : (threadIdx.x & 31);
+    const int step = BLOCK ? blockDim.x : 32;
+    const i64 base = row * red;
+    scalar bv = -RED_INF;
+    i64 bi = 0x7fffffffffffffffLL;
+    for (i64 j = lane; j < red; j += step) {
+        const scalar v = x[at(xs, base + j)];
+        if (am_better(v, j, bv, bi)) {
+            bv = v;
+            bi = j;
+        }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const scalar ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const i64 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (am_better(ov, oi, bv, bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    if (BLOCK) {
+        __shared__ scalar sv[32];
+        __shared__ i64 si[32];
+        const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
+        if (l == 0) {
+            sv[w] = bv;
+            si[w] = bi;
+        }
+        __syncthreads();
+        if (w == 0) {
+            bv = l < nw ? sv[l] : -RED_INF;
+            bi = l < nw ? si[l] : 0x7fffffffffffffffLL;
+            for (int o = 16; o > 0; o >>= 1) {
+                const scalar ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                const i64 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (am_better(ov, oi, bv, bi)) {
+                    bv = ov;
+                    bi = oi;
+                }
+            }
+        }
+    }
+    if (lane == 0) out[row] = bi < red ? bi : 0;
+}
+
+extern "C" __global__ void argmax_rows_warp(const scalar* x, Strided xs, i64* out, i64 rows, i64 red) {
+    argmax_rows_t<false>(x, xs, out, rows, red);
+}
+extern "C" __global__ void argmax_rows_block(const scalar* x, Strided xs, i64* out, i64 rows, i64 red) {
+    argmax_rows_t<true>(x, xs, out, rows, red);
+}
+
+// inner > 1: one thread per (outer, inner) column, in order.
+extern "C" __global__ void argmax_cols(const scalar* x, Strided xs, i64* out, i64 outer, i64 red,
+                                       i64 inner) {
+    GRID_LOOP(t, outer * inner) {
+        const i64 o = t / inner, i = t - o * inner, base = o * red * inner + i;
+        scalar bv = -RED_INF;
+        i64 bi = 0;
+        for (i64 r = 0; r < red; ++r) {
+            const scalar v = x[at(xs, base + r * inner)];
+            if (r == 0 || am_better(v, r, bv, bi)) {
+                bv = v;
+                bi = r;
+            }
+        }
+        out[t] = bi;
+    }
+}
+"#,
+};
+
+/// Warps per block of the warp-per-row kernels.
+const ROW_WARPS: usize = 8;
+
+/// Threads per block of the block-per-row kernels.
+const ROW_BLOCK: u32 = 256;
+
+/// Rows up to this long get a warp each.
+const WARP_ROW: usize = 1024;
+
+/// The input as `(outer, red, inner)` blocks over its own buffer: the view (the layout, with
+/// the reduced dims permuted last when they are not one run) and the three sizes, as
+/// [`as_blocks`] sees them.
+fn block_view(
+    op: &'static str,
+    layout: &Layout,
+    dims: &[usize],
+) -> Result<(Strided, usize, usize, usize)> {
+    let d = layout.dims();
+    if dims.windows(2).all(|w| w[1] == w[0] + 1) {
+        let (first, last) = (
+            dims.first().copied().unwrap_or(0),
+            dims.last().map_or(0, |l| l + 1),
+        );
+        let outer = d[..first].iter().product();
+        let red = d[first..last].iter().product();
+        let inner = d[last..].iter().product();
+        return Ok((Strided::of(op, layout)?, outer, red, inner));
+    }
+    let kept: Vec<usize> = (0..d.len()).filter(|i| !dims.contains(i)).collect();
+    let perm: Vec<usize> = kept.iter().chain(dims.iter()).copied().collect();
+    let p = layout.permute(&perm)?;
+    let outer = kept.iter().map(|&i| d[i]).product();
+    let red = dims.iter().map(|&i| d[i]).product();
+    Ok((Strided::of(op, &p)?, outer, red, 1))
+}
+
+fn grid_x(op: &'static str, blocks: usize) -> Result<u32> {
+    u32::try_from(blocks.max(1))
+        .ok()
+        .filter(|&b| b <= i32::MAX as u32)
+        .ok_or_else(|| Error::invalid(op, format!("too many CUDA blocks ({blocks})")))
+}
+
+/// Reduces `(outer, red, inner)` blocks of `src` seen through `view` into a new contiguous
+/// `(outer, inner)` buffer; splits long reductions into chunks and reduces the partials again.
+#[allow(clippy::too_many_arguments)]
+fn cuda_reduce_blocks(
+    op: &'static str,
+    dev: &std::sync::Arc<cuda::CudaDevice>,
+    dtype: DType,
+    kind: i32,
+    src: &CudaStorage,
+    view: &Strided,
+    (outer, red, inner): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    let n_out = outer * inner;
+    let mut out = CudaStorage::alloc(dev, dtype, n_out)?;
+    if n_out == 0 {
+        return Ok(out);
+    }
+    if inner == 1 {
+        let rows = outer;
+        let (chunks, block) = if red <= WARP_ROW {
+            (1, false)
+        } else if rows >= 256 {
+            (1, true)
+        } else {
+            (red.div_ceil(8192).min(512usize.div_ceil(rows)).max(1), true)
+        };
+        let chunk_len = red.div_ceil(chunks).max(1);
+        let groups = rows * chunks;
+        let (name, cfg) = if block {
+            ("reduce_rows_block", cuda::rows(groups, ROW_BLOCK))
+        } else {
+            let blocks = grid_x(op, groups.div_ceil(ROW_WARPS))?;
+            (
+                "reduce_rows_warp",
+                LaunchConfig {
+                    grid_dim: (blocks, 1, 1),
+                    block_dim: (32 * ROW_WARPS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
+        };
+        let f = dev.function(&CUDA, dtype, name)?;
+        let mut dst = if chunks > 1 {
+            CudaStorage::alloc(dev, dtype, groups)?
+        } else {
+            out
+        };
+        let (g64, red64, c64, cl64) = (groups as i64, red as i64, chunks as i64, chunk_len as i64);
+        crate::cuda_launch!(
+            dev,
+            op,
+            f,
+            cfg,
+            [
+                &kind,
+                src.slice(),
+                view,
+                dst.slice_mut(),
+                &g64,
+                &red64,
+                &c64,
+                &cl64
+            ]
+        )?;
+        if chunks == 1 {
+            return Ok(dst);
+        }
+        let pv = Strided::of(op, &Layout::contiguous([rows, chunks]))?;
+        return cuda_reduce_blocks(op, dev, dtype, kind, &dst, &pv, (rows, chunks, 1));
+    }
+    let ncb = inner.div_ceil(32);
+    let blocks = outer * ncb;
+    let chunks = if blocks >= 256 || red <= 256 {
+        1
+    } else {
+        red.div_ceil(256).min(512usize.div_ceil(blocks)).max(1)
+    };
+    let chunk_len = red.div_ceil(chunks).max(1);
+    let f = dev.function(&CUDA, dtype, "reduce_cols")?;
+    let cfg = LaunchConfig {
+        grid_dim: (grid_x(op, blocks)?, chunks as u32, 1),
+        block_dim: (32, 8, 1),
+        shared_mem_bytes: 0,
+    };
+    if chunks > 1 {
+        out = CudaStorage::alloc(dev, dtype, outer * chunks * inner)?;
+    }
+    let (o64, red64, in64, c64, cl64) = (
+        outer as i64,
+        red as i64,
+        inner as i64,
+        chunks as i64,
+        chunk_len as i64,
+    );
+    crate::cuda_launch!(
+        dev,
+        op,
+        f,
+        cfg,
+        [
+            &kind,
+            src.slice(),
+            view,
+            out.slice_mut(),
+            &o64,
+            &red64,
+            &in64,
+            &c64,
+            &cl64
+        ]
+    )?;
+    if chunks == 1 {
+        return Ok(out);
+    }
+    let pv = Strided::of(op, &Layout::contiguous([outer, chunks, inner]))?;
+    cuda_reduce_blocks(op, dev, dtype, kind, &out, &pv, (outer, chunks, inner))
+}
+
+fn cuda_reduce(op: &Reduce, x: &KernelArg<'_>) -> Result<Box<dyn DeviceStorage>> {
+    let name = op.name();
+    let xs = cuda::storage(name, x)?;
+    let (view, outer, red, inner) = block_view(name, x.layout, &op.dims)?;
+    let kind = match op.kind {
+        ReduceKind::Sum => 0,
+        ReduceKind::Max => 1,
+        ReduceKind::Min => 2,
+    };
+    let out = cuda_reduce_blocks(
+        name,
+        xs.dev(),
+        x.dtype(),
+        kind,
+        xs,
+        &view,
+        (outer, red, inner),
+    )?;
+    Ok(Box::new(out))
+}
+
+fn cuda_extremum_backward(
+    op: &ExtremumBackward,
+    x: &KernelArg<'_>,
+    y: &KernelArg<'_>,
+    g: &KernelArg<'_>,
+) -> Result<Box<dyn DeviceStorage>> {
+    let name = op.name();
+    let (xs, ys, gs) = (
+        cuda::storage(name, x)?,
+        cuda::storage(name, y)?,
+        cuda::storage(name, g)?,
+    );
+    let dev = xs.dev();
+    let dtype = x.dtype();
+    let (xv, outer, red, inner) = block_view(name, x.layout, &[op.dim])?;
+    let (yv, gv) = (Strided::of(name, y.layout)?, Strided::of(name, g.layout)?);
+    let n = outer * red * inner;
+    let mut out = CudaStorage::alloc(dev, dtype, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let (o64, red64, in64) = (outer as i64, red as i64, inner as i64);
+    if inner == 1 {
+        let f = dev.function(&CUDA, dtype, "extremum_bwd_rows")?;
+        let cfg = LaunchConfig {
+            grid_dim: (grid_x(name, outer.div_ceil(ROW_WARPS))?, 1, 1),
+            block_dim: (32 * ROW_WARPS as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cfg,
+            [
+                xs.slice(),
+                &xv,
+                ys.slice(),
+                &yv,
+                gs.slice(),
+                &gv,
+                out.slice_mut(),
+                &o64,
+                &red64
+            ]
+        )?;
+    } else {
+        let f = dev.function(&CUDA, dtype, "extremum_bwd_cols")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cuda::grid(outer * inner),
+            [
+                xs.slice(),
+                &xv,
+                ys.slice(),
+                &yv,
+                gs.slice(),
+                &gv,
+                out.slice_mut(),
+                &o64,
+                &red64,
+                &in64
+            ]
+        )?;
+    }
+    Ok(Box::new(out))
+}
+
+fn cuda_argmax(op: &Argmax, x: &KernelArg<'_>) -> Result<Box<dyn DeviceStorage>> {
+    let name = "argmax";
+    let xs = cuda::storage(name, x)?;
+    let dev = xs.dev();
+    let dtype = x.dtype();
+    let (xv, outer, red, inner) = block_view(name, x.layout, &[op.dim])?;
+    let n_out = outer * inner;
+    if n_out == 0 || red == 0 {
+        // No elements to compare: index 0 everywhere, as on the CPU.
+        cuda::scalar_type(name, dtype)?;
+        return Ok(Box::new(CudaStorage::zeros(dev, DType::I64, n_out)?));
+    }
+    let mut out = CudaStorage::alloc(dev, DType::I64, n_out)?;
+    let (o64, red64, in64) = (outer as i64, red as i64, inner as i64);
+    if inner == 1 {
+        let (kernel, cfg) = if red <= 4 * WARP_ROW || outer >= 1024 {
+            (
+                "argmax_rows_warp",
+                LaunchConfig {
+                    grid_dim: (grid_x(name, outer.div_ceil(ROW_WARPS))?, 1, 1),
+                    block_dim: (32 * ROW_WARPS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
+            )
+        } else {
+            ("argmax_rows_block", cuda::rows(outer, ROW_BLOCK))
+        };
+        let f = dev.function(&CUDA, dtype, kernel)?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cfg,
+            [xs.slice(), &xv, out.slice_mut(), &o64, &red64]
+        )?;
+    } else {
+        let f = dev.function(&CUDA, dtype, "argmax_cols")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cuda::grid(n_out),
+            [xs.slice(), &xv, out.slice_mut(), &o64, &red64, &in64]
+        )?;
+    }
+    Ok(Box::new(out))
+}
+
 impl Op for Reduce {
     fn name(&self) -> &'static str {
         match self.kind {
@@ -254,6 +775,9 @@ impl Op for Reduce {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_reduce(self, &x)?]);
+        }
         let name = self.name();
         let kind = self.kind;
         let out = crate::float_dispatch!(name, x.cpu(name)?, |v| {
@@ -322,6 +846,9 @@ impl Op for ExtremumBackward {
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();
         let (x, y, g) = (inputs[0], inputs[1], inputs[2]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_extremum_backward(self, &x, &y, &g)?]);
+        }
         let (ys, gs) = (y.cpu(name)?, g.cpu(name)?);
         let dim = self.dim;
         let out = crate::float_dispatch!(name, x.cpu(name)?, |xv| {
@@ -400,6 +927,9 @@ impl Op for Argmax {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_argmax(self, &x)?]);
+        }
         let out = crate::float_dispatch!("argmax", x.cpu("argmax")?, |v| {
             let (b, outer, red, inner) = as_blocks(v, x.layout, &[self.dim])?;
             let mut out = vec![0i64; outer * inner];

@@ -14,9 +14,11 @@
 //! `VecExp`) that the other row-wise families (norms, cross-entropy, dropout) reuse.
 
 use crate::cpu::{PAR_MIN, gather_layout};
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
 use crate::math::FastMath;
 use crate::registry::OpInfo;
+use cudarc::driver::LaunchConfig;
 use dynn_core::{
     AccFloat, BackwardCtx, Cost, CpuElement, DType, DeviceStorage, Dim, Error, FloatElement,
     Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result, Save, Shape, Specs, Tensor,
@@ -525,6 +527,544 @@ where
     yr.restore(out)
 }
 
+// ----- CUDA -----
+
+/// Helpers the row-wise families (softmax, norms, cross-entropy) put before their kernels:
+/// −∞, 16-byte vector loads and stores, and the chunk loader of the register-resident rows.
+/// (Each family is its own NVRTC module, so each carries a copy.)
+macro_rules! cuda_row_helpers {
+    () => {
+        r#"
+template <typename T> __device__ __forceinline__ T neg_inf();
+template <> __device__ __forceinline__ float neg_inf<float>() { return __int_as_float(0xff800000); }
+template <> __device__ __forceinline__ double neg_inf<double>() {
+    return __longlong_as_double((long long)0xfff0000000000000ULL);
+}
+
+// Elements per 16-byte vector.
+#define VEC (16 / (int)sizeof(scalar))
+
+__device__ __forceinline__ void vload(float* d, const float* s) {
+    float4 v = *reinterpret_cast<const float4*>(s);
+    d[0] = v.x; d[1] = v.y; d[2] = v.z; d[3] = v.w;
+}
+__device__ __forceinline__ void vload(double* d, const double* s) {
+    double2 v = *reinterpret_cast<const double2*>(s);
+    d[0] = v.x; d[1] = v.y;
+}
+__device__ __forceinline__ void vstore(float* d, const float* s) {
+    *reinterpret_cast<float4*>(d) = make_float4(s[0], s[1], s[2], s[3]);
+}
+__device__ __forceinline__ void vstore(double* d, const double* s) {
+    *reinterpret_cast<double2*>(d) = make_double2(s[0], s[1]);
+}
+
+// `at` for a strided view, out of line (keeps the unrolled register-row kernels small).
+__device__ __noinline__ i64 at_strided(Strided s, i64 i) { return at(s, i); }
+
+// Loads the V elements j..j+V of the row starting at logical index `base` (pad past `len`).
+// V > 1: one 16-byte load from a contiguous, aligned view (the host checks); V == 1: any
+// layout through `at`.
+template <int V>
+__device__ __forceinline__ bool ld(scalar (&d)[V], const scalar* p, const Strided& s, i64 base,
+                                   i64 j, i64 len, scalar pad) {
+    if (j >= len) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) d[e] = pad;
+        return false;
+    }
+    if constexpr (V > 1) {
+        vload(d, p + s.offset + base + j);
+    } else {
+        d[0] = p[s.contiguous ? s.offset + base + j : at_strided(s, base + j)];
+    }
+    return true;
+}
+
+// Stores V elements at contiguous index `i` (aligned when V > 1).
+template <int V>
+__device__ __forceinline__ void st(scalar* p, i64 i, const scalar (&d)[V]) {
+    if constexpr (V > 1) {
+        vstore(p + i, d);
+    } else {
+        p[i] = d[0];
+    }
+}
+
+// A kernel `NAME` for each register-resident warp plan: 16-byte chunks (`_wv<IT>`) or single
+// elements (`_ws<IT>`), IT chunks per lane. BODY is a template taking <V, IT>.
+#define WARP_PLANS(NAME, BODY, PARAMS, ARGS) \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_wv1 PARAMS { BODY<VEC, 1> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_wv2 PARAMS { BODY<VEC, 2> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_wv4 PARAMS { BODY<VEC, 4> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_wv8 PARAMS { BODY<VEC, 8> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_ws1 PARAMS { BODY<1, 1> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_ws2 PARAMS { BODY<1, 2> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_ws4 PARAMS { BODY<1, 4> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_ws8 PARAMS { BODY<1, 8> ARGS; }
+
+// The two block plans (one block per row): 16-byte chunks (`_bv`) or single elements (`_bs`).
+#define BLOCK_PLANS(NAME, BODY, PARAMS, ARGS) \
+    extern "C" __global__ void NAME##_bv PARAMS { BODY<VEC> ARGS; } \
+    extern "C" __global__ void NAME##_bs PARAMS { BODY<1> ARGS; }
+"#
+    };
+}
+pub(crate) use cuda_row_helpers;
+
+/// The kernels of one row-wise operation, one per [`RowPlan`] (see `WARP_PLANS` and
+/// `BLOCK_PLANS` in the CUDA helpers).
+pub(crate) struct RowKernels {
+    /// Warp plans with 16-byte chunks, for 1, 2, 4, 8 chunks per lane.
+    pub warp_vec: [&'static str; WARP_PLAN_ITS],
+    /// Warp plans with single elements, for 1, 2, 4, 8 per lane.
+    pub warp: [&'static str; WARP_PLAN_ITS],
+    /// Block plan with 16-byte chunks.
+    pub block_vec: &'static str,
+    /// Block plan with single elements.
+    pub block: &'static str,
+}
+
+/// Names the kernels that `WARP_PLANS(NAME, …)` and `BLOCK_PLANS(NAME, …)` define.
+macro_rules! row_kernels {
+    ($name:literal) => {
+        crate::ops::softmax::RowKernels {
+            warp_vec: [
+                concat!($name, "_wv1"),
+                concat!($name, "_wv2"),
+                concat!($name, "_wv4"),
+                concat!($name, "_wv8"),
+            ],
+            warp: [
+                concat!($name, "_ws1"),
+                concat!($name, "_ws2"),
+                concat!($name, "_ws4"),
+                concat!($name, "_ws8"),
+            ],
+            block_vec: concat!($name, "_bv"),
+            block: concat!($name, "_bs"),
+        }
+    };
+}
+pub(crate) use row_kernels;
+
+/// Warp plans hold 1, 2, 4 or 8 chunks per lane: rows of up to 8 × 32 chunks (1024 f32 or
+/// 512 f64 elements with 16-byte chunks, 256 elements otherwise) live in registers.
+pub(crate) const WARP_PLAN_ITS: usize = 4;
+
+/// Rows (warps) per block of a warp plan.
+pub(crate) const WARPS_PER_BLOCK: usize = 4;
+
+/// How a row-wise CUDA kernel covers rows of `len` elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowPlan {
+    /// One warp per row with the row in registers: `it` chunks per lane, each 16 bytes
+    /// (`vec`) or one element.
+    Warp {
+        /// 16-byte chunks.
+        vec: bool,
+        /// Chunks per lane (a power of two).
+        it: usize,
+    },
+    /// One block of `threads` per row, passes over memory.
+    Block {
+        /// 16-byte chunks.
+        vec: bool,
+        /// Threads per block.
+        threads: u32,
+    },
+}
+
+/// Elements per 16-byte vector of `dtype`.
+pub(crate) fn vec_width(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes().max(1)
+}
+
+/// True when rows of `len` elements in each of `layouts` can be read with aligned 16-byte
+/// loads (contiguous, offset and row length multiples of the vector width). Device buffers
+/// are at least 256-byte aligned.
+pub(crate) fn vec_ok(dtype: DType, len: usize, layouts: &[&Layout]) -> bool {
+    let w = vec_width(dtype);
+    len % w == 0
+        && layouts
+            .iter()
+            .all(|l| l.is_contiguous() && l.offset() % w == 0)
+}
+
+impl RowPlan {
+    /// The plan for rows of `len` elements (`vec` from [`vec_ok`]).
+    pub(crate) fn new(dtype: DType, len: usize, vec: bool) -> RowPlan {
+        let chunk = if vec { vec_width(dtype) } else { 1 };
+        let it = len.div_ceil(32 * chunk).max(1).next_power_of_two();
+        if it < 1 << WARP_PLAN_ITS {
+            RowPlan::Warp { vec, it }
+        } else {
+            RowPlan::Block {
+                vec,
+                threads: crate::cuda::row_threads(len),
+            }
+        }
+    }
+
+    /// The kernel of this plan among `k`.
+    pub(crate) fn kernel(self, op: &'static str, k: &RowKernels) -> Result<&'static str> {
+        let name = match self {
+            RowPlan::Warp { vec: true, it } => k.warp_vec.get(it.trailing_zeros() as usize),
+            RowPlan::Warp { vec: false, it } => k.warp.get(it.trailing_zeros() as usize),
+            RowPlan::Block { vec: true, .. } => Some(&k.block_vec),
+            RowPlan::Block { vec: false, .. } => Some(&k.block),
+        };
+        name.copied()
+            .ok_or_else(|| Error::invalid(op, format!("no CUDA row kernel for plan {self:?}")))
+    }
+
+    /// The launch shape for `rows` rows.
+    pub(crate) fn cfg(self, rows: usize) -> LaunchConfig {
+        match self {
+            RowPlan::Warp { .. } => LaunchConfig {
+                grid_dim: (rows.div_ceil(WARPS_PER_BLOCK).max(1) as u32, 1, 1),
+                block_dim: (32 * WARPS_PER_BLOCK as u32, 1, 1),
+                shared_mem_bytes: 0,
+            },
+            RowPlan::Block { threads, .. } => crate::cuda::rows(rows, threads),
+        }
+    }
+}
+
+/// `(outer, len, inner)`: the dims before `dim`, `dim` itself, the dims after it.
+pub(crate) fn split_at_dim(dims: &[usize], dim: usize) -> (usize, usize, usize) {
+    let len = dims.get(dim).copied().unwrap_or(1);
+    let outer = dims[..dim.min(dims.len())].iter().product();
+    let inner = dims.get(dim + 1..).map_or(1, |d| d.iter().product());
+    (outer, len, inner)
+}
+
+/// Softmax / log-softmax forward and backward along any dim: when the dim is innermost (all
+/// later dims of size 1) one warp per row with the row in registers (see `RowPlan`: up to
+/// 1024 f32 elements with 16-byte loads), or one block per row (three passes, max, Σ exp,
+/// write); otherwise one thread per column. Reductions are warp shuffles in a fixed order:
+/// deterministic.
+pub const CUDA: CudaSource = CudaSource {
+    name: "softmax",
+    code: concat!(
+        cuda_row_helpers!(),
+        r#"
+// ---- forward ----
+
+template <int V, int IT>
+__device__ __forceinline__ void sm_fwd_warp(const scalar* x, Strided xs, scalar* y, i64 rows,
+                                            i64 len, int is_log) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const scalar ninf = neg_inf<scalar>();
+    const i64 base = row * len;
+    scalar v[IT][V];
+    scalar m = ninf;
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+        ld<V>(v[k], x, xs, base, ((i64)k * 32 + lane) * V, len, ninf);
+#pragma unroll
+        for (int e = 0; e < V; ++e) m = max(m, v[k][e]);
+    }
+    m = warp_max(m);
+    scalar s = 0;
+    if (is_log) {
+#pragma unroll
+        for (int k = 0; k < IT; ++k) {
+            if (((i64)k * 32 + lane) * V < len) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) s += dexp(v[k][e] - m);
+            }
+        }
+        s = warp_sum(s);
+        const scalar ls = log(s);
+#pragma unroll
+        for (int k = 0; k < IT; ++k) {
+            const i64 j = ((i64)k * 32 + lane) * V;
+            if (j < len) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) v[k][e] = (v[k][e] - m) - ls;
+                st<V>(y, base + j, v[k]);
+            }
+        }
+    } else {
+#pragma unroll
+        for (int k = 0; k < IT; ++k) {
+            if (((i64)k * 32 + lane) * V < len) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    v[k][e] = dexp(v[k][e] - m);
+                    s += v[k][e];
+                }
+            }
+        }
+        s = warp_sum(s);
+        const scalar inv = (scalar)1 / s;
+#pragma unroll
+        for (int k = 0; k < IT; ++k) {
+            const i64 j = ((i64)k * 32 + lane) * V;
+            if (j < len) {
+#pragma unroll
+                for (int e = 0; e < V; ++e) v[k][e] *= inv;
+                st<V>(y, base + j, v[k]);
+            }
+        }
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void sm_fwd_block(const scalar* x, Strided xs, scalar* y, i64 rows,
+                                             i64 len, int is_log) {
+    const i64 row = blockIdx.x;
+    if (row >= rows) return;
+    const scalar ninf = neg_inf<scalar>();
+    const i64 base = row * len, step = (i64)blockDim.x * V;
+    scalar d[V];
+    scalar m = ninf;
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(d, x, xs, base, j, len, ninf);
+#pragma unroll
+        for (int e = 0; e < V; ++e) m = max(m, d[e]);
+    }
+    m = block_max(m, ninf);
+    scalar s = 0;
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(d, x, xs, base, j, len, ninf);
+#pragma unroll
+        for (int e = 0; e < V; ++e) s += dexp(d[e] - m);
+    }
+    s = block_sum(s);
+    const scalar ls = log(s), inv = (scalar)1 / s;
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(d, x, xs, base, j, len, ninf);
+#pragma unroll
+        for (int e = 0; e < V; ++e) d[e] = is_log ? (d[e] - m) - ls : dexp(d[e] - m) * inv;
+        st<V>(y, base + j, d);
+    }
+}
+
+#define SM_FWD_PARAMS (const scalar* x, Strided xs, scalar* y, i64 rows, i64 len, int is_log)
+#define SM_FWD_ARGS (x, xs, y, rows, len, is_log)
+WARP_PLANS(softmax_fwd, sm_fwd_warp, SM_FWD_PARAMS, SM_FWD_ARGS)
+BLOCK_PLANS(softmax_fwd, sm_fwd_block, SM_FWD_PARAMS, SM_FWD_ARGS)
+
+// The dim is not innermost: one thread per (outer, inner) column, `len` elements `inner` apart.
+extern "C" __global__ void softmax_fwd_cols(const scalar* x, Strided xs, scalar* y, i64 outer,
+                                            i64 len, i64 inner, int is_log) {
+    GRID_LOOP(t, outer * inner) {
+        const i64 o = t / inner, i = t - o * inner, base = o * len * inner + i;
+        scalar m = neg_inf<scalar>();
+        for (i64 r = 0; r < len; ++r) m = max(m, x[at(xs, base + r * inner)]);
+        scalar s = 0;
+        for (i64 r = 0; r < len; ++r) s += dexp(x[at(xs, base + r * inner)] - m);
+        const scalar ls = log(s), inv = (scalar)1 / s;
+        for (i64 r = 0; r < len; ++r) {
+            const scalar v = x[at(xs, base + r * inner)];
+            y[base + r * inner] = is_log ? (v - m) - ls : dexp(v - m) * inv;
+        }
+    }
+}
+
+// ---- backward: (g - Σ g·y)·y, or g - e^y·Σ g for log-softmax ----
+
+template <int V, int IT>
+__device__ __forceinline__ void sm_bwd_warp(const scalar* y, Strided ys, const scalar* g,
+                                            Strided gs, scalar* out, i64 rows, i64 len,
+                                            int is_log) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= rows) return;
+    const i64 base = row * len;
+    scalar a[IT][V], b[IT][V];
+    scalar s = 0;
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+        const i64 j = ((i64)k * 32 + lane) * V;
+        ld<V>(a[k], y, ys, base, j, len, (scalar)0);
+        ld<V>(b[k], g, gs, base, j, len, (scalar)0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) s += is_log ? b[k][e] : a[k][e] * b[k][e];
+    }
+    s = warp_sum(s);
+#pragma unroll
+    for (int k = 0; k < IT; ++k) {
+        const i64 j = ((i64)k * 32 + lane) * V;
+        if (j < len) {
+#pragma unroll
+            for (int e = 0; e < V; ++e)
+                a[k][e] = is_log ? b[k][e] - dexp(a[k][e]) * s : (b[k][e] - s) * a[k][e];
+            st<V>(out, base + j, a[k]);
+        }
+    }
+}
+
+template <int V>
+__device__ __forceinline__ void sm_bwd_block(const scalar* y, Strided ys, const scalar* g,
+                                             Strided gs, scalar* out, i64 rows, i64 len,
+                                             int is_log) {
+    const i64 row = blockIdx.x;
+    if (row >= rows) return;
+    const i64 base = row * len, step = (i64)blockDim.x * V;
+    scalar a[V], b[V];
+    scalar s = 0;
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(a, y, ys, base, j, len, (scalar)0);
+        ld<V>(b, g, gs, base, j, len, (scalar)0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) s += is_log ? b[e] : a[e] * b[e];
+    }
+    s = block_sum(s);
+    for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
+        ld<V>(a, y, ys, base, j, len, (scalar)0);
+        ld<V>(b, g, gs, base, j, len, (scalar)0);
+#pragma unroll
+        for (int e = 0; e < V; ++e) a[e] = is_log ? b[e] - dexp(a[e]) * s : (b[e] - s) * a[e];
+        st<V>(out, base + j, a);
+    }
+}
+
+#define SM_BWD_PARAMS (const scalar* y, Strided ys, const scalar* g, Strided gs, scalar* out, \
+                       i64 rows, i64 len, int is_log)
+#define SM_BWD_ARGS (y, ys, g, gs, out, rows, len, is_log)
+WARP_PLANS(softmax_bwd, sm_bwd_warp, SM_BWD_PARAMS, SM_BWD_ARGS)
+BLOCK_PLANS(softmax_bwd, sm_bwd_block, SM_BWD_PARAMS, SM_BWD_ARGS)
+
+extern "C" __global__ void softmax_bwd_cols(const scalar* y, Strided ys, const scalar* g,
+                                            Strided gs, scalar* out, i64 outer, i64 len,
+                                            i64 inner, int is_log) {
+    GRID_LOOP(t, outer * inner) {
+        const i64 o = t / inner, i = t - o * inner, base = o * len * inner + i;
+        scalar s = 0;
+        for (i64 r = 0; r < len; ++r) {
+            const i64 l = base + r * inner;
+            s += is_log ? g[at(gs, l)] : y[at(ys, l)] * g[at(gs, l)];
+        }
+        for (i64 r = 0; r < len; ++r) {
+            const i64 l = base + r * inner;
+            const scalar a = y[at(ys, l)], b = g[at(gs, l)];
+            out[l] = is_log ? b - dexp(a) * s : (b - s) * a;
+        }
+    }
+}
+"#
+    ),
+};
+
+const FWD_KERNELS: RowKernels = row_kernels!("softmax_fwd");
+const BWD_KERNELS: RowKernels = row_kernels!("softmax_bwd");
+
+fn cuda_forward(op: Softmax, x: &KernelArg<'_>) -> Result<Box<dyn DeviceStorage>> {
+    let name = op.name();
+    let xs = cuda::storage(name, x)?;
+    let dev = xs.dev();
+    let dtype = x.dtype();
+    let (outer, len, inner) = split_at_dim(x.layout.dims(), op.dim);
+    let n = outer * len * inner;
+    let mut out = CudaStorage::alloc(dev, dtype, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let view = Strided::of(name, x.layout)?;
+    let (outer64, len64, inner64, is_log) = (outer as i64, len as i64, inner as i64, op.log as i32);
+    if inner == 1 {
+        let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &[x.layout]));
+        let f = dev.function(&CUDA, dtype, plan.kernel(name, &FWD_KERNELS)?)?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            plan.cfg(outer),
+            [
+                xs.slice(),
+                &view,
+                out.slice_mut(),
+                &outer64,
+                &len64,
+                &is_log
+            ]
+        )?;
+    } else {
+        let f = dev.function(&CUDA, dtype, "softmax_fwd_cols")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cuda::grid(outer * inner),
+            [
+                xs.slice(),
+                &view,
+                out.slice_mut(),
+                &outer64,
+                &len64,
+                &inner64,
+                &is_log
+            ]
+        )?;
+    }
+    Ok(Box::new(out))
+}
+
+fn cuda_backward(
+    op: SoftmaxBackward,
+    y: &KernelArg<'_>,
+    g: &KernelArg<'_>,
+) -> Result<Box<dyn DeviceStorage>> {
+    let name = op.name();
+    let (ys, gs) = (cuda::storage(name, y)?, cuda::storage(name, g)?);
+    let dev = ys.dev();
+    let dtype = y.dtype();
+    let (outer, len, inner) = split_at_dim(y.layout.dims(), op.0.dim);
+    let n = outer * len * inner;
+    let mut out = CudaStorage::alloc(dev, dtype, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let (yv, gv) = (Strided::of(name, y.layout)?, Strided::of(name, g.layout)?);
+    let (outer64, len64, inner64, is_log) =
+        (outer as i64, len as i64, inner as i64, op.0.log as i32);
+    if inner == 1 {
+        let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &[y.layout, g.layout]));
+        let f = dev.function(&CUDA, dtype, plan.kernel(name, &BWD_KERNELS)?)?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            plan.cfg(outer),
+            [
+                ys.slice(),
+                &yv,
+                gs.slice(),
+                &gv,
+                out.slice_mut(),
+                &outer64,
+                &len64,
+                &is_log
+            ]
+        )?;
+    } else {
+        let f = dev.function(&CUDA, dtype, "softmax_bwd_cols")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            cuda::grid(outer * inner),
+            [
+                ys.slice(),
+                &yv,
+                gs.slice(),
+                &gv,
+                out.slice_mut(),
+                &outer64,
+                &len64,
+                &inner64,
+                &is_log
+            ]
+        )?;
+    }
+    Ok(Box::new(out))
+}
+
 // ----- ops -----
 
 /// Softmax (or log-softmax) along `dim`.
@@ -590,6 +1130,9 @@ impl Op for Softmax {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_forward(*self, &x)?]);
+        }
         let out = float_dispatch!(name, x.cpu(name)?, |v| boxed(softmax_fwd(
             v, x.layout, self.dim, self.log
         )?));
@@ -655,6 +1198,9 @@ impl Op for SoftmaxBackward {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();
         let (y, g) = (inputs[0], inputs[1]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_backward(*self, &y, &g)?]);
+        }
         let gs = g.cpu(name)?;
         let out = float_dispatch!(name, y.cpu(name)?, |v| boxed(softmax_bwd(
             v,

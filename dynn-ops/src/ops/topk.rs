@@ -4,11 +4,13 @@
 //! into zeros at the indices.
 
 use crate::cpu::{PAR_MIN, gather_layout};
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::ops::indexing::ScatterAddZeros;
 use crate::registry::OpInfo;
+use cudarc::driver::LaunchConfig;
 use dynn_core::{
-    BackwardCtx, Cost, CpuElement, CpuStorage, DType, Dim, Element, Error, Idioms, InputGrads,
-    KernelArg, Op, Outputs, Result, Save, Specs, Tensor, TensorSpec, execute, execute1,
+    BackwardCtx, Cost, CpuElement, CpuStorage, DType, DeviceStorage, Dim, Element, Error, Idioms,
+    InputGrads, KernelArg, Op, Outputs, Result, Save, Specs, Tensor, TensorSpec, execute, execute1,
     smallvec::smallvec, with_cpu_storage,
 };
 use rayon::prelude::*;
@@ -109,6 +111,145 @@ fn to_dim_order<T: Copy + Default>(v: Vec<T>, outer: usize, inner: usize, k: usi
     out
 }
 
+/// The CUDA kernel: one group of threads per line (a warp, with eight lines per block, for
+/// short lines; up to a 1024-thread block for long ones). Pick `r` is the first element, in
+/// the output order (values ordered with NaN above every number, ties to the lower index), that comes after pick
+/// `r - 1`: each pick is a scan of the line and a group reduction, so `k` picks cost `k`
+/// scans — made for the common small `k` (MoE routing). `topk_backward` is the indexing
+/// family's scatter into zeros.
+pub const CUDA: CudaSource = CudaSource {
+    name: "topk",
+    code: r#"
+// A total order with NaN above every number: -1, 0 or 1.
+__device__ __forceinline__ int total_cmp(scalar a, scalar b) {
+    bool an = a != a, bn = b != b;
+    if (an || bn) return (an && bn) ? 0 : (an ? 1 : -1);
+    return a < b ? -1 : (a > b ? 1 : 0);
+}
+
+// True when (va, ia) comes before (vb, ib) in the output order; an index < 0 is "none",
+// which comes after everything.
+__device__ __forceinline__ bool topk_before(scalar va, i64 ia, scalar vb, i64 ib, int largest) {
+    if (ia < 0) return false;
+    if (ib < 0) return true;
+    int c = total_cmp(va, vb);
+    if (largest) c = -c;
+    return c < 0 || (c == 0 && ia < ib);
+}
+
+__device__ __forceinline__ void topk_warp_best(scalar& bv, i64& bi, int largest) {
+    for (int o = 16; o > 0; o >>= 1) {
+        scalar ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        i64 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (topk_before(ov, oi, bv, bi, largest)) { bv = ov; bi = oi; }
+    }
+}
+
+// Line l of x (through xs: the lines are the last dim of its permuted view, n long) has its k
+// picks written to vals/idxs at ((o * k + r) * inner + i) where l = o * inner + i.
+extern "C" __global__ void topk_lines(const scalar* x, Strided xs, scalar* vals, i64* idxs,
+                                      i64 lines, i64 n, i64 k, i64 inner, int largest) {
+    __shared__ scalar sv[32];
+    __shared__ i64 si[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int nwarps = (blockDim.x + 31) >> 5;
+    // With blockDim.x > 32 there is one line per block, so every thread of the block takes the
+    // same path through the loops (the block reduction synchronises).
+    for (i64 l = (i64)blockIdx.x * blockDim.y + threadIdx.y; l < lines;
+         l += (i64)gridDim.x * blockDim.y) {
+        i64 o = l / inner, i = l - o * inner;
+        scalar pv = (scalar)0;
+        i64 pi = -1;
+        for (i64 r = 0; r < k; ++r) {
+            scalar bv = (scalar)0;
+            i64 bi = -1;
+            for (i64 q = threadIdx.x; q < n; q += blockDim.x) {
+                scalar v = x[at(xs, l * n + q)];
+                if ((pi < 0 || topk_before(pv, pi, v, q, largest)) &&
+                    topk_before(v, q, bv, bi, largest)) {
+                    bv = v;
+                    bi = q;
+                }
+            }
+            topk_warp_best(bv, bi, largest);
+            if (blockDim.x > 32) {
+                __syncthreads();
+                if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
+                __syncthreads();
+                bv = lane < nwarps ? sv[lane] : (scalar)0;
+                bi = lane < nwarps ? si[lane] : -1;
+                topk_warp_best(bv, bi, largest);
+            }
+            if (threadIdx.x == 0) {
+                i64 at_ = (o * k + r) * inner + i;
+                vals[at_] = bv;
+                idxs[at_] = bi;
+            }
+            pv = bv;
+            pi = bi;
+        }
+    }
+}
+"#,
+};
+
+/// `topk` on the GPU: outputs `(values, i64 indices)` in the CPU's layout.
+fn cuda_topk(t: &TopK, x: &KernelArg<'_>) -> Result<Outputs> {
+    const OP: &str = "topk";
+    let xs = cuda::storage(OP, x)?;
+    let dev = xs.dev();
+    let dims = x.shape().dims();
+    let n = dims[t.dim];
+    let outer: usize = dims[..t.dim].iter().product();
+    let inner: usize = dims[t.dim + 1..].iter().product();
+    let lines = outer * inner;
+    let total = lines * t.k;
+    let mut vals = CudaStorage::alloc(dev, x.dtype(), total)?;
+    let mut idxs = CudaStorage::alloc(dev, DType::I64, total)?;
+    if total > 0 {
+        let f = dev.function(&CUDA, x.dtype(), "topk_lines")?;
+        let mut perm: Vec<usize> = (0..dims.len()).filter(|&d| d != t.dim).collect();
+        perm.push(t.dim);
+        let view = Strided::of(OP, &x.layout.permute(&perm)?)?;
+        // A warp per line (eight lines per block) up to 256 elements, then wider groups.
+        let group = n.div_ceil(8).next_power_of_two().clamp(32, 1024) as u32;
+        let per_block = if group == 32 { 8 } else { 1 };
+        let cfg = LaunchConfig {
+            grid_dim: (lines.div_ceil(per_block).clamp(1, 1 << 20) as u32, 1, 1),
+            block_dim: (group, per_block as u32, 1),
+            shared_mem_bytes: 0,
+        };
+        let (lines64, n64, k64, inner64, largest) = (
+            lines as i64,
+            n as i64,
+            t.k as i64,
+            inner as i64,
+            t.largest as i32,
+        );
+        crate::cuda_launch!(
+            dev,
+            OP,
+            f,
+            cfg,
+            [
+                xs.slice(),
+                &view,
+                vals.slice_mut(),
+                idxs.slice_mut(),
+                &lines64,
+                &n64,
+                &k64,
+                &inner64,
+                &largest
+            ]
+        )?;
+    }
+    Ok(smallvec![
+        Box::new(vals) as Box<dyn DeviceStorage>,
+        Box::new(idxs) as Box<dyn DeviceStorage>
+    ])
+}
+
 impl Op for TopK {
     fn name(&self) -> &'static str {
         "topk"
@@ -167,6 +308,9 @@ impl Op for TopK {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return cuda_topk(self, &x);
+        }
         let dims = x.shape().dims();
         let rank = dims.len();
         let n = dims[self.dim];

@@ -2,6 +2,8 @@
 //! `assign_` (target = x). They run through the executor as in-place ops, so the memory
 //! manager sees the target as both read and written.
 
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
+use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
 use crate::registry::OpInfo;
 use dynn_core::{
     CpuStorage, DeviceStorage, Error, FloatElement, Idioms, InplaceOp, KernelArg, Layout, Result,
@@ -57,6 +59,117 @@ fn update<T: FloatElement + dynn_core::CpuElement>(
     }
 }
 
+/// The CUDA kernel: `t = beta·t + alpha·x` (or `alpha·x` when `beta` is 0, as on the CPU,
+/// so an assignment never reads the old values), computed in the scalar type with `x`
+/// broadcast to the target's (possibly strided) layout.
+pub const CUDA: CudaSource = CudaSource {
+    name: "update",
+    code: concat!(
+        cuda_elementwise_helpers!(),
+        r#"
+// UNROLL elements per thread and step: every load first, then every store (the target is
+// read and written, so the compiler could not move a later element's loads above a store).
+template <typename I>
+__device__ void axpy_t(scalar* __restrict__ t, const Strided& ts, const scalar* __restrict__ x,
+                       const Strided& xs, scalar a, scalar b, bool assign, I n) {
+    I step = (I)blockDim.x * gridDim.x;
+    for (I base = (I)blockIdx.x * blockDim.x + threadIdx.x; base < n; base += UNROLL * step) {
+        I o[UNROLL];
+        scalar xv[UNROLL], tv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            I i = base + (I)u * step;
+            if (i < n) {
+                o[u] = sat<I>(ts, i);
+                xv[u] = x[sat<I>(xs, i)];
+                tv[u] = assign ? (scalar)0 : t[o[u]];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (base + (I)u * step < n) t[o[u]] = assign ? a * xv[u] : b * tv[u] + a * xv[u];
+        }
+    }
+}
+
+extern "C" __global__ void axpy(scalar* t, Strided ts, const scalar* x, Strided xs, double alpha,
+                                double beta, i64 n, int small) {
+    bool assign = beta == 0.0;
+    if (small) axpy_t<u32>(t, ts, x, xs, (scalar)alpha, (scalar)beta, assign, (u32)n);
+    else axpy_t<u64>(t, ts, x, xs, (scalar)alpha, (scalar)beta, assign, (u64)n);
+}
+"#
+    ),
+};
+
+/// The GPU storage of an in-place op's target, if it lives on a GPU.
+pub(crate) fn cuda_target(target: &mut dyn DeviceStorage) -> Option<&mut CudaStorage> {
+    target.as_any_mut().downcast_mut::<CudaStorage>()
+}
+
+/// Refuses a target view that maps two indices to one element (a broadcast view): parallel
+/// in-place writes to it would race.
+pub(crate) fn check_target(op: &'static str, layout: &Layout) -> Result<()> {
+    if layout
+        .dims()
+        .iter()
+        .zip(layout.strides())
+        .any(|(&d, &s)| d > 1 && s == 0)
+    {
+        return Err(Error::invalid(
+            op,
+            format!(
+                "the in-place target is a broadcast view (layout {layout:?}): update the \
+                 tensor it was broadcast from"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Axpy {
+    fn cuda_forward(&self, t: &mut CudaStorage, layout: &Layout, x: &KernelArg<'_>) -> Result<()> {
+        let name = self.name();
+        let sx = cuda::storage(name, x)?;
+        if x.dtype() != t.dtype() {
+            return Err(Error::DTypeMismatch {
+                op: name,
+                expected: t.dtype(),
+                got: x.dtype(),
+            });
+        }
+        check_target(name, layout)?;
+        let shape = layout.shape();
+        let n = shape.elem_count();
+        if n == 0 {
+            return Ok(());
+        }
+        let xl = x.layout.broadcast_as(shape)?;
+        let c = coalesce(shape, &[layout, &xl]);
+        let small = index32(n, &[&c[0], &c[1]]);
+        let (tv, xv) = (Strided::of(name, &c[0])?, Strided::of(name, &c[1])?);
+        let dev = t.dev().clone();
+        let f = dev.function(&CUDA, t.dtype(), "axpy")?;
+        let (alpha, beta, n64) = (self.alpha, self.beta, n as i64);
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            elementwise_grid(n),
+            [
+                t.slice_mut(),
+                &tv,
+                sx.slice(),
+                &xv,
+                &alpha,
+                &beta,
+                &n64,
+                &small
+            ]
+        )
+    }
+}
+
 impl InplaceOp for Axpy {
     fn name(&self) -> &'static str {
         if self.beta == 0.0 { "assign" } else { "axpy" }
@@ -88,7 +201,12 @@ impl InplaceOp for Axpy {
         inputs: &[KernelArg<'_>],
     ) -> Result<()> {
         let name = self.name();
-        let x = inputs[0];
+        let x = *inputs
+            .first()
+            .ok_or_else(|| Error::invalid(name, "expects one input"))?;
+        if let Some(t) = cuda_target(target) {
+            return self.cuda_forward(t, layout, &x);
+        }
         let xl = x.layout.broadcast_as(layout.shape())?;
         let src = x.cpu(name)?;
         match (target.cpu_mut(name)?, src) {

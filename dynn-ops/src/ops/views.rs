@@ -3,6 +3,8 @@
 //! its backward rule maps the gradient back to the input's shape.
 
 use crate::cpu::gather_layout;
+use crate::cuda::{self, CudaSource, CudaStorage, Strided};
+use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
 use dynn_core::{
@@ -91,6 +93,90 @@ impl ViewOp for View {
     }
 }
 
+/// The CUDA kernels: layout copies that move elements as bits, one entry point per element
+/// size (`_2`, `_4`, `_8`), so one module (compiled for the f32 scalar) serves every dtype.
+/// `copy_*` gathers a strided view into a contiguous buffer; `narrow_backward_*` writes every
+/// element of the padded gradient (zero outside the window), so its output needs no fill.
+pub const CUDA: CudaSource = CudaSource {
+    name: "views",
+    code: concat!(
+        cuda_elementwise_helpers!(),
+        r#"
+template <typename I, typename T>
+__device__ void copy_t(const T* __restrict__ x, const Strided& xs, T* __restrict__ y, I n) {
+    MAP(I, i, n, T, y, x[sat<I>(xs, i)]);
+}
+
+// Output index i = (o, k, j) over (outer, size, inner); the window is k in [start, start+len).
+template <typename I, typename T>
+__device__ __forceinline__ T pad_at(const T* __restrict__ g, const Strided& gs, I i, I span, I inner,
+                                    I start, I len) {
+    I o = i / span, r = i - o * span;
+    I k = r / inner, j = r - k * inner;
+    return (k >= start && k - start < len) ? g[sat<I>(gs, (o * len + (k - start)) * inner + j)]
+                                           : (T)0;
+}
+
+template <typename I, typename T>
+__device__ void pad_t(const T* __restrict__ g, const Strided& gs, T* __restrict__ y, I size,
+                      I inner, I start, I len, I n) {
+    I span = size * inner;
+    MAP(I, i, n, T, y, pad_at(g, gs, i, span, inner, start, len));
+}
+
+#define VIEWS(SIZE, T) \
+extern "C" __global__ void copy_##SIZE(const T* x, Strided xs, T* y, i64 n, int small) { \
+    if (small) copy_t<u32, T>(x, xs, y, (u32)n); \
+    else copy_t<u64, T>(x, xs, y, (u64)n); \
+} \
+extern "C" __global__ void narrow_backward_##SIZE(const T* g, Strided gs, T* y, i64 size, \
+                                                  i64 inner, i64 start, i64 len, i64 n, \
+                                                  int small) { \
+    if (small) pad_t<u32, T>(g, gs, y, (u32)size, (u32)inner, (u32)start, (u32)len, (u32)n); \
+    else pad_t<u64, T>(g, gs, y, (u64)size, (u64)inner, (u64)start, (u64)len, (u64)n); \
+}
+VIEWS(2, unsigned short)
+VIEWS(4, unsigned int)
+VIEWS(8, unsigned long long)
+"#
+    ),
+};
+
+/// The kernel of `names` (`[2-byte, 4-byte, 8-byte]`) for elements of `dtype`.
+fn by_size(dtype: dynn_core::DType, names: [&'static str; 3]) -> &'static str {
+    match dtype.size_in_bytes() {
+        2 => names[0],
+        4 => names[1],
+        _ => names[2],
+    }
+}
+
+/// `x` gathered into a fresh contiguous GPU buffer.
+fn cuda_contiguous(x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
+    const NAME: &str = "contiguous";
+    let sx = cuda::storage(NAME, x)?;
+    let dev = sx.dev();
+    let n = x.layout.elem_count();
+    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
+    let c = coalesce(x.shape(), &[x.layout]);
+    let small = index32(n, &[&c[0]]);
+    let view = Strided::of(NAME, &c[0])?;
+    let kernel = by_size(x.dtype(), ["copy_2", "copy_4", "copy_8"]);
+    let f = dev.function(&CUDA, dynn_core::DType::F32, kernel)?;
+    let n64 = n as i64;
+    crate::cuda_launch!(
+        dev,
+        NAME,
+        f,
+        elementwise_grid(n),
+        [sx.slice(), &view, out.slice_mut(), &n64, &small]
+    )?;
+    Ok(Box::new(out))
+}
+
 /// Backward of `narrow`: places the gradient at its slice of a zero tensor of the input's size.
 #[derive(Debug, Clone, Copy)]
 struct PadNarrow {
@@ -113,6 +199,9 @@ impl Op for PadNarrow {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let g = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![self.cuda_forward(&g, &specs[0])?]);
+        }
         let out_layout = Layout::contiguous(specs[0].shape.clone()).narrow(
             self.dim,
             self.start,
@@ -133,6 +222,79 @@ impl Op for PadNarrow {
     }
     fn differentiable(&self) -> bool {
         false
+    }
+}
+
+impl PadNarrow {
+    /// The padded gradient on the GPU: one kernel writes every output element.
+    fn cuda_forward(
+        &self,
+        g: &KernelArg<'_>,
+        spec: &TensorSpec,
+    ) -> Result<Box<dyn dynn_core::DeviceStorage>> {
+        let name = self.name();
+        let sg = cuda::storage(name, g)?;
+        let dev = sg.dev();
+        let dims = spec.shape.dims();
+        let gdims = g.shape().dims();
+        if self.dim >= dims.len()
+            || gdims.len() != dims.len()
+            || self.start + gdims[self.dim] > self.size
+        {
+            return Err(Error::invalid(
+                name,
+                format!(
+                    "gradient of shape {} does not fit dim {} from {} of shape {}",
+                    g.shape(),
+                    self.dim,
+                    self.start,
+                    spec.shape
+                ),
+            ));
+        }
+        let n = spec.shape.elem_count();
+        let mut out = CudaStorage::alloc(dev, spec.dtype, n)?;
+        if n == 0 {
+            return Ok(Box::new(out));
+        }
+        let c = coalesce(g.shape(), &[g.layout]);
+        let small = index32(n, &[&c[0]]);
+        let view = Strided::of(name, &c[0])?;
+        let kernel = by_size(
+            spec.dtype,
+            [
+                "narrow_backward_2",
+                "narrow_backward_4",
+                "narrow_backward_8",
+            ],
+        );
+        let f = dev.function(&CUDA, dynn_core::DType::F32, kernel)?;
+        let inner: usize = dims[self.dim + 1..].iter().product();
+        let (size, inner, start, len, n64) = (
+            self.size as i64,
+            inner as i64,
+            self.start as i64,
+            gdims[self.dim] as i64,
+            n as i64,
+        );
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            elementwise_grid(n),
+            [
+                sg.slice(),
+                &view,
+                out.slice_mut(),
+                &size,
+                &inner,
+                &start,
+                &len,
+                &n64,
+                &small
+            ]
+        )?;
+        Ok(Box::new(out))
     }
 }
 
@@ -190,6 +352,9 @@ impl Op for Contiguous {
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let x = inputs[0];
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_contiguous(&x)?]);
+        }
         let s = x.cpu(self.name())?;
         let out: CpuStorage =
             with_cpu_storage!(s, v => dynn_core::CpuElement::wrap(gather_layout(v, x.layout)));

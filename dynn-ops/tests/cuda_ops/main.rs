@@ -4,4 +4,21 @@
 
 mod harness;
 
+mod concat;
+mod dropout;
+mod indexing;
+mod random;
+mod topk;
+
+mod binary;
+mod cast;
+mod compare;
+mod cross_entropy;
+mod matmul;
+mod norm;
+mod optim;
+mod reduce;
+mod softmax;
 mod unary;
+mod update;
+mod views;

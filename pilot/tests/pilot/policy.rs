@@ -2,7 +2,7 @@
 //! under it changes no bit of training.
 
 use crate::common::synthetic;
-use dynn_core::{BufferId, BufferKind, DType, Error, Result};
+use dynn_core::{BufferId, BufferKind, DType, Device, Error, Result};
 use dynn_mm::{Candidate, DeviceProfile, Now, OpRecord, Policy, policy, simulate};
 use dynn_models::data::{TextDataset, generated_corpus};
 use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask};
@@ -192,7 +192,7 @@ fn offloading_under_the_pilot_changes_no_bit() -> Result<()> {
         };
         let (cfg, data) = (cfg.clone(), data.clone());
         train(&args, defaults, move || {
-            EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32)
+            EarlyExitTask::with_data(&cfg, data.clone(), 7, DType::F32, Device::Cpu)
         })
     };
     let base = run(None, "unlimited")?;

@@ -70,10 +70,15 @@ pub fn sample(rng: &mut Rng, cfg: &ProteinConfig) -> ProteinSample {
     sample_with(rng, cfg, &bin_edges(cfg.len, cfg.bins))
 }
 
-/// `n` samples as tensors on the CPU: the MSAs `(n, msa_depth, len)` and the distograms
+/// `n` samples as tensors on `device`: the MSAs `(n, msa_depth, len)` and the distograms
 /// `(n, len, len)`, both U32. An error unless `n >= 1`, `len >= 2`, `msa_depth >= 1` and
 /// `bins >= 2`.
-pub fn batch(rng: &mut Rng, cfg: &ProteinConfig, n: usize) -> Result<(Tensor, Tensor)> {
+pub fn batch(
+    rng: &mut Rng,
+    cfg: &ProteinConfig,
+    n: usize,
+    device: Device,
+) -> Result<(Tensor, Tensor)> {
     if n == 0 || cfg.len < 2 || cfg.msa_depth == 0 || cfg.bins < 2 {
         return Err(Error::invalid(
             "protein::batch",
@@ -89,8 +94,8 @@ pub fn batch(rng: &mut Rng, cfg: &ProteinConfig, n: usize) -> Result<(Tensor, Te
         dist.extend_from_slice(&s.distogram);
     }
     Ok((
-        Tensor::from_vec(msa, (n, cfg.msa_depth, cfg.len), Device::Cpu)?,
-        Tensor::from_vec(dist, (n, cfg.len, cfg.len), Device::Cpu)?,
+        Tensor::from_vec(msa, (n, cfg.msa_depth, cfg.len), device)?,
+        Tensor::from_vec(dist, (n, cfg.len, cfg.len), device)?,
     ))
 }
 
@@ -102,7 +107,7 @@ mod tests {
     #[test]
     fn shapes_ranges_and_determinism() {
         let cfg = ProteinConfig::default();
-        let (msa, dist) = batch(&mut Rng::new(1), &cfg, 3).unwrap();
+        let (msa, dist) = batch(&mut Rng::new(1), &cfg, 3, Device::Cpu).unwrap();
         assert_eq!(msa.dims(), &[3, 8, 24]);
         assert_eq!(dist.dims(), &[3, 24, 24]);
         assert_eq!((msa.dtype(), dist.dtype()), (DType::U32, DType::U32));
@@ -115,7 +120,7 @@ mod tests {
                 assert_eq!(d[i * 24 + j], d[j * 24 + i]);
             }
         }
-        let (m2, _) = batch(&mut Rng::new(1), &cfg, 3).unwrap();
+        let (m2, _) = batch(&mut Rng::new(1), &cfg, 3, Device::Cpu).unwrap();
         assert_eq!(m, m2.to_vec::<u32>().unwrap());
         assert_eq!(
             sample(&mut Rng::new(4), &cfg),
@@ -145,7 +150,7 @@ mod tests {
     fn bad_configs() {
         let mut rng = Rng::new(0);
         let ok = ProteinConfig::default();
-        assert!(batch(&mut rng, &ok, 0).is_err());
+        assert!(batch(&mut rng, &ok, 0, Device::Cpu).is_err());
         for cfg in [
             ProteinConfig {
                 len: 1,
@@ -160,7 +165,7 @@ mod tests {
                 ..ok.clone()
             },
         ] {
-            assert!(batch(&mut rng, &cfg, 2).is_err());
+            assert!(batch(&mut rng, &cfg, 2, Device::Cpu).is_err());
             let s = sample(&mut rng, &cfg);
             assert_eq!(s.msa.len(), cfg.msa_depth * cfg.len);
             assert_eq!(s.distogram.len(), cfg.len * cfg.len);

@@ -15,24 +15,32 @@ const EVAL_BATCH: usize = 16;
 /// accuracy on held-out proteins after `max_recycles` iterations.
 pub struct EvoformerTask {
     model: Evoformer,
+    device: Device,
 }
 
 impl EvoformerTask {
-    /// An f32 model on the CPU with parameters drawn from `seed`.
-    pub fn new(cfg: EvoformerConfig, seed: u64) -> Result<Self> {
-        Self::with_builder(cfg, &ParamBuilder::new(DType::F32, Device::Cpu, seed))
+    /// An f32 model on `device` with parameters drawn from `seed` (its batches go there too).
+    pub fn new(cfg: EvoformerConfig, seed: u64, device: Device) -> Result<Self> {
+        Self::with_builder(cfg, &ParamBuilder::new(DType::F32, device, seed))
     }
 
-    /// A model with parameters from `b` (its dtype and device).
+    /// A model with parameters from `b` (its dtype and device; the batches go to that
+    /// device).
     pub fn with_builder(cfg: EvoformerConfig, b: &ParamBuilder) -> Result<Self> {
         Ok(EvoformerTask {
             model: Evoformer::new(b, &cfg)?,
+            device: b.device(),
         })
     }
 
     /// The model.
     pub fn model(&self) -> &Evoformer {
         &self.model
+    }
+
+    /// The device of the parameters and batches.
+    pub fn device(&self) -> Device {
+        self.device
     }
 }
 
@@ -59,7 +67,7 @@ impl Task for EvoformerTask {
 
     fn step(&mut self, rng: &mut Rng, batch: usize) -> Result<StepOut> {
         let cfg = &self.model.cfg;
-        let (msa, dist) = protein::batch(rng, &cfg.protein(), batch)?;
+        let (msa, dist) = protein::batch(rng, &cfg.protein(), batch, self.device)?;
         let recycles = rng.range(1, cfg.max_recycles + 1);
         let logits = self.model.forward_with_recycles(&msa, recycles)?;
         Ok(StepOut {
@@ -75,7 +83,7 @@ impl Task for EvoformerTask {
         let mut left = cfg.eval_samples;
         while left > 0 {
             let n = left.min(EVAL_BATCH);
-            let (msa, dist) = protein::batch(rng, &cfg.protein(), n)?;
+            let (msa, dist) = protein::batch(rng, &cfg.protein(), n, self.device)?;
             let logits = self.model.forward_with_recycles(&msa, cfg.max_recycles)?;
             let (h, t) = distogram_hits(&logits, &dist)?;
             hits += h;

@@ -21,26 +21,34 @@ pub struct MoeTask {
     model: MoeLm,
     data: TextDataset,
     seeds: SeedStream,
+    device: Device,
 }
 
 impl MoeTask {
     /// The task on the text of `data` (the generated corpus when `None`), tokenized with a
-    /// BPE of `cfg.vocab` tokens; parameters, corpus and dropout drawn from `seed`.
-    pub fn new(cfg: &MoeConfig, data: Option<&Path>, seed: u64) -> Result<Self> {
+    /// BPE of `cfg.vocab` tokens; parameters, corpus and dropout drawn from `seed`; the
+    /// parameters and every batch on `device`.
+    pub fn new(cfg: &MoeConfig, data: Option<&Path>, seed: u64, device: Device) -> Result<Self> {
         cfg.validate()?;
         let text = load_corpus(data, seed)?;
-        Self::from_text(cfg, &text, seed)
+        Self::from_text(cfg, &text, seed, device)
     }
 
-    /// The task on `text` (F32 parameters on the CPU).
-    pub fn from_text(cfg: &MoeConfig, text: &str, seed: u64) -> Result<Self> {
+    /// The task on `text` (F32 parameters on `device`).
+    pub fn from_text(cfg: &MoeConfig, text: &str, seed: u64, device: Device) -> Result<Self> {
         cfg.validate()?;
         let data = TextDataset::new(text, cfg.vocab)?;
-        Self::with_data(cfg, data, seed)
+        Self::with_data(cfg, data, seed, device)
     }
 
     /// The task on an already tokenized dataset; the model's vocabulary is the tokenizer's.
-    pub fn with_data(cfg: &MoeConfig, data: TextDataset, seed: u64) -> Result<Self> {
+    /// F32 parameters and every batch on `device`.
+    pub fn with_data(
+        cfg: &MoeConfig,
+        data: TextDataset,
+        seed: u64,
+        device: Device,
+    ) -> Result<Self> {
         let cfg = MoeConfig {
             vocab: data.vocab_size(),
             ..cfg.clone()
@@ -59,9 +67,14 @@ impl MoeTask {
             }
         }
         let seeds = SeedStream::new(seed ^ 0xD80F);
-        let b = ParamBuilder::new(DType::F32, Device::Cpu, seed);
+        let b = ParamBuilder::new(DType::F32, device, seed);
         let model = MoeLm::new(&b, &cfg, &seeds)?;
-        Ok(MoeTask { model, data, seeds })
+        Ok(MoeTask {
+            model,
+            data,
+            seeds,
+            device,
+        })
     }
 
     /// The model.
@@ -72,6 +85,11 @@ impl MoeTask {
     /// The dataset.
     pub fn data(&self) -> &TextDataset {
         &self.data
+    }
+
+    /// The device of the parameters and batches.
+    pub fn device(&self) -> Device {
+        self.device
     }
 }
 
@@ -93,7 +111,9 @@ impl Task for MoeTask {
     }
     fn step(&mut self, rng: &mut Rng, batch: usize) -> Result<StepOut> {
         let seq = self.model.config().seq;
-        let (ids, targets) = self.data.batch(rng, batch, seq, Split::Train)?;
+        let (ids, targets) = self
+            .data
+            .batch(rng, batch, seq, Split::Train, self.device)?;
         let (loss, stats) = self.model.loss(&ids, &targets)?;
         Ok(StepOut {
             loss,
@@ -105,7 +125,9 @@ impl Task for MoeTask {
         let seq = self.model.config().seq;
         let mut total = 0.0;
         for _ in 0..EVAL_BATCHES {
-            let (ids, targets) = self.data.batch(rng, EVAL_BATCH, seq, Split::Valid)?;
+            let (ids, targets) =
+                self.data
+                    .batch(rng, EVAL_BATCH, seq, Split::Valid, self.device)?;
             let logits = self.model.forward(&ids)?;
             total += logits
                 .cross_entropy(&targets, CrossEntropyOpts::default())?

@@ -1,0 +1,77 @@
+//! Matmul on the GPU (cuBLAS): plain, transposed operands, batched with broadcasting,
+//! narrowed (non-unit strides cuBLAS cannot read directly), f32 and f64, forward and backward.
+
+use crate::harness::*;
+use dynn_core::{DType, Result};
+use dynn_ops::prelude::*;
+
+#[test]
+fn matmul() {
+    let mut cases = Vec::new();
+    for dtype in [DType::F32, DType::F64] {
+        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-9 };
+        let r = |s: &[usize], seed| rand_dtype(s, seed, dtype);
+        let mut case =
+            |name: &str,
+             ins: Vec<dynn_core::Tensor>,
+             f: fn(&[dynn_core::Tensor]) -> Result<dynn_core::Tensor>| {
+                cases.push((format!("{name} {dtype:?}"), check(name, &ins, f, tol, true)));
+            };
+        case("2d", vec![r(&[33, 70], 1), r(&[70, 45], 2)], |v| {
+            v[0].matmul(&v[1])
+        });
+        case(
+            "a transposed",
+            vec![r(&[70, 33], 3), r(&[70, 45], 4)],
+            |v| v[0].t()?.matmul(&v[1]),
+        );
+        case(
+            "b transposed",
+            vec![r(&[33, 70], 5), r(&[45, 70], 6)],
+            |v| v[0].matmul(&v[1].t()?),
+        );
+        case(
+            "both transposed",
+            vec![r(&[70, 33], 7), r(&[45, 70], 8)],
+            |v| v[0].t()?.matmul(&v[1].t()?),
+        );
+        case(
+            "batched",
+            vec![r(&[4, 17, 30], 9), r(&[4, 30, 12], 10)],
+            |v| v[0].matmul(&v[1]),
+        );
+        case(
+            "batch x weight",
+            vec![r(&[3, 5, 17, 30], 11), r(&[30, 12], 12)],
+            |v| v[0].matmul(&v[1]),
+        );
+        case(
+            "broadcast batch",
+            vec![r(&[4, 1, 8, 9], 13), r(&[3, 9, 6], 14)],
+            |v| v[0].matmul(&v[1]),
+        );
+        case("narrowed", vec![r(&[20, 50], 15), r(&[40, 30], 16)], |v| {
+            v[0].narrow(1, 5, 40)?.matmul(&v[1].narrow(1, 2, 20)?)
+        });
+        case(
+            "permuted batch",
+            vec![r(&[8, 4, 16], 17), r(&[4, 16, 8], 18)],
+            |v| v[0].permute(&[1, 0, 2])?.matmul(&v[1]),
+        );
+        case("vector rows", vec![r(&[1, 64], 19), r(&[64, 1], 20)], |v| {
+            v[0].matmul(&v[1])
+        });
+    }
+    run("matmul", cases);
+}
+
+#[test]
+fn large_square() -> Result<()> {
+    check(
+        "1024²",
+        &[randn(&[1024, 1024], 21), randn(&[1024, 1024], 22)],
+        |v| v[0].matmul(&v[1]),
+        1e-4,
+        false,
+    )
+}

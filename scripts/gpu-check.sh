@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On a machine with an NVIDIA GPU (binaries from scripts/gpu-build.sh in .gpu/, no Rust
+# needed): the op suite on the GPU with the CPU as oracle; each DyNN trainer under a 25%
+# budget with every policy against its unlimited run (parameters must be bit-identical); and
+# the benchmarks against PyTorch. Logs and JSON go to $OUT (default gpu-out/).
+#   scripts/gpu-check.sh [ops|bench|train|all]...
+set -uo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.gpu}
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+stages=${*:-all}
+has() { [[ " $stages " == *" $1 "* || " $stages " == *" all "* ]]; }
+
+# The CUDA libraries dynn loads at run time: the driver (libcuda, /usr/local/nvidia/lib64 on
+# the lent machines) and the toolkit's NVRTC and cuBLAS. Never CUDA's `stubs` folder (its
+# libnvrtc/libcuda are link-time stand-ins that fail at run time) nor `compat`.
+LD_LIBRARY_PATH="/usr/local/nvidia/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+for d in /usr/local/cuda*/targets/x86_64-linux/lib /usr/local/cuda/lib64; do
+    [ -d "$d" ] && LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$d"
+done
+export LD_LIBRARY_PATH
+export DYNN_KERNEL_CACHE="$PWD/.gpu-kernel-cache"
+nvidia-smi -L || true
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+status=0
+
+if has ops; then
+    echo "== op suite on the GPU (CPU as oracle)"
+    timeout 300 "$BIN/cuda_ops" --test-threads 4 2>&1 | tee "$OUT/ops.log" | tail -40
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+fi
+
+if has bench; then
+    echo "== benchmarks: dynn vs PyTorch"
+    timeout 200 "$BIN/gpu" --json > "$OUT/dynn_gpu.txt" 2>&1 || status=1
+    tail -20 "$OUT/dynn_gpu.txt"
+    timeout 200 python3 benches/gpu_torch.py --dynn "$OUT/dynn_gpu.txt" --out "$OUT/bench.json" \
+        | head -30 || status=1
+fi
+
+if has train; then
+    echo "== trainers: 25% budget, every policy, against the unlimited run (bit-identical params)"
+    : > "$OUT/train.jsonl"
+    for model in moe early_exit treelstm evoformer; do
+        exe="$BIN/train_$model"
+        base=$(timeout 120 "$exe" --device cuda --steps 2 --json --quiet 2>"$OUT/train_err.log" | tail -1)
+        echo "$base" >> "$OUT/train.jsonl"
+        want=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$base" 2>/dev/null)
+        if [ -z "$want" ]; then echo "$model unlimited: FAILED"; tail -5 "$OUT/train_err.log"; status=1; continue; fi
+        for policy in lru belady recompute static pilot; do
+            row=$(timeout 120 "$exe" --device cuda --steps 2 --json --quiet --device-budget 25% \
+                --policy "$policy" 2>>"$OUT/train_err.log" | tail -1)
+            echo "$row" >> "$OUT/train.jsonl"
+            got=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$row" 2>/dev/null)
+            if [ "$got" = "$want" ]; then verdict=identical; else verdict="DIFFERENT ($got vs $want)"; status=1; fi
+            echo "$model $policy 25%: $verdict"
+        done
+    done
+fi
+exit $status

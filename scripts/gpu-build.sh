@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Builds everything scripts/gpu-check.sh runs into .gpu/ (stripped, x86-64 Linux): the GPU op
-# suite, the GPU benchmark and the four trainers. The GPU machine has no Rust toolchain, so
-# build here and copy .gpu/ there (the device tool's `carry`).
+# Builds everything scripts/gpu-check.sh runs (x86-64 Linux): the GPU op suite, the GPU
+# benchmark and the four trainers, stripped and packed into .gpu/bin.tar.gz (about 20 MB, so
+# it travels within a 64 MiB copy). The GPU machine has no Rust toolchain: build here, copy
+# .gpu/ there; gpu-check.sh unpacks it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .gpu
+rm -rf .gpu
+mkdir -p .gpu/bin
 artifacts() {
     python3 -c '
 import json, sys
@@ -23,6 +25,9 @@ for line in sys.stdin:
     cargo build --release --message-format=json \
         --example train_moe --example train_early_exit --example train_treelstm --example train_evoformer
 } | artifacts | while read -r name exe; do
-    objcopy --strip-debug "$exe" ".gpu/$name"
-    echo "$name: $(du -h ".gpu/$name" | cut -f1)"
+    objcopy --strip-all "$exe" ".gpu/bin/$name"
+    echo "$name: $(du -h ".gpu/bin/$name" | cut -f1)"
 done
+tar -czf .gpu/bin.tar.gz -C .gpu/bin .
+rm -rf .gpu/bin
+echo ".gpu/bin.tar.gz: $(du -h .gpu/bin.tar.gz | cut -f1)"

@@ -6,7 +6,10 @@
 #   scripts/gpu-check.sh [ops|bench|train|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
-BIN=${BIN:-.gpu}
+BIN=${BIN:-.gpu/bin}
+if [ ! -d "$BIN" ] && [ -f .gpu/bin.tar.gz ]; then
+    mkdir -p "$BIN" && tar -xzf .gpu/bin.tar.gz -C "$BIN"
+fi
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 stages=${*:-all}
@@ -29,6 +32,10 @@ if has ops; then
     echo "== op suite on the GPU (CPU as oracle)"
     timeout 300 "$BIN/cuda_ops" --test-threads 4 2>&1 | tee "$OUT/ops.log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    if grep -q "skipped: no CUDA" "$OUT/ops.log"; then
+        echo "FAILED: the op suite found no GPU (check the driver path above)"
+        status=1
+    fi
 fi
 
 if has bench; then

@@ -30,7 +30,7 @@ status=0
 
 if has ops; then
     echo "== op suite on the GPU (CPU as oracle)"
-    timeout 300 "$BIN/cuda_ops" --test-threads 4 2>&1 | tee "$OUT/ops.log" | tail -40
+    timeout 300 "$BIN/cuda_ops" --test-threads 4 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     if grep -q "skipped: no CUDA" "$OUT/ops.log"; then
         echo "FAILED: the op suite found no GPU (check the driver path above)"

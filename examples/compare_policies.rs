@@ -47,7 +47,8 @@ use std::time::Instant;
 /// Compare memory policies on recorded traces of the bundled workloads.
 #[derive(Parser, Debug)]
 struct Args {
-    /// Device profile: a100-pcie4 or h100-pcie5.
+    /// Device profile: a100-pcie4, h100-pcie5, or `calibrated:FLOPS,MEM_BW,COPY_BW` (per
+    /// second, e.g. from `benches/gpu.rs` on the GPU in question).
     #[arg(long, default_value = "a100-pcie4")]
     profile: String,
     /// Workloads to run, comma-separated: moe, early_exit, tree_lstm, evoformer, transformer.
@@ -65,6 +66,16 @@ struct Args {
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
+    /// Instead of the workloads: predict the step time of a real run from the trace it wrote
+    /// (a trainer's `--trace-out`), its last step replayed under `--policy` and `--budget`.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    /// With `--trace`: the run's policy.
+    #[arg(long, default_value = "lru")]
+    policy: String,
+    /// With `--trace`: the run's device budget in bytes (the summary's `budget_bytes`).
+    #[arg(long)]
+    budget: Option<usize>,
 }
 
 /// Budgets, as shares of the unlimited replay's peak.
@@ -100,6 +111,31 @@ fn run() -> Result<()> {
             .map(|m| Workload::parse(m.trim()))
             .collect::<Result<Vec<_>>>()?
     };
+    if let Some(path) = &args.trace {
+        let trace = dynn::mm::Trace::load(path)?;
+        let r = compare::replay::predict(&trace, &args.policy, args.budget, &prof)?;
+        println!(
+            "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms, {} B to the device, {} B to the host)",
+            path.display(),
+            r.step_ms,
+            prof.name,
+            r.compute_ms,
+            r.stall_ms,
+            r.bytes_h2d,
+            r.bytes_d2h
+        );
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({
+                    "profile": prof.name, "policy": args.policy, "budget": args.budget,
+                    "step_ms": r.step_ms, "compute_ms": r.compute_ms, "stall_ms": r.stall_ms,
+                    "bytes_h2d": r.bytes_h2d, "bytes_d2h": r.bytes_d2h,
+                })
+            );
+        }
+        return Ok(());
+    }
     let shared = Shared::default();
     let start = Instant::now();
     if args.max_size {

@@ -23,7 +23,8 @@ for line in sys.stdin:
     cargo test -p dynn-ops --test cuda_ops --no-run --message-format=json
     cargo bench -p dynn --bench gpu --no-run --message-format=json
     cargo build --release --message-format=json \
-        --example train_moe --example train_early_exit --example train_treelstm --example train_evoformer
+        --example train_moe --example train_early_exit --example train_treelstm --example train_evoformer \
+        --example compare_policies
 } | artifacts | while read -r name exe; do
     objcopy --strip-all "$exe" ".gpu/bin/$name"
     echo "$name: $(du -h ".gpu/bin/$name" | cut -f1)"

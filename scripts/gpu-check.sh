@@ -64,5 +64,26 @@ if has train; then
             echo "$model $policy 25%: $verdict"
         done
     done
+    echo "== simulator against the measured step (moe, lru, 25%)"
+    row=$(timeout 120 "$BIN/train_moe" --device cuda --steps 6 --json --quiet --device-budget 25% \
+        --policy lru --trace-out "$OUT/moe_trace.txt" 2>>"$OUT/train_err.log" | tail -1)
+    echo "$row" >> "$OUT/train.jsonl"
+    budget=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["budget_bytes"])' "$row" 2>/dev/null)
+    measured=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["step_ms_mean"])' "$row" 2>/dev/null)
+    # The profile from this GPU's own figures (bench stage): f32 GEMM rate, device memory
+    # bandwidth (the 16M add), pinned host-link bandwidth.
+    profile=$(python3 - "$OUT/bench.json" <<'PY' 2>/dev/null
+import json, sys
+c = {r["name"]: r for r in json.load(open(sys.argv[1]))["cases"]}
+flops = c["matmul_f32_4096"]["flops"] / (c["matmul_f32_4096"]["dynn_ms"] / 1e3)
+mem = c["add_16M"]["bytes"] / (c["add_16M"]["dynn_ms"] / 1e3)
+link = c["h2d_pinned_256MiB"]["bytes"] / (c["h2d_pinned_256MiB"]["dynn_ms"] / 1e3)
+print(f"calibrated:{flops:.4g},{mem:.4g},{link:.4g}")
+PY
+)
+    profile=${profile:-h100-pcie5}
+    "$BIN/compare_policies" --trace "$OUT/moe_trace.txt" --policy lru --budget "$budget" \
+        --profile "$profile" --json | tee "$OUT/predicted.txt"
+    echo "measured step: $measured ms (mean over the run, host time included)"
 fi
 exit $status

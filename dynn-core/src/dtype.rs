@@ -20,6 +20,16 @@ pub enum DType {
 }
 
 impl DType {
+    /// Every dtype.
+    pub const ALL: [DType; 6] = [
+        DType::F32,
+        DType::F64,
+        DType::F16,
+        DType::BF16,
+        DType::I64,
+        DType::U32,
+    ];
+
     /// Size of one element in bytes.
     pub const fn size_in_bytes(self) -> usize {
         match self {

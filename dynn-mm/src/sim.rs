@@ -22,7 +22,7 @@ pub const PREFETCH_HORIZON: usize = 4;
 /// A device as the simulator sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceProfile {
-    /// Name (`a100-pcie4`, `h100-pcie5`, `this-cpu`).
+    /// Name (`a100-pcie4`, `h100-pcie5`, `calibrated`).
     pub name: String,
     /// Host→device link bytes per second.
     pub h2d_bytes_per_sec: f64,
@@ -65,7 +65,7 @@ impl DeviceProfile {
     /// matmul FLOP/s, memory bandwidth, and a copy bandwidth for both directions.
     pub fn calibrated(peak_flops: f64, mem_bytes_per_sec: f64, copy_bytes_per_sec: f64) -> Self {
         DeviceProfile {
-            name: "this-cpu".into(),
+            name: "calibrated".into(),
             h2d_bytes_per_sec: copy_bytes_per_sec,
             d2h_bytes_per_sec: copy_bytes_per_sec,
             peak_flops,
@@ -74,8 +74,25 @@ impl DeviceProfile {
         }
     }
 
-    /// A named profile: `a100-pcie4` or `h100-pcie5`.
+    /// A named profile: `a100-pcie4`, `h100-pcie5`, or `calibrated:FLOPS,MEM_BW,COPY_BW`
+    /// (figures per second).
     pub fn by_name(name: &str) -> Result<Self> {
+        if let Some(figures) = name.strip_prefix("calibrated:") {
+            let v: Vec<f64> = figures
+                .split(',')
+                .map(|f| f.trim().parse::<f64>())
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| Error::invalid("profile", format!("{name:?}: {e}")))?;
+            return match v[..] {
+                [flops, mem, copy] if flops > 0.0 && mem > 0.0 && copy > 0.0 => {
+                    Ok(Self::calibrated(flops, mem, copy))
+                }
+                _ => Err(Error::invalid(
+                    "profile",
+                    format!("{name:?}: expected calibrated:FLOPS,MEM_BW,COPY_BW, all positive"),
+                )),
+            };
+        }
         match name {
             "a100-pcie4" => Ok(Self::a100_pcie4()),
             "h100-pcie5" => Ok(Self::h100_pcie5()),

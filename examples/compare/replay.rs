@@ -2,7 +2,7 @@
 
 use super::record::Recorded;
 use dynn::mm::policy::{self, Belady, Profile};
-use dynn::mm::{DeviceProfile, Policy, SimResult, simulate};
+use dynn::mm::{DeviceProfile, OpRecord, Policy, SimResult, simulate};
 use dynn::pilot::Snapshot;
 use dynn::prelude::*;
 use serde_json::{Value, json};
@@ -19,8 +19,20 @@ pub fn replay(
     prof: &DeviceProfile,
     pilot: Option<&Snapshot>,
 ) -> Result<std::result::Result<SimResult, String>> {
+    replay_ops(&rec.warmup, &rec.step, name, budget, prof, pilot)
+}
+
+/// [`replay`] on any step (`step`) and the step before it (`warmup`).
+pub fn replay_ops(
+    warmup: &[OpRecord],
+    step: &[OpRecord],
+    name: &str,
+    budget: Option<usize>,
+    prof: &DeviceProfile,
+    pilot: Option<&Snapshot>,
+) -> Result<std::result::Result<SimResult, String>> {
     let mut p: Box<dyn Policy> = match (name, pilot) {
-        ("belady", _) => Box::new(Belady::with_profile(Profile::from_ops(&rec.step))),
+        ("belady", _) => Box::new(Belady::with_profile(Profile::from_ops(step))),
         ("pilot", Some(s)) => Box::new(super::pilot::policy(s)),
         ("pilot", None) => {
             return Err(Error::Msg(
@@ -30,15 +42,35 @@ pub fn replay(
         (other, _) => policy::by_name(other)?,
     };
     // Policies that learn from a profiling step see the step before.
-    for op in &rec.warmup {
+    for op in warmup {
         p.observe(op);
     }
-    p.step_boundary(rec.step.first().map_or(1, |o| o.step));
-    match simulate(&rec.step, p.as_mut(), budget, prof) {
+    p.step_boundary(step.first().map_or(1, |o| o.step));
+    match simulate(step, p.as_mut(), budget, prof) {
         Ok(r) => Ok(Ok(r)),
         Err(e @ Error::OutOfMemory { .. }) => Ok(Err(e.to_string())),
         Err(e) => Err(e),
     }
+}
+
+/// The last step of a trace a trainer wrote (`--trace-out`) replayed under `policy` and
+/// `budget` on `prof`: the simulator's prediction for a real run's step time.
+pub fn predict(
+    trace: &dynn::mm::Trace,
+    policy: &str,
+    budget: Option<usize>,
+    prof: &DeviceProfile,
+) -> Result<SimResult> {
+    let last = trace
+        .ops
+        .iter()
+        .map(|o| o.step)
+        .max()
+        .ok_or_else(|| Error::Msg("the trace has no ops".into()))?;
+    let of =
+        |s: u64| -> Vec<OpRecord> { trace.ops.iter().filter(|o| o.step == s).cloned().collect() };
+    let (warmup, step) = (of(last.saturating_sub(1)), of(last));
+    replay_ops(&warmup, &step, policy, budget, prof, None)?.map_err(Error::Msg)
 }
 
 /// One replay, as reported.

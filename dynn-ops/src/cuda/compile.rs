@@ -38,11 +38,9 @@ pub fn library_loadable(lib: &str) -> bool {
     })
 }
 
-/// True when the NVRTC library can be loaded (needed to compile kernels; no GPU needed).
+/// True when the NVRTC library loads and answers (needed to compile kernels; no GPU needed).
 pub fn nvrtc_available() -> bool {
-    use std::sync::OnceLock;
-    static FOUND: OnceLock<bool> = OnceLock::new();
-    *FOUND.get_or_init(|| library_loadable("nvrtc"))
+    nvrtc_version().is_ok()
 }
 
 fn nvrtc_missing(op: &'static str) -> Error {
@@ -54,21 +52,44 @@ fn nvrtc_missing(op: &'static str) -> Error {
     }
 }
 
-/// NVRTC's (major, minor) version.
+/// NVRTC's (major, minor) version, asked through our own handle with a plain integer status:
+/// a link-time stub (CUDA's `stubs` folder on the library path) answers with garbage, which
+/// is reported here instead of reaching cudarc's typed bindings.
 pub fn nvrtc_version() -> Result<(i32, i32)> {
-    if !nvrtc_available() {
-        return Err(nvrtc_missing("nvrtc_version"));
-    }
-    let (mut major, mut minor) = (0, 0);
-    // SAFETY: the library is loaded (checked above) and both pointers are valid for writes.
-    let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-    if status != cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
-        return Err(Error::Device {
+    use std::sync::OnceLock;
+    static VERSION: OnceLock<std::result::Result<(i32, i32), String>> = OnceLock::new();
+    let probe = || -> std::result::Result<(i32, i32), String> {
+        type VersionFn = unsafe extern "C" fn(*mut i32, *mut i32) -> i32;
+        for name in cudarc::get_lib_name_candidates("nvrtc") {
+            // SAFETY: loading NVRTC runs only its initialisers; the symbol has the C signature
+            // `nvrtcResult nvrtcVersion(int*, int*)` (nvrtcResult is a C enum: an int).
+            let Ok(lib) = (unsafe { libloading::Library::new(&name) }) else {
+                continue;
+            };
+            let Ok(f) = (unsafe { lib.get::<VersionFn>(b"nvrtcVersion\0") }) else {
+                return Err(format!("{name} has no nvrtcVersion"));
+            };
+            let (mut major, mut minor) = (0, 0);
+            // SAFETY: both pointers are valid for writes; `lib` outlives the call.
+            let status = unsafe { f(&mut major, &mut minor) };
+            if status != 0 || major <= 0 {
+                return Err(format!(
+                    "{name} answered nvrtcVersion with status {status} (a CUDA stub library on \
+                     LD_LIBRARY_PATH?)"
+                ));
+            }
+            return Ok((major, minor));
+        }
+        Err(String::new())
+    };
+    match VERSION.get_or_init(probe) {
+        Ok(v) => Ok(*v),
+        Err(msg) if msg.is_empty() => Err(nvrtc_missing("nvrtc_version")),
+        Err(msg) => Err(Error::Device {
             op: "nvrtc_version",
-            msg: format!("nvrtcVersion failed: {status:?}"),
-        });
+            msg: msg.clone(),
+        }),
     }
-    Ok((major, minor))
 }
 
 /// The C type a family is compiled for when its data has `dtype` (kernels compute in it).

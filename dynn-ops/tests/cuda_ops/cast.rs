@@ -37,14 +37,7 @@ fn same(x: &Tensor, to: DType, tol: f64) -> Result<()> {
     Ok(())
 }
 
-const DTYPES: [DType; 6] = [
-    DType::F32,
-    DType::F64,
-    DType::F16,
-    DType::BF16,
-    DType::I64,
-    DType::U32,
-];
+const DTYPES: [DType; 6] = DType::ALL;
 
 /// Values of `dtype` a cast can start from: floats spread over ±1000 (with fractions),
 /// integers below 60000 (finite in f16).

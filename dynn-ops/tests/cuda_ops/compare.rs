@@ -6,14 +6,7 @@ use crate::harness::*;
 use dynn_core::{DType, Result, Tensor};
 use dynn_ops::prelude::*;
 
-const DTYPES: [DType; 6] = [
-    DType::F32,
-    DType::F64,
-    DType::F16,
-    DType::BF16,
-    DType::I64,
-    DType::U32,
-];
+const DTYPES: [DType; 6] = DType::ALL;
 
 fn tol(dtype: DType) -> f64 {
     if dtype == DType::F32 { TOL_F32 } else { 1e-9 }

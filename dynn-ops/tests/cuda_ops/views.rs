@@ -33,14 +33,7 @@ fn contiguous() {
         ("transposed 4-d", &[3, 4, 5, 6], |t| t.transpose(1, 3)),
     ];
     let mut cases = Vec::new();
-    for dtype in [
-        DType::F32,
-        DType::F64,
-        DType::F16,
-        DType::BF16,
-        DType::I64,
-        DType::U32,
-    ] {
+    for dtype in DType::ALL {
         for (i, &(what, shape, view)) in views.iter().enumerate() {
             let x = values(shape, i as u64, dtype);
             let grads = matches!(dtype, DType::F32 | DType::F64);

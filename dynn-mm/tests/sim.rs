@@ -108,7 +108,12 @@ fn calibrated_profiles_parse_and_bad_ones_are_errors() {
     assert_eq!(p.name, "calibrated");
     assert_eq!((p.peak_flops, p.mem_bytes_per_sec), (5e13, 3e12));
     assert_eq!((p.h2d_bytes_per_sec, p.d2h_bytes_per_sec), (5.5e10, 5.5e10));
-    for bad in ["calibrated:1e12,2e12", "calibrated:1e12,x,3", "calibrated:0,1,1", "h300"] {
+    for bad in [
+        "calibrated:1e12,2e12",
+        "calibrated:1e12,x,3",
+        "calibrated:0,1,1",
+        "h300",
+    ] {
         let e = DeviceProfile::by_name(bad).unwrap_err().to_string();
         assert!(e.contains("profile"), "{bad}: {e}");
     }

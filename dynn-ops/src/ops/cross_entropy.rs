@@ -219,7 +219,7 @@ where
                 // Only -inf so far: those terms are 0 (and x - m would be NaN).
                 continue;
             }
-            s += sum_map(blk, |v: T| (v.to_acc() - m).vexp());
+            s += sum_map(blk, |v: T| (v.to_acc() - m).vexp_term());
         }
         let ln_s = s.ln();
         // Targets are checked before the kernel runs: 0 <= t < C.

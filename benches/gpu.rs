@@ -136,6 +136,45 @@ fn elementwise_cases(
     Ok(())
 }
 
+/// One training step (forward, backward, AdamW) of a GPU-sized Mixture-of-Experts LM: width
+/// 512, 8 heads, 4 blocks of 8 experts (top-2, hidden 2048, capacity 1.25), 256 tokens, batch
+/// 16, on the generated corpus. `gpu_torch.py` builds the same model in PyTorch.
+fn moe_step(dev: Device) -> BenchResult<Case> {
+    use dynn::models::Rng;
+    use dynn::models::models::moe::{MoeConfig, MoeTask};
+    use dynn::models::train::Task;
+    let cfg = MoeConfig {
+        vocab: 512,
+        dim: 512,
+        heads: 8,
+        layers: 4,
+        experts: 8,
+        top_k: 2,
+        expert_hidden: 2048,
+        capacity_factor: 1.25,
+        aux_loss_weight: 0.01,
+        seq: 256,
+        dropout: 0.0,
+    };
+    let mut task = MoeTask::new(&cfg, None, 1, dev)?;
+    let params = task.params();
+    let mut opt = Adam::new(AdamConfig::adamw(1e-3))?;
+    let mut rng = Rng::new(3);
+    let ms = time(dev, || {
+        let out = task.step(&mut rng, 16)?;
+        out.loss.backward()?;
+        Ok(opt.step(&params)?)
+    })?;
+    // Dense-equivalent work per token: attention projections and each token's top-2 experts.
+    let tokens = 16.0 * 256.0;
+    let flops = 6.0 * tokens * 4.0 * (4.0 * 512.0 * 512.0 + 2.0 * 2.0 * 512.0 * 2048.0);
+    Ok(Case {
+        name: "moe_train_step".into(),
+        ms,
+        work: ("flops", flops),
+    })
+}
+
 /// Host link bandwidth: pinned copies (the link's capability) and dynn's offload path
 /// (`Tensor::to_device`, pageable host memory), 256 MiB each way.
 fn link_cases(
@@ -281,6 +320,9 @@ fn main() -> BenchResult<()> {
         });
     }
 
+    if want("moe_train_step") {
+        cases.push(moe_step(dev)?);
+    }
     link_cases(&cuda, &want, &mut cases)?;
 
     println!("device: {} ({})", cuda.name(), cuda.arch());

@@ -36,7 +36,9 @@ pub struct HooksGuard {
 
 impl Drop for HooksGuard {
     fn drop(&mut self) {
-        set_memory_hooks(self.previous.take());
+        if let Some(gone) = set_memory_hooks(self.previous.take()) {
+            gone.uninstalled();
+        }
     }
 }
 

@@ -125,4 +125,8 @@ pub trait MemoryHooks: Send + Sync {
     fn buffer_created(&self, _buffer: &Arc<Buffer>) {}
     /// A step boundary, marked by the training loop (`dynn_core::mark_step`).
     fn step_boundary(&self, _step: u64) {}
+    /// The hooks were just uninstalled (their guard dropped): ops no longer pass through
+    /// them, so a manager brings every live buffer it moved or dropped back to the device,
+    /// or those tensors would be unusable afterwards.
+    fn uninstalled(&self) {}
 }

@@ -915,4 +915,27 @@ impl MemoryHooks for MemoryManager {
         self.unpin(&mut st, buffer.id());
         Ok(())
     }
+
+    fn uninstalled(&self) {
+        let mut st = self.lock();
+        self.sync(&mut st);
+        let live: Vec<Arc<Buffer>> = st.table.values().filter_map(|e| e.buf.upgrade()).collect();
+        // Dropped buffers first (recomputing one may evict others), then everything on the
+        // host straight back: with the manager gone, no budget applies.
+        for b in &live {
+            if b.residency() == dynn_core::Residency::Dropped {
+                if let Err(e) = self.make_resident(&mut st, b, "uninstall") {
+                    tracing::warn!(buffer = %b.id(), error = %e, "not recomputed at uninstall");
+                }
+                self.unpin(&mut st, b.id());
+            }
+        }
+        for b in &live {
+            if b.residency() == dynn_core::Residency::Host
+                && let Err(e) = b.fetch()
+            {
+                tracing::warn!(buffer = %b.id(), error = %e, "not fetched at uninstall");
+            }
+        }
+    }
 }

@@ -32,6 +32,10 @@ struct Args {
     /// Most nodes in one tree.
     #[arg(long, default_value_t = TreeLstmConfig::default().max_nodes)]
     max_nodes: usize,
+    /// Nodes of one tree level computed together (smaller: smaller ops, so tighter budgets
+    /// run).
+    #[arg(long, default_value_t = TreeLstmConfig::default().level_chunk)]
+    level_chunk: usize,
 }
 
 fn main() {
@@ -43,6 +47,7 @@ fn main() {
         max_depth: args.max_depth,
         max_args: args.max_args,
         max_nodes: args.max_nodes,
+        level_chunk: args.level_chunk,
         ..TreeLstmConfig::default()
     };
     let seed = args.train.seed;

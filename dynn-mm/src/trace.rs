@@ -263,6 +263,15 @@ impl Trace {
         Self::read_from(std::io::BufReader::new(f), &p.display().to_string())
     }
 
+    /// The ops of training step `step`, in order.
+    pub fn step_ops(&self, step: u64) -> Vec<OpRecord> {
+        self.ops
+            .iter()
+            .filter(|o| o.step == step)
+            .cloned()
+            .collect()
+    }
+
     /// Distinct graph signatures over the trace's steps.
     pub fn distinct_graphs(&self) -> usize {
         let mut s: Vec<u64> = self.steps.iter().map(|s| s.signature).collect();

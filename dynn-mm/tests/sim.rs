@@ -20,7 +20,7 @@ fn recorded_step() -> Vec<OpRecord> {
     }
     let trace = mm.trace();
     assert_eq!(trace.steps.len(), 3);
-    trace.ops.into_iter().filter(|o| o.step == 1).collect()
+    trace.step_ops(1)
 }
 
 #[test]

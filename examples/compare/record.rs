@@ -35,10 +35,7 @@ pub struct Recorded {
 impl Recorded {
     /// Keeps steps `STEPS - 2` and `STEPS - 1` of `trace`.
     fn from_trace(trace: &Trace, record_s: f64, manager_peak: usize) -> Result<Recorded> {
-        let of = |s: u64| -> Vec<OpRecord> {
-            trace.ops.iter().filter(|o| o.step == s).cloned().collect()
-        };
-        let (warmup, step) = (of(STEPS - 2), of(STEPS - 1));
+        let (warmup, step) = (trace.step_ops(STEPS - 2), trace.step_ops(STEPS - 1));
         if step.is_empty() || warmup.is_empty() {
             return Err(Error::Msg(format!(
                 "the trace has no ops for steps {} and {} ({} ops recorded)",

@@ -67,9 +67,7 @@ pub fn predict(
         .map(|o| o.step)
         .max()
         .ok_or_else(|| Error::Msg("the trace has no ops".into()))?;
-    let of =
-        |s: u64| -> Vec<OpRecord> { trace.ops.iter().filter(|o| o.step == s).cloned().collect() };
-    let (warmup, step) = (of(last.saturating_sub(1)), of(last));
+    let (warmup, step) = (trace.step_ops(last.saturating_sub(1)), trace.step_ops(last));
     replay_ops(&warmup, &step, policy, budget, prof, None)?.map_err(Error::Msg)
 }
 

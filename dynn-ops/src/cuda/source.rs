@@ -88,6 +88,16 @@ template <typename T> __device__ T block_max(T v, T lowest) {
 __device__ __forceinline__ float dexp(float x) { return __expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
 
+// 16-bit floats as their bits (no cuda_fp16.h needed), widened to float exactly.
+struct h16 { unsigned short x; };
+struct b16 { unsigned short x; };
+__device__ __forceinline__ float h2f(h16 v) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
+    return f;
+}
+__device__ __forceinline__ float b2f(b16 v) { return __uint_as_float(((u32)v.x) << 16); }
+
 // Every family is compiled once per float dtype with DYNN_SCALAR set (float or double).
 #ifndef DYNN_SCALAR
 #define DYNN_SCALAR float

@@ -178,14 +178,6 @@ pub const CUDA: CudaSource = CudaSource {
     code: concat!(
         cuda_elementwise_helpers!(),
         r#"
-struct h16 { unsigned short x; };
-struct b16 { unsigned short x; };
-
-__device__ __forceinline__ float h2f(h16 v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
-    return f;
-}
 __device__ __forceinline__ h16 f2h(float v) {
     h16 r;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(v));
@@ -196,7 +188,6 @@ __device__ __forceinline__ h16 d2h(double v) {
     asm("cvt.rn.f16.f64 %0, %1;" : "=h"(r.x) : "d"(v));
     return r;
 }
-__device__ __forceinline__ float b2f(b16 v) { return __uint_as_float(((u32)v.x) << 16); }
 // Branch-free (selects), so a thread's unrolled loads are not held behind a branch.
 __device__ __forceinline__ b16 f2b(float v) {
     u32 x = __float_as_uint(v);

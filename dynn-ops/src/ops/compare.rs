@@ -192,14 +192,8 @@ pub const CUDA: CudaSource = CudaSource {
     code: concat!(
         cuda_elementwise_helpers!(),
         r#"
-struct h16 { unsigned short x; };
-struct b16 { unsigned short x; };
-__device__ __forceinline__ float val(h16 v) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.x));
-    return f;
-}
-__device__ __forceinline__ float val(b16 v) { return __uint_as_float(((u32)v.x) << 16); }
+__device__ __forceinline__ float val(h16 v) { return h2f(v); }
+__device__ __forceinline__ float val(b16 v) { return b2f(v); }
 __device__ __forceinline__ float val(float v) { return v; }
 __device__ __forceinline__ double val(double v) { return v; }
 __device__ __forceinline__ i64 val(i64 v) { return v; }

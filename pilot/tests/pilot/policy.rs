@@ -69,9 +69,7 @@ fn trained_it_predicts_and_survives_the_simulator() -> Result<()> {
     let ds = label_trace(&t, &labels);
     let (tr, va) = ds.split_by_step(0.25);
     let (snap, _) = dynn_pilot::train(&tr, &va, labels.features, &ModelConfig::default())?;
-    let steps: Vec<Vec<OpRecord>> = (0..16)
-        .map(|s| t.ops.iter().filter(|o| o.step == s).cloned().collect())
-        .collect();
+    let steps: Vec<Vec<OpRecord>> = (0..16).map(|s| t.step_ops(s)).collect();
     let peak = simulate(
         &steps[15],
         policy::by_name("none")?.as_mut(),

@@ -118,6 +118,13 @@ impl CudaDevice {
             msg: format!("cuda:{ordinal}: {what}: {err}"),
         };
         let ctx = CudaContext::new(ordinal).map_err(|x| e("creating the context", x))?;
+        // SAFETY: dynn orders its streams itself (see `CudaStorage`): every buffer is
+        // allocated and freed on the compute stream, a copy stream waits for the compute
+        // stream before touching a buffer and the compute stream waits for the copy before the
+        // next kernel. cudarc's per-slice events (an event record and wait per argument of
+        // every launch) are then redundant host work. Called before any slice exists.
+        unsafe { ctx.disable_event_tracking() };
+        keep_freed_memory(&ctx).map_err(|x| e("configuring the memory pool", x))?;
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|x| e("compute capability", x))?;
@@ -253,6 +260,27 @@ impl CudaDevice {
         let b = Arc::new(CudaBlas::new(self.compute.clone()).map_err(self.err("cublas"))?);
         *slot = Some(b.clone());
         Ok(b)
+    }
+}
+
+/// Lets the device's default memory pool keep freed memory instead of returning it to the
+/// driver at every synchronisation, so a step's allocations are served from the pool
+/// (stream-ordered `cuMemAllocAsync`) rather than mapped afresh each time.
+fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: `pool` is written by the driver for this context's device; the attribute takes
+    // a pointer to a u64 that lives across the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
     }
 }
 

@@ -61,13 +61,17 @@ fn host_bytes_mut(host: &mut CpuStorage) -> &mut [u8] {
     }
 }
 
+/// `bytes` of uninitialised memory on the compute stream (the stream that frees it, too).
+fn unsafe_alloc(dev: &Arc<CudaDevice>, bytes: usize, op: &'static str) -> Result<CudaSlice<u8>> {
+    // SAFETY: callers write every byte before anything reads it: an output kernel covers all
+    // its elements and an upload copies the whole buffer.
+    unsafe { dev.compute().alloc::<u8>(bytes) }.map_err(dev.err(op))
+}
+
 impl CudaStorage {
     /// Uninitialised storage for `len` elements of `dtype` (kernels write every element).
     pub fn alloc(dev: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<Self> {
-        let bytes = (len * dtype.size_in_bytes()).max(1);
-        // SAFETY: the memory is written by the kernel that asked for it before anything
-        // reads it (every output kernel covers all its elements).
-        let data = unsafe { dev.compute().alloc::<u8>(bytes) }.map_err(dev.err("alloc"))?;
+        let data = unsafe_alloc(dev, (len * dtype.size_in_bytes()).max(1), "alloc")?;
         Ok(CudaStorage {
             dev: dev.clone(),
             data,
@@ -91,16 +95,21 @@ impl CudaStorage {
         })
     }
 
-    /// Copies host elements to the GPU on the device's upload stream; kernels on the compute
-    /// stream wait for the copy through the slice's event, not the host.
+    /// Copies host elements to the GPU on the device's upload stream. The buffer is allocated
+    /// on the compute stream (where it is also freed); the upload stream waits for that
+    /// allocation and the compute stream waits for the copy through events, so kernels queued
+    /// next read the uploaded bytes without the host waiting.
     pub fn upload(dev: &Arc<CudaDevice>, host: &CpuStorage) -> Result<Self> {
         let bytes = host_bytes(host);
-        let data = if bytes.is_empty() {
-            dev.upload_stream().alloc_zeros::<u8>(1)
-        } else {
-            dev.upload_stream().clone_htod(bytes)
+        let mut data = unsafe_alloc(dev, bytes.len().max(1), "upload")?;
+        if !bytes.is_empty() {
+            let (compute, upload) = (dev.compute(), dev.upload_stream());
+            upload.join(compute).map_err(dev.err("upload"))?;
+            upload
+                .memcpy_htod(bytes, &mut data)
+                .map_err(dev.err("upload"))?;
+            compute.join(upload).map_err(dev.err("upload"))?;
         }
-        .map_err(dev.err("upload"))?;
         Ok(CudaStorage {
             dev: dev.clone(),
             data,
@@ -156,6 +165,10 @@ impl DeviceStorage for CudaStorage {
         if !dst.is_empty() {
             let n = dst.len();
             let stream = self.dev.download_stream();
+            // The copy waits for every kernel queued so far (the writers of these bytes).
+            stream
+                .join(self.dev.compute())
+                .map_err(self.dev.err("to_host"))?;
             stream
                 .memcpy_dtoh(&self.data.slice(..n), dst)
                 .map_err(self.dev.err("to_host"))?;

@@ -43,7 +43,8 @@ if has bench; then
     timeout 200 "$BIN/gpu" --json > "$OUT/dynn_gpu.txt" 2>&1 || status=1
     tail -20 "$OUT/dynn_gpu.txt"
     timeout 200 python3 benches/gpu_torch.py --dynn "$OUT/dynn_gpu.txt" --out "$OUT/bench.json" \
-        | head -30 || status=1
+        > "$OUT/torch.txt" 2>&1 || status=1
+    grep -v '^{' "$OUT/torch.txt" | head -60
 fi
 
 if has train; then

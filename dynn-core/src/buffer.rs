@@ -4,7 +4,7 @@
 //! device, on the host, or dropped (to be recomputed), and may move at any time between ops,
 //! while every tensor, view and tape node that refers to the buffer stays valid.
 
-use crate::{CpuStorage, DType, Device, DeviceStorage, Error, Result};
+use crate::{CpuStorage, DType, Device, DeviceStorage, Error, HostStorage, Result};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -91,8 +91,8 @@ pub enum Slot {
     Unmaterialized,
     /// Device memory (shared while a kernel reads it).
     Device(Arc<dyn DeviceStorage>),
-    /// Host memory.
-    Host(Arc<CpuStorage>),
+    /// The host tier (offloaded).
+    Host(Arc<dyn HostStorage>),
     /// Released.
     Dropped,
 }
@@ -269,7 +269,7 @@ impl Buffer {
     pub fn to_host(&self, op: &'static str) -> Result<CpuStorage> {
         match self.slot() {
             Slot::Device(s) => s.to_host(),
-            Slot::Host(h) => Ok((*h).clone()),
+            Slot::Host(h) => h.to_cpu(),
             other => Err(Error::NotResident {
                 op,
                 buffer: self.id.0,
@@ -284,8 +284,8 @@ impl Buffer {
         let mut slot = self.write_slot();
         match &*slot {
             Slot::Device(s) => {
-                let host = s.to_host()?;
-                *slot = Slot::Host(Arc::new(host));
+                let host = s.offload()?;
+                *slot = Slot::Host(Arc::from(host));
                 Ok(self.size_in_bytes())
             }
             Slot::Host(_) => Ok(0),
@@ -302,7 +302,7 @@ impl Buffer {
         let mut slot = self.write_slot();
         match &*slot {
             Slot::Host(h) => {
-                let dev = self.device.backend()?.upload(h)?;
+                let dev = self.device.backend()?.restore(&**h)?;
                 *slot = Slot::Device(Arc::from(dev));
                 Ok(self.size_in_bytes())
             }

@@ -57,6 +57,50 @@ pub trait DeviceStorage: Send + Sync + std::fmt::Debug + 'static {
     fn as_any_mut(&mut self) -> &mut dyn Any;
     /// A deep copy on the same device.
     fn duplicate(&self) -> Result<Box<dyn DeviceStorage>>;
+    /// Copies the elements into the host tier for offloading. By default plain host memory;
+    /// a GPU backend returns page-locked memory the link can copy at full speed.
+    fn offload(&self) -> Result<Box<dyn HostStorage>> {
+        Ok(Box::new(self.to_host()?))
+    }
+}
+
+/// An offloaded buffer's elements in the host tier: plain [`CpuStorage`], or a backend's own
+/// host memory (pinned, for a GPU) that only its [`Backend::restore`] copies back directly.
+pub trait HostStorage: Send + Sync + std::fmt::Debug + 'static {
+    /// The element type.
+    fn dtype(&self) -> DType;
+    /// Number of elements.
+    fn len(&self) -> usize;
+    /// True when empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// A plain host copy of the elements (for reading them on the CPU).
+    fn to_cpu(&self) -> Result<CpuStorage>;
+    /// The elements as CPU storage without a copy, when they are kept that way.
+    fn as_cpu(&self) -> Option<&CpuStorage> {
+        None
+    }
+    /// For downcasting in the backend that made it.
+    fn as_any(&self) -> &dyn Any;
+}
+
+impl HostStorage for CpuStorage {
+    fn dtype(&self) -> DType {
+        CpuStorage::dtype(self)
+    }
+    fn len(&self) -> usize {
+        CpuStorage::len(self)
+    }
+    fn to_cpu(&self) -> Result<CpuStorage> {
+        Ok(self.clone())
+    }
+    fn as_cpu(&self) -> Option<&CpuStorage> {
+        Some(self)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
 }
 
 impl dyn DeviceStorage {
@@ -113,6 +157,13 @@ pub trait Backend: Send + Sync {
     fn device(&self) -> Device;
     /// Copies host elements onto the device.
     fn upload(&self, host: &CpuStorage) -> Result<Box<dyn DeviceStorage>>;
+    /// Copies an offloaded buffer's host-tier elements back onto the device.
+    fn restore(&self, host: &dyn HostStorage) -> Result<Box<dyn DeviceStorage>> {
+        match host.as_cpu() {
+            Some(cpu) => self.upload(cpu),
+            None => self.upload(&host.to_cpu()?),
+        }
+    }
     /// Waits for all queued work on the device (a no-op on the CPU).
     fn synchronize(&self) -> Result<()> {
         Ok(())

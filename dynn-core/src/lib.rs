@@ -30,7 +30,7 @@ pub use context::{
     mark_step, memory_hooks, no_grad, phase, set_memory_hooks,
 };
 pub use cpu_storage::{CpuElement, CpuStorage, vec_from_fill};
-pub use device::{Backend, CpuBackend, Device, DeviceStorage, register_backend};
+pub use device::{Backend, CpuBackend, Device, DeviceStorage, HostStorage, register_backend};
 pub use dtype::{DType, Element, FloatElement, erf, num_like::AccFloat};
 pub use error::{Error, Result};
 pub use executor::{Tensors, execute, execute_inplace, execute_on, execute_view, execute1};

@@ -2,10 +2,11 @@
 //! registration as the dynn-core backend of `Device::Cuda(ordinal)`.
 
 use super::compile::{Arch, compile_ptx, library_loadable, scalar_type};
+use super::pinned::{PinnedHost, PinnedPool};
 use super::{CudaSource, CudaStorage};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
-use dynn_core::{Backend, CpuStorage, DType, Device, DeviceStorage, Error, Result};
+use dynn_core::{Backend, CpuStorage, DType, Device, DeviceStorage, Error, HostStorage, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -22,6 +23,7 @@ pub struct CudaDevice {
     compute: Arc<CudaStream>,
     upload: Arc<CudaStream>,
     download: Arc<CudaStream>,
+    pinned: Arc<PinnedPool>,
     modules: Mutex<HashMap<(&'static str, &'static str), Arc<CudaModule>>>,
     functions: Mutex<HashMap<FnKey, CudaFunction>>,
     blas: Mutex<Option<Arc<CudaBlas>>>,
@@ -132,6 +134,7 @@ impl CudaDevice {
         let compute = ctx.new_stream().map_err(|x| e("compute stream", x))?;
         let upload = ctx.new_stream().map_err(|x| e("upload stream", x))?;
         let download = ctx.new_stream().map_err(|x| e("download stream", x))?;
+        let pinned = PinnedPool::new(ctx.clone());
         Ok(CudaDevice {
             ordinal,
             name,
@@ -143,6 +146,7 @@ impl CudaDevice {
             compute,
             upload,
             download,
+            pinned,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
@@ -182,6 +186,11 @@ impl CudaDevice {
     /// The device → host copy stream.
     pub fn download_stream(&self) -> &Arc<CudaStream> {
         &self.download
+    }
+
+    /// The host tier's pinned memory.
+    pub fn pinned(&self) -> &Arc<PinnedPool> {
+        &self.pinned
     }
 
     /// Maps a driver or library error to [`Error::Device`] naming `op` and this device.
@@ -294,6 +303,15 @@ impl Backend for CudaBackend {
     }
     fn upload(&self, host: &CpuStorage) -> Result<Box<dyn DeviceStorage>> {
         Ok(Box::new(CudaStorage::upload(&self.0, host)?))
+    }
+    fn restore(&self, host: &dyn HostStorage) -> Result<Box<dyn DeviceStorage>> {
+        if let Some(pinned) = host.as_any().downcast_ref::<PinnedHost>() {
+            return Ok(Box::new(CudaStorage::restore_pinned(&self.0, pinned)?));
+        }
+        match host.as_cpu() {
+            Some(cpu) => self.upload(cpu),
+            None => self.upload(&host.to_cpu()?),
+        }
     }
     fn synchronize(&self) -> Result<()> {
         self.0.synchronize()

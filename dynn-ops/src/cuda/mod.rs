@@ -6,6 +6,7 @@
 mod compile;
 mod device;
 mod launch;
+mod pinned;
 mod source;
 mod storage;
 
@@ -18,5 +19,6 @@ pub use launch::{
     BLOCK, MAX_RANK, Strided, cuda_storage, device_of, grid, no_kernel, on_cuda, row_threads, rows,
     storage,
 };
+pub use pinned::{PinnedBlock, PinnedHost, PinnedPool};
 pub use source::{CudaSource, PRELUDE};
 pub use storage::CudaStorage;

@@ -1,8 +1,9 @@
 //! [`CudaStorage`]: the bytes of one buffer in GPU memory.
 
 use super::CudaDevice;
-use cudarc::driver::CudaSlice;
-use dynn_core::{CpuStorage, DType, Device, DeviceStorage, Result};
+use super::pinned::PinnedHost;
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, result};
+use dynn_core::{CpuStorage, DType, Device, DeviceStorage, HostStorage, Result};
 use std::any::Any;
 use std::sync::Arc;
 
@@ -27,7 +28,7 @@ impl std::fmt::Debug for CudaStorage {
 }
 
 /// The bytes of a host storage (every dtype is plain old data).
-fn host_bytes(host: &CpuStorage) -> &[u8] {
+pub(crate) fn host_bytes(host: &CpuStorage) -> &[u8] {
     fn bytes<T>(v: &[T]) -> &[u8] {
         // SAFETY: every CpuStorage element type (f32, f64, f16, bf16, i64, u32) is plain old
         // data without padding, so its memory is valid as bytes for the same lifetime.
@@ -44,7 +45,7 @@ fn host_bytes(host: &CpuStorage) -> &[u8] {
 }
 
 /// The bytes of a host storage, mutable (for downloads).
-fn host_bytes_mut(host: &mut CpuStorage) -> &mut [u8] {
+pub(crate) fn host_bytes_mut(host: &mut CpuStorage) -> &mut [u8] {
     fn bytes<T>(v: &mut [T]) -> &mut [u8] {
         // SAFETY: as in `host_bytes`; every bit pattern is a valid element of these types.
         unsafe {
@@ -118,6 +119,31 @@ impl CudaStorage {
         })
     }
 
+    /// Copies an offloaded buffer back from pinned host memory on the upload stream. Runs on
+    /// the memory manager's transfer thread, which waits for the copy (so the pinned block can
+    /// be reused as soon as this returns); the compute stream never waits on the host.
+    pub fn restore_pinned(dev: &Arc<CudaDevice>, host: &PinnedHost) -> Result<Self> {
+        let bytes = host.bytes();
+        let mut data = unsafe_alloc(dev, bytes.len().max(1), "fetch")?;
+        if !bytes.is_empty() {
+            let (compute, upload) = (dev.compute(), dev.upload_stream());
+            upload.join(compute).map_err(dev.err("fetch"))?;
+            let (dst, _) = data.device_ptr_mut(upload);
+            // SAFETY: `dst` holds at least `bytes.len()` bytes (allocated just above, the
+            // allocation ordered before the copy by the join); the source stays borrowed until
+            // the stream synchronisation below has seen the copy finish.
+            unsafe { result::memcpy_htod_async(dst, bytes, upload.cu_stream()) }
+                .map_err(dev.err("fetch"))?;
+            upload.synchronize().map_err(dev.err("fetch"))?;
+        }
+        Ok(CudaStorage {
+            dev: dev.clone(),
+            data,
+            dtype: host.dtype(),
+            len: host.len(),
+        })
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.len
@@ -181,6 +207,32 @@ impl DeviceStorage for CudaStorage {
     }
     fn as_any_mut(&mut self) -> &mut dyn Any {
         self
+    }
+    /// Copies the elements into a recycled pinned block on the download stream, after every
+    /// kernel queued so far (their writers); waits for the copy, since the device memory is
+    /// freed when the buffer's slot changes. Falls back to pageable memory when no pinned
+    /// memory can be had.
+    fn offload(&self) -> Result<Box<dyn HostStorage>> {
+        let bytes = self.len * self.dtype.size_in_bytes();
+        let mut block = match self.dev.pinned().take(bytes) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, bytes, "no pinned host memory; offloading to pageable memory");
+                return Ok(Box::new(self.to_host()?));
+            }
+        };
+        if bytes > 0 {
+            let down = self.dev.download_stream();
+            down.join(self.dev.compute())
+                .map_err(self.dev.err("offload"))?;
+            let (src, _) = self.data.device_ptr(down);
+            // SAFETY: the block holds `bytes` bytes; the device slice holds at least as many
+            // and stays alive (borrowed by `self`) until the synchronisation below.
+            unsafe { result::memcpy_dtoh_async(block.bytes_mut(), src, down.cu_stream()) }
+                .map_err(self.dev.err("offload"))?;
+            down.synchronize().map_err(self.dev.err("offload"))?;
+        }
+        Ok(Box::new(PinnedHost::new(block, self.dtype, self.len)))
     }
     fn duplicate(&self) -> Result<Box<dyn DeviceStorage>> {
         let data = self

@@ -104,7 +104,11 @@ impl Binary {
 /// the dims loop unrolled so the descriptor is read straight from the kernel parameters
 /// (no local-memory copy) and the outermost dim needing no division; `MAP` is a grid-stride
 /// loop over such indices writing `y[i]`, [`UNROLL`] elements per thread and step with their
-/// loads in flight together (launch with [`elementwise_grid`]).
+/// loads in flight together (launch with [`elementwise_grid`]). The packed fast path:
+/// `packed_map<N>(f, y, n, src...)` computes `y[i] = f(src[i]...)` over operands described by
+/// `Src` (contiguous, a broadcast scalar, or periodic: see [`Source`]) moving `N` elements per
+/// access (`Pack<T, N>`, 16 bytes for the widest operand) with one pack per thread and step
+/// (launch with [`packed_grid`]); `packed_loop` is its skeleton for kernels with other shapes.
 macro_rules! cuda_elementwise_helpers {
     () => {
         r#"
@@ -141,6 +145,80 @@ template <typename I> __device__ __forceinline__ I sat(const Strided& s, I i) {
     } \
     for (I i = b_; i < (n); i += s_) (y)[i] = (__VA_ARGS__); \
 }
+
+// ---- The packed fast path (host side: `Source`, `packed_sources`, `packed_grid`) ----
+// N elements of T moved as one access (a 32-byte pack goes as two 16-byte ones).
+template <typename T, int N> struct __align__(sizeof(T) * N) Pack { T v[N]; };
+
+// a % b in 32-bit math when both fit (uniform across a warp in practice), else 64-bit.
+__device__ __forceinline__ u64 umod(u64 a, u64 b) {
+    return ((a | b) >> 32) == 0 ? (u64)((u32)a % (u32)b) : a % b;
+}
+
+// An operand of a packed kernel: output element i reads p[i] when period is 0 (contiguous),
+// else p[i % period]: period 1 is a broadcast scalar, a larger one an operand whose trailing
+// dims are contiguous and which is broadcast along the leading ones (a bias row).
+template <typename T> struct Src {
+    const T* p;
+    u64 period;
+};
+template <typename T> __device__ __forceinline__ Src<T> src(const T* p, i64 offset, i64 period) {
+    return Src<T>{p + offset, (u64)period};
+}
+
+// True when pack v of N elements of s is one aligned pack of p (or the broadcast scalar).
+template <int N, typename T> __device__ __forceinline__ bool packs(const Src<T>& s) {
+    return s.period == 1 || ((size_t)s.p % (sizeof(T) * N) == 0 && s.period % N == 0);
+}
+template <int N, typename T> __device__ __forceinline__ bool pack_aligned(const T* y) {
+    return (size_t)y % (sizeof(T) * N) == 0;
+}
+template <int N, typename T> __device__ __forceinline__ Pack<T, N> load_pack(const Src<T>& s, u64 v) {
+    if (s.period == 1) {
+        Pack<T, N> r;
+        T x = s.p[0];
+#pragma unroll
+        for (int j = 0; j < N; ++j) r.v[j] = x;
+        return r;
+    }
+    return ((const Pack<T, N>*)s.p)[s.period == 0 ? v : umod(v, s.period / N)];
+}
+template <typename T> __device__ __forceinline__ T load_one(const Src<T>& s, u64 i) {
+    return s.p[s.period == 0 ? i : umod(i, s.period)];
+}
+
+// The grid-stride skeleton of the packed kernels: pack(v) for every whole pack v of N elements
+// when `packed` (one pack per thread and step: launch with `packed_grid`), then one(i) for the
+// elements left (all of them when not `packed`).
+template <int N, typename P, typename O>
+__device__ __forceinline__ void packed_loop(u64 n, bool packed, P pack, O one) {
+    u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x, step = (u64)blockDim.x * gridDim.x;
+    u64 done = 0;
+    if (packed) {
+        u64 nv = n / N;
+        for (u64 v = t; v < nv; v += step) pack(v);
+        done = nv * N;
+    }
+    for (u64 i = done + t; i < n; i += step) one(i);
+}
+
+template <int N, typename T, typename F, typename... X>
+__device__ __forceinline__ Pack<T, N> apply_pack(F f, const Pack<X, N>&... x) {
+    Pack<T, N> r;
+#pragma unroll
+    for (int j = 0; j < N; ++j) r.v[j] = f(x.v[j]...);
+    return r;
+}
+
+// y[i] = f(x[i]...) for i < n over the sources x (see Src), N elements per access when y and
+// every source allow it: the loads of a pack are all issued before its stores.
+template <int N, typename T, typename F, typename... X>
+__device__ __forceinline__ void packed_map(F f, T* __restrict__ y, u64 n, Src<X>... x) {
+    packed_loop<N>(
+        n, pack_aligned<N>(y) && (packs<N>(x) && ...),
+        [&](u64 v) { ((Pack<T, N>*)y)[v] = apply_pack<N, T>(f, load_pack<N>(x, v)...); },
+        [&](u64 i) { y[i] = f(load_one(x, i)...); });
+}
 "#
     };
 }
@@ -152,6 +230,69 @@ pub(crate) const UNROLL: usize = 4;
 /// The launch shape of a `MAP` kernel over `n` elements.
 pub(crate) fn elementwise_grid(n: usize) -> cudarc::driver::LaunchConfig {
     cuda::grid(n.div_ceil(UNROLL))
+}
+
+/// How a packed kernel reads an operand already broadcast to the output's shape (`Src` in the
+/// CUDA helpers): output element `i` reads element `offset + i` when `period` is 0 (contiguous)
+/// and `offset + i % period` otherwise: period 1 is a broadcast scalar, a larger period an
+/// operand whose trailing dims are contiguous and which is broadcast along its leading dims
+/// (a bias row, a mask shared by every batch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Source {
+    /// The element offset of the operand's first element.
+    pub offset: i64,
+    /// 0 (contiguous), or the period of the index.
+    pub period: i64,
+}
+
+impl Source {
+    /// The source reading `layout` (broadcast to the output's shape), if it is one of the
+    /// patterns above.
+    pub(crate) fn of(layout: &Layout) -> Option<Source> {
+        // The trailing dims that step through memory row-major (size-1 dims aside) make the
+        // period; every dim outside them must be broadcast (stride 0).
+        let mut period = 1;
+        let mut trailing = true;
+        for (&d, &s) in layout.dims().iter().zip(layout.strides()).rev() {
+            if d == 1 {
+                continue;
+            }
+            if trailing && s == period {
+                period *= d;
+            } else if s == 0 {
+                trailing = false;
+            } else {
+                return None;
+            }
+        }
+        let contiguous = period == layout.elem_count();
+        Some(Source {
+            offset: layout.offset() as i64,
+            period: if contiguous { 0 } else { period as i64 },
+        })
+    }
+
+    /// True when the output's packs of `pack` elements read whole aligned packs of this
+    /// source (device buffers start aligned to far more than 16 bytes) or its scalar.
+    fn packs(self, pack: usize) -> bool {
+        let pack = pack as i64;
+        self.period == 1 || (self.offset % pack == 0 && self.period % pack == 0)
+    }
+}
+
+/// The sources of `layouts` (each broadcast to the output's shape) when a packed kernel moving
+/// `pack` elements per access serves them all, else `None` (use the strided kernel).
+pub(crate) fn packed_sources(layouts: &[&Layout], pack: usize) -> Option<Vec<Source>> {
+    layouts
+        .iter()
+        .map(|l| Source::of(l).filter(|s| s.packs(pack)))
+        .collect()
+}
+
+/// The launch shape of a packed kernel over `n` elements, `pack` per access: one pack per
+/// thread (grid-stride beyond the block cap).
+pub(crate) fn packed_grid(n: usize, pack: usize) -> cudarc::driver::LaunchConfig {
+    cuda::grid(n.div_ceil(pack))
 }
 
 /// `layouts` (each already broadcast to `shape`) with size-1 dims dropped and adjacent dims
@@ -202,9 +343,10 @@ pub(crate) fn index32(n: usize, layouts: &[&Layout]) -> i32 {
     (n <= LIMIT && layouts.iter().all(|l| l.max_extent() <= LIMIT)) as i32
 }
 
-/// The CUDA kernels: `binary_contiguous` (both operands contiguous in the output's shape: no
-/// index math, 16-byte vector loads when aligned) and `binary_strided` (any layouts,
-/// broadcast included, dims coalesced on the host). `kind` numbers the op as
+/// The CUDA kernels: `binary_packed` (each operand contiguous, a broadcast scalar or a
+/// broadcast row block, see [`Source`]: 16-byte packs per access, the kind a template
+/// parameter) and `binary_strided` (any layouts, broadcast included, dims coalesced on the
+/// host). `kind` numbers the op as
 /// [`Binary::cuda_kind`]; 7 and 8 are the `maximum_mask` / `minimum_mask` selections.
 pub const CUDA: CudaSource = CudaSource {
     name: "binary",
@@ -224,27 +366,11 @@ template <int K> __device__ __forceinline__ scalar bop(scalar a, scalar b) {
 }
 
 #define VEC (16 / (int)sizeof(scalar))
-struct __align__(16) Pack { scalar v[VEC]; };
 
 template <int K>
-__device__ void bin_contig(const scalar* __restrict__ a, const scalar* __restrict__ b,
-                           scalar* __restrict__ y, i64 n) {
-    i64 t = (i64)blockIdx.x * blockDim.x + threadIdx.x, step = (i64)blockDim.x * gridDim.x;
-    if ((((size_t)a | (size_t)b | (size_t)y) & 15) == 0) {
-        i64 nv = n / VEC;
-        const Pack* pa = (const Pack*)a;
-        const Pack* pb = (const Pack*)b;
-        Pack* py = (Pack*)y;
-        for (i64 v = t; v < nv; v += step) {
-            Pack x = pa[v], z = pb[v], r;
-#pragma unroll
-            for (int j = 0; j < VEC; ++j) r.v[j] = bop<K>(x.v[j], z.v[j]);
-            py[v] = r;
-        }
-        for (i64 i = nv * VEC + t; i < n; i += step) y[i] = bop<K>(a[i], b[i]);
-    } else {
-        for (i64 i = t; i < n; i += step) y[i] = bop<K>(a[i], b[i]);
-    }
+__device__ __forceinline__ void bin_packed(Src<scalar> a, Src<scalar> b, scalar* __restrict__ y,
+                                          u64 n) {
+    packed_map<VEC>([](scalar x, scalar z) { return bop<K>(x, z); }, y, n, a, b);
 }
 
 // The strided kernel takes the kind at run time (one instantiation per index width): its loads
@@ -284,20 +410,20 @@ __device__ void bin_strided(int kind, const scalar* __restrict__ a, const Stride
     for (I i = base; i < n; i += step) y[i] = bop_rt(kind, a[sat<I>(as, i)], b[sat<I>(bs, i)]);
 }
 
-extern "C" __global__ void binary_contiguous(int kind, const scalar* a, i64 ao, const scalar* b,
-                                             i64 bo, scalar* y, i64 n) {
-    a += ao;
-    b += bo;
+extern "C" __global__ void binary_packed(int kind, const scalar* __restrict__ a, i64 ao, i64 ap,
+                                         const scalar* __restrict__ b, i64 bo, i64 bp,
+                                         scalar* __restrict__ y, i64 n) {
+    Src<scalar> sa = src(a, ao, ap), sb = src(b, bo, bp);
     switch (kind) {
-    case 0: bin_contig<0>(a, b, y, n); break;
-    case 1: bin_contig<1>(a, b, y, n); break;
-    case 2: bin_contig<2>(a, b, y, n); break;
-    case 3: bin_contig<3>(a, b, y, n); break;
-    case 4: bin_contig<4>(a, b, y, n); break;
-    case 5: bin_contig<5>(a, b, y, n); break;
-    case 6: bin_contig<6>(a, b, y, n); break;
-    case 7: bin_contig<7>(a, b, y, n); break;
-    default: bin_contig<8>(a, b, y, n); break;
+    case 0: bin_packed<0>(sa, sb, y, n); break;
+    case 1: bin_packed<1>(sa, sb, y, n); break;
+    case 2: bin_packed<2>(sa, sb, y, n); break;
+    case 3: bin_packed<3>(sa, sb, y, n); break;
+    case 4: bin_packed<4>(sa, sb, y, n); break;
+    case 5: bin_packed<5>(sa, sb, y, n); break;
+    case 6: bin_packed<6>(sa, sb, y, n); break;
+    case 7: bin_packed<7>(sa, sb, y, n); break;
+    default: bin_packed<8>(sa, sb, y, n); break;
     }
 }
 
@@ -335,21 +461,21 @@ fn cuda_binary(
     }
     let (la, lb) = (a.layout.broadcast_as(shape)?, b.layout.broadcast_as(shape)?);
     let n64 = n as i64;
-    if la.is_contiguous() && lb.is_contiguous() {
-        let f = dev.function(&CUDA, dtype, "binary_contiguous")?;
-        let (ao, bo) = (la.offset() as i64, lb.offset() as i64);
-        let per_thread = 16 / dtype.size_in_bytes();
+    if let Some(src) = packed_sources(&[&la, &lb], 16 / dtype.size_in_bytes()) {
+        let f = dev.function(&CUDA, dtype, "binary_packed")?;
         crate::cuda_launch!(
             dev,
             name,
             f,
-            cuda::grid(n.div_ceil(per_thread)),
+            packed_grid(n, 16 / dtype.size_in_bytes()),
             [
                 &kind,
                 sa.slice(),
-                &ao,
+                &src[0].offset,
+                &src[0].period,
                 sb.slice(),
-                &bo,
+                &src[1].offset,
+                &src[1].period,
                 out.slice_mut(),
                 &n64
             ]

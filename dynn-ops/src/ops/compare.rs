@@ -8,7 +8,10 @@
 use crate::cpu::{PAR_MIN, chunk_len, map_layout};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::math::simd;
-use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
+use crate::ops::binary::{
+    Source, coalesce, cuda_elementwise_helpers, elementwise_grid, index32, packed_grid,
+    packed_sources,
+};
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
 use dynn_core::{
@@ -186,7 +189,10 @@ fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
 /// f32 scalar) serves every dtype: comparisons have one entry point per operand dtype
 /// (`compare_<dtype>`, 16-bit floats widened to float exactly), selections one per element
 /// size (`_2`, `_4`, `_8`: values are copied as bits). Selections read u32 0/1 masks; a mask
-/// of another dtype goes through `nonzero_<bytes>` first ([`u32_mask`]).
+/// of another dtype goes through `nonzero_<bytes>` first ([`u32_mask`]). Each comparison and
+/// selection also has a `_packed_` twin for operands the packed helpers serve (contiguous,
+/// broadcast scalars, broadcast row blocks: see [`Source`]), moving 16 bytes of values per
+/// access; the strided kernels take the rest.
 pub const CUDA: CudaSource = CudaSource {
     name: "compare",
     code: concat!(
@@ -212,11 +218,23 @@ __device__ void cmp_t(u32 truth, const T* __restrict__ a, const Strided& as,
     MAP(I, i, n, u32, y, cmp(truth, val(a[sat<I>(as, i)]), val(b[sat<I>(bs, i)])));
 }
 
+// Packed: four elements per access (16 bytes of output).
+template <typename T>
+__device__ __forceinline__ void cmp_packed(u32 truth, Src<T> a, Src<T> b, u32* __restrict__ y,
+                                           u64 n) {
+    packed_map<4>([=](T x, T z) { return cmp(truth, val(x), val(z)); }, y, n, a, b);
+}
+
 #define COMPARE(NAME, T) \
 extern "C" __global__ void compare_##NAME(u32 truth, const T* a, Strided as, const T* b, \
                                           Strided bs, u32* y, i64 n, int small) { \
     if (small) cmp_t<u32, T>(truth, a, as, b, bs, y, (u32)n); \
     else cmp_t<u64, T>(truth, a, as, b, bs, y, (u64)n); \
+} \
+extern "C" __global__ void compare_packed_##NAME(u32 truth, const T* __restrict__ a, i64 ao, \
+                                                 i64 ap, const T* __restrict__ b, i64 bo, \
+                                                 i64 bp, u32* __restrict__ y, i64 n) { \
+    cmp_packed<T>(truth, src(a, ao, ap), src(b, bo, bp), y, (u64)n); \
 }
 COMPARE(f32, float)
 COMPARE(f64, double)
@@ -282,6 +300,47 @@ __device__ void fill_t(const T* __restrict__ x, const Strided& xs, const u32* __
     MAP(I, i, n, T, y, select_(m[sat<I>(ms, i)] != 0, v, x[sat<I>(xs, i)]));
 }
 
+// The packed selections move 16 bytes of values per access (the u32 mask alongside: 8 to 32
+// bytes).
+#define SELECT_PACK(T) ((int)(16 / sizeof(T)))
+
+template <typename T>
+__device__ __forceinline__ void where_packed(Src<u32> m, Src<T> a, Src<T> b, T* __restrict__ y,
+                                             u64 n) {
+    packed_map<SELECT_PACK(T)>([](u32 c, T x, T z) { return select_(c != 0, x, z); }, y, n, m,
+                               a, b);
+}
+
+template <typename T>
+__device__ __forceinline__ void fill_packed(Src<T> x, Src<u32> m, T v, T* __restrict__ y, u64 n) {
+    packed_map<SELECT_PACK(T)>([=](T a, u32 c) { return select_(c != 0, v, a); }, y, n, x, m);
+}
+
+template <typename T>
+__device__ __forceinline__ void where_bw_packed(Src<u32> m, Src<T> g, T* __restrict__ yt,
+                                                T* __restrict__ yf, u64 n) {
+    constexpr int N = SELECT_PACK(T);
+    packed_loop<N>(
+        n, packs<N>(m) && packs<N>(g) && pack_aligned<N>(yt) && pack_aligned<N>(yf),
+        [&](u64 v) {
+            Pack<u32, N> c = load_pack<N>(m, v);
+            Pack<T, N> x = load_pack<N>(g, v), t, f;
+#pragma unroll
+            for (int j = 0; j < N; ++j) {
+                t.v[j] = c.v[j] != 0 ? x.v[j] : (T)0;
+                f.v[j] = c.v[j] != 0 ? (T)0 : x.v[j];
+            }
+            ((Pack<T, N>*)yt)[v] = t;
+            ((Pack<T, N>*)yf)[v] = f;
+        },
+        [&](u64 i) {
+            T x = load_one(g, i);
+            bool c = load_one(m, i) != 0;
+            yt[i] = c ? x : (T)0;
+            yf[i] = c ? (T)0 : x;
+        });
+}
+
 #define SELECT(SIZE, T) \
 extern "C" __global__ void nonzero_##SIZE(const T* x, Strided xs, u64 keep, u32* y, i64 n, \
                                           int small) { \
@@ -302,6 +361,23 @@ extern "C" __global__ void masked_fill_##SIZE(const T* x, Strided xs, const u32*
                                               u64 bits, T* y, i64 n, int small) { \
     if (small) fill_t<u32, T>(x, xs, m, ms, (T)bits, y, (u32)n); \
     else fill_t<u64, T>(x, xs, m, ms, (T)bits, y, (u64)n); \
+} \
+extern "C" __global__ void where_cond_packed_##SIZE(const u32* __restrict__ m, i64 mo, i64 mp, \
+                                                    const T* __restrict__ a, i64 ao, i64 ap, \
+                                                    const T* __restrict__ b, i64 bo, i64 bp, \
+                                                    T* __restrict__ y, i64 n) { \
+    where_packed<T>(src(m, mo, mp), src(a, ao, ap), src(b, bo, bp), y, (u64)n); \
+} \
+extern "C" __global__ void where_backward_packed_##SIZE(const u32* __restrict__ m, i64 mo, \
+                                                        i64 mp, const T* __restrict__ g, i64 go, \
+                                                        i64 gp, T* __restrict__ yt, \
+                                                        T* __restrict__ yf, i64 n) { \
+    where_bw_packed<T>(src(m, mo, mp), src(g, go, gp), yt, yf, (u64)n); \
+} \
+extern "C" __global__ void masked_fill_packed_##SIZE(const T* __restrict__ x, i64 xo, i64 xp, \
+                                                     const u32* __restrict__ m, i64 mo, i64 mp, \
+                                                     u64 bits, T* __restrict__ y, i64 n) { \
+    fill_packed<T>(src(x, xo, xp), src(m, mo, mp), (T)bits, y, (u64)n); \
 }
 SELECT(2, unsigned short)
 SELECT(4, u32)
@@ -392,6 +468,21 @@ fn views(op: &'static str, shape: &Shape, layouts: &[&Layout]) -> Result<(Vec<St
     Ok((v, small))
 }
 
+/// The packed sources of `layouts` broadcast to `shape`, `pack` elements per access, when a
+/// packed kernel serves them all ([`packed_sources`]).
+fn packed(shape: &Shape, layouts: &[&Layout], pack: usize) -> Result<Option<Vec<Source>>> {
+    let b: Vec<Layout> = layouts
+        .iter()
+        .map(|l| l.broadcast_as(shape))
+        .collect::<Result<_>>()?;
+    Ok(packed_sources(&b.iter().collect::<Vec<_>>(), pack))
+}
+
+/// Elements per access of the packed selections on `dtype` values (16 bytes of them).
+fn select_pack(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
 fn cuda_compare(
     k: CmpOp,
     a: &KernelArg<'_>,
@@ -413,16 +504,14 @@ fn cuda_compare(
     if n == 0 {
         return Ok(Box::new(out));
     }
-    let kernel = match a.dtype() {
-        DType::F32 => "compare_f32",
-        DType::F64 => "compare_f64",
-        DType::F16 => "compare_f16",
-        DType::BF16 => "compare_bf16",
-        DType::I64 => "compare_i64",
-        DType::U32 => "compare_u32",
+    let names = match a.dtype() {
+        DType::F32 => ["compare_f32", "compare_packed_f32"],
+        DType::F64 => ["compare_f64", "compare_packed_f64"],
+        DType::F16 => ["compare_f16", "compare_packed_f16"],
+        DType::BF16 => ["compare_bf16", "compare_packed_bf16"],
+        DType::I64 => ["compare_i64", "compare_packed_i64"],
+        DType::U32 => ["compare_u32", "compare_packed_u32"],
     };
-    let f = dev.function(&CUDA, DType::F32, kernel)?;
-    let (v, small) = views(name, shape, &[a.layout, b.layout])?;
     // The comparison's truth table over (less, equal, greater, unordered): bits 0 to 3.
     let truth: u32 = match k {
         CmpOp::Eq => 0b0010,
@@ -433,6 +522,31 @@ fn cuda_compare(
         CmpOp::Ge => 0b0110,
     };
     let n64 = n as i64;
+    // Four elements per access: 16 bytes of u32 output.
+    const PACK: usize = 4;
+    if let Some(src) = packed(shape, &[a.layout, b.layout], PACK)? {
+        let f = dev.function(&CUDA, DType::F32, names[1])?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            packed_grid(n, PACK),
+            [
+                &truth,
+                sa.slice(),
+                &src[0].offset,
+                &src[0].period,
+                sb.slice(),
+                &src[1].offset,
+                &src[1].period,
+                out.slice_mut(),
+                &n64
+            ]
+        )?;
+        return Ok(Box::new(out));
+    }
+    let f = dev.function(&CUDA, DType::F32, names[0])?;
+    let (v, small) = views(name, shape, &[a.layout, b.layout])?;
     crate::cuda_launch!(
         dev,
         name,
@@ -477,12 +591,44 @@ fn cuda_where(
     if n == 0 {
         return Ok(Box::new(out));
     }
-    let kernel = by_size(spec.dtype, ["where_cond_2", "where_cond_4", "where_cond_8"]);
-    let func = dev.function(&CUDA, DType::F32, kernel)?;
     let converted = u32_mask(NAME, m)?;
     let (sm, ml) = mask_view(NAME, m, &converted)?;
-    let (v, small) = views(NAME, &spec.shape, &[ml, t.layout, f.layout])?;
     let n64 = n as i64;
+    let pack = select_pack(spec.dtype);
+    if let Some(src) = packed(&spec.shape, &[ml, t.layout, f.layout], pack)? {
+        let kernel = by_size(
+            spec.dtype,
+            [
+                "where_cond_packed_2",
+                "where_cond_packed_4",
+                "where_cond_packed_8",
+            ],
+        );
+        let func = dev.function(&CUDA, DType::F32, kernel)?;
+        crate::cuda_launch!(
+            dev,
+            NAME,
+            func,
+            packed_grid(n, pack),
+            [
+                sm.slice(),
+                &src[0].offset,
+                &src[0].period,
+                st.slice(),
+                &src[1].offset,
+                &src[1].period,
+                sf.slice(),
+                &src[2].offset,
+                &src[2].period,
+                out.slice_mut(),
+                &n64
+            ]
+        )?;
+        return Ok(Box::new(out));
+    }
+    let kernel = by_size(spec.dtype, ["where_cond_2", "where_cond_4", "where_cond_8"]);
+    let func = dev.function(&CUDA, DType::F32, kernel)?;
+    let (v, small) = views(NAME, &spec.shape, &[ml, t.layout, f.layout])?;
     crate::cuda_launch!(
         dev,
         NAME,
@@ -510,16 +656,50 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
     let n = spec.shape.elem_count();
     let mut yt = CudaStorage::alloc(dev, g.dtype(), n)?;
     let mut yf = CudaStorage::alloc(dev, g.dtype(), n)?;
-    if n > 0 {
+    if n == 0 {
+        return Ok(smallvec![
+            Box::new(yt) as Box<dyn DeviceStorage>,
+            Box::new(yf) as Box<dyn DeviceStorage>
+        ]);
+    }
+    let converted = u32_mask(NAME, m)?;
+    let (sm, ml) = mask_view(NAME, m, &converted)?;
+    let n64 = n as i64;
+    let pack = select_pack(g.dtype());
+    if let Some(src) = packed(&spec.shape, &[ml, g.layout], pack)? {
+        let kernel = by_size(
+            g.dtype(),
+            [
+                "where_backward_packed_2",
+                "where_backward_packed_4",
+                "where_backward_packed_8",
+            ],
+        );
+        let func = dev.function(&CUDA, DType::F32, kernel)?;
+        crate::cuda_launch!(
+            dev,
+            NAME,
+            func,
+            packed_grid(n, pack),
+            [
+                sm.slice(),
+                &src[0].offset,
+                &src[0].period,
+                sg.slice(),
+                &src[1].offset,
+                &src[1].period,
+                yt.slice_mut(),
+                yf.slice_mut(),
+                &n64
+            ]
+        )?;
+    } else {
         let kernel = by_size(
             g.dtype(),
             ["where_backward_2", "where_backward_4", "where_backward_8"],
         );
         let func = dev.function(&CUDA, DType::F32, kernel)?;
-        let converted = u32_mask(NAME, m)?;
-        let (sm, ml) = mask_view(NAME, m, &converted)?;
         let (v, small) = views(NAME, &spec.shape, &[ml, g.layout])?;
-        let n64 = n as i64;
         crate::cuda_launch!(
             dev,
             NAME,
@@ -557,15 +737,45 @@ fn cuda_masked_fill(
     if n == 0 {
         return Ok(Box::new(out));
     }
+    let converted = u32_mask(NAME, m)?;
+    let (sm, ml) = mask_view(NAME, m, &converted)?;
+    let (bits, n64) = (fill_bits(x.dtype(), value), n as i64);
+    let pack = select_pack(x.dtype());
+    if let Some(src) = packed(&spec.shape, &[x.layout, ml], pack)? {
+        let kernel = by_size(
+            x.dtype(),
+            [
+                "masked_fill_packed_2",
+                "masked_fill_packed_4",
+                "masked_fill_packed_8",
+            ],
+        );
+        let func = dev.function(&CUDA, DType::F32, kernel)?;
+        crate::cuda_launch!(
+            dev,
+            NAME,
+            func,
+            packed_grid(n, pack),
+            [
+                sx.slice(),
+                &src[0].offset,
+                &src[0].period,
+                sm.slice(),
+                &src[1].offset,
+                &src[1].period,
+                &bits,
+                out.slice_mut(),
+                &n64
+            ]
+        )?;
+        return Ok(Box::new(out));
+    }
     let kernel = by_size(
         x.dtype(),
         ["masked_fill_2", "masked_fill_4", "masked_fill_8"],
     );
     let func = dev.function(&CUDA, DType::F32, kernel)?;
-    let converted = u32_mask(NAME, m)?;
-    let (sm, ml) = mask_view(NAME, m, &converted)?;
     let (v, small) = views(NAME, &spec.shape, &[x.layout, ml])?;
-    let (bits, n64) = (fill_bits(x.dtype(), value), n as i64);
     crate::cuda_launch!(
         dev,
         NAME,

@@ -7,6 +7,9 @@ use crate::cpu::map_layout;
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
 use crate::math::FastMath;
+use crate::ops::binary::{
+    coalesce, cuda_elementwise_helpers, elementwise_grid, index32, packed_grid, packed_sources,
+};
 use crate::registry::OpInfo;
 use dynn_core::{
     AccFloat, BackwardCtx, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg, Op,
@@ -264,96 +267,238 @@ impl Unary {
     pub const BACKWARD_IDIOMS: Idioms = Idioms([0, 0, 0, 1, 1, 0]);
 }
 
-/// The CUDA kernels: f(x) and grad·f'(v), the kind chosen by a uniform switch
-/// (numbered by `Unary::cuda_kind`; `v` is the output where `grad_from_output`).
+/// The CUDA kernels: f(x) and grad·f'(v) (`v` is the output where `grad_from_output`), the
+/// kind numbered by `Unary::cuda_kind`. `unary_packed_*` read sources the packed helpers
+/// serve (contiguous, above all: 16-byte packs per access) with the kind a template
+/// parameter; `unary_strided_*` take any layout (dims coalesced on the host) and switch on the
+/// kind at run time (uniform across the grid).
 pub const CUDA: CudaSource = CudaSource {
     name: "unary",
-    code: r#"
+    code: concat!(
+        cuda_elementwise_helpers!(),
+        r#"
 __device__ __forceinline__ scalar sigm(scalar x) { return (scalar)1 / ((scalar)1 + exp(-x)); }
 #define GELU_K ((scalar)0.7978845608028654)
 #define GELU_C ((scalar)0.044715)
 
-__device__ __forceinline__ scalar unary_f(int kind, scalar x, scalar p0, scalar p1) {
-    switch (kind) {
-    case 0: return -x;
-    case 1: return fabs(x);
-    case 2: return exp(x);
-    case 3: return log(x);
-    case 4: return sqrt(x);
-    case 5: return rsqrt(x);
-    case 6: return tanh(x);
-    case 7: return sigm(x);
-    case 8: return x > (scalar)0 ? x : (scalar)0;
-    case 9: return (scalar)0.5 * x * ((scalar)1 + tanh(GELU_K * (x + GELU_C * x * x * x)));
-    case 10: return (scalar)0.5 * x * ((scalar)1 + erf(x * (scalar)0.7071067811865476));
-    case 11: return x * sigm(x);
-    case 12: return sin(x);
-    case 13: return cos(x);
-    case 14: return x * x;
-    case 15: return (scalar)1 / x;
-    case 16: return x * p0 + p1;
-    default: return pow(x, p0);
-    }
+template <int K> __device__ __forceinline__ scalar unary_f(scalar x, scalar p0, scalar p1) {
+    if (K == 0) return -x;
+    if (K == 1) return fabs(x);
+    if (K == 2) return exp(x);
+    if (K == 3) return log(x);
+    if (K == 4) return sqrt(x);
+    if (K == 5) return rsqrt(x);
+    if (K == 6) return tanh(x);
+    if (K == 7) return sigm(x);
+    if (K == 8) return x > (scalar)0 ? x : (scalar)0;
+    if (K == 9) return (scalar)0.5 * x * ((scalar)1 + tanh(GELU_K * (x + GELU_C * x * x * x)));
+    if (K == 10) return (scalar)0.5 * x * ((scalar)1 + erf(x * (scalar)0.7071067811865476));
+    if (K == 11) return x * sigm(x);
+    if (K == 12) return sin(x);
+    if (K == 13) return cos(x);
+    if (K == 14) return x * x;
+    if (K == 15) return (scalar)1 / x;
+    if (K == 16) return x * p0 + p1;
+    return pow(x, p0);
 }
 
-__device__ __forceinline__ scalar unary_df(int kind, scalar v, scalar p0) {
-    switch (kind) {
-    case 0: return (scalar)-1;
-    case 1: return v > (scalar)0 ? (scalar)1 : (v < (scalar)0 ? (scalar)-1 : (scalar)0);
-    case 2: return v;
-    case 3: return (scalar)1 / v;
-    case 4: return (scalar)0.5 / v;
-    case 5: return (scalar)-0.5 * v * v * v;
-    case 6: return (scalar)1 - v * v;
-    case 7: return v * ((scalar)1 - v);
-    case 8: return v > (scalar)0 ? (scalar)1 : (scalar)0;
-    case 9: {
+template <int K> __device__ __forceinline__ scalar unary_df(scalar v, scalar p0) {
+    if (K == 0) return (scalar)-1;
+    if (K == 1) return v > (scalar)0 ? (scalar)1 : (v < (scalar)0 ? (scalar)-1 : (scalar)0);
+    if (K == 2) return v;
+    if (K == 3) return (scalar)1 / v;
+    if (K == 4) return (scalar)0.5 / v;
+    if (K == 5) return (scalar)-0.5 * v * v * v;
+    if (K == 6) return (scalar)1 - v * v;
+    if (K == 7) return v * ((scalar)1 - v);
+    if (K == 8) return v > (scalar)0 ? (scalar)1 : (scalar)0;
+    if (K == 9) {
         scalar t = tanh(GELU_K * (v + GELU_C * v * v * v));
         return (scalar)0.5 * ((scalar)1 + t)
              + (scalar)0.5 * v * ((scalar)1 - t * t) * GELU_K * ((scalar)1 + (scalar)3 * GELU_C * v * v);
     }
-    case 10: {
+    if (K == 10) {
         scalar cdf = (scalar)0.5 * ((scalar)1 + erf(v * (scalar)0.7071067811865476));
         return cdf + v * exp((scalar)-0.5 * v * v) * (scalar)0.3989422804014327;
     }
-    case 11: { scalar s = sigm(v); return s * ((scalar)1 + v * ((scalar)1 - s)); }
-    case 12: return cos(v);
-    case 13: return -sin(v);
-    case 14: return (scalar)2 * v;
-    case 15: return -v * v;
-    case 16: return p0;
-    default: return p0 * pow(v, p0 - (scalar)1);
+    if (K == 11) { scalar s = sigm(v); return s * ((scalar)1 + v * ((scalar)1 - s)); }
+    if (K == 12) return cos(v);
+    if (K == 13) return -sin(v);
+    if (K == 14) return (scalar)2 * v;
+    if (K == 15) return -v * v;
+    if (K == 16) return p0;
+    return p0 * pow(v, p0 - (scalar)1);
+}
+
+// Calls F<K>(args...) for the run-time kind (uniform across the grid).
+#define UNARY_DISPATCH(kind, F, ...) switch (kind) { \
+    case 0: F<0>(__VA_ARGS__); break; case 1: F<1>(__VA_ARGS__); break; \
+    case 2: F<2>(__VA_ARGS__); break; case 3: F<3>(__VA_ARGS__); break; \
+    case 4: F<4>(__VA_ARGS__); break; case 5: F<5>(__VA_ARGS__); break; \
+    case 6: F<6>(__VA_ARGS__); break; case 7: F<7>(__VA_ARGS__); break; \
+    case 8: F<8>(__VA_ARGS__); break; case 9: F<9>(__VA_ARGS__); break; \
+    case 10: F<10>(__VA_ARGS__); break; case 11: F<11>(__VA_ARGS__); break; \
+    case 12: F<12>(__VA_ARGS__); break; case 13: F<13>(__VA_ARGS__); break; \
+    case 14: F<14>(__VA_ARGS__); break; case 15: F<15>(__VA_ARGS__); break; \
+    case 16: F<16>(__VA_ARGS__); break; default: F<17>(__VA_ARGS__); break; }
+
+#define VEC (16 / (int)sizeof(scalar))
+
+template <int K>
+__device__ __forceinline__ void fwd_packed(Src<scalar> x, scalar p0, scalar p1,
+                                          scalar* __restrict__ y, u64 n) {
+    packed_map<VEC>([=](scalar v) { return unary_f<K>(v, p0, p1); }, y, n, x);
+}
+
+template <int K>
+__device__ __forceinline__ void bwd_packed(Src<scalar> v, Src<scalar> g, scalar p0,
+                                          scalar* __restrict__ y, u64 n) {
+    packed_map<VEC>([=](scalar a, scalar b) { return b * unary_df<K>(a, p0); }, y, n, v, g);
+}
+
+extern "C" __global__ void unary_packed_forward(int kind, double p0, double p1,
+                                                const scalar* __restrict__ x, i64 xo, i64 xp,
+                                                scalar* __restrict__ y, i64 n) {
+    UNARY_DISPATCH(kind, fwd_packed, src(x, xo, xp), (scalar)p0, (scalar)p1, y, (u64)n)
+}
+
+extern "C" __global__ void unary_packed_backward(int kind, double p0,
+                                                 const scalar* __restrict__ v, i64 vo, i64 vp,
+                                                 const scalar* __restrict__ g, i64 go, i64 gp,
+                                                 scalar* __restrict__ y, i64 n) {
+    UNARY_DISPATCH(kind, bwd_packed, src(v, vo, vp), src(g, go, gp), (scalar)p0, y, (u64)n)
+}
+
+// The strided kernels switch on the kind per element (uniform, so the branch is cheap), which
+// keeps them to one instantiation per index width.
+__device__ __forceinline__ scalar unary_f_rt(int kind, scalar x, scalar p0, scalar p1) {
+    switch (kind) {
+    case 0: return unary_f<0>(x, p0, p1);
+    case 1: return unary_f<1>(x, p0, p1);
+    case 2: return unary_f<2>(x, p0, p1);
+    case 3: return unary_f<3>(x, p0, p1);
+    case 4: return unary_f<4>(x, p0, p1);
+    case 5: return unary_f<5>(x, p0, p1);
+    case 6: return unary_f<6>(x, p0, p1);
+    case 7: return unary_f<7>(x, p0, p1);
+    case 8: return unary_f<8>(x, p0, p1);
+    case 9: return unary_f<9>(x, p0, p1);
+    case 10: return unary_f<10>(x, p0, p1);
+    case 11: return unary_f<11>(x, p0, p1);
+    case 12: return unary_f<12>(x, p0, p1);
+    case 13: return unary_f<13>(x, p0, p1);
+    case 14: return unary_f<14>(x, p0, p1);
+    case 15: return unary_f<15>(x, p0, p1);
+    case 16: return unary_f<16>(x, p0, p1);
+    default: return unary_f<17>(x, p0, p1);
     }
 }
 
-extern "C" __global__ void unary_forward(int kind, double p0, double p1,
-                                         const scalar* x, Strided xs, scalar* y, i64 n) {
-    GRID_LOOP(i, n) y[i] = unary_f(kind, x[at(xs, i)], (scalar)p0, (scalar)p1);
+__device__ __forceinline__ scalar unary_df_rt(int kind, scalar v, scalar p0) {
+    switch (kind) {
+    case 0: return unary_df<0>(v, p0);
+    case 1: return unary_df<1>(v, p0);
+    case 2: return unary_df<2>(v, p0);
+    case 3: return unary_df<3>(v, p0);
+    case 4: return unary_df<4>(v, p0);
+    case 5: return unary_df<5>(v, p0);
+    case 6: return unary_df<6>(v, p0);
+    case 7: return unary_df<7>(v, p0);
+    case 8: return unary_df<8>(v, p0);
+    case 9: return unary_df<9>(v, p0);
+    case 10: return unary_df<10>(v, p0);
+    case 11: return unary_df<11>(v, p0);
+    case 12: return unary_df<12>(v, p0);
+    case 13: return unary_df<13>(v, p0);
+    case 14: return unary_df<14>(v, p0);
+    case 15: return unary_df<15>(v, p0);
+    case 16: return unary_df<16>(v, p0);
+    default: return unary_df<17>(v, p0);
+    }
 }
 
-extern "C" __global__ void unary_backward(int kind, double p0, const scalar* v, Strided vs,
-                                          const scalar* g, Strided gs, scalar* out, i64 n) {
-    GRID_LOOP(i, n) out[i] = g[at(gs, i)] * unary_df(kind, v[at(vs, i)], (scalar)p0);
+template <typename I>
+__device__ void fwd_strided(int kind, scalar p0, scalar p1, const scalar* __restrict__ x,
+                            const Strided& xs, scalar* __restrict__ y, I n) {
+    MAP(I, i, n, scalar, y, unary_f_rt(kind, x[sat<I>(xs, i)], p0, p1));
 }
-"#,
+
+template <typename I>
+__device__ void bwd_strided(int kind, scalar p0, const scalar* __restrict__ v, const Strided& vs,
+                            const scalar* __restrict__ g, const Strided& gs,
+                            scalar* __restrict__ y, I n) {
+    MAP(I, i, n, scalar, y, g[sat<I>(gs, i)] * unary_df_rt(kind, v[sat<I>(vs, i)], p0));
+}
+
+extern "C" __global__ void unary_strided_forward(int kind, double p0, double p1, const scalar* x,
+                                                 Strided xs, scalar* y, i64 n, int small) {
+    if (small) fwd_strided<u32>(kind, (scalar)p0, (scalar)p1, x, xs, y, (u32)n);
+    else fwd_strided<u64>(kind, (scalar)p0, (scalar)p1, x, xs, y, (u64)n);
+}
+
+extern "C" __global__ void unary_strided_backward(int kind, double p0, const scalar* v,
+                                                  Strided vs, const scalar* g, Strided gs,
+                                                  scalar* y, i64 n, int small) {
+    if (small) bwd_strided<u32>(kind, (scalar)p0, v, vs, g, gs, y, (u32)n);
+    else bwd_strided<u64>(kind, (scalar)p0, v, vs, g, gs, y, (u64)n);
+}
+"#
+    ),
 };
 
 fn cuda_forward(k: Unary, x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
     let name = k.name();
     let xs = cuda::storage(name, x)?;
     let dev = xs.dev();
+    let dtype = x.dtype();
     let n = x.layout.elem_count();
-    let f = dev.function(&CUDA, x.dtype(), "unary_forward")?;
-    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
+    let mut out = CudaStorage::alloc(dev, dtype, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
     let (kind, p0, p1) = k.cuda_kind();
-    let (view, n64) = (Strided::of(name, x.layout)?, n as i64);
-    crate::cuda_launch!(
-        dev,
-        name,
-        f,
-        cuda::grid(n),
-        [&kind, &p0, &p1, xs.slice(), &view, out.slice_mut(), &n64]
-    )?;
+    let n64 = n as i64;
+    let pack = 16 / dtype.size_in_bytes();
+    if let Some(src) = packed_sources(&[x.layout], pack) {
+        let f = dev.function(&CUDA, dtype, "unary_packed_forward")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            packed_grid(n, pack),
+            [
+                &kind,
+                &p0,
+                &p1,
+                xs.slice(),
+                &src[0].offset,
+                &src[0].period,
+                out.slice_mut(),
+                &n64
+            ]
+        )?;
+    } else {
+        let c = coalesce(x.layout.shape(), &[x.layout]);
+        let small = index32(n, &[&c[0]]);
+        let view = Strided::of(name, &c[0])?;
+        let f = dev.function(&CUDA, dtype, "unary_strided_forward")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            elementwise_grid(n),
+            [
+                &kind,
+                &p0,
+                &p1,
+                xs.slice(),
+                &view,
+                out.slice_mut(),
+                &n64,
+                &small
+            ]
+        )?;
+    }
     Ok(Box::new(out))
 }
 
@@ -365,31 +510,59 @@ fn cuda_backward(
     let name = k.backward_name();
     let (vs, gs) = (cuda::storage(name, v)?, cuda::storage(name, g)?);
     let dev = vs.dev();
-    let n = v.layout.elem_count();
-    let f = dev.function(&CUDA, v.dtype(), "unary_backward")?;
-    let mut out = CudaStorage::alloc(dev, v.dtype(), n)?;
+    let dtype = v.dtype();
+    let shape = v.layout.shape();
+    let n = shape.elem_count();
+    let mut out = CudaStorage::alloc(dev, dtype, n)?;
+    if n == 0 {
+        return Ok(Box::new(out));
+    }
     let (kind, p0, _) = k.cuda_kind();
-    let (vv, gv, n64) = (
-        Strided::of(name, v.layout)?,
-        Strided::of(name, g.layout)?,
-        n as i64,
-    );
-    crate::cuda_launch!(
-        dev,
-        name,
-        f,
-        cuda::grid(n),
-        [
-            &kind,
-            &p0,
-            vs.slice(),
-            &vv,
-            gs.slice(),
-            &gv,
-            out.slice_mut(),
-            &n64
-        ]
-    )?;
+    let n64 = n as i64;
+    let pack = 16 / dtype.size_in_bytes();
+    if let Some(src) = packed_sources(&[v.layout, g.layout], pack) {
+        let f = dev.function(&CUDA, dtype, "unary_packed_backward")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            packed_grid(n, pack),
+            [
+                &kind,
+                &p0,
+                vs.slice(),
+                &src[0].offset,
+                &src[0].period,
+                gs.slice(),
+                &src[1].offset,
+                &src[1].period,
+                out.slice_mut(),
+                &n64
+            ]
+        )?;
+    } else {
+        let c = coalesce(shape, &[v.layout, g.layout]);
+        let small = index32(n, &[&c[0], &c[1]]);
+        let (vv, gv) = (Strided::of(name, &c[0])?, Strided::of(name, &c[1])?);
+        let f = dev.function(&CUDA, dtype, "unary_strided_backward")?;
+        crate::cuda_launch!(
+            dev,
+            name,
+            f,
+            elementwise_grid(n),
+            [
+                &kind,
+                &p0,
+                vs.slice(),
+                &vv,
+                gs.slice(),
+                &gv,
+                out.slice_mut(),
+                &n64,
+                &small
+            ]
+        )?;
+    }
     Ok(Box::new(out))
 }
 

@@ -22,3 +22,5 @@ mod softmax;
 mod unary;
 mod update;
 mod views;
+
+mod host_tier;

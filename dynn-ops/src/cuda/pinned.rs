@@ -1,0 +1,184 @@
+//! The GPU's host tier: page-locked (pinned) host memory, which the copy engines move at the
+//! link's full speed, recycled by size class so a training step's offloads reuse the blocks
+//! of the step before instead of pinning fresh memory each time.
+
+use cudarc::driver::{CudaContext, DriverError, PinnedHostSlice};
+use dynn_core::{CpuStorage, DType, HostStorage, Result};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+/// Smallest block handed out (one page).
+const MIN_BLOCK: usize = 4096;
+
+/// The size class of a request: rounded up to a multiple of an eighth of its power of two, so
+/// a block wastes at most 12.5% and similar sizes share blocks.
+fn size_class(bytes: usize) -> usize {
+    let bytes = bytes.max(MIN_BLOCK);
+    let step = (bytes.next_power_of_two() / 8).max(MIN_BLOCK);
+    bytes.div_ceil(step) * step
+}
+
+/// Free pinned blocks by size class, on one device's context.
+pub struct PinnedPool {
+    ctx: Arc<CudaContext>,
+    free: Mutex<HashMap<usize, Vec<PinnedHostSlice<u8>>>>,
+}
+
+impl std::fmt::Debug for PinnedPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinnedPool({} B cached)", self.cached_bytes())
+    }
+}
+
+impl PinnedPool {
+    /// An empty pool on `ctx`.
+    pub fn new(ctx: Arc<CudaContext>) -> Arc<Self> {
+        Arc::new(PinnedPool {
+            ctx,
+            free: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A block of at least `bytes`, recycled when one of its size class is free.
+    pub fn take(self: &Arc<Self>, bytes: usize) -> std::result::Result<PinnedBlock, DriverError> {
+        let class = size_class(bytes);
+        let reused = self
+            .free
+            .lock()
+            .ok()
+            .and_then(|mut free| free.get_mut(&class).and_then(Vec::pop));
+        let mut slice = match reused {
+            Some(s) => s,
+            // SAFETY: the block's bytes are written by a device → host copy (or by the
+            // caller) before anything reads them. Flags 0: cached, readable host memory (not
+            // write-combined, which the CPU reads slowly).
+            None => unsafe { self.ctx.alloc_pinned_with_flags::<u8>(class, 0) }?,
+        };
+        let ptr = slice.as_mut_ptr()?;
+        Ok(PinnedBlock {
+            pool: self.clone(),
+            slice: Some(slice),
+            ptr,
+            bytes,
+        })
+    }
+
+    /// Bytes held in free blocks.
+    pub fn cached_bytes(&self) -> usize {
+        self.free
+            .lock()
+            .map(|f| f.iter().map(|(class, v)| class * v.len()).sum())
+            .unwrap_or(0)
+    }
+
+    fn give_back(&self, slice: PinnedHostSlice<u8>) {
+        if let Ok(mut free) = self.free.lock() {
+            free.entry(slice.len()).or_default().push(slice);
+        }
+    }
+}
+
+/// A pinned block in use; it goes back to its pool when dropped.
+pub struct PinnedBlock {
+    pool: Arc<PinnedPool>,
+    slice: Option<PinnedHostSlice<u8>>,
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: the block owns its pinned allocation exclusively (`ptr` points into `slice`, which
+// `PinnedHostSlice` already declares Send + Sync); shared access only reads it.
+unsafe impl Send for PinnedBlock {}
+unsafe impl Sync for PinnedBlock {}
+
+impl PinnedBlock {
+    /// The `bytes` asked for.
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` is the start of an allocation of at least `bytes` bytes that this
+        // block owns until it is dropped.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) }
+    }
+
+    /// The `bytes` asked for, mutable.
+    pub fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `bytes`, and `&mut self` makes the access exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
+    }
+}
+
+impl Drop for PinnedBlock {
+    fn drop(&mut self) {
+        if let Some(slice) = self.slice.take() {
+            self.pool.give_back(slice);
+        }
+    }
+}
+
+/// An offloaded GPU buffer's elements in pinned host memory.
+pub struct PinnedHost {
+    block: PinnedBlock,
+    dtype: DType,
+    len: usize,
+}
+
+impl std::fmt::Debug for PinnedHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PinnedHost({:?} x {})", self.dtype, self.len)
+    }
+}
+
+impl PinnedHost {
+    /// `len` elements of `dtype` held in `block` (its bytes already written).
+    pub fn new(block: PinnedBlock, dtype: DType, len: usize) -> Self {
+        PinnedHost { block, dtype, len }
+    }
+
+    /// The elements' bytes.
+    pub fn bytes(&self) -> &[u8] {
+        self.block.bytes()
+    }
+}
+
+impl HostStorage for PinnedHost {
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn to_cpu(&self) -> Result<CpuStorage> {
+        let mut cpu = CpuStorage::zeros(self.dtype, self.len);
+        super::storage::host_bytes_mut(&mut cpu).copy_from_slice(self.bytes());
+        Ok(cpu)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::size_class;
+
+    #[test]
+    fn size_classes_cover_the_request_within_an_eighth() {
+        for bytes in [
+            0,
+            1,
+            4096,
+            4097,
+            65_536,
+            100_000,
+            1 << 20,
+            (1 << 20) + 1,
+            3 << 28,
+        ] {
+            let class = size_class(bytes);
+            assert!(class >= bytes.max(4096), "{bytes} -> {class}");
+            assert!(class as f64 <= (bytes.max(4096) as f64) * 1.125 + 4096.0);
+            assert_eq!(class % 4096, 0);
+        }
+        assert_eq!(size_class(100_000), size_class(99_000));
+    }
+}

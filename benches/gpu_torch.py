@@ -165,13 +165,15 @@ def case(name):
         return lambda: x.sum(-1, keepdim=True)
     if name.startswith(("h2d_", "d2h_")):
         # Both dynn cases (raw pinned copies and the memory manager's offload path through its
-        # pinned host tier) are compared with PyTorch's pinned, non-blocking copy.
-        n = 256 << 20
+        # pinned host tier) are compared with PyTorch's pinned copy: non-blocking for 256 MiB
+        # (bandwidth), blocking for 64 KiB (dynn's manager waits for each copy: latency).
+        small = name.endswith("64KiB")
+        n = (64 << 10) if small else (256 << 20)
         host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
         gpu = torch.empty(n, dtype=torch.uint8, device=dev)
         if name.startswith("h2d_"):
-            return lambda: gpu.copy_(host, non_blocking=True)
-        return lambda: host.copy_(gpu, non_blocking=True)
+            return lambda: gpu.copy_(host, non_blocking=not small)
+        return lambda: host.copy_(gpu, non_blocking=not small)
     if name == "softmax_4096x1024":
         return lambda: x.softmax(-1)
     if name == "layer_norm_4096x1024":

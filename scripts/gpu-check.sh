@@ -69,26 +69,44 @@ if has train; then
             echo "$model $policy 25%: $verdict"
         done
     done
-    echo "== simulator against the measured step (moe, lru, 25%)"
-    row=$(timeout 120 "$BIN/train_moe" --device cuda --steps 6 --json --quiet --device-budget 25% \
-        --policy lru --trace-out "$OUT/moe_trace.txt" 2>>"$OUT/train_err.log" | tail -1)
-    echo "$row" >> "$OUT/train.jsonl"
-    budget=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["budget_bytes"])' "$row" 2>/dev/null)
-    measured=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["step_ms_mean"])' "$row" 2>/dev/null)
+    echo "== simulator against the measured step (lru, 25%): each trainer's steady-state step"
     # The profile from this GPU's own figures (bench stage): f32 GEMM rate, device memory
-    # bandwidth (the 16M add), pinned host-link bandwidth.
+    # bandwidth (the 16M add), pinned host-link bandwidth, and the fixed cost of one copy on
+    # the manager's path (a 64 KiB fetch less its bytes' time). The per-op host cost comes
+    # from each trainer's unlimited run (--unlimited-ms).
     profile=$(python3 - "$OUT/bench.json" <<'PY' 2>/dev/null
 import json, sys
 c = {r["name"]: r for r in json.load(open(sys.argv[1]))["cases"]}
-flops = c["matmul_f32_4096"]["flops"] / (c["matmul_f32_4096"]["dynn_ms"] / 1e3)
-mem = c["add_16M"]["bytes"] / (c["add_16M"]["dynn_ms"] / 1e3)
-link = c["h2d_pinned_256MiB"]["bytes"] / (c["h2d_pinned_256MiB"]["dynn_ms"] / 1e3)
-print(f"calibrated:{flops:.4g},{mem:.4g},{link:.4g}")
+rate = lambda k, w: c[k][w] / (c[k]["dynn_ms"] / 1e3)
+flops, mem = rate("matmul_f32_4096", "flops"), rate("add_16M", "bytes")
+link = rate("h2d_pinned_256MiB", "bytes")
+small = c["h2d_offload_path_64KiB"]
+latency = max(0.0, small["dynn_ms"] / 1e3 - small["bytes"] / link)
+print(f"calibrated:{flops:.4g},{mem:.4g},{link:.4g},{latency:.4g}")
 PY
 )
     profile=${profile:-h100-pcie5}
-    "$BIN/compare_policies" --trace "$OUT/moe_trace.txt" --policy lru --budget "$budget" \
-        --profile "$profile" --json | tee "$OUT/predicted.txt"
-    echo "measured step: $measured ms (mean over the run, host time included)"
+    echo "profile $profile"
+    field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2" 2>/dev/null; }
+    for model in moe early_exit treelstm evoformer; do
+        exe="$BIN/train_$model"
+        extra=""; [ "$model" = treelstm ] && extra="--level-chunk 32"
+        base=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet $extra 2>>"$OUT/train_err.log" | tail -1)
+        row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
+            --policy lru $extra --trace-out "$OUT/${model}_trace.txt" 2>>"$OUT/train_err.log" | tail -1)
+        echo "$base" >> "$OUT/train.jsonl"; echo "$row" >> "$OUT/train.jsonl"
+        unlimited=$(field "$base" step_ms_median); measured=$(field "$row" step_ms_median)
+        budget=$(field "$row" budget_bytes)
+        if [ -z "$unlimited" ] || [ -z "$measured" ] || [ -z "$budget" ]; then
+            echo "$model: no result (see train_err.log)"; status=1; continue
+        fi
+        pred=$("$BIN/compare_policies" --trace "$OUT/${model}_trace.txt" --policy lru \
+            --budget "$budget" --profile "$profile" --unlimited-ms "$unlimited" --json \
+            2>>"$OUT/train_err.log" | tail -1)
+        echo "$pred" >> "$OUT/predicted.txt"
+        predicted=$(field "$pred" step_ms)
+        python3 -c 'import sys; u,m,p=map(float,sys.argv[2:5]); print(f"{sys.argv[1]:<11} unlimited {u:8.2f} ms  measured 25% {m:8.2f} ms  predicted {p:8.2f} ms  predicted/measured {p/m:5.2f}")' \
+            "$model" "$unlimited" "$measured" "${predicted:-nan}"
+    done
 fi
 exit $status

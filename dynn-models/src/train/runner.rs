@@ -106,6 +106,12 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
+/// The median (the upper one for an even count; 0 when empty).
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
 /// Trains the task `make` builds, as `args` say, with the trainer's `defaults` for unset
 /// flags. Prints nothing to stdout (the caller prints the report and summary).
 ///
@@ -213,7 +219,9 @@ pub fn train<T: Task>(
     let mut losses = Vec::new();
     let mut units = 0usize;
     let mut smooth = None;
+    let mut step_ms = Vec::new();
     for step in start_step..steps {
+        let step_started = Instant::now();
         opt.set_lr(schedule.lr_at(step));
         let mut step_loss = 0.0;
         let mut note = String::new();
@@ -240,6 +248,7 @@ pub fn train<T: Task>(
         }
         opt.step(&params)?;
         mark_step(step + 1);
+        step_ms.push(step_started.elapsed().as_secs_f64() * 1e3);
         losses.push(step_loss);
         let s = smooth.map_or(step_loss, |m: f64| 0.9 * m + 0.1 * step_loss);
         smooth = Some(s);
@@ -287,6 +296,7 @@ pub fn train<T: Task>(
         eval_metric: metric.to_string(),
         eval_value: value,
         step_ms_mean: secs * 1e3 / run_steps,
+        step_ms_median: median(&mut step_ms),
         peak_device_bytes: report.stats.peak_device_bytes,
         distinct_graphs: report.stats.distinct_graphs,
         policy: policy_name,

@@ -19,6 +19,9 @@ pub struct Summary {
     pub eval_value: f64,
     /// Mean wall time per optimizer step, milliseconds.
     pub step_ms_mean: f64,
+    /// Median wall time of one optimizer step, milliseconds: the steady state, without the
+    /// first step's one-off work (kernel compilation, allocator warm-up).
+    pub step_ms_median: f64,
     /// Peak device bytes the pool reserved.
     pub peak_device_bytes: usize,
     /// Distinct op-sequence signatures seen over the run.

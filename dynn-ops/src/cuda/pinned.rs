@@ -11,11 +11,13 @@ use std::sync::{Arc, Mutex};
 /// Smallest block handed out (one page).
 const MIN_BLOCK: usize = 4096;
 
-/// The size class of a request: rounded up to a multiple of an eighth of its power of two, so
-/// a block wastes at most 12.5% and similar sizes share blocks.
+/// The size class of a request: rounded up to a multiple of an eighth of the largest power of
+/// two not above it (at least a page), so a block wastes at most 12.5% beyond that page and
+/// similar sizes share blocks.
 fn size_class(bytes: usize) -> usize {
     let bytes = bytes.max(MIN_BLOCK);
-    let step = (bytes.next_power_of_two() / 8).max(MIN_BLOCK);
+    let floor_pow2 = 1usize << (usize::BITS - 1 - bytes.leading_zeros());
+    let step = (floor_pow2 / 8).max(MIN_BLOCK);
     bytes.div_ceil(step) * step
 }
 

@@ -344,10 +344,10 @@ pub(crate) fn index32(n: usize, layouts: &[&Layout]) -> i32 {
 }
 
 /// The CUDA kernels: `binary_packed` (each operand contiguous, a broadcast scalar or a
-/// broadcast row block, see [`Source`]: 16-byte packs per access, the kind a template
+/// broadcast row block, see `Source`: 16-byte packs per access, the kind a template
 /// parameter) and `binary_strided` (any layouts, broadcast included, dims coalesced on the
-/// host). `kind` numbers the op as
-/// [`Binary::cuda_kind`]; 7 and 8 are the `maximum_mask` / `minimum_mask` selections.
+/// host). `kind` numbers the op as [`Binary::cuda_kind`]; 7 and 8 are the `maximum_mask` /
+/// `minimum_mask` selections.
 pub const CUDA: CudaSource = CudaSource {
     name: "binary",
     code: concat!(
@@ -772,4 +772,64 @@ pub(crate) fn ops() -> Vec<OpInfo> {
         });
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(layout: &Layout) -> Option<(i64, i64)> {
+        Source::of(layout).map(|s| (s.offset, s.period))
+    }
+
+    fn bcast(l: &Layout, dims: &[usize]) -> Layout {
+        l.broadcast_as(&Shape::new(dims)).expect("broadcast")
+    }
+
+    #[test]
+    fn sources_of_layouts() {
+        let x = Layout::contiguous(Shape::new(&[4, 6]));
+        assert_eq!(source(&x), Some((0, 0)));
+        // A bias row, a mask shared by every batch, a scalar: periodic.
+        let row = Layout::contiguous(Shape::new(&[6]));
+        assert_eq!(source(&bcast(&row, &[4, 6])), Some((0, 6)));
+        let mask = Layout::contiguous(Shape::new(&[3, 8]));
+        assert_eq!(source(&bcast(&mask, &[2, 5, 3, 8])), Some((0, 24)));
+        let scalar = Layout::contiguous(Shape::new(&[]));
+        assert_eq!(source(&bcast(&scalar, &[4, 6])), Some((0, 1)));
+        assert_eq!(source(&bcast(&scalar, &[1])), Some((0, 0)));
+        // Size-1 dims are skipped wherever they are.
+        let r = Layout::contiguous(Shape::new(&[1, 6, 1]));
+        assert_eq!(source(&bcast(&r, &[4, 1, 6, 1])), Some((0, 6)));
+        // A contiguous narrow keeps its offset.
+        let n = Layout::contiguous(Shape::new(&[10]))
+            .narrow(0, 2, 8)
+            .expect("narrow");
+        assert_eq!(source(&n), Some((2, 0)));
+        // Column broadcasts, transposes, narrowed rows and broadcasts in the middle are not.
+        let col = Layout::contiguous(Shape::new(&[4, 1]));
+        assert_eq!(source(&bcast(&col, &[4, 6])), None);
+        assert_eq!(source(&x.transpose(0, 1).expect("t")), None);
+        assert_eq!(source(&x.narrow(1, 1, 4).expect("narrow")), None);
+        let mid = Layout::contiguous(Shape::new(&[2, 1, 6]));
+        assert_eq!(source(&bcast(&mid, &[2, 3, 6])), None);
+    }
+
+    #[test]
+    fn packed_sources_need_whole_aligned_packs() {
+        let x = Layout::contiguous(Shape::new(&[4, 8]));
+        let row = bcast(&Layout::contiguous(Shape::new(&[8])), &[4, 8]);
+        let odd = bcast(&Layout::contiguous(Shape::new(&[6])), &[4, 6]);
+        let scalar = bcast(&Layout::contiguous(Shape::new(&[])), &[4, 8]);
+        let shifted = Layout::contiguous(Shape::new(&[34]))
+            .narrow(0, 2, 32)
+            .expect("narrow");
+        let got = packed_sources(&[&x, &row, &scalar], 4).expect("packed");
+        let periods: Vec<i64> = got.iter().map(|s| s.period).collect();
+        assert_eq!(periods, [0, 8, 1]);
+        assert!(packed_sources(&[&x, &odd], 4).is_none());
+        assert!(packed_sources(&[&odd], 2).is_some());
+        assert!(packed_sources(&[&shifted], 4).is_none());
+        assert!(packed_sources(&[&shifted], 2).is_some());
+    }
 }

@@ -12,8 +12,8 @@ use crate::ops::binary::{
 };
 use crate::registry::OpInfo;
 use dynn_core::{
-    AccFloat, BackwardCtx, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg, Op,
-    Outputs, Result, Save, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
+    AccFloat, BackwardCtx, CpuElement, Error, FloatElement, Idioms, InputGrads, KernelArg, Layout,
+    Op, Outputs, Result, Save, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
 };
 
 /// Which unary function.
@@ -268,10 +268,11 @@ impl Unary {
 }
 
 /// The CUDA kernels: f(x) and grad·f'(v) (`v` is the output where `grad_from_output`), the
-/// kind numbered by `Unary::cuda_kind`. `unary_packed_*` read sources the packed helpers
-/// serve (contiguous, above all: 16-byte packs per access) with the kind a template
-/// parameter; `unary_strided_*` take any layout (dims coalesced on the host) and switch on the
-/// kind at run time (uniform across the grid).
+/// kind numbered by `Unary::cuda_kind`. `unary_packed_{forward,backward}_<kind>` (one entry
+/// point per kind: `PACKED_FORWARD`, `PACKED_BACKWARD`) take contiguous operands starting
+/// on a 16-byte boundary: the packed helpers with every period 0 (a constant, so each loop is
+/// one straight path), one 16-byte pack per access. `unary_strided_*` take any layout (dims
+/// coalesced on the host) and switch on the kind at run time (uniform across the grid).
 pub const CUDA: CudaSource = CudaSource {
     name: "unary",
     code: concat!(
@@ -330,18 +331,6 @@ template <int K> __device__ __forceinline__ scalar unary_df(scalar v, scalar p0)
     return p0 * pow(v, p0 - (scalar)1);
 }
 
-// Calls F<K>(args...) for the run-time kind (uniform across the grid).
-#define UNARY_DISPATCH(kind, F, ...) switch (kind) { \
-    case 0: F<0>(__VA_ARGS__); break; case 1: F<1>(__VA_ARGS__); break; \
-    case 2: F<2>(__VA_ARGS__); break; case 3: F<3>(__VA_ARGS__); break; \
-    case 4: F<4>(__VA_ARGS__); break; case 5: F<5>(__VA_ARGS__); break; \
-    case 6: F<6>(__VA_ARGS__); break; case 7: F<7>(__VA_ARGS__); break; \
-    case 8: F<8>(__VA_ARGS__); break; case 9: F<9>(__VA_ARGS__); break; \
-    case 10: F<10>(__VA_ARGS__); break; case 11: F<11>(__VA_ARGS__); break; \
-    case 12: F<12>(__VA_ARGS__); break; case 13: F<13>(__VA_ARGS__); break; \
-    case 14: F<14>(__VA_ARGS__); break; case 15: F<15>(__VA_ARGS__); break; \
-    case 16: F<16>(__VA_ARGS__); break; default: F<17>(__VA_ARGS__); break; }
-
 #define VEC (16 / (int)sizeof(scalar))
 
 template <int K>
@@ -356,18 +345,24 @@ __device__ __forceinline__ void bwd_packed(Src<scalar> v, Src<scalar> g, scalar 
     packed_map<VEC>([=](scalar a, scalar b) { return b * unary_df<K>(a, p0); }, y, n, v, g);
 }
 
-extern "C" __global__ void unary_packed_forward(int kind, double p0, double p1,
-                                                const scalar* __restrict__ x, i64 xo, i64 xp,
-                                                scalar* __restrict__ y, i64 n) {
-    UNARY_DISPATCH(kind, fwd_packed, src(x, xo, xp), (scalar)p0, (scalar)p1, y, (u64)n)
+// One entry point per kind and direction, so each gets the registers its own math needs
+// (one kernel for every kind would run all of them at the heaviest one's count). Operands
+// are contiguous (period 0 as a constant: the other sources' branches fold away).
+#define UNARY_PACKED(K) \
+extern "C" __global__ void unary_packed_forward_##K(double p0, double p1, \
+                                                    const scalar* __restrict__ x, i64 xo, \
+                                                    scalar* __restrict__ y, i64 n) { \
+    fwd_packed<K>(src(x, xo, 0), (scalar)p0, (scalar)p1, y, (u64)n); \
+} \
+extern "C" __global__ void unary_packed_backward_##K(double p0, const scalar* __restrict__ v, \
+                                                     i64 vo, const scalar* __restrict__ g, \
+                                                     i64 go, scalar* __restrict__ y, i64 n) { \
+    bwd_packed<K>(src(v, vo, 0), src(g, go, 0), (scalar)p0, y, (u64)n); \
 }
-
-extern "C" __global__ void unary_packed_backward(int kind, double p0,
-                                                 const scalar* __restrict__ v, i64 vo, i64 vp,
-                                                 const scalar* __restrict__ g, i64 go, i64 gp,
-                                                 scalar* __restrict__ y, i64 n) {
-    UNARY_DISPATCH(kind, bwd_packed, src(v, vo, vp), src(g, go, gp), (scalar)p0, y, (u64)n)
-}
+UNARY_PACKED(0) UNARY_PACKED(1) UNARY_PACKED(2) UNARY_PACKED(3) UNARY_PACKED(4)
+UNARY_PACKED(5) UNARY_PACKED(6) UNARY_PACKED(7) UNARY_PACKED(8) UNARY_PACKED(9)
+UNARY_PACKED(10) UNARY_PACKED(11) UNARY_PACKED(12) UNARY_PACKED(13) UNARY_PACKED(14)
+UNARY_PACKED(15) UNARY_PACKED(16) UNARY_PACKED(17)
 
 // The strided kernels switch on the kind per element (uniform, so the branch is cheap), which
 // keeps them to one instantiation per index width.
@@ -446,6 +441,47 @@ extern "C" __global__ void unary_strided_backward(int kind, double p0, const sca
     ),
 };
 
+/// The element offsets of `layouts` when every one is contiguous and starts on a
+/// `pack`-element boundary (the packed kernels' operands), else `None`.
+fn packed_offsets(layouts: &[&Layout], pack: usize) -> Option<Vec<i64>> {
+    let sources = packed_sources(layouts, pack)?;
+    sources
+        .iter()
+        .map(|s| (s.period == 0).then_some(s.offset))
+        .collect()
+}
+
+/// `[concat!(prefix, "0"), .., concat!(prefix, "17")]`: a name for each `Unary::cuda_kind`.
+macro_rules! by_kind {
+    ($prefix:literal) => {
+        [
+            concat!($prefix, "0"),
+            concat!($prefix, "1"),
+            concat!($prefix, "2"),
+            concat!($prefix, "3"),
+            concat!($prefix, "4"),
+            concat!($prefix, "5"),
+            concat!($prefix, "6"),
+            concat!($prefix, "7"),
+            concat!($prefix, "8"),
+            concat!($prefix, "9"),
+            concat!($prefix, "10"),
+            concat!($prefix, "11"),
+            concat!($prefix, "12"),
+            concat!($prefix, "13"),
+            concat!($prefix, "14"),
+            concat!($prefix, "15"),
+            concat!($prefix, "16"),
+            concat!($prefix, "17"),
+        ]
+    };
+}
+
+/// The packed forward kernels, indexed by `Unary::cuda_kind`.
+const PACKED_FORWARD: [&str; 18] = by_kind!("unary_packed_forward_");
+/// The packed backward kernels, indexed by `Unary::cuda_kind`.
+const PACKED_BACKWARD: [&str; 18] = by_kind!("unary_packed_backward_");
+
 fn cuda_forward(k: Unary, x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
     let name = k.name();
     let xs = cuda::storage(name, x)?;
@@ -459,23 +495,14 @@ fn cuda_forward(k: Unary, x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::Device
     let (kind, p0, p1) = k.cuda_kind();
     let n64 = n as i64;
     let pack = 16 / dtype.size_in_bytes();
-    if let Some(src) = packed_sources(&[x.layout], pack) {
-        let f = dev.function(&CUDA, dtype, "unary_packed_forward")?;
+    if let Some(o) = packed_offsets(&[x.layout], pack) {
+        let f = dev.function(&CUDA, dtype, PACKED_FORWARD[kind as usize])?;
         crate::cuda_launch!(
             dev,
             name,
             f,
             packed_grid(n, pack),
-            [
-                &kind,
-                &p0,
-                &p1,
-                xs.slice(),
-                &src[0].offset,
-                &src[0].period,
-                out.slice_mut(),
-                &n64
-            ]
+            [&p0, &p1, xs.slice(), &o[0], out.slice_mut(), &n64]
         )?;
     } else {
         let c = coalesce(x.layout.shape(), &[x.layout]);
@@ -520,22 +547,19 @@ fn cuda_backward(
     let (kind, p0, _) = k.cuda_kind();
     let n64 = n as i64;
     let pack = 16 / dtype.size_in_bytes();
-    if let Some(src) = packed_sources(&[v.layout, g.layout], pack) {
-        let f = dev.function(&CUDA, dtype, "unary_packed_backward")?;
+    if let Some(o) = packed_offsets(&[v.layout, g.layout], pack) {
+        let f = dev.function(&CUDA, dtype, PACKED_BACKWARD[kind as usize])?;
         crate::cuda_launch!(
             dev,
             name,
             f,
             packed_grid(n, pack),
             [
-                &kind,
                 &p0,
                 vs.slice(),
-                &src[0].offset,
-                &src[0].period,
+                &o[0],
                 gs.slice(),
-                &src[1].offset,
-                &src[1].period,
+                &o[1],
                 out.slice_mut(),
                 &n64
             ]

@@ -31,12 +31,14 @@ enum View {
     Narrowed,
     /// `narrow(0, 1, len - 2)` of a rank-1 lhs: contiguous at an odd offset (unaligned).
     Offset,
+    /// `narrow(0, 4, len - 8)` of a rank-1 lhs: contiguous at an offset of one 16-byte pack.
+    AlignedOffset,
 }
 
 /// (case name, lhs shape, rhs shape, lhs view).
 type Case = (&'static str, &'static [usize], &'static [usize], View);
 
-const CASES: [Case; 11] = [
+const CASES: [Case; 15] = [
     ("same shape", &[37, 129], &[37, 129], View::Plain),
     ("odd length", &[1001], &[1001], View::Plain),
     ("unaligned", &[1003], &[1001], View::Offset),
@@ -48,6 +50,11 @@ const CASES: [Case; 11] = [
     ("scalar rhs", &[37, 129], &[], View::Plain),
     ("scalar lhs", &[], &[37, 129], View::Plain),
     ("rank 3", &[4, 33, 65], &[33, 1], View::Plain),
+    // Periodic operands (the packed path): bias rows whose width is a multiple of a pack.
+    ("bias row, width 128", &[37, 128], &[128], View::Plain),
+    ("bias lhs, width 128", &[128], &[37, 128], View::Plain),
+    ("rank-3 bias", &[4, 33, 64], &[33, 64], View::Plain),
+    ("aligned offset", &[1008], &[1000], View::AlignedOffset),
 ];
 
 fn view(t: &Tensor, v: View) -> Result<Tensor> {
@@ -56,6 +63,7 @@ fn view(t: &Tensor, v: View) -> Result<Tensor> {
         View::Transposed => t.t(),
         View::Narrowed => t.narrow(1, 3, 50),
         View::Offset => t.narrow(0, 1, t.dims()[0] - 2),
+        View::AlignedOffset => t.narrow(0, 4, t.dims()[0] - 8),
     }
 }
 

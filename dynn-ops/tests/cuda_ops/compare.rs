@@ -80,8 +80,11 @@ type Shapes = (
 fn where_cond() {
     let mut cases = Vec::new();
     for dtype in [DType::F32, DType::F64] {
-        let shapes: [Shapes; 5] = [
+        let shapes: [Shapes; 7] = [
             ("same shape", &[37, 129], &[37, 129], &[37, 129]),
+            // Periodic operands (the packed path): a (T, T) mask shared over a batch.
+            ("batched mask", &[64, 64], &[3, 64, 64], &[3, 64, 64]),
+            ("batched mask, scalar false", &[64, 64], &[3, 64, 64], &[]),
             ("column mask", &[37, 1], &[37, 129], &[37, 129]),
             ("row values", &[37, 129], &[129], &[37, 129]),
             ("scalar false", &[37, 129], &[37, 129], &[]),

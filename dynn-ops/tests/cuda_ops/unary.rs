@@ -35,6 +35,13 @@ fn unary() {
                 format!("{k:?} {dtype:?} narrowed"),
                 check(k.name(), &[x], n, tol, true),
             ));
+            // Contiguous rows from row 4 on: the packed path at a non-zero, aligned offset.
+            let rows = |v: &[Tensor]| v[0].narrow(0, 4, 30)?.unary(k);
+            let x = input(k, &[37, 128], 2, dtype);
+            cases.push((
+                format!("{k:?} {dtype:?} aligned rows"),
+                check(k.name(), &[x], rows, tol, true),
+            ));
         }
     }
     run("unary", cases);

@@ -76,6 +76,12 @@ struct Args {
     /// With `--trace`: the run's device budget in bytes (the summary's `budget_bytes`).
     #[arg(long)]
     budget: Option<usize>,
+    /// With `--trace`: the measured step time of the same run without a budget (its summary's
+    /// `step_ms_median`). Sets the profile's per-op cost so that the unlimited replay takes
+    /// this long (the framework's host work per op, which a host-bound run is made of); the
+    /// budgeted prediction then adds what offloading costs.
+    #[arg(long)]
+    unlimited_ms: Option<f64>,
 }
 
 /// Budgets, as shares of the unlimited replay's peak.
@@ -113,6 +119,14 @@ fn run() -> Result<()> {
     };
     if let Some(path) = &args.trace {
         let trace = dynn::mm::Trace::load(path)?;
+        let mut prof = prof;
+        if let Some(ms) = args.unlimited_ms {
+            prof.launch_s = compare::replay::per_op_cost(&trace, &prof, ms)?;
+            eprintln!(
+                "per-op cost {:.2} µs, from the unlimited run's {ms:.3} ms",
+                prof.launch_s * 1e6
+            );
+        }
         let r = compare::replay::predict(&trace, &args.policy, args.budget, &prof)?;
         println!(
             "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms, {} B to the device, {} B to the host)",
@@ -129,6 +143,7 @@ fn run() -> Result<()> {
                 "{}",
                 serde_json::json!({
                     "profile": prof.name, "policy": args.policy, "budget": args.budget,
+                    "op_s": prof.launch_s, "copy_latency_s": prof.copy_latency_s,
                     "step_ms": r.step_ms, "compute_ms": r.compute_ms, "stall_ms": r.stall_ms,
                     "bytes_h2d": r.bytes_h2d, "bytes_d2h": r.bytes_d2h,
                 })

@@ -34,6 +34,9 @@ struct Entry {
     key: u64,
     res: Residency,
     pins: u32,
+    /// How many gatherings hold it: brought back for a kernel that has not started, while the
+    /// kernel's other inputs are brought back (see `MemoryManager::gather`).
+    held: u32,
     last_use: u64,
     uses: u32,
     producer: &'static str,
@@ -143,6 +146,134 @@ struct State {
     horizon: usize,
     /// Buffers the current op writes in place: nothing computed from them may be dropped.
     writing: Vec<BufferId>,
+    /// Inputs and outputs of the op being prepared (pinned for its kernel).
+    op_buffers: Vec<BufferId>,
+    /// Recomputations in progress, outermost first: each holds its recipe's inputs pinned.
+    recomputing: Vec<Recomputing>,
+    /// The dropped buffers' neighbourhoods, for the recompute policy's costs.
+    clusters: DroppedClusters,
+}
+
+/// A dropped buffer being recomputed.
+struct Recomputing {
+    id: BufferId,
+    producer: &'static str,
+    inputs: Vec<BufferId>,
+}
+
+/// The dropped buffers grouped into clusters joined by recipe edges (a dropped buffer and the
+/// dropped inputs of its recipe), each with the FLOPs to recompute its members: DTR's evicted
+/// neighbourhoods. Recomputing any member on access recomputes the members it reads first.
+///
+/// A union-find over the dropped buffers: dropping a buffer joins the clusters around it. A
+/// member that comes back leaves its cluster's cost; when it joined two or more dropped
+/// buffers its cluster may have split, and the clusters are rebuilt before they are next
+/// used. (Chains come back from the resident end, one end member at a time, so that is rare.)
+#[derive(Default)]
+struct DroppedClusters {
+    /// Union-find nodes: parent, and for a root the size of its tree and the FLOPs of its
+    /// members still dropped. Nodes of members that came back stay as links.
+    nodes: Vec<(u32, u32, u64)>,
+    /// Dropped buffer → its node and its FLOPs.
+    member: HashMap<BufferId, (u32, u64)>,
+    /// A member came back whose leaving may have split its cluster.
+    stale: bool,
+}
+
+impl DroppedClusters {
+    /// The clusters of the dropped buffers in `table`.
+    fn rebuild(table: &HashMap<BufferId, Entry>) -> Self {
+        let mut c = DroppedClusters::default();
+        let dropped = || table.iter().filter(|(_, e)| e.res == Residency::Dropped);
+        for (&id, e) in dropped() {
+            c.drop(id, e.flops, std::iter::empty());
+        }
+        for (&id, e) in dropped() {
+            let inputs = e.recipe.iter().flat_map(|r| r.inputs.iter());
+            for t in inputs {
+                c.join(id, t.buffer().id());
+            }
+        }
+        c
+    }
+
+    fn root(&self, mut i: u32) -> u32 {
+        while self.nodes[i as usize].0 != i {
+            i = self.nodes[i as usize].0;
+        }
+        i
+    }
+
+    /// Joins the clusters of two dropped buffers (nothing when either is not dropped).
+    fn join(&mut self, a: BufferId, b: BufferId) {
+        let (Some(&(a, _)), Some(&(b, _))) = (self.member.get(&a), self.member.get(&b)) else {
+            return;
+        };
+        let (ra, rb) = (self.root(a), self.root(b));
+        if ra == rb {
+            return;
+        }
+        // Union by size keeps every path short (roots are found without compressing paths).
+        let (big, small) = if self.nodes[ra as usize].1 >= self.nodes[rb as usize].1 {
+            (ra, rb)
+        } else {
+            (rb, ra)
+        };
+        let (_, size, cost) = self.nodes[small as usize];
+        self.nodes[small as usize].0 = big;
+        let root = &mut self.nodes[big as usize];
+        root.1 += size;
+        root.2 = root.2.saturating_add(cost);
+    }
+
+    /// `x`, recomputed with `flops`, was dropped; `neighbours` are buffers beside it (the
+    /// inputs of its recipe, and the buffers whose recipes read it).
+    fn drop(&mut self, x: BufferId, flops: u64, neighbours: impl Iterator<Item = BufferId>) {
+        if self.member.contains_key(&x) {
+            return;
+        }
+        let i = self.nodes.len() as u32;
+        self.nodes.push((i, 1, flops));
+        self.member.insert(x, (i, flops));
+        for n in neighbours {
+            self.join(x, n);
+        }
+    }
+
+    /// `x` is no longer dropped (recomputed, or released); `neighbours` dropped buffers were
+    /// beside it. Returns true when the clusters should be rebuilt now: dead links outnumber
+    /// the members.
+    fn restore(&mut self, x: BufferId, neighbours: usize) -> bool {
+        let Some((i, flops)) = self.member.remove(&x) else {
+            return false;
+        };
+        let root = self.root(i);
+        let cost = &mut self.nodes[root as usize].2;
+        *cost = cost.saturating_sub(flops);
+        if neighbours >= 2 {
+            self.stale = true;
+        }
+        self.nodes.len() > 2 * self.member.len() + 64
+    }
+
+    /// FLOPs to recompute every distinct cluster that one of `ids` belongs to.
+    fn cost_around(&self, ids: impl Iterator<Item = BufferId>) -> u64 {
+        if self.member.is_empty() {
+            return 0;
+        }
+        let mut seen: Vec<u32> = Vec::new();
+        let mut total = 0u64;
+        for id in ids {
+            if let Some(&(i, _)) = self.member.get(&id) {
+                let root = self.root(i);
+                if !seen.contains(&root) {
+                    seen.push(root);
+                    total = total.saturating_add(self.nodes[root as usize].2);
+                }
+            }
+        }
+        total
+    }
 }
 
 /// The memory manager. Install it with [`dynn_core::install_memory_hooks`].
@@ -182,6 +313,9 @@ impl MemoryManager {
                 evicted_this_op: false,
                 horizon: config.prefetch_horizon,
                 writing: Vec::new(),
+                op_buffers: Vec::new(),
+                recomputing: Vec::new(),
+                clusters: DroppedClusters::default(),
             }),
             releases: Arc::new(Releases::default()),
             engine: TransferEngine::start(config.transfer),
@@ -272,6 +406,20 @@ impl MemoryManager {
                 let Some(e) = st.table.remove(&id) else {
                     continue;
                 };
+                if e.res == Residency::Dropped {
+                    let inputs = e.recipe.iter().flat_map(|r| r.inputs.iter());
+                    let beside = inputs
+                        .map(|t| t.buffer().id())
+                        .chain(st.dependents.get(&id).into_iter().flatten().copied())
+                        .filter(|i| st.table.get(i).is_some_and(|e| e.res == Residency::Dropped))
+                        .count();
+                    if st.clusters.restore(id, beside) {
+                        st.clusters = DroppedClusters::rebuild(&st.table);
+                    }
+                }
+                if let Some(op) = st.trace.as_mut().and_then(|t| t.ops.last_mut()) {
+                    op.freed.push(id.0);
+                }
                 if let Residency::Device(b) | Residency::InFlight(_, b) = e.res {
                     st.pool.release(b);
                     st.device_by_kind[e.kind as usize] -= e.bytes;
@@ -326,7 +474,7 @@ impl MemoryManager {
                 Some(c) => self.complete(st, c),
                 None => break,
             }
-            st.stats.stall_time += start.elapsed();
+            stalled(st, start);
             st.stalled_this_op = true;
         }
     }
@@ -357,6 +505,7 @@ impl MemoryManager {
                 key,
                 res,
                 pins: 0,
+                held: 0,
                 last_use: st.now.seq,
                 uses: 0,
                 producer,
@@ -369,11 +518,11 @@ impl MemoryManager {
         Ok(())
     }
 
-    /// Repacks every device-resident block so scattered free space becomes one range. On the
-    /// CPU tier blocks are accounting only; a device backend moves the bytes with them.
-    /// Returns false when repacking would not fit (nothing changes then).
-    fn compact(&self, st: &mut State) -> bool {
-        let live: Vec<(BufferId, Block)> = st
+    /// Repacks every device-resident block so scattered free space becomes one range of at
+    /// least `room` bytes. On the CPU tier blocks are accounting only; a device backend moves
+    /// the bytes with them. Returns false when repacking would not fit (nothing changes then).
+    fn compact(&self, st: &mut State, room: usize) -> bool {
+        let mut live: Vec<(BufferId, Block)> = st
             .table
             .iter()
             .filter_map(|(&id, e)| match e.res {
@@ -381,8 +530,10 @@ impl MemoryManager {
                 _ => None,
             })
             .collect();
+        // The table is a hash map: a fixed order places blocks the same way in every run.
+        live.sort_by_key(|l| l.0);
         let blocks: Vec<Block> = live.iter().map(|l| l.1).collect();
-        match st.pool.compact(&blocks) {
+        match st.pool.compact(&blocks, room) {
             Ok(moved) => {
                 for ((id, _), b) in live.iter().zip(moved) {
                     if let Some(e) = st.table.get_mut(id) {
@@ -406,7 +557,7 @@ impl MemoryManager {
 
     /// A pool block of `bytes`, evicting what the policy chooses when over budget.
     fn reserve(&self, st: &mut State, bytes: usize, op: &'static str) -> Result<Block> {
-        let mut compacted = false;
+        let need = DevicePool::rounded(bytes);
         loop {
             self.sync(st);
             let err = match st.pool.allocate(bytes) {
@@ -414,32 +565,24 @@ impl MemoryManager {
                 Err(e) => e,
             };
             if !st.policy.evicts() {
-                return Err(self.oom(st, bytes, op, &err, "the `none` policy never offloads"));
+                return Err(self.oom(
+                    st,
+                    bytes,
+                    op,
+                    &err,
+                    Some("the `none` policy never offloads"),
+                ));
             }
-            let mut cands: Vec<Candidate> = st
-                .table
-                .iter()
-                .filter(|(_, e)| e.pins == 0 && matches!(e.res, Residency::Device(_)))
-                .map(|(&id, e)| Candidate {
-                    id,
-                    key: e.key,
-                    bytes: e.bytes,
-                    kind: e.kind,
-                    last_use: e.last_use,
-                    uses: e.uses,
-                    recompute_flops: e
-                        .recipe
-                        .as_ref()
-                        .filter(|r| {
-                            r.is_fresh()
-                                && !r
-                                    .inputs
-                                    .iter()
-                                    .any(|t| st.writing.contains(&t.buffer().id()))
-                        })
-                        .map(|_| e.flops),
-                })
-                .collect();
+            // The budget has room but no free block is large enough (free space is scattered
+            // over segments, between live blocks): repack rather than evict what need not go.
+            // A successful repack leaves a block of `need` free, so the next allocation fits.
+            if st.pool.available() >= need && self.compact(st, need) {
+                continue;
+            }
+            if st.clusters.stale {
+                st.clusters = DroppedClusters::rebuild(&st.table);
+            }
+            let mut cands = self.candidates(st);
             if cands.is_empty() {
                 // Copies in flight hold blocks: once they land those buffers can be evicted.
                 if st
@@ -451,30 +594,19 @@ impl MemoryManager {
                     if let Some(c) = self.engine.wait() {
                         self.complete(st, c);
                     }
-                    st.stats.stall_time += start.elapsed();
+                    stalled(st, start);
                     continue;
                 }
-                // Free space may be scattered over segments that each hold a pinned block.
-                if !compacted {
-                    compacted = true;
-                    if self.compact(st) {
-                        continue;
-                    }
+                if self.offload_held(st, need)? {
+                    continue;
                 }
-                return Err(self.oom(
-                    st,
-                    bytes,
-                    op,
-                    &err,
-                    "every resident buffer is in use by this op",
-                ));
+                return Err(self.oom(st, bytes, op, &err, None));
             }
             let now = st.now;
             // Candidates come from a hash map: give policies a fixed order, so ties break the same way
             // in every run.
             cands.sort_by_key(|c| c.id);
             st.policy.rank_victims(now, &mut cands);
-            let need = PoolExhausted::needed(&err);
             let mut freed = 0;
             for c in cands {
                 let how = st.policy.eviction(&c);
@@ -485,6 +617,46 @@ impl MemoryManager {
                 }
             }
         }
+    }
+
+    /// Every unpinned device-resident buffer, as the policy sees it. An activation that can be
+    /// dropped is priced as DTR prices it: its own recomputation plus that of the dropped
+    /// buffers around it (the dropped inputs its recomputation would recompute first, and the
+    /// dropped buffers whose recomputation would need it), so dropping the next link of a
+    /// chain of dropped activations gets dearer with the chain's length instead of building
+    /// one that a single access must recompute end to end.
+    fn candidates(&self, st: &State) -> Vec<Candidate> {
+        let clusters = &st.clusters;
+        st.table
+            .iter()
+            .filter(|(_, e)| e.pins == 0 && e.held == 0 && matches!(e.res, Residency::Device(_)))
+            .map(|(&id, e)| Candidate {
+                id,
+                key: e.key,
+                bytes: e.bytes,
+                kind: e.kind,
+                last_use: e.last_use,
+                uses: e.uses,
+                recompute_flops: e
+                    .recipe
+                    .as_ref()
+                    .filter(|r| {
+                        r.is_fresh()
+                            && !r
+                                .inputs
+                                .iter()
+                                .any(|t| st.writing.contains(&t.buffer().id()))
+                    })
+                    .map(|r| {
+                        let around = r
+                            .inputs
+                            .iter()
+                            .map(|t| t.buffer().id())
+                            .chain(st.dependents.get(&id).into_iter().flatten().copied());
+                        e.flops.saturating_add(clusters.cost_around(around))
+                    }),
+            })
+            .collect()
     }
 
     fn evict(&self, st: &mut State, id: BufferId, how: Eviction) -> Result<()> {
@@ -502,6 +674,7 @@ impl MemoryManager {
             st.device_by_kind[kind] -= bytes;
             return Ok(());
         };
+        let (kind, bytes) = (e.kind as usize, e.bytes);
         match how {
             Eviction::Drop => {
                 buf.drop_data();
@@ -511,10 +684,21 @@ impl MemoryManager {
                     .iter()
                     .flat_map(|r| r.inputs.iter().map(|t| t.buffer().id()))
                     .collect();
+                let flops = e.flops;
                 st.stats.drops += 1;
-                for i in inputs {
-                    st.dependents.entry(i).or_default().push(id);
+                for &i in &inputs {
+                    let deps = st.dependents.entry(i).or_default();
+                    if !deps.contains(&id) {
+                        deps.push(id);
+                    }
                 }
+                // Its neighbourhood: the dropped inputs of its recipe and the dropped buffers
+                // whose recipes read it.
+                let beside = inputs
+                    .iter()
+                    .chain(st.dependents.get(&id).into_iter().flatten())
+                    .copied();
+                st.clusters.drop(id, flops, beside);
             }
             Eviction::Offload => {
                 let start = Instant::now();
@@ -522,15 +706,105 @@ impl MemoryManager {
                 e.res = Residency::Host;
                 st.stats.bytes_d2h += moved as u64;
                 st.stats.evictions += 1;
-                st.stats.stall_time += start.elapsed();
+                stalled(st, start);
             }
         }
-        let kind = e.kind as usize;
-        let bytes = e.bytes;
         st.pool.release(block);
         st.device_by_kind[kind] -= bytes;
         st.evicted_this_op = true;
         Ok(())
+    }
+
+    /// Makes every buffer of `bufs` (one kernel's inputs: an op's, or a recomputation's)
+    /// resident and pins it once per appearance.
+    ///
+    /// The buffers that take the most work to bring back come first: dropped ones by how many
+    /// dropped buffers their recomputation recomputes, then those on the host, then those
+    /// already resident (as a compiler evaluates the operand needing the most registers
+    /// first). Each is then only *held* until all are back: a held buffer is never dropped,
+    /// and is evicted (to the host) only when nothing else can be, to be fetched again before
+    /// the kernel. So bringing back one input — a recomputation that recurses through a chain
+    /// of dropped activations — never fails because the inputs brought back before it, at
+    /// every level of the chain, are pinned: each kernel needs room for its own inputs and
+    /// outputs only.
+    fn gather(&self, st: &mut State, bufs: &[Arc<Buffer>], op: &'static str) -> Result<()> {
+        let mut order: Vec<&Arc<Buffer>> = Vec::with_capacity(bufs.len());
+        for b in bufs {
+            if !order.iter().any(|o| Arc::ptr_eq(o, b)) {
+                order.push(b);
+            }
+        }
+        order.sort_by_cached_key(|b| {
+            std::cmp::Reverse(match st.table.get(&b.id()).map(|e| e.res) {
+                Some(Residency::Dropped) => 2 + dropped_ancestry(st, b.id()),
+                Some(Residency::Host) => 1,
+                _ => 0,
+            })
+        });
+        let mut held = Vec::with_capacity(order.len());
+        let mut result = Ok(());
+        for b in order {
+            if let Err(e) = self.make_resident(st, b, op) {
+                result = Err(e);
+                break;
+            }
+            if let Some(e) = st.table.get_mut(&b.id()) {
+                e.pins = e.pins.saturating_sub(1);
+                e.held += 1;
+                held.push(b.id());
+            }
+        }
+        // Every appearance pinned; a held buffer evicted meanwhile is fetched back (it was
+        // offloaded, never dropped, so this recomputes nothing).
+        let mut pinned = 0;
+        if result.is_ok() {
+            for b in bufs {
+                if let Err(e) = self.make_resident(st, b, op) {
+                    result = Err(e);
+                    break;
+                }
+                pinned += 1;
+            }
+        }
+        for id in held {
+            if let Some(e) = st.table.get_mut(&id) {
+                e.held = e.held.saturating_sub(1);
+            }
+        }
+        if result.is_err() {
+            for b in &bufs[..pinned] {
+                self.unpin(st, b.id());
+            }
+        }
+        result
+    }
+
+    /// The last resort when nothing can be evicted: offloads held buffers (see
+    /// [`MemoryManager::gather`]) until `need` bytes are freed, those of the outermost gathering
+    /// first (its kernel runs last). Returns false when none was held.
+    fn offload_held(&self, st: &mut State, need: usize) -> Result<bool> {
+        let depth = |st: &State, id: &BufferId| {
+            st.recomputing
+                .iter()
+                .position(|r| r.inputs.contains(id))
+                .map_or(0, |i| i + 1)
+        };
+        let mut held: Vec<(usize, BufferId, usize)> = st
+            .table
+            .iter()
+            .filter(|(_, e)| e.pins == 0 && e.held > 0 && matches!(e.res, Residency::Device(_)))
+            .map(|(id, e)| (depth(st, id), *id, e.bytes))
+            .collect();
+        held.sort();
+        let mut freed = 0;
+        for &(_, id, bytes) in &held {
+            self.evict(st, id, Eviction::Offload)?;
+            freed += DevicePool::rounded(bytes);
+            if freed >= need {
+                break;
+            }
+        }
+        Ok(!held.is_empty())
     }
 
     /// Makes buffer `buf` resident on the device (fetching or recomputing it) and pins it.
@@ -552,7 +826,7 @@ impl MemoryManager {
                 let moved = buf.fetch()?;
                 st.stats.bytes_h2d += moved as u64;
                 st.stats.demand_fetches += 1;
-                st.stats.stall_time += start.elapsed();
+                stalled(st, start);
                 st.stalled_this_op = true;
                 self.set_device(st, buf.id(), block, kind, bytes);
             }
@@ -568,43 +842,51 @@ impl MemoryManager {
                             buf.id()
                         ))
                     })?;
-                let pinned: Vec<Arc<Buffer>> =
-                    recipe.inputs.iter().map(|t| t.buffer().clone()).collect();
-                for p in &pinned {
-                    self.make_resident(st, p, op)?;
+                let mut inputs: Vec<Arc<Buffer>> = Vec::with_capacity(recipe.inputs.len());
+                for t in &recipe.inputs {
+                    if !inputs.iter().any(|p| Arc::ptr_eq(p, t.buffer())) {
+                        inputs.push(t.buffer().clone());
+                    }
                 }
-                let block = self.reserve(st, bytes, op);
-                let result = block.and_then(|block| {
-                    let outs = recipe.recompute()?;
-                    // The output this buffer was (outputs of one op may share size and dtype,
-                    // e.g. a norm's mean and inverse deviation).
-                    let out = outs
-                        .into_iter()
-                        .nth(output)
-                        .filter(|o| o.len() == buf.len() && o.dtype() == buf.dtype())
-                        .ok_or_else(|| {
-                            Error::Msg(format!(
-                                "{op}: recomputing {} gave no output {output} of {} {:?} elements",
-                                recipe.op.name(),
-                                buf.len(),
-                                buf.dtype()
-                            ))
-                        })?;
-                    buf.set_slot(Slot::Device(Arc::from(out)));
-                    Ok(block)
+                st.recomputing.push(Recomputing {
+                    id: buf.id(),
+                    producer: recipe.op.name(),
+                    inputs: inputs.iter().map(|p| p.id()).collect(),
                 });
-                for p in &pinned {
-                    self.unpin(st, p.id());
-                }
+                let result = self.gather(st, &inputs, op).and_then(|()| {
+                    let block = self.reserve(st, bytes, op);
+                    let result =
+                        block.and_then(|block| match recompute_output(&recipe, output, buf, op) {
+                            Ok(()) => Ok(block),
+                            Err(e) => {
+                                st.pool.release(block);
+                                Err(e)
+                            }
+                        });
+                    for p in &inputs {
+                        self.unpin(st, p.id());
+                    }
+                    result
+                });
+                st.recomputing.pop();
                 let block = result?;
                 st.stats.recomputes += 1;
                 st.stats.recompute_flops += recipe
                     .op
                     .cost(&recipe.inputs.iter().collect::<Vec<_>>(), &recipe.specs)
                     .flops;
-                st.stats.stall_time += start.elapsed();
+                stalled(st, start);
                 st.stalled_this_op = true;
                 self.set_device(st, buf.id(), block, kind, bytes);
+                // Its recipe's inputs are resident now: only buffers computed from it can still
+                // be dropped beside it.
+                let beside = st.dependents.get(&buf.id()).into_iter().flatten();
+                let beside = beside
+                    .filter(|d| st.table.get(d).is_some_and(|e| e.res == Residency::Dropped))
+                    .count();
+                if st.clusters.restore(buf.id(), beside) {
+                    st.clusters = DroppedClusters::rebuild(&st.table);
+                }
             }
         }
         if let Some(e) = st.table.get_mut(&buf.id()) {
@@ -643,14 +925,18 @@ impl MemoryManager {
         }
     }
 
+    /// The out-of-memory error: what was asked for and by whom, why nothing more could be
+    /// evicted (`why`, or — for an evicting policy — worked out from what holds the device),
+    /// and what is resident.
     fn oom(
         &self,
         st: &State,
         requested: usize,
         op: &'static str,
         err: &PoolExhausted,
-        why: &str,
+        why: Option<&str>,
     ) -> Error {
+        let h = crate::human_bytes;
         // Kinds are read from the live buffers: a leaf may have become a parameter since.
         let live_kind = |e: &Entry| e.buf.upgrade().map_or(e.kind, |b| b.kind());
         let mut resident = [0usize; 5];
@@ -670,30 +956,126 @@ impl MemoryManager {
             by_kind.push_str(&format!(
                 "\n    {:<16} {}",
                 k.as_str(),
-                crate::human_bytes(resident[k as usize])
+                h(resident[k as usize])
             ));
         }
         let mut holders = String::new();
         for (id, bytes, kind, producer) in top.iter().take(10) {
             holders.push_str(&format!(
                 "\n    {id:>8} {:>12} {:<16} made by {producer}",
-                crate::human_bytes(*bytes),
+                h(*bytes),
                 kind.as_str()
             ));
         }
+        // Who asked: the op itself, or the recomputation of a dropped buffer it needs.
+        let who = match st.recomputing.last() {
+            Some(r) => format!(
+                "{op} needs {} to recompute {} (made by {}; {} recomputation{} deep)",
+                h(requested),
+                r.id,
+                r.producer,
+                st.recomputing.len(),
+                if st.recomputing.len() == 1 { "" } else { "s" }
+            ),
+            None => format!("{op} needs {}", h(requested)),
+        };
+        let why = match why {
+            Some(w) => w.to_string(),
+            None => self.why_nothing_evicts(st, requested, op, err),
+        };
+        let hint = if st.policy.evicts() {
+            "hint: a larger --device-budget"
+        } else {
+            "hint: pick an offloading policy (--policy lru|static|recompute|belady) or a larger --device-budget"
+        };
         let msg = format!(
-            "{op} needs {} but the device budget is {} with {} in use ({} reserved, largest free block {}); {why}.\n  resident by kind:{by_kind}\n  largest resident buffers:{holders}\n  hint: pick an offloading policy (--policy lru|static|recompute|belady) or a larger --device-budget",
-            crate::human_bytes(requested),
-            crate::human_bytes(err.budget),
-            crate::human_bytes(err.in_use),
-            crate::human_bytes(err.reserved),
-            crate::human_bytes(err.largest_free),
+            "{who} but the device budget is {} with {} in use ({} reserved, largest free block {}); {why}.\n  resident by kind:{by_kind}\n  largest resident buffers:{holders}\n  {hint}",
+            h(err.budget),
+            h(err.in_use),
+            h(err.reserved),
+            h(err.largest_free),
         );
         Error::OutOfMemory {
             requested,
             budget: err.budget,
             msg,
         }
+    }
+
+    /// Why an evicting policy found nothing to evict: what pins the resident buffers, and
+    /// whether the budget's free bytes would have sufficed had they not been scattered.
+    fn why_nothing_evicts(
+        &self,
+        st: &State,
+        requested: usize,
+        op: &'static str,
+        err: &PoolExhausted,
+    ) -> String {
+        let h = crate::human_bytes;
+        let held_by_recompute =
+            |id: &BufferId| st.recomputing.iter().any(|r| r.inputs.contains(id));
+        let (mut n, mut bytes) = (0usize, 0usize);
+        let (mut by_op, mut by_recompute, mut in_flight, mut other) = (0, 0, 0, 0);
+        for (id, e) in st
+            .table
+            .iter()
+            .filter(|(_, e)| matches!(e.res, Residency::Device(_) | Residency::InFlight(..)))
+        {
+            n += 1;
+            bytes += e.bytes;
+            if matches!(e.res, Residency::InFlight(..)) {
+                in_flight += 1;
+            } else if st.op_buffers.contains(id) {
+                by_op += 1;
+            } else if held_by_recompute(id) {
+                by_recompute += 1;
+            } else {
+                other += 1;
+            }
+        }
+        let mut parts = Vec::new();
+        if by_op > 0 {
+            parts.push(format!("{by_op} as inputs or outputs of {op}"));
+        }
+        if by_recompute > 0 {
+            parts.push(format!(
+                "{by_recompute} as inputs of the {} dropped buffer{} being recomputed for it",
+                st.recomputing.len(),
+                if st.recomputing.len() == 1 { "" } else { "s" }
+            ));
+        }
+        if in_flight > 0 {
+            parts.push(format!("{in_flight} with a copy in flight"));
+        }
+        if other > 0 {
+            parts.push(format!("{other} by an enclosing operation"));
+        }
+        let mut why = match n {
+            0 => "nothing is resident to evict".to_string(),
+            1 => format!(
+                "nothing can be evicted: the one resident buffer ({}) is pinned, {}",
+                h(bytes),
+                parts.join(", ")
+            ),
+            _ => format!(
+                "nothing can be evicted: all {n} resident buffers ({}) are pinned, {}",
+                h(bytes),
+                parts.join(", ")
+            ),
+        };
+        let need = DevicePool::rounded(requested);
+        let free = err.budget.saturating_sub(err.in_use);
+        if free >= need {
+            why.push_str(&format!(
+                "; {} of the budget is free in total, but scattered (largest free block {}) and repacking the resident buffers could not make a {} block",
+                h(free),
+                h(err.largest_free),
+                h(need)
+            ));
+        } else {
+            why.push_str(&format!("; only {} of the budget is free", h(free)));
+        }
+        why
     }
 
     fn record(&self, st: &mut State, ev: &OpEvent<'_>) -> OpRecord {
@@ -714,6 +1096,7 @@ impl MemoryManager {
             flops: ev.cost.flops,
             bytes_read: ev.cost.bytes_read,
             bytes_written: ev.cost.bytes_written,
+            freed: Vec::new(),
         }
     }
 
@@ -751,10 +1134,62 @@ impl MemoryManager {
     }
 }
 
-impl PoolExhausted {
-    fn needed(&self) -> usize {
-        DevicePool::rounded(self.requested)
+/// Counts the time since `start` as a stall, unless a recomputation is in progress: its own
+/// time, counted when it ends, includes this.
+fn stalled(st: &mut State, start: Instant) {
+    if st.recomputing.is_empty() {
+        st.stats.stall_time += start.elapsed();
     }
+}
+
+/// How many dropped buffers recomputing the dropped buffer `id` recomputes (itself included),
+/// counted up to a cap: enough to order a recipe's inputs.
+fn dropped_ancestry(st: &State, id: BufferId) -> usize {
+    const CAP: usize = 256;
+    let mut seen = vec![id];
+    let mut stack = vec![id];
+    while let Some(b) = stack.pop() {
+        let Some(recipe) = st.table.get(&b).and_then(|e| e.recipe.as_ref()) else {
+            continue;
+        };
+        for t in &recipe.inputs {
+            let i = t.buffer().id();
+            if !seen.contains(&i)
+                && st
+                    .table
+                    .get(&i)
+                    .is_some_and(|e| e.res == Residency::Dropped)
+            {
+                if seen.len() == CAP {
+                    return CAP;
+                }
+                seen.push(i);
+                stack.push(i);
+            }
+        }
+    }
+    seen.len()
+}
+
+/// Runs `recipe` again and stores its output number `output` in `buf`.
+fn recompute_output(recipe: &Recipe, output: usize, buf: &Buffer, op: &str) -> Result<()> {
+    let outs = recipe.recompute()?;
+    // The output this buffer was (outputs of one op may share size and dtype, e.g. a norm's
+    // mean and inverse deviation).
+    let out = outs
+        .into_iter()
+        .nth(output)
+        .filter(|o| o.len() == buf.len() && o.dtype() == buf.dtype())
+        .ok_or_else(|| {
+            Error::Msg(format!(
+                "{op}: recomputing {} gave no output {output} of {} {:?} elements",
+                recipe.op.name(),
+                buf.len(),
+                buf.dtype()
+            ))
+        })?;
+    buf.set_slot(Slot::Device(Arc::from(out)));
+    Ok(())
 }
 
 impl MemoryHooks for MemoryManager {
@@ -770,31 +1205,33 @@ impl MemoryHooks for MemoryManager {
             .filter(|b| ev.inputs.iter().any(|i| Arc::ptr_eq(i, b)))
             .map(|b| b.id())
             .collect();
+        st.op_buffers = ev.inputs.iter().chain(ev.outputs).map(|b| b.id()).collect();
         let mut pinned: Vec<BufferId> = Vec::new();
         let result = (|| {
-            for b in ev.inputs {
-                self.make_resident(&mut st, b, ev.op)?;
-                pinned.push(b.id());
-            }
+            // Dropped buffers computed from the old values of a buffer this op writes in place
+            // are recomputed now, while they can be (and before this op holds anything).
             for b in ev.outputs {
-                if let Some(e) = st.table.get_mut(&b.id()) {
-                    // Written in place: its recipe (if any) no longer reproduces it.
-                    e.recipe = None;
-                    // Already resident and pinned as an input. Dropped buffers computed from
-                    // its old values are recomputed now, while they can be.
-                    while let Some(deps) = st.dependents.remove(&b.id()) {
-                        for d in deps {
-                            let dep = st
-                                .table
-                                .get(&d)
-                                .filter(|e| e.res == Residency::Dropped)
-                                .and_then(|e| e.buf.upgrade());
-                            if let Some(dep) = dep {
-                                self.make_resident(&mut st, &dep, ev.op)?;
-                                self.unpin(&mut st, d);
-                            }
+                while let Some(deps) = st.dependents.remove(&b.id()) {
+                    for d in deps {
+                        let dep = st
+                            .table
+                            .get(&d)
+                            .filter(|e| e.res == Residency::Dropped)
+                            .and_then(|e| e.buf.upgrade());
+                        if let Some(dep) = dep {
+                            self.make_resident(&mut st, &dep, ev.op)?;
+                            self.unpin(&mut st, d);
                         }
                     }
+                }
+            }
+            self.gather(&mut st, ev.inputs, ev.op)?;
+            pinned.extend(ev.inputs.iter().map(|b| b.id()));
+            for b in ev.outputs {
+                if let Some(e) = st.table.get_mut(&b.id()) {
+                    // Written in place (resident and pinned as an input): its recipe (if any)
+                    // no longer reproduces it.
+                    e.recipe = None;
                     continue;
                 }
                 self.register(&mut st, b, ev.op)?;
@@ -816,6 +1253,7 @@ impl MemoryHooks for MemoryManager {
     fn after_op(&self, ev: &OpEvent<'_>) -> Result<()> {
         let mut st = self.lock();
         st.writing.clear();
+        st.op_buffers.clear();
         let seq = ev.seq;
         // Each input was pinned once per appearance, each fresh output once; an output
         // written in place was pinned as an input.
@@ -902,6 +1340,7 @@ impl MemoryHooks for MemoryManager {
             by_key.insert(id.0, id);
         }
         st.by_key = by_key;
+        st.clusters = DroppedClusters::rebuild(&st.table);
     }
 
     fn wants_recipes(&self) -> bool {
@@ -911,7 +1350,10 @@ impl MemoryHooks for MemoryManager {
     fn materialize(&self, buffer: &Arc<Buffer>) -> Result<()> {
         let mut st = self.lock();
         self.sync(&mut st);
-        self.make_resident(&mut st, buffer, "materialize")?;
+        st.op_buffers = vec![buffer.id()];
+        let result = self.make_resident(&mut st, buffer, "materialize");
+        st.op_buffers.clear();
+        result?;
         self.unpin(&mut st, buffer.id());
         Ok(())
     }
@@ -935,6 +1377,81 @@ impl MemoryHooks for MemoryManager {
                 && let Err(e) = b.fetch()
             {
                 tracing::warn!(buffer = %b.id(), error = %e, "not fetched at uninstall");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DroppedClusters;
+    use dynn_core::BufferId;
+
+    /// Cluster costs kept incrementally equal those of the connected components of the dropped
+    /// buffers, over random drops and returns on a random recipe graph.
+    #[test]
+    fn clusters_follow_the_dropped_subgraph() {
+        const N: usize = 40;
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        let mut rand = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        // Buffer i's recipe reads up to two earlier buffers.
+        let inputs: Vec<Vec<usize>> = (0..N)
+            .map(|i| (0..2).filter(|_| i > 0).map(|_| rand(i.max(1))).collect())
+            .collect();
+        let flops = |i: usize| 10 + i as u64;
+        let id = |i: usize| BufferId(i as u64);
+        let beside = |i: usize| -> Vec<usize> {
+            let mut b = inputs[i].clone();
+            b.extend((0..N).filter(|&j| inputs[j].contains(&i)));
+            b
+        };
+        let mut dropped = [false; N];
+        let mut c = DroppedClusters::default();
+        for _ in 0..2000 {
+            let x = rand(N);
+            if dropped[x] {
+                dropped[x] = false;
+                let n = beside(x).into_iter().filter(|&j| dropped[j]).count();
+                let _ = c.restore(id(x), n);
+            } else {
+                dropped[x] = true;
+                let near: Vec<BufferId> = beside(x).into_iter().map(id).collect();
+                c.drop(id(x), flops(x), near.into_iter());
+            }
+            if c.stale {
+                c = DroppedClusters::default();
+                for i in (0..N).filter(|&i| dropped[i]) {
+                    c.drop(id(i), flops(i), std::iter::empty());
+                }
+                for i in (0..N).filter(|&i| dropped[i]) {
+                    for &j in &inputs[i] {
+                        c.join(id(i), id(j));
+                    }
+                }
+            }
+            // Brute force: each dropped buffer's component and its cost.
+            for start in (0..N).filter(|&i| dropped[i]) {
+                let mut seen = vec![start];
+                let mut stack = vec![start];
+                while let Some(i) = stack.pop() {
+                    for j in beside(i) {
+                        if dropped[j] && !seen.contains(&j) {
+                            seen.push(j);
+                            stack.push(j);
+                        }
+                    }
+                }
+                let want: u64 = seen.iter().map(|&i| flops(i)).sum();
+                assert_eq!(
+                    c.cost_around(std::iter::once(id(start))),
+                    want,
+                    "buffer {start}"
+                );
             }
         }
     }

@@ -30,7 +30,9 @@ pub struct Candidate {
     pub last_use: u64,
     /// Uses so far.
     pub uses: u32,
-    /// FLOPs to recompute it (with its dropped inputs), when it can be dropped and recomputed.
+    /// FLOPs to recompute it, when it can be dropped and recomputed: its own op's, plus those
+    /// of the dropped buffers around it (DTR's evicted neighbourhood: the clusters of dropped
+    /// buffers its recipe reads or whose recipes read it, which dropping it would join).
     pub recompute_flops: Option<u64>,
 }
 
@@ -177,8 +179,10 @@ impl Policy for Lru {
     }
 }
 
-/// DTR's heuristic: evict the lowest h = recompute cost / (bytes × staleness); activations
-/// with a fresh recipe are dropped and recomputed, everything else is offloaded.
+/// DTR's heuristic: evict the lowest h = recompute cost / (bytes × staleness), the cost taken
+/// over the candidate's evicted neighbourhood ([`Candidate::recompute_flops`]), so chains of
+/// dropped activations stay short; activations with a fresh recipe are dropped and recomputed,
+/// everything else is offloaded.
 #[derive(Debug, Default)]
 pub struct Recompute;
 

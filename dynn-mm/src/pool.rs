@@ -4,8 +4,11 @@
 //! (small requests from 2 MiB segments, large ones from 20 MiB segments or their own), split
 //! when the remainder is usable and coalesced with free neighbours on release. A new segment
 //! is reserved only when no free block fits; empty segments are released when the budget
-//! would otherwise be exceeded. On the CPU backend the pool hands out offsets in a virtual
-//! address space (the accounting is exact); the CUDA backend maps them onto real allocations.
+//! would otherwise be exceeded. When the budget has room for a request but no free block is
+//! large enough, the caller may [`DevicePool::compact`] the live blocks, which packs them end to
+//! end if segments of the usual sizes would not leave the room. On the CPU backend the pool
+//! hands out offsets in a virtual address space (the accounting is exact); the CUDA backend
+//! maps them onto real allocations.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -216,6 +219,13 @@ impl DevicePool {
                 return Err(self.exhausted(size));
             }
         }
+        self.new_segment(small, seg_size);
+        Ok(())
+    }
+
+    /// Reserves a segment of `seg_size` bytes (the caller checked the budget), as one free
+    /// block. Returns its index.
+    fn new_segment(&mut self, small: bool, seg_size: usize) -> usize {
         let idx = match self.segments.iter().position(Option::is_none) {
             Some(i) => i,
             None => {
@@ -234,7 +244,7 @@ impl DevicePool {
         self.stats.reserved += seg_size;
         self.stats.peak_reserved = self.stats.peak_reserved.max(self.stats.reserved);
         self.stats.segment_allocations += 1;
-        Ok(())
+        idx
     }
 
     /// Returns a block to the pool, coalescing it with free neighbours.
@@ -273,32 +283,118 @@ impl DevicePool {
         self.stats.in_use -= size;
     }
 
-    /// Repacks `live` (every block still allocated, largest first is best): releases them and
-    /// every segment left empty, then allocates them again, so free space scattered over
-    /// several segments becomes one. Returns the new block of each, in order. The caller moves
-    /// the bytes (on the CPU tier the blocks are accounting only, so nothing moves). Fails,
-    /// leaving the pool as it was, when the repacked blocks would not fit.
-    pub fn compact(&mut self, live: &[Block]) -> Result<Vec<Block>, PoolExhausted> {
+    /// Repacks `live` (every block still allocated) so that, afterwards, a request of `room`
+    /// bytes (0: none) is served: releases them and every segment left empty, then allocates
+    /// them again, so free space scattered over several segments becomes one. The repacked
+    /// blocks first go into segments of the usual sizes, largest first; when that leaves no
+    /// block for `room` (near the budget, where segments are sized to their first block and
+    /// each keeps a tail too small to use), they are packed end to end into one segment of
+    /// exactly their size plus `room`. Returns the new block of each, in order. The caller
+    /// moves the bytes (on the CPU tier the blocks are accounting only, so nothing moves).
+    /// Fails, leaving the pool as it was, when the repacked blocks and `room` do not fit.
+    pub fn compact(&mut self, live: &[Block], room: usize) -> Result<Vec<Block>, PoolExhausted> {
         let before = (self.segments.clone(), self.free.clone(), self.stats);
         for b in live {
             self.release(*b);
         }
         self.release_empty();
+        let released = (self.segments.clone(), self.free.clone(), self.stats);
         let mut order: Vec<usize> = (0..live.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(live[i].size));
         let mut out = vec![None; live.len()];
-        for i in order {
+        let mut usual = true;
+        for &i in &order {
             match self.allocate(live[i].size) {
                 Ok(b) => out[i] = Some(b),
-                Err(e) => {
-                    (self.segments, self.free, self.stats) = before;
-                    return Err(e);
+                Err(_) => {
+                    usual = false;
+                    break;
                 }
             }
         }
-        // Compaction is not a user allocation.
+        if !(usual && (room == 0 || self.fits(room))) {
+            (self.segments, self.free, self.stats) = released;
+            match self.pack(live, &order, room) {
+                Some(packed) => out = packed.into_iter().map(Some).collect(),
+                None => {
+                    let err = self.exhausted(round_up(room));
+                    (self.segments, self.free, self.stats) = before;
+                    return Err(err);
+                }
+            }
+        }
+        // Compaction is not a user allocation, and the same bytes were in use before.
         self.stats.allocations = before.2.allocations;
+        self.stats.peak_in_use = before.2.peak_in_use;
         Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Packs `live` (in `order`) end to end into one new segment of their total size plus
+    /// `room`, whose free tail serves `room`. `None` when that segment exceeds the budget.
+    fn pack(&mut self, live: &[Block], order: &[usize], room: usize) -> Option<Vec<Block>> {
+        let room = if room == 0 { 0 } else { round_up(room) };
+        let total = live.iter().map(|b| b.size).sum::<usize>() + room;
+        if total == 0 {
+            return Some(Vec::new());
+        }
+        if self.stats.reserved + total > self.budget {
+            self.release_empty();
+            if self.stats.reserved + total > self.budget {
+                return None;
+            }
+        }
+        let small = room > 0 && room <= SMALL_LIMIT;
+        let idx = self.new_segment(small, total);
+        let segment = self.segments[idx].as_mut()?;
+        segment.blocks.clear();
+        let mut out = vec![None; live.len()];
+        let mut off = 0;
+        for &i in order {
+            let size = live[i].size;
+            segment.blocks.insert(off, (size, false));
+            out[i] = Some(Block {
+                segment: idx as u32,
+                offset: off,
+                size,
+            });
+            off += size;
+        }
+        self.free.remove(&(small, total, idx as u32, 0));
+        if room > 0 {
+            segment.blocks.insert(off, (room, true));
+            self.free.insert((small, room, idx as u32, off));
+        }
+        self.stats.in_use += total - room;
+        Some(out.into_iter().flatten().collect())
+    }
+
+    /// True when [`DevicePool::allocate`] of `bytes` would succeed now.
+    pub fn fits(&self, bytes: usize) -> bool {
+        let size = round_up(bytes);
+        let small = size <= SMALL_LIMIT;
+        if self
+            .free
+            .range((small, size, 0, 0)..)
+            .next()
+            .is_some_and(|k| k.0 == small)
+        {
+            return true;
+        }
+        // A new segment of at least `size` bytes, after releasing the empty ones.
+        let empty: usize = self
+            .segments
+            .iter()
+            .flatten()
+            .filter(|s| s.blocks.len() == 1 && s.blocks.values().all(|b| b.1))
+            .map(|s| s.size)
+            .sum();
+        self.stats.reserved - empty + size <= self.budget
+    }
+
+    /// Bytes the budget leaves beyond the live blocks: free blocks in segments plus what is
+    /// not reserved. A request this large may still fail when that space is scattered.
+    pub fn available(&self) -> usize {
+        self.budget.saturating_sub(self.stats.in_use)
     }
 
     /// Releases every cached segment that holds no live block. Returns the bytes released.
@@ -420,7 +516,7 @@ mod tests {
         p.release(fill);
         assert_ne!(a.segment, b.segment);
         assert!(p.allocate(96 << 10).is_err());
-        let moved = p.compact(&[a, b]).unwrap();
+        let moved = p.compact(&[a, b], 0).unwrap();
         assert_eq!(moved.len(), 2);
         assert_eq!(moved[0].size, a.size);
         assert_eq!(moved[1].size, b.size);
@@ -428,5 +524,45 @@ mod tests {
         assert_eq!(p.stats().in_use, a.size + b.size);
         assert!(p.allocate(96 << 10).is_ok());
         assert_eq!(p.live_blocks().len(), 3);
+    }
+
+    #[test]
+    fn compaction_near_the_budget_packs_blocks_end_to_end() {
+        // Evoformer at 25% of its peak: a 9.67 MiB budget, so every large block has a segment
+        // of its own and small blocks share 2 MiB segments with unusable tails. 2.55 MiB of the
+        // budget is free but no 2.25 MiB block can be had, and repacking into segments of the
+        // usual sizes gives the same layout back.
+        let budget = 10_139_648;
+        let mut p = DevicePool::new(Some(budget));
+        let sizes = [
+            2304 << 10,
+            1152 << 10,
+            1152 << 10,
+            576 << 10,
+            576 << 10,
+            576 << 10,
+            576 << 10,
+            192 << 10,
+            192 << 10,
+        ];
+        let live: Vec<Block> = sizes.iter().map(|&n| p.allocate(n).unwrap()).collect();
+        let request = 2304 << 10;
+        assert!(!p.fits(request) && p.allocate(request).is_err());
+        assert!(p.available() >= request, "the budget has room in total");
+        let moved = p.compact(&live, request).unwrap();
+        assert_eq!(
+            moved.iter().map(|b| b.size).collect::<Vec<_>>(),
+            live.iter().map(|b| b.size).collect::<Vec<_>>()
+        );
+        assert!(p.fits(request));
+        p.allocate(request).unwrap();
+        let stats = p.stats();
+        assert_eq!(stats.in_use, sizes.iter().sum::<usize>() + request);
+        assert!(stats.reserved <= budget && stats.peak_reserved <= budget);
+        assert_eq!(p.live_blocks().len(), live.len() + 1);
+        // When even packed they do not fit, nothing changes.
+        let before = p.live_blocks();
+        assert!(p.compact(&moved, 1 << 20).is_err());
+        assert_eq!(p.live_blocks(), before);
     }
 }

@@ -6,8 +6,8 @@
 //! starts when its inputs are resident: a buffer in the host tier is fetched on the
 //! host→device stream (a stall), a prefetched one is waited for. Outputs need room: the policy
 //! ranks resident, unpinned buffers and victims are copied out on the device→host stream (or
-//! dropped and, on next use, recomputed at their producer's cost). A buffer is freed after
-//! its last access in the trace. After each op the inputs of the next [`PREFETCH_HORIZON`] ops that
+//! dropped and, on next use, recomputed at their producer's cost). A buffer is freed where the
+//! trace recorded its release, or (older traces) after its last access. After each op the inputs of the next [`PREFETCH_HORIZON`] ops that
 //! the policy expects are prefetched while there is free room.
 
 use crate::policy::{Candidate, Eviction, Now, Policy};
@@ -32,8 +32,12 @@ pub struct DeviceProfile {
     pub peak_flops: f64,
     /// Device memory bandwidth in bytes per second.
     pub mem_bytes_per_sec: f64,
-    /// Fixed cost per op (kernel launch), seconds.
+    /// Fixed cost per op (kernel launch, or on a host-bound run the framework's own work per
+    /// op), seconds.
     pub launch_s: f64,
+    /// Fixed cost per copy (driver call, synchronisation, the transfer thread's hand-off),
+    /// seconds; added to `bytes / bandwidth`.
+    pub copy_latency_s: f64,
 }
 
 impl DeviceProfile {
@@ -46,6 +50,7 @@ impl DeviceProfile {
             peak_flops: 19.5e12,
             mem_bytes_per_sec: 1.555e12,
             launch_s: 5e-6,
+            copy_latency_s: 0.0,
         }
     }
 
@@ -58,6 +63,7 @@ impl DeviceProfile {
             peak_flops: 51e12,
             mem_bytes_per_sec: 2.0e12,
             launch_s: 4e-6,
+            copy_latency_s: 0.0,
         }
     }
 
@@ -71,11 +77,13 @@ impl DeviceProfile {
             peak_flops,
             mem_bytes_per_sec,
             launch_s: 1e-6,
+            copy_latency_s: 0.0,
         }
     }
 
-    /// A named profile: `a100-pcie4`, `h100-pcie5`, or `calibrated:FLOPS,MEM_BW,COPY_BW`
-    /// (figures per second).
+    /// A named profile: `a100-pcie4`, `h100-pcie5`, or
+    /// `calibrated:FLOPS,MEM_BW,COPY_BW[,COPY_LATENCY_S[,OP_S]]` (rates per second; the
+    /// optional fixed cost of one copy and of one op, in seconds).
     pub fn by_name(name: &str) -> Result<Self> {
         if let Some(figures) = name.strip_prefix("calibrated:") {
             let v: Vec<f64> = figures
@@ -83,15 +91,28 @@ impl DeviceProfile {
                 .map(|f| f.trim().parse::<f64>())
                 .collect::<std::result::Result<_, _>>()
                 .map_err(|e| Error::invalid("profile", format!("{name:?}: {e}")))?;
-            return match v[..] {
-                [flops, mem, copy] if flops > 0.0 && mem > 0.0 && copy > 0.0 => {
-                    Ok(Self::calibrated(flops, mem, copy))
-                }
-                _ => Err(Error::invalid(
+            let bad = || {
+                Error::invalid(
                     "profile",
-                    format!("{name:?}: expected calibrated:FLOPS,MEM_BW,COPY_BW, all positive"),
-                )),
+                    format!(
+                        "{name:?}: expected calibrated:FLOPS,MEM_BW,COPY_BW[,COPY_LATENCY_S[,OP_S]], rates positive, latencies not negative"
+                    ),
+                )
             };
+            if !(3..=5).contains(&v.len())
+                || v[..3].iter().any(|&rate| rate <= 0.0 || rate.is_nan())
+                || v[3..].iter().any(|&fixed| fixed < 0.0 || fixed.is_nan())
+            {
+                return Err(bad());
+            }
+            let mut p = Self::calibrated(v[0], v[1], v[2]);
+            if let Some(&latency) = v.get(3) {
+                p.copy_latency_s = latency;
+            }
+            if let Some(&op) = v.get(4) {
+                p.launch_s = op;
+            }
+            return Ok(p);
         }
         match name {
             "a100-pcie4" => Ok(Self::a100_pcie4()),
@@ -101,6 +122,16 @@ impl DeviceProfile {
                 format!("unknown device profile {other:?}: choose a100-pcie4 or h100-pcie5"),
             )),
         }
+    }
+
+    /// Seconds to copy `bytes` host→device.
+    fn h2d_s(&self, bytes: u64) -> f64 {
+        self.copy_latency_s + bytes as f64 / self.h2d_bytes_per_sec
+    }
+
+    /// Seconds to copy `bytes` device→host.
+    fn d2h_s(&self, bytes: u64) -> f64 {
+        self.copy_latency_s + bytes as f64 / self.d2h_bytes_per_sec
     }
 
     /// Seconds for a kernel of `flops` that moves `bytes`: launch plus the roofline bound.
@@ -159,6 +190,8 @@ pub fn simulate(
     profile: &DeviceProfile,
 ) -> Result<SimResult> {
     let budget = budget.unwrap_or(usize::MAX);
+    // A trace that recorded releases frees buffers when the run did; otherwise at last access.
+    let frees_recorded = ops.iter().any(|o| !o.freed.is_empty());
     let mut last_access: HashMap<u64, usize> = HashMap::new();
     for (i, op) in ops.iter().enumerate() {
         for a in op.inputs.iter().chain(&op.outputs) {
@@ -206,7 +239,7 @@ pub fn simulate(
                 Some(Place::Host) => {
                     room!(a.1 as usize);
                     let begin = now.max(h2d_free);
-                    h2d_free = begin + a.1 as f64 / profile.h2d_bytes_per_sec;
+                    h2d_free = begin + profile.h2d_s(a.1);
                     now = h2d_free;
                     r.bytes_h2d += a.1;
                     used += a.1 as usize;
@@ -227,7 +260,7 @@ pub fn simulate(
                     if used + a.1 as usize > budget {
                         room!(a.1 as usize);
                         let begin = now.max(h2d_free);
-                        h2d_free = begin + a.1 as f64 / profile.h2d_bytes_per_sec;
+                        h2d_free = begin + profile.h2d_s(a.1);
                         now = h2d_free;
                         r.bytes_h2d += a.1;
                     }
@@ -285,16 +318,27 @@ pub fn simulate(
                 b.uses += 1;
             }
         }
-        // Free what the trace never touches again; parameters and optimizer state outlive
-        // the step (they stay where they are, evictable).
-        for a in op.inputs.iter().chain(&op.outputs) {
-            if last_access.get(&a.0) == Some(&i)
-                && !matches!(
-                    kind_of(a.2),
-                    BufferKind::Parameter | BufferKind::OptimizerState
-                )
-                && let Some(b) = bufs.remove(&a.0)
-            {
+        // Free what the run released after this op, or (without release records) what the
+        // trace never touches again; parameters and optimizer state outlive the step (they
+        // stay where they are, evictable).
+        let dead: Vec<u64> = if frees_recorded {
+            op.freed.clone()
+        } else {
+            op.inputs
+                .iter()
+                .chain(&op.outputs)
+                .filter(|a| {
+                    last_access.get(&a.0) == Some(&i)
+                        && !matches!(
+                            kind_of(a.2),
+                            BufferKind::Parameter | BufferKind::OptimizerState
+                        )
+                })
+                .map(|a| a.0)
+                .collect()
+        };
+        for id in dead {
+            if let Some(b) = bufs.remove(&id) {
                 if matches!(b.place, Place::Device | Place::Arriving(_)) {
                     used -= b.bytes;
                 }
@@ -319,7 +363,7 @@ pub fn simulate(
                 break;
             }
             let begin = now.max(h2d_free);
-            h2d_free = begin + b.bytes as f64 / profile.h2d_bytes_per_sec;
+            h2d_free = begin + profile.h2d_s(b.bytes as u64);
             b.place = Place::Arriving(h2d_free);
             used += b.bytes;
             r.bytes_h2d += b.bytes as u64;
@@ -393,7 +437,7 @@ fn make_room(
             Eviction::Drop => b.place = Place::Dropped,
             Eviction::Offload => {
                 let begin = now.max(*d2h_free);
-                *d2h_free = begin + b.bytes as f64 / profile.d2h_bytes_per_sec;
+                *d2h_free = begin + profile.d2h_s(b.bytes as u64);
                 // The space is free once the copy has left the device.
                 *now = *d2h_free;
                 r.bytes_d2h += b.bytes as u64;

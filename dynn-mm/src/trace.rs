@@ -7,7 +7,8 @@
 //! without it, or whose counts disagree, is truncated. Buffer accesses are arrays
 //! `[id, bytes, kind, key]`: `kind` is 0 parameter, 1 gradient, 2 optimizer state,
 //! 3 activation, 4 temporary; `key` names the buffer across steps (its id when it existed
-//! before the step began, else `2^63 + its creation index in the step`).
+//! before the step began, else `2^63 + its creation index in the step`). An op line may carry
+//! `"freed":[id,...]`, the buffers released after it (absent when none, or in older files).
 
 use dynn_core::{BufferKind, Error, Phase, Result};
 use serde::{Deserialize, Serialize};
@@ -47,6 +48,10 @@ pub struct OpRecord {
     pub bytes_read: u64,
     /// Bytes written.
     pub bytes_written: u64,
+    /// Buffers released (their last tensor dropped) after this op and before the next: when
+    /// a trace has these, the simulator frees buffers when the run did, not at last access.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub freed: Vec<u64>,
 }
 
 /// A step boundary: the step that ended, its op count and graph signature.
@@ -299,6 +304,7 @@ mod tests {
             flops: 100,
             bytes_read: 96,
             bytes_written: 16,
+            freed: if seq == 1 { vec![3] } else { Vec::new() },
         };
         Trace {
             meta: serde_json::json!({"model": "test"}),

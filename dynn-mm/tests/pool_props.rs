@@ -1,5 +1,6 @@
 //! Property tests of the device pool: live blocks never overlap, never exceed their segment
-//! or the budget, and all accounting returns to zero.
+//! or the budget, and all accounting returns to zero; `fits` says exactly whether an
+//! allocation would succeed, and a successful compaction leaves room for what it was asked.
 
 use dynn_mm::DevicePool;
 use proptest::prelude::*;
@@ -8,6 +9,10 @@ use proptest::prelude::*;
 enum Step {
     Alloc(usize),
     Free(usize),
+    /// Would this many bytes fit? (checked against a real allocation, then released)
+    Probe(usize),
+    /// Repack every live block, leaving room for this many bytes.
+    Compact(usize),
 }
 
 fn steps() -> impl Strategy<Value = Vec<Step>> {
@@ -18,8 +23,10 @@ fn steps() -> impl Strategy<Value = Vec<Step>> {
     ];
     prop::collection::vec(
         prop_oneof![
-            size.prop_map(Step::Alloc),
-            (0usize..64).prop_map(Step::Free)
+            4 => size.clone().prop_map(Step::Alloc),
+            4 => (0usize..64).prop_map(Step::Free),
+            1 => size.clone().prop_map(Step::Probe),
+            1 => prop_oneof![Just(0usize), size].prop_map(Step::Compact),
         ],
         1..120,
     )
@@ -45,6 +52,28 @@ proptest! {
                     pool.release(b);
                 }
                 Step::Free(_) => {}
+                Step::Probe(n) => {
+                    let fits = pool.fits(n);
+                    let got = pool.allocate(n);
+                    prop_assert_eq!(fits, got.is_ok(), "fits({}) disagrees with allocate", n);
+                    if let Ok(b) = got {
+                        pool.release(b);
+                    }
+                }
+                Step::Compact(room) => {
+                    let before = pool.live_blocks();
+                    match pool.compact(&live, room) {
+                        Ok(moved) => {
+                            prop_assert_eq!(moved.len(), live.len());
+                            for (m, l) in moved.iter().zip(&live) {
+                                prop_assert_eq!(m.size, l.size);
+                            }
+                            live = moved;
+                            prop_assert!(room == 0 || pool.fits(room), "no room for {} after compaction", room);
+                        }
+                        Err(_) => prop_assert_eq!(pool.live_blocks(), before),
+                    }
+                }
             }
             let stats = pool.stats();
             prop_assert_eq!(stats.in_use, live.iter().map(|b| b.size).sum::<usize>());

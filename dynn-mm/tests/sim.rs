@@ -118,3 +118,98 @@ fn calibrated_profiles_parse_and_bad_ones_are_errors() {
         assert!(e.contains("profile"), "{bad}: {e}");
     }
 }
+
+#[test]
+fn calibrated_profiles_take_optional_fixed_costs() {
+    let p = DeviceProfile::by_name("calibrated:5e13,3e12,5.5e10,2e-5,8e-6").unwrap();
+    assert_eq!((p.copy_latency_s, p.launch_s), (2e-5, 8e-6));
+    let p = DeviceProfile::by_name("calibrated:5e13,3e12,5.5e10,2e-5").unwrap();
+    assert_eq!(p.copy_latency_s, 2e-5);
+    for bad in ["calibrated:1,1,1,-1", "calibrated:1,1,1,0,0,0"] {
+        let e = DeviceProfile::by_name(bad).unwrap_err().to_string();
+        assert!(e.contains("COPY_LATENCY_S"), "{bad}: {e}");
+    }
+}
+
+/// A three-op chain: op `i` reads the buffer op `i-1` wrote; `freed[i]` is released after op `i`.
+fn chain(freed: [Vec<u64>; 3]) -> Vec<OpRecord> {
+    let act = |id: u64| (id, 1000, 3, id);
+    freed
+        .into_iter()
+        .enumerate()
+        .map(|(i, freed)| {
+            let i = i as u64;
+            OpRecord {
+                t: "op".into(),
+                seq: i,
+                step: 1,
+                index: i as u32,
+                phase: 0,
+                op: "relu".into(),
+                inputs: if i == 0 { vec![] } else { vec![act(i)] },
+                outputs: vec![act(i + 1)],
+                idioms: [0, 0, 0, 0, 1, 0],
+                flops: 1000,
+                bytes_read: 1000,
+                bytes_written: 1000,
+                freed,
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn recorded_releases_decide_when_bytes_are_freed() {
+    let prof = DeviceProfile::a100_pcie4();
+    let none = || policy::by_name("none").unwrap();
+    // Without release records each buffer dies at its last access: two alive at a time.
+    let by_last_access = simulate(
+        &chain([vec![], vec![], vec![]]),
+        none().as_mut(),
+        None,
+        &prof,
+    );
+    assert_eq!(by_last_access.unwrap().peak_device_bytes, 2000);
+    // The run released the first buffer only after the third op, and kept the others: all
+    // three are alive at the end, as they were in the run.
+    let by_release = simulate(
+        &chain([vec![], vec![], vec![1]]),
+        none().as_mut(),
+        None,
+        &prof,
+    );
+    assert_eq!(by_release.unwrap().peak_device_bytes, 3000);
+    // A run records its releases in the trace.
+    assert!(recorded_step().iter().any(|o| !o.freed.is_empty()));
+}
+
+#[test]
+fn copy_latency_is_paid_per_copy() {
+    let ops = recorded_step();
+    let fast = DeviceProfile::by_name("calibrated:2e13,1e12,2.5e10").unwrap();
+    let slow = DeviceProfile::by_name("calibrated:2e13,1e12,2.5e10,1e-4").unwrap();
+    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &fast)
+        .unwrap()
+        .peak_device_bytes;
+    let budget = Some(peak / 4);
+    let a = simulate(
+        &ops,
+        policy::by_name("lru").unwrap().as_mut(),
+        budget,
+        &fast,
+    )
+    .unwrap();
+    let b = simulate(
+        &ops,
+        policy::by_name("lru").unwrap().as_mut(),
+        budget,
+        &slow,
+    )
+    .unwrap();
+    assert_eq!(a.bytes_h2d, b.bytes_h2d);
+    assert!(a.evictions > 0);
+    assert!(
+        b.stall_ms > a.stall_ms + 0.1 * a.evictions as f64 * 1e-3,
+        "{a:?} vs {b:?}"
+    );
+}

@@ -71,6 +71,24 @@ pub fn predict(
     replay_ops(&warmup, &step, policy, budget, prof, None)?.map_err(Error::Msg)
 }
 
+/// The per-op cost (seconds) that makes the unlimited replay of `trace`'s last step take
+/// `unlimited_ms` on `prof`: what the measured time leaves after the kernels' roofline time,
+/// spread over the step's ops (0 when the kernels alone take longer).
+pub fn per_op_cost(
+    trace: &dynn::mm::Trace,
+    prof: &DeviceProfile,
+    unlimited_ms: f64,
+) -> Result<f64> {
+    let bare = DeviceProfile {
+        launch_s: 0.0,
+        ..prof.clone()
+    };
+    let last = trace.ops.iter().map(|o| o.step).max().unwrap_or(0);
+    let ops = trace.step_ops(last).len().max(1);
+    let kernels_ms = predict(trace, "none", None, &bare)?.compute_ms;
+    Ok(((unlimited_ms - kernels_ms) * 1e-3 / ops as f64).max(0.0))
+}
+
 /// One replay, as reported.
 pub struct Row {
     /// Workload name.

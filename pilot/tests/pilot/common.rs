@@ -34,6 +34,7 @@ pub fn op(step: u64, index: u32, phase: u8, name: &str, inputs: &[A], outputs: &
         flops: 1000,
         bytes_read: inputs.iter().map(|a| a.1).sum(),
         bytes_written: outputs.iter().map(|a| a.1).sum(),
+        freed: Vec::new(),
     }
 }
 

@@ -67,7 +67,7 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Instead of the workloads: predict the step time of a real run from the trace it wrote
-    /// (a trainer's `--trace-out`), its last step replayed under `--policy` and `--budget`.
+    /// (a trainer's `--trace-out`), its last training step replayed under `--policy` and `--budget`.
     #[arg(long)]
     trace: Option<PathBuf>,
     /// With `--trace`: the run's policy.

@@ -53,7 +53,20 @@ pub fn replay_ops(
     }
 }
 
-/// The last step of a trace a trainer wrote (`--trace-out`) replayed under `policy` and
+/// The last complete training step of `trace`: the last one a step boundary closed. Ops after
+/// it (a trainer's evaluation pass) are not a training step.
+fn last_training_step(trace: &dynn::mm::Trace) -> Result<u64> {
+    trace
+        .steps
+        .iter()
+        .filter(|s| s.ops > 0)
+        .map(|s| s.step)
+        .max()
+        .or_else(|| trace.ops.iter().map(|o| o.step).max())
+        .ok_or_else(|| Error::Msg("the trace has no ops".into()))
+}
+
+/// The last training step of a trace a trainer wrote (`--trace-out`) replayed under `policy` and
 /// `budget` on `prof`: the simulator's prediction for a real run's step time.
 pub fn predict(
     trace: &dynn::mm::Trace,
@@ -61,12 +74,7 @@ pub fn predict(
     budget: Option<usize>,
     prof: &DeviceProfile,
 ) -> Result<SimResult> {
-    let last = trace
-        .ops
-        .iter()
-        .map(|o| o.step)
-        .max()
-        .ok_or_else(|| Error::Msg("the trace has no ops".into()))?;
+    let last = last_training_step(trace)?;
     let (warmup, step) = (trace.step_ops(last.saturating_sub(1)), trace.step_ops(last));
     replay_ops(&warmup, &step, policy, budget, prof, None)?.map_err(Error::Msg)
 }
@@ -83,8 +91,7 @@ pub fn per_op_cost(
         launch_s: 0.0,
         ..prof.clone()
     };
-    let last = trace.ops.iter().map(|o| o.step).max().unwrap_or(0);
-    let ops = trace.step_ops(last).len().max(1);
+    let ops = trace.step_ops(last_training_step(trace)?).len().max(1);
     let kernels_ms = predict(trace, "none", None, &bare)?.compute_ms;
     Ok(((unlimited_ms - kernels_ms) * 1e-3 / ops as f64).max(0.0))
 }

@@ -234,6 +234,53 @@ fn link_cases(
     Ok(())
 }
 
+/// The fixed cost of one buffer move through the memory manager: its bookkeeping, the
+/// hand-off to the transfer thread and back, and the copy. 64 KiB buffers are read round-robin
+/// under a budget of about half of them (lru), so every read evicts one buffer and fetches
+/// another. The case's time is per move: the loop's extra time over the same loop without a
+/// budget, divided by the moves the manager counted.
+fn manager_move_case(dev: Device, cases: &mut Vec<Case>) -> BenchResult<()> {
+    use dynn::mm::{ManagerConfig, MemoryManager, policy};
+    const N: usize = 64;
+    const BYTES: usize = 64 << 10;
+    const REPS: usize = 20;
+    let run = |budget: Option<usize>| -> BenchResult<(f64, u64)> {
+        let mm = MemoryManager::new(ManagerConfig::new(policy::by_name("lru")?, budget));
+        let _hooks = dynn::core::install_memory_hooks(mm.clone());
+        let ts = (0..N)
+            .map(|_| Tensor::zeros([BYTES / 4], DType::F32, dev))
+            .collect::<dynn::core::Result<Vec<_>>>()?;
+        let sync = || dev.backend().and_then(|b| b.synchronize());
+        for t in &ts {
+            t.add(t)?;
+        }
+        sync()?;
+        let before = mm.report().stats;
+        let start = Instant::now();
+        for _ in 0..REPS {
+            for t in &ts {
+                t.add(t)?;
+            }
+        }
+        sync()?;
+        let ms = start.elapsed().as_secs_f64() * 1e3;
+        let after = mm.report().stats;
+        let moves =
+            (after.evictions - before.evictions) + (after.demand_fetches - before.demand_fetches);
+        Ok((ms, moves))
+    };
+    let (free_ms, _) = run(None)?;
+    let (budget_ms, moves) = run(Some(N / 2 * BYTES + 4 * BYTES))?;
+    if moves > 0 {
+        cases.push(Case {
+            name: "manager_move_64KiB".into(),
+            ms: (budget_ms - free_ms).max(0.0) / moves as f64,
+            work: ("bytes", BYTES as f64),
+        });
+    }
+    Ok(())
+}
+
 fn main() -> BenchResult<()> {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
@@ -337,6 +384,9 @@ fn main() -> BenchResult<()> {
         cases.push(moe_step(dev)?);
     }
     link_cases(&cuda, &want, &mut cases)?;
+    if want("manager_move") {
+        manager_move_case(dev, &mut cases)?;
+    }
 
     println!("device: {} ({})", cuda.name(), cuda.arch());
     println!("{:<28} {:>10} {:>14}", "case", "dynn ms", "rate");

@@ -71,8 +71,8 @@ if has train; then
     done
     echo "== simulator against the measured step (lru, 25%): each trainer's steady-state step"
     # The profile from this GPU's own figures (bench stage): f32 GEMM rate, device memory
-    # bandwidth (the 16M add), pinned host-link bandwidth, and the fixed cost of one copy on
-    # the manager's path (a 64 KiB fetch less its bytes' time). The per-op host cost comes
+    # bandwidth (the 16M add), pinned host-link bandwidth, and the fixed cost of one move
+    # through the memory manager (a 64 KiB move less its bytes' time). The per-op host cost comes
     # from each trainer's unlimited run (--unlimited-ms).
     profile=$(python3 - "$OUT/bench.json" <<'PY' 2>/dev/null
 import json, sys
@@ -80,7 +80,7 @@ c = {r["name"]: r for r in json.load(open(sys.argv[1]))["cases"]}
 rate = lambda k, w: c[k][w] / (c[k]["dynn_ms"] / 1e3)
 flops, mem = rate("matmul_f32_4096", "flops"), rate("add_16M", "bytes")
 link = rate("h2d_pinned_256MiB", "bytes")
-small = c["h2d_offload_path_64KiB"]
+small = c.get("manager_move_64KiB") or c["h2d_offload_path_64KiB"]
 latency = max(0.0, small["dynn_ms"] / 1e3 - small["bytes"] / link)
 print(f"calibrated:{flops:.4g},{mem:.4g},{link:.4g},{latency:.4g}")
 PY

@@ -81,6 +81,13 @@ pub trait HostStorage: Send + Sync + std::fmt::Debug + 'static {
     fn as_cpu(&self) -> Option<&CpuStorage> {
         None
     }
+    /// The elements as CPU storage: borrowed when kept that way, else a copy.
+    fn cpu(&self) -> Result<std::borrow::Cow<'_, CpuStorage>> {
+        Ok(match self.as_cpu() {
+            Some(cpu) => std::borrow::Cow::Borrowed(cpu),
+            None => std::borrow::Cow::Owned(self.to_cpu()?),
+        })
+    }
     /// For downcasting in the backend that made it.
     fn as_any(&self) -> &dyn Any;
 }
@@ -159,10 +166,7 @@ pub trait Backend: Send + Sync {
     fn upload(&self, host: &CpuStorage) -> Result<Box<dyn DeviceStorage>>;
     /// Copies an offloaded buffer's host-tier elements back onto the device.
     fn restore(&self, host: &dyn HostStorage) -> Result<Box<dyn DeviceStorage>> {
-        match host.as_cpu() {
-            Some(cpu) => self.upload(cpu),
-            None => self.upload(&host.to_cpu()?),
-        }
+        self.upload(&*host.cpu()?)
     }
     /// Waits for all queued work on the device (a no-op on the CPU).
     fn synchronize(&self) -> Result<()> {

@@ -308,10 +308,7 @@ impl Backend for CudaBackend {
         if let Some(pinned) = host.as_any().downcast_ref::<PinnedHost>() {
             return Ok(Box::new(CudaStorage::restore_pinned(&self.0, pinned)?));
         }
-        match host.as_cpu() {
-            Some(cpu) => self.upload(cpu),
-            None => self.upload(&host.to_cpu()?),
-        }
+        self.upload(&*host.cpu()?)
     }
     fn synchronize(&self) -> Result<()> {
         self.0.synchronize()

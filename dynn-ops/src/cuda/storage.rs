@@ -99,48 +99,58 @@ impl CudaStorage {
     /// Copies host elements to the GPU on the device's upload stream. The buffer is allocated
     /// on the compute stream (where it is also freed); the upload stream waits for that
     /// allocation and the compute stream waits for the copy through events, so kernels queued
-    /// next read the uploaded bytes without the host waiting.
+    /// next read the uploaded bytes without the host waiting. (A pageable source may be
+    /// dropped on return: the driver has staged it by then.)
     pub fn upload(dev: &Arc<CudaDevice>, host: &CpuStorage) -> Result<Self> {
-        let bytes = host_bytes(host);
-        let mut data = unsafe_alloc(dev, bytes.len().max(1), "upload")?;
-        if !bytes.is_empty() {
-            let (compute, upload) = (dev.compute(), dev.upload_stream());
-            upload.join(compute).map_err(dev.err("upload"))?;
-            upload
-                .memcpy_htod(bytes, &mut data)
-                .map_err(dev.err("upload"))?;
-            compute.join(upload).map_err(dev.err("upload"))?;
-        }
-        Ok(CudaStorage {
-            dev: dev.clone(),
-            data,
-            dtype: host.dtype(),
-            len: host.len(),
-        })
+        Self::copy_in(
+            dev,
+            host_bytes(host),
+            host.dtype(),
+            host.len(),
+            false,
+            "upload",
+        )
     }
 
     /// Copies an offloaded buffer back from pinned host memory on the upload stream. Runs on
     /// the memory manager's transfer thread, which waits for the copy (so the pinned block can
     /// be reused as soon as this returns); the compute stream never waits on the host.
     pub fn restore_pinned(dev: &Arc<CudaDevice>, host: &PinnedHost) -> Result<Self> {
-        let bytes = host.bytes();
-        let mut data = unsafe_alloc(dev, bytes.len().max(1), "fetch")?;
+        Self::copy_in(dev, host.bytes(), host.dtype(), host.len(), true, "fetch")
+    }
+
+    /// `bytes` (`len` elements of `dtype`) copied into a new buffer on the upload stream,
+    /// ordered after the compute stream's allocation and before its next kernel; with `wait`
+    /// the calling thread also waits for the copy to finish.
+    fn copy_in(
+        dev: &Arc<CudaDevice>,
+        bytes: &[u8],
+        dtype: DType,
+        len: usize,
+        wait: bool,
+        op: &'static str,
+    ) -> Result<Self> {
+        let mut data = unsafe_alloc(dev, bytes.len().max(1), op)?;
         if !bytes.is_empty() {
             let (compute, upload) = (dev.compute(), dev.upload_stream());
-            upload.join(compute).map_err(dev.err("fetch"))?;
+            upload.join(compute).map_err(dev.err(op))?;
             let (dst, _) = data.device_ptr_mut(upload);
             // SAFETY: `dst` holds at least `bytes.len()` bytes (allocated just above, the
-            // allocation ordered before the copy by the join); the source stays borrowed until
-            // the stream synchronisation below has seen the copy finish.
+            // allocation ordered before the copy by the join). The source outlives the copy's
+            // use of it: a pageable source is staged by the driver before this call returns,
+            // and a pinned one stays borrowed until the synchronisation below (`wait`).
             unsafe { result::memcpy_htod_async(dst, bytes, upload.cu_stream()) }
-                .map_err(dev.err("fetch"))?;
-            upload.synchronize().map_err(dev.err("fetch"))?;
+                .map_err(dev.err(op))?;
+            compute.join(upload).map_err(dev.err(op))?;
+            if wait {
+                upload.synchronize().map_err(dev.err(op))?;
+            }
         }
         Ok(CudaStorage {
             dev: dev.clone(),
             data,
-            dtype: host.dtype(),
-            len: host.len(),
+            dtype,
+            len,
         })
     }
 

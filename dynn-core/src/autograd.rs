@@ -82,6 +82,44 @@ pub(crate) fn next_tape_seq() -> u64 {
     SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
+/// The backward pass's reads, known from the tape before it runs: the nodes reachable from
+/// `root`, in the order the engine will process them (decreasing sequence number), each with
+/// the buffers of the tensors it saved.
+fn tape_plan(root: &GradMeta) -> Vec<Vec<crate::BufferId>> {
+    let mut seen: HashMap<u64, Arc<Node>> = HashMap::new();
+    let mut stack: Vec<Arc<Node>> = Vec::new();
+    let mut visit = |meta: &GradMeta, stack: &mut Vec<Arc<Node>>| {
+        if let GradMeta::Node { node, .. } = meta
+            && !seen.contains_key(&node.seq)
+        {
+            seen.insert(node.seq, node.clone());
+            stack.push(node.clone());
+        }
+    };
+    visit(root, &mut stack);
+    while let Some(node) = stack.pop() {
+        for edge in node.edges.iter().flatten() {
+            visit(edge, &mut stack);
+        }
+    }
+    let mut nodes: Vec<Arc<Node>> = seen.into_values().collect();
+    nodes.sort_unstable_by_key(|n| std::cmp::Reverse(n.seq));
+    nodes
+        .iter()
+        .map(|n| {
+            let saved = n.saved.lock().unwrap_or_else(|e| e.into_inner());
+            saved.as_ref().map_or_else(Vec::new, |s| {
+                s.inputs
+                    .iter()
+                    .chain(&s.outputs)
+                    .flatten()
+                    .map(|t| t.buffer().id())
+                    .collect()
+            })
+        })
+        .collect()
+}
+
 type Pending = HashMap<u64, (Arc<Node>, SmallVec<[Option<Tensor>; 2]>)>;
 
 /// Adds two gradients (supplied by `dynn-ops`, since the core names no op).
@@ -136,6 +174,7 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
         }
         Ok(())
     };
+    crate::announce_plan(|| tape_plan(meta));
     deliver(meta, seed, &mut pending, &mut heap)?;
     while let Some(seq) = heap.pop() {
         let Some((node, grads)) = pending.remove(&seq) else {

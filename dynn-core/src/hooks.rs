@@ -125,6 +125,11 @@ pub trait MemoryHooks: Send + Sync {
     fn buffer_created(&self, _buffer: &Arc<Buffer>) {}
     /// A step boundary, marked by the training loop (`dynn_core::mark_step`).
     fn step_boundary(&self, _step: u64) {}
+    /// The coming ops' reads, known before they run (see [`crate::announce_plan`]): one group
+    /// of buffer ids per planned unit of work (a tape node's backward, one parameter's
+    /// update), in the order the units will run. The backward pass announces its tape this
+    /// way, the optimizer its parameters.
+    fn plan(&self, _groups: &[Vec<BufferId>]) {}
     /// The hooks were just uninstalled (their guard dropped): ops no longer pass through
     /// them, so a manager brings every live buffer it moved or dropped back to the device,
     /// or those tensors would be unusable afterwards.

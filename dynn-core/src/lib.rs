@@ -26,8 +26,8 @@ mod tensor;
 pub use autograd::{Accumulate, Node, run_backward};
 pub use buffer::{Buffer, BufferId, BufferKind, ReleaseSink, Residency, Slot};
 pub use context::{
-    HooksGuard, NoGradGuard, PhaseGuard, enter_phase, install_memory_hooks, is_grad_enabled,
-    mark_step, memory_hooks, no_grad, phase, set_memory_hooks,
+    HooksGuard, NoGradGuard, PhaseGuard, announce_plan, enter_phase, install_memory_hooks,
+    is_grad_enabled, mark_step, memory_hooks, no_grad, phase, set_memory_hooks,
 };
 pub use cpu_storage::{CpuElement, CpuStorage, vec_from_fill};
 pub use device::{Backend, CpuBackend, Device, DeviceStorage, HostStorage, register_backend};

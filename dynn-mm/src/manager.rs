@@ -152,6 +152,8 @@ struct State {
     recomputing: Vec<Recomputing>,
     /// The dropped buffers' neighbourhoods, for the recompute policy's costs.
     clusters: DroppedClusters,
+    /// A plan announced since the last op, for that op's trace record.
+    pending_plan: Vec<Vec<u64>>,
 }
 
 /// A dropped buffer being recomputed.
@@ -305,6 +307,7 @@ impl MemoryManager {
                 now: Now::default(),
                 created_in_step: 0,
                 step_signature: FNV_START,
+                pending_plan: Vec::new(),
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -1097,6 +1100,7 @@ impl MemoryManager {
             bytes_read: ev.cost.bytes_read,
             bytes_written: ev.cost.bytes_written,
             freed: Vec::new(),
+            plan: std::mem::take(&mut st.pending_plan),
         }
     }
 
@@ -1310,6 +1314,18 @@ impl MemoryHooks for MemoryManager {
         // Over budget here surfaces on the buffer's first use instead.
         if self.register(&mut st, buffer, "external").is_err() {
             st.table.remove(&buffer.id());
+        }
+    }
+
+    fn plan(&self, groups: &[Vec<BufferId>]) {
+        let mut st = self.lock();
+        let groups: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|g| g.iter().map(|id| id.0).collect())
+            .collect();
+        st.policy.plan(&groups);
+        if st.trace.is_some() {
+            st.pending_plan = groups;
         }
     }
 

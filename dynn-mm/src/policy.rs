@@ -68,6 +68,10 @@ pub trait Policy: Send {
     fn observe(&mut self, _op: &OpRecord) {}
     /// A step ended.
     fn step_boundary(&mut self, _step: u64) {}
+    /// The coming ops will read these buffers (ids), one group per planned unit of work, in
+    /// this order: the backward pass's tape or the optimizer's parameters, announced before
+    /// they run (see `dynn_core::MemoryHooks::plan`).
+    fn plan(&mut self, _groups: &[Vec<u64>]) {}
     /// Orders candidates so the preferred victim comes first.
     fn rank_victims(&mut self, now: Now, candidates: &mut [Candidate]);
     /// How to evict this candidate.

@@ -8,7 +8,9 @@
 //! `[id, bytes, kind, key]`: `kind` is 0 parameter, 1 gradient, 2 optimizer state,
 //! 3 activation, 4 temporary; `key` names the buffer across steps (its id when it existed
 //! before the step began, else `2^63 + its creation index in the step`). An op line may carry
-//! `"freed":[id,...]`, the buffers released after it (absent when none, or in older files).
+//! `"freed":[id,...]`, the buffers released after it, and `"plan":[[id,...],...]`, the reads
+//! announced just before it (the backward pass's tape, the optimizer's parameters); both are
+//! absent when empty and in older files.
 
 use dynn_core::{BufferKind, Error, Phase, Result};
 use serde::{Deserialize, Serialize};
@@ -52,6 +54,11 @@ pub struct OpRecord {
     /// a trace has these, the simulator frees buffers when the run did, not at last access.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub freed: Vec<u64>,
+    /// Reads announced just before this op (the backward pass's tape, the optimizer's
+    /// parameters; see `dynn_core::announce_plan`): buffer ids, one group per planned unit
+    /// of work, in the order the units run. Empty on most ops and in older files.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan: Vec<Vec<u64>>,
 }
 
 /// A step boundary: the step that ended, its op count and graph signature.
@@ -305,6 +312,11 @@ mod tests {
             bytes_read: 96,
             bytes_written: 16,
             freed: if seq == 1 { vec![3] } else { Vec::new() },
+            plan: if seq == 2 {
+                vec![vec![3, 1], vec![2]]
+            } else {
+                Vec::new()
+            },
         };
         Trace {
             meta: serde_json::json!({"model": "test"}),

@@ -153,6 +153,7 @@ fn chain(freed: [Vec<u64>; 3]) -> Vec<OpRecord> {
                 bytes_read: 1000,
                 bytes_written: 1000,
                 freed,
+                plan: Vec::new(),
             }
         })
         .collect()

@@ -181,3 +181,62 @@ fn bad_settings_are_errors() {
         .is_err()
     );
 }
+
+/// Keeps the plans announced to it; ignores ops.
+#[derive(Default)]
+struct Plans(std::sync::Mutex<Vec<Vec<Vec<u64>>>>);
+
+impl dynn_core::MemoryHooks for Plans {
+    fn before_op(&self, _: &dynn_core::OpEvent<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn after_op(&self, _: &dynn_core::OpEvent<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn plan(&self, groups: &[Vec<dynn_core::BufferId>]) {
+        let g = groups.iter().map(|g| g.iter().map(|b| b.0).collect());
+        self.0.lock().unwrap().push(g.collect());
+    }
+}
+
+#[test]
+fn optimizers_announce_each_update_s_buffers_in_parameter_order() -> Result<()> {
+    let named = |name: &str, shape: (usize, usize)| {
+        ParamBuilder::new(DType::F32, Device::Cpu, 4).param(name, shape, Init::Const(0.5))
+    };
+    let (a, idle, b) = (
+        named("a", (2, 3))?,
+        named("idle", (2, 3))?,
+        named("b", (3, 1))?,
+    );
+    let id = |t: &Tensor| t.buffer().id().0;
+    let mut adam = Adam::new(AdamConfig::adamw(0.1))?;
+    let mut sgd = Sgd::new(SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        ..Default::default()
+    })?;
+    for step in 0..2 {
+        backward_with(&a, &grads(step, (2, 3))?)?;
+        backward_with(&b, &grads(step + 10, (3, 1))?)?;
+        let (ga, gb) = (a.grad().unwrap(), b.grad().unwrap());
+        let hooks = std::sync::Arc::new(Plans::default());
+        let guard = dynn_core::install_memory_hooks(hooks.clone());
+        let params = [a.clone(), idle.clone(), b.clone()];
+        if step == 0 {
+            adam.step(&params)?;
+        } else {
+            sgd.step(&params)?;
+        }
+        drop(guard);
+        let plans = hooks.0.lock().unwrap().clone();
+        assert_eq!(plans.len(), 1, "one plan per optimizer step");
+        let plan = &plans[0];
+        // The parameter without a gradient is skipped; each group starts with the parameter
+        // and its gradient (optimizer state follows once it exists).
+        assert_eq!(plan.len(), 2, "{plan:?}");
+        assert_eq!(plan[0][..2], [id(&a), id(&ga)]);
+        assert_eq!(plan[1][..2], [id(&b), id(&gb)]);
+    }
+    Ok(())
+}

@@ -4,7 +4,9 @@
 //! earlier. Also: offloading a buffer to the host tier and fetching it back keeps its values,
 //! and a hook that fetches on demand makes training over offloaded buffers give the same bits.
 
-use dynn_core::{Buffer, BufferKind, MemoryHooks, OpEvent, Phase, Residency, install_memory_hooks};
+use dynn_core::{
+    Buffer, BufferId, BufferKind, MemoryHooks, OpEvent, Phase, Residency, install_memory_hooks,
+};
 use dynn_ops::prelude::*;
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,7 @@ enum Entry {
     Before(Ev),
     After(Ev),
     Created(u64),
+    Plan(Vec<Vec<u64>>),
 }
 
 /// Records everything the executor reports; optionally fetches offloaded inputs on demand.
@@ -69,6 +72,13 @@ impl MemoryHooks for Recorder {
     fn buffer_created(&self, b: &Arc<Buffer>) {
         self.log.lock().unwrap().push(Entry::Created(b.id().0));
     }
+    fn plan(&self, groups: &[Vec<BufferId>]) {
+        let groups = groups
+            .iter()
+            .map(|g| g.iter().map(|b| b.0).collect())
+            .collect();
+        self.log.lock().unwrap().push(Entry::Plan(groups));
+    }
 }
 
 impl Recorder {
@@ -109,10 +119,24 @@ impl Recorder {
                     );
                     out.push(a.clone());
                 }
-                Entry::Created(_) => {}
+                Entry::Created(_) | Entry::Plan(_) => {}
             }
         }
         assert!(open.is_none(), "an op never finished: {open:?}");
+        out
+    }
+
+    /// Each announced plan with the number of op events finished before it.
+    fn plans(&self) -> Vec<(usize, Vec<Vec<u64>>)> {
+        let mut done = 0;
+        let mut out = Vec::new();
+        for e in self.log.lock().unwrap().iter() {
+            match e {
+                Entry::After(_) => done += 1,
+                Entry::Plan(p) => out.push((done, p.clone())),
+                _ => {}
+            }
+        }
         out
     }
 
@@ -256,6 +280,7 @@ fn op_events_report_buffers_phases_and_reverse_tape_order() -> Result<()> {
                 }
             }
             Entry::After(ev) => known.extend(ev.outputs.iter().copied()),
+            Entry::Plan(_) => {}
         }
     }
 
@@ -404,6 +429,55 @@ fn fetching_on_demand_gives_the_same_bits_as_never_offloading() -> Result<()> {
     assert!(
         !rec.fetched.lock().unwrap().is_empty(),
         "backward must have fetched the offloaded buffers"
+    );
+    Ok(())
+}
+
+#[test]
+fn backward_announces_its_tape_reads_in_the_order_it_makes_them() -> Result<()> {
+    let rec = Arc::new(Recorder::default());
+    let _g = install_memory_hooks(rec.clone());
+    let x = leaf(&[0.5, -1.0, 2.0, 0.25, 1.5, -0.75], &[2, 3]);
+    let w1 = leaf(&[1.0, 2.0, -3.0, 0.5, 0.25, -1.5], &[3, 2]);
+    let w2 = leaf(&[0.75, -0.5], &[2, 1]);
+    let h = x.matmul(&w1)?.tanh()?;
+    let y = h.matmul(&w2)?.sigmoid()?.mul(&h.narrow(1, 0, 1)?)?;
+    let l = y.sum_all()?;
+    let fwd = rec.events().len();
+    assert!(rec.plans().is_empty(), "no plan before backward");
+    l.backward()?;
+    let plans = rec.plans();
+    assert_eq!(plans.len(), 1, "one plan per backward");
+    let (at, plan) = &plans[0];
+    assert_eq!(
+        *at, fwd,
+        "announced after the forward, before the first backward op"
+    );
+    let known: HashSet<u64> = rec.events()[..fwd]
+        .iter()
+        .flat_map(|e| e.inputs.iter().chain(&e.outputs).copied())
+        .collect();
+    // Every backward read of a buffer that existed before the pass is in the plan, and the
+    // reads walk the plan's groups in order.
+    let mut cursor = 0;
+    let mut planned_reads = 0;
+    for e in &rec.events()[fwd..] {
+        for b in e.inputs.iter().filter(|b| known.contains(b)) {
+            let g = (cursor..plan.len())
+                .find(|&g| plan[g].contains(b))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{} read {b}, not in the plan from group {cursor}: {plan:?}",
+                        e.op
+                    )
+                });
+            cursor = g;
+            planned_reads += 1;
+        }
+    }
+    assert!(
+        planned_reads >= 6,
+        "the tape's saved tensors were read ({planned_reads})"
     );
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! (the ablation). Everything is written into caller-owned slices: nothing allocates.
 
 use crate::bucket::{BUCKETS, bucket};
+use crate::plan::PlanDistance;
 use dynn_core::OpEvent;
 use dynn_mm::OpRecord;
 use std::sync::OnceLock;
@@ -28,9 +29,14 @@ pub const OP_DIM_ONEHOT: usize = OP_COMMON + OP_SLOTS;
 /// Candidate features both encodings share: kind one-hot, log size, age, uses this step,
 /// uses in past steps, created this step, touched this step, where in the step it was last
 /// used, whether the step so far repeats the previous one, the previous step's next-use
-/// bucket and the tape-mirror estimate's bucket (each plus "unknown"), and the producer's
-/// phase.
-const CAND_COMMON: usize = KINDS + 8 + 2 * (BUCKETS + 1) + PHASES;
+/// bucket, the tape-mirror estimate's bucket and the access site's last gap (each plus
+/// "unknown"), and the producer's phase.
+/// Then where the announced plan puts it (its bucket, "beyond the plan", "made since the
+/// plan", "no plan").
+const CAND_COMMON: usize = KINDS + 8 + 3 * (BUCKETS + 1) + PHASES + PLAN;
+
+/// Plan features: a bucket, "beyond the plan", "made since the plan" and "no plan".
+const PLAN: usize = BUCKETS + 3;
 /// Candidate features with the idiom encoding (the producer op's idioms).
 pub const CAND_DIM_IDIOMS: usize = CAND_COMMON + IDIOMS;
 /// Candidate features with the one-hot encoding (the producer op's one-hot name).
@@ -268,6 +274,15 @@ pub struct CandidateView {
     /// (the tape runs the forward in reverse): `None` when it has no forward use this step or
     /// the pass is over.
     pub mirror: Option<u64>,
+    /// Ops until its next use as the same *access site* showed it last time — the gap that
+    /// followed the latest access made by an op in the same context (the same recent ops,
+    /// by idioms or by name, and the same operand slot), in this step or an earlier one,
+    /// less the ops since its last use: `None` when no such access is on record,
+    /// `Some(None)` when that access was not followed by another in its step.
+    pub site: Option<Option<u64>>,
+    /// Where the announced plan (the backward pass's tape, the optimizer's parameters) puts
+    /// its next read (`None`: no plan is being followed).
+    pub plan: Option<PlanDistance>,
     /// The op that made it (`None`: made outside ops, e.g. a parameter or a batch).
     pub producer: Option<Producer>,
 }
@@ -302,7 +317,22 @@ pub fn encode_candidate(enc: Encoding, c: &CandidateView, out: &mut [f32]) {
         Some(d) => mirror[bucket(Some(d)) as usize] = 1.0,
         None => mirror[BUCKETS] = 1.0,
     }
-    let phase = &mut f[8 + 2 * (BUCKETS + 1)..];
+    let site = &mut f[8 + 2 * (BUCKETS + 1)..8 + 3 * (BUCKETS + 1)];
+    match c.site {
+        Some(d) => site[bucket(d) as usize] = 1.0,
+        None => site[BUCKETS] = 1.0,
+    }
+    let plan = &mut f[8 + 3 * (BUCKETS + 1)..8 + 3 * (BUCKETS + 1) + PLAN];
+    match c.plan {
+        Some(PlanDistance::Within(d)) => plan[bucket(Some(d)) as usize] = 1.0,
+        Some(PlanDistance::Beyond(d)) => {
+            plan[bucket(Some(d)) as usize] = 1.0;
+            plan[BUCKETS] = 1.0;
+        }
+        Some(PlanDistance::Unplanned) => plan[BUCKETS + 1] = 1.0,
+        None => plan[BUCKETS + 2] = 1.0,
+    }
+    let phase = &mut f[8 + 3 * (BUCKETS + 1) + PLAN..];
     match c.producer {
         Some(p) => {
             if let Some(x) = phase.get_mut(p.phase as usize) {

@@ -11,6 +11,7 @@
 //! | [`bucket`](mod@bucket) | next-use distance buckets |
 //! | [`encoder`] | op / candidate → fixed-size features (idioms or one-hot op names) |
 //! | [`history`] | one step's access order by key |
+//! | [`plan`] | the backward pass's and optimizer's announced reads, followed op by op |
 //! | [`tracker`] | replays ops; a candidate's features at this moment |
 //! | [`labels`] | exact labels from a recorded trace; datasets; split by step |
 //! | [`model`] | the MLP, its training and evaluation |
@@ -54,6 +55,7 @@ pub mod history;
 pub mod labels;
 pub mod model;
 pub mod online;
+pub mod plan;
 pub mod policy;
 pub mod predictor;
 pub mod tracker;

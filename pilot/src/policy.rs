@@ -8,6 +8,7 @@
 use crate::bucket::{lower_bound, representative};
 use crate::encoder::FeatureConfig;
 use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
+use crate::plan::PlanDistance;
 use crate::predictor::{Scratch, Snapshot};
 use crate::tracker::{Query, Tracker};
 use dynn_core::BufferId;
@@ -110,6 +111,8 @@ pub struct PilotPolicy {
     stats: PilotStats,
     /// `upcoming` takes `&self`: its time is counted here.
     upcoming_ns: Cell<u64>,
+    /// A plan announced since the last op, for that op's recorded copy.
+    pending_plan: Vec<Vec<u64>>,
 }
 
 impl std::fmt::Debug for PilotPolicy {
@@ -164,6 +167,7 @@ impl PilotPolicy {
             suspects: Vec::with_capacity(SUSPECTS),
             stats: PilotStats::default(),
             upcoming_ns: Cell::new(0),
+            pending_plan: Vec::new(),
         }
     }
 
@@ -224,9 +228,11 @@ impl PilotPolicy {
         }
     }
 
-    /// Predicted ops to the next use of `q`, as `(latest, earliest)`: exact from the
-    /// replayed previous step while the step repeats it, else the bounds of the snapshot's
-    /// bucket.
+    /// Predicted ops to the next use of `q`, as `(latest, earliest)`: exact from the replayed
+    /// previous step while the step repeats it op for op; else read off the announced plan
+    /// (the backward pass's tape, the optimizer's parameters) when it reads `q`; else the
+    /// bounds of the snapshot's bucket — never nearer than the end of the plan for a buffer
+    /// the plan does not read.
     fn distance(&mut self, q: &Query) -> (u64, u64) {
         if self.cfg.replay_when_matching
             && self.tracker.matching()
@@ -235,20 +241,27 @@ impl PilotPolicy {
             let d = h.unwrap_or(u64::MAX);
             return (d, d);
         }
+        let floor = match self.tracker.plan_distance(q) {
+            Some(PlanDistance::Within(d)) => return (d, d),
+            Some(PlanDistance::Beyond(d)) => d + 1,
+            Some(PlanDistance::Unplanned) | None => 0,
+        };
         match &self.snapshot {
             Some(s) => {
                 let hot = self.hot.get_mut();
                 self.tracker.features(q, &mut hot.row);
                 self.stats.predictions += 1;
                 let b = s.predict(&hot.row, &mut hot.scratch);
-                (representative(b), lower_bound(b))
+                (representative(b).max(floor), lower_bound(b).max(floor))
             }
-            None => (u64::MAX, u64::MAX),
+            None => (u64::MAX, floor),
         }
     }
 
+    /// Whether rankings and prefetches follow predictions (a snapshot, or an announced
+    /// plan) rather than LRU order.
     fn guided(&self) -> bool {
-        self.snapshot.is_some()
+        self.snapshot.is_some() || self.tracker.plan_cursor().active()
     }
 }
 
@@ -261,11 +274,24 @@ impl Policy for PilotPolicy {
         let t = Instant::now();
         self.tracker.observe(op);
         if let Some(r) = self.recording.as_mut() {
-            r.push(op.clone());
+            let mut op = op.clone();
+            if op.plan.is_empty() {
+                op.plan = std::mem::take(&mut self.pending_plan);
+            }
+            r.push(op);
         }
         if !self.suspects.is_empty() {
             self.suspects
                 .retain(|s| !op.inputs.iter().chain(&op.outputs).any(|a| a.0 == s.0));
+        }
+        self.stats.observe_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    fn plan(&mut self, groups: &[Vec<u64>]) {
+        let t = Instant::now();
+        self.tracker.plan(groups);
+        if self.recording.is_some() {
+            self.pending_plan = groups.to_vec();
         }
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }
@@ -304,7 +330,8 @@ impl Policy for PilotPolicy {
         self.stats.pilot_rankings += 1;
         // The model ranks the least recently used candidates (a bounded cost per decision);
         // the rest follow in LRU order. A replayed order is cheap: it ranks them all.
-        let replaying = self.cfg.replay_when_matching && self.tracker.matching();
+        let replaying = (self.cfg.replay_when_matching && self.tracker.matching())
+            || self.tracker.plan_cursor().active();
         let n = match replaying {
             true => c.len(),
             false => c.len().min(self.cfg.max_ranked.max(1)),
@@ -357,12 +384,13 @@ impl Policy for PilotPolicy {
         let t = Instant::now();
         let horizon = horizon.min(self.cfg.max_horizon);
         let mut out = Vec::new();
-        if self.guided() {
-            if self.cfg.replay_when_matching && self.tracker.matching() {
-                self.tracker.upcoming_by_history(horizon, &mut out);
-            } else {
-                self.predicted_soon(horizon, &mut out);
-            }
+        let replaying = self.cfg.replay_when_matching && self.tracker.matching();
+        if self.guided() && replaying {
+            self.tracker.upcoming_by_history(horizon, &mut out);
+        } else if self.tracker.plan_cursor().active() {
+            self.tracker.upcoming_by_plan(horizon, &mut out);
+        } else if self.guided() {
+            self.predicted_soon(horizon, &mut out);
         }
         self.upcoming_ns
             .set(self.upcoming_ns.get() + t.elapsed().as_nanos() as u64);

@@ -8,10 +8,25 @@ use crate::encoder::{
     encode_candidate, encode_op,
 };
 use crate::history::{KeyMap, StepProfile};
+use crate::plan::PlanCursor;
 use dynn_mm::OpRecord;
 
 /// Buffers unused for this many steps are forgotten.
 const KEEP_STEPS: u64 = 4;
+
+/// Ops (the newest included) whose identities make an access site's context.
+const CONTEXT: usize = 3;
+
+/// Access sites remembered at most (the table is cleared when it grows past this).
+const MAX_SITES: usize = 1 << 16;
+
+/// A site's recorded gap meaning "not accessed again in its step".
+const NEVER: u32 = u32::MAX;
+
+/// Mixes `x` into hash `h` (one multiply-rotate round).
+fn mix(h: u64, x: u64) -> u64 {
+    (h ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(31)
+}
 
 /// Keys from here on name buffers made in the current step (see [`dynn_mm::trace`]).
 const PERSISTENT: u64 = 1 << 63;
@@ -44,6 +59,8 @@ pub struct BufferState {
     pub last_step: u64,
     /// Step it was first seen in.
     pub first_step: u64,
+    /// Index within that step of the op that first used it.
+    pub first_index: u32,
     /// Forward position (index in the step) of its last forward use this step.
     pub last_forward: Option<u32>,
     /// Ops of each phase that used it this step.
@@ -54,6 +71,8 @@ pub struct BufferState {
     pub uses_past: u32,
     /// The op that wrote it first, when an op did.
     pub producer: Option<Producer>,
+    /// The access site of its last use (0: none this step).
+    pub last_site: u64,
 }
 
 /// A candidate as the tracker is asked about it.
@@ -100,6 +119,13 @@ pub struct Tracker {
     current: StepProfile,
     previous: StepProfile,
     matching: bool,
+    /// Identities of the newest [`CONTEXT`] ops, newest last.
+    context: [u64; CONTEXT],
+    /// Access site → ops to the next access that followed it last time ([`NEVER`]: none in
+    /// its step).
+    sites: KeyMap<u32>,
+    /// The announced plan being followed.
+    plan: PlanCursor,
 }
 
 impl Tracker {
@@ -126,6 +152,9 @@ impl Tracker {
             current: StepProfile::default(),
             previous: StepProfile::default(),
             matching: false,
+            context: [0; CONTEXT],
+            sites: KeyMap::default(),
+            plan: PlanCursor::default(),
         }
     }
 
@@ -247,6 +276,10 @@ impl Tracker {
         };
         let (clock, index, step) = (self.clock, self.index, self.step);
         let phase = (op.phase as usize).min(PHASES - 1);
+        let context = self.push_context(&view);
+        if self.sites.len() > MAX_SITES {
+            self.sites.clear();
+        }
         let mut anchor = None;
         self.op_keys.clear();
         for (j, a) in op.inputs.iter().chain(&op.outputs).enumerate() {
@@ -270,15 +303,23 @@ impl Tracker {
                     last_use_index: 0,
                     last_step: step,
                     first_step: step,
+                    first_index: index,
                     last_forward: None,
                     phase_uses: [0; PHASES],
                     uses_step: 0,
                     uses_past: 0,
                     producer: written.then_some(producer),
+                    last_site: 0,
                 }
             });
             let fresh_use = b.last_use != clock;
             if fresh_use {
+                // What followed the access site of its previous use this step.
+                if b.uses_step > 0 && b.last_step == step && b.last_site != 0 {
+                    let gap = index.saturating_sub(b.last_use_index).min(NEVER - 1);
+                    self.sites.insert(b.last_site, gap);
+                }
+                b.last_site = mix(context, (j as u64) << 1 | written as u64) | 1;
                 b.uses_step += 1;
             }
             b.kind = a.2;
@@ -304,6 +345,7 @@ impl Tracker {
             }
         }
         self.anchor = anchor.map(|prev| (prev, index));
+        self.plan.observe(op, index);
         self.current
             .push(view.slot, op.phase, self.op_keys.iter().copied());
         self.matching = self.matching && self.previous.slot(index as usize) == Some(view.slot);
@@ -320,6 +362,7 @@ impl Tracker {
     /// Step `step` begins: this step's order becomes the previous one, keys are renamed to
     /// ids, use counts roll over, long-unused buffers are forgotten.
     pub fn step_boundary(&mut self, step: u64) {
+        self.plan.step_boundary(self.index);
         if self.index > 0 {
             self.expected = self.index;
             self.prev_phase_ops = self.phase_ops;
@@ -328,6 +371,10 @@ impl Tracker {
             self.current.clear();
         }
         for (&id, b) in self.bufs.iter_mut() {
+            if b.uses_step > 0 && b.last_site != 0 {
+                self.sites.insert(b.last_site, NEVER);
+            }
+            b.last_site = 0;
             b.uses_past = b.uses_past.saturating_add(b.uses_step);
             b.uses_step = 0;
             b.key = id;
@@ -346,6 +393,72 @@ impl Tracker {
         self.made = [0; PHASES];
         self.by_aligned.clear();
         self.matching = !self.previous.is_empty();
+        self.context = [0; CONTEXT];
+    }
+
+    /// The coming ops will read `groups` (buffer ids, one group per unit of work, in order):
+    /// the backward pass's tape or the optimizer's parameters (see [`dynn_mm::Policy::plan`]).
+    pub fn plan(&mut self, groups: &[Vec<u64>]) {
+        self.plan.announce(groups, self.index);
+    }
+
+    /// The announced plan being followed.
+    pub fn plan_cursor(&self) -> &PlanCursor {
+        &self.plan
+    }
+
+    /// Where the announced plan puts candidate `q`'s next read (`None`: no plan).
+    pub fn plan_distance(&self, q: &Query) -> Option<crate::plan::PlanDistance> {
+        let b = self.bufs.get(&q.id);
+        let made = b
+            .filter(|b| b.first_step == self.step)
+            .map(|b| b.first_index);
+        let last_use = b
+            .filter(|b| b.uses_step > 0 && b.last_step == self.step)
+            .map(|b| b.last_use_index);
+        self.plan.distance(q.id, made, last_use, self.index)
+    }
+
+    /// Appends the memory manager keys of the buffers the announced plan reads within about
+    /// `horizon` ops, soonest first.
+    pub fn upcoming_by_plan(&self, horizon: usize, out: &mut Vec<u64>) {
+        let from = out.len();
+        self.plan.upcoming(horizon, self.index, out);
+        let mut keep = from;
+        for i in from..out.len() {
+            if let Some(b) = self.bufs.get(&out[i]) {
+                out[keep] = b.key;
+                keep += 1;
+            }
+        }
+        out.truncate(keep);
+    }
+
+    /// Shifts op `view` into the context and returns the context's hash. An op's identity is
+    /// what the encoding reads of it: its idiom counts (or its name's slot), phase and arity.
+    fn push_context(&mut self, view: &OpView) -> u64 {
+        let what = match self.cfg.encoding {
+            Encoding::Idioms => view.idioms.iter().fold(0u64, |h, &c| h << 8 | c as u64),
+            Encoding::OneHot => 1 << 63 | view.slot as u64,
+        };
+        let identity = mix(
+            mix(what, view.phase as u64),
+            (view.inputs as u64) << 8 | view.outputs as u64,
+        );
+        self.context.rotate_left(1);
+        self.context[CONTEXT - 1] = identity;
+        self.context.iter().fold(0, |h, &x| mix(h, x))
+    }
+
+    /// What the site of candidate `b`'s last use showed last time (see
+    /// [`CandidateView::site`]).
+    fn site_for(&self, b: &BufferState) -> Option<Option<u64>> {
+        if b.uses_step == 0 || b.last_step != self.step || b.last_site == 0 {
+            return None;
+        }
+        let gap = *self.sites.get(&b.last_site)?;
+        let age = self.index.saturating_sub(1 + b.last_use_index) as u64;
+        Some((gap != NEVER).then(|| (gap as u64).saturating_sub(age).max(1)))
     }
 
     /// The previous step's distance from here to the next use of the buffer with aligned
@@ -441,6 +554,8 @@ impl Tracker {
             mirror: state
                 .and_then(|b| b.last_forward.filter(|_| b.last_step == self.step))
                 .and_then(|p| self.mirror(p)),
+            site: state.and_then(|b| self.site_for(b)),
+            plan: self.plan_distance(q),
             producer: state.and_then(|b| b.producer),
         }
     }

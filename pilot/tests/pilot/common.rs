@@ -35,6 +35,7 @@ pub fn op(step: u64, index: u32, phase: u8, name: &str, inputs: &[A], outputs: &
         bytes_read: inputs.iter().map(|a| a.1).sum(),
         bytes_written: outputs.iter().map(|a| a.1).sum(),
         freed: Vec::new(),
+        plan: Vec::new(),
     }
 }
 

@@ -5,6 +5,7 @@ use dynn_pilot::encoder::{
     CAND_DIM_IDIOMS, CandidateView, Encoding, FeatureConfig, OP_DIM_IDIOMS, OP_DIM_ONEHOT,
     OP_SLOTS, OpView, Producer, StepPosition, candidate_features, encode_op, op_features, op_slot,
 };
+use dynn_pilot::plan::PlanDistance;
 use dynn_pilot::tracker::Query;
 use dynn_pilot::{LabelConfig, Tracker, label_trace};
 
@@ -44,7 +45,7 @@ fn op_features_hold_idioms_sizes_phase_and_position() {
 }
 
 #[test]
-fn candidate_features_hold_kind_size_history_hint_and_producer() {
+fn candidate_features_hold_kind_size_history_hints_and_producer() {
     let c = CandidateView {
         kind: 3,
         bytes: 1023,
@@ -56,6 +57,8 @@ fn candidate_features_hold_kind_size_history_hint_and_producer() {
         matching: true,
         hint: Some(Some(20)),
         mirror: Some(100),
+        site: Some(None),
+        plan: Some(PlanDistance::Beyond(40)),
         producer: Some(Producer {
             idioms: [1, 0, 0, 0, 0, 0],
             slot: 0,
@@ -67,20 +70,28 @@ fn candidate_features_hold_kind_size_history_hint_and_producer() {
     assert_eq!(&f[..5], &[0.0, 0.0, 0.0, 1.0, 0.0]);
     assert!((f[5] - 10.0 / 32.0).abs() < 1e-6);
     assert_eq!(&f[6..13], &[0.0, 0.125, 0.0, 1.0, 1.0, 0.5, 1.0]);
-    // Hint 20 ops → bucket "<=32", mirror 100 → "<=128" (each then "unknown"); then the
-    // producer's phase and idioms.
+    // Hint 20 ops → bucket "<=32", mirror 100 → "<=128", the site's "not again" → "later"
+    // (each then "unknown"); then the producer's phase and idioms.
     assert_eq!(&f[13..19], &[0.0, 0.0, 1.0, 0.0, 0.0, 0.0]);
     assert_eq!(&f[19..25], &[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
-    assert_eq!(&f[25..28], &[1.0, 0.0, 0.0]);
-    assert_eq!(&f[28..], &[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    assert_eq!(&f[25..31], &[0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
+    // The plan: beyond it, at least 40 ops away → "<=128" and the "beyond" flag.
+    assert_eq!(&f[31..39], &[0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
+    assert_eq!(&f[39..42], &[1.0, 0.0, 0.0]);
+    assert_eq!(&f[42..], &[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]);
     let unknown = candidate_features(&CandidateView {
         hint: None,
         mirror: None,
+        site: None,
+        plan: None,
         producer: None,
         ..c
     });
-    assert_eq!((unknown[18], unknown[24]), (1.0, 1.0));
-    assert!(unknown[25..].iter().all(|&x| x == 0.0));
+    assert_eq!(
+        (unknown[18], unknown[24], unknown[30], unknown[38]),
+        (1.0, 1.0, 1.0, 1.0)
+    );
+    assert!(unknown[39..].iter().all(|&x| x == 0.0));
 }
 
 #[test]

@@ -1,0 +1,243 @@
+//! The announced plan: what the backward pass (from its tape) and the optimizer (from its
+//! parameters) will read, in order, before they run. The pilot predicts the forward pass;
+//! these phases it reads off the plan. A plan lists groups (a tape node's saved buffers, one
+//! parameter's update); a cursor follows the ops through them, and the ops each group takes
+//! (measured as they run, the previous step's figure before that) turn groups into op
+//! distances.
+
+use crate::history::KeyMap;
+use dynn_mm::OpRecord;
+
+/// Plans a step remembers the pace of (the backward pass, then the optimizer).
+const ORDINALS: usize = 2;
+
+/// Groups run before the measured pace outweighs the previous step's.
+const PRIOR_WEIGHT: f64 = 4.0;
+
+/// Where a buffer stands in the active plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanDistance {
+    /// Read by the plan about this many ops ahead.
+    Within(u64),
+    /// Not read by what is left of the plan, which takes about this many more ops.
+    Beyond(u64),
+    /// Made after the plan was announced: the plan cannot know it (a gradient flowing
+    /// between tape nodes, a leaf's accumulated gradient).
+    Unplanned,
+}
+
+/// Follows one announced plan at a time.
+#[derive(Debug, Clone, Default)]
+pub struct PlanCursor {
+    /// Buffer id → the groups that read it, ascending.
+    at: KeyMap<Vec<u32>>,
+    /// The groups, in order.
+    groups: Vec<Vec<u64>>,
+    /// The group running now.
+    cursor: u32,
+    /// Tracker index of the op that moved the cursor to its group.
+    cursor_since: u32,
+    /// Tracker index (ops into the step) when the plan was announced.
+    start: u32,
+    /// Whether a plan is being followed.
+    active: bool,
+    /// Plans announced so far this step.
+    ordinal: usize,
+    /// Ops per group of this step's plans, by ordinal (the next step's prior).
+    pace: [Option<f64>; ORDINALS],
+    /// The previous step's.
+    prior: [Option<f64>; ORDINALS],
+}
+
+impl PlanCursor {
+    /// Whether a plan is being followed.
+    pub fn active(&self) -> bool {
+        self.active
+    }
+
+    /// A plan is announced at op `index` of the step; it replaces the one before.
+    pub fn announce(&mut self, groups: &[Vec<u64>], index: u32) {
+        self.finish(index);
+        self.at.clear();
+        self.groups.clear();
+        self.groups.extend(groups.iter().cloned());
+        for (g, ids) in groups.iter().enumerate() {
+            for &id in ids {
+                let v = self.at.entry(id).or_default();
+                if v.last() != Some(&(g as u32)) {
+                    v.push(g as u32);
+                }
+            }
+        }
+        self.cursor = 0;
+        self.cursor_since = index;
+        self.start = index;
+        self.active = !groups.is_empty();
+    }
+
+    /// Op `op`, op `index` of its step, ran: the cursor moves to the furthest group it read
+    /// from.
+    pub fn observe(&mut self, op: &OpRecord, index: u32) {
+        if !self.active {
+            return;
+        }
+        let before = self.cursor;
+        for a in &op.inputs {
+            if let Some(gs) = self.at.get(&a.0) {
+                let i = gs.partition_point(|&g| g < self.cursor);
+                if let Some(&g) = gs.get(i) {
+                    self.cursor = self.cursor.max(g);
+                }
+            }
+        }
+        if self.cursor != before {
+            self.cursor_since = index;
+        }
+    }
+
+    /// The step ended at op `index`: this step's pace becomes the prior.
+    pub fn step_boundary(&mut self, index: u32) {
+        self.finish(index);
+        self.prior = self.pace;
+        self.pace = [None; ORDINALS];
+        self.ordinal = 0;
+    }
+
+    /// Closes the active plan at op `index`, keeping its pace.
+    fn finish(&mut self, index: u32) {
+        if self.active {
+            let n = self.groups.len().max(1) as f64;
+            if let Some(p) = self.pace.get_mut(self.ordinal) {
+                *p = Some(index.saturating_sub(self.start) as f64 / n);
+            }
+            self.ordinal += 1;
+        }
+        self.active = false;
+    }
+
+    /// Ops per group: the previous step's pace for this plan, giving way to what the ops
+    /// since the announcement show.
+    pub fn pace(&self, index: u32) -> f64 {
+        let done = self.cursor as f64 + 0.5;
+        let now = index.saturating_sub(self.start) as f64 / done;
+        match self.prior.get(self.ordinal).copied().flatten() {
+            Some(p) => (p * PRIOR_WEIGHT + now * done) / (PRIOR_WEIGHT + done),
+            None => now.max(1.0),
+        }
+    }
+
+    /// Where buffer `id`, made at op `made` of the step (`None`: before the step) and last
+    /// used by op `last_use` of it, stands after op `index - 1` ran (`None`: no plan is
+    /// active). The running group still has to read it unless it already did.
+    pub fn distance(
+        &self,
+        id: u64,
+        made: Option<u32>,
+        last_use: Option<u32>,
+        index: u32,
+    ) -> Option<PlanDistance> {
+        if !self.active {
+            return None;
+        }
+        if made.is_some_and(|m| m >= self.start) && !self.at.contains_key(&id) {
+            return Some(PlanDistance::Unplanned);
+        }
+        let pace = self.pace(index);
+        let ahead = |groups: u32| (groups as f64 * pace).round().max(1.0) as u64;
+        let done_here = last_use.is_some_and(|u| u >= self.cursor_since);
+        let next = self.at.get(&id).and_then(|gs| {
+            let i = match done_here {
+                true => gs.partition_point(|&g| g <= self.cursor),
+                false => gs.partition_point(|&g| g < self.cursor),
+            };
+            gs.get(i)
+        });
+        Some(match next {
+            Some(&g) => PlanDistance::Within(ahead(g - self.cursor)),
+            None => PlanDistance::Beyond(ahead(self.groups.len() as u32 - self.cursor)),
+        })
+    }
+
+    /// Appends the ids the plan reads within about `horizon` ops after op `index - 1`,
+    /// soonest first (an id may repeat).
+    pub fn upcoming(&self, horizon: usize, index: u32, out: &mut Vec<u64>) {
+        if !self.active {
+            return;
+        }
+        let groups = (horizon as f64 / self.pace(index).max(1e-3)).ceil() as usize;
+        let first = self.cursor as usize + 1;
+        let last = (first + groups.max(1)).min(self.groups.len());
+        for g in self.groups.get(first..last).unwrap_or(&[]) {
+            out.extend_from_slice(g);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(inputs: &[u64]) -> OpRecord {
+        OpRecord {
+            t: "op".into(),
+            seq: 0,
+            step: 0,
+            index: 0,
+            phase: 1,
+            op: "x".into(),
+            inputs: inputs.iter().map(|&i| (i, 4, 3, i)).collect(),
+            outputs: Vec::new(),
+            idioms: [0; 6],
+            flops: 0,
+            bytes_read: 0,
+            bytes_written: 0,
+            freed: Vec::new(),
+            plan: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_cursor_follows_the_ops_and_paces_groups_into_ops() {
+        let mut p = PlanCursor::default();
+        assert_eq!(p.distance(1, None, None, 0), None);
+        // Groups: {1}, {2}, {3, 1}, {4}; announced at op 10, two ops per group.
+        p.announce(&[vec![1], vec![2], vec![3, 1], vec![4]], 10);
+        p.observe(&op(&[1]), 10);
+        // One op into group 0 (counted as half done): two ops per group so far.
+        assert_eq!(p.distance(2, None, None, 11), Some(PlanDistance::Within(2)));
+        assert_eq!(
+            p.distance(8, Some(10), None, 11),
+            Some(PlanDistance::Unplanned)
+        );
+        p.observe(&op(&[9]), 11);
+        p.observe(&op(&[2]), 12);
+        // At group 1 after 3 ops: 2 ops per group; buffer 1 is read again by group 2.
+        assert!((p.pace(13) - 2.0).abs() < 1e-9);
+        assert_eq!(
+            p.distance(1, None, Some(10), 13),
+            Some(PlanDistance::Within(2))
+        );
+        assert_eq!(p.distance(4, None, None, 13), Some(PlanDistance::Within(4)));
+        assert_eq!(
+            p.distance(7, Some(2), None, 13),
+            Some(PlanDistance::Beyond(6))
+        );
+        // Group 1 read buffer 2 already: next it is beyond the plan; unread, it is due now.
+        assert_eq!(
+            p.distance(2, None, Some(12), 13),
+            Some(PlanDistance::Beyond(6))
+        );
+        assert_eq!(
+            p.distance(2, None, Some(3), 13),
+            Some(PlanDistance::Within(1))
+        );
+        let mut out = Vec::new();
+        p.upcoming(4, 13, &mut out);
+        assert_eq!(out, [3, 1, 4]);
+        // The next step starts from this step's pace (8 ops for 4 groups).
+        p.step_boundary(18);
+        assert!(!p.active());
+        p.announce(&[vec![5], vec![6]], 0);
+        assert!((p.pace(0) - (2.0 * PRIOR_WEIGHT) / (PRIOR_WEIGHT + 0.5)).abs() < 1e-9);
+    }
+}

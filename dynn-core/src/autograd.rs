@@ -6,6 +6,7 @@
 //! forward pass ends.
 
 use crate::op::{BackwardCtx, Op, TensorSpec, ViewOp};
+use crate::tape_plan::TapePlan;
 use crate::{BufferKind, Error, Phase, Result, Tensor};
 use smallvec::SmallVec;
 use std::collections::{BinaryHeap, HashMap};
@@ -82,44 +83,6 @@ pub(crate) fn next_tape_seq() -> u64 {
     SEQ.fetch_add(1, Ordering::Relaxed)
 }
 
-/// The backward pass's reads, known from the tape before it runs: the nodes reachable from
-/// `root`, in the order the engine will process them (decreasing sequence number), each with
-/// the buffers of the tensors it saved.
-fn tape_plan(root: &GradMeta) -> Vec<Vec<crate::BufferId>> {
-    let mut seen: HashMap<u64, Arc<Node>> = HashMap::new();
-    let mut stack: Vec<Arc<Node>> = Vec::new();
-    let mut visit = |meta: &GradMeta, stack: &mut Vec<Arc<Node>>| {
-        if let GradMeta::Node { node, .. } = meta
-            && !seen.contains_key(&node.seq)
-        {
-            seen.insert(node.seq, node.clone());
-            stack.push(node.clone());
-        }
-    };
-    visit(root, &mut stack);
-    while let Some(node) = stack.pop() {
-        for edge in node.edges.iter().flatten() {
-            visit(edge, &mut stack);
-        }
-    }
-    let mut nodes: Vec<Arc<Node>> = seen.into_values().collect();
-    nodes.sort_unstable_by_key(|n| std::cmp::Reverse(n.seq));
-    nodes
-        .iter()
-        .map(|n| {
-            let saved = n.saved.lock().unwrap_or_else(|e| e.into_inner());
-            saved.as_ref().map_or_else(Vec::new, |s| {
-                s.inputs
-                    .iter()
-                    .chain(&s.outputs)
-                    .flatten()
-                    .map(|t| t.buffer().id())
-                    .collect()
-            })
-        })
-        .collect()
-}
-
 type Pending = HashMap<u64, (Arc<Node>, SmallVec<[Option<Tensor>; 2]>)>;
 
 /// Adds two gradients (supplied by `dynn-ops`, since the core names no op).
@@ -146,8 +109,23 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
     let _nograd = crate::no_grad();
     let mut pending: Pending = HashMap::new();
     let mut heap = BinaryHeap::new();
+    // The tape's reads, announced to the memory hooks; then where each gradient made goes.
+    let hooks = crate::memory_hooks();
+    let plan = hooks.as_ref().map(|h| {
+        let plan = TapePlan::new(meta);
+        h.plan(&plan.groups);
+        plan
+    });
+    let announce = |from: Option<usize>, to: &GradMeta, g: &Tensor| {
+        if let (Some(h), Some(plan)) = (&hooks, &plan)
+            && let Some(group) = plan.next_read(from, to)
+        {
+            h.plan_read(group, g.buffer().id());
+        }
+    };
     let deliver = |meta: &GradMeta,
                    g: Tensor,
+                   from: Option<usize>,
                    pending: &mut Pending,
                    heap: &mut BinaryHeap<u64>|
      -> Result<()> {
@@ -158,6 +136,7 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
                     None => g,
                 };
                 total.set_kind(BufferKind::Gradient);
+                announce(from, meta, &total);
                 leaf.set(Some(total));
             }
             GradMeta::Node { node, index } => {
@@ -166,16 +145,17 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
                     (node.clone(), SmallVec::from_elem(None, node.num_outputs))
                 });
                 let slot = &mut entry.1[*index];
-                *slot = Some(match slot.take() {
+                let total = match slot.take() {
                     Some(prev) => accumulate(&prev, &g)?,
                     None => g,
-                });
+                };
+                announce(from, meta, &total);
+                *slot = Some(total);
             }
         }
         Ok(())
     };
-    crate::announce_plan(|| tape_plan(meta));
-    deliver(meta, seed, &mut pending, &mut heap)?;
+    deliver(meta, seed, None, &mut pending, &mut heap)?;
     while let Some(seq) = heap.pop() {
         let Some((node, grads)) = pending.remove(&seq) else {
             continue;
@@ -218,7 +198,8 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
                     spec.dtype
                 )));
             }
-            deliver(edge, g.clone(), &mut pending, &mut heap)?;
+            let from = plan.as_ref().and_then(|p| p.group_of(node.seq));
+            deliver(edge, g.clone(), from, &mut pending, &mut heap)?;
         }
     }
     Ok(())

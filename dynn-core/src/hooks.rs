@@ -130,6 +130,9 @@ pub trait MemoryHooks: Send + Sync {
     /// update), in the order the units will run. The backward pass announces its tape this
     /// way, the optimizer its parameters.
     fn plan(&self, _groups: &[Vec<BufferId>]) {}
+    /// Buffer `buffer`, made since the last [`MemoryHooks::plan`], will be read by that
+    /// plan's group `group`: the backward pass tells where each gradient it makes goes.
+    fn plan_read(&self, _group: usize, _buffer: BufferId) {}
     /// The hooks were just uninstalled (their guard dropped): ops no longer pass through
     /// them, so a manager brings every live buffer it moved or dropped back to the device,
     /// or those tensors would be unusable afterwards.

@@ -21,6 +21,7 @@ mod hooks;
 mod layout;
 mod op;
 mod shape;
+mod tape_plan;
 mod tensor;
 
 pub use autograd::{Accumulate, Node, run_backward};

@@ -154,6 +154,8 @@ struct State {
     clusters: DroppedClusters,
     /// A plan announced since the last op, for that op's trace record.
     pending_plan: Vec<Vec<u64>>,
+    /// Plan reads announced since the last op, for that op's trace record.
+    pending_plan_reads: Vec<(u32, u64)>,
 }
 
 /// A dropped buffer being recomputed.
@@ -308,6 +310,7 @@ impl MemoryManager {
                 created_in_step: 0,
                 step_signature: FNV_START,
                 pending_plan: Vec::new(),
+                pending_plan_reads: Vec::new(),
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -1101,6 +1104,7 @@ impl MemoryManager {
             bytes_written: ev.cost.bytes_written,
             freed: Vec::new(),
             plan: std::mem::take(&mut st.pending_plan),
+            plan_reads: std::mem::take(&mut st.pending_plan_reads),
         }
     }
 
@@ -1326,6 +1330,14 @@ impl MemoryHooks for MemoryManager {
         st.policy.plan(&groups);
         if st.trace.is_some() {
             st.pending_plan = groups;
+        }
+    }
+
+    fn plan_read(&self, group: usize, buffer: BufferId) {
+        let mut st = self.lock();
+        st.policy.plan_read(group, buffer.0);
+        if st.trace.is_some() {
+            st.pending_plan_reads.push((group as u32, buffer.0));
         }
     }
 

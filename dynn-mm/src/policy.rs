@@ -72,6 +72,8 @@ pub trait Policy: Send {
     /// this order: the backward pass's tape or the optimizer's parameters, announced before
     /// they run (see `dynn_core::MemoryHooks::plan`).
     fn plan(&mut self, _groups: &[Vec<u64>]) {}
+    /// Buffer `id`, made since the last plan, will be read by its group `group`.
+    fn plan_read(&mut self, _group: usize, _id: u64) {}
     /// Orders candidates so the preferred victim comes first.
     fn rank_victims(&mut self, now: Now, candidates: &mut [Candidate]);
     /// How to evict this candidate.

@@ -210,9 +210,7 @@ pub fn simulate(
             step: op.step,
             index: i as u32,
         };
-        if !op.plan.is_empty() {
-            policy.plan(&op.plan);
-        }
+        op.announce_to(policy);
         let pinned: Vec<u64> = op.inputs.iter().chain(&op.outputs).map(|a| a.0).collect();
         // Makes room for `bytes` more under the budget, evicting what the policy ranks first.
         macro_rules! room {

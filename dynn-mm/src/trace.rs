@@ -9,8 +9,9 @@
 //! 3 activation, 4 temporary; `key` names the buffer across steps (its id when it existed
 //! before the step began, else `2^63 + its creation index in the step`). An op line may carry
 //! `"freed":[id,...]`, the buffers released after it, and `"plan":[[id,...],...]`, the reads
-//! announced just before it (the backward pass's tape, the optimizer's parameters); both are
-//! absent when empty and in older files.
+//! announced just before it (the backward pass's tape, the optimizer's parameters), and
+//! `"plan_reads":[[group,id],...]`, buffers made since that the plan's groups will read; all
+//! are absent when empty and in older files.
 
 use dynn_core::{BufferKind, Error, Phase, Result};
 use serde::{Deserialize, Serialize};
@@ -59,6 +60,23 @@ pub struct OpRecord {
     /// of work, in the order the units run. Empty on most ops and in older files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plan: Vec<Vec<u64>>,
+    /// Buffers made since the last plan that its groups will read, `(group, id)`, announced
+    /// just before this op (where the backward pass sends each gradient it makes).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub plan_reads: Vec<(u32, u64)>,
+}
+
+impl OpRecord {
+    /// Tells `policy` what was announced before this op ran (its plan, then the plan's new
+    /// reads), as the memory manager did during the run.
+    pub fn announce_to(&self, policy: &mut dyn crate::Policy) {
+        if !self.plan.is_empty() {
+            policy.plan(&self.plan);
+        }
+        for &(group, id) in &self.plan_reads {
+            policy.plan_read(group as usize, id);
+        }
+    }
 }
 
 /// A step boundary: the step that ended, its op count and graph signature.
@@ -317,6 +335,7 @@ mod tests {
             } else {
                 Vec::new()
             },
+            plan_reads: if seq == 1 { vec![(1, 3)] } else { Vec::new() },
         };
         Trace {
             meta: serde_json::json!({"model": "test"}),

@@ -43,9 +43,7 @@ pub fn replay_ops(
     };
     // Policies that learn from a profiling step see the step before.
     for op in warmup {
-        if !op.plan.is_empty() {
-            p.plan(&op.plan);
-        }
+        op.announce_to(p.as_mut());
         p.observe(op);
     }
     p.step_boundary(step.first().map_or(1, |o| o.step));

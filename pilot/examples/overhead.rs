@@ -9,41 +9,11 @@
 //! `evoformer`) or `early_exit_full`: the early-exit LM at its trainer's default size.
 
 use dynn_core::{Device, Result};
-use dynn_mm::{Candidate, Now, OpRecord, Policy};
-use dynn_pilot::{PilotConfig, PilotPolicy, PilotStats};
-use std::sync::Mutex;
+use dynn_pilot::{PilotConfig, PilotPolicy, StatsSink};
+use std::sync::LazyLock;
 
-static STATS: Mutex<Option<PilotStats>> = Mutex::new(None);
-
-/// The default pilot, handing its counters over when dropped.
-struct Probe(PilotPolicy);
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        *STATS.lock().unwrap_or_else(|e| e.into_inner()) = Some(self.0.stats());
-    }
-}
-
-impl Policy for Probe {
-    fn name(&self) -> &'static str {
-        "pilot"
-    }
-    fn observe(&mut self, op: &OpRecord) {
-        self.0.observe(op)
-    }
-    fn step_boundary(&mut self, step: u64) {
-        self.0.step_boundary(step)
-    }
-    fn rank_victims(&mut self, now: Now, c: &mut [Candidate]) {
-        self.0.rank_victims(now, c)
-    }
-    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
-        self.0.next_use(now, key)
-    }
-    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
-        self.0.upcoming(now, horizon)
-    }
-}
+/// The counters of the pilot runs, pushed when each run's policy is dropped.
+static STATS: LazyLock<StatsSink> = LazyLock::new(StatsSink::default);
 
 /// The early-exit LM as `train_early_exit` builds it by default.
 fn full_early_exit(steps: u64, policy: &str, budget: &str) -> Result<dynn_models::train::Outcome> {
@@ -85,7 +55,7 @@ fn main() -> Result<()> {
         ) {
             o.retrain_every = n;
         }
-        Box::new(Probe(PilotPolicy::new(cfg)))
+        Box::new(PilotPolicy::new(cfg).report_to(STATS.clone()))
     });
     for policy in ["lru", "pilot-probe"] {
         let out = match name {
@@ -101,7 +71,7 @@ fn main() -> Result<()> {
             let s = STATS
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .take()
+                .pop()
                 .unwrap_or_default();
             println!(
                 "\n  pilot: {:.1}% of the run on the critical path (observe {:.1} ms, rank {:.1} ms, upcoming {:.1} ms, boundary {:.1} ms); {} predictions, {} rankings ({} LRU before training), {} swaps",

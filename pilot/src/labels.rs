@@ -228,9 +228,7 @@ pub fn label_trace(trace: &Trace, cfg: &LabelConfig) -> Dataset {
         if op.step != tracker.step() {
             tracker.step_boundary(op.step);
         }
-        if !op.plan.is_empty() {
-            tracker.plan(&op.plan);
-        }
+        tracker.announce(op);
         tracker.observe(op);
         if !complete.is_empty() && !complete.contains(&op.step) {
             return;

@@ -8,8 +8,9 @@
 use crate::history::KeyMap;
 use dynn_mm::OpRecord;
 
-/// Plans a step remembers the pace of (the backward pass, then the optimizer).
-const ORDINALS: usize = 2;
+/// Plans a step remembers the pace of (the backward pass; gradient clipping's reads, its
+/// scaling, the optimizer).
+const ORDINALS: usize = 4;
 
 /// Groups run before the measured pace outweighs the previous step's.
 const PRIOR_WEIGHT: f64 = 4.0;
@@ -31,6 +32,9 @@ pub enum PlanDistance {
 pub struct PlanCursor {
     /// Buffer id → the groups that read it, ascending.
     at: KeyMap<Vec<u32>>,
+    /// The same for buffers made since the announcement (they do not move the cursor: a
+    /// gradient is read once on its way, by the accumulation, before its group runs).
+    added: KeyMap<Vec<u32>>,
     /// The groups, in order.
     groups: Vec<Vec<u64>>,
     /// The group running now.
@@ -59,6 +63,7 @@ impl PlanCursor {
     pub fn announce(&mut self, groups: &[Vec<u64>], index: u32) {
         self.finish(index);
         self.at.clear();
+        self.added.clear();
         self.groups.clear();
         self.groups.extend(groups.iter().cloned());
         for (g, ids) in groups.iter().enumerate() {
@@ -73,6 +78,18 @@ impl PlanCursor {
         self.cursor_since = index;
         self.start = index;
         self.active = !groups.is_empty();
+    }
+
+    /// Buffer `id` will be read by group `group` (made since the plan was announced).
+    pub fn add(&mut self, group: usize, id: u64) {
+        if !self.active || group >= self.groups.len() {
+            return;
+        }
+        let g = group as u32;
+        let v = self.added.entry(id).or_default();
+        if let Err(i) = v.binary_search(&g) {
+            v.insert(i, g);
+        }
     }
 
     /// Op `op`, op `index` of its step, ran: the cursor moves to the furthest group it read
@@ -139,13 +156,24 @@ impl PlanCursor {
         if !self.active {
             return None;
         }
-        if made.is_some_and(|m| m >= self.start) && !self.at.contains_key(&id) {
+        let made_since = made.is_some_and(|m| m >= self.start);
+        let groups = match made_since {
+            true => self.added.get(&id),
+            false => self.at.get(&id),
+        };
+        if made_since && groups.is_none() {
             return Some(PlanDistance::Unplanned);
         }
         let pace = self.pace(index);
-        let ahead = |groups: u32| (groups as f64 * pace).round().max(1.0) as u64;
+        // The rest of the running group (`into` of its ops ran), whole groups, then the first
+        // op of the group that reads it.
+        let into = index.saturating_sub(self.cursor_since) as f64;
+        let ahead = |groups: u32| match groups {
+            0 => 1,
+            n => (n as f64 * pace - into.min(pace) + 1.0).round().max(1.0) as u64,
+        };
         let done_here = last_use.is_some_and(|u| u >= self.cursor_since);
-        let next = self.at.get(&id).and_then(|gs| {
+        let next = groups.and_then(|gs| {
             let i = match done_here {
                 true => gs.partition_point(|&g| g <= self.cursor),
                 false => gs.partition_point(|&g| g < self.cursor),
@@ -193,6 +221,7 @@ mod tests {
             bytes_written: 0,
             freed: Vec::new(),
             plan: Vec::new(),
+            plan_reads: Vec::new(),
         }
     }
 

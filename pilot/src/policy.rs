@@ -113,6 +113,24 @@ pub struct PilotPolicy {
     upcoming_ns: Cell<u64>,
     /// A plan announced since the last op, for that op's recorded copy.
     pending_plan: Vec<Vec<u64>>,
+    /// Plan reads announced since the last op, for that op's recorded copy.
+    pending_plan_reads: Vec<(u32, u64)>,
+    /// Where the counters go when the policy is dropped (see [`PilotPolicy::report_to`]).
+    sink: Option<StatsSink>,
+}
+
+/// Receives a pilot's final counters when the policy is dropped: the memory manager owns its
+/// policy, so this is how a caller reads them after a run.
+pub type StatsSink = Arc<std::sync::Mutex<Vec<PilotStats>>>;
+
+impl Drop for PilotPolicy {
+    fn drop(&mut self) {
+        if let Some(sink) = &self.sink {
+            sink.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(self.stats());
+        }
+    }
 }
 
 impl std::fmt::Debug for PilotPolicy {
@@ -168,6 +186,8 @@ impl PilotPolicy {
             stats: PilotStats::default(),
             upcoming_ns: Cell::new(0),
             pending_plan: Vec::new(),
+            pending_plan_reads: Vec::new(),
+            sink: None,
         }
     }
 
@@ -180,6 +200,12 @@ impl PilotPolicy {
             ..cfg
         };
         Self::start(cfg, Some(snapshot))
+    }
+
+    /// Pushes this policy's counters into `sink` when it is dropped.
+    pub fn report_to(mut self, sink: StatsSink) -> Self {
+        self.sink = Some(sink);
+        self
     }
 
     /// The snapshot in use.
@@ -275,8 +301,9 @@ impl Policy for PilotPolicy {
         self.tracker.observe(op);
         if let Some(r) = self.recording.as_mut() {
             let mut op = op.clone();
-            if op.plan.is_empty() {
+            if op.plan.is_empty() && op.plan_reads.is_empty() {
                 op.plan = std::mem::take(&mut self.pending_plan);
+                op.plan_reads = std::mem::take(&mut self.pending_plan_reads);
             }
             r.push(op);
         }
@@ -292,6 +319,15 @@ impl Policy for PilotPolicy {
         self.tracker.plan(groups);
         if self.recording.is_some() {
             self.pending_plan = groups.to_vec();
+        }
+        self.stats.observe_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    fn plan_read(&mut self, group: usize, id: u64) {
+        let t = Instant::now();
+        self.tracker.plan_read(group, id);
+        if self.recording.is_some() {
+            self.pending_plan_reads.push((group as u32, id));
         }
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }

@@ -402,6 +402,22 @@ impl Tracker {
         self.plan.announce(groups, self.index);
     }
 
+    /// Buffer `id` will be read by the plan's group `group` (see
+    /// [`dynn_mm::Policy::plan_read`]).
+    pub fn plan_read(&mut self, group: usize, id: u64) {
+        self.plan.add(group, id);
+    }
+
+    /// What was announced before op `op` ran: its plan, then the plan's new reads.
+    pub fn announce(&mut self, op: &OpRecord) {
+        if !op.plan.is_empty() {
+            self.plan(&op.plan);
+        }
+        for &(group, id) in &op.plan_reads {
+            self.plan_read(group as usize, id);
+        }
+    }
+
     /// The announced plan being followed.
     pub fn plan_cursor(&self) -> &PlanCursor {
         &self.plan

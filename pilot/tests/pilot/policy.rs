@@ -9,9 +9,9 @@ use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask};
 use dynn_models::nn::Param;
 use dynn_models::train::{Defaults, Outcome, TrainArgs, train};
 use dynn_pilot::{
-    LabelConfig, ModelConfig, OnlineConfig, PilotConfig, PilotPolicy, PilotStats, label_trace,
+    LabelConfig, ModelConfig, OnlineConfig, PilotConfig, PilotPolicy, StatsSink, label_trace,
 };
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock};
 
 fn cand(id: u64, last_use: u64) -> Candidate {
     Candidate {
@@ -97,58 +97,32 @@ fn trained_it_predicts_and_survives_the_simulator() -> Result<()> {
     Ok(())
 }
 
-static STATS: Mutex<Vec<PilotStats>> = Mutex::new(Vec::new());
-
-/// The pilot with synchronous online training, reporting its counters when dropped.
-struct Probe(PilotPolicy);
-
-impl Drop for Probe {
-    fn drop(&mut self) {
-        STATS.lock().unwrap().push(self.0.stats());
-    }
-}
-
-impl Policy for Probe {
-    fn name(&self) -> &'static str {
-        "pilot"
-    }
-    fn observe(&mut self, op: &OpRecord) {
-        self.0.observe(op)
-    }
-    fn step_boundary(&mut self, step: u64) {
-        self.0.step_boundary(step)
-    }
-    fn rank_victims(&mut self, now: Now, c: &mut [Candidate]) {
-        self.0.rank_victims(now, c)
-    }
-    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
-        self.0.next_use(now, key)
-    }
-    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
-        self.0.upcoming(now, horizon)
-    }
-}
+/// The counters of the probes, pushed when each one's policy is dropped.
+static STATS: LazyLock<StatsSink> = LazyLock::new(StatsSink::default);
 
 fn probe() -> Box<dyn Policy> {
-    Box::new(Probe(PilotPolicy::new(PilotConfig {
-        online: Some(OnlineConfig {
-            warmup_steps: 2,
-            epochs_first: 3,
-            model: ModelConfig {
-                hidden: 32,
+    Box::new(
+        PilotPolicy::new(PilotConfig {
+            online: Some(OnlineConfig {
+                warmup_steps: 2,
+                epochs_first: 3,
+                model: ModelConfig {
+                    hidden: 32,
+                    ..Default::default()
+                },
+                labels: LabelConfig {
+                    per_op: 2,
+                    ..Default::default()
+                },
                 ..Default::default()
-            },
-            labels: LabelConfig {
-                per_op: 2,
-                ..Default::default()
-            },
+            }),
+            wait_for_training: true,
+            // Rank with the model even where the step repeats the previous one.
+            replay_when_matching: false,
             ..Default::default()
-        }),
-        wait_for_training: true,
-        // Rank with the model even where the step repeats the previous one.
-        replay_when_matching: false,
-        ..Default::default()
-    })))
+        })
+        .report_to(STATS.clone()),
+    )
 }
 
 fn values(params: &[Param]) -> Result<Vec<(String, Vec<u32>)>> {

@@ -1111,6 +1111,10 @@ impl MemoryManager {
     /// Issues prefetches for buffers the policy expects soon, without evicting anything the
     /// policy expects sooner.
     fn prefetch(&self, st: &mut State) {
+        // Nothing can come back early without free room: do not ask the policy.
+        if st.pool.available() < DevicePool::rounded(1) {
+            return;
+        }
         let now = st.now;
         let upcoming = st.policy.upcoming(now, st.horizon);
         for key in upcoming {

@@ -1,12 +1,13 @@
 //! `--max-size`: under a fixed device budget (what `none` needs at the base size), the
 //! largest batch (or width) each policy trains at a bounded slowdown, as a multiple of what
-//! `none` fits.
+//! `none` fits. The `pilot` is trained on each size's own recorded steps, as in the table.
 
 use super::record::Recorded;
 use super::replay::replay;
 use super::workload::{Shared, Size, Workload};
 use dynn::mm::policy::POLICIES;
 use dynn::mm::{DeviceProfile, SimResult};
+use dynn::pilot::Snapshot;
 use dynn::prelude::*;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -115,6 +116,8 @@ struct Traces<'a> {
     shared: &'a Shared,
     prof: &'a DeviceProfile,
     cache: HashMap<usize, Rc<(Recorded, SimResult)>>,
+    /// The pilot trained on each size's own recorded steps (as in the table).
+    pilots: HashMap<usize, Rc<Snapshot>>,
     record_s: f64,
 }
 
@@ -155,17 +158,34 @@ impl Traces<'_> {
         Ok(t)
     }
 
+    /// The pilot trained on the recorded steps at `value`.
+    fn pilot(&mut self, value: usize) -> Result<Rc<Snapshot>> {
+        if let Some(s) = self.pilots.get(&value) {
+            return Ok(s.clone());
+        }
+        let t = self.get(value)?;
+        let snapshot = Rc::new(super::pilot::train_own(&t.0)?.snapshot);
+        self.pilots.insert(value, snapshot.clone());
+        Ok(snapshot)
+    }
+
     /// How `policy` does at `value` under `budget`.
     fn trial(&mut self, policy: &str, value: usize, budget: usize) -> Result<Trial> {
         let t = self.get(value)?;
+        let pilot = match policy {
+            "pilot" => Some(self.pilot(value)?),
+            _ => None,
+        };
         let (rec, base) = (&t.0, &t.1);
-        Ok(match replay(rec, policy, Some(budget), self.prof, None)? {
-            Ok(r) if r.step_ms / base.step_ms <= MAX_SLOWDOWN => {
-                Trial::Ran(r.step_ms / base.step_ms)
-            }
-            Ok(r) => Trial::Slow(r.step_ms / base.step_ms),
-            Err(_) => Trial::OutOfMemory,
-        })
+        Ok(
+            match replay(rec, policy, Some(budget), self.prof, pilot.as_deref())? {
+                Ok(r) if r.step_ms / base.step_ms <= MAX_SLOWDOWN => {
+                    Trial::Ran(r.step_ms / base.step_ms)
+                }
+                Ok(r) => Trial::Slow(r.step_ms / base.step_ms),
+                Err(_) => Trial::OutOfMemory,
+            },
+        )
     }
 }
 
@@ -213,11 +233,12 @@ pub fn search(
         shared,
         prof,
         cache: HashMap::new(),
+        pilots: HashMap::new(),
         record_s: 0.0,
     };
     let budget = traces.get(base)?.1.peak_device_bytes;
     let mut found = Vec::new();
-    for policy in POLICIES {
+    for policy in POLICIES.into_iter().chain(["pilot"]) {
         let mut trial = |v: usize| traces.trial(policy, v, budget);
         let Trial::Ran(mut best) = trial(base)? else {
             return Err(Error::Msg(format!(

@@ -64,8 +64,11 @@ fn main() -> Result<()> {
         };
         let step_s = out.summary.step_ms_mean * 1e-3 * steps as f64;
         print!(
-            "{name} {policy:<12} {budget}: {:.2} ms/step, {} evictions, {} demand fetches",
-            out.summary.step_ms_mean, out.report.stats.evictions, out.report.stats.demand_fetches
+            "{name} {policy:<12} {budget}: {:.2} ms/step, {} ops/step, {} evictions, {} demand fetches",
+            out.summary.step_ms_mean,
+            out.report.stats.ops / steps.max(1),
+            out.report.stats.evictions,
+            out.report.stats.demand_fetches
         );
         if policy == "pilot-probe" {
             let s = STATS

@@ -4,10 +4,16 @@
 //! (the ablation). Everything is written into caller-owned slices: nothing allocates.
 
 use crate::bucket::{BUCKETS, bucket};
+use crate::history::KeyHasher;
 use crate::plan::PlanDistance;
 use dynn_core::OpEvent;
 use dynn_mm::OpRecord;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::sync::OnceLock;
+
+/// A map keyed by op names, hashed like buffer keys.
+type KeyMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
 /// Idiom counts per op.
 pub const IDIOMS: usize = 6;
@@ -121,16 +127,17 @@ impl FeatureConfig {
 /// The slot of op `name` in the one-hot encoding (the op table is sorted by name; unknown
 /// names share the last slot).
 pub fn op_slot(name: &str) -> u16 {
-    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
-    let names = NAMES.get_or_init(|| {
+    static SLOTS: OnceLock<KeyMap<&'static str, u16>> = OnceLock::new();
+    let slots = SLOTS.get_or_init(|| {
         let mut v: Vec<&'static str> = dynn_ops::op_table().iter().map(|o| o.name).collect();
         v.sort_unstable();
         v.truncate(OP_SLOTS - 1);
-        v
+        v.into_iter()
+            .enumerate()
+            .map(|(i, n)| (n, i as u16))
+            .collect()
     });
-    names
-        .binary_search(&name)
-        .map_or(OP_SLOTS as u16 - 1, |i| i as u16)
+    slots.get(name).copied().unwrap_or(OP_SLOTS as u16 - 1)
 }
 
 /// One op as the encoder reads it, from an [`OpRecord`] or a live [`OpEvent`].

@@ -41,6 +41,9 @@ pub struct StepProfile {
     starts: Vec<u32>,
     /// Key → sorted indices of the ops that touch it.
     uses: KeyMap<Vec<u32>>,
+    /// Per phase code, the index of its first op and one past its last (a step's phases run
+    /// one after the other).
+    phase_range: [(u32, u32); 3],
 }
 
 impl StepProfile {
@@ -52,6 +55,12 @@ impl StepProfile {
         }
         self.slots.push(slot);
         self.phases.push(phase);
+        if let Some(r) = self.phase_range.get_mut(phase as usize) {
+            if r.1 == 0 {
+                r.0 = index;
+            }
+            r.1 = index + 1;
+        }
         for k in keys {
             let u = self.uses.entry(k).or_default();
             if u.last() != Some(&index) {
@@ -100,10 +109,10 @@ impl StepProfile {
     /// The index of the `rank`-th op (from 1) of phase `phase` that uses `key`.
     pub fn nth_use_in_phase(&self, key: u64, phase: u8, rank: u32) -> Option<u32> {
         let uses = self.uses.get(&key)?;
-        uses.iter()
-            .copied()
-            .filter(|&u| self.phases.get(u as usize) == Some(&phase))
-            .nth((rank as usize).checked_sub(1)?)
+        let (start, end) = *self.phase_range.get(phase as usize)?;
+        let first = uses.partition_point(|&u| u < start);
+        let at = *uses.get(first + (rank as usize).checked_sub(1)?)?;
+        (at < end && self.phases.get(at as usize) == Some(&phase)).then_some(at)
     }
 
     /// Appends to `out` the keys used by the `horizon` ops after op `after`, soonest first
@@ -125,6 +134,7 @@ impl StepProfile {
         self.keys.clear();
         self.starts.clear();
         self.uses.clear();
+        self.phase_range = [(0, 0); 3];
     }
 }
 

@@ -130,7 +130,7 @@ impl OnlineTrainer {
         let out = cell.clone();
         let handle = std::thread::Builder::new()
             .name("dynn-pilot-trainer".into())
-            .spawn(move || run(rx, cfg, out, start))
+            .spawn(move || in_background(|| run(rx, cfg, out, start)))
             .map_err(|e| Error::Msg(format!("cannot start the pilot trainer: {e}")))?;
         Ok(OnlineTrainer {
             tx,
@@ -177,6 +177,37 @@ fn trace_of(steps: &VecDeque<Vec<OpRecord>>) -> Trace {
         t.ops.extend(s.iter().cloned());
     }
     t
+}
+
+/// Runs `work` at the lowest CPU priority, its kernels on one thread of their own: training
+/// runs beside the step it serves and must not take the step's cores.
+fn in_background(work: impl FnOnce() + Send) {
+    lower_priority();
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .thread_name(|_| "dynn-pilot-kernels".into())
+        .start_handler(|_| lower_priority())
+        .build()
+    {
+        Ok(pool) => pool.install(work),
+        Err(e) => {
+            tracing::warn!(
+                "pilot trainer: no thread pool of its own ({e}); sharing the global one"
+            );
+            work()
+        }
+    }
+}
+
+/// Lowers the calling thread's scheduling priority to the least (nice 19), where the platform
+/// allows it.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `setpriority` reads only its integer arguments; on Linux, `who = 0` with
+    // PRIO_PROCESS names the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+    }
 }
 
 fn run(rx: Receiver<Msg>, cfg: OnlineConfig, cell: Arc<SnapshotCell>, start: Option<Snapshot>) {

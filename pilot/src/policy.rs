@@ -7,6 +7,7 @@
 
 use crate::bucket::{lower_bound, representative};
 use crate::encoder::FeatureConfig;
+use crate::history::KeyMap;
 use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
 use crate::plan::PlanDistance;
 use crate::predictor::{Scratch, Snapshot};
@@ -36,8 +37,14 @@ pub struct PilotConfig {
     /// The most candidates (least recently used first) ranked per eviction decision: bounds
     /// the predictions on the critical path.
     pub max_ranked: usize,
+    /// The same bound where distances are read off the plan or the replayed step (cheaper
+    /// than a prediction, so more candidates are ranked).
+    pub max_ranked_exact: usize,
     /// The farthest ahead (in ops) prefetching looks, whatever horizon the caller offers.
     pub max_horizon: usize,
+    /// A buffer's prediction is reused, less the ops since, for this many ops (0: predict at
+    /// every ranking): rankings come every few ops and rank mostly the same candidates.
+    pub reuse_prediction_ops: u64,
 }
 
 impl Default for PilotConfig {
@@ -48,7 +55,9 @@ impl Default for PilotConfig {
             wait_for_training: false,
             replay_when_matching: true,
             max_ranked: 32,
+            max_ranked_exact: 128,
             max_horizon: 32,
+            reuse_prediction_ops: 16,
         }
     }
 }
@@ -89,6 +98,8 @@ struct Hot {
     scratch: Scratch,
     row: Vec<f32>,
     soon: Vec<(u64, u64)>,
+    /// The latest prediction per buffer id: `(tracker clock, latest, earliest)`.
+    recent: KeyMap<(u64, u64, u64)>,
 }
 
 /// The learned policy.
@@ -179,6 +190,7 @@ impl PilotPolicy {
                 scratch: Scratch::default(),
                 row: vec![0.0; cfg.features.input_dim()],
                 soon: Vec::with_capacity(SUSPECTS),
+                recent: KeyMap::default(),
             }),
             order: Vec::new(),
             sorted: Vec::new(),
@@ -272,16 +284,27 @@ impl PilotPolicy {
             Some(PlanDistance::Beyond(d)) => d + 1,
             Some(PlanDistance::Unplanned) | None => 0,
         };
-        match &self.snapshot {
-            Some(s) => {
-                let hot = self.hot.get_mut();
-                self.tracker.features(q, &mut hot.row);
-                self.stats.predictions += 1;
-                let b = s.predict(&hot.row, &mut hot.scratch);
-                (representative(b).max(floor), lower_bound(b).max(floor))
-            }
-            None => (u64::MAX, floor),
+        let Some(s) = &self.snapshot else {
+            return (u64::MAX, floor);
+        };
+        // A recent prediction for the same buffer still stands, moved on by the ops since.
+        let clock = self.tracker.clock();
+        let hot = self.hot.get_mut();
+        if let Some(&(at, latest, earliest)) = hot.recent.get(&q.id)
+            && clock - at <= self.cfg.reuse_prediction_ops
+        {
+            let gone = clock - at;
+            return (
+                latest.saturating_sub(gone).max(floor),
+                earliest.saturating_sub(gone).max(floor),
+            );
         }
+        self.tracker.features(q, &mut hot.row);
+        self.stats.predictions += 1;
+        let b = s.predict(&hot.row, &mut hot.scratch);
+        let (latest, earliest) = (representative(b), lower_bound(b));
+        hot.recent.insert(q.id, (clock, latest, earliest));
+        (latest.max(floor), earliest.max(floor))
     }
 
     /// Whether rankings and prefetches follow predictions (a snapshot, or an announced
@@ -343,6 +366,7 @@ impl Policy for PilotPolicy {
             }
         }
         self.tracker.step_boundary(step);
+        self.hot.get_mut().recent.clear();
         self.steps_seen += 1;
         let online = self.cfg.online.filter(|_| self.trainer.is_some());
         self.recording = online
@@ -369,7 +393,7 @@ impl Policy for PilotPolicy {
         let replaying = (self.cfg.replay_when_matching && self.tracker.matching())
             || self.tracker.plan_cursor().active();
         let n = match replaying {
-            true => c.len(),
+            true => c.len().min(self.cfg.max_ranked_exact.max(1)),
             false => c.len().min(self.cfg.max_ranked.max(1)),
         };
         self.stats.candidates += n as u64;

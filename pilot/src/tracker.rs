@@ -337,8 +337,8 @@ impl Tracker {
                 b.phase_uses[phase] += 1;
             }
             // Anchor this op on a buffer's same use (its `r`-th in this phase) in the
-            // previous step.
-            if fresh_use && anchor.is_none() {
+            // previous step: one that lives across steps, whose key is its id in both.
+            if fresh_use && anchor.is_none() && b.aligned < PERSISTENT {
                 anchor = self
                     .previous
                     .nth_use_in_phase(b.aligned, op.phase, b.phase_uses[phase]);

@@ -35,7 +35,7 @@ pub struct PlanCursor {
     /// The same for buffers made since the announcement (they do not move the cursor: a
     /// gradient is read once on its way, by the accumulation, before its group runs).
     added: KeyMap<Vec<u32>>,
-    /// The groups, in order.
+    /// The groups, in order, as memory-manager keys (what prefetching asks for).
     groups: Vec<Vec<u64>>,
     /// The group running now.
     cursor: u32,
@@ -59,13 +59,24 @@ impl PlanCursor {
         self.active
     }
 
-    /// A plan is announced at op `index` of the step; it replaces the one before.
-    pub fn announce(&mut self, groups: &[Vec<u64>], index: u32) {
+    /// A plan of buffer ids is announced at op `index` of the step; it replaces the one
+    /// before. `key_of` gives a buffer's memory-manager key (unknown buffers are left out of
+    /// prefetching).
+    pub fn announce(
+        &mut self,
+        groups: &[Vec<u64>],
+        index: u32,
+        key_of: impl Fn(u64) -> Option<u64>,
+    ) {
         self.finish(index);
         self.at.clear();
         self.added.clear();
         self.groups.clear();
-        self.groups.extend(groups.iter().cloned());
+        self.groups.extend(
+            groups
+                .iter()
+                .map(|g| g.iter().filter_map(|&id| key_of(id)).collect()),
+        );
         for (g, ids) in groups.iter().enumerate() {
             for &id in ids {
                 let v = self.at.entry(id).or_default();
@@ -186,8 +197,8 @@ impl PlanCursor {
         })
     }
 
-    /// Appends the ids the plan reads within about `horizon` ops after op `index - 1`,
-    /// soonest first (an id may repeat).
+    /// Appends the keys of the buffers the plan reads within about `horizon` ops after op
+    /// `index - 1`, soonest first (a key may repeat).
     pub fn upcoming(&self, horizon: usize, index: u32, out: &mut Vec<u64>) {
         if !self.active {
             return;
@@ -230,7 +241,9 @@ mod tests {
         let mut p = PlanCursor::default();
         assert_eq!(p.distance(1, None, None, 0), None);
         // Groups: {1}, {2}, {3, 1}, {4}; announced at op 10, two ops per group.
-        p.announce(&[vec![1], vec![2], vec![3, 1], vec![4]], 10);
+        p.announce(&[vec![1], vec![2], vec![3, 1], vec![4]], 10, |id| {
+            Some(id + 100)
+        });
         p.observe(&op(&[1]), 10);
         // One op into group 0 (counted as half done): two ops per group so far.
         assert_eq!(p.distance(2, None, None, 11), Some(PlanDistance::Within(2)));
@@ -262,11 +275,11 @@ mod tests {
         );
         let mut out = Vec::new();
         p.upcoming(4, 13, &mut out);
-        assert_eq!(out, [3, 1, 4]);
+        assert_eq!(out, [103, 101, 104]);
         // The next step starts from this step's pace (8 ops for 4 groups).
         p.step_boundary(18);
         assert!(!p.active());
-        p.announce(&[vec![5], vec![6]], 0);
+        p.announce(&[vec![5], vec![6]], 0, Some);
         assert!((p.pace(0) - (2.0 * PRIOR_WEIGHT) / (PRIOR_WEIGHT + 0.5)).abs() < 1e-9);
     }
 }

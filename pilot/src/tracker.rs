@@ -399,7 +399,9 @@ impl Tracker {
     /// The coming ops will read `groups` (buffer ids, one group per unit of work, in order):
     /// the backward pass's tape or the optimizer's parameters (see [`dynn_mm::Policy::plan`]).
     pub fn plan(&mut self, groups: &[Vec<u64>]) {
-        self.plan.announce(groups, self.index);
+        let bufs = &self.bufs;
+        self.plan
+            .announce(groups, self.index, |id| bufs.get(&id).map(|b| b.key));
     }
 
     /// Buffer `id` will be read by the plan's group `group` (see
@@ -438,16 +440,7 @@ impl Tracker {
     /// Appends the memory manager keys of the buffers the announced plan reads within about
     /// `horizon` ops, soonest first.
     pub fn upcoming_by_plan(&self, horizon: usize, out: &mut Vec<u64>) {
-        let from = out.len();
         self.plan.upcoming(horizon, self.index, out);
-        let mut keep = from;
-        for i in from..out.len() {
-            if let Some(b) = self.bufs.get(&out[i]) {
-                out[keep] = b.key;
-                keep += 1;
-            }
-        }
-        out.truncate(keep);
     }
 
     /// Shifts op `view` into the context and returns the context's hash. An op's identity is

@@ -50,6 +50,7 @@ fn registered_by_name() -> Result<()> {
 /// Replays the last step of a synthetic trace under a budget; the policy saw the step before.
 fn replay(p: &mut dyn Policy, steps: &[Vec<OpRecord>], budget: usize) -> Result<f64> {
     for op in &steps[steps.len() - 2] {
+        op.announce_to(p);
         p.observe(op);
     }
     p.step_boundary(steps.len() as u64 - 1);
@@ -93,6 +94,49 @@ fn trained_it_predicts_and_survives_the_simulator() -> Result<()> {
         if !replay_when_matching {
             assert!(p.stats().predictions > 0);
         }
+    }
+    Ok(())
+}
+
+#[test]
+fn the_announced_plan_guides_it_before_any_training() -> Result<()> {
+    // A real DyNN's trace: its backward passes and optimizer steps carry their plans.
+    let w = dynn_pilot::eval::record("tree_lstm", 3)?;
+    assert!(
+        w.trace.ops.iter().any(|o| !o.plan.is_empty()),
+        "no plan recorded"
+    );
+    assert!(
+        w.trace.ops.iter().any(|o| !o.plan_reads.is_empty()),
+        "no plan reads recorded"
+    );
+    let steps: Vec<Vec<OpRecord>> = (0..3).map(|s| w.trace.step_ops(s)).collect();
+    let peak = simulate(
+        &steps[2],
+        policy::by_name("none")?.as_mut(),
+        None,
+        &DeviceProfile::a100_pcie4(),
+    )?
+    .peak_device_bytes;
+    for share in [2, 3] {
+        let budget = peak / share;
+        // No snapshot and no online training: only the plan can guide it.
+        let mut p = PilotPolicy::new(PilotConfig {
+            online: None,
+            ..Default::default()
+        });
+        let pilot = replay(&mut p, &steps, budget)?;
+        let lru = replay(policy::by_name("lru")?.as_mut(), &steps, budget)?;
+        println!(
+            "1/{share}: plan-guided pilot {pilot:.4} ms, lru {lru:.4} ms, {:?}",
+            p.stats()
+        );
+        assert!(
+            p.stats().pilot_rankings > 0,
+            "the plan never guided a ranking"
+        );
+        assert_eq!(p.stats().predictions, 0, "no snapshot, no predictions");
+        assert!(pilot <= lru, "1/{share}: {pilot} ms against lru's {lru} ms");
     }
     Ok(())
 }

@@ -82,18 +82,10 @@ impl Optimizer for Adam {
         let _p = enter_phase(Phase::Optimizer);
         let c = self.cfg;
         let (b1, b2) = c.betas;
-        dynn_core::announce_plan(|| {
-            params
-                .iter()
-                .filter_map(|p| {
-                    let g = p.grad()?;
-                    let mut ids = vec![p.buffer().id(), g.buffer().id()];
-                    if let Some(s) = self.state.get(p.path()) {
-                        ids.extend([s.m.buffer().id(), s.v.buffer().id()]);
-                    }
-                    Some(ids)
-                })
-                .collect()
+        super::announce_updates(params, |p| {
+            self.state
+                .get(p.path())
+                .map_or_else(Vec::new, |s| vec![&s.m, &s.v])
         });
         for p in params {
             let Some(mut g) = p.grad() else { continue };

@@ -17,6 +17,23 @@ pub use sgd::{Sgd, SgdConfig};
 use crate::nn::Param;
 use dynn_core::{BufferKind, Result, Tensor};
 
+/// Announces an optimizer step's reads to the memory hooks before it runs
+/// ([`dynn_core::announce_plan`]): one group per parameter with a gradient, in update order —
+/// the parameter, its gradient, then the state tensors `state` gives for it.
+fn announce_updates<'a>(params: &'a [Param], state: impl Fn(&Param) -> Vec<&'a Tensor>) {
+    dynn_core::announce_plan(|| {
+        params
+            .iter()
+            .filter_map(|p| {
+                let g = p.grad()?;
+                let mut ids = vec![p.buffer().id(), g.buffer().id()];
+                ids.extend(state(p).into_iter().map(|t| t.buffer().id()));
+                Some(ids)
+            })
+            .collect()
+    });
+}
+
 /// An optimizer: updates parameters from their accumulated gradients.
 pub trait Optimizer {
     /// Applies one update to every parameter that has a gradient, then clears the gradients.

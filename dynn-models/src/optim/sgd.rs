@@ -65,16 +65,8 @@ impl Optimizer for Sgd {
         let _g = no_grad();
         let _p = enter_phase(Phase::Optimizer);
         let c = self.cfg;
-        dynn_core::announce_plan(|| {
-            params
-                .iter()
-                .filter_map(|p| {
-                    let g = p.grad()?;
-                    let mut ids = vec![p.buffer().id(), g.buffer().id()];
-                    ids.extend(self.velocity.get(p.path()).map(|b| b.buffer().id()));
-                    Some(ids)
-                })
-                .collect()
+        super::announce_updates(params, |p| {
+            self.velocity.get(p.path()).into_iter().collect()
         });
         for p in params {
             let Some(mut g) = p.grad() else { continue };

@@ -38,11 +38,12 @@ pub const OP_DIM_ONEHOT: usize = OP_COMMON + OP_SLOTS;
 /// bucket, the tape-mirror estimate's bucket and the access site's last gap (each plus
 /// "unknown"), and the producer's phase.
 /// Then where the announced plan puts it (its bucket, "beyond the plan", "made since the
-/// plan", "no plan").
+/// plan", "no plan", and whether the plan is the step's last).
 const CAND_COMMON: usize = KINDS + 8 + 3 * (BUCKETS + 1) + PHASES + PLAN;
 
-/// Plan features: a bucket, "beyond the plan", "made since the plan" and "no plan".
-const PLAN: usize = BUCKETS + 3;
+/// Plan features: a bucket, "beyond the plan", "made since the plan", "no plan", "the step's
+/// last plan".
+const PLAN: usize = BUCKETS + 4;
 /// Candidate features with the idiom encoding (the producer op's idioms).
 pub const CAND_DIM_IDIOMS: usize = CAND_COMMON + IDIOMS;
 /// Candidate features with the one-hot encoding (the producer op's one-hot name).
@@ -290,6 +291,8 @@ pub struct CandidateView {
     /// Where the announced plan (the backward pass's tape, the optimizer's parameters) puts
     /// its next read (`None`: no plan is being followed).
     pub plan: Option<PlanDistance>,
+    /// Whether that plan is the step's last (as in the previous step).
+    pub plan_last: bool,
     /// The op that made it (`None`: made outside ops, e.g. a parameter or a batch).
     pub producer: Option<Producer>,
 }
@@ -339,6 +342,7 @@ pub fn encode_candidate(enc: Encoding, c: &CandidateView, out: &mut [f32]) {
         Some(PlanDistance::Unplanned) => plan[BUCKETS + 1] = 1.0,
         None => plan[BUCKETS + 2] = 1.0,
     }
+    plan[BUCKETS + 3] = c.plan_last as u8 as f32;
     let phase = &mut f[8 + 3 * (BUCKETS + 1) + PLAN..];
     match c.producer {
         Some(p) => {

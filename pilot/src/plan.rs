@@ -51,6 +51,8 @@ pub struct PlanCursor {
     pace: [Option<f64>; ORDINALS],
     /// The previous step's.
     prior: [Option<f64>; ORDINALS],
+    /// Plans the previous step announced.
+    plans_before: usize,
 }
 
 impl PlanCursor {
@@ -128,6 +130,7 @@ impl PlanCursor {
         self.finish(index);
         self.prior = self.pace;
         self.pace = [None; ORDINALS];
+        self.plans_before = self.ordinal;
         self.ordinal = 0;
     }
 
@@ -141,6 +144,12 @@ impl PlanCursor {
             self.ordinal += 1;
         }
         self.active = false;
+    }
+
+    /// Whether the active plan is, as in the previous step, the step's last: then nothing
+    /// reads a buffer beyond it before the next step.
+    pub fn last_of_step(&self) -> bool {
+        self.active && self.plans_before > 0 && self.ordinal + 1 >= self.plans_before
     }
 
     /// Ops per group: the previous step's pace for this plan, giving way to what the ops
@@ -277,9 +286,11 @@ mod tests {
         p.upcoming(4, 13, &mut out);
         assert_eq!(out, [103, 101, 104]);
         // The next step starts from this step's pace (8 ops for 4 groups).
+        assert!(!p.last_of_step(), "no previous step to tell");
         p.step_boundary(18);
         assert!(!p.active());
         p.announce(&[vec![5], vec![6]], 0, Some);
+        assert!(p.last_of_step(), "the previous step announced one plan");
         assert!((p.pace(0) - (2.0 * PRIOR_WEIGHT) / (PRIOR_WEIGHT + 0.5)).abs() < 1e-9);
     }
 }

@@ -565,6 +565,7 @@ impl Tracker {
                 .and_then(|p| self.mirror(p)),
             site: state.and_then(|b| self.site_for(b)),
             plan: self.plan_distance(q),
+            plan_last: self.plan.last_of_step(),
             producer: state.and_then(|b| b.producer),
         }
     }

@@ -59,6 +59,7 @@ fn candidate_features_hold_kind_size_history_hints_and_producer() {
         mirror: Some(100),
         site: Some(None),
         plan: Some(PlanDistance::Beyond(40)),
+        plan_last: true,
         producer: Some(Producer {
             idioms: [1, 0, 0, 0, 0, 0],
             slot: 0,
@@ -76,14 +77,15 @@ fn candidate_features_hold_kind_size_history_hints_and_producer() {
     assert_eq!(&f[19..25], &[0.0, 0.0, 0.0, 1.0, 0.0, 0.0]);
     assert_eq!(&f[25..31], &[0.0, 0.0, 0.0, 0.0, 1.0, 0.0]);
     // The plan: beyond it, at least 40 ops away → "<=128" and the "beyond" flag.
-    assert_eq!(&f[31..39], &[0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0]);
-    assert_eq!(&f[39..42], &[1.0, 0.0, 0.0]);
-    assert_eq!(&f[42..], &[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    assert_eq!(&f[31..40], &[0.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0]);
+    assert_eq!(&f[40..43], &[1.0, 0.0, 0.0]);
+    assert_eq!(&f[43..], &[0.5, 0.0, 0.0, 0.0, 0.0, 0.0]);
     let unknown = candidate_features(&CandidateView {
         hint: None,
         mirror: None,
         site: None,
         plan: None,
+        plan_last: false,
         producer: None,
         ..c
     });

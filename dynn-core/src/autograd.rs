@@ -113,7 +113,7 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
     let hooks = crate::memory_hooks();
     let plan = hooks.as_ref().map(|h| {
         let plan = TapePlan::new(meta);
-        h.plan(&plan.groups);
+        h.plan("backward", &plan.groups);
         plan
     });
     let announce = |from: Option<usize>, to: &GradMeta, g: &Tensor| {

@@ -107,10 +107,10 @@ pub fn mark_step(step: u64) {
 }
 
 /// Tells the installed hooks which buffers the coming ops will read, in order: one group per
-/// unit of work (see [`MemoryHooks::plan`]). Nothing happens without hooks; groups are built
-/// only when some are installed.
-pub fn announce_plan(groups: impl FnOnce() -> Vec<Vec<crate::BufferId>>) {
+/// unit of work, announced by `source` (see [`MemoryHooks::plan`]). Nothing happens without
+/// hooks; groups are built only when some are installed.
+pub fn announce_plan(source: &'static str, groups: impl FnOnce() -> Vec<Vec<crate::BufferId>>) {
     if let Some(h) = memory_hooks() {
-        h.plan(&groups());
+        h.plan(source, &groups());
     }
 }

@@ -128,8 +128,9 @@ pub trait MemoryHooks: Send + Sync {
     /// The coming ops' reads, known before they run (see [`crate::announce_plan`]): one group
     /// of buffer ids per planned unit of work (a tape node's backward, one parameter's
     /// update), in the order the units will run. The backward pass announces its tape this
-    /// way, the optimizer its parameters.
-    fn plan(&self, _groups: &[Vec<BufferId>]) {}
+    /// way (`source` "backward"), the optimizers and gradient clipping their parameters
+    /// ("adam", "sgd", "clip_grad_norm", ...).
+    fn plan(&self, _source: &'static str, _groups: &[Vec<BufferId>]) {}
     /// Buffer `buffer`, made since the last [`MemoryHooks::plan`], will be read by that
     /// plan's group `group`: the backward pass tells where each gradient it makes goes.
     fn plan_read(&self, _group: usize, _buffer: BufferId) {}

@@ -156,6 +156,8 @@ struct State {
     pending_plan: Vec<Vec<u64>>,
     /// Plan reads announced since the last op, for that op's trace record.
     pending_plan_reads: Vec<(u32, u64)>,
+    /// Who announced `pending_plan`.
+    pending_plan_source: &'static str,
 }
 
 /// A dropped buffer being recomputed.
@@ -311,6 +313,7 @@ impl MemoryManager {
                 step_signature: FNV_START,
                 pending_plan: Vec::new(),
                 pending_plan_reads: Vec::new(),
+                pending_plan_source: "",
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -1104,6 +1107,7 @@ impl MemoryManager {
             bytes_written: ev.cost.bytes_written,
             freed: Vec::new(),
             plan: std::mem::take(&mut st.pending_plan),
+            plan_source: std::mem::take(&mut st.pending_plan_source).to_string(),
             plan_reads: std::mem::take(&mut st.pending_plan_reads),
         }
     }
@@ -1325,15 +1329,16 @@ impl MemoryHooks for MemoryManager {
         }
     }
 
-    fn plan(&self, groups: &[Vec<BufferId>]) {
+    fn plan(&self, source: &'static str, groups: &[Vec<BufferId>]) {
         let mut st = self.lock();
         let groups: Vec<Vec<u64>> = groups
             .iter()
             .map(|g| g.iter().map(|id| id.0).collect())
             .collect();
-        st.policy.plan(&groups);
+        st.policy.plan(source, &groups);
         if st.trace.is_some() {
             st.pending_plan = groups;
+            st.pending_plan_source = source;
         }
     }
 

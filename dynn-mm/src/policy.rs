@@ -69,9 +69,9 @@ pub trait Policy: Send {
     /// A step ended.
     fn step_boundary(&mut self, _step: u64) {}
     /// The coming ops will read these buffers (ids), one group per planned unit of work, in
-    /// this order: the backward pass's tape or the optimizer's parameters, announced before
-    /// they run (see `dynn_core::MemoryHooks::plan`).
-    fn plan(&mut self, _groups: &[Vec<u64>]) {}
+    /// this order: the backward pass's tape or the optimizer's parameters, announced by
+    /// `source` before they run (see `dynn_core::MemoryHooks::plan`).
+    fn plan(&mut self, _source: &str, _groups: &[Vec<u64>]) {}
     /// Buffer `id`, made since the last plan, will be read by its group `group`.
     fn plan_read(&mut self, _group: usize, _id: u64) {}
     /// Orders candidates so the preferred victim comes first.

@@ -9,7 +9,8 @@
 //! 3 activation, 4 temporary; `key` names the buffer across steps (its id when it existed
 //! before the step began, else `2^63 + its creation index in the step`). An op line may carry
 //! `"freed":[id,...]`, the buffers released after it, and `"plan":[[id,...],...]`, the reads
-//! announced just before it (the backward pass's tape, the optimizer's parameters), and
+//! announced just before it (the backward pass's tape, the optimizer's parameters) with
+//! `"plan_source"`, who announced them, and
 //! `"plan_reads":[[group,id],...]`, buffers made since that the plan's groups will read; all
 //! are absent when empty and in older files.
 
@@ -60,6 +61,9 @@ pub struct OpRecord {
     /// of work, in the order the units run. Empty on most ops and in older files.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub plan: Vec<Vec<u64>>,
+    /// Who announced `plan` ("backward", "adam", "clip_grad_norm", ...).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub plan_source: String,
     /// Buffers made since the last plan that its groups will read, `(group, id)`, announced
     /// just before this op (where the backward pass sends each gradient it makes).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -71,7 +75,7 @@ impl OpRecord {
     /// reads), as the memory manager did during the run.
     pub fn announce_to(&self, policy: &mut dyn crate::Policy) {
         if !self.plan.is_empty() {
-            policy.plan(&self.plan);
+            policy.plan(&self.plan_source, &self.plan);
         }
         for &(group, id) in &self.plan_reads {
             policy.plan_read(group as usize, id);
@@ -334,6 +338,11 @@ mod tests {
                 vec![vec![3, 1], vec![2]]
             } else {
                 Vec::new()
+            },
+            plan_source: if seq == 2 {
+                "backward".into()
+            } else {
+                String::new()
             },
             plan_reads: if seq == 1 { vec![(1, 3)] } else { Vec::new() },
         };

@@ -154,6 +154,7 @@ fn chain(freed: [Vec<u64>; 3]) -> Vec<OpRecord> {
                 bytes_written: 1000,
                 freed,
                 plan: Vec::new(),
+                plan_source: String::new(),
                 plan_reads: Vec::new(),
             }
         })

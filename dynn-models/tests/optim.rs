@@ -193,7 +193,7 @@ impl dynn_core::MemoryHooks for Plans {
     fn after_op(&self, _: &dynn_core::OpEvent<'_>) -> Result<()> {
         Ok(())
     }
-    fn plan(&self, groups: &[Vec<dynn_core::BufferId>]) {
+    fn plan(&self, _source: &'static str, groups: &[Vec<dynn_core::BufferId>]) {
         let g = groups.iter().map(|g| g.iter().map(|b| b.0).collect());
         self.0.lock().unwrap().push(g.collect());
     }

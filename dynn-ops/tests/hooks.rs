@@ -72,7 +72,7 @@ impl MemoryHooks for Recorder {
     fn buffer_created(&self, b: &Arc<Buffer>) {
         self.log.lock().unwrap().push(Entry::Created(b.id().0));
     }
-    fn plan(&self, groups: &[Vec<BufferId>]) {
+    fn plan(&self, _source: &'static str, groups: &[Vec<BufferId>]) {
         let groups = groups
             .iter()
             .map(|g| g.iter().map(|b| b.0).collect())

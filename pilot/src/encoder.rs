@@ -123,6 +123,30 @@ impl FeatureConfig {
     pub fn input_dim(&self) -> usize {
         self.window * self.encoding.op_dim() + self.encoding.cand_dim()
     }
+
+    /// The bucket the announced plan gives the candidate of model input `row`, when the plan
+    /// reads it (`None`: beyond the plan, made since, no plan, or the step so far repeats the
+    /// previous one op for op, whose exact order the network reads from the hint). The pilot
+    /// answers such a candidate from the plan, not the network: the backward pass is known
+    /// from the tape.
+    pub fn planned_bucket(&self, row: &[f32]) -> Option<u8> {
+        let cand = self.window * self.encoding.op_dim();
+        if row
+            .get(cand + KINDS + 7)
+            .is_none_or(|&matching| matching != 0.0)
+        {
+            return None;
+        }
+        let at = cand + KINDS + 8 + 3 * (BUCKETS + 1);
+        let plan = row.get(at..at + PLAN)?;
+        if plan[BUCKETS..BUCKETS + 3].iter().any(|&f| f != 0.0) {
+            return None;
+        }
+        plan[..BUCKETS]
+            .iter()
+            .position(|&f| f == 1.0)
+            .map(|b| b as u8)
+    }
 }
 
 /// The slot of op `name` in the one-hot encoding (the op table is sorted by name; unknown

@@ -209,6 +209,8 @@ impl Trainer {
     }
 
     /// `epochs` passes over `ds` in shuffled minibatches; returns the last epoch's mean loss.
+    /// Rows the announced plan answers ([`FeatureConfig::planned_bucket`]) are left out: the
+    /// network learns the rest.
     pub fn fit(&mut self, ds: &Dataset, epochs: usize) -> Result<f64> {
         if ds.dim != self.features.input_dim() {
             return Err(Error::invalid(
@@ -220,8 +222,10 @@ impl Trainer {
                 ),
             ));
         }
-        let n = ds.len();
-        let mut order: Vec<usize> = (0..n).collect();
+        let mut order: Vec<usize> = (0..ds.len())
+            .filter(|&i| self.features.planned_bucket(ds.row(i)).is_none())
+            .collect();
+        let n = order.len();
         let mut last = f64::NAN;
         for _ in 0..epochs {
             for i in (1..n).rev() {

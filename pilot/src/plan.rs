@@ -8,10 +8,6 @@
 use crate::history::KeyMap;
 use dynn_mm::OpRecord;
 
-/// Plans a step remembers the pace of (the backward pass; gradient clipping's reads, its
-/// scaling, the optimizer).
-const ORDINALS: usize = 4;
-
 /// Groups run before the measured pace outweighs the previous step's.
 const PRIOR_WEIGHT: f64 = 4.0;
 
@@ -45,12 +41,14 @@ pub struct PlanCursor {
     start: u32,
     /// Whether a plan is being followed.
     active: bool,
+    /// Who announced the active plan ("backward", "adam", ...).
+    source: String,
     /// Plans announced so far this step.
     ordinal: usize,
-    /// Ops per group of this step's plans, by ordinal (the next step's prior).
-    pace: [Option<f64>; ORDINALS],
+    /// Ops per group of this step's finished plans, by source (the next step's priors).
+    pace: Vec<(String, f64)>,
     /// The previous step's.
-    prior: [Option<f64>; ORDINALS],
+    prior: Vec<(String, f64)>,
     /// Plans the previous step announced.
     plans_before: usize,
 }
@@ -66,11 +64,14 @@ impl PlanCursor {
     /// prefetching).
     pub fn announce(
         &mut self,
+        source: &str,
         groups: &[Vec<u64>],
         index: u32,
         key_of: impl Fn(u64) -> Option<u64>,
     ) {
         self.finish(index);
+        self.source.clear();
+        self.source.push_str(source);
         self.at.clear();
         self.added.clear();
         self.groups.clear();
@@ -128,8 +129,7 @@ impl PlanCursor {
     /// The step ended at op `index`: this step's pace becomes the prior.
     pub fn step_boundary(&mut self, index: u32) {
         self.finish(index);
-        self.prior = self.pace;
-        self.pace = [None; ORDINALS];
+        self.prior = std::mem::take(&mut self.pace);
         self.plans_before = self.ordinal;
         self.ordinal = 0;
     }
@@ -138,8 +138,10 @@ impl PlanCursor {
     fn finish(&mut self, index: u32) {
         if self.active {
             let n = self.groups.len().max(1) as f64;
-            if let Some(p) = self.pace.get_mut(self.ordinal) {
-                *p = Some(index.saturating_sub(self.start) as f64 / n);
+            let pace = index.saturating_sub(self.start) as f64 / n;
+            match self.pace.iter_mut().find(|p| p.0 == self.source) {
+                Some(p) => p.1 = pace,
+                None => self.pace.push((self.source.clone(), pace)),
             }
             self.ordinal += 1;
         }
@@ -152,12 +154,12 @@ impl PlanCursor {
         self.active && self.plans_before > 0 && self.ordinal + 1 >= self.plans_before
     }
 
-    /// Ops per group: the previous step's pace for this plan, giving way to what the ops
-    /// since the announcement show.
+    /// Ops per group: the previous step's pace for a plan from the same source, giving way
+    /// to what the ops since the announcement show.
     pub fn pace(&self, index: u32) -> f64 {
         let done = self.cursor as f64 + 0.5;
         let now = index.saturating_sub(self.start) as f64 / done;
-        match self.prior.get(self.ordinal).copied().flatten() {
+        match self.prior.iter().find(|p| p.0 == self.source).map(|p| p.1) {
             Some(p) => (p * PRIOR_WEIGHT + now * done) / (PRIOR_WEIGHT + done),
             None => now.max(1.0),
         }
@@ -241,6 +243,7 @@ mod tests {
             bytes_written: 0,
             freed: Vec::new(),
             plan: Vec::new(),
+            plan_source: String::new(),
             plan_reads: Vec::new(),
         }
     }
@@ -250,9 +253,12 @@ mod tests {
         let mut p = PlanCursor::default();
         assert_eq!(p.distance(1, None, None, 0), None);
         // Groups: {1}, {2}, {3, 1}, {4}; announced at op 10, two ops per group.
-        p.announce(&[vec![1], vec![2], vec![3, 1], vec![4]], 10, |id| {
-            Some(id + 100)
-        });
+        p.announce(
+            "backward",
+            &[vec![1], vec![2], vec![3, 1], vec![4]],
+            10,
+            |id| Some(id + 100),
+        );
         p.observe(&op(&[1]), 10);
         // One op into group 0 (counted as half done): two ops per group so far.
         assert_eq!(p.distance(2, None, None, 11), Some(PlanDistance::Within(2)));
@@ -289,8 +295,11 @@ mod tests {
         assert!(!p.last_of_step(), "no previous step to tell");
         p.step_boundary(18);
         assert!(!p.active());
-        p.announce(&[vec![5], vec![6]], 0, Some);
+        // Priors are per source: none for "adam", 2 ops per group for "backward".
+        p.announce("adam", &[vec![5], vec![6]], 0, Some);
+        assert!((p.pace(3) - 6.0).abs() < 1e-9, "no prior: the ops so far");
         assert!(p.last_of_step(), "the previous step announced one plan");
-        assert!((p.pace(0) - (2.0 * PRIOR_WEIGHT) / (PRIOR_WEIGHT + 0.5)).abs() < 1e-9);
+        p.announce("backward", &[vec![5], vec![6]], 3, Some);
+        assert!((p.pace(3) - (2.0 * PRIOR_WEIGHT) / (PRIOR_WEIGHT + 0.5)).abs() < 1e-9);
     }
 }

@@ -126,6 +126,8 @@ pub struct PilotPolicy {
     pending_plan: Vec<Vec<u64>>,
     /// Plan reads announced since the last op, for that op's recorded copy.
     pending_plan_reads: Vec<(u32, u64)>,
+    /// Who announced `pending_plan`.
+    pending_plan_source: String,
     /// Where the counters go when the policy is dropped (see [`PilotPolicy::report_to`]).
     sink: Option<StatsSink>,
 }
@@ -199,6 +201,7 @@ impl PilotPolicy {
             upcoming_ns: Cell::new(0),
             pending_plan: Vec::new(),
             pending_plan_reads: Vec::new(),
+            pending_plan_source: String::new(),
             sink: None,
         }
     }
@@ -326,6 +329,7 @@ impl Policy for PilotPolicy {
             let mut op = op.clone();
             if op.plan.is_empty() && op.plan_reads.is_empty() {
                 op.plan = std::mem::take(&mut self.pending_plan);
+                op.plan_source = std::mem::take(&mut self.pending_plan_source);
                 op.plan_reads = std::mem::take(&mut self.pending_plan_reads);
             }
             r.push(op);
@@ -337,11 +341,12 @@ impl Policy for PilotPolicy {
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }
 
-    fn plan(&mut self, groups: &[Vec<u64>]) {
+    fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
         let t = Instant::now();
-        self.tracker.plan(groups);
+        self.tracker.plan(source, groups);
         if self.recording.is_some() {
             self.pending_plan = groups.to_vec();
+            self.pending_plan_source = source.to_string();
         }
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }

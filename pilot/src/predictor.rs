@@ -139,8 +139,17 @@ impl Snapshot {
         &s.a
     }
 
-    /// The predicted bucket of input `x`.
+    /// The predicted bucket of input `x`: the announced plan's where it reads the candidate
+    /// ([`FeatureConfig::planned_bucket`]), else the network's ([`Snapshot::predict_net`]).
     pub fn predict(&self, x: &[f32], s: &mut Scratch) -> u8 {
+        match self.features.planned_bucket(x) {
+            Some(b) => b,
+            None => self.predict_net(x, s),
+        }
+    }
+
+    /// The network's predicted bucket of input `x`.
+    pub fn predict_net(&self, x: &[f32], s: &mut Scratch) -> u8 {
         let logits = self.logits(x, s);
         let mut best = 0;
         for (i, &v) in logits.iter().enumerate() {

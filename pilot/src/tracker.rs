@@ -398,10 +398,11 @@ impl Tracker {
 
     /// The coming ops will read `groups` (buffer ids, one group per unit of work, in order):
     /// the backward pass's tape or the optimizer's parameters (see [`dynn_mm::Policy::plan`]).
-    pub fn plan(&mut self, groups: &[Vec<u64>]) {
+    pub fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
         let bufs = &self.bufs;
-        self.plan
-            .announce(groups, self.index, |id| bufs.get(&id).map(|b| b.key));
+        self.plan.announce(source, groups, self.index, |id| {
+            bufs.get(&id).map(|b| b.key)
+        });
     }
 
     /// Buffer `id` will be read by the plan's group `group` (see
@@ -413,7 +414,7 @@ impl Tracker {
     /// What was announced before op `op` ran: its plan, then the plan's new reads.
     pub fn announce(&mut self, op: &OpRecord) {
         if !op.plan.is_empty() {
-            self.plan(&op.plan);
+            self.plan(&op.plan_source, &op.plan);
         }
         for &(group, id) in &op.plan_reads {
             self.plan_read(group as usize, id);

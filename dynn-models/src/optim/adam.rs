@@ -82,7 +82,7 @@ impl Optimizer for Adam {
         let _p = enter_phase(Phase::Optimizer);
         let c = self.cfg;
         let (b1, b2) = c.betas;
-        super::announce_updates(params, |p| {
+        super::announce_updates("adam", params, |p| {
             self.state
                 .get(p.path())
                 .map_or_else(Vec::new, |s| vec![&s.m, &s.v])

@@ -17,14 +17,14 @@ pub fn clip_grad_norm(params: &[Param], max_norm: f64) -> Result<f64> {
     let plan = || -> Vec<Vec<dynn_core::BufferId>> {
         grads.iter().map(|(_, g)| vec![g.buffer().id()]).collect()
     };
-    dynn_core::announce_plan(plan);
+    dynn_core::announce_plan("clip_grad_norm", plan);
     let mut sq = 0.0;
     for (_, g) in &grads {
         sq += g.sqr()?.sum_all()?.to_scalar_f64()?;
     }
     let norm = sq.sqrt();
     if norm.is_finite() && norm > max_norm {
-        dynn_core::announce_plan(plan);
+        dynn_core::announce_plan("clip_grad_norm.scale", plan);
         let f = max_norm / (norm + 1e-6);
         for (p, g) in &grads {
             p.set_grad(Some(g.scale(f)?))?;

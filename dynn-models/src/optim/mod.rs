@@ -18,10 +18,14 @@ use crate::nn::Param;
 use dynn_core::{BufferKind, Result, Tensor};
 
 /// Announces an optimizer step's reads to the memory hooks before it runs
-/// ([`dynn_core::announce_plan`]): one group per parameter with a gradient, in update order —
-/// the parameter, its gradient, then the state tensors `state` gives for it.
-fn announce_updates<'a>(params: &'a [Param], state: impl Fn(&Param) -> Vec<&'a Tensor>) {
-    dynn_core::announce_plan(|| {
+/// ([`dynn_core::announce_plan`], as `source`): one group per parameter with a gradient, in
+/// update order — the parameter, its gradient, then the state tensors `state` gives for it.
+fn announce_updates<'a>(
+    source: &'static str,
+    params: &'a [Param],
+    state: impl Fn(&Param) -> Vec<&'a Tensor>,
+) {
+    dynn_core::announce_plan(source, || {
         params
             .iter()
             .filter_map(|p| {

@@ -65,7 +65,7 @@ impl Optimizer for Sgd {
         let _g = no_grad();
         let _p = enter_phase(Phase::Optimizer);
         let c = self.cfg;
-        super::announce_updates(params, |p| {
+        super::announce_updates("sgd", params, |p| {
             self.velocity.get(p.path()).into_iter().collect()
         });
         for p in params {

@@ -36,6 +36,7 @@ pub fn op(step: u64, index: u32, phase: u8, name: &str, inputs: &[A], outputs: &
         bytes_written: outputs.iter().map(|a| a.1).sum(),
         freed: Vec::new(),
         plan: Vec::new(),
+        plan_source: String::new(),
         plan_reads: Vec::new(),
     }
 }

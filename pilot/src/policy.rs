@@ -42,8 +42,9 @@ pub struct PilotConfig {
     pub max_ranked_exact: usize,
     /// The farthest ahead (in ops) prefetching looks, whatever horizon the caller offers.
     pub max_horizon: usize,
-    /// A buffer's prediction is reused, less the ops since, for this many ops (0: predict at
-    /// every ranking): rankings come every few ops and rank mostly the same candidates.
+    /// A buffer's prediction is reused, less the ops since, for this many ops unless the
+    /// buffer was used meanwhile (0: predict at every ranking): rankings come every few ops
+    /// and rank mostly the same candidates.
     pub reuse_prediction_ops: u64,
 }
 
@@ -57,7 +58,7 @@ impl Default for PilotConfig {
             max_ranked: 32,
             max_ranked_exact: 128,
             max_horizon: 32,
-            reuse_prediction_ops: 16,
+            reuse_prediction_ops: 8,
         }
     }
 }
@@ -290,11 +291,14 @@ impl PilotPolicy {
         let Some(s) = &self.snapshot else {
             return (u64::MAX, floor);
         };
-        // A recent prediction for the same buffer still stands, moved on by the ops since.
+        // A recent prediction for the same buffer still stands, moved on by the ops since,
+        // unless an op used the buffer after it.
         let clock = self.tracker.clock();
+        let last_use = self.tracker.state(q.id).map(|b| b.last_use);
         let hot = self.hot.get_mut();
         if let Some(&(at, latest, earliest)) = hot.recent.get(&q.id)
             && clock - at <= self.cfg.reuse_prediction_ops
+            && last_use.is_none_or(|u| u == u64::MAX || u < at)
         {
             let gone = clock - at;
             return (

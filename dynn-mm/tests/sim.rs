@@ -216,3 +216,98 @@ fn copy_latency_is_paid_per_copy() {
         "{a:?} vs {b:?}"
     );
 }
+
+/// What a policy was told, and after how many ops of the step.
+#[derive(Debug, Clone, PartialEq)]
+enum Told {
+    Plan(usize, String, Vec<Vec<u64>>),
+    PlanRead(usize, usize, u64),
+}
+
+/// LRU that also writes down every plan it is told.
+struct Listener {
+    step: u64,
+    ops: usize,
+    told: std::sync::Arc<std::sync::Mutex<Vec<(u64, Told)>>>,
+}
+
+impl dynn_mm::Policy for Listener {
+    fn name(&self) -> &'static str {
+        "listener"
+    }
+    fn observe(&mut self, _: &OpRecord) {
+        self.ops += 1;
+    }
+    fn step_boundary(&mut self, step: u64) {
+        (self.step, self.ops) = (step, 0);
+    }
+    fn rank_victims(&mut self, _: dynn_mm::Now, c: &mut [dynn_mm::Candidate]) {
+        c.sort_by_key(|c| c.last_use);
+    }
+    fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
+        let t = Told::Plan(self.ops, source.to_string(), groups.to_vec());
+        self.told.lock().unwrap().push((self.step, t));
+    }
+    fn plan_read(&mut self, group: usize, id: u64) {
+        let t = Told::PlanRead(self.ops, group, id);
+        self.told.lock().unwrap().push((self.step, t));
+    }
+}
+
+#[test]
+fn the_simulator_tells_a_policy_the_plans_the_run_told() {
+    let live = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut cfg = ManagerConfig::new(
+        Box::new(Listener {
+            step: 0,
+            ops: 0,
+            told: live.clone(),
+        }),
+        None,
+    );
+    cfg.record_trace = true;
+    let mm = MemoryManager::new(cfg);
+    {
+        let _g = install_memory_hooks(mm.clone());
+        Mlp::new(16, 3, 1).unwrap().train(3, 4, 2).unwrap();
+    }
+    let live: Vec<Told> = live
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(s, _)| *s == 1)
+        .map(|(_, t)| t.clone())
+        .collect();
+    // The tape's plan: one group per node, announced before the first backward op; then the
+    // gradients it makes, each bound for a later group.
+    let Some(Told::Plan(at, source, groups)) = live.first() else {
+        panic!("no plan told in step 1: {live:?}");
+    };
+    assert_eq!(source, "backward");
+    assert!(
+        *at > 0 && groups.len() >= 3 * 3,
+        "{at} ops, {} groups",
+        groups.len()
+    );
+    assert!(live.iter().any(|t| matches!(t, Told::PlanRead(..))));
+    let replayed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut p = Listener {
+        step: 1,
+        ops: 0,
+        told: replayed.clone(),
+    };
+    simulate(
+        &mm.trace().step_ops(1),
+        &mut p,
+        None,
+        &DeviceProfile::a100_pcie4(),
+    )
+    .unwrap();
+    let replayed: Vec<Told> = replayed
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|t| t.1.clone())
+        .collect();
+    assert_eq!(replayed, live);
+}

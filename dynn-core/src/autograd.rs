@@ -110,14 +110,13 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
     let mut pending: Pending = HashMap::new();
     let mut heap = BinaryHeap::new();
     // The tape's reads, announced to the memory hooks; then where each gradient made goes.
-    let hooks = crate::memory_hooks();
-    let plan = hooks.as_ref().map(|h| {
+    let planned = crate::memory_hooks().map(|h| {
         let plan = TapePlan::new(meta);
         h.plan("backward", &plan.groups);
-        plan
+        (h, plan)
     });
     let announce = |from: Option<usize>, to: &GradMeta, g: &Tensor| {
-        if let (Some(h), Some(plan)) = (&hooks, &plan)
+        if let Some((h, plan)) = &planned
             && let Some(group) = plan.next_read(from, to)
         {
             h.plan_read(group, g.buffer().id());
@@ -183,6 +182,7 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
             }
         };
         drop(saved);
+        let from = planned.as_ref().and_then(|(_, p)| p.group_of(node.seq));
         for (i, edge) in node.edges.iter().enumerate() {
             let (Some(edge), Some(Some(g))) = (edge, input_grads.get(i)) else {
                 continue;
@@ -198,7 +198,6 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
                     spec.dtype
                 )));
             }
-            let from = plan.as_ref().and_then(|p| p.group_of(node.seq));
             deliver(edge, g.clone(), from, &mut pending, &mut heap)?;
         }
     }

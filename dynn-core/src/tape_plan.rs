@@ -7,7 +7,8 @@ use crate::autograd::{GradMeta, Node};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-/// Where a gradient is delivered: a node (by sequence number) or a leaf (by its accumulator).
+/// Where a gradient is delivered: a node or a leaf's accumulator, by address (unique while an
+/// edge names it, and edges hold what they name).
 fn target(meta: &GradMeta) -> usize {
     match meta {
         GradMeta::Node { node, .. } => Arc::as_ptr(node) as usize,

@@ -32,5 +32,5 @@ pub use policy::{Candidate, Eviction, Now, Policy, Profile};
 pub use pool::{Block, DevicePool, PoolExhausted, PoolStats};
 pub use report::{MemoryReport, TimelinePoint};
 pub use sim::{DeviceProfile, SimResult, simulate};
-pub use trace::{OpRecord, StepRecord, Trace};
+pub use trace::{Announced, OpRecord, StepRecord, Trace};
 pub use transfer::{Direction, TransferConfig, TransferEngine};

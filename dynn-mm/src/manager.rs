@@ -5,7 +5,9 @@
 use crate::policy::{Candidate, Eviction, Now, Policy};
 use crate::pool::{Block, DevicePool, PoolExhausted};
 use crate::report::{MemoryReport, TimelinePoint};
-use crate::trace::{Access, FNV_START, OpRecord, StepRecord, Trace, fnv1a, kind_code, phase_code};
+use crate::trace::{
+    Access, Announced, FNV_START, OpRecord, StepRecord, Trace, fnv1a, kind_code, phase_code,
+};
 use crate::transfer::{Direction, TransferConfig, TransferEngine};
 use dynn_core::{
     Buffer, BufferId, BufferKind, Error, MemoryHooks, OpEvent, Recipe, ReleaseSink, Result, Slot,
@@ -152,12 +154,8 @@ struct State {
     recomputing: Vec<Recomputing>,
     /// The dropped buffers' neighbourhoods, for the recompute policy's costs.
     clusters: DroppedClusters,
-    /// A plan announced since the last op, for that op's trace record.
-    pending_plan: Vec<Vec<u64>>,
-    /// Plan reads announced since the last op, for that op's trace record.
-    pending_plan_reads: Vec<(u32, u64)>,
-    /// Who announced `pending_plan`.
-    pending_plan_source: &'static str,
+    /// Plans and plan reads announced since the last op, for that op's trace record.
+    announced: Announced,
 }
 
 /// A dropped buffer being recomputed.
@@ -311,9 +309,7 @@ impl MemoryManager {
                 now: Now::default(),
                 created_in_step: 0,
                 step_signature: FNV_START,
-                pending_plan: Vec::new(),
-                pending_plan_reads: Vec::new(),
-                pending_plan_source: "",
+                announced: Announced::default(),
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -1092,7 +1088,7 @@ impl MemoryManager {
             let key = st.table.get(&b.id()).map_or(b.id().0, |e| e.key);
             (b.id().0, b.size_in_bytes() as u64, kind_code(b.kind()), key)
         };
-        OpRecord {
+        let mut rec = OpRecord {
             t: "op".into(),
             seq: ev.seq,
             step: st.now.step,
@@ -1106,10 +1102,12 @@ impl MemoryManager {
             bytes_read: ev.cost.bytes_read,
             bytes_written: ev.cost.bytes_written,
             freed: Vec::new(),
-            plan: std::mem::take(&mut st.pending_plan),
-            plan_source: std::mem::take(&mut st.pending_plan_source).to_string(),
-            plan_reads: std::mem::take(&mut st.pending_plan_reads),
-        }
+            plan: Vec::new(),
+            plan_source: String::new(),
+            plan_reads: Vec::new(),
+        };
+        st.announced.attach_to(&mut rec);
+        rec
     }
 
     /// Issues prefetches for buffers the policy expects soon, without evicting anything the
@@ -1337,8 +1335,7 @@ impl MemoryHooks for MemoryManager {
             .collect();
         st.policy.plan(source, &groups);
         if st.trace.is_some() {
-            st.pending_plan = groups;
-            st.pending_plan_source = source;
+            st.announced.plan(source, &groups);
         }
     }
 
@@ -1346,7 +1343,7 @@ impl MemoryHooks for MemoryManager {
         let mut st = self.lock();
         st.policy.plan_read(group, buffer.0);
         if st.trace.is_some() {
-            st.pending_plan_reads.push((group as u32, buffer.0));
+            st.announced.read(group, buffer.0);
         }
     }
 

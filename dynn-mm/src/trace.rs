@@ -70,6 +70,40 @@ pub struct OpRecord {
     pub plan_reads: Vec<(u32, u64)>,
 }
 
+/// What was announced since the last op (see [`OpRecord::plan`]), kept for that op's record
+/// by whoever records ops: the memory manager, the pilot's own recording.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Announced {
+    plan: Vec<Vec<u64>>,
+    source: String,
+    reads: Vec<(u32, u64)>,
+}
+
+impl Announced {
+    /// A plan of `groups` by `source` was announced; it replaces one not yet recorded.
+    pub fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
+        self.plan = groups.to_vec();
+        self.source.clear();
+        self.source.push_str(source);
+    }
+
+    /// Buffer `id` will be read by the plan's group `group`.
+    pub fn read(&mut self, group: usize, id: u64) {
+        self.reads.push((group as u32, id));
+    }
+
+    /// Moves what was announced onto `op`'s record, unless the record carries its own (one
+    /// replayed from a trace, whose announcements these are); either way they are used up.
+    pub fn attach_to(&mut self, op: &mut OpRecord) {
+        let announced = std::mem::take(self);
+        if op.plan.is_empty() && op.plan_reads.is_empty() {
+            op.plan = announced.plan;
+            op.plan_source = announced.source;
+            op.plan_reads = announced.reads;
+        }
+    }
+}
+
 impl OpRecord {
     /// Tells `policy` what was announced before this op ran (its plan, then the plan's new
     /// reads), as the memory manager did during the run.

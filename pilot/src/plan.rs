@@ -156,7 +156,7 @@ impl PlanCursor {
 
     /// Ops per group: the previous step's pace for a plan from the same source, giving way
     /// to what the ops since the announcement show.
-    pub fn pace(&self, index: u32) -> f64 {
+    fn pace(&self, index: u32) -> f64 {
         let done = self.cursor as f64 + 0.5;
         let now = index.saturating_sub(self.start) as f64 / done;
         match self.prior.iter().find(|p| p.0 == self.source).map(|p| p.1) {

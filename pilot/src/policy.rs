@@ -14,7 +14,7 @@ use crate::predictor::{Scratch, Snapshot};
 use crate::tracker::{Query, Tracker};
 use dynn_core::BufferId;
 use dynn_mm::trace::kind_code;
-use dynn_mm::{Candidate, Now, OpRecord, Policy};
+use dynn_mm::{Announced, Candidate, Now, OpRecord, Policy};
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Instant;
@@ -123,12 +123,8 @@ pub struct PilotPolicy {
     stats: PilotStats,
     /// `upcoming` takes `&self`: its time is counted here.
     upcoming_ns: Cell<u64>,
-    /// A plan announced since the last op, for that op's recorded copy.
-    pending_plan: Vec<Vec<u64>>,
-    /// Plan reads announced since the last op, for that op's recorded copy.
-    pending_plan_reads: Vec<(u32, u64)>,
-    /// Who announced `pending_plan`.
-    pending_plan_source: String,
+    /// Plans and plan reads announced since the last op, for that op's recorded copy.
+    announced: Announced,
     /// Where the counters go when the policy is dropped (see [`PilotPolicy::report_to`]).
     sink: Option<StatsSink>,
 }
@@ -200,9 +196,7 @@ impl PilotPolicy {
             suspects: Vec::with_capacity(SUSPECTS),
             stats: PilotStats::default(),
             upcoming_ns: Cell::new(0),
-            pending_plan: Vec::new(),
-            pending_plan_reads: Vec::new(),
-            pending_plan_source: String::new(),
+            announced: Announced::default(),
             sink: None,
         }
     }
@@ -331,11 +325,7 @@ impl Policy for PilotPolicy {
         self.tracker.observe(op);
         if let Some(r) = self.recording.as_mut() {
             let mut op = op.clone();
-            if op.plan.is_empty() && op.plan_reads.is_empty() {
-                op.plan = std::mem::take(&mut self.pending_plan);
-                op.plan_source = std::mem::take(&mut self.pending_plan_source);
-                op.plan_reads = std::mem::take(&mut self.pending_plan_reads);
-            }
+            self.announced.attach_to(&mut op);
             r.push(op);
         }
         if !self.suspects.is_empty() {
@@ -349,8 +339,7 @@ impl Policy for PilotPolicy {
         let t = Instant::now();
         self.tracker.plan(source, groups);
         if self.recording.is_some() {
-            self.pending_plan = groups.to_vec();
-            self.pending_plan_source = source.to_string();
+            self.announced.plan(source, groups);
         }
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }
@@ -359,7 +348,7 @@ impl Policy for PilotPolicy {
         let t = Instant::now();
         self.tracker.plan_read(group, id);
         if self.recording.is_some() {
-            self.pending_plan_reads.push((group as u32, id));
+            self.announced.read(group, id);
         }
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }

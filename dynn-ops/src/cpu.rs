@@ -300,6 +300,53 @@ pub fn stream_fence() {
     }
 }
 
+/// A unit of kernel work compiled twice: for AVX2+FMA and for the baseline target.
+///
+/// Implementations mark `run` `#[inline(always)]` (and everything it calls): [`simd_task`]
+/// then compiles the whole body inside a `#[target_feature(enable = "avx2,fma")]` function,
+/// where the loops vectorize eight f32 lanes wide. (A closure passed to
+/// [`crate::math::simd`] is a separate function called from two places, which LLVM may
+/// decline to inline into the AVX2 wrapper, leaving it scalar.)
+pub trait SimdTask {
+    /// What the task returns.
+    type Out;
+    /// The work.
+    fn run(self) -> Self::Out;
+}
+
+/// Runs `task` with AVX-512 or AVX2+FMA code when the CPU has them, else with baseline
+/// code. The kernels' lane counts and operation order are fixed in the source, so every path
+/// gives the same bits.
+#[inline(always)]
+pub fn simd_task<K: SimdTask>(task: K) -> K::Out {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+            fn avx512<K: SimdTask>(task: K) -> K::Out {
+                task.run()
+            }
+            // SAFETY: the CPU supports these features, checked just above.
+            return unsafe { avx512(task) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2<K: SimdTask>(task: K) -> K::Out {
+                task.run()
+            }
+            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+            return unsafe { avx2(task) };
+        }
+    }
+    task.run()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

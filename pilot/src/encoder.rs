@@ -130,15 +130,16 @@ impl FeatureConfig {
     /// answers such a candidate from the plan, not the network: the backward pass is known
     /// from the tape.
     pub fn planned_bucket(&self, row: &[f32]) -> Option<u8> {
-        let cand = self.window * self.encoding.op_dim();
-        if row
-            .get(cand + KINDS + 7)
-            .is_none_or(|&matching| matching != 0.0)
-        {
+        self.planned_bucket_of_candidate(row.get(self.window * self.encoding.op_dim()..)?)
+    }
+
+    /// [`FeatureConfig::planned_bucket`] of the candidate part `cand` of a model input.
+    pub fn planned_bucket_of_candidate(&self, cand: &[f32]) -> Option<u8> {
+        if cand.get(KINDS + 7).is_none_or(|&matching| matching != 0.0) {
             return None;
         }
-        let at = cand + KINDS + 8 + 3 * (BUCKETS + 1);
-        let plan = row.get(at..at + PLAN)?;
+        let at = KINDS + 8 + 3 * (BUCKETS + 1);
+        let plan = cand.get(at..at + PLAN)?;
         if plan[BUCKETS..BUCKETS + 3].iter().any(|&f| f != 0.0) {
             return None;
         }

@@ -97,7 +97,12 @@ impl PilotStats {
 #[derive(Debug, Default)]
 struct Hot {
     scratch: Scratch,
-    row: Vec<f32>,
+    /// The window part of the model input, then its first-layer sums, as of op `sums_at`.
+    window: Vec<f32>,
+    sums: Vec<f32>,
+    sums_at: Option<u64>,
+    /// The candidate part of the model input.
+    cand: Vec<f32>,
     soon: Vec<(u64, u64)>,
     /// The latest prediction per buffer id: `(tracker clock, latest, earliest)`.
     recent: KeyMap<(u64, u64, u64)>,
@@ -187,7 +192,10 @@ impl PilotPolicy {
             steps_seen: 0,
             hot: RefCell::new(Hot {
                 scratch: Scratch::default(),
-                row: vec![0.0; cfg.features.input_dim()],
+                window: vec![0.0; cfg.features.window * cfg.features.encoding.op_dim()],
+                sums: Vec::new(),
+                sums_at: None,
+                cand: vec![0.0; cfg.features.encoding.cand_dim()],
                 soon: Vec::with_capacity(SUSPECTS),
                 recent: KeyMap::default(),
             }),
@@ -249,7 +257,9 @@ impl PilotPolicy {
         }
         self.version = v;
         if let Some(s) = self.cell.get().filter(|s| s.features == self.cfg.features) {
-            self.hot.get_mut().scratch = s.scratch();
+            let hot = self.hot.get_mut();
+            hot.scratch = s.scratch();
+            hot.sums_at = None;
             self.snapshot = Some(s);
             self.stats.swaps += 1;
         }
@@ -300,9 +310,15 @@ impl PilotPolicy {
                 earliest.saturating_sub(gone).max(floor),
             );
         }
-        self.tracker.features(q, &mut hot.row);
+        // The window's share of the first layer is the same for every candidate at this op.
+        if hot.sums_at != Some(clock) {
+            self.tracker.window_features(&mut hot.window);
+            s.window_sums(&hot.window, &mut hot.sums);
+            hot.sums_at = Some(clock);
+        }
+        self.tracker.candidate_features(q, &mut hot.cand);
         self.stats.predictions += 1;
-        let b = s.predict(&hot.row, &mut hot.scratch);
+        let b = s.predict_after(&hot.sums, &hot.cand, &mut hot.scratch);
         let (latest, earliest) = (representative(b), lower_bound(b));
         hot.recent.insert(q.id, (clock, latest, earliest));
         (latest.max(floor), earliest.max(floor))

@@ -7,6 +7,7 @@ use crate::encoder::{Encoding, FeatureConfig};
 use dynn_core::{Device, Error, Result, Tensor};
 use dynn_models::checkpoint::Checkpoint;
 use dynn_models::nn::Linear;
+use dynn_ops::cpu::{SimdTask, simd_task};
 use std::path::Path;
 
 /// One dense layer: `y = x W + b`, `W` row-major `(inputs, outputs)`.
@@ -38,23 +39,53 @@ impl Dense {
         })
     }
 
-    /// `out = x W + b`, ReLU'd when `relu`.
-    fn apply(&self, x: &[f32], out: &mut [f32], relu: bool) {
-        out.copy_from_slice(&self.b);
-        for (i, &xi) in x.iter().enumerate() {
-            if xi == 0.0 {
-                continue; // one-hot and missing features are mostly zeros
+    /// Adds `x`'s share of `x W`, with `x` as inputs `first..first + x.len()`, to `out`
+    /// (`outputs` long). Each output adds its terms in input order, so splitting the inputs
+    /// into parts gives the same bits as one call over all of them. Outputs go in blocks of
+    /// [`BLOCK`] held in registers across the inputs; zero inputs (one-hot and missing
+    /// features) are skipped.
+    #[inline(always)]
+    fn accumulate(&self, x: &[f32], first: usize, out: &mut [f32]) {
+        let n = self.outputs;
+        let Some(w) = self.w.get(first * n..(first + x.len()) * n) else {
+            return;
+        };
+        let done = n / BLOCK * BLOCK;
+        let (blocks, tail) = out.split_at_mut(done.min(out.len()));
+        for (k, block) in blocks.chunks_exact_mut(BLOCK).enumerate() {
+            let Some(block) = block.first_chunk_mut::<BLOCK>() else {
+                continue;
+            };
+            let mut acc = *block;
+            for (row, &xi) in w.chunks_exact(n).zip(x) {
+                if xi == 0.0 {
+                    continue;
+                }
+                if let Some(r) = row[k * BLOCK..].first_chunk::<BLOCK>() {
+                    for (a, &wv) in acc.iter_mut().zip(r) {
+                        *a += xi * wv;
+                    }
+                }
             }
-            let row = &self.w[i * self.outputs..(i + 1) * self.outputs];
-            for (o, &w) in out.iter_mut().zip(row) {
-                *o += xi * w;
+            *block = acc;
+        }
+        for (row, &xi) in w.chunks_exact(n).zip(x) {
+            if xi != 0.0 {
+                for (o, &wv) in tail.iter_mut().zip(&row[done..]) {
+                    *o += xi * wv;
+                }
             }
         }
-        if relu {
-            for o in out.iter_mut() {
-                *o = o.max(0.0);
-            }
-        }
+    }
+}
+
+/// Outputs a dense layer accumulates at once, in registers.
+const BLOCK: usize = 32;
+
+#[inline(always)]
+fn relu(v: &mut [f32]) {
+    for o in v.iter_mut() {
+        *o = o.max(0.0);
     }
 }
 
@@ -64,12 +95,14 @@ impl Dense {
 pub struct Scratch {
     a: Vec<f32>,
     b: Vec<f32>,
+    /// The window's sums ([`Snapshot::window_sums`]) when [`Snapshot::logits`] computes them.
+    sums: Vec<f32>,
 }
 
 impl Scratch {
-    /// The buffer's capacity in floats (to check that calls do not grow it).
-    pub fn capacity(&self) -> (usize, usize) {
-        (self.a.capacity(), self.b.capacity())
+    /// The buffers' capacities in floats (to check that calls do not grow them).
+    pub fn capacity(&self) -> (usize, usize, usize) {
+        (self.a.capacity(), self.b.capacity(), self.sums.capacity())
     }
 }
 
@@ -120,6 +153,28 @@ impl Snapshot {
         Scratch {
             a: Vec::with_capacity(widest),
             b: Vec::with_capacity(widest),
+            sums: Vec::with_capacity(widest),
+        }
+    }
+
+    /// Width of the input's window part (the recent ops' features, before the candidate's).
+    pub fn window_dim(&self) -> usize {
+        self.features.window * self.features.encoding.op_dim()
+    }
+
+    /// The first layer's sums over the input's window part `window` (bias included), into
+    /// `out`. Every candidate ranked at the same op shares them: [`Snapshot::predict_after`]
+    /// adds a candidate's part, giving the same bits as [`Snapshot::logits`] on the whole row.
+    pub fn window_sums(&self, window: &[f32], out: &mut Vec<f32>) {
+        out.clear();
+        if let Some(l) = self.layers.first() {
+            out.extend_from_slice(&l.b);
+            simd_task(Accumulate {
+                layer: l,
+                x: window,
+                first: 0,
+                out,
+            });
         }
     }
 
@@ -127,16 +182,22 @@ impl Snapshot {
     /// nothing when `s` came from [`Snapshot::scratch`].
     pub fn logits<'s>(&self, x: &[f32], s: &'s mut Scratch) -> &'s [f32] {
         debug_assert_eq!(x.len(), self.features.input_dim());
-        let last = self.layers.len() - 1;
-        for (i, l) in self.layers.iter().enumerate() {
-            // `a` holds the previous layer's output; the new one goes into `b`.
-            s.b.clear();
-            s.b.resize(l.outputs, 0.0);
-            let input: &[f32] = if i == 0 { x } else { &s.a };
-            l.apply(input, &mut s.b, i < last);
-            std::mem::swap(&mut s.a, &mut s.b);
-        }
+        let (window, cand) = x.split_at(self.window_dim().min(x.len()));
+        let mut sums = std::mem::take(&mut s.sums);
+        self.window_sums(window, &mut sums);
+        self.logits_after(&sums, cand, s);
+        s.sums = sums;
         &s.a
+    }
+
+    /// The logits of the candidate part `cand` after the window's sums `sums`, into `s.a`.
+    fn logits_after(&self, sums: &[f32], cand: &[f32], s: &mut Scratch) {
+        simd_task(Finish {
+            snapshot: self,
+            sums,
+            cand,
+            s,
+        });
     }
 
     /// The predicted bucket of input `x`: the announced plan's where it reads the candidate
@@ -148,16 +209,19 @@ impl Snapshot {
         }
     }
 
+    /// [`Snapshot::predict`] of the row whose window part gave `sums`
+    /// ([`Snapshot::window_sums`]) and whose candidate part is `cand`.
+    pub fn predict_after(&self, sums: &[f32], cand: &[f32], s: &mut Scratch) -> u8 {
+        if let Some(b) = self.features.planned_bucket_of_candidate(cand) {
+            return b;
+        }
+        self.logits_after(sums, cand, s);
+        argmax(&s.a)
+    }
+
     /// The network's predicted bucket of input `x`.
     pub fn predict_net(&self, x: &[f32], s: &mut Scratch) -> u8 {
-        let logits = self.logits(x, s);
-        let mut best = 0;
-        for (i, &v) in logits.iter().enumerate() {
-            if v > logits[best] {
-                best = i;
-            }
-        }
-        best as u8
+        argmax(self.logits(x, s))
     }
 
     /// Saves the snapshot as a safetensors checkpoint (`layer.<i>.weight`, `layer.<i>.bias`;
@@ -227,5 +291,71 @@ impl Snapshot {
             });
         }
         Snapshot::new(features, layers).map_err(|e| bad(e.to_string()))
+    }
+}
+
+/// The index of the largest logit (the first of equals).
+fn argmax(logits: &[f32]) -> u8 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u8
+}
+
+/// [`Dense::accumulate`] as one SIMD task.
+struct Accumulate<'a> {
+    layer: &'a Dense,
+    x: &'a [f32],
+    first: usize,
+    out: &'a mut [f32],
+}
+
+impl SimdTask for Accumulate<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        self.layer.accumulate(self.x, self.first, self.out);
+    }
+}
+
+/// The forward pass from the first layer's window sums to the logits (in `s.a`), as one
+/// SIMD task.
+struct Finish<'a> {
+    snapshot: &'a Snapshot,
+    sums: &'a [f32],
+    cand: &'a [f32],
+    s: &'a mut Scratch,
+}
+
+impl SimdTask for Finish<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let Finish {
+            snapshot,
+            sums,
+            cand,
+            s,
+        } = self;
+        let last = snapshot.layers.len().saturating_sub(1);
+        let first = snapshot.window_dim();
+        for (i, l) in snapshot.layers.iter().enumerate() {
+            // `a` holds the previous layer's output; the new one goes into `b`.
+            s.b.clear();
+            if i == 0 {
+                s.b.extend_from_slice(sums);
+                l.accumulate(cand, first, &mut s.b);
+            } else {
+                s.b.extend_from_slice(&l.b);
+                l.accumulate(&s.a, 0, &mut s.b);
+            }
+            if i < last {
+                relu(&mut s.b);
+            }
+            std::mem::swap(&mut s.a, &mut s.b);
+        }
     }
 }

@@ -575,14 +575,23 @@ impl Tracker {
     /// window's op rows oldest first (zeros before the first ops), then the candidate.
     pub fn features(&self, q: &Query, out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.cfg.input_dim());
-        let d = self.cfg.encoding.op_dim();
-        let w = self.cfg.window;
-        let (ops, cand) = out.split_at_mut(w * d);
-        let split = self.next * d;
+        let (ops, cand) = out.split_at_mut(self.cfg.window * self.cfg.encoding.op_dim());
+        self.window_features(ops);
+        self.candidate_features(q, cand);
+    }
+
+    /// Writes the window part of the model input (the same for every candidate until the
+    /// next op) into `out` (`window × op_dim` long).
+    pub fn window_features(&self, out: &mut [f32]) {
+        let split = self.next * self.cfg.encoding.op_dim();
         let (newer, older) = self.ring.split_at(split);
-        ops[..older.len()].copy_from_slice(older);
-        ops[older.len()..].copy_from_slice(newer);
-        encode_candidate(self.cfg.encoding, &self.candidate(q), cand);
+        out[..older.len()].copy_from_slice(older);
+        out[older.len()..].copy_from_slice(newer);
+    }
+
+    /// Writes the candidate part of the model input for `q` into `out` (`cand_dim` long).
+    pub fn candidate_features(&self, q: &Query, out: &mut [f32]) {
+        encode_candidate(self.cfg.encoding, &self.candidate(q), out);
     }
 
     /// The query for a tracked buffer `id` (its current key, kind and size).

@@ -67,6 +67,53 @@ fn the_predictor_matches_the_dynn_forward_and_reuses_its_scratch() -> dynn_core:
 }
 
 #[test]
+fn candidates_after_shared_window_sums_give_the_same_bits_as_whole_rows() -> dynn_core::Result<()> {
+    // 40 wide: one register block of outputs and a tail.
+    let features = FeatureConfig::default();
+    let cfg = ModelConfig {
+        hidden: 40,
+        ..ModelConfig::default()
+    };
+    let snap = PilotNet::new(features.input_dim(), &cfg)?.snapshot(features)?;
+    let (dim, split) = (features.input_dim(), snap.window_dim());
+    let rows = 12;
+    let mut x = inputs(rows, dim);
+    // Every row shares row 0's window, as the candidates ranked at one op do.
+    for r in 1..rows {
+        x.copy_within(0..split, r * dim);
+    }
+    let mut sums = Vec::new();
+    snap.window_sums(&x[..split], &mut sums);
+    let (mut whole, mut after) = (snap.scratch(), snap.scratch());
+    for r in 0..rows {
+        let row = &x[r * dim..(r + 1) * dim];
+        let predicted = snap.predict_after(&sums, &row[split..], &mut after);
+        assert_eq!(predicted, snap.predict(row, &mut whole), "row {r}");
+        // The plain forward pass: each output adds its terms in input order.
+        let mut want = row.to_vec();
+        for (i, l) in snap.layers.iter().enumerate() {
+            let mut next = l.b.clone();
+            for (o, y) in next.iter_mut().enumerate() {
+                for (k, &v) in want.iter().enumerate() {
+                    *y += v * l.w[k * l.outputs + o];
+                }
+            }
+            if i + 1 < snap.layers.len() {
+                next.iter_mut().for_each(|y| *y = y.max(0.0));
+            }
+            want = next;
+        }
+        let got = snap.logits(row, &mut whole);
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            "row {r}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn save_then_load_gives_the_same_pilot() -> dynn_core::Result<()> {
     let (_, snap, features) = net()?;
     let path = std::env::temp_dir().join(format!("dynn-pilot-{}.safetensors", std::process::id()));

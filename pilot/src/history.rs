@@ -39,8 +39,10 @@ pub struct StepProfile {
     keys: Vec<u64>,
     /// `keys[starts[i]..starts[i + 1]]` are the keys of op `i`.
     starts: Vec<u32>,
-    /// Key → sorted indices of the ops that touch it.
-    uses: KeyMap<Vec<u32>>,
+    /// Key → `(start, len)` of its ops in `use_ops`, built by [`StepProfile::seal`].
+    uses: KeyMap<(u32, u32)>,
+    /// The sorted indices of the ops that touch each key, key after key.
+    use_ops: Vec<u32>,
     /// Per phase code, the index of its first op and one past its last (a step's phases run
     /// one after the other).
     phase_range: [(u32, u32); 3],
@@ -61,14 +63,48 @@ impl StepProfile {
             }
             r.1 = index + 1;
         }
+        let first = self.keys.len();
         for k in keys {
-            let u = self.uses.entry(k).or_default();
-            if u.last() != Some(&index) {
-                u.push(index);
+            if !self.keys[first..].contains(&k) {
                 self.keys.push(k);
             }
         }
         self.starts.push(self.keys.len() as u32);
+    }
+
+    /// Indexes the ops pushed so far by key, for the queries ([`StepProfile::next_use`],
+    /// [`StepProfile::gap`], [`StepProfile::nth_use_in_phase`]). Done once, when the step
+    /// ends: building the index in one pass over the step touches memory in order, where
+    /// updating it on every op would miss the cache the op's kernel just flushed.
+    pub fn seal(&mut self) {
+        self.uses.clear();
+        for &k in &self.keys {
+            self.uses.entry(k).or_default().1 += 1;
+        }
+        let mut start = 0;
+        for u in self.uses.values_mut() {
+            let count = u.1;
+            *u = (start, 0);
+            start += count;
+        }
+        self.use_ops.clear();
+        self.use_ops.resize(self.keys.len(), 0);
+        for (op, w) in self.starts.windows(2).enumerate() {
+            for k in &self.keys[w[0] as usize..w[1] as usize] {
+                if let Some(u) = self.uses.get_mut(k) {
+                    if let Some(slot) = self.use_ops.get_mut((u.0 + u.1) as usize) {
+                        *slot = op as u32;
+                    }
+                    u.1 += 1;
+                }
+            }
+        }
+    }
+
+    /// The sorted indices of the ops that used `key` (sealed ops only).
+    fn uses_of(&self, key: u64) -> Option<&[u32]> {
+        let &(start, len) = self.uses.get(&key)?;
+        self.use_ops.get(start as usize..(start + len) as usize)
     }
 
     /// Ops recorded.
@@ -89,7 +125,7 @@ impl StepProfile {
     /// Ops from op `after` (`None`: before the first op) to the next use of `key` within the
     /// step; `None` when the step does not use it again.
     pub fn next_use(&self, after: Option<u32>, key: u64) -> Option<u64> {
-        let uses = self.uses.get(&key)?;
+        let uses = self.uses_of(key)?;
         let from = after.map_or(-1, |a| a as i64);
         let pos = uses.partition_point(|&u| (u as i64) <= from);
         uses.get(pos).map(|&u| (u as i64 - from) as u64)
@@ -98,7 +134,7 @@ impl StepProfile {
     /// The gap in ops between the `k`-th and `k+1`-th ops that use `key` (`k ≥ 1`; `None`
     /// when the step used it at most `k` times).
     pub fn gap(&self, key: u64, k: u32) -> Option<u64> {
-        let uses = self.uses.get(&key)?;
+        let uses = self.uses_of(key)?;
         let k = k as usize;
         match (k.checked_sub(1).and_then(|i| uses.get(i)), uses.get(k)) {
             (Some(&a), Some(&b)) => Some((b - a) as u64),
@@ -108,7 +144,7 @@ impl StepProfile {
 
     /// The index of the `rank`-th op (from 1) of phase `phase` that uses `key`.
     pub fn nth_use_in_phase(&self, key: u64, phase: u8, rank: u32) -> Option<u32> {
-        let uses = self.uses.get(&key)?;
+        let uses = self.uses_of(key)?;
         let (start, end) = *self.phase_range.get(phase as usize)?;
         let first = uses.partition_point(|&u| u < start);
         let at = *uses.get(first + (rank as usize).checked_sub(1)?)?;
@@ -134,6 +170,7 @@ impl StepProfile {
         self.keys.clear();
         self.starts.clear();
         self.uses.clear();
+        self.use_ops.clear();
         self.phase_range = [(0, 0); 3];
     }
 }
@@ -148,6 +185,7 @@ mod tests {
         p.push(1, 0, [10, 11]);
         p.push(2, 0, [11, 11, 12]);
         p.push(3, 1, [10]);
+        p.seal();
         assert_eq!(p.len(), 3);
         assert_eq!(p.next_use(None, 10), Some(1));
         assert_eq!(p.next_use(Some(0), 10), Some(2));

@@ -367,6 +367,7 @@ impl Tracker {
             self.expected = self.index;
             self.prev_phase_ops = self.phase_ops;
             self.prev_phase_start = self.phase_start;
+            self.current.seal();
             std::mem::swap(&mut self.current, &mut self.previous);
             self.current.clear();
         }

@@ -13,7 +13,9 @@
 //! step before (its profiling step); `belady` gets the replayed step's own access order;
 //! `pilot` is the learned policy of `dynn::pilot` with a snapshot trained (a few epochs, no
 //! online training) on the workload's recorded steps other than the replayed one, shown the
-//! step before like `static`. The
+//! step before like `static`, and given the profile's costs, so it drops an activation for
+//! recomputation where that costs less than copying it out; `pilot-offload` is the same
+//! pilot offloading every victim. The
 //! last line with `--json` is `{"rows":[{"model","policy","budget_frac","profile","step_ms",
 //! "compute_ms","stall_ms","bytes_h2d","bytes_d2h","peak_device_bytes","slowdown"}]}`
 //! (slowdown = step time / unlimited step time); a replay that runs out of memory (`none`
@@ -87,7 +89,15 @@ struct Args {
 /// Budgets, as shares of the unlimited replay's peak.
 const FRACS: [f64; 4] = [1.0, 0.5, 0.25, 0.125];
 /// Policies of the table: dynn-mm's built-ins and the learned pilot.
-const TABLE_POLICIES: [&str; 6] = ["none", "lru", "static", "recompute", "belady", "pilot"];
+const TABLE_POLICIES: [&str; 7] = [
+    "none",
+    "lru",
+    "static",
+    "recompute",
+    "belady",
+    "pilot",
+    "pilot-offload",
+];
 /// The DyNNs `--holdout` trains on and holds out (not the static transformer).
 const DYNNS: [Workload; 4] = [
     Workload::Moe,

@@ -293,7 +293,7 @@ const CREATED: u64 = 1 << 63;
 impl MemoryManager {
     /// A manager with `config`.
     pub fn new(config: ManagerConfig) -> Arc<Self> {
-        let wants_recipes = config.policy.name() == "recompute";
+        let wants_recipes = config.policy.drops();
         Arc::new(MemoryManager {
             state: Mutex::new(State {
                 pool: DevicePool::with_segments(

@@ -76,6 +76,11 @@ pub trait Policy: Send {
     fn plan_read(&mut self, _group: usize, _id: u64) {}
     /// Orders candidates so the preferred victim comes first.
     fn rank_victims(&mut self, now: Now, candidates: &mut [Candidate]);
+    /// Whether [`Policy::eviction`] may answer [`Eviction::Drop`]: the manager then keeps
+    /// each activation's recipe (the op and its inputs) so a dropped buffer can be recomputed.
+    fn drops(&self) -> bool {
+        false
+    }
     /// How to evict this candidate.
     fn eviction(&self, _c: &Candidate) -> Eviction {
         Eviction::Offload
@@ -205,6 +210,9 @@ impl Policy for Recompute {
             cost / (c.bytes.max(1) as f64 * staleness)
         };
         c.sort_by(|a, b| h(a).total_cmp(&h(b)).then(a.id.cmp(&b.id)));
+    }
+    fn drops(&self) -> bool {
+        true
     }
     fn eviction(&self, c: &Candidate) -> Eviction {
         if c.recompute_flops.is_some() && c.kind == BufferKind::Activation {

@@ -3,9 +3,10 @@
 //! DyNNs only and scored on the held-out one, idiom features against one-hot op names.
 
 use super::record::{Recorded, STEPS};
+use dynn::mm::DeviceProfile;
 use dynn::pilot::eval::{self, Holdout};
 use dynn::pilot::{FeatureConfig, LabelConfig, ModelConfig, PilotConfig, PilotPolicy, Report};
-use dynn::pilot::{Snapshot, label_trace, train};
+use dynn::pilot::{RecomputeCosts, Snapshot, label_trace, train};
 use dynn::prelude::*;
 use serde_json::{Value, json};
 
@@ -55,17 +56,23 @@ pub fn train_own(rec: &Recorded) -> Result<Trained> {
     Ok(Trained { snapshot, report })
 }
 
-/// The policy replayed: the trained snapshot, no online training (the simulator replays one
-/// step; nothing would be trained in time to matter).
-pub fn policy(snapshot: &Snapshot) -> PilotPolicy {
+/// The policy replayed as `name`: the trained snapshot, with no online training (the simulator
+/// replays one step; nothing would be trained in time to matter). `pilot` is given the
+/// profile's costs, so it drops an activation for recomputation where that is cheaper than
+/// copying it out; `pilot-offload` offloads every victim (DyNN-Offload's policy alone).
+pub fn policy(name: &str, snapshot: &Snapshot, prof: &DeviceProfile) -> PilotPolicy {
     PilotPolicy::with_snapshot(
         snapshot.clone(),
         PilotConfig {
             online: None,
+            recompute: (name == "pilot").then(|| RecomputeCosts::of_profile(prof)),
             ..Default::default()
         },
     )
 }
+
+/// The policies that run a trained pilot.
+pub const PILOTS: [&str; 2] = ["pilot", "pilot-offload"];
 
 /// The held-out evaluation: idiom features first, then one-hot op names.
 pub struct HoldoutRun {

@@ -33,8 +33,10 @@ pub fn replay_ops(
 ) -> Result<std::result::Result<SimResult, String>> {
     let mut p: Box<dyn Policy> = match (name, pilot) {
         ("belady", _) => Box::new(Belady::with_profile(Profile::from_ops(step))),
-        ("pilot", Some(s)) => Box::new(super::pilot::policy(s)),
-        ("pilot", None) => {
+        (pilot, Some(s)) if super::pilot::PILOTS.contains(&pilot) => {
+            Box::new(super::pilot::policy(pilot, s, prof))
+        }
+        (pilot, None) if super::pilot::PILOTS.contains(&pilot) => {
             return Err(Error::Msg(
                 "the pilot replay needs a trained snapshot".into(),
             ));
@@ -140,7 +142,7 @@ impl Row {
     /// The table line.
     pub fn line(&self) -> String {
         let head = format!(
-            "{:<12} {:<10} {:>6}",
+            "{:<12} {:<13} {:>6}",
             self.model,
             self.policy,
             format!("{}%", self.budget_frac * 100.0)
@@ -199,7 +201,7 @@ impl Row {
 /// The table header.
 pub fn header() -> String {
     format!(
-        "{:<12} {:<10} {:>6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12} {:>8}",
+        "{:<12} {:<13} {:>6} {:>9} {:>9} {:>9} {:>12} {:>12} {:>12} {:>8}",
         "model",
         "policy",
         "budget",

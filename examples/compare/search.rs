@@ -69,7 +69,7 @@ impl Found {
     /// The table line.
     pub fn line(&self) -> String {
         format!(
-            "{:<12} {:<6} {:<10} {:>6} {:>7}{} {:>8.3} {:>9.2}x  {}",
+            "{:<12} {:<6} {:<13} {:>6} {:>7}{} {:>8.3} {:>9.2}x  {}",
             self.model,
             self.dim.name(),
             self.policy,
@@ -103,7 +103,7 @@ impl Found {
 /// The table header.
 pub fn header() -> String {
     format!(
-        "{:<12} {:<6} {:<10} {:>6} {:>8} {:>8} {:>10}  {}",
+        "{:<12} {:<6} {:<13} {:>6} {:>8} {:>8} {:>10}  {}",
         "model", "dim", "policy", "base", "max", "slowdown", "x none", "stopped by"
     )
 }
@@ -172,9 +172,9 @@ impl Traces<'_> {
     /// How `policy` does at `value` under `budget`.
     fn trial(&mut self, policy: &str, value: usize, budget: usize) -> Result<Trial> {
         let t = self.get(value)?;
-        let pilot = match policy {
-            "pilot" => Some(self.pilot(value)?),
-            _ => None,
+        let pilot = match super::pilot::PILOTS.contains(&policy) {
+            true => Some(self.pilot(value)?),
+            false => None,
         };
         let (rec, base) = (&t.0, &t.1);
         Ok(
@@ -238,7 +238,7 @@ pub fn search(
     };
     let budget = traces.get(base)?.1.peak_device_bytes;
     let mut found = Vec::new();
-    for policy in POLICIES.into_iter().chain(["pilot"]) {
+    for policy in POLICIES.into_iter().chain(super::pilot::PILOTS) {
         let mut trial = |v: usize| traces.trial(policy, v, budget);
         let Trial::Ran(mut best) = trial(base)? else {
             return Err(Error::Msg(format!(

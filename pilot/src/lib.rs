@@ -65,7 +65,7 @@ pub use encoder::{Encoding, FeatureConfig};
 pub use labels::{Dataset, LabelConfig, exact_labels, label_trace};
 pub use model::{ModelConfig, PilotNet, Report, Trainer, evaluate, train};
 pub use online::{OnlineConfig, OnlineTrainer, SnapshotCell};
-pub use policy::{PilotConfig, PilotPolicy, PilotStats, StatsSink};
+pub use policy::{PilotConfig, PilotPolicy, PilotStats, RecomputeCosts, StatsSink};
 pub use predictor::{Scratch, Snapshot};
 pub use tracker::Tracker;
 

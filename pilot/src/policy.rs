@@ -12,9 +12,9 @@ use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
 use crate::plan::PlanDistance;
 use crate::predictor::{Scratch, Snapshot};
 use crate::tracker::{Query, Tracker};
-use dynn_core::BufferId;
+use dynn_core::{BufferId, BufferKind};
 use dynn_mm::trace::kind_code;
-use dynn_mm::{Announced, Candidate, Now, OpRecord, Policy};
+use dynn_mm::{Announced, Candidate, Eviction, Now, OpRecord, Policy};
 use std::cell::{Cell, RefCell};
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +46,40 @@ pub struct PilotConfig {
     /// buffer was used meanwhile (0: predict at every ranking): rankings come every few ops
     /// and rank mostly the same candidates.
     pub reuse_prediction_ops: u64,
+    /// The device's costs, when known: an activation that can be recomputed is then dropped
+    /// rather than offloaded where recomputing it costs less than copying it out (`None`:
+    /// every victim is offloaded).
+    pub recompute: Option<RecomputeCosts>,
+}
+
+/// What a device charges for copying a buffer over the host link and for recomputing it,
+/// for choosing how a victim leaves the device.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RecomputeCosts {
+    /// FLOP/s of the compute stream.
+    pub flops_per_sec: f64,
+    /// Device→host link bytes per second.
+    pub link_bytes_per_sec: f64,
+    /// Fixed seconds per recomputing kernel (its launch).
+    pub launch_s: f64,
+}
+
+impl RecomputeCosts {
+    /// The costs of a simulated device.
+    pub fn of_profile(p: &dynn_mm::DeviceProfile) -> Self {
+        RecomputeCosts {
+            flops_per_sec: p.peak_flops,
+            link_bytes_per_sec: p.d2h_bytes_per_sec,
+            launch_s: p.launch_s,
+        }
+    }
+
+    /// Whether recomputing `flops` costs less than copying `bytes` off the device: the copy
+    /// must finish before its room is free, while a dropped buffer costs nothing until it is
+    /// used again.
+    pub fn recompute_is_cheaper(&self, flops: u64, bytes: usize) -> bool {
+        self.launch_s + flops as f64 / self.flops_per_sec < bytes as f64 / self.link_bytes_per_sec
+    }
 }
 
 impl Default for PilotConfig {
@@ -59,6 +93,7 @@ impl Default for PilotConfig {
             max_ranked_exact: 128,
             max_horizon: 32,
             reuse_prediction_ops: 8,
+            recompute: None,
         }
     }
 }
@@ -445,6 +480,22 @@ impl Policy for PilotPolicy {
             }
         }
         self.stats.rank_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    fn drops(&self) -> bool {
+        self.cfg.recompute.is_some()
+    }
+
+    fn eviction(&self, c: &Candidate) -> Eviction {
+        match (self.cfg.recompute, c.recompute_flops) {
+            (Some(costs), Some(flops))
+                if c.kind == BufferKind::Activation
+                    && costs.recompute_is_cheaper(flops, c.bytes) =>
+            {
+                Eviction::Drop
+            }
+            _ => Eviction::Offload,
+        }
     }
 
     fn next_use(&self, _now: Now, key: u64) -> Option<u64> {

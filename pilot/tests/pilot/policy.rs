@@ -1,15 +1,17 @@
-//! The pilot policy: LRU until trained, predictions after; registered by name; offloading
-//! under it changes no bit of training.
+//! The pilot policy: LRU until trained, predictions after; registered by name; it drops what is
+//! cheaper to recompute than to copy; offloading and dropping under it change no bit of
+//! training.
 
 use crate::common::synthetic;
 use dynn_core::{BufferId, BufferKind, DType, Device, Error, Result};
-use dynn_mm::{Candidate, DeviceProfile, Now, OpRecord, Policy, policy, simulate};
+use dynn_mm::{Candidate, DeviceProfile, Eviction, Now, OpRecord, Policy, policy, simulate};
 use dynn_models::data::{TextDataset, generated_corpus};
 use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask};
 use dynn_models::nn::Param;
 use dynn_models::train::{Defaults, Outcome, TrainArgs, train};
 use dynn_pilot::{
-    LabelConfig, ModelConfig, OnlineConfig, PilotConfig, PilotPolicy, StatsSink, label_trace,
+    LabelConfig, ModelConfig, OnlineConfig, PilotConfig, PilotPolicy, RecomputeCosts, StatsSink,
+    label_trace,
 };
 use std::sync::{Arc, LazyLock};
 
@@ -163,6 +165,13 @@ fn probe() -> Box<dyn Policy> {
             wait_for_training: true,
             // Rank with the model even where the step repeats the previous one.
             replay_when_matching: false,
+            // Costs under which the cheapest activations are dropped and recomputed, so both
+            // ways out of the device are exercised.
+            recompute: Some(RecomputeCosts {
+                flops_per_sec: 1e12,
+                link_bytes_per_sec: 1e9,
+                launch_s: 1e-6,
+            }),
             ..Default::default()
         })
         .report_to(STATS.clone()),
@@ -179,6 +188,43 @@ fn values(params: &[Param]) -> Result<Vec<(String, Vec<u32>)>> {
             ))
         })
         .collect()
+}
+
+#[test]
+fn with_device_costs_it_drops_what_is_cheaper_to_recompute() {
+    let costs = RecomputeCosts {
+        flops_per_sec: 1e12,
+        link_bytes_per_sec: 1e10,
+        launch_s: 1e-6,
+    };
+    // A 1 MB buffer takes 100 µs over the link.
+    let cand = |kind, flops| Candidate {
+        id: BufferId(1),
+        key: 1,
+        bytes: 1_000_000,
+        kind,
+        last_use: 0,
+        uses: 1,
+        recompute_flops: flops,
+    };
+    let cheap = cand(BufferKind::Activation, Some(1_000_000));
+    let costly = cand(BufferKind::Activation, Some(1_000_000_000));
+    let param = cand(BufferKind::Parameter, Some(1_000));
+    let no_recipe = cand(BufferKind::Activation, None);
+    let with = PilotPolicy::new(PilotConfig {
+        online: None,
+        recompute: Some(costs),
+        ..Default::default()
+    });
+    assert_eq!(with.eviction(&cheap), Eviction::Drop);
+    for c in [costly, param, no_recipe] {
+        assert_eq!(with.eviction(&c), Eviction::Offload, "{c:?}");
+    }
+    let without = PilotPolicy::new(PilotConfig {
+        online: None,
+        ..Default::default()
+    });
+    assert_eq!(without.eviction(&cheap), Eviction::Offload);
 }
 
 #[test]
@@ -214,10 +260,13 @@ fn offloading_under_the_pilot_changes_no_bit() -> Result<()> {
     let base = run(None, "unlimited")?;
     let out = run(Some("pilot-probe"), "50%").map_err(|e| Error::Msg(format!("pilot: {e}")))?;
     assert!(out.summary.peak_device_bytes < base.summary.peak_device_bytes);
+    let moved = &out.report.stats;
+    assert!(moved.evictions > 0, "the budget forced offloading");
     assert!(
-        out.report.stats.evictions > 0,
-        "the budget forced offloading"
+        moved.drops > 0 && moved.recomputes > 0,
+        "cheap activations were dropped and recomputed: {moved:?}"
     );
+    assert!(moved.bytes_d2h > 0, "the others were offloaded: {moved:?}");
     assert_eq!(out.losses, base.losses, "losses");
     assert_eq!(values(&out.params)?, values(&base.params)?, "parameters");
     let stats = STATS.lock().unwrap().pop().expect("the probe was dropped");

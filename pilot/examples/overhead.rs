@@ -6,37 +6,62 @@
 //! ```
 //!
 //! `workload` is one of the small evaluation DyNNs (`early_exit`, `moe`, `tree_lstm`,
-//! `evoformer`) or `early_exit_full`: the early-exit LM at its trainer's default size.
+//! `evoformer`), or one at its example trainer's default size (`early_exit_full`, `moe_full`,
+//! `tree_lstm_full`, `evoformer_full`).
 
 use dynn_core::{Device, Result};
+use dynn_models::train::{Defaults, Outcome, TrainArgs, train};
 use dynn_pilot::{PilotConfig, PilotPolicy, StatsSink};
 use std::sync::LazyLock;
 
 /// The counters of the pilot runs, pushed when each run's policy is dropped.
 static STATS: LazyLock<StatsSink> = LazyLock::new(StatsSink::default);
 
-/// The early-exit LM as `train_early_exit` builds it by default.
-fn full_early_exit(steps: u64, policy: &str, budget: &str) -> Result<dynn_models::train::Outcome> {
+/// Trains `steps` steps of a DyNN as its example trainer builds it by default (`*_full`).
+fn full(name: &str, steps: u64, policy: &str, budget: &str) -> Result<Outcome> {
     use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask, TextSource};
-    let args = dynn_models::train::TrainArgs {
+    use dynn_models::models::evoformer::{EvoformerConfig, EvoformerTask};
+    use dynn_models::models::moe::{MoeConfig, MoeTask};
+    use dynn_models::models::tree_lstm::{DEFAULTS, TreeLstmConfig, TreeLstmTask};
+    let args = TrainArgs {
         steps: Some(steps),
         policy: Some(policy.to_string()),
         device_budget: budget.to_string(),
         quiet: true,
         ..Default::default()
     };
-    let defaults = dynn_models::train::Defaults {
+    // The trainers' own defaults (examples/train_*.rs).
+    let lm = Defaults {
         steps,
         batch: 16,
         lr: 3e-3,
     };
-    let text = TextSource {
-        path: None,
-        vocab: 512,
-    };
-    dynn_models::train::train(&args, defaults, || {
-        EarlyExitTask::new(&EarlyExitConfig::default(), &text, 0, Device::Cpu)
-    })
+    match name {
+        "early_exit_full" => train(&args, lm, || {
+            let text = TextSource {
+                path: None,
+                vocab: 512,
+            };
+            EarlyExitTask::new(&EarlyExitConfig::default(), &text, 0, Device::Cpu)
+        }),
+        "moe_full" => train(&args, lm, || {
+            MoeTask::new(&MoeConfig::default(), None, 0, Device::Cpu)
+        }),
+        "tree_lstm_full" => train(&args, Defaults { steps, ..DEFAULTS }, || {
+            TreeLstmTask::new(TreeLstmConfig::default(), 0, Device::Cpu)
+        }),
+        "evoformer_full" => {
+            let defaults = Defaults {
+                steps,
+                batch: 8,
+                lr: 5e-3,
+            };
+            train(&args, defaults, || {
+                EvoformerTask::new(EvoformerConfig::default(), 0, Device::Cpu)
+            })
+        }
+        _ => dynn_pilot::eval::train_under(name, steps, policy, budget),
+    }
 }
 
 fn main() -> Result<()> {
@@ -58,10 +83,7 @@ fn main() -> Result<()> {
         Box::new(PilotPolicy::new(cfg).report_to(STATS.clone()))
     });
     for policy in ["lru", "pilot-probe"] {
-        let out = match name {
-            "early_exit_full" => full_early_exit(steps, policy, budget)?,
-            _ => dynn_pilot::eval::train_under(name, steps, policy, budget)?,
-        };
+        let out = full(name, steps, policy, budget)?;
         let step_s = out.summary.step_ms_mean * 1e-3 * steps as f64;
         print!(
             "{name} {policy:<12} {budget}: {:.2} ms/step, {} ops/step, {} evictions, {} demand fetches",

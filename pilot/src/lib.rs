@@ -73,10 +73,40 @@ pub use tracker::Tracker;
 /// `pilot` policy starts from instead of warming up as LRU.
 pub const WEIGHTS_ENV: &str = "DYNN_PILOT_WEIGHTS";
 
+/// Environment variable naming the device profile (`a100-pcie4`, `h100-pcie5`, or
+/// `calibrated:FLOPS,MEM_BW,COPY_BW[,...]`, as `dynn_mm::DeviceProfile::by_name` reads) whose
+/// costs the registered `pilot` policy uses to drop activations that are cheaper to
+/// recompute than to copy. Unset: every victim is offloaded.
+pub const PROFILE_ENV: &str = "DYNN_PILOT_PROFILE";
+
 /// The policy `--policy pilot` builds: online training with the default settings, starting
-/// from the saved pilot named by [`WEIGHTS_ENV`] when that loads.
+/// from the saved pilot named by [`WEIGHTS_ENV`] when that loads, and with the costs of the
+/// profile named by [`PROFILE_ENV`] when that parses (see [`configured_policy`]).
 pub fn default_policy() -> Box<dyn dynn_mm::Policy> {
-    let saved = std::env::var_os(WEIGHTS_ENV).and_then(|p| match Snapshot::load(&p) {
+    let weights = std::env::var_os(WEIGHTS_ENV);
+    let profile = std::env::var(PROFILE_ENV).ok();
+    Box::new(configured_policy(
+        weights.as_deref().map(std::path::Path::new),
+        profile.as_deref(),
+    ))
+}
+
+/// The default pilot, starting from the saved pilot at `weights` and using the costs of the
+/// device profile named `profile`. A file that does not load or a profile that does not
+/// parse is logged and ignored (the pilot then warms up from scratch, or only offloads).
+pub fn configured_policy(weights: Option<&std::path::Path>, profile: Option<&str>) -> PilotPolicy {
+    let recompute = profile.and_then(|name| match dynn_mm::DeviceProfile::by_name(name) {
+        Ok(p) => Some(RecomputeCosts::of_profile(&p)),
+        Err(e) => {
+            tracing::warn!("{PROFILE_ENV}: {e}; the pilot offloads every victim");
+            None
+        }
+    });
+    let cfg = PilotConfig {
+        recompute,
+        ..PilotConfig::default()
+    };
+    let saved = weights.and_then(|p| match Snapshot::load(p) {
         Ok(s) => Some(s),
         Err(e) => {
             tracing::warn!("{WEIGHTS_ENV}: {e}; the pilot warms up from scratch");
@@ -84,8 +114,8 @@ pub fn default_policy() -> Box<dyn dynn_mm::Policy> {
         }
     });
     match saved {
-        Some(s) => Box::new(PilotPolicy::with_snapshot(s, PilotConfig::default())),
-        None => Box::new(PilotPolicy::new(PilotConfig::default())),
+        Some(s) => PilotPolicy::with_snapshot(s, cfg),
+        None => PilotPolicy::new(cfg),
     }
 }
 

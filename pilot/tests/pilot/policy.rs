@@ -49,6 +49,22 @@ fn registered_by_name() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn the_registered_pilot_takes_its_device_costs_from_a_profile_name() {
+    use dynn_pilot::configured_policy;
+    assert!(configured_policy(None, Some("a100-pcie4")).drops());
+    assert!(configured_policy(None, Some("calibrated:1e11,2.7e10,1.6e10")).drops());
+    // Unset, or a name that does not parse: offload only.
+    assert!(!configured_policy(None, None).drops());
+    assert!(!configured_policy(None, Some("a100-pcie9")).drops());
+    // Weights that do not load: it warms up from scratch.
+    let p = configured_policy(
+        Some(std::path::Path::new("/nonexistent/pilot.safetensors")),
+        None,
+    );
+    assert!(p.snapshot().is_none());
+}
+
 /// Replays the last step of a synthetic trace under a budget; the policy saw the step before.
 fn replay(p: &mut dyn Policy, steps: &[Vec<OpRecord>], budget: usize) -> Result<f64> {
     for op in &steps[steps.len() - 2] {

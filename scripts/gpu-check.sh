@@ -58,9 +58,13 @@ if has train; then
         echo "$base" >> "$OUT/train.jsonl"
         want=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$base" 2>/dev/null)
         if [ -z "$want" ]; then echo "$model unlimited: FAILED"; tail -5 "$OUT/train_err.log"; status=1; continue; fi
-        for policy in lru belady recompute static pilot; do
-            row=$(timeout 120 "$exe" --device cuda --steps 2 --json --quiet --device-budget 25% \
-                --policy "$policy" $extra 2>>"$OUT/train_err.log" | tail -1)
+        # pilot-recompute: the pilot given a device's costs (it also drops activations).
+        for policy in lru belady recompute static pilot pilot-recompute; do
+            profile=""; run_policy="$policy"
+            [ "$policy" = pilot-recompute ] && profile=h100-pcie5 && run_policy=pilot
+            row=$(DYNN_PILOT_PROFILE="$profile" timeout 120 "$exe" --device cuda --steps 2 --json \
+                --quiet --device-budget 25% --policy "$run_policy" $extra \
+                2>>"$OUT/train_err.log" | tail -1)
             echo "$row" >> "$OUT/train.jsonl"
             got=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$row" 2>/dev/null)
             if [ "$got" = "$want" ]; then verdict=identical

@@ -76,7 +76,7 @@ pub const WEIGHTS_ENV: &str = "DYNN_PILOT_WEIGHTS";
 /// Environment variable naming the device profile (`a100-pcie4`, `h100-pcie5`, or
 /// `calibrated:FLOPS,MEM_BW,COPY_BW[,...]`, as `dynn_mm::DeviceProfile::by_name` reads) whose
 /// costs the registered `pilot` policy uses to drop activations that are cheaper to
-/// recompute than to copy. Unset: every victim is offloaded.
+/// recompute than to copy. Unset or empty: every victim is offloaded.
 pub const PROFILE_ENV: &str = "DYNN_PILOT_PROFILE";
 
 /// The policy `--policy pilot` builds: online training with the default settings, starting
@@ -84,7 +84,7 @@ pub const PROFILE_ENV: &str = "DYNN_PILOT_PROFILE";
 /// profile named by [`PROFILE_ENV`] when that parses (see [`configured_policy`]).
 pub fn default_policy() -> Box<dyn dynn_mm::Policy> {
     let weights = std::env::var_os(WEIGHTS_ENV);
-    let profile = std::env::var(PROFILE_ENV).ok();
+    let profile = std::env::var(PROFILE_ENV).ok().filter(|p| !p.is_empty());
     Box::new(configured_policy(
         weights.as_deref().map(std::path::Path::new),
         profile.as_deref(),

@@ -10,8 +10,10 @@
 //! ```
 //!
 //! `--cold` writes 6 MiB before every op the policy observes, outside its timers, as a
-//! training kernel would between two ops: the figures then include the cache misses the
-//! pilot pays during real training.
+//! training kernel would between two ops. That evicts the pilot's state from L1 and L2 (not
+//! from a large L3): the figures then include the cache misses it pays during training.
+//! `observe` is divided by every op observed (the step before and the replayed one), the
+//! rest by the replayed step's ops.
 
 #![allow(dead_code)]
 
@@ -27,7 +29,7 @@ use dynn::prelude::*;
 #[derive(Parser)]
 #[command(about = "The pilot's host time per op, in the simulator")]
 struct Args {
-    /// Flush the caches (write 6 MiB) before every op the pilot observes.
+    /// Write 6 MiB before every op the pilot observes (evicting L1 and L2).
     #[arg(long)]
     cold: bool,
     /// Comma-separated workloads (default: all).
@@ -86,9 +88,13 @@ fn main() -> Result<()> {
     let prof = DeviceProfile::a100_pcie4();
     let shared = Shared::default();
     println!(
-        "pilot host time per op, replayed at 25% on {} ({} caches, {} replays each)",
+        "pilot host time per op, replayed at 25% on {} ({}, {} replays each)",
         prof.name,
-        if args.cold { "flushed" } else { "warm" },
+        if args.cold {
+            "6 MiB written before every op"
+        } else {
+            "warm caches"
+        },
         args.reps
     );
     for w in ALL {
@@ -120,21 +126,14 @@ fn main() -> Result<()> {
         let ops = ((rec.warmup.len() + rec.step.len()) * args.reps) as f64;
         let replayed = (rec.step.len() * args.reps) as f64;
         let sum = |f: fn(&PilotStats) -> u64| stats.iter().map(f).sum::<u64>() as f64;
-        let predictions = sum(|s| s.predictions);
-        let per_prediction = match predictions > 0.0 {
-            true => format!(
-                ", {:.0} ns of ranking each",
-                sum(|s| s.rank_ns) / predictions
-            ),
-            false => String::new(),
-        };
         println!(
-            "{:<12} observe {:>5.0} ns/op; on the replayed step: rank {:>5.0} ns/op, upcoming {:>4.0} ns/op, {:.2} predictions/op{per_prediction}",
+            "{:<12} observe {:>5.0} ns/op; on the replayed step: rank {:>5.0} ns/op ({:.3} rankings/op, {:.2} network predictions/op), upcoming {:>4.0} ns/op",
             w.name(),
             sum(|s| s.observe_ns) / ops,
             sum(|s| s.rank_ns) / replayed,
+            sum(|s| s.pilot_rankings + s.lru_rankings) / replayed,
+            sum(|s| s.predictions) / replayed,
             sum(|s| s.upcoming_ns) / replayed,
-            predictions / replayed,
         );
     }
     Ok(())

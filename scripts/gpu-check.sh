@@ -65,7 +65,9 @@ if has train; then
             row=$(DYNN_PILOT_PROFILE="$profile" timeout 120 "$exe" --device cuda --steps 2 --json \
                 --quiet --device-budget 25% --policy "$run_policy" $extra \
                 2>>"$OUT/train_err.log" | tail -1)
-            echo "$row" >> "$OUT/train.jsonl"
+            # Tag the row with the variant (pilot-recompute reports its policy as "pilot").
+            python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["variant"]=sys.argv[2]; print(json.dumps(r))' \
+                "$row" "$policy" >> "$OUT/train.jsonl" 2>/dev/null || echo "$row" >> "$OUT/train.jsonl"
             got=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$row" 2>/dev/null)
             if [ "$got" = "$want" ]; then verdict=identical
             elif [ -z "$got" ]; then verdict="no result (out of memory or error: see train_err.log)"; status=1

@@ -680,6 +680,11 @@ impl MemoryManager {
             return Ok(());
         };
         let (kind, bytes) = (e.kind as usize, e.bytes);
+        // Only a buffer with a recipe can be dropped: without one its bytes would be lost.
+        let how = match how {
+            Eviction::Drop if e.recipe.is_none() => Eviction::Offload,
+            how => how,
+        };
         match how {
             Eviction::Drop => {
                 buf.drop_data();

@@ -8,7 +8,7 @@
 //! | `static` | first step's access order, replayed for prefetch; LRU eviction | vDNN / Capuchin / SwapAdvisor |
 //! | `recompute` | DTR's h = cost / (bytes × staleness), activations dropped and recomputed | DTR |
 //! | `belady` | exact next use from a recorded step: evict farthest, prefetch soonest | the offline optimum |
-//! | `pilot` | next use predicted by the pilot model (the `pilot` crate implements [`Policy`]) | DyNN-Offload |
+//! | `pilot` | next use predicted by the pilot model (the `pilot` crate implements [`Policy`]); given a device's costs, drops activations cheaper to recompute than to copy | DyNN-Offload |
 
 use crate::trace::OpRecord;
 use dynn_core::{BufferId, BufferKind, Error, Result};

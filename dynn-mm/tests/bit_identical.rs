@@ -182,3 +182,40 @@ fn uninstalling_the_manager_brings_every_buffer_back() {
         let _ = m.train(1, BATCH, 3).unwrap();
     }
 }
+
+/// Answers `Drop` for every victim without asking the manager to keep recipes.
+struct DropsWithoutRecipes;
+
+impl dynn_mm::Policy for DropsWithoutRecipes {
+    fn name(&self) -> &'static str {
+        "drops-without-recipes"
+    }
+    fn rank_victims(&mut self, _: dynn_mm::Now, c: &mut [dynn_mm::Candidate]) {
+        c.sort_by_key(|c| (c.last_use, c.id));
+    }
+    fn eviction(&self, _: &dynn_mm::Candidate) -> dynn_mm::Eviction {
+        dynn_mm::Eviction::Drop
+    }
+}
+
+#[test]
+fn a_drop_without_a_recipe_is_offloaded_instead() {
+    let (ref_losses, ref_params) = reference();
+    let budget = unlimited_peak() / 4;
+    let mut cfg = ManagerConfig::new(Box::new(DropsWithoutRecipes), Some(budget));
+    cfg.segments = (16 << 10, 64 << 10);
+    let mm = MemoryManager::new(cfg);
+    let _g = install_memory_hooks(mm.clone());
+    let m = Mlp::new(48, 8, 1).unwrap();
+    let losses: Vec<u32> = m
+        .train(STEPS, BATCH, 2)
+        .unwrap()
+        .into_iter()
+        .map(f32::to_bits)
+        .collect();
+    assert_eq!(losses, ref_losses, "losses");
+    assert_eq!(m.bits().unwrap(), ref_params, "parameters");
+    let stats = mm.stats();
+    assert!(stats.evictions > 0, "the budget forced evictions");
+    assert_eq!(stats.drops, 0, "nothing without a recipe was dropped");
+}

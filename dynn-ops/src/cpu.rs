@@ -300,7 +300,8 @@ pub fn stream_fence() {
     }
 }
 
-/// A unit of kernel work compiled twice: for AVX2+FMA and for the baseline target.
+/// A unit of kernel work compiled three times: for AVX-512, for AVX2+FMA and for the baseline
+/// target.
 ///
 /// Implementations mark `run` `#[inline(always)]` (and everything it calls): [`simd_task`]
 /// then compiles the whole body inside a `#[target_feature(enable = "avx2,fma")]` function,

@@ -28,8 +28,9 @@ impl Hasher for KeyHasher {
 /// A map keyed by buffer ids or keys.
 pub type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
 
-/// The ops (one-hot slots) and key uses of one step.
-#[derive(Debug, Clone, Default, PartialEq)]
+/// The ops (one-hot slots) and key uses of one step. The queries by key answer for the ops
+/// pushed before the last [`StepProfile::seal`].
+#[derive(Debug, Clone, Default)]
 pub struct StepProfile {
     /// The one-hot slot of each op, in order (to tell whether a step repeats this one).
     slots: Vec<u16>,

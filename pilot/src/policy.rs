@@ -60,6 +60,8 @@ pub struct RecomputeCosts {
     pub flops_per_sec: f64,
     /// Device→host link bytes per second.
     pub link_bytes_per_sec: f64,
+    /// Fixed seconds per copy over the link (driver call, synchronisation).
+    pub copy_latency_s: f64,
     /// Fixed seconds per recomputing kernel (its launch).
     pub launch_s: f64,
 }
@@ -70,15 +72,18 @@ impl RecomputeCosts {
         RecomputeCosts {
             flops_per_sec: p.peak_flops,
             link_bytes_per_sec: p.d2h_bytes_per_sec,
+            copy_latency_s: p.copy_latency_s,
             launch_s: p.launch_s,
         }
     }
 
     /// Whether recomputing `flops` costs less than copying `bytes` off the device: the copy
     /// must finish before its room is free, while a dropped buffer costs nothing until it is
-    /// used again.
+    /// used again. The recomputation is priced by its FLOPs alone (a candidate does not carry
+    /// the bytes its producer reads), so a memory-bound producer looks cheaper than it is.
     pub fn recompute_is_cheaper(&self, flops: u64, bytes: usize) -> bool {
-        self.launch_s + flops as f64 / self.flops_per_sec < bytes as f64 / self.link_bytes_per_sec
+        self.launch_s + flops as f64 / self.flops_per_sec
+            < self.copy_latency_s + bytes as f64 / self.link_bytes_per_sec
     }
 }
 
@@ -132,8 +137,9 @@ impl PilotStats {
 #[derive(Debug, Default)]
 struct Hot {
     scratch: Scratch,
-    /// The window part of the model input, then its first-layer sums, as of op `sums_at`.
+    /// The window part of the model input.
     window: Vec<f32>,
+    /// The first layer's sums over `window`, as of tracker clock `sums_at`.
     sums: Vec<f32>,
     sums_at: Option<u64>,
     /// The candidate part of the model input.
@@ -345,15 +351,21 @@ impl PilotPolicy {
                 earliest.saturating_sub(gone).max(floor),
             );
         }
-        // The window's share of the first layer is the same for every candidate at this op.
-        if hot.sums_at != Some(clock) {
-            self.tracker.window_features(&mut hot.window);
-            s.window_sums(&hot.window, &mut hot.sums);
-            hot.sums_at = Some(clock);
-        }
         self.tracker.candidate_features(q, &mut hot.cand);
         self.stats.predictions += 1;
-        let b = s.predict_after(&hot.sums, &hot.cand, &mut hot.scratch);
+        let b = match s.features.planned_bucket_of_candidate(&hot.cand) {
+            Some(b) => b,
+            None => {
+                // The window's share of the first layer is the same for every candidate at
+                // this op.
+                if hot.sums_at != Some(clock) {
+                    self.tracker.window_features(&mut hot.window);
+                    s.window_sums(&hot.window, &mut hot.sums);
+                    hot.sums_at = Some(clock);
+                }
+                s.predict_after(&hot.sums, &hot.cand, &mut hot.scratch)
+            }
+        };
         let (latest, earliest) = (representative(b), lower_bound(b));
         hot.recent.insert(q.id, (clock, latest, earliest));
         (latest.max(floor), earliest.max(floor))

@@ -47,7 +47,11 @@ impl Dense {
     #[inline(always)]
     fn accumulate(&self, x: &[f32], first: usize, out: &mut [f32]) {
         let n = self.outputs;
-        let Some(w) = self.w.get(first * n..(first + x.len()) * n) else {
+        let Some(w) = self
+            .w
+            .get(first * n..(first + x.len()) * n)
+            .filter(|_| n > 0)
+        else {
             return;
         };
         let done = n / BLOCK * BLOCK;
@@ -124,7 +128,11 @@ impl Snapshot {
     pub fn new(features: FeatureConfig, layers: Vec<Dense>) -> Result<Self> {
         let mut width = features.input_dim();
         for (i, l) in layers.iter().enumerate() {
-            if l.inputs != width || l.w.len() != l.inputs * l.outputs || l.b.len() != l.outputs {
+            if l.inputs != width
+                || l.outputs == 0
+                || l.w.len() != l.inputs * l.outputs
+                || l.b.len() != l.outputs
+            {
                 return Err(Error::invalid(
                     "pilot snapshot",
                     format!(

@@ -186,6 +186,7 @@ fn probe() -> Box<dyn Policy> {
             recompute: Some(RecomputeCosts {
                 flops_per_sec: 1e12,
                 link_bytes_per_sec: 1e9,
+                copy_latency_s: 0.0,
                 launch_s: 1e-6,
             }),
             ..Default::default()
@@ -211,6 +212,7 @@ fn with_device_costs_it_drops_what_is_cheaper_to_recompute() {
     let costs = RecomputeCosts {
         flops_per_sec: 1e12,
         link_bytes_per_sec: 1e10,
+        copy_latency_s: 0.0,
         launch_s: 1e-6,
     };
     // A 1 MB buffer takes 100 µs over the link.

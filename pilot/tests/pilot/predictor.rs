@@ -3,7 +3,8 @@
 use dynn_core::{Device, Tensor};
 use dynn_models::Rng;
 use dynn_models::nn::Forward;
-use dynn_pilot::{FeatureConfig, ModelConfig, PilotNet, Snapshot};
+use dynn_pilot::predictor::Dense;
+use dynn_pilot::{BUCKETS, FeatureConfig, ModelConfig, PilotNet, Snapshot};
 use std::time::Instant;
 
 fn net() -> dynn_core::Result<(PilotNet, Snapshot, FeatureConfig)> {
@@ -153,4 +154,25 @@ fn predict_p50_is_measured() -> dynn_core::Result<()> {
     // A loose bound that holds in the debug profile; release is far below 10 µs.
     assert!(p50 < 500.0, "p50 {p50} µs");
     Ok(())
+}
+
+#[test]
+fn a_snapshot_with_a_zero_width_layer_is_refused() {
+    let features = FeatureConfig::default();
+    let layers = vec![
+        Dense {
+            inputs: features.input_dim(),
+            outputs: 0,
+            w: Vec::new(),
+            b: Vec::new(),
+        },
+        Dense {
+            inputs: 0,
+            outputs: BUCKETS,
+            w: Vec::new(),
+            b: vec![0.0; BUCKETS],
+        },
+    ];
+    let err = Snapshot::new(features, layers).expect_err("a zero-width layer");
+    assert!(err.to_string().contains("layer 0"), "{err}");
 }

@@ -121,7 +121,12 @@ impl Default for FeatureConfig {
 impl FeatureConfig {
     /// Width of the model's input: `window` ops, then the candidate.
     pub fn input_dim(&self) -> usize {
-        self.window * self.encoding.op_dim() + self.encoding.cand_dim()
+        self.window_dim() + self.encoding.cand_dim()
+    }
+
+    /// Width of the input's window part: the recent ops' features, before the candidate's.
+    pub fn window_dim(&self) -> usize {
+        self.window * self.encoding.op_dim()
     }
 
     /// The bucket the announced plan gives the candidate of model input `row`, when the plan
@@ -130,7 +135,7 @@ impl FeatureConfig {
     /// answers such a candidate from the plan, not the network: the backward pass is known
     /// from the tape.
     pub fn planned_bucket(&self, row: &[f32]) -> Option<u8> {
-        self.planned_bucket_of_candidate(row.get(self.window * self.encoding.op_dim()..)?)
+        self.planned_bucket_of_candidate(row.get(self.window_dim()..)?)
     }
 
     /// [`FeatureConfig::planned_bucket`] of the candidate part `cand` of a model input.

@@ -233,7 +233,7 @@ impl PilotPolicy {
             steps_seen: 0,
             hot: RefCell::new(Hot {
                 scratch: Scratch::default(),
-                window: vec![0.0; cfg.features.window * cfg.features.encoding.op_dim()],
+                window: vec![0.0; cfg.features.window_dim()],
                 sums: Vec::new(),
                 sums_at: None,
                 cand: vec![0.0; cfg.features.encoding.cand_dim()],
@@ -351,21 +351,16 @@ impl PilotPolicy {
                 earliest.saturating_sub(gone).max(floor),
             );
         }
+        // The window's share of the first layer is the same for every candidate at this op.
+        // (A candidate the plan reads returned above, so the network answers here.)
+        if hot.sums_at != Some(clock) {
+            self.tracker.window_features(&mut hot.window);
+            s.window_sums(&hot.window, &mut hot.sums);
+            hot.sums_at = Some(clock);
+        }
         self.tracker.candidate_features(q, &mut hot.cand);
         self.stats.predictions += 1;
-        let b = match s.features.planned_bucket_of_candidate(&hot.cand) {
-            Some(b) => b,
-            None => {
-                // The window's share of the first layer is the same for every candidate at
-                // this op.
-                if hot.sums_at != Some(clock) {
-                    self.tracker.window_features(&mut hot.window);
-                    s.window_sums(&hot.window, &mut hot.sums);
-                    hot.sums_at = Some(clock);
-                }
-                s.predict_after(&hot.sums, &hot.cand, &mut hot.scratch)
-            }
-        };
+        let b = s.predict_after(&hot.sums, &hot.cand, &mut hot.scratch);
         let (latest, earliest) = (representative(b), lower_bound(b));
         hot.recent.insert(q.id, (clock, latest, earliest));
         (latest.max(floor), earliest.max(floor))

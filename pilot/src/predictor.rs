@@ -165,11 +165,6 @@ impl Snapshot {
         }
     }
 
-    /// Width of the input's window part (the recent ops' features, before the candidate's).
-    pub fn window_dim(&self) -> usize {
-        self.features.window * self.features.encoding.op_dim()
-    }
-
     /// The first layer's sums over the input's window part `window` (bias included), into
     /// `out`. Every candidate ranked at the same op shares them: [`Snapshot::predict_after`]
     /// adds a candidate's part, giving the same bits as [`Snapshot::logits`] on the whole row.
@@ -190,7 +185,7 @@ impl Snapshot {
     /// nothing when `s` came from [`Snapshot::scratch`].
     pub fn logits<'s>(&self, x: &[f32], s: &'s mut Scratch) -> &'s [f32] {
         debug_assert_eq!(x.len(), self.features.input_dim());
-        let (window, cand) = x.split_at(self.window_dim().min(x.len()));
+        let (window, cand) = x.split_at(self.features.window_dim().min(x.len()));
         let mut sums = std::mem::take(&mut s.sums);
         self.window_sums(window, &mut sums);
         self.logits_after(&sums, cand, s);
@@ -349,7 +344,7 @@ impl SimdTask for Finish<'_> {
             s,
         } = self;
         let last = snapshot.layers.len().saturating_sub(1);
-        let first = snapshot.window_dim();
+        let first = snapshot.features.window_dim();
         for (i, l) in snapshot.layers.iter().enumerate() {
             // `a` holds the previous layer's output; the new one goes into `b`.
             s.b.clear();

@@ -133,7 +133,7 @@ impl Tracker {
     pub fn new(cfg: FeatureConfig) -> Self {
         Tracker {
             cfg,
-            ring: vec![0.0; cfg.window * cfg.encoding.op_dim()],
+            ring: vec![0.0; cfg.window_dim()],
             next: 0,
             clock: 0,
             index: 0,
@@ -576,7 +576,7 @@ impl Tracker {
     /// window's op rows oldest first (zeros before the first ops), then the candidate.
     pub fn features(&self, q: &Query, out: &mut [f32]) {
         debug_assert_eq!(out.len(), self.cfg.input_dim());
-        let (ops, cand) = out.split_at_mut(self.cfg.window * self.cfg.encoding.op_dim());
+        let (ops, cand) = out.split_at_mut(self.cfg.window_dim().min(out.len()));
         self.window_features(ops);
         self.candidate_features(q, cand);
     }
@@ -586,8 +586,9 @@ impl Tracker {
     pub fn window_features(&self, out: &mut [f32]) {
         let split = self.next * self.cfg.encoding.op_dim();
         let (newer, older) = self.ring.split_at(split);
-        out[..older.len()].copy_from_slice(older);
-        out[older.len()..].copy_from_slice(newer);
+        for (o, &v) in out.iter_mut().zip(older.iter().chain(newer)) {
+            *o = v;
+        }
     }
 
     /// Writes the candidate part of the model input for `q` into `out` (`cand_dim` long).

@@ -65,6 +65,13 @@ fn the_registered_pilot_takes_its_device_costs_from_a_profile_name() {
     assert!(p.snapshot().is_none());
 }
 
+/// The simulated peak of `step` with no budget.
+fn unlimited_peak(step: &[OpRecord]) -> Result<usize> {
+    let mut none = policy::by_name("none")?;
+    let r = simulate(step, none.as_mut(), None, &DeviceProfile::a100_pcie4())?;
+    Ok(r.peak_device_bytes)
+}
+
 /// Replays the last step of a synthetic trace under a budget; the policy saw the step before.
 fn replay(p: &mut dyn Policy, steps: &[Vec<OpRecord>], budget: usize) -> Result<f64> {
     for op in &steps[steps.len() - 2] {
@@ -89,13 +96,7 @@ fn trained_it_predicts_and_survives_the_simulator() -> Result<()> {
     let (tr, va) = ds.split_by_step(0.25);
     let (snap, _) = dynn_pilot::train(&tr, &va, labels.features, &ModelConfig::default())?;
     let steps: Vec<Vec<OpRecord>> = (0..16).map(|s| t.step_ops(s)).collect();
-    let peak = simulate(
-        &steps[15],
-        policy::by_name("none")?.as_mut(),
-        None,
-        &DeviceProfile::a100_pcie4(),
-    )?
-    .peak_device_bytes;
+    let peak = unlimited_peak(&steps[15])?;
     for replay_when_matching in [false, true] {
         let mut p = PilotPolicy::with_snapshot(
             snap.clone(),
@@ -129,13 +130,7 @@ fn the_announced_plan_guides_it_before_any_training() -> Result<()> {
         "no plan reads recorded"
     );
     let steps: Vec<Vec<OpRecord>> = (0..3).map(|s| w.trace.step_ops(s)).collect();
-    let peak = simulate(
-        &steps[2],
-        policy::by_name("none")?.as_mut(),
-        None,
-        &DeviceProfile::a100_pcie4(),
-    )?
-    .peak_device_bytes;
+    let peak = unlimited_peak(&steps[2])?;
     for share in [2, 3] {
         let budget = peak / share;
         // No snapshot and no online training: only the plan can guide it.

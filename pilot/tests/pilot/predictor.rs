@@ -76,7 +76,7 @@ fn candidates_after_shared_window_sums_give_the_same_bits_as_whole_rows() -> dyn
         ..ModelConfig::default()
     };
     let snap = PilotNet::new(features.input_dim(), &cfg)?.snapshot(features)?;
-    let (dim, split) = (features.input_dim(), snap.window_dim());
+    let (dim, split) = (features.input_dim(), features.window_dim());
     let rows = 12;
     let mut x = inputs(rows, dim);
     // Every row shares row 0's window, as the candidates ranked at one op do.

@@ -75,11 +75,11 @@ impl<P: Policy> Policy for Flushing<P> {
     fn eviction(&self, c: &Candidate) -> dynn::mm::Eviction {
         self.inner.eviction(c)
     }
-    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
+    fn next_use(&mut self, now: Now, key: u64) -> Option<u64> {
         self.inner.next_use(now, key)
     }
-    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
-        self.inner.upcoming(now, horizon)
+    fn upcoming(&mut self, now: Now, horizon: usize, out: &mut Vec<u64>) {
+        self.inner.upcoming(now, horizon, out)
     }
 }
 

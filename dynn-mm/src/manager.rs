@@ -146,6 +146,8 @@ struct State {
     stalled_this_op: bool,
     evicted_this_op: bool,
     horizon: usize,
+    /// The policy's prefetch list, reused from op to op.
+    upcoming: Vec<u64>,
     /// Buffers the current op writes in place: nothing computed from them may be dropped.
     writing: Vec<BufferId>,
     /// Inputs and outputs of the op being prepared (pinned for its kernel).
@@ -317,6 +319,7 @@ impl MemoryManager {
                 stalled_this_op: false,
                 evicted_this_op: false,
                 horizon: config.prefetch_horizon,
+                upcoming: Vec::new(),
                 writing: Vec::new(),
                 op_buffers: Vec::new(),
                 recomputing: Vec::new(),
@@ -1123,8 +1126,10 @@ impl MemoryManager {
             return;
         }
         let now = st.now;
-        let upcoming = st.policy.upcoming(now, st.horizon);
-        for key in upcoming {
+        let mut upcoming = std::mem::take(&mut st.upcoming);
+        upcoming.clear();
+        st.policy.upcoming(now, st.horizon, &mut upcoming);
+        for &key in &upcoming {
             let Some(&id) = st.by_key.get(&key) else {
                 continue;
             };
@@ -1150,6 +1155,7 @@ impl MemoryManager {
                 st.pool.release(block);
             }
         }
+        st.upcoming = upcoming;
     }
 }
 

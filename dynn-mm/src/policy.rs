@@ -86,13 +86,12 @@ pub trait Policy: Send {
         Eviction::Offload
     }
     /// Predicted ops until the buffer with `key` is used next (`None`: unknown or not soon).
-    fn next_use(&self, _now: Now, _key: u64) -> Option<u64> {
+    fn next_use(&mut self, _now: Now, _key: u64) -> Option<u64> {
         None
     }
-    /// Keys of buffers used in the next `horizon` ops, soonest first (for prefetching).
-    fn upcoming(&self, _now: Now, _horizon: usize) -> Vec<u64> {
-        Vec::new()
-    }
+    /// Appends to `out` the keys of buffers used in the next `horizon` ops, soonest first
+    /// (for prefetching). Called after every op, so `out` is the caller's reused buffer.
+    fn upcoming(&mut self, _now: Now, _horizon: usize, _out: &mut Vec<u64>) {}
 }
 
 /// Builds a policy by name: the built-ins `none`, `lru`, `static`, `recompute`, `belady`, then
@@ -328,11 +327,11 @@ impl Policy for Belady {
                 .then(a.id.cmp(&b.id))
         });
     }
-    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
+    fn next_use(&mut self, now: Now, key: u64) -> Option<u64> {
         self.profile.next_use(now.index, key)
     }
-    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
-        self.profile.upcoming(now.index, horizon)
+    fn upcoming(&mut self, now: Now, horizon: usize, out: &mut Vec<u64>) {
+        out.extend(self.profile.upcoming(now.index, horizon));
     }
 }
 
@@ -369,16 +368,15 @@ impl Policy for StaticProfile {
     fn rank_victims(&mut self, _: Now, c: &mut [Candidate]) {
         c.sort_by_key(|c| (c.last_use, c.id));
     }
-    fn next_use(&self, now: Now, key: u64) -> Option<u64> {
+    fn next_use(&mut self, now: Now, key: u64) -> Option<u64> {
         self.profile
             .as_ref()
             .filter(|_| self.matching)?
             .next_use(now.index, key)
     }
-    fn upcoming(&self, now: Now, horizon: usize) -> Vec<u64> {
-        match &self.profile {
-            Some(p) if self.matching => p.upcoming(now.index, horizon),
-            _ => Vec::new(),
+    fn upcoming(&mut self, now: Now, horizon: usize, out: &mut Vec<u64>) {
+        if let Some(p) = self.profile.as_ref().filter(|_| self.matching) {
+            out.extend(p.upcoming(now.index, horizon));
         }
     }
 }

@@ -203,6 +203,7 @@ pub fn simulate(
     let (mut now, mut h2d_free, mut d2h_free) = (0.0f64, 0.0f64, 0.0f64);
     let mut used = 0usize;
     let mut r = SimResult::default();
+    let mut upcoming = Vec::new();
     for (i, op) in ops.iter().enumerate() {
         let seq = i as u64;
         let clock = Now {
@@ -352,7 +353,9 @@ pub fn simulate(
             step: op.step,
             index: i as u32,
         };
-        for key in policy.upcoming(next, PREFETCH_HORIZON) {
+        upcoming.clear();
+        policy.upcoming(next, PREFETCH_HORIZON, &mut upcoming);
+        for &key in &upcoming {
             let Some(&id) = by_key.get(&key) else {
                 continue;
             };

@@ -15,7 +15,7 @@ use crate::tracker::{Query, Tracker};
 use dynn_core::{BufferId, BufferKind};
 use dynn_mm::trace::kind_code;
 use dynn_mm::{Announced, Candidate, Eviction, Now, OpRecord, Policy};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -50,6 +50,12 @@ pub struct PilotConfig {
     /// rather than offloaded where recomputing it costs less than copying it out (`None`:
     /// every victim is offloaded).
     pub recompute: Option<RecomputeCosts>,
+    /// Ops observed are queued and replayed into the tracker in batches of up to this many
+    /// (sooner when a decision needs the tracker); between batches the prefetch list of the
+    /// last batch stands, computed that many ops further ahead. Between two ops a training
+    /// kernel evicts the tracker's state from the caches: a batch pays those misses once.
+    /// 1: each op as it comes.
+    pub batch_ops: usize,
 }
 
 /// What a device charges for copying a buffer over the host link and for recomputing it,
@@ -99,6 +105,7 @@ impl Default for PilotConfig {
             max_horizon: 32,
             reuse_prediction_ops: 8,
             recompute: None,
+            batch_ops: 4,
         }
     }
 }
@@ -149,10 +156,37 @@ struct Hot {
     recent: KeyMap<(u64, u64, u64)>,
 }
 
+/// What was observed but not yet replayed into the tracker, in order.
+#[derive(Debug, Default)]
+struct Backlog {
+    /// Records reused from batch to batch; the first `ops` are pending.
+    records: Vec<OpRecord>,
+    ops: usize,
+    /// Pending events, in order: an op (`None`: the next pending record) or a plan read
+    /// `(group, id)`.
+    events: Vec<Option<(usize, u64)>>,
+    /// The prefetch list computed at the last replay, and whether it is current.
+    upcoming: Vec<u64>,
+    upcoming_valid: bool,
+}
+
+impl Backlog {
+    /// Queues op `op`.
+    fn push(&mut self, op: &OpRecord) {
+        match self.records.get_mut(self.ops) {
+            Some(r) => r.assign_from(op),
+            None => self.records.push(op.clone()),
+        }
+        self.ops += 1;
+        self.events.push(None);
+    }
+}
+
 /// The learned policy.
 pub struct PilotPolicy {
     cfg: PilotConfig,
     tracker: Tracker,
+    backlog: Backlog,
     cell: Arc<SnapshotCell>,
     version: u64,
     snapshot: Option<Arc<Snapshot>>,
@@ -168,7 +202,6 @@ pub struct PilotPolicy {
     suspects: Vec<(u64, u64, u64)>,
     stats: PilotStats,
     /// `upcoming` takes `&self`: its time is counted here.
-    upcoming_ns: Cell<u64>,
     /// Plans and plan reads announced since the last op, for that op's recorded copy.
     announced: Announced,
     /// Where the counters go when the policy is dropped (see [`PilotPolicy::report_to`]).
@@ -225,6 +258,7 @@ impl PilotPolicy {
         PilotPolicy {
             cfg,
             tracker: Tracker::new(cfg.features),
+            backlog: Backlog::default(),
             cell,
             version: 0,
             snapshot: None,
@@ -244,7 +278,6 @@ impl PilotPolicy {
             sorted: Vec::new(),
             suspects: Vec::with_capacity(SUSPECTS),
             stats: PilotStats::default(),
-            upcoming_ns: Cell::new(0),
             announced: Announced::default(),
             sink: None,
         }
@@ -279,15 +312,35 @@ impl PilotPolicy {
 
     /// Counters so far.
     pub fn stats(&self) -> PilotStats {
-        PilotStats {
-            upcoming_ns: self.upcoming_ns.get(),
-            ..self.stats
-        }
+        self.stats
     }
 
-    /// The tracker (features, history).
-    pub fn tracker(&self) -> &Tracker {
+    /// The tracker (features, history), with every op observed so far replayed into it.
+    pub fn tracker(&mut self) -> &Tracker {
+        self.catch_up();
         &self.tracker
+    }
+
+    /// Replays the queued ops and plan reads into the tracker.
+    fn catch_up(&mut self) {
+        if self.backlog.events.is_empty() {
+            return;
+        }
+        let t = Instant::now();
+        let mut ops = self.backlog.records.iter();
+        for e in self.backlog.events.drain(..) {
+            match (e, &mut ops) {
+                (Some((group, id)), _) => self.tracker.plan_read(group, id),
+                (None, ops) => {
+                    if let Some(op) = ops.next() {
+                        self.tracker.observe(op);
+                    }
+                }
+            }
+        }
+        self.backlog.ops = 0;
+        self.backlog.upcoming_valid = false;
+        self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }
 
     /// Swaps in a newer snapshot if one was published (allocates only then).
@@ -380,7 +433,7 @@ impl Policy for PilotPolicy {
 
     fn observe(&mut self, op: &OpRecord) {
         let t = Instant::now();
-        self.tracker.observe(op);
+        self.backlog.push(op);
         if let Some(r) = self.recording.as_mut() {
             let mut op = op.clone();
             self.announced.attach_to(&mut op);
@@ -394,6 +447,7 @@ impl Policy for PilotPolicy {
     }
 
     fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
+        self.catch_up();
         let t = Instant::now();
         self.tracker.plan(source, groups);
         if self.recording.is_some() {
@@ -404,7 +458,7 @@ impl Policy for PilotPolicy {
 
     fn plan_read(&mut self, group: usize, id: u64) {
         let t = Instant::now();
-        self.tracker.plan_read(group, id);
+        self.backlog.events.push(Some((group, id)));
         if self.recording.is_some() {
             self.announced.read(group, id);
         }
@@ -412,6 +466,8 @@ impl Policy for PilotPolicy {
     }
 
     fn step_boundary(&mut self, step: u64) {
+        self.catch_up();
+        self.backlog.upcoming_valid = false;
         let t = Instant::now();
         if let (Some(r), Some(t)) = (self.recording.as_mut(), self.trainer.as_ref())
             && !r.is_empty()
@@ -434,6 +490,9 @@ impl Policy for PilotPolicy {
     }
 
     fn rank_victims(&mut self, _now: Now, c: &mut [Candidate]) {
+        self.catch_up();
+        // The ranking may swap in a snapshot and changes the suspects: a new prefetch list.
+        self.backlog.upcoming_valid = false;
         let t = Instant::now();
         self.refresh();
         // LRU order: the fallback, and where the pilot looks for victims.
@@ -505,28 +564,36 @@ impl Policy for PilotPolicy {
         }
     }
 
-    fn next_use(&self, _now: Now, key: u64) -> Option<u64> {
+    fn next_use(&mut self, _now: Now, key: u64) -> Option<u64> {
+        self.catch_up();
         self.tracker
             .hint(key)
             .filter(|_| self.cfg.replay_when_matching && self.tracker.matching())
             .flatten()
     }
 
-    fn upcoming(&self, _now: Now, horizon: usize) -> Vec<u64> {
-        let t = Instant::now();
-        let horizon = horizon.min(self.cfg.max_horizon);
-        let mut out = Vec::new();
-        let replaying = self.cfg.replay_when_matching && self.tracker.matching();
-        if self.guided() && replaying {
-            self.tracker.upcoming_by_history(horizon, &mut out);
-        } else if self.tracker.plan_cursor().active() {
-            self.tracker.upcoming_by_plan(horizon, &mut out);
-        } else if self.guided() {
-            self.predicted_soon(horizon, &mut out);
+    fn upcoming(&mut self, _now: Now, horizon: usize, out: &mut Vec<u64>) {
+        let batch = self.cfg.batch_ops.max(1);
+        if self.backlog.ops >= batch || !self.backlog.upcoming_valid {
+            self.catch_up();
+            let t = Instant::now();
+            // Far enough ahead to cover the ops until the next replay.
+            let horizon = horizon.min(self.cfg.max_horizon) + batch - 1;
+            let mut list = std::mem::take(&mut self.backlog.upcoming);
+            list.clear();
+            let replaying = self.cfg.replay_when_matching && self.tracker.matching();
+            if self.guided() && replaying {
+                self.tracker.upcoming_by_history(horizon, &mut list);
+            } else if self.tracker.plan_cursor().active() {
+                self.tracker.upcoming_by_plan(horizon, &mut list);
+            } else if self.guided() {
+                self.predicted_soon(horizon, &mut list);
+            }
+            self.backlog.upcoming = list;
+            self.backlog.upcoming_valid = true;
+            self.stats.upcoming_ns += t.elapsed().as_nanos() as u64;
         }
-        self.upcoming_ns
-            .set(self.upcoming_ns.get() + t.elapsed().as_nanos() as u64);
-        out
+        out.extend_from_slice(&self.backlog.upcoming);
     }
 }
 

@@ -37,7 +37,9 @@ fn untrained_it_ranks_like_lru() {
     p.rank_victims(Now::default(), &mut c);
     let ids: Vec<u64> = c.iter().map(|c| c.id.0).collect();
     assert_eq!(ids, [4, 1, 2, 3]);
-    assert!(p.upcoming(Now::default(), 8).is_empty());
+    let mut soon = Vec::new();
+    p.upcoming(Now::default(), 8, &mut soon);
+    assert!(soon.is_empty());
     assert_eq!(p.stats().lru_rankings, 1);
 }
 
@@ -113,6 +115,91 @@ fn trained_it_predicts_and_survives_the_simulator() -> Result<()> {
         if !replay_when_matching {
             assert!(p.stats().predictions > 0);
         }
+    }
+    Ok(())
+}
+
+/// Every buffer of `ops`, as eviction candidates last used where the ops last touched them.
+fn candidates(ops: &[OpRecord]) -> Vec<Candidate> {
+    let mut last = std::collections::BTreeMap::new();
+    for (i, o) in ops.iter().enumerate() {
+        for a in o.inputs.iter().chain(&o.outputs) {
+            last.insert(a.0, (*a, i as u64));
+        }
+    }
+    last.into_values()
+        .map(|(a, i)| Candidate {
+            id: BufferId(a.0),
+            key: a.3,
+            bytes: a.1 as usize,
+            kind: dynn_mm::trace::kind_of(a.2),
+            last_use: i,
+            uses: 1,
+            recompute_flops: None,
+        })
+        .collect()
+}
+
+#[test]
+fn queued_ops_replay_into_the_same_decisions() -> Result<()> {
+    let t = synthetic(12, 6, 5);
+    let labels = LabelConfig::default();
+    let (tr, va) = label_trace(&t, &labels).split_by_step(0.25);
+    let (snap, _) = dynn_pilot::train(&tr, &va, labels.features, &ModelConfig::default())?;
+    let pilot = |batch_ops, replay_when_matching| {
+        PilotPolicy::with_snapshot(
+            snap.clone(),
+            PilotConfig {
+                online: None,
+                batch_ops,
+                replay_when_matching,
+                ..Default::default()
+            },
+        )
+    };
+    for matching in [false, true] {
+        let (mut each, mut queued) = (pilot(1, matching), pilot(4, matching));
+        let (mut soon_each, mut soon_queued) = (Vec::new(), Vec::new());
+        for s in 0..12 {
+            let ops = t.step_ops(s);
+            for (i, op) in ops.iter().enumerate() {
+                for p in [&mut each, &mut queued] {
+                    op.announce_to(p);
+                    p.observe(op);
+                }
+                let now = Now::default();
+                // Late steps: the queue fills between rankings, emptied by the step boundary.
+                if s < 8 && i % 3 == 0 {
+                    let mut a = candidates(&ops[..=i]);
+                    let mut b = a.clone();
+                    each.rank_victims(now, &mut a);
+                    queued.rank_victims(now, &mut b);
+                    assert_eq!(a, b, "step {s}, op {i}: the rankings differ");
+                }
+                soon_each.clear();
+                soon_queued.clear();
+                each.upcoming(now, 8, &mut soon_each);
+                queued.upcoming(now, 8, &mut soon_queued);
+                if s < 8 && i % 3 == 0 {
+                    // Caught up by the ranking, the queued pilot looks 3 ops further ahead
+                    // (between rankings its list may miss what was announced since).
+                    let missing: Vec<_> = soon_each
+                        .iter()
+                        .filter(|k| !soon_queued.contains(k))
+                        .collect();
+                    assert!(
+                        missing.is_empty(),
+                        "step {s}, op {i}: {missing:?} not prefetched"
+                    );
+                }
+            }
+            for p in [&mut each, &mut queued] {
+                p.step_boundary(s + 1);
+            }
+        }
+        assert_eq!(each.stats().predictions, queued.stats().predictions);
+        assert_eq!(each.tracker().clock(), queued.tracker().clock());
+        assert!(each.stats().pilot_rankings > 0);
     }
     Ok(())
 }

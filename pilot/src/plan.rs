@@ -6,7 +6,7 @@
 //! distances.
 
 use crate::history::KeyMap;
-use dynn_mm::OpRecord;
+use dynn_mm::trace::Access;
 
 /// Groups run before the measured pace outweighs the previous step's.
 const PRIOR_WEIGHT: f64 = 4.0;
@@ -108,12 +108,12 @@ impl PlanCursor {
 
     /// Op `op`, op `index` of its step, ran: the cursor moves to the furthest group it read
     /// from.
-    pub fn observe(&mut self, op: &OpRecord, index: u32) {
+    pub fn observe(&mut self, inputs: &[Access], index: u32) {
         if !self.active {
             return;
         }
         let before = self.cursor;
-        for a in &op.inputs {
+        for a in inputs {
             if let Some(gs) = self.at.get(&a.0) {
                 let i = gs.partition_point(|&g| g < self.cursor);
                 if let Some(&g) = gs.get(i) {
@@ -227,25 +227,9 @@ impl PlanCursor {
 mod tests {
     use super::*;
 
-    fn op(inputs: &[u64]) -> OpRecord {
-        OpRecord {
-            t: "op".into(),
-            seq: 0,
-            step: 0,
-            index: 0,
-            phase: 1,
-            op: "x".into(),
-            inputs: inputs.iter().map(|&i| (i, 4, 3, i)).collect(),
-            outputs: Vec::new(),
-            idioms: [0; 6],
-            flops: 0,
-            bytes_read: 0,
-            bytes_written: 0,
-            freed: Vec::new(),
-            plan: Vec::new(),
-            plan_source: String::new(),
-            plan_reads: Vec::new(),
-        }
+    /// The accesses of an op reading `inputs`.
+    fn op(inputs: &[u64]) -> Vec<Access> {
+        inputs.iter().map(|&i| (i, 4, 3, i)).collect()
     }
 
     #[test]

@@ -6,14 +6,14 @@
 //! costs time, never correctness: the manager still fetches on demand whatever was evicted.
 
 use crate::bucket::{lower_bound, representative};
-use crate::encoder::FeatureConfig;
+use crate::encoder::{FeatureConfig, OpView};
 use crate::history::KeyMap;
 use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
 use crate::plan::PlanDistance;
 use crate::predictor::{Scratch, Snapshot};
 use crate::tracker::{Query, Tracker};
 use dynn_core::{BufferId, BufferKind};
-use dynn_mm::trace::kind_code;
+use dynn_mm::trace::{Access, kind_code};
 use dynn_mm::{Announced, Candidate, Eviction, Now, OpRecord, Policy};
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -156,13 +156,15 @@ struct Hot {
     recent: KeyMap<(u64, u64, u64)>,
 }
 
-/// What was observed but not yet replayed into the tracker, in order.
+/// What was observed but not yet replayed into the tracker, in order, kept flat: queueing an
+/// op appends to two vectors (their tails are the lines the previous op wrote).
 #[derive(Debug, Default)]
 struct Backlog {
-    /// Records reused from batch to batch; the first `ops` are pending.
-    records: Vec<OpRecord>,
-    ops: usize,
-    /// Pending events, in order: an op (`None`: the next pending record) or a plan read
+    /// The pending ops as the encoder reads them.
+    views: Vec<OpView>,
+    /// Their buffers, op after op: inputs, then outputs.
+    accesses: Vec<Access>,
+    /// Pending events, in order: an op (`None`: the next pending view) or a plan read
     /// `(group, id)`.
     events: Vec<Option<(usize, u64)>>,
     /// The prefetch list computed at the last replay, and whether it is current.
@@ -173,12 +175,15 @@ struct Backlog {
 impl Backlog {
     /// Queues op `op`.
     fn push(&mut self, op: &OpRecord) {
-        match self.records.get_mut(self.ops) {
-            Some(r) => r.assign_from(op),
-            None => self.records.push(op.clone()),
-        }
-        self.ops += 1;
+        self.views.push(OpView::of_record(op));
+        self.accesses.extend_from_slice(&op.inputs);
+        self.accesses.extend_from_slice(&op.outputs);
         self.events.push(None);
+    }
+
+    /// Ops queued.
+    fn ops(&self) -> usize {
+        self.views.len()
     }
 }
 
@@ -327,19 +332,25 @@ impl PilotPolicy {
             return;
         }
         let t = Instant::now();
-        let mut ops = self.backlog.records.iter();
-        for e in self.backlog.events.drain(..) {
-            match (e, &mut ops) {
-                (Some((group, id)), _) => self.tracker.plan_read(group, id),
-                (None, ops) => {
-                    if let Some(op) = ops.next() {
-                        self.tracker.observe(op);
+        let b = &mut self.backlog;
+        let (mut views, mut at) = (b.views.iter(), 0);
+        for e in b.events.drain(..) {
+            match e {
+                Some((group, id)) => self.tracker.plan_read(group, id),
+                None => {
+                    // Each view was queued with its inputs and outputs, in order.
+                    let n = views.as_slice().first().map_or(0, |v| v.inputs + v.outputs);
+                    if let (Some(v), Some(bufs)) = (views.next(), b.accesses.get(at..at + n)) {
+                        let (inputs, outputs) = bufs.split_at(v.inputs);
+                        self.tracker.observe_view(v, inputs, outputs);
+                        at += n;
                     }
                 }
             }
         }
-        self.backlog.ops = 0;
-        self.backlog.upcoming_valid = false;
+        b.views.clear();
+        b.accesses.clear();
+        b.upcoming_valid = false;
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }
 
@@ -574,7 +585,7 @@ impl Policy for PilotPolicy {
 
     fn upcoming(&mut self, _now: Now, horizon: usize, out: &mut Vec<u64>) {
         let batch = self.cfg.batch_ops.max(1);
-        if self.backlog.ops >= batch || !self.backlog.upcoming_valid {
+        if self.backlog.ops() >= batch || !self.backlog.upcoming_valid {
             self.catch_up();
             let t = Instant::now();
             // Far enough ahead to cover the ops until the next replay.

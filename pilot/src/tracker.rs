@@ -10,6 +10,7 @@ use crate::encoder::{
 use crate::history::{KeyMap, StepProfile};
 use crate::plan::PlanCursor;
 use dynn_mm::OpRecord;
+use dynn_mm::trace::Access;
 
 /// Buffers unused for this many steps are forgotten.
 const KEEP_STEPS: u64 = 4;
@@ -261,35 +262,40 @@ impl Tracker {
 
     /// Records that op `op` ran.
     pub fn observe(&mut self, op: &OpRecord) {
-        let view = OpView::of_record(op);
+        self.observe_view(&OpView::of_record(op), &op.inputs, &op.outputs);
+    }
+
+    /// Records that the op seen as `view` ran, reading `inputs` and writing `outputs`.
+    pub fn observe_view(&mut self, view: &OpView, inputs: &[Access], outputs: &[Access]) {
+        let view = *view;
         let d = self.cfg.encoding.op_dim();
         if self.cfg.window > 0 {
-            let at = self.step_position(op.phase);
+            let at = self.step_position(view.phase);
             let row = &mut self.ring[self.next * d..(self.next + 1) * d];
             encode_op(self.cfg.encoding, &view, at, row);
             self.next = (self.next + 1) % self.cfg.window;
         }
         let producer = Producer {
-            idioms: op.idioms,
+            idioms: view.idioms,
             slot: view.slot,
-            phase: op.phase,
+            phase: view.phase,
         };
         let (clock, index, step) = (self.clock, self.index, self.step);
-        let phase = (op.phase as usize).min(PHASES - 1);
+        let phase = (view.phase as usize).min(PHASES - 1);
         let context = self.push_context(&view);
         if self.sites.len() > MAX_SITES {
             self.sites.clear();
         }
         let mut anchor = None;
         self.op_keys.clear();
-        for (j, a) in op.inputs.iter().chain(&op.outputs).enumerate() {
-            let written = j >= op.inputs.len();
+        for (j, a) in inputs.iter().chain(outputs).enumerate() {
+            let written = j >= inputs.len();
             let b = self.bufs.entry(a.0).or_insert_with(|| {
                 let aligned = if a.3 < PERSISTENT {
                     a.3
                 } else {
                     self.made[phase] += 1;
-                    let k = aligned_key(op.phase, self.made[phase]);
+                    let k = aligned_key(view.phase, self.made[phase]);
                     self.by_aligned.insert(k, a.0);
                     k
                 };
@@ -298,7 +304,7 @@ impl Tracker {
                     bytes: a.1,
                     key: a.3,
                     aligned,
-                    last_phase: op.phase,
+                    last_phase: view.phase,
                     last_use: u64::MAX,
                     last_use_index: 0,
                     last_step: step,
@@ -328,9 +334,9 @@ impl Tracker {
             b.last_use = clock;
             b.last_use_index = index;
             b.last_step = step;
-            b.last_phase = op.phase;
+            b.last_phase = view.phase;
             self.op_keys.push(b.aligned);
-            if op.phase == 0 {
+            if view.phase == 0 {
                 b.last_forward = Some(index);
             }
             if fresh_use {
@@ -341,18 +347,18 @@ impl Tracker {
             if fresh_use && anchor.is_none() && b.aligned < PERSISTENT {
                 anchor = self
                     .previous
-                    .nth_use_in_phase(b.aligned, op.phase, b.phase_uses[phase]);
+                    .nth_use_in_phase(b.aligned, view.phase, b.phase_uses[phase]);
             }
         }
         self.anchor = anchor.map(|prev| (prev, index));
-        self.plan.observe(op, index);
+        self.plan.observe(inputs, index);
         self.current
-            .push(view.slot, op.phase, self.op_keys.iter().copied());
+            .push(view.slot, view.phase, self.op_keys.iter().copied());
         self.matching = self.matching && self.previous.slot(index as usize) == Some(view.slot);
         self.clock += 1;
         self.index += 1;
-        self.phase = op.phase;
-        let p = (op.phase as usize).min(PHASES - 1);
+        self.phase = view.phase;
+        let p = (view.phase as usize).min(PHASES - 1);
         if self.phase_ops[p] == 0 {
             self.phase_start[p] = index;
         }

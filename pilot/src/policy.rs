@@ -206,7 +206,6 @@ pub struct PilotPolicy {
     /// Likely-evicted buffers `(id, key, tracker clock when due back)`.
     suspects: Vec<(u64, u64, u64)>,
     stats: PilotStats,
-    /// `upcoming` takes `&self`: its time is counted here.
     /// Plans and plan reads announced since the last op, for that op's recorded copy.
     announced: Announced,
     /// Where the counters go when the policy is dropped (see [`PilotPolicy::report_to`]).
@@ -339,12 +338,13 @@ impl PilotPolicy {
                 Some((group, id)) => self.tracker.plan_read(group, id),
                 None => {
                     // Each view was queued with its inputs and outputs, in order.
-                    let n = views.as_slice().first().map_or(0, |v| v.inputs + v.outputs);
-                    if let (Some(v), Some(bufs)) = (views.next(), b.accesses.get(at..at + n)) {
+                    let Some(v) = views.next() else { break };
+                    let n = v.inputs + v.outputs;
+                    if let Some(bufs) = b.accesses.get(at..at + n) {
                         let (inputs, outputs) = bufs.split_at(v.inputs);
                         self.tracker.observe_view(v, inputs, outputs);
-                        at += n;
                     }
+                    at += n;
                 }
             }
         }

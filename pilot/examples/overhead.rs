@@ -99,7 +99,7 @@ fn main() -> Result<()> {
                 .pop()
                 .unwrap_or_default();
             println!(
-                "\n  pilot: {:.1}% of the run on the critical path (observe {:.1} ms, rank {:.1} ms, upcoming {:.1} ms, boundary {:.1} ms); {} predictions, {} rankings ({} LRU before training, {} candidates ranked), {} swaps",
+                "\n  pilot: {:.1}% of the run on the critical path (observe {:.1} ms, rank {:.1} ms, upcoming {:.1} ms, boundary {:.1} ms); {} predictions, {} rankings ({} LRU before training; {} candidates offered, {} ranked), {} swaps",
                 100.0 * s.critical_seconds() / step_s,
                 s.observe_ns as f64 * 1e-6,
                 s.rank_ns as f64 * 1e-6,
@@ -108,6 +108,7 @@ fn main() -> Result<()> {
                 s.predictions,
                 s.pilot_rankings,
                 s.lru_rankings,
+                s.offered,
                 s.candidates,
                 s.swaps
             );

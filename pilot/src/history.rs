@@ -28,6 +28,14 @@ impl Hasher for KeyHasher {
 /// A map keyed by buffer ids or keys.
 pub type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
 
+/// Where a key's uses sit in a sealed [`StepProfile`]'s index: looked up once and kept by
+/// whoever asks about the same key often (empty: the step did not use it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UseRange {
+    start: u32,
+    len: u32,
+}
+
 /// The ops (one-hot slots) and key uses of one step. The queries by key answer for the ops
 /// pushed before the last [`StepProfile::seal`].
 #[derive(Debug, Clone, Default)]
@@ -102,10 +110,17 @@ impl StepProfile {
         }
     }
 
-    /// The sorted indices of the ops that used `key` (sealed ops only).
-    fn uses_of(&self, key: u64) -> Option<&[u32]> {
-        let &(start, len) = self.uses.get(&key)?;
-        self.use_ops.get(start as usize..(start + len) as usize)
+    /// Where the uses of `key` sit in the index (sealed ops only).
+    pub fn range_of(&self, key: u64) -> UseRange {
+        self.uses
+            .get(&key)
+            .map_or(UseRange::default(), |&(start, len)| UseRange { start, len })
+    }
+
+    /// The sorted indices of the ops in `range`.
+    fn uses_in(&self, range: UseRange) -> &[u32] {
+        let (start, len) = (range.start as usize, range.len as usize);
+        self.use_ops.get(start..start + len).unwrap_or(&[])
     }
 
     /// Ops recorded.
@@ -126,7 +141,12 @@ impl StepProfile {
     /// Ops from op `after` (`None`: before the first op) to the next use of `key` within the
     /// step; `None` when the step does not use it again.
     pub fn next_use(&self, after: Option<u32>, key: u64) -> Option<u64> {
-        let uses = self.uses_of(key)?;
+        self.next_use_in(after, self.range_of(key))
+    }
+
+    /// [`StepProfile::next_use`] of the key whose uses are `range`.
+    pub fn next_use_in(&self, after: Option<u32>, range: UseRange) -> Option<u64> {
+        let uses = self.uses_in(range);
         let from = after.map_or(-1, |a| a as i64);
         let pos = uses.partition_point(|&u| (u as i64) <= from);
         uses.get(pos).map(|&u| (u as i64 - from) as u64)
@@ -135,7 +155,7 @@ impl StepProfile {
     /// The gap in ops between the `k`-th and `k+1`-th ops that use `key` (`k ≥ 1`; `None`
     /// when the step used it at most `k` times).
     pub fn gap(&self, key: u64, k: u32) -> Option<u64> {
-        let uses = self.uses_of(key)?;
+        let uses = self.uses_in(self.range_of(key));
         let k = k as usize;
         match (k.checked_sub(1).and_then(|i| uses.get(i)), uses.get(k)) {
             (Some(&a), Some(&b)) => Some((b - a) as u64),
@@ -145,7 +165,12 @@ impl StepProfile {
 
     /// The index of the `rank`-th op (from 1) of phase `phase` that uses `key`.
     pub fn nth_use_in_phase(&self, key: u64, phase: u8, rank: u32) -> Option<u32> {
-        let uses = self.uses_of(key)?;
+        self.nth_use_in_phase_in(self.range_of(key), phase, rank)
+    }
+
+    /// [`StepProfile::nth_use_in_phase`] of the key whose uses are `range`.
+    pub fn nth_use_in_phase_in(&self, range: UseRange, phase: u8, rank: u32) -> Option<u32> {
+        let uses = self.uses_in(range);
         let (start, end) = *self.phase_range.get(phase as usize)?;
         let first = uses.partition_point(|&u| u < start);
         let at = *uses.get(first + (rank as usize).checked_sub(1)?)?;

@@ -123,6 +123,8 @@ pub struct PilotStats {
     pub swaps: u64,
     /// Candidates ranked, over all rankings.
     pub candidates: u64,
+    /// Candidates offered (every resident, unpinned buffer), over all rankings.
+    pub offered: u64,
     /// Time in `observe` (on the critical path), nanoseconds.
     pub observe_ns: u64,
     /// Time in `rank_victims`, nanoseconds.
@@ -506,6 +508,7 @@ impl Policy for PilotPolicy {
         self.backlog.upcoming_valid = false;
         let t = Instant::now();
         self.refresh();
+        self.stats.offered += c.len() as u64;
         // LRU order: the fallback, and where the pilot looks for victims.
         c.sort_unstable_by_key(|c| (c.last_use, c.id));
         if !self.guided() {

@@ -7,7 +7,7 @@ use crate::encoder::{
     CandidateView, Encoding, FeatureConfig, OpView, PHASES, Producer, StepPosition,
     encode_candidate, encode_op,
 };
-use crate::history::{KeyMap, StepProfile};
+use crate::history::{KeyMap, StepProfile, UseRange};
 use crate::plan::PlanCursor;
 use dynn_mm::OpRecord;
 use dynn_mm::trace::Access;
@@ -74,6 +74,9 @@ pub struct BufferState {
     pub producer: Option<Producer>,
     /// The access site of its last use (0: none this step).
     pub last_site: u64,
+    /// Where the previous step's uses of its aligned key sit in that step's index (looked up
+    /// when the key is set, so queries about it skip the index's map).
+    pub prev: UseRange,
 }
 
 /// A candidate as the tracker is asked about it.
@@ -316,6 +319,7 @@ impl Tracker {
                     uses_past: 0,
                     producer: written.then_some(producer),
                     last_site: 0,
+                    prev: self.previous.range_of(aligned),
                 }
             });
             let fresh_use = b.last_use != clock;
@@ -347,7 +351,7 @@ impl Tracker {
             if fresh_use && anchor.is_none() && b.aligned < PERSISTENT {
                 anchor = self
                     .previous
-                    .nth_use_in_phase(b.aligned, view.phase, b.phase_uses[phase]);
+                    .nth_use_in_phase_in(b.prev, view.phase, b.phase_uses[phase]);
             }
         }
         self.anchor = anchor.map(|prev| (prev, index));
@@ -386,6 +390,7 @@ impl Tracker {
             b.uses_step = 0;
             b.key = id;
             b.aligned = id;
+            b.prev = self.previous.range_of(id);
             b.last_forward = None;
             b.phase_uses = [0; PHASES];
         }
@@ -482,7 +487,12 @@ impl Tracker {
     /// key `aligned`, from the corresponding op (see [`Tracker::after`]): `None` without a
     /// previous step.
     fn hint_aligned(&self, aligned: u64) -> Option<Option<u64>> {
-        (!self.previous.is_empty()).then(|| self.previous.next_use(self.after(), aligned))
+        self.hint_in(self.previous.range_of(aligned))
+    }
+
+    /// [`Tracker::hint_aligned`] of the key whose previous uses are `range`.
+    fn hint_in(&self, range: UseRange) -> Option<Option<u64>> {
+        (!self.previous.is_empty()).then(|| self.previous.next_use_in(self.after(), range))
     }
 
     /// The previous step's distance from here to the next use of the buffer with memory
@@ -514,16 +524,19 @@ impl Tracker {
                 let p = (b.last_phase as usize).min(PHASES - 1);
                 let there =
                     self.previous
-                        .nth_use_in_phase(b.aligned, b.last_phase, b.phase_uses[p]);
+                        .nth_use_in_phase_in(b.prev, b.last_phase, b.phase_uses[p]);
                 let Some(there) = there else {
-                    return self.hint_aligned(b.aligned);
+                    return self.hint_in(b.prev);
                 };
-                Some(self.previous.next_use(Some(there), b.aligned).map(|gap| {
+                Some(self.previous.next_use_in(Some(there), b.prev).map(|gap| {
                     let age = self.index.saturating_sub(1 + b.last_use_index) as u64;
                     gap.saturating_sub(age).max(1)
                 }))
             }
-            None => self.hint_aligned(state.map_or(q.key, |b| b.aligned)),
+            None => match state {
+                Some(b) => self.hint_in(b.prev),
+                None => self.hint_aligned(q.key),
+            },
         }
     }
 

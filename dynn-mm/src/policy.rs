@@ -90,7 +90,8 @@ pub trait Policy: Send {
         None
     }
     /// Appends to `out` the keys of buffers used in the next `horizon` ops, soonest first
-    /// (for prefetching). Called after every op, so `out` is the caller's reused buffer.
+    /// (for prefetching; a policy may list a few ops further). Called at most once after each
+    /// op, so `out` is the caller's reused buffer.
     fn upcoming(&mut self, _now: Now, _horizon: usize, _out: &mut Vec<u64>) {}
 }
 

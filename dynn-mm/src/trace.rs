@@ -105,27 +105,6 @@ impl Announced {
 }
 
 impl OpRecord {
-    /// Makes this record a copy of `src`, reusing its own allocations (for whoever keeps
-    /// records op after op on a hot path).
-    pub fn assign_from(&mut self, src: &OpRecord) {
-        self.t.clone_from(&src.t);
-        self.seq = src.seq;
-        self.step = src.step;
-        self.index = src.index;
-        self.phase = src.phase;
-        self.op.clone_from(&src.op);
-        self.inputs.clone_from(&src.inputs);
-        self.outputs.clone_from(&src.outputs);
-        self.idioms = src.idioms;
-        self.flops = src.flops;
-        self.bytes_read = src.bytes_read;
-        self.bytes_written = src.bytes_written;
-        self.freed.clone_from(&src.freed);
-        self.plan.clone_from(&src.plan);
-        self.plan_source.clone_from(&src.plan_source);
-        self.plan_reads.clone_from(&src.plan_reads);
-    }
-
     /// Tells `policy` what was announced before this op ran (its plan, then the plan's new
     /// reads), as the memory manager did during the run.
     pub fn announce_to(&self, policy: &mut dyn crate::Policy) {

@@ -106,8 +106,8 @@ impl PlanCursor {
         }
     }
 
-    /// Op `op`, op `index` of its step, ran: the cursor moves to the furthest group it read
-    /// from.
+    /// An op, op `index` of its step, read `inputs`: the cursor moves to the furthest group it
+    /// read from.
     pub fn observe(&mut self, inputs: &[Access], index: u32) {
         if !self.active {
             return;

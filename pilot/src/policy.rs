@@ -51,10 +51,10 @@ pub struct PilotConfig {
     /// every victim is offloaded).
     pub recompute: Option<RecomputeCosts>,
     /// Ops observed are queued and replayed into the tracker in batches of up to this many
-    /// (sooner when a decision needs the tracker); between batches the prefetch list of the
-    /// last batch stands, computed that many ops further ahead. Between two ops a training
-    /// kernel evicts the tracker's state from the caches: a batch pays those misses once.
-    /// 1: each op as it comes.
+    /// (sooner when a ranking, a plan or the step boundary needs the tracker); between
+    /// batches the prefetch list of the last replay stands, computed `batch_ops − 1` ops
+    /// further ahead. Between two ops a training kernel evicts the tracker's state from the
+    /// caches: a batch pays those misses once. 1 (or 0): each op as it comes.
     pub batch_ops: usize,
 }
 
@@ -125,7 +125,8 @@ pub struct PilotStats {
     pub candidates: u64,
     /// Candidates offered (every resident, unpinned buffer), over all rankings.
     pub offered: u64,
-    /// Time in `observe` (on the critical path), nanoseconds.
+    /// Time in `observe` and in replaying the ops it queued (whichever call replays them),
+    /// nanoseconds.
     pub observe_ns: u64,
     /// Time in `rank_victims`, nanoseconds.
     pub rank_ns: u64,
@@ -159,7 +160,8 @@ struct Hot {
 }
 
 /// What was observed but not yet replayed into the tracker, in order, kept flat: queueing an
-/// op appends to two vectors (their tails are the lines the previous op wrote).
+/// op appends to two vectors, which stay small and warm (no allocation per op). Also the
+/// prefetch list of the last replay.
 #[derive(Debug, Default)]
 struct Backlog {
     /// The pending ops as the encoder reads them.
@@ -200,7 +202,7 @@ pub struct PilotPolicy {
     trainer: Option<OnlineTrainer>,
     recording: Option<Vec<OpRecord>>,
     steps_seen: u64,
-    /// Scratch space of the predictor (a cell: `upcoming` takes `&self`).
+    /// Scratch space of the predictor.
     hot: RefCell<Hot>,
     /// `(latest distance reversed, earliest distance, last use, id, index)` per candidate.
     order: Vec<(std::cmp::Reverse<u64>, u64, u64, BufferId, usize)>,
@@ -445,6 +447,11 @@ impl Policy for PilotPolicy {
     }
 
     fn observe(&mut self, op: &OpRecord) {
+        // The queue stays within a batch even where nothing asks for prefetches (the manager
+        // does not while the pool is full).
+        if self.backlog.ops() >= self.cfg.batch_ops.max(1) {
+            self.catch_up();
+        }
         let t = Instant::now();
         self.backlog.push(op);
         if let Some(r) = self.recording.as_mut() {
@@ -461,6 +468,8 @@ impl Policy for PilotPolicy {
 
     fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
         self.catch_up();
+        // A plan changes what comes next: a new prefetch list.
+        self.backlog.upcoming_valid = false;
         let t = Instant::now();
         self.tracker.plan(source, groups);
         if self.recording.is_some() {
@@ -587,12 +596,15 @@ impl Policy for PilotPolicy {
     }
 
     fn upcoming(&mut self, _now: Now, horizon: usize, out: &mut Vec<u64>) {
+        if horizon == 0 {
+            return;
+        }
         let batch = self.cfg.batch_ops.max(1);
         if self.backlog.ops() >= batch || !self.backlog.upcoming_valid {
             self.catch_up();
             let t = Instant::now();
             // Far enough ahead to cover the ops until the next replay.
-            let horizon = horizon.min(self.cfg.max_horizon) + batch - 1;
+            let horizon = horizon.min(self.cfg.max_horizon).saturating_add(batch - 1);
             let mut list = std::mem::take(&mut self.backlog.upcoming);
             list.clear();
             let replaying = self.cfg.replay_when_matching && self.tracker.matching();

@@ -75,7 +75,7 @@ pub struct BufferState {
     /// The access site of its last use (0: none this step).
     pub last_site: u64,
     /// Where the previous step's uses of its aligned key sit in that step's index (looked up
-    /// when the key is set, so queries about it skip the index's map).
+    /// wherever the aligned key is set, so queries about it skip the index's map).
     pub prev: UseRange,
 }
 
@@ -521,6 +521,7 @@ impl Tracker {
         let state = self.bufs.get(&q.id);
         match state.filter(|b| b.uses_step > 0 && b.last_step == self.step) {
             Some(b) => {
+                debug_assert_eq!(b.prev, self.previous.range_of(b.aligned));
                 let p = (b.last_phase as usize).min(PHASES - 1);
                 let there =
                     self.previous

@@ -140,67 +140,93 @@ fn candidates(ops: &[OpRecord]) -> Vec<Candidate> {
         .collect()
 }
 
+/// Replays `steps` through a pilot that observes each op at once and one that queues four,
+/// asking both for rankings and prefetches as the simulator does. Returns how many compared
+/// prefetch lists were non-empty.
+fn compare_queued(steps: &[Vec<OpRecord>], pilot: impl Fn(usize) -> PilotPolicy) -> usize {
+    let (mut each, mut queued) = (pilot(1), pilot(4));
+    let (mut soon_each, mut soon_queued) = (Vec::new(), Vec::new());
+    let mut compared = 0;
+    let late = steps.len() * 2 / 3;
+    for (s, ops) in steps.iter().enumerate() {
+        for (i, op) in ops.iter().enumerate() {
+            for p in [&mut each, &mut queued] {
+                op.announce_to(p);
+                p.observe(op);
+            }
+            let now = Now::default();
+            // Late steps: no rankings, so replays come only from the queue filling up.
+            let ranked = s < late && i % 3 == 0;
+            if ranked {
+                let mut a = candidates(&ops[..=i]);
+                let mut b = a.clone();
+                each.rank_victims(now, &mut a);
+                queued.rank_victims(now, &mut b);
+                assert_eq!(a, b, "step {s}, op {i}: the rankings differ");
+            }
+            soon_each.clear();
+            soon_queued.clear();
+            each.upcoming(now, 8, &mut soon_each);
+            queued.upcoming(now, 8, &mut soon_queued);
+            // Just caught up (by the ranking, or by a plan announced before this op), the
+            // queued pilot looks 3 ops further ahead; in between, its list may miss what was
+            // announced since.
+            if ranked || !op.plan.is_empty() {
+                let missing: Vec<_> = soon_each
+                    .iter()
+                    .filter(|k| !soon_queued.contains(k))
+                    .collect();
+                assert!(
+                    missing.is_empty(),
+                    "step {s}, op {i}: {missing:?} not prefetched"
+                );
+                compared += usize::from(!soon_each.is_empty());
+            }
+        }
+        for p in [&mut each, &mut queued] {
+            p.step_boundary(s as u64 + 1);
+        }
+    }
+    assert_eq!(each.stats().predictions, queued.stats().predictions);
+    assert_eq!(each.tracker().clock(), queued.tracker().clock());
+    assert!(each.stats().pilot_rankings > 0);
+    compared
+}
+
 #[test]
 fn queued_ops_replay_into_the_same_decisions() -> Result<()> {
+    // A synthetic DyNN, ranked by a trained snapshot (and by the replayed step).
     let t = synthetic(12, 6, 5);
     let labels = LabelConfig::default();
     let (tr, va) = label_trace(&t, &labels).split_by_step(0.25);
     let (snap, _) = dynn_pilot::train(&tr, &va, labels.features, &ModelConfig::default())?;
-    let pilot = |batch_ops, replay_when_matching| {
-        PilotPolicy::with_snapshot(
-            snap.clone(),
-            PilotConfig {
-                online: None,
-                batch_ops,
-                replay_when_matching,
-                ..Default::default()
-            },
-        )
-    };
-    for matching in [false, true] {
-        let (mut each, mut queued) = (pilot(1, matching), pilot(4, matching));
-        let (mut soon_each, mut soon_queued) = (Vec::new(), Vec::new());
-        for s in 0..12 {
-            let ops = t.step_ops(s);
-            for (i, op) in ops.iter().enumerate() {
-                for p in [&mut each, &mut queued] {
-                    op.announce_to(p);
-                    p.observe(op);
-                }
-                let now = Now::default();
-                // Late steps: the queue fills between rankings, emptied by the step boundary.
-                if s < 8 && i % 3 == 0 {
-                    let mut a = candidates(&ops[..=i]);
-                    let mut b = a.clone();
-                    each.rank_victims(now, &mut a);
-                    queued.rank_victims(now, &mut b);
-                    assert_eq!(a, b, "step {s}, op {i}: the rankings differ");
-                }
-                soon_each.clear();
-                soon_queued.clear();
-                each.upcoming(now, 8, &mut soon_each);
-                queued.upcoming(now, 8, &mut soon_queued);
-                if s < 8 && i % 3 == 0 {
-                    // Caught up by the ranking, the queued pilot looks 3 ops further ahead
-                    // (between rankings its list may miss what was announced since).
-                    let missing: Vec<_> = soon_each
-                        .iter()
-                        .filter(|k| !soon_queued.contains(k))
-                        .collect();
-                    assert!(
-                        missing.is_empty(),
-                        "step {s}, op {i}: {missing:?} not prefetched"
-                    );
-                }
-            }
-            for p in [&mut each, &mut queued] {
-                p.step_boundary(s + 1);
-            }
-        }
-        assert_eq!(each.stats().predictions, queued.stats().predictions);
-        assert_eq!(each.tracker().clock(), queued.tracker().clock());
-        assert!(each.stats().pilot_rankings > 0);
+    let steps: Vec<Vec<OpRecord>> = (0..12).map(|s| t.step_ops(s)).collect();
+    for replay_when_matching in [false, true] {
+        let compared = compare_queued(&steps, |batch_ops| {
+            PilotPolicy::with_snapshot(
+                snap.clone(),
+                PilotConfig {
+                    online: None,
+                    batch_ops,
+                    replay_when_matching,
+                    ..Default::default()
+                },
+            )
+        });
+        assert!(compared > 0, "no prefetch list was compared");
     }
+    // A real DyNN's trace, whose backward passes and optimizer steps announce plans and plan
+    // reads: untrained, only the plan guides the pilot.
+    let w = dynn_pilot::eval::record("tree_lstm", 3)?;
+    let steps: Vec<Vec<OpRecord>> = (0..3).map(|s| w.trace.step_ops(s)).collect();
+    let compared = compare_queued(&steps, |batch_ops| {
+        PilotPolicy::new(PilotConfig {
+            online: None,
+            batch_ops,
+            ..Default::default()
+        })
+    });
+    assert!(compared > 0, "no plan-guided prefetch list was compared");
     Ok(())
 }
 

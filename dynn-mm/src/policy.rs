@@ -12,7 +12,7 @@
 
 use crate::trace::OpRecord;
 use dynn_core::{BufferId, BufferKind, Error, Result};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::RwLock;
 
 /// What a policy knows of one resident buffer that could be evicted.
@@ -267,18 +267,26 @@ impl Profile {
         }
     }
 
-    /// Keys used by ops `index+1 ..= index+horizon`, soonest first, without repeats.
-    pub fn upcoming(&self, index: u32, horizon: usize) -> Vec<u64> {
-        let mut seen = std::collections::HashSet::new();
+    /// Appends to `out` the keys used by ops `index+1 ..= index+horizon`, soonest first,
+    /// without repeats (`seen` is scratch space, reused from call to call).
+    pub fn upcoming(
+        &self,
+        index: u32,
+        horizon: usize,
+        seen: &mut HashSet<u64>,
+        out: &mut Vec<u64>,
+    ) {
+        seen.clear();
         let start = index as usize + 1;
-        self.keys
-            .iter()
-            .skip(start)
-            .take(horizon)
-            .flatten()
-            .copied()
-            .filter(|k| seen.insert(*k))
-            .collect()
+        out.extend(
+            self.keys
+                .iter()
+                .skip(start)
+                .take(horizon)
+                .flatten()
+                .copied()
+                .filter(|k| seen.insert(*k)),
+        );
     }
 }
 
@@ -290,6 +298,7 @@ pub struct Belady {
     profile: Profile,
     fixed: bool,
     current: Vec<OpRecord>,
+    seen: HashSet<u64>,
 }
 
 impl Belady {
@@ -298,7 +307,7 @@ impl Belady {
         Belady {
             profile,
             fixed: true,
-            current: Vec::new(),
+            ..Default::default()
         }
     }
 }
@@ -332,7 +341,8 @@ impl Policy for Belady {
         self.profile.next_use(now.index, key)
     }
     fn upcoming(&mut self, now: Now, horizon: usize, out: &mut Vec<u64>) {
-        out.extend(self.profile.upcoming(now.index, horizon));
+        self.profile
+            .upcoming(now.index, horizon, &mut self.seen, out);
     }
 }
 
@@ -343,6 +353,7 @@ pub struct StaticProfile {
     profile: Option<Profile>,
     first: Vec<OpRecord>,
     matching: bool,
+    seen: HashSet<u64>,
 }
 
 impl Policy for StaticProfile {
@@ -377,7 +388,7 @@ impl Policy for StaticProfile {
     }
     fn upcoming(&mut self, now: Now, horizon: usize, out: &mut Vec<u64>) {
         if let Some(p) = self.profile.as_ref().filter(|_| self.matching) {
-            out.extend(p.upcoming(now.index, horizon));
+            p.upcoming(now.index, horizon, &mut self.seen, out);
         }
     }
 }

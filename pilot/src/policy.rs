@@ -15,7 +15,6 @@ use crate::tracker::{Query, Tracker};
 use dynn_core::{BufferId, BufferKind};
 use dynn_mm::trace::{Access, kind_code};
 use dynn_mm::{Announced, Candidate, Eviction, Now, OpRecord, Policy};
-use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -160,8 +159,7 @@ struct Hot {
 }
 
 /// What was observed but not yet replayed into the tracker, in order, kept flat: queueing an
-/// op appends to two vectors, which stay small and warm (no allocation per op). Also the
-/// prefetch list of the last replay.
+/// op appends to two vectors, which stay small and warm (no allocation per op).
 #[derive(Debug, Default)]
 struct Backlog {
     /// The pending ops as the encoder reads them.
@@ -171,9 +169,14 @@ struct Backlog {
     /// Pending events, in order: an op (`None`: the next pending view) or a plan read
     /// `(group, id)`.
     events: Vec<Option<(usize, u64)>>,
-    /// The prefetch list computed at the last replay, and whether it is current.
-    upcoming: Vec<u64>,
-    upcoming_valid: bool,
+}
+
+/// The keys [`Policy::upcoming`] computed at the last replay, given again until a replay, a
+/// ranking, a plan or the step boundary makes them stale.
+#[derive(Debug, Default)]
+struct PrefetchList {
+    keys: Vec<u64>,
+    current: bool,
 }
 
 impl Backlog {
@@ -203,7 +206,9 @@ pub struct PilotPolicy {
     recording: Option<Vec<OpRecord>>,
     steps_seen: u64,
     /// Scratch space of the predictor.
-    hot: RefCell<Hot>,
+    hot: Hot,
+    /// The prefetch list of the last replay.
+    prefetch: PrefetchList,
     /// `(latest distance reversed, earliest distance, last use, id, index)` per candidate.
     order: Vec<(std::cmp::Reverse<u64>, u64, u64, BufferId, usize)>,
     sorted: Vec<Candidate>,
@@ -273,7 +278,8 @@ impl PilotPolicy {
             trainer,
             recording,
             steps_seen: 0,
-            hot: RefCell::new(Hot {
+            prefetch: PrefetchList::default(),
+            hot: Hot {
                 scratch: Scratch::default(),
                 window: vec![0.0; cfg.features.window_dim()],
                 sums: Vec::new(),
@@ -281,7 +287,7 @@ impl PilotPolicy {
                 cand: vec![0.0; cfg.features.encoding.cand_dim()],
                 soon: Vec::with_capacity(SUSPECTS),
                 recent: KeyMap::default(),
-            }),
+            },
             order: Vec::new(),
             sorted: Vec::new(),
             suspects: Vec::with_capacity(SUSPECTS),
@@ -354,7 +360,7 @@ impl PilotPolicy {
         }
         b.views.clear();
         b.accesses.clear();
-        b.upcoming_valid = false;
+        self.prefetch.current = false;
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }
 
@@ -366,7 +372,7 @@ impl PilotPolicy {
         }
         self.version = v;
         if let Some(s) = self.cell.get().filter(|s| s.features == self.cfg.features) {
-            let hot = self.hot.get_mut();
+            let hot = &mut self.hot;
             hot.scratch = s.scratch();
             hot.sums_at = None;
             self.snapshot = Some(s);
@@ -408,7 +414,7 @@ impl PilotPolicy {
         // unless an op used the buffer after it.
         let clock = self.tracker.clock();
         let last_use = self.tracker.state(q.id).map(|b| b.last_use);
-        let hot = self.hot.get_mut();
+        let hot = &mut self.hot;
         if let Some(&(at, latest, earliest)) = hot.recent.get(&q.id)
             && clock - at <= self.cfg.reuse_prediction_ops
             && last_use.is_none_or(|u| u == u64::MAX || u < at)
@@ -469,7 +475,7 @@ impl Policy for PilotPolicy {
     fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
         self.catch_up();
         // A plan changes what comes next: a new prefetch list.
-        self.backlog.upcoming_valid = false;
+        self.prefetch.current = false;
         let t = Instant::now();
         self.tracker.plan(source, groups);
         if self.recording.is_some() {
@@ -489,7 +495,7 @@ impl Policy for PilotPolicy {
 
     fn step_boundary(&mut self, step: u64) {
         self.catch_up();
-        self.backlog.upcoming_valid = false;
+        self.prefetch.current = false;
         let t = Instant::now();
         if let (Some(r), Some(t)) = (self.recording.as_mut(), self.trainer.as_ref())
             && !r.is_empty()
@@ -500,7 +506,7 @@ impl Policy for PilotPolicy {
             }
         }
         self.tracker.step_boundary(step);
-        self.hot.get_mut().recent.clear();
+        self.hot.recent.clear();
         self.steps_seen += 1;
         let online = self.cfg.online.filter(|_| self.trainer.is_some());
         self.recording = online
@@ -514,7 +520,7 @@ impl Policy for PilotPolicy {
     fn rank_victims(&mut self, _now: Now, c: &mut [Candidate]) {
         self.catch_up();
         // The ranking may swap in a snapshot and changes the suspects: a new prefetch list.
-        self.backlog.upcoming_valid = false;
+        self.prefetch.current = false;
         let t = Instant::now();
         self.refresh();
         self.stats.offered += c.len() as u64;
@@ -600,12 +606,12 @@ impl Policy for PilotPolicy {
             return;
         }
         let batch = self.cfg.batch_ops.max(1);
-        if self.backlog.ops() >= batch || !self.backlog.upcoming_valid {
+        if self.backlog.ops() >= batch || !self.prefetch.current {
             self.catch_up();
             let t = Instant::now();
             // Far enough ahead to cover the ops until the next replay.
             let horizon = horizon.min(self.cfg.max_horizon).saturating_add(batch - 1);
-            let mut list = std::mem::take(&mut self.backlog.upcoming);
+            let mut list = std::mem::take(&mut self.prefetch.keys);
             list.clear();
             let replaying = self.cfg.replay_when_matching && self.tracker.matching();
             if self.guided() && replaying {
@@ -615,21 +621,22 @@ impl Policy for PilotPolicy {
             } else if self.guided() {
                 self.predicted_soon(horizon, &mut list);
             }
-            self.backlog.upcoming = list;
-            self.backlog.upcoming_valid = true;
+            self.prefetch = PrefetchList {
+                keys: list,
+                current: true,
+            };
             self.stats.upcoming_ns += t.elapsed().as_nanos() as u64;
         }
-        out.extend_from_slice(&self.backlog.upcoming);
+        out.extend_from_slice(&self.prefetch.keys);
     }
 }
 
 impl PilotPolicy {
     /// Keys of the likely-evicted buffers due back within `horizon` ops, soonest first (from
     /// the distances predicted when they were ranked: no prediction here).
-    fn predicted_soon(&self, horizon: usize, out: &mut Vec<u64>) {
+    fn predicted_soon(&mut self, horizon: usize, out: &mut Vec<u64>) {
         let clock = self.tracker.clock();
-        let mut hot = self.hot.borrow_mut();
-        let soon = &mut hot.soon;
+        let soon = &mut self.hot.soon;
         soon.clear();
         for &(_, key, due) in &self.suspects {
             if due.saturating_sub(clock) < horizon as u64 {

@@ -6,10 +6,11 @@
 //! bit-identical to the original.
 
 use crate::cpu::gather_layout;
+use crate::cpu::{SimdTask, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
 use crate::ops::random::{counter_hash, counter_hash_cuda, fill_indexed, stream_key};
-use crate::ops::softmax::{SimdTask, boxed, simd_task};
+use crate::ops::softmax::boxed;
 use crate::registry::OpInfo;
 use dynn_core::{
     AccFloat, BackwardCtx, Cost, CpuElement, DeviceStorage, Error, FloatElement, Idioms,

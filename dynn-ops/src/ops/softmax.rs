@@ -10,11 +10,10 @@
 //! runs over 16 lanes in a fixed order, so results depend only on the shape, never on thread
 //! timing.
 //!
-//! This file also holds the row machinery (`Rows`, `RowKernel`, `run_rows`, `SimdTask`,
-//! `VecExp`) that the other row-wise families (norms, cross-entropy, dropout) reuse.
+//! This file also holds the row machinery (`Rows`, `RowKernel`, `run_rows`, `VecExp`) that
+//! the other row-wise families (norms, cross-entropy, dropout) reuse.
 
-use crate::cpu::{PAR_MIN, gather_layout};
-pub(crate) use crate::cpu::{SimdTask, simd_task};
+use crate::cpu::{PAR_MIN, SimdTask, gather_layout, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::float_dispatch;
 use crate::math::FastMath;

@@ -203,9 +203,10 @@ fn link_cases(
         });
     }
     if want("offload_path") {
-        // The memory manager's own moves (what its transfer thread runs): device → pinned host
-        // tier and back, each waiting for its copy. Median of repeated pairs; the 64 KiB case
-        // is dominated by the fixed cost of one copy.
+        // The memory manager's own moves: device → pinned host tier and back, each timed to
+        // the end of its copy (the moves themselves only queue the copy). Median of repeated
+        // pairs; the 64 KiB case is dominated by the fixed cost of one copy.
+        let sync = || dev.backend().and_then(|b| b.synchronize());
         for (bytes, label) in [(BYTES, "256MiB"), (64 << 10, "64KiB")] {
             let t = Tensor::zeros([bytes / 4], DType::F32, dev)?;
             let buf = t.buffer().clone();
@@ -214,8 +215,10 @@ fn link_cases(
             for rep in 0..reps {
                 let start = Instant::now();
                 buf.offload()?;
+                sync()?;
                 let mid = Instant::now();
                 buf.fetch()?;
+                sync()?;
                 if rep >= 2 {
                     down_ms.push((mid - start).as_secs_f64() * 1e3);
                     up_ms.push(mid.elapsed().as_secs_f64() * 1e3);

@@ -99,7 +99,8 @@ PY
         extra=""; [ "$model" = treelstm ] && extra="--level-chunk 32"
         base=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet $extra 2>>"$OUT/train_err.log" | tail -1)
         row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
-            --policy lru $extra --trace-out "$OUT/${model}_trace.txt" 2>>"$OUT/train_err.log" | tail -1)
+            --policy lru $extra --trace-out "$OUT/${model}_trace.txt" 2>>"$OUT/train_err.log" \
+            | tee "$OUT/${model}_lru25.txt" | tail -1)
         echo "$base" >> "$OUT/train.jsonl"; echo "$row" >> "$OUT/train.jsonl"
         unlimited=$(field "$base" step_ms_median); measured=$(field "$row" step_ms_median)
         budget=$(field "$row" budget_bytes)

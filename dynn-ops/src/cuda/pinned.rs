@@ -1,8 +1,13 @@
 //! The GPU's host tier: page-locked (pinned) host memory, which the copy engines move at the
 //! link's full speed, recycled by size class so a training step's offloads reuse the blocks
 //! of the step before instead of pinning fresh memory each time.
+//!
+//! Copies into and out of a block are asynchronous: a block carries the event of the last copy
+//! that uses it, a reader waits for that event (a stream on the device, the host only when it
+//! reads the bytes itself), and a recycled block is handed out again only once its last copy
+//! has finished.
 
-use cudarc::driver::{CudaContext, DriverError, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, PinnedHostSlice};
 use dynn_core::{CpuStorage, DType, HostStorage, Result};
 use std::any::Any;
 use std::collections::HashMap;
@@ -21,10 +26,13 @@ fn size_class(bytes: usize) -> usize {
     bytes.div_ceil(step) * step
 }
 
+/// A free block and the last copy that used it (`None`: none pending).
+type FreeBlock = (PinnedHostSlice<u8>, Option<CudaEvent>);
+
 /// Free pinned blocks by size class, on one device's context.
 pub struct PinnedPool {
     ctx: Arc<CudaContext>,
-    free: Mutex<HashMap<usize, Vec<PinnedHostSlice<u8>>>>,
+    free: Mutex<HashMap<usize, Vec<FreeBlock>>>,
 }
 
 impl std::fmt::Debug for PinnedPool {
@@ -42,14 +50,18 @@ impl PinnedPool {
         })
     }
 
-    /// A block of at least `bytes`, recycled when one of its size class is free.
+    /// A block of at least `bytes`, recycled when one of its size class is free and its last
+    /// copy has finished (the host never waits here for a copy in flight).
     pub fn take(self: &Arc<Self>, bytes: usize) -> std::result::Result<PinnedBlock, DriverError> {
         let class = size_class(bytes);
-        let reused = self
-            .free
-            .lock()
-            .ok()
-            .and_then(|mut free| free.get_mut(&class).and_then(Vec::pop));
+        let reused = self.free.lock().ok().and_then(|mut free| {
+            let blocks = free.get_mut(&class)?;
+            // The oldest first: its copy is the likeliest to have finished.
+            let ready = blocks
+                .iter()
+                .position(|(_, last)| last.as_ref().is_none_or(CudaEvent::is_complete))?;
+            Some(blocks.remove(ready).0)
+        });
         let mut slice = match reused {
             Some(s) => s,
             // SAFETY: the block's bytes are written by a device → host copy (or by the
@@ -63,6 +75,7 @@ impl PinnedPool {
             slice: Some(slice),
             ptr,
             bytes,
+            last_copy: Mutex::new(None),
         })
     }
 
@@ -74,9 +87,11 @@ impl PinnedPool {
             .unwrap_or(0)
     }
 
-    fn give_back(&self, slice: PinnedHostSlice<u8>) {
+    fn give_back(&self, slice: PinnedHostSlice<u8>, last_copy: Option<CudaEvent>) {
         if let Ok(mut free) = self.free.lock() {
-            free.entry(slice.len()).or_default().push(slice);
+            free.entry(slice.len())
+                .or_default()
+                .push((slice, last_copy));
         }
     }
 }
@@ -87,6 +102,8 @@ pub struct PinnedBlock {
     slice: Option<PinnedHostSlice<u8>>,
     ptr: *mut u8,
     bytes: usize,
+    /// The last copy queued into or out of the block (`None`: none).
+    last_copy: Mutex<Option<CudaEvent>>,
 }
 
 // SAFETY: the block owns its pinned allocation exclusively (`ptr` points into `slice`, which
@@ -107,12 +124,40 @@ impl PinnedBlock {
         // SAFETY: as in `bytes`, and `&mut self` makes the access exclusive.
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
     }
+
+    /// Records `copy` (an event after a queued copy into or out of the block) as its last
+    /// use. It must be ordered after the previous one (its stream waited for it).
+    pub fn used_by(&self, copy: CudaEvent) {
+        if let Ok(mut last) = self.last_copy.lock() {
+            *last = Some(copy);
+        }
+    }
+
+    /// Makes `stream` wait for the block's last copy (no host wait).
+    pub fn order_after_last_copy(
+        &self,
+        stream: &CudaStream,
+    ) -> std::result::Result<(), DriverError> {
+        match self.last_copy.lock().ok().as_deref() {
+            Some(Some(copy)) => stream.wait(copy),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits on the host for the block's last copy.
+    pub fn synchronize(&self) -> std::result::Result<(), DriverError> {
+        match self.last_copy.lock().ok().as_deref() {
+            Some(Some(copy)) => copy.synchronize(),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl Drop for PinnedBlock {
     fn drop(&mut self) {
         if let Some(slice) = self.slice.take() {
-            self.pool.give_back(slice);
+            let last = self.last_copy.get_mut().ok().and_then(Option::take);
+            self.pool.give_back(slice, last);
         }
     }
 }
@@ -136,9 +181,15 @@ impl PinnedHost {
         PinnedHost { block, dtype, len }
     }
 
-    /// The elements' bytes.
+    /// The elements' bytes, for a copy queued after [`PinnedHost::block`]'s last copy (read
+    /// them on the host through [`HostStorage::to_cpu`], which waits for it).
     pub fn bytes(&self) -> &[u8] {
         self.block.bytes()
+    }
+
+    /// The pinned block holding the bytes.
+    pub fn block(&self) -> &PinnedBlock {
+        &self.block
     }
 }
 
@@ -150,6 +201,12 @@ impl HostStorage for PinnedHost {
         self.len
     }
     fn to_cpu(&self) -> Result<CpuStorage> {
+        self.block
+            .synchronize()
+            .map_err(|e| dynn_core::Error::Device {
+                op: "to_cpu",
+                msg: format!("waiting for the copy to the host tier: {e}"),
+            })?;
         let mut cpu = CpuStorage::zeros(self.dtype, self.len);
         super::storage::host_bytes_mut(&mut cpu).copy_from_slice(self.bytes());
         Ok(cpu)

@@ -1,7 +1,7 @@
 //! [`CudaStorage`]: the bytes of one buffer in GPU memory.
 
 use super::CudaDevice;
-use super::pinned::PinnedHost;
+use super::pinned::{PinnedBlock, PinnedHost};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, result};
 use dynn_core::{CpuStorage, DType, Device, DeviceStorage, HostStorage, Result};
 use std::any::Any;
@@ -107,43 +107,54 @@ impl CudaStorage {
             host_bytes(host),
             host.dtype(),
             host.len(),
-            false,
+            None,
             "upload",
         )
     }
 
-    /// Copies an offloaded buffer back from pinned host memory on the upload stream. Runs on
-    /// the memory manager's transfer thread, which waits for the copy (so the pinned block can
-    /// be reused as soon as this returns); the compute stream never waits on the host.
+    /// Copies an offloaded buffer back from pinned host memory on the upload stream, after
+    /// the copy that wrote the block, without the host waiting: the compute stream waits for
+    /// the copy, and the block is handed out again only once the copy has read it.
     pub fn restore_pinned(dev: &Arc<CudaDevice>, host: &PinnedHost) -> Result<Self> {
-        Self::copy_in(dev, host.bytes(), host.dtype(), host.len(), true, "fetch")
+        Self::copy_in(
+            dev,
+            host.bytes(),
+            host.dtype(),
+            host.len(),
+            Some(host.block()),
+            "fetch",
+        )
     }
 
     /// `bytes` (`len` elements of `dtype`) copied into a new buffer on the upload stream,
-    /// ordered after the compute stream's allocation and before its next kernel; with `wait`
-    /// the calling thread also waits for the copy to finish.
+    /// ordered after the compute stream's allocation (and the last copy of `pinned`, the block
+    /// that holds `bytes` if any) and before the compute stream's next kernel.
     fn copy_in(
         dev: &Arc<CudaDevice>,
         bytes: &[u8],
         dtype: DType,
         len: usize,
-        wait: bool,
+        pinned: Option<&PinnedBlock>,
         op: &'static str,
     ) -> Result<Self> {
         let mut data = unsafe_alloc(dev, bytes.len().max(1), op)?;
         if !bytes.is_empty() {
             let (compute, upload) = (dev.compute(), dev.upload_stream());
             upload.join(compute).map_err(dev.err(op))?;
+            if let Some(block) = pinned {
+                block.order_after_last_copy(upload).map_err(dev.err(op))?;
+            }
             let (dst, _) = data.device_ptr_mut(upload);
             // SAFETY: `dst` holds at least `bytes.len()` bytes (allocated just above, the
             // allocation ordered before the copy by the join). The source outlives the copy's
             // use of it: a pageable source is staged by the driver before this call returns,
-            // and a pinned one stays borrowed until the synchronisation below (`wait`).
+            // and a pinned block is not handed out again before the event recorded below.
             unsafe { result::memcpy_htod_async(dst, bytes, upload.cu_stream()) }
                 .map_err(dev.err(op))?;
-            compute.join(upload).map_err(dev.err(op))?;
-            if wait {
-                upload.synchronize().map_err(dev.err(op))?;
+            let copied = upload.record_event(None).map_err(dev.err(op))?;
+            compute.wait(&copied).map_err(dev.err(op))?;
+            if let Some(block) = pinned {
+                block.used_by(copied);
             }
         }
         Ok(CudaStorage {
@@ -219,9 +230,10 @@ impl DeviceStorage for CudaStorage {
         self
     }
     /// Copies the elements into a recycled pinned block on the download stream, after every
-    /// kernel queued so far (their writers); waits for the copy, since the device memory is
-    /// freed when the buffer's slot changes. Falls back to pageable memory when no pinned
-    /// memory can be had.
+    /// kernel queued so far (their writers), without the host waiting: the compute stream
+    /// waits for the copy before anything queued later (the device memory is freed on the
+    /// compute stream when the buffer's slot changes), and readers of the block wait for the
+    /// copy's event. Falls back to pageable memory when no pinned memory can be had.
     fn offload(&self) -> Result<Box<dyn HostStorage>> {
         let bytes = self.len * self.dtype.size_in_bytes();
         let mut block = match self.dev.pinned().take(bytes) {
@@ -232,15 +244,18 @@ impl DeviceStorage for CudaStorage {
             }
         };
         if bytes > 0 {
-            let down = self.dev.download_stream();
-            down.join(self.dev.compute())
-                .map_err(self.dev.err("offload"))?;
+            let err = self.dev.err("offload");
+            let (down, compute) = (self.dev.download_stream(), self.dev.compute());
+            down.join(compute).map_err(&err)?;
             let (src, _) = self.data.device_ptr(down);
-            // SAFETY: the block holds `bytes` bytes; the device slice holds at least as many
-            // and stays alive (borrowed by `self`) until the synchronisation below.
+            // SAFETY: the block holds `bytes` bytes and is not handed out again before the
+            // event recorded below; the device slice holds at least as many, and its memory is
+            // freed on the compute stream, which waits for that event first.
             unsafe { result::memcpy_dtoh_async(block.bytes_mut(), src, down.cu_stream()) }
-                .map_err(self.dev.err("offload"))?;
-            down.synchronize().map_err(self.dev.err("offload"))?;
+                .map_err(&err)?;
+            let copied = down.record_event(None).map_err(&err)?;
+            compute.wait(&copied).map_err(&err)?;
+            block.used_by(copied);
         }
         Ok(Box::new(PinnedHost::new(block, self.dtype, self.len)))
     }

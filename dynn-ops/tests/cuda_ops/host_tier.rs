@@ -79,3 +79,60 @@ fn recycled_pinned_blocks_keep_each_buffers_bytes() {
     };
     run("host_tier", vec![("recycled blocks".into(), case())]);
 }
+
+#[test]
+fn moves_queued_behind_running_kernels_keep_their_results() {
+    let Some(dev) = gpu() else { return };
+    let case = || -> dynn_core::Result<()> {
+        let a = randn(&[512, 512], 11).to_device(dev)?.scale(0.05)?;
+        // Enough queued kernels that each copy is issued while its writers still run.
+        let chain = |seed: f64| -> dynn_core::Result<Tensor> {
+            let mut y = a.add_scalar(seed)?;
+            for _ in 0..12 {
+                y = y.matmul(&a)?.tanh()?;
+            }
+            Ok(y)
+        };
+        let seeds = [0.1, 0.2, 0.3, 0.4];
+        let want: Vec<Vec<f64>> = seeds
+            .iter()
+            .map(|&s| chain(s)?.to_f64_vec())
+            .collect::<dynn_core::Result<_>>()?;
+        for round in 0..3 {
+            let ys: Vec<Tensor> = seeds
+                .iter()
+                .map(|&s| chain(s))
+                .collect::<dynn_core::Result<_>>()?;
+            // Offload all, fetch in another order at once (copies still in flight recycle
+            // their blocks), run a kernel on each, offload again, read on the host tier.
+            for y in &ys {
+                y.buffer().offload()?;
+            }
+            for k in 0..ys.len() {
+                ys[(k + round + 1) % ys.len()].buffer().fetch()?;
+            }
+            let doubled: Vec<Tensor> = ys
+                .iter()
+                .map(|y| y.add(y))
+                .collect::<dynn_core::Result<_>>()?;
+            for y in &ys {
+                y.buffer().offload()?;
+            }
+            for (i, y) in ys.iter().enumerate() {
+                assert_eq!(
+                    y.to_f64_vec()?,
+                    want[i],
+                    "round {round}: host-tier read of {i}"
+                );
+                let twice: Vec<f64> = want[i].iter().map(|v| v + v).collect();
+                assert_eq!(
+                    doubled[i].to_f64_vec()?,
+                    twice,
+                    "round {round}: kernel after fetch {i}"
+                );
+            }
+        }
+        Ok(())
+    };
+    run("host_tier", vec![("moves behind kernels".into(), case())]);
+}

@@ -41,7 +41,7 @@ use compare::record::{Recorded, STEPS};
 use compare::replay::{self, Row, replay};
 use compare::search::{self, CAP, Dim, MAX_SLOWDOWN};
 use compare::workload::{ALL, Shared, Workload};
-use dynn::mm::DeviceProfile;
+use dynn::mm::{DeviceProfile, SimMemory};
 use dynn::prelude::*;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -84,6 +84,10 @@ struct Args {
     /// budgeted prediction then adds what offloading costs.
     #[arg(long)]
     unlimited_ms: Option<f64>,
+    /// With `--trace`: count device memory in bytes instead of replaying the memory manager's
+    /// own pool (with the trainers' segment sizes, so evictions fall where the run's did).
+    #[arg(long)]
+    count_bytes: bool,
 }
 
 /// Budgets, as shares of the unlimited replay's peak.
@@ -137,7 +141,13 @@ fn run() -> Result<()> {
                 prof.launch_s * 1e6
             );
         }
-        let r = compare::replay::predict(&trace, &args.policy, args.budget, &prof)?;
+        let memory = if args.count_bytes {
+            SimMemory::Bytes
+        } else {
+            let (small, large) = dynn::models::train::SEGMENTS;
+            SimMemory::Pool(small, large)
+        };
+        let r = compare::replay::predict(&trace, &args.policy, args.budget, &prof, memory)?;
         println!(
             "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms, {} B to the device, {} B to the host)",
             path.display(),
@@ -156,6 +166,7 @@ fn run() -> Result<()> {
                     "op_s": prof.launch_s, "copy_latency_s": prof.copy_latency_s,
                     "step_ms": r.step_ms, "compute_ms": r.compute_ms, "stall_ms": r.stall_ms,
                     "bytes_h2d": r.bytes_h2d, "bytes_d2h": r.bytes_d2h,
+                    "evictions": r.evictions, "pool": !args.count_bytes,
                 })
             );
         }

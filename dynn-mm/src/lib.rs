@@ -31,6 +31,6 @@ pub use manager::{ManagerConfig, MemoryManager, MemoryStats, Residency};
 pub use policy::{Candidate, Eviction, Now, Policy, Profile};
 pub use pool::{Block, DevicePool, PoolExhausted, PoolStats};
 pub use report::{MemoryReport, TimelinePoint};
-pub use sim::{DeviceProfile, SimResult, simulate};
+pub use sim::{DeviceProfile, SimMemory, SimResult, simulate, simulate_with};
 pub use trace::{Announced, OpRecord, StepRecord, Trace};
 pub use transfer::{Direction, TransferConfig, TransferEngine};

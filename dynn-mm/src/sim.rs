@@ -11,6 +11,7 @@
 //! the policy expects are prefetched while there is free room.
 
 use crate::policy::{Candidate, Eviction, Now, Policy};
+use crate::pool::{Block, DevicePool};
 use crate::trace::{OpRecord, kind_of};
 use dynn_core::{BufferId, BufferKind, Error, Result};
 use std::collections::HashMap;
@@ -161,6 +162,60 @@ pub struct SimResult {
     pub recomputed_flops: u64,
 }
 
+/// How the simulator accounts device memory under the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SimMemory {
+    /// A byte count: anything fits while the live bytes stay within the budget.
+    #[default]
+    Bytes,
+    /// The memory manager's own [`DevicePool`] with these `(small, large)` segment sizes:
+    /// requests are rounded, placed in segments and can fail on fragmentation, so evictions
+    /// happen where a real run's do (to predict a measured run).
+    Pool(usize, usize),
+}
+
+/// Device memory during a replay: the live bytes, and the pool under [`SimMemory::Pool`].
+struct Memory {
+    used: usize,
+    budget: usize,
+    pool: Option<DevicePool>,
+}
+
+impl Memory {
+    fn new(model: SimMemory, budget: usize) -> Self {
+        let pool = match model {
+            SimMemory::Bytes => None,
+            SimMemory::Pool(small, large) => {
+                Some(DevicePool::with_segments(Some(budget), small, large))
+            }
+        };
+        Memory {
+            used: 0,
+            budget,
+            pool,
+        }
+    }
+
+    /// Takes `bytes` if they fit as things stand; `Err` when room must be made first.
+    fn take(&mut self, bytes: usize) -> std::result::Result<Option<Block>, ()> {
+        let block = match &mut self.pool {
+            None if self.used + bytes > self.budget => return Err(()),
+            None => None,
+            Some(pool) => Some(pool.allocate(bytes).map_err(|_| ())?),
+        };
+        self.used += bytes;
+        Ok(block)
+    }
+
+    /// Gives back `bytes` (and their block).
+    fn give(&mut self, bytes: usize, block: Option<Block>) {
+        self.used -= bytes;
+        if let (Some(pool), Some(b)) = (&mut self.pool, block) {
+            pool.release(b);
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Place {
     Device,
@@ -172,6 +227,8 @@ enum Place {
 
 struct Buf {
     bytes: usize,
+    /// Its pool block while on the device (under [`SimMemory::Pool`]).
+    block: Option<Block>,
     key: u64,
     kind: u8,
     place: Place,
@@ -182,30 +239,71 @@ struct Buf {
 }
 
 /// Replays `ops` (one step of a trace, in order) under `policy`, a `budget` in bytes (`None`:
-/// unlimited) and `profile`. Deterministic: same inputs, same numbers.
+/// unlimited) and `profile`, counting device memory in bytes ([`SimMemory::Bytes`]).
+/// Deterministic: same inputs, same numbers.
 pub fn simulate(
     ops: &[OpRecord],
     policy: &mut dyn Policy,
     budget: Option<usize>,
     profile: &DeviceProfile,
 ) -> Result<SimResult> {
+    simulate_with(&[], ops, policy, budget, profile, SimMemory::Bytes)
+}
+
+/// [`simulate`] with device memory accounted as `memory` says, after replaying `warmup` (the
+/// step before `ops`, or nothing) untimed, so that `ops` starts from the device memory that
+/// step left: the buffers that outlive a step (parameters, optimizer state) are then where a
+/// real run has them, on the device until evicted, rather than placed at first use. The
+/// policy sees `warmup`, then a step boundary, then `ops`.
+pub fn simulate_with(
+    warmup: &[OpRecord],
+    ops: &[OpRecord],
+    policy: &mut dyn Policy,
+    budget: Option<usize>,
+    profile: &DeviceProfile,
+    memory: SimMemory,
+) -> Result<SimResult> {
     let budget = budget.unwrap_or(usize::MAX);
+    let all: Vec<&OpRecord> = warmup.iter().chain(ops).collect();
     // A trace that recorded releases frees buffers when the run did; otherwise at last access.
-    let frees_recorded = ops.iter().any(|o| !o.freed.is_empty());
+    let frees_recorded = all.iter().any(|o| !o.freed.is_empty());
     let mut last_access: HashMap<u64, usize> = HashMap::new();
-    for (i, op) in ops.iter().enumerate() {
+    for (g, op) in all.iter().enumerate() {
         for a in op.inputs.iter().chain(&op.outputs) {
-            last_access.insert(a.0, i);
+            last_access.insert(a.0, g);
         }
     }
     let mut bufs: HashMap<u64, Buf> = HashMap::new();
     let mut by_key: HashMap<u64, u64> = HashMap::new();
     let (mut now, mut h2d_free, mut d2h_free) = (0.0f64, 0.0f64, 0.0f64);
-    let mut used = 0usize;
+    let mut mem = Memory::new(memory, budget);
     let mut r = SimResult::default();
     let mut upcoming = Vec::new();
-    for (i, op) in ops.iter().enumerate() {
-        let seq = i as u64;
+    for (g, &op) in all.iter().enumerate() {
+        if g == warmup.len() && g > 0 {
+            // The timed step begins: copies have landed, buffers from before are named by
+            // id (as the memory manager renames them at a step boundary), clocks restart.
+            policy.step_boundary(op.step);
+            by_key.clear();
+            for (&id, b) in bufs.iter_mut() {
+                b.key = id;
+                if let Place::Arriving(_) = b.place {
+                    b.place = Place::Device;
+                }
+                by_key.insert(id, id);
+            }
+            (now, h2d_free, d2h_free) = (0.0, 0.0, 0.0);
+            r = SimResult {
+                peak_device_bytes: mem.used,
+                ..SimResult::default()
+            };
+        }
+        let i = if g < warmup.len() {
+            g
+        } else {
+            g - warmup.len()
+        };
+        let seq = g as u64;
         let clock = Now {
             seq,
             step: op.step,
@@ -213,64 +311,67 @@ pub fn simulate(
         };
         op.announce_to(policy);
         let pinned: Vec<u64> = op.inputs.iter().chain(&op.outputs).map(|a| a.0).collect();
-        // Makes room for `bytes` more under the budget, evicting what the policy ranks first.
-        macro_rules! room {
-            ($bytes:expr) => {
-                make_room(
-                    &mut bufs,
-                    &mut used,
-                    $bytes,
-                    budget,
-                    &pinned,
-                    policy,
+        // Takes `bytes` of device memory, first evicting what the policy ranks first if they
+        // do not fit.
+        macro_rules! alloc {
+            ($bytes:expr) => {{
+                let mut room = RoomMaker {
+                    bufs: &mut bufs,
+                    mem: &mut mem,
+                    pinned: &pinned,
+                    policy: &mut *policy,
                     clock,
                     profile,
-                    &mut now,
-                    &mut d2h_free,
-                    &mut r,
-                )?
-            };
+                    now: &mut now,
+                    d2h_free: &mut d2h_free,
+                    r: &mut r,
+                };
+                room.alloc($bytes)?
+            }};
         }
         // Inputs: resident, arriving, in the host tier, dropped, or first seen (made outside ops).
         for a in &op.inputs {
             let place = bufs.get(&a.0).map(|b| b.place);
             let start = now;
+            let mut block = None;
             match place {
                 Some(Place::Device) => {}
                 Some(Place::Arriving(t)) => now = now.max(t),
                 Some(Place::Host) => {
-                    room!(a.1 as usize);
+                    block = alloc!(a.1 as usize);
                     let begin = now.max(h2d_free);
                     h2d_free = begin + profile.h2d_s(a.1);
                     now = h2d_free;
                     r.bytes_h2d += a.1;
-                    used += a.1 as usize;
                 }
                 Some(Place::Dropped) => {
-                    room!(a.1 as usize);
+                    block = alloc!(a.1 as usize);
                     let (flops, bytes) =
                         bufs.get(&a.0).and_then(|b| b.producer).unwrap_or((0, a.1));
                     let t = profile.kernel_s(flops, bytes);
                     now += t;
                     r.compute_ms += t * 1e3;
                     r.recomputed_flops += flops;
-                    used += a.1 as usize;
                 }
                 None => {
                     // Made before the step (parameters, optimizer state, inputs): left on the
                     // device by the previous step if it still fits, else in the host tier.
-                    if used + a.1 as usize > budget {
-                        room!(a.1 as usize);
-                        let begin = now.max(h2d_free);
-                        h2d_free = begin + profile.h2d_s(a.1);
-                        now = h2d_free;
-                        r.bytes_h2d += a.1;
-                    }
-                    used += a.1 as usize;
+                    let block = match mem.take(a.1 as usize) {
+                        Ok(block) => block,
+                        Err(()) => {
+                            let block = alloc!(a.1 as usize);
+                            let begin = now.max(h2d_free);
+                            h2d_free = begin + profile.h2d_s(a.1);
+                            now = h2d_free;
+                            r.bytes_h2d += a.1;
+                            block
+                        }
+                    };
                     bufs.insert(
                         a.0,
                         Buf {
                             bytes: a.1 as usize,
+                            block,
                             key: a.3,
                             kind: a.2,
                             place: Place::Device,
@@ -284,6 +385,9 @@ pub fn simulate(
             }
             if let Some(b) = bufs.get_mut(&a.0) {
                 b.place = Place::Device;
+                if block.is_some() {
+                    b.block = block;
+                }
             }
             r.stall_ms += (now - start) * 1e3;
         }
@@ -292,13 +396,13 @@ pub fn simulate(
                 continue; // written in place
             }
             let start = now;
-            room!(a.1 as usize);
+            let block = alloc!(a.1 as usize);
             r.stall_ms += (now - start) * 1e3;
-            used += a.1 as usize;
             bufs.insert(
                 a.0,
                 Buf {
                     bytes: a.1 as usize,
+                    block,
                     key: a.3,
                     kind: a.2,
                     place: Place::Device,
@@ -309,7 +413,7 @@ pub fn simulate(
             );
             by_key.insert(a.3, a.0);
         }
-        r.peak_device_bytes = r.peak_device_bytes.max(used);
+        r.peak_device_bytes = r.peak_device_bytes.max(mem.used);
         let t = profile.kernel_s(op.flops, op.bytes_read + op.bytes_written);
         now += t;
         r.compute_ms += t * 1e3;
@@ -330,7 +434,7 @@ pub fn simulate(
                 .iter()
                 .chain(&op.outputs)
                 .filter(|a| {
-                    last_access.get(&a.0) == Some(&i)
+                    last_access.get(&a.0) == Some(&g)
                         && !matches!(
                             kind_of(a.2),
                             BufferKind::Parameter | BufferKind::OptimizerState
@@ -342,7 +446,7 @@ pub fn simulate(
         for id in dead {
             if let Some(b) = bufs.remove(&id) {
                 if matches!(b.place, Place::Device | Place::Arriving(_)) {
-                    used -= b.bytes;
+                    mem.give(b.bytes, b.block);
                 }
                 by_key.remove(&b.key);
             }
@@ -363,103 +467,169 @@ pub fn simulate(
             if b.place != Place::Host {
                 continue;
             }
-            if used + b.bytes > budget {
+            let Ok(block) = mem.take(b.bytes) else {
                 break;
-            }
+            };
+            b.block = block;
             let begin = now.max(h2d_free);
             h2d_free = begin + profile.h2d_s(b.bytes as u64);
             b.place = Place::Arriving(h2d_free);
-            used += b.bytes;
             r.bytes_h2d += b.bytes as u64;
-            r.peak_device_bytes = r.peak_device_bytes.max(used);
+            r.peak_device_bytes = r.peak_device_bytes.max(mem.used);
         }
     }
     r.step_ms = now * 1e3;
     Ok(r)
 }
 
-/// Evicts until `bytes` more fit under the budget.
-#[allow(clippy::too_many_arguments)]
-fn make_room(
-    bufs: &mut HashMap<u64, Buf>,
-    used: &mut usize,
-    bytes: usize,
-    budget: usize,
-    pinned: &[u64],
-    policy: &mut dyn Policy,
-    now_clock: Now,
-    profile: &DeviceProfile,
-    now: &mut f64,
-    d2h_free: &mut f64,
-    r: &mut SimResult,
-) -> Result<()> {
-    if *used + bytes <= budget {
-        return Ok(());
-    }
-    if !policy.evicts() {
-        return Err(Error::OutOfMemory {
-            requested: bytes,
-            budget,
-            msg: format!(
-                "simulated: {bytes} bytes needed with {used} of {budget} in use; the `none` policy never offloads",
-                used = *used
-            ),
-        });
-    }
-    let mut cands: Vec<Candidate> = bufs
-        .iter()
-        .filter(|(id, b)| {
-            matches!(b.place, Place::Device | Place::Arriving(_)) && !pinned.contains(id)
-        })
-        .map(|(&id, b)| Candidate {
-            id: BufferId(id),
-            key: b.key,
-            bytes: b.bytes,
-            kind: kind_of(b.kind),
-            last_use: b.last_use,
-            uses: b.uses,
-            recompute_flops: b.producer.map(|p| p.0),
-        })
-        .collect();
-    // Candidates come from a hash map: give policies a fixed order, so ties break the same way
-    // in every run.
-    cands.sort_by_key(|c| c.id);
-    policy.rank_victims(now_clock, &mut cands);
-    for c in cands {
-        if *used + bytes <= budget {
-            break;
+/// What making room touches: the replay's buffers and clocks, for one op.
+struct RoomMaker<'a> {
+    bufs: &'a mut HashMap<u64, Buf>,
+    mem: &'a mut Memory,
+    /// The op's own buffers, never evicted for it.
+    pinned: &'a [u64],
+    policy: &'a mut dyn Policy,
+    clock: Now,
+    profile: &'a DeviceProfile,
+    now: &'a mut f64,
+    d2h_free: &'a mut f64,
+    r: &'a mut SimResult,
+}
+
+impl RoomMaker<'_> {
+    /// Takes `bytes` of device memory, evicting as the memory manager does when they do not
+    /// fit: by byte count, until they fit; with a pool, by rounds (repack when the budget has
+    /// room but no block is free, else evict the policy's first victims until a rounded
+    /// `bytes` is freed, and try again), as `MemoryManager::reserve` does.
+    fn alloc(&mut self, bytes: usize) -> Result<Option<Block>> {
+        if let Ok(block) = self.mem.take(bytes) {
+            return Ok(block);
         }
-        let how = policy.eviction(&c);
-        let Some(b) = bufs.get_mut(&c.id.0) else {
-            continue;
-        };
-        if let Place::Arriving(t) = b.place {
-            // A prefetch still in flight: it can leave once it has landed.
-            *now = now.max(t);
+        if !self.policy.evicts() {
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                budget: self.mem.budget,
+                msg: format!(
+                    "simulated: {bytes} bytes needed with {used} of {budget} in use; the `none` policy never offloads",
+                    used = self.mem.used,
+                    budget = self.mem.budget
+                ),
+            });
         }
-        match how {
-            Eviction::Drop => b.place = Place::Dropped,
-            Eviction::Offload => {
-                let begin = now.max(*d2h_free);
-                *d2h_free = begin + profile.d2h_s(b.bytes as u64);
-                // The space is free once the copy has left the device.
-                *now = *d2h_free;
-                r.bytes_d2h += b.bytes as u64;
-                b.place = Place::Host;
+        if self.mem.pool.is_none() {
+            let budget = self.mem.budget;
+            self.evict_ranked(|mem, _| mem.used + bytes <= budget);
+            return self.mem.take(bytes).map_err(|()| self.no_room(bytes));
+        }
+        let need = DevicePool::rounded(bytes);
+        loop {
+            if let Ok(block) = self.mem.take(bytes) {
+                return Ok(block);
+            }
+            if self
+                .mem
+                .pool
+                .as_ref()
+                .is_some_and(|p| p.available() >= need)
+                && self.repack(need)
+            {
+                continue;
+            }
+            if self.evict_ranked(|_, freed| freed >= need) == 0 {
+                return Err(self.no_room(bytes));
             }
         }
-        *used -= b.bytes;
-        r.evictions += 1;
     }
-    if *used + bytes > budget {
-        return Err(Error::OutOfMemory {
+
+    /// Ranks the evictable buffers and evicts them in order until `done(memory, bytes freed)`;
+    /// returns how many were evicted.
+    fn evict_ranked(&mut self, done: impl Fn(&Memory, usize) -> bool) -> usize {
+        let mut cands: Vec<Candidate> = self
+            .bufs
+            .iter()
+            .filter(|(id, b)| {
+                matches!(b.place, Place::Device | Place::Arriving(_)) && !self.pinned.contains(id)
+            })
+            .map(|(&id, b)| Candidate {
+                id: BufferId(id),
+                key: b.key,
+                bytes: b.bytes,
+                kind: kind_of(b.kind),
+                last_use: b.last_use,
+                uses: b.uses,
+                recompute_flops: b.producer.map(|p| p.0),
+            })
+            .collect();
+        // Candidates come from a hash map: give policies a fixed order, so ties break the same
+        // way in every run.
+        cands.sort_by_key(|c| c.id);
+        self.policy.rank_victims(self.clock, &mut cands);
+        let (mut freed, mut evicted) = (0, 0);
+        for c in cands {
+            if done(self.mem, freed) {
+                break;
+            }
+            let how = self.policy.eviction(&c);
+            let Some(b) = self.bufs.get_mut(&c.id.0) else {
+                continue;
+            };
+            if let Place::Arriving(t) = b.place {
+                // A prefetch still in flight: it can leave once it has landed.
+                *self.now = self.now.max(t);
+            }
+            match how {
+                Eviction::Drop => b.place = Place::Dropped,
+                Eviction::Offload => {
+                    let begin = self.now.max(*self.d2h_free);
+                    *self.d2h_free = begin + self.profile.d2h_s(b.bytes as u64);
+                    // The space is free once the copy has left the device.
+                    *self.now = *self.d2h_free;
+                    self.r.bytes_d2h += b.bytes as u64;
+                    b.place = Place::Host;
+                }
+            }
+            self.mem.give(b.bytes, b.block.take());
+            freed += DevicePool::rounded(b.bytes);
+            evicted += 1;
+            self.r.evictions += 1;
+        }
+        evicted
+    }
+
+    /// Packs the live blocks end to end so that `room` bytes are free in one piece (the
+    /// pool's accounting only: nothing is copied, as on the device).
+    fn repack(&mut self, room: usize) -> bool {
+        let Some(pool) = &mut self.mem.pool else {
+            return false;
+        };
+        let mut live: Vec<(u64, Block)> = self
+            .bufs
+            .iter()
+            .filter_map(|(&id, b)| b.block.map(|block| (id, block)))
+            .collect();
+        live.sort_by_key(|l| l.0);
+        let blocks: Vec<Block> = live.iter().map(|l| l.1).collect();
+        match pool.compact(&blocks, room) {
+            Ok(moved) => {
+                for ((id, _), block) in live.iter().zip(moved) {
+                    if let Some(b) = self.bufs.get_mut(id) {
+                        b.block = Some(block);
+                    }
+                }
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn no_room(&self, bytes: usize) -> Error {
+        Error::OutOfMemory {
             requested: bytes,
-            budget,
+            budget: self.mem.budget,
             msg: format!(
                 "simulated: {bytes} bytes do not fit beside the op's own {used} bytes",
-                used = *used
+                used = self.mem.used
             ),
-        });
+        }
     }
-    Ok(())
 }

@@ -6,7 +6,10 @@ mod common;
 use common::Mlp;
 use dynn_core::{Error, install_memory_hooks};
 use dynn_mm::policy::{Belady, Profile};
-use dynn_mm::{DeviceProfile, ManagerConfig, MemoryManager, OpRecord, policy, simulate};
+use dynn_mm::{
+    DeviceProfile, ManagerConfig, MemoryManager, OpRecord, SimMemory, policy, simulate,
+    simulate_with,
+};
 
 /// The ops of the second training step of the test MLP, recorded without a budget.
 fn recorded_step() -> Vec<OpRecord> {
@@ -310,4 +313,68 @@ fn the_simulator_tells_a_policy_the_plans_the_run_told() {
         .map(|t| t.1.clone())
         .collect();
     assert_eq!(replayed, live);
+}
+
+/// Evictions the memory manager makes in step 3 of the test MLP under lru and `budget`, with
+/// `segments`, and the recorded trace of that run.
+fn managed_run(budget: usize, segments: (usize, usize)) -> (u64, dynn_mm::Trace) {
+    let run = |steps: usize| {
+        let mut cfg = ManagerConfig::new(policy::by_name("lru").unwrap(), Some(budget));
+        cfg.segments = segments;
+        cfg.record_trace = true;
+        let mm = MemoryManager::new(cfg);
+        {
+            let _g = install_memory_hooks(mm.clone());
+            let m = Mlp::new(48, 8, 1).unwrap();
+            m.train(steps, 16, 2).unwrap();
+        }
+        (mm.stats().evictions, mm.trace())
+    };
+    let (before, _) = run(2);
+    let (after, trace) = run(3);
+    (after - before, trace)
+}
+
+#[test]
+fn replaying_the_pool_after_the_step_before_evicts_where_the_manager_did() {
+    let prof = DeviceProfile::a100_pcie4();
+    let peak = simulate(
+        &recorded_step(),
+        policy::by_name("none").unwrap().as_mut(),
+        None,
+        &prof,
+    )
+    .unwrap()
+    .peak_device_bytes;
+    let segments = (16 << 10, 256 << 10);
+    for budget in [peak / 2, peak / 3] {
+        let (real, trace) = managed_run(budget, segments);
+        let (warmup, step) = (trace.step_ops(1), trace.step_ops(2));
+        let lru = || policy::by_name("lru").unwrap();
+        let pooled = simulate_with(
+            &warmup,
+            &step,
+            lru().as_mut(),
+            Some(budget),
+            &prof,
+            SimMemory::Pool(segments.0, segments.1),
+        )
+        .unwrap();
+        let counted = simulate(&step, lru().as_mut(), Some(budget), &prof).unwrap();
+        eprintln!(
+            "budget {budget}: manager {real} evictions, pooled replay {}, byte count {}",
+            pooled.evictions, counted.evictions
+        );
+        assert!(real > 0);
+        assert!(
+            pooled.evictions.abs_diff(real) * 10 <= real,
+            "budget {budget}: the pooled replay evicts {} times, the manager {real}",
+            pooled.evictions
+        );
+        assert!(
+            pooled.evictions.abs_diff(real) < counted.evictions.abs_diff(real),
+            "budget {budget}: counting bytes ({}) should miss the manager's evictions ({real}) by more",
+            counted.evictions
+        );
+    }
 }

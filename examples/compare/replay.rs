@@ -2,7 +2,7 @@
 
 use super::record::Recorded;
 use dynn::mm::policy::{self, Belady, Profile};
-use dynn::mm::{DeviceProfile, OpRecord, Policy, SimResult, simulate};
+use dynn::mm::{DeviceProfile, OpRecord, Policy, SimMemory, SimResult, simulate_with};
 use dynn::pilot::Snapshot;
 use dynn::prelude::*;
 use serde_json::{Value, json};
@@ -19,10 +19,19 @@ pub fn replay(
     prof: &DeviceProfile,
     pilot: Option<&Snapshot>,
 ) -> Result<std::result::Result<SimResult, String>> {
-    replay_ops(&rec.warmup, &rec.step, name, budget, prof, pilot)
+    replay_ops(
+        &rec.warmup,
+        &rec.step,
+        name,
+        budget,
+        prof,
+        pilot,
+        SimMemory::Bytes,
+    )
 }
 
-/// [`replay`] on any step (`step`) and the step before it (`warmup`).
+/// [`replay`] on any step (`step`) and the step before it (`warmup`), with device memory
+/// accounted as `memory` says.
 pub fn replay_ops(
     warmup: &[OpRecord],
     step: &[OpRecord],
@@ -30,6 +39,7 @@ pub fn replay_ops(
     budget: Option<usize>,
     prof: &DeviceProfile,
     pilot: Option<&Snapshot>,
+    memory: SimMemory,
 ) -> Result<std::result::Result<SimResult, String>> {
     let mut p: Box<dyn Policy> = match (name, pilot) {
         ("belady", _) => Box::new(Belady::with_profile(Profile::from_ops(step))),
@@ -43,13 +53,20 @@ pub fn replay_ops(
         }
         (other, _) => policy::by_name(other)?,
     };
-    // Policies that learn from a profiling step see the step before.
-    for op in warmup {
-        op.announce_to(p.as_mut());
-        p.observe(op);
-    }
-    p.step_boundary(step.first().map_or(1, |o| o.step));
-    match simulate(step, p.as_mut(), budget, prof) {
+    // Policies that learn from a profiling step see the step before: shown it, or (modelling
+    // the memory manager's pool) replayed through it, so the step starts from the device
+    // memory it left.
+    let result = if let SimMemory::Pool(..) = memory {
+        simulate_with(warmup, step, p.as_mut(), budget, prof, memory)
+    } else {
+        for op in warmup {
+            op.announce_to(p.as_mut());
+            p.observe(op);
+        }
+        p.step_boundary(step.first().map_or(1, |o| o.step));
+        simulate_with(&[], step, p.as_mut(), budget, prof, memory)
+    };
+    match result {
         Ok(r) => Ok(Ok(r)),
         Err(e @ Error::OutOfMemory { .. }) => Ok(Err(e.to_string())),
         Err(e) => Err(e),
@@ -70,16 +87,18 @@ fn last_training_step(trace: &dynn::mm::Trace) -> Result<u64> {
 }
 
 /// The last training step of a trace a trainer wrote (`--trace-out`) replayed under `policy` and
-/// `budget` on `prof`: the simulator's prediction for a real run's step time.
+/// `budget` on `prof`, device memory accounted as `memory` says: the simulator's prediction for
+/// a real run's step time.
 pub fn predict(
     trace: &dynn::mm::Trace,
     policy: &str,
     budget: Option<usize>,
     prof: &DeviceProfile,
+    memory: SimMemory,
 ) -> Result<SimResult> {
     let last = last_training_step(trace)?;
     let (warmup, step) = (trace.step_ops(last.saturating_sub(1)), trace.step_ops(last));
-    replay_ops(&warmup, &step, policy, budget, prof, None)?.map_err(Error::Msg)
+    replay_ops(&warmup, &step, policy, budget, prof, None, memory)?.map_err(Error::Msg)
 }
 
 /// The per-op cost (seconds) that makes the unlimited replay of `trace`'s last step take
@@ -95,7 +114,7 @@ pub fn per_op_cost(
         ..prof.clone()
     };
     let ops = trace.step_ops(last_training_step(trace)?).len().max(1);
-    let kernels_ms = predict(trace, "none", None, &bare)?.compute_ms;
+    let kernels_ms = predict(trace, "none", None, &bare, SimMemory::Bytes)?.compute_ms;
     Ok(((unlimited_ms - kernels_ms) * 1e-3 / ops as f64).max(0.0))
 }
 

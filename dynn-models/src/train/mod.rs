@@ -8,6 +8,6 @@ mod summary;
 mod task;
 
 pub use args::{Defaults, TrainArgs};
-pub use runner::{Outcome, main, periodic_path, print_outcome, train};
+pub use runner::{Outcome, SEGMENTS, main, periodic_path, print_outcome, train};
 pub use summary::Summary;
 pub use task::{Eval, StepOut, Task};

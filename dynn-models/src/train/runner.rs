@@ -12,9 +12,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Pool segments sized for the bundled models (a few MiB each): fine enough that a budget
-/// given as a share of the peak is honoured closely.
-const SEGMENTS: (usize, usize) = (64 << 10, 2 << 20);
+/// The memory manager's pool segments `(small, large)` in the bundled trainers, sized for the
+/// bundled models (a few MiB each): fine enough that a budget given as a share of the peak is
+/// honoured closely.
+pub const SEGMENTS: (usize, usize) = (64 << 10, 2 << 20);
 
 /// Steps profiled without a budget to resolve a budget given as a share of the peak.
 const PROFILE_STEPS: u64 = 3;

@@ -57,6 +57,12 @@ pub struct MemoryStats {
     pub demand_fetches: u64,
     /// Time ops waited for bytes (demand fetches, in-flight copies, recomputation).
     pub stall_time: Duration,
+    /// Host time spent choosing victims: collecting the evictable buffers and the policy's
+    /// ranking of them.
+    pub choose_time: Duration,
+    /// Host time in the calls that move bytes on the calling thread (demand fetches and
+    /// offloads; on a GPU they only queue the copies and their events).
+    pub copy_call_time: Duration,
     /// Bytes copied host → device.
     pub bytes_h2d: u64,
     /// Bytes copied device → host.
@@ -590,6 +596,7 @@ impl MemoryManager {
             if st.clusters.stale {
                 st.clusters = DroppedClusters::rebuild(&st.table);
             }
+            let choosing = Instant::now();
             let mut cands = self.candidates(st);
             if cands.is_empty() {
                 // Copies in flight hold blocks: once they land those buffers can be evicted.
@@ -615,6 +622,7 @@ impl MemoryManager {
             // in every run.
             cands.sort_by_key(|c| c.id);
             st.policy.rank_victims(now, &mut cands);
+            st.stats.choose_time += choosing.elapsed();
             let mut freed = 0;
             for c in cands {
                 let how = st.policy.eviction(&c);
@@ -716,6 +724,7 @@ impl MemoryManager {
             Eviction::Offload => {
                 let start = Instant::now();
                 let moved = buf.offload()?;
+                st.stats.copy_call_time += start.elapsed();
                 e.res = Residency::Host;
                 st.stats.bytes_d2h += moved as u64;
                 st.stats.evictions += 1;
@@ -836,7 +845,9 @@ impl MemoryManager {
             Residency::Host => {
                 let start = Instant::now();
                 let block = self.reserve(st, bytes, op)?;
+                let call = Instant::now();
                 let moved = buf.fetch()?;
+                st.stats.copy_call_time += call.elapsed();
                 st.stats.bytes_h2d += moved as u64;
                 st.stats.demand_fetches += 1;
                 stalled(st, start);

@@ -97,6 +97,12 @@ impl std::fmt::Display for MemoryReport {
             s.recomputes,
             s.recompute_flops as f64 / 1e9
         )?;
+        writeln!(
+            f,
+            "host time            {:.1} ms choosing victims, {:.1} ms in copy calls",
+            s.choose_time.as_secs_f64() * 1e3,
+            s.copy_call_time.as_secs_f64() * 1e3
+        )?;
         if !self.top_holders.is_empty() {
             writeln!(f, "largest resident buffers:")?;
             for (bytes, kind, op, id) in &self.top_holders {

@@ -146,6 +146,12 @@ pub fn train<T: Task>(
         _ => None,
     };
     let budget_bytes = budget.resolve(peak)?;
+    if let Device::Cuda(ordinal) = device
+        && let Err(e) = dynn_ops::cuda::device(ordinal).and_then(|d| d.reset_memory_high())
+    {
+        // Only the closing log line depends on it (the mark then covers the profiling too).
+        tracing::warn!(error = %e, "could not reset the CUDA memory high-water mark");
+    }
     let mm: Arc<MemoryManager> =
         MemoryManager::new(manager_config(&policy_name, budget_bytes, args)?);
     let _hooks = install_memory_hooks(mm.clone());
@@ -287,6 +293,15 @@ pub fn train<T: Task>(
         }
     }
     let report = mm.report();
+    if let Device::Cuda(ordinal) = device
+        && let Ok(high) = dynn_ops::cuda::device(ordinal).and_then(|d| d.memory_high())
+    {
+        tracing::info!(
+            memory_high = %human_bytes(high),
+            budget = ?budget_bytes.map(human_bytes),
+            "CUDA memory: the most the buffers held at once (frees still queued included)"
+        );
+    }
     let window = (losses.len() / 10).max(1);
     let run_steps = losses.len().max(1) as f64;
     let summary = Summary {

@@ -2,6 +2,7 @@
 //! registration as the dynn-core backend of `Device::Cuda(ordinal)`.
 
 use super::compile::{Arch, compile_ptx, library_loadable, scalar_type};
+use super::events::EventPool;
 use super::pinned::{PinnedHost, PinnedPool};
 use super::{CudaSource, CudaStorage};
 use cudarc::cublas::CudaBlas;
@@ -23,6 +24,7 @@ pub struct CudaDevice {
     compute: Arc<CudaStream>,
     upload: Arc<CudaStream>,
     download: Arc<CudaStream>,
+    events: Arc<EventPool>,
     pinned: Arc<PinnedPool>,
     modules: Mutex<HashMap<(&'static str, &'static str), Arc<CudaModule>>>,
     functions: Mutex<HashMap<FnKey, CudaFunction>>,
@@ -120,11 +122,12 @@ impl CudaDevice {
             msg: format!("cuda:{ordinal}: {what}: {err}"),
         };
         let ctx = CudaContext::new(ordinal).map_err(|x| e("creating the context", x))?;
-        // SAFETY: dynn orders its streams itself (see `CudaStorage`): every buffer is
-        // allocated and freed on the compute stream, a copy stream waits for the compute
-        // stream before touching a buffer and the compute stream waits for the copy before the
-        // next kernel. cudarc's per-slice events (an event record and wait per argument of
-        // every launch) are then redundant host work. Called before any slice exists.
+        // SAFETY: dynn orders its streams itself (see `CudaStorage`): kernels run on the
+        // compute stream, a copy stream waits for the compute stream before reading a buffer,
+        // the compute stream waits for a copy before reading what it wrote, and a buffer is
+        // freed on the compute stream, or after its offload's copy on the download stream.
+        // cudarc's per-slice events (an event record and wait per argument of every launch)
+        // are then redundant host work. Called before any slice exists.
         unsafe { ctx.disable_event_tracking() };
         keep_freed_memory(&ctx).map_err(|x| e("configuring the memory pool", x))?;
         let (major, minor) = ctx
@@ -134,7 +137,8 @@ impl CudaDevice {
         let compute = ctx.new_stream().map_err(|x| e("compute stream", x))?;
         let upload = ctx.new_stream().map_err(|x| e("upload stream", x))?;
         let download = ctx.new_stream().map_err(|x| e("download stream", x))?;
-        let pinned = PinnedPool::new(ctx.clone());
+        let events = EventPool::new(ctx.clone());
+        let pinned = PinnedPool::new(ctx.clone(), events.clone());
         Ok(CudaDevice {
             ordinal,
             name,
@@ -146,6 +150,7 @@ impl CudaDevice {
             compute,
             upload,
             download,
+            events,
             pinned,
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
@@ -186,6 +191,11 @@ impl CudaDevice {
     /// The device → host copy stream.
     pub fn download_stream(&self) -> &Arc<CudaStream> {
         &self.download
+    }
+
+    /// The events that order copies against kernels.
+    pub fn events(&self) -> &Arc<EventPool> {
+        &self.events
     }
 
     /// The host tier's pinned memory.
@@ -269,6 +279,51 @@ impl CudaDevice {
         let b = Arc::new(CudaBlas::new(self.compute.clone()).map_err(self.err("cublas"))?);
         *slot = Some(b.clone());
         Ok(b)
+    }
+}
+
+impl CudaDevice {
+    /// The default memory pool's `attr` (read, or with `write` set to it).
+    fn pool_attribute(
+        &self,
+        attr: cudarc::driver::sys::CUmemPool_attribute,
+        write: Option<u64>,
+    ) -> Result<u64> {
+        use cudarc::driver::sys;
+        let err = self.err("memory pool attribute");
+        self.ctx.bind_to_thread().map_err(&err)?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut value: u64 = write.unwrap_or(0);
+        // SAFETY: `pool` is written by the driver for this context's device; the attribute
+        // reads or writes a u64 that lives across the call.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
+                .result()
+                .map_err(&err)?;
+            let value_ptr = (&mut value as *mut u64).cast();
+            match write {
+                Some(_) => sys::cuMemPoolSetAttribute(pool, attr, value_ptr),
+                None => sys::cuMemPoolGetAttribute(pool, attr, value_ptr),
+            }
+            .result()
+            .map_err(&err)?;
+        }
+        Ok(value)
+    }
+
+    /// The most device memory dynn's buffers have held at once since the last
+    /// [`CudaDevice::reset_memory_high`]: live buffers plus freed ones whose stream-ordered
+    /// free has not run yet (the memory a budget must really cover).
+    pub fn memory_high(&self) -> Result<usize> {
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        Ok(self.pool_attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)? as usize)
+    }
+
+    /// Restarts [`CudaDevice::memory_high`] from the memory in use now.
+    pub fn reset_memory_high(&self) -> Result<()> {
+        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        self.pool_attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0))
+            .map(|_| ())
     }
 }
 

@@ -5,6 +5,7 @@
 
 mod compile;
 mod device;
+mod events;
 mod launch;
 mod pinned;
 mod source;
@@ -15,6 +16,7 @@ pub use compile::{
     scalar_type,
 };
 pub use device::{CudaDevice, device, device_count, driver_available, init};
+pub use events::EventPool;
 pub use launch::{
     BLOCK, MAX_RANK, Strided, cuda_storage, device_of, grid, no_kernel, on_cuda, row_threads, rows,
     storage,

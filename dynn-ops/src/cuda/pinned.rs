@@ -7,11 +7,12 @@
 //! reads the bytes itself), and a recycled block is handed out again only once its last copy
 //! has finished.
 
+use super::EventPool;
 use cudarc::driver::{CudaContext, CudaEvent, CudaStream, DriverError, PinnedHostSlice};
 use dynn_core::{CpuStorage, DType, HostStorage, Result};
 use std::any::Any;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Smallest block handed out (one page).
 const MIN_BLOCK: usize = 4096;
@@ -26,12 +27,20 @@ fn size_class(bytes: usize) -> usize {
     bytes.div_ceil(step) * step
 }
 
-/// A free block and the last copy that used it (`None`: none pending).
-type FreeBlock = (PinnedHostSlice<u8>, Option<CudaEvent>);
+/// A free block: its allocation, its start, and the last copy that used it (`None`: none).
+struct FreeBlock {
+    slice: PinnedHostSlice<u8>,
+    ptr: *mut u8,
+    last_copy: Option<CudaEvent>,
+}
+
+// SAFETY: `ptr` points into `slice`, which `PinnedHostSlice` already declares Send.
+unsafe impl Send for FreeBlock {}
 
 /// Free pinned blocks by size class, on one device's context.
 pub struct PinnedPool {
     ctx: Arc<CudaContext>,
+    events: Arc<EventPool>,
     free: Mutex<HashMap<usize, Vec<FreeBlock>>>,
 }
 
@@ -42,10 +51,11 @@ impl std::fmt::Debug for PinnedPool {
 }
 
 impl PinnedPool {
-    /// An empty pool on `ctx`.
-    pub fn new(ctx: Arc<CudaContext>) -> Arc<Self> {
+    /// An empty pool on `ctx`, recycling copy events through `events`.
+    pub fn new(ctx: Arc<CudaContext>, events: Arc<EventPool>) -> Arc<Self> {
         Arc::new(PinnedPool {
             ctx,
+            events,
             free: Mutex::new(HashMap::new()),
         })
     }
@@ -57,19 +67,33 @@ impl PinnedPool {
         let reused = self.free.lock().ok().and_then(|mut free| {
             let blocks = free.get_mut(&class)?;
             // The oldest first: its copy is the likeliest to have finished.
-            let ready = blocks
-                .iter()
-                .position(|(_, last)| last.as_ref().is_none_or(CudaEvent::is_complete))?;
-            Some(blocks.remove(ready).0)
+            let ready = blocks.iter().position(|b| {
+                b.last_copy
+                    .as_ref()
+                    .is_none_or(|e| e.try_is_complete().unwrap_or(false))
+            })?;
+            Some(blocks.remove(ready))
         });
-        let mut slice = match reused {
-            Some(s) => s,
-            // SAFETY: the block's bytes are written by a device → host copy (or by the
-            // caller) before anything reads them. Flags 0: cached, readable host memory (not
-            // write-combined, which the CPU reads slowly).
-            None => unsafe { self.ctx.alloc_pinned_with_flags::<u8>(class, 0) }?,
+        let (slice, ptr) = match reused {
+            Some(FreeBlock {
+                slice,
+                ptr,
+                last_copy,
+            }) => {
+                if let Some(done) = last_copy {
+                    self.events.recycle(done);
+                }
+                (slice, ptr)
+            }
+            None => {
+                // SAFETY: the block's bytes are written by a device → host copy (or by the
+                // caller) before anything reads them. Flags 0: cached, readable host memory
+                // (not write-combined, which the CPU reads slowly).
+                let mut slice = unsafe { self.ctx.alloc_pinned_with_flags::<u8>(class, 0) }?;
+                let ptr = slice.as_mut_ptr()?;
+                (slice, ptr)
+            }
         };
-        let ptr = slice.as_mut_ptr()?;
         Ok(PinnedBlock {
             pool: self.clone(),
             slice: Some(slice),
@@ -87,11 +111,13 @@ impl PinnedPool {
             .unwrap_or(0)
     }
 
-    fn give_back(&self, slice: PinnedHostSlice<u8>, last_copy: Option<CudaEvent>) {
+    fn give_back(&self, slice: PinnedHostSlice<u8>, ptr: *mut u8, last_copy: Option<CudaEvent>) {
         if let Ok(mut free) = self.free.lock() {
-            free.entry(slice.len())
-                .or_default()
-                .push((slice, last_copy));
+            free.entry(slice.len()).or_default().push(FreeBlock {
+                slice,
+                ptr,
+                last_copy,
+            });
         }
     }
 }
@@ -125,22 +151,13 @@ impl PinnedBlock {
         unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) }
     }
 
-    /// Records `copy` (an event after a queued copy into or out of the block) as its last
-    /// use. It must be ordered after the previous one (its stream waited for it).
-    pub fn used_by(&self, copy: CudaEvent) {
-        if let Ok(mut last) = self.last_copy.lock() {
-            *last = Some(copy);
-        }
-    }
-
-    /// Makes `stream` wait for the block's last copy (no host wait).
-    pub fn order_after_last_copy(
-        &self,
-        stream: &CudaStream,
-    ) -> std::result::Result<(), DriverError> {
-        match self.last_copy.lock().ok().as_deref() {
-            Some(Some(copy)) => stream.wait(copy),
-            _ => Ok(()),
+    /// The block's last copy, locked: a copy queued while it is held is ordered after that
+    /// copy ([`LastCopy::order`]) and then replaces it ([`LastCopy::replace`]), so concurrent
+    /// copies of one block stay in order.
+    pub fn last_copy(&self) -> LastCopy<'_> {
+        LastCopy {
+            last: self.last_copy.lock().unwrap_or_else(|e| e.into_inner()),
+            events: &self.pool.events,
         }
     }
 
@@ -153,11 +170,35 @@ impl PinnedBlock {
     }
 }
 
+/// A pinned block's last copy, locked (see [`PinnedBlock::last_copy`]).
+pub struct LastCopy<'a> {
+    last: MutexGuard<'a, Option<CudaEvent>>,
+    events: &'a EventPool,
+}
+
+impl LastCopy<'_> {
+    /// Makes `stream` wait for the last copy (no host wait).
+    pub fn order(&self, stream: &CudaStream) -> std::result::Result<(), DriverError> {
+        match &*self.last {
+            Some(copy) => stream.wait(copy),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes `copy` (an event after a copy ordered by [`LastCopy::order`]) the last copy; the
+    /// one it follows is recycled.
+    pub fn replace(&mut self, copy: CudaEvent) {
+        if let Some(before) = self.last.replace(copy) {
+            self.events.recycle(before);
+        }
+    }
+}
+
 impl Drop for PinnedBlock {
     fn drop(&mut self) {
         if let Some(slice) = self.slice.take() {
             let last = self.last_copy.get_mut().ok().and_then(Option::take);
-            self.pool.give_back(slice, last);
+            self.pool.give_back(slice, self.ptr, last);
         }
     }
 }

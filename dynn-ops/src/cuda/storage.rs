@@ -5,14 +5,42 @@ use super::pinned::{PinnedBlock, PinnedHost};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, result};
 use dynn_core::{CpuStorage, DType, Device, DeviceStorage, HostStorage, Result};
 use std::any::Any;
+use std::mem::ManuallyDrop;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// One buffer's elements in GPU memory, untyped bytes plus their dtype.
 pub struct CudaStorage {
     dev: Arc<CudaDevice>,
-    data: CudaSlice<u8>,
+    /// Freed on the compute stream, or on the download stream after an offload's copy.
+    data: ManuallyDrop<CudaSlice<u8>>,
     dtype: DType,
     len: usize,
+    /// Set once an offload has queued its copy of these bytes: they are then freed on the
+    /// download stream, after the copy (no stream waits for it). No kernel may be queued on
+    /// them after an offload: the buffer's slot no longer holds them.
+    offloaded: AtomicBool,
+}
+
+impl Drop for CudaStorage {
+    fn drop(&mut self) {
+        // SAFETY: `data` is not used after this.
+        let data = unsafe { ManuallyDrop::take(&mut self.data) };
+        // The free below is a driver call: make this device's context current on this thread.
+        let _ = self.dev.context().bind_to_thread();
+        if *self.offloaded.get_mut() {
+            let len = data.len();
+            let ptr = data.leak();
+            // SAFETY: `ptr` is the allocation of `len` bytes just leaked; dropping the new
+            // slice frees it on the download stream, ordered after the offload's copy (and,
+            // through the join before that copy, after every kernel that used it).
+            drop(unsafe {
+                self.dev
+                    .download_stream()
+                    .upgrade_device_ptr::<u8>(ptr, len)
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaStorage {
@@ -70,15 +98,22 @@ fn unsafe_alloc(dev: &Arc<CudaDevice>, bytes: usize, op: &'static str) -> Result
 }
 
 impl CudaStorage {
+    fn new(dev: &Arc<CudaDevice>, data: CudaSlice<u8>, dtype: DType, len: usize) -> Self {
+        CudaStorage {
+            dev: dev.clone(),
+            data: ManuallyDrop::new(data),
+            dtype,
+            len,
+            offloaded: AtomicBool::new(false),
+        }
+    }
+}
+
+impl CudaStorage {
     /// Uninitialised storage for `len` elements of `dtype` (kernels write every element).
     pub fn alloc(dev: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<Self> {
         let data = unsafe_alloc(dev, (len * dtype.size_in_bytes()).max(1), "alloc")?;
-        Ok(CudaStorage {
-            dev: dev.clone(),
-            data,
-            dtype,
-            len,
-        })
+        Ok(Self::new(dev, data, dtype, len))
     }
 
     /// Zero-filled storage.
@@ -88,18 +123,12 @@ impl CudaStorage {
             .compute()
             .alloc_zeros::<u8>(bytes)
             .map_err(dev.err("zeros"))?;
-        Ok(CudaStorage {
-            dev: dev.clone(),
-            data,
-            dtype,
-            len,
-        })
+        Ok(Self::new(dev, data, dtype, len))
     }
 
-    /// Copies host elements to the GPU on the device's upload stream. The buffer is allocated
-    /// on the compute stream (where it is also freed); the upload stream waits for that
-    /// allocation and the compute stream waits for the copy through events, so kernels queued
-    /// next read the uploaded bytes without the host waiting. (A pageable source may be
+    /// Copies host elements to the GPU on the device's upload stream, into memory allocated in
+    /// that stream's order; the compute stream waits for the copy through an event, so kernels
+    /// queued next read the uploaded bytes without the host waiting. (A pageable source may be
     /// dropped on return: the driver has staged it by then.)
     pub fn upload(dev: &Arc<CudaDevice>, host: &CpuStorage) -> Result<Self> {
         Self::copy_in(
@@ -127,8 +156,10 @@ impl CudaStorage {
     }
 
     /// `bytes` (`len` elements of `dtype`) copied into a new buffer on the upload stream,
-    /// ordered after the compute stream's allocation (and the last copy of `pinned`, the block
-    /// that holds `bytes` if any) and before the compute stream's next kernel.
+    /// after the last copy of `pinned` (the block that holds `bytes`, if any) and before the
+    /// compute stream's next kernel. The memory is allocated in the upload stream's order, so
+    /// the copy need not wait for the kernels queued on the compute stream; it belongs to the
+    /// compute stream (which frees it) once the compute stream waits for the copy.
     fn copy_in(
         dev: &Arc<CudaDevice>,
         bytes: &[u8],
@@ -137,32 +168,45 @@ impl CudaStorage {
         pinned: Option<&PinnedBlock>,
         op: &'static str,
     ) -> Result<Self> {
-        let mut data = unsafe_alloc(dev, bytes.len().max(1), op)?;
-        if !bytes.is_empty() {
-            let (compute, upload) = (dev.compute(), dev.upload_stream());
-            upload.join(compute).map_err(dev.err(op))?;
-            if let Some(block) = pinned {
-                block.order_after_last_copy(upload).map_err(dev.err(op))?;
-            }
-            let (dst, _) = data.device_ptr_mut(upload);
-            // SAFETY: `dst` holds at least `bytes.len()` bytes (allocated just above, the
-            // allocation ordered before the copy by the join). The source outlives the copy's
-            // use of it: a pageable source is staged by the driver before this call returns,
-            // and a pinned block is not handed out again before the event recorded below.
-            unsafe { result::memcpy_htod_async(dst, bytes, upload.cu_stream()) }
-                .map_err(dev.err(op))?;
-            let copied = upload.record_event(None).map_err(dev.err(op))?;
-            compute.wait(&copied).map_err(dev.err(op))?;
-            if let Some(block) = pinned {
-                block.used_by(copied);
-            }
+        if bytes.is_empty() {
+            return Ok(Self::new(dev, unsafe_alloc(dev, 1, op)?, dtype, len));
         }
-        Ok(CudaStorage {
-            dev: dev.clone(),
-            data,
-            dtype,
-            len,
-        })
+        let (compute, upload) = (dev.compute(), dev.upload_stream());
+        // SAFETY: the copy below writes every byte before anything reads them. Until the
+        // compute stream waits for the copy, an error drops the slice on the upload stream,
+        // after the copy.
+        let mut staged = unsafe { upload.alloc::<u8>(bytes.len()) }.map_err(dev.err(op))?;
+        let mut last = pinned.map(PinnedBlock::last_copy);
+        if let Some(last) = &last {
+            last.order(upload).map_err(dev.err(op))?;
+        }
+        let (dst, _) = staged.device_ptr_mut(upload);
+        // SAFETY: `dst` holds `bytes.len()` bytes, allocated in the upload stream's order just
+        // above. The source outlives the copy's use of it: a pageable source is staged by the
+        // driver before this call returns, and a pinned block is not handed out again before
+        // the event recorded below.
+        unsafe { result::memcpy_htod_async(dst, bytes, upload.cu_stream()) }
+            .map_err(dev.err(op))?;
+        let copied = match dev.events().record(upload) {
+            Ok(e) => e,
+            Err(e) => {
+                // Nothing marks the copy's end: wait for it before the block or memory moves on.
+                let _ = upload.synchronize();
+                return Err(dev.err(op)(e));
+            }
+        };
+        let waited = compute.wait(&copied);
+        match &mut last {
+            Some(last) => last.replace(copied),
+            None => dev.events().recycle(copied),
+        }
+        waited.map_err(dev.err(op))?;
+        let ptr = staged.leak();
+        // SAFETY: `ptr` is the allocation of `bytes.len()` bytes just leaked; the compute
+        // stream has waited for the copy into it, and now frees it after the kernels that read
+        // it.
+        let data = unsafe { compute.upgrade_device_ptr::<u8>(ptr, bytes.len()) };
+        Ok(Self::new(dev, data, dtype, len))
     }
 
     /// Number of elements.
@@ -230,12 +274,15 @@ impl DeviceStorage for CudaStorage {
         self
     }
     /// Copies the elements into a recycled pinned block on the download stream, after every
-    /// kernel queued so far (their writers), without the host waiting: the compute stream
-    /// waits for the copy before anything queued later (the device memory is freed on the
-    /// compute stream when the buffer's slot changes), and readers of the block wait for the
-    /// copy's event. Falls back to pageable memory when no pinned memory can be had.
+    /// kernel queued so far (their writers), without the host waiting: readers of the block
+    /// wait for the copy's event, and the device memory is freed on the download stream after
+    /// the copy, so no stream waits for it. Falls back to pageable memory when no pinned
+    /// memory can be had.
     fn offload(&self) -> Result<Box<dyn HostStorage>> {
         let bytes = self.len * self.dtype.size_in_bytes();
+        if bytes == 0 {
+            return Ok(Box::new(CpuStorage::zeros(self.dtype, 0)));
+        }
         let mut block = match self.dev.pinned().take(bytes) {
             Ok(b) => b,
             Err(e) => {
@@ -243,19 +290,23 @@ impl DeviceStorage for CudaStorage {
                 return Ok(Box::new(self.to_host()?));
             }
         };
-        if bytes > 0 {
-            let err = self.dev.err("offload");
-            let (down, compute) = (self.dev.download_stream(), self.dev.compute());
-            down.join(compute).map_err(&err)?;
-            let (src, _) = self.data.device_ptr(down);
-            // SAFETY: the block holds `bytes` bytes and is not handed out again before the
-            // event recorded below; the device slice holds at least as many, and its memory is
-            // freed on the compute stream, which waits for that event first.
-            unsafe { result::memcpy_dtoh_async(block.bytes_mut(), src, down.cu_stream()) }
-                .map_err(&err)?;
-            let copied = down.record_event(None).map_err(&err)?;
-            compute.wait(&copied).map_err(&err)?;
-            block.used_by(copied);
+        let err = self.dev.err("offload");
+        let (down, compute) = (self.dev.download_stream(), self.dev.compute());
+        self.dev.events().join(down, compute).map_err(&err)?;
+        let (src, _) = self.data.device_ptr(down);
+        // SAFETY: the block holds `bytes` bytes and is not handed out again before the event
+        // recorded below; the device slice holds at least as many, and is freed on the
+        // download stream, after the copy (`offloaded`, set as soon as the copy is queued).
+        unsafe { result::memcpy_dtoh_async(block.bytes_mut(), src, down.cu_stream()) }
+            .map_err(&err)?;
+        self.offloaded.store(true, Ordering::Release);
+        match self.dev.events().record(down) {
+            Ok(copied) => block.last_copy().replace(copied),
+            Err(e) => {
+                // Nothing marks the copy's end: wait for it before the block moves on.
+                let _ = down.synchronize();
+                return Err(err(e));
+            }
         }
         Ok(Box::new(PinnedHost::new(block, self.dtype, self.len)))
     }
@@ -263,13 +314,8 @@ impl DeviceStorage for CudaStorage {
         let data = self
             .dev
             .compute()
-            .clone_dtod(&self.data)
+            .clone_dtod(&*self.data)
             .map_err(self.dev.err("duplicate"))?;
-        Ok(Box::new(CudaStorage {
-            dev: self.dev.clone(),
-            data,
-            dtype: self.dtype,
-            len: self.len,
-        }))
+        Ok(Box::new(Self::new(&self.dev, data, self.dtype, self.len)))
     }
 }

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 pub mod budget;
+pub mod keymap;
 pub mod manager;
 pub mod policy;
 pub mod pool;
@@ -27,6 +28,7 @@ pub mod trace;
 pub mod transfer;
 
 pub use budget::{Budget, human_bytes};
+pub use keymap::{KeyHasher, KeyMap};
 pub use manager::{ManagerConfig, MemoryManager, MemoryStats, Residency};
 pub use policy::{Candidate, Eviction, Now, Policy, Profile};
 pub use pool::{Block, DevicePool, PoolExhausted, PoolStats};

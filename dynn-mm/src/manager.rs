@@ -2,6 +2,7 @@
 //! the device pool under its budget, evicts what the policy chooses, fetches on demand and
 //! prefetches ahead, records the access trace and the memory timeline.
 
+use crate::keymap::KeyMap;
 use crate::policy::{Candidate, Eviction, Now, Policy};
 use crate::pool::{Block, DevicePool, PoolExhausted};
 use crate::report::{MemoryReport, TimelinePoint};
@@ -12,7 +13,6 @@ use crate::transfer::{Direction, TransferConfig, TransferEngine};
 use dynn_core::{
     Buffer, BufferId, BufferKind, Error, MemoryHooks, OpEvent, Recipe, ReleaseSink, Result, Slot,
 };
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -136,10 +136,10 @@ impl ReleaseSink for Releases {
 struct State {
     pool: DevicePool,
     policy: Box<dyn Policy>,
-    table: HashMap<BufferId, Entry>,
-    by_key: HashMap<u64, BufferId>,
+    table: KeyMap<BufferId, Entry>,
+    by_key: KeyMap<u64, BufferId>,
     /// Buffer → dropped buffers whose recipes read it (recomputed before it is overwritten).
-    dependents: HashMap<BufferId, Vec<BufferId>>,
+    dependents: KeyMap<BufferId, Vec<BufferId>>,
     device_by_kind: [usize; 5],
     now: Now,
     created_in_step: u64,
@@ -187,14 +187,14 @@ struct DroppedClusters {
     /// members still dropped. Nodes of members that came back stay as links.
     nodes: Vec<(u32, u32, u64)>,
     /// Dropped buffer → its node and its FLOPs.
-    member: HashMap<BufferId, (u32, u64)>,
+    member: KeyMap<BufferId, (u32, u64)>,
     /// A member came back whose leaving may have split its cluster.
     stale: bool,
 }
 
 impl DroppedClusters {
     /// The clusters of the dropped buffers in `table`.
-    fn rebuild(table: &HashMap<BufferId, Entry>) -> Self {
+    fn rebuild(table: &KeyMap<BufferId, Entry>) -> Self {
         let mut c = DroppedClusters::default();
         let dropped = || table.iter().filter(|(_, e)| e.res == Residency::Dropped);
         for (&id, e) in dropped() {
@@ -310,9 +310,9 @@ impl MemoryManager {
                     config.segments.1,
                 ),
                 policy: config.policy,
-                table: HashMap::new(),
-                by_key: HashMap::new(),
-                dependents: HashMap::new(),
+                table: KeyMap::default(),
+                by_key: KeyMap::default(),
+                dependents: KeyMap::default(),
                 device_by_kind: [0; 5],
                 now: Now::default(),
                 created_in_step: 0,
@@ -1390,7 +1390,7 @@ impl MemoryHooks for MemoryManager {
         st.created_in_step = 0;
         st.step_signature = FNV_START;
         // Buffers that outlive a step are named by id from now on.
-        let mut by_key = HashMap::new();
+        let mut by_key = KeyMap::default();
         for (&id, e) in st.table.iter_mut() {
             e.key = id.0;
             by_key.insert(id.0, id);

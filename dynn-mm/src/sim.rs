@@ -10,11 +10,11 @@
 //! trace recorded its release, or (older traces) after its last access. After each op the inputs of the next [`PREFETCH_HORIZON`] ops that
 //! the policy expects are prefetched while there is free room.
 
+use crate::keymap::KeyMap;
 use crate::policy::{Candidate, Eviction, Now, Policy};
 use crate::pool::{Block, DevicePool};
 use crate::trace::{OpRecord, kind_of};
 use dynn_core::{BufferId, BufferKind, Error, Result};
-use std::collections::HashMap;
 
 /// How many ops ahead the simulator prefetches: inputs of the next few ops only, so that
 /// prefetched bytes do not push out what is needed sooner.
@@ -267,14 +267,14 @@ pub fn simulate_with(
     let all: Vec<&OpRecord> = warmup.iter().chain(ops).collect();
     // A trace that recorded releases frees buffers when the run did; otherwise at last access.
     let frees_recorded = all.iter().any(|o| !o.freed.is_empty());
-    let mut last_access: HashMap<u64, usize> = HashMap::new();
+    let mut last_access: KeyMap<u64, usize> = KeyMap::default();
     for (g, op) in all.iter().enumerate() {
         for a in op.inputs.iter().chain(&op.outputs) {
             last_access.insert(a.0, g);
         }
     }
-    let mut bufs: HashMap<u64, Buf> = HashMap::new();
-    let mut by_key: HashMap<u64, u64> = HashMap::new();
+    let mut bufs: KeyMap<u64, Buf> = KeyMap::default();
+    let mut by_key: KeyMap<u64, u64> = KeyMap::default();
     let (mut now, mut h2d_free, mut d2h_free) = (0.0f64, 0.0f64, 0.0f64);
     let mut mem = Memory::new(memory, budget);
     let mut r = SimResult::default();
@@ -484,7 +484,7 @@ pub fn simulate_with(
 
 /// What making room touches: the replay's buffers and clocks, for one op.
 struct RoomMaker<'a> {
-    bufs: &'a mut HashMap<u64, Buf>,
+    bufs: &'a mut KeyMap<u64, Buf>,
     mem: &'a mut Memory,
     /// The op's own buffers, never evicted for it.
     pinned: &'a [u64],

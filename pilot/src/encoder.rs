@@ -4,16 +4,13 @@
 //! (the ablation). Everything is written into caller-owned slices: nothing allocates.
 
 use crate::bucket::{BUCKETS, bucket};
-use crate::history::KeyHasher;
 use crate::plan::PlanDistance;
 use dynn_core::OpEvent;
 use dynn_mm::OpRecord;
-use std::collections::HashMap;
-use std::hash::BuildHasherDefault;
 use std::sync::OnceLock;
 
 /// A map keyed by op names, hashed like buffer keys.
-type KeyMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+use dynn_mm::KeyMap;
 
 /// Idiom counts per op.
 pub const IDIOMS: usize = 6;

@@ -1,32 +1,8 @@
 //! One step's access order by buffer key, as the pilot records it: the previous step replayed
 //! tells where a key was used next from the same position (exact while the graph repeats).
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// Hashes a `u64` key (a buffer id or key) with one multiply: keys are already spread, and
-/// the pilot looks them up on every op.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, x: u64) {
-        self.0 = (self.0 ^ x)
-            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            .rotate_left(29);
-    }
-}
-
 /// A map keyed by buffer ids or keys.
-pub type KeyMap<V> = HashMap<u64, V, BuildHasherDefault<KeyHasher>>;
+pub type KeyMap<V> = dynn_mm::KeyMap<u64, V>;
 
 /// Where a key's uses sit in a sealed [`StepProfile`]'s index: looked up once and kept by
 /// whoever asks about the same key often (empty: the step did not use it).

@@ -7,8 +7,11 @@
 //! host→device stream (a stall), a prefetched one is waited for. Outputs need room: the policy
 //! ranks resident, unpinned buffers and victims are copied out on the device→host stream (or
 //! dropped and, on next use, recomputed at their producer's cost). A buffer is freed where the
-//! trace recorded its release, or (older traces) after its last access. After each op the inputs of the next [`PREFETCH_HORIZON`] ops that
-//! the policy expects are prefetched while there is free room.
+//! trace recorded its release, or (older traces) after its last access. Device memory is a
+//! byte count under the budget or, to predict a measured run, the memory manager's own pool
+//! replayed after the step before ([`SimMemory::Pool`], [`simulate_with`]). After each op the
+//! inputs of the next [`PREFETCH_HORIZON`] ops that the policy expects are prefetched while
+//! there is free room.
 
 use crate::keymap::KeyMap;
 use crate::policy::{Candidate, Eviction, Now, Policy};

@@ -6,7 +6,11 @@ use super::events::EventPool;
 use super::pinned::{PinnedHost, PinnedPool};
 use super::{CudaSource, CudaStorage};
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::sys::{
+    self,
+    CUmemPool_attribute::{CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, CU_MEMPOOL_ATTR_USED_MEM_HIGH},
+};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
 use dynn_core::{Backend, CpuStorage, DType, Device, DeviceStorage, Error, HostStorage, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -280,72 +284,52 @@ impl CudaDevice {
         *slot = Some(b.clone());
         Ok(b)
     }
-}
-
-impl CudaDevice {
-    /// The default memory pool's `attr` (read, or with `write` set to it).
-    fn pool_attribute(
-        &self,
-        attr: cudarc::driver::sys::CUmemPool_attribute,
-        write: Option<u64>,
-    ) -> Result<u64> {
-        use cudarc::driver::sys;
-        let err = self.err("memory pool attribute");
-        self.ctx.bind_to_thread().map_err(&err)?;
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut value: u64 = write.unwrap_or(0);
-        // SAFETY: `pool` is written by the driver for this context's device; the attribute
-        // reads or writes a u64 that lives across the call.
-        unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, self.ctx.cu_device())
-                .result()
-                .map_err(&err)?;
-            let value_ptr = (&mut value as *mut u64).cast();
-            match write {
-                Some(_) => sys::cuMemPoolSetAttribute(pool, attr, value_ptr),
-                None => sys::cuMemPoolGetAttribute(pool, attr, value_ptr),
-            }
-            .result()
-            .map_err(&err)?;
-        }
-        Ok(value)
-    }
 
     /// The most device memory dynn's buffers have held at once since the last
     /// [`CudaDevice::reset_memory_high`]: live buffers plus freed ones whose stream-ordered
     /// free has not run yet (the memory a budget must really cover).
     pub fn memory_high(&self) -> Result<usize> {
-        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-        Ok(self.pool_attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)? as usize)
+        pool_attribute(&self.ctx, CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
+            .map(|high| high as usize)
+            .map_err(self.err("memory_high"))
     }
 
     /// Restarts [`CudaDevice::memory_high`] from the memory in use now.
     pub fn reset_memory_high(&self) -> Result<()> {
-        use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
-        self.pool_attribute(CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0))
+        pool_attribute(&self.ctx, CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0))
             .map(|_| ())
+            .map_err(self.err("reset_memory_high"))
     }
+}
+
+/// The device's default memory pool's `attr`: read, or with `write` set to that value first.
+fn pool_attribute(
+    ctx: &CudaContext,
+    attr: sys::CUmemPool_attribute,
+    write: Option<u64>,
+) -> std::result::Result<u64, DriverError> {
+    ctx.bind_to_thread()?;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut value: u64 = write.unwrap_or(0);
+    // SAFETY: `pool` is written by the driver for this context's device; the attribute reads
+    // or writes a u64 that lives across the call.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        let value_ptr = (&mut value as *mut u64).cast();
+        match write {
+            Some(_) => sys::cuMemPoolSetAttribute(pool, attr, value_ptr),
+            None => sys::cuMemPoolGetAttribute(pool, attr, value_ptr),
+        }
+        .result()?;
+    }
+    Ok(value)
 }
 
 /// Lets the device's default memory pool keep freed memory instead of returning it to the
 /// driver at every synchronisation, so a step's allocations are served from the pool
 /// (stream-ordered `cuMemAllocAsync`) rather than mapped afresh each time.
-fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<(), cudarc::driver::DriverError> {
-    use cudarc::driver::sys;
-    ctx.bind_to_thread()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold: u64 = u64::MAX;
-    // SAFETY: `pool` is written by the driver for this context's device; the attribute takes
-    // a pointer to a u64 that lives across the call.
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        sys::cuMemPoolSetAttribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .result()
-    }
+fn keep_freed_memory(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
+    pool_attribute(ctx, CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, Some(u64::MAX)).map(|_| ())
 }
 
 /// The dynn-core backend of one GPU: uploads on the device's copy stream.

@@ -32,6 +32,15 @@ impl EventPool {
         Ok(event)
     }
 
+    /// An event after the copy just queued on `stream`. If none can be recorded, waits on the
+    /// host for the stream's work before returning the error, so that nothing the copy still
+    /// uses (its memory, a pinned block) moves on unordered.
+    pub fn mark_copy(&self, stream: &CudaStream) -> Result<CudaEvent, DriverError> {
+        self.record(stream).inspect_err(|_| {
+            let _ = stream.synchronize();
+        })
+    }
+
     /// Takes `event` back for reuse. Waits already queued on it are unaffected by a later
     /// record; nothing may wait on it or query it after this.
     pub fn recycle(&self, event: CudaEvent) {

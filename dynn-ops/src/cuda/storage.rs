@@ -39,6 +39,9 @@ impl Drop for CudaStorage {
                     .download_stream()
                     .upgrade_device_ptr::<u8>(ptr, len)
             });
+        } else {
+            // Freed on the compute stream, after the kernels that used it.
+            drop(data);
         }
     }
 }
@@ -107,9 +110,7 @@ impl CudaStorage {
             offloaded: AtomicBool::new(false),
         }
     }
-}
 
-impl CudaStorage {
     /// Uninitialised storage for `len` elements of `dtype` (kernels write every element).
     pub fn alloc(dev: &Arc<CudaDevice>, dtype: DType, len: usize) -> Result<Self> {
         let data = unsafe_alloc(dev, (len * dtype.size_in_bytes()).max(1), "alloc")?;
@@ -187,14 +188,7 @@ impl CudaStorage {
         // the event recorded below.
         unsafe { result::memcpy_htod_async(dst, bytes, upload.cu_stream()) }
             .map_err(dev.err(op))?;
-        let copied = match dev.events().record(upload) {
-            Ok(e) => e,
-            Err(e) => {
-                // Nothing marks the copy's end: wait for it before the block or memory moves on.
-                let _ = upload.synchronize();
-                return Err(dev.err(op)(e));
-            }
-        };
+        let copied = dev.events().mark_copy(upload).map_err(dev.err(op))?;
         let waited = compute.wait(&copied);
         match &mut last {
             Some(last) => last.replace(copied),
@@ -257,8 +251,9 @@ impl DeviceStorage for CudaStorage {
             let n = dst.len();
             let stream = self.dev.download_stream();
             // The copy waits for every kernel queued so far (the writers of these bytes).
-            stream
-                .join(self.dev.compute())
+            self.dev
+                .events()
+                .join(stream, self.dev.compute())
                 .map_err(self.dev.err("to_host"))?;
             stream
                 .memcpy_dtoh(&self.data.slice(..n), dst)
@@ -300,14 +295,8 @@ impl DeviceStorage for CudaStorage {
         unsafe { result::memcpy_dtoh_async(block.bytes_mut(), src, down.cu_stream()) }
             .map_err(&err)?;
         self.offloaded.store(true, Ordering::Release);
-        match self.dev.events().record(down) {
-            Ok(copied) => block.last_copy().replace(copied),
-            Err(e) => {
-                // Nothing marks the copy's end: wait for it before the block moves on.
-                let _ = down.synchronize();
-                return Err(err(e));
-            }
-        }
+        let copied = self.dev.events().mark_copy(down).map_err(&err)?;
+        block.last_copy().replace(copied);
         Ok(Box::new(PinnedHost::new(block, self.dtype, self.len)))
     }
     fn duplicate(&self) -> Result<Box<dyn DeviceStorage>> {

@@ -84,6 +84,11 @@ struct Args {
     /// budgeted prediction then adds what offloading costs.
     #[arg(long)]
     unlimited_ms: Option<f64>,
+    /// With `--trace`: the host time of one move made on the executor's thread (an eviction or
+    /// a demand fetch), in microseconds, e.g. the `move_host_us` of a budgeted run's summary.
+    /// Each such move then delays the replay's later ops by this much.
+    #[arg(long)]
+    move_host_us: Option<f64>,
     /// With `--trace`: count device memory in bytes instead of replaying the memory manager's
     /// own pool (with the trainers' segment sizes, so evictions fall where the run's did).
     #[arg(long)]
@@ -141,6 +146,15 @@ fn run() -> Result<()> {
                 prof.launch_s * 1e6
             );
         }
+        if let Some(us) = args.move_host_us {
+            if us.is_nan() || us < 0.0 {
+                return Err(Error::invalid(
+                    "--move-host-us",
+                    format!("{us}: a host time per move is a number of microseconds ≥ 0"),
+                ));
+            }
+            prof.move_host_s = us * 1e-6;
+        }
         let memory = if args.count_bytes {
             SimMemory::Bytes
         } else {
@@ -149,12 +163,13 @@ fn run() -> Result<()> {
         };
         let r = compare::replay::predict(&trace, &args.policy, args.budget, &prof, memory)?;
         println!(
-            "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms, {} B to the device, {} B to the host)",
+            "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms, moves issued {:.3} ms, {} B to the device, {} B to the host)",
             path.display(),
             r.step_ms,
             prof.name,
             r.compute_ms,
             r.stall_ms,
+            r.move_host_ms,
             r.bytes_h2d,
             r.bytes_d2h
         );
@@ -164,9 +179,11 @@ fn run() -> Result<()> {
                 serde_json::json!({
                     "profile": prof.name, "policy": args.policy, "budget": args.budget,
                     "op_s": prof.launch_s, "copy_latency_s": prof.copy_latency_s,
+                    "move_host_s": prof.move_host_s, "move_host_ms": r.move_host_ms,
                     "step_ms": r.step_ms, "compute_ms": r.compute_ms, "stall_ms": r.stall_ms,
                     "bytes_h2d": r.bytes_h2d, "bytes_d2h": r.bytes_d2h,
-                    "evictions": r.evictions, "pool": !args.count_bytes,
+                    "evictions": r.evictions, "demand_fetches": r.demand_fetches,
+                    "pool": !args.count_bytes,
                 })
             );
         }

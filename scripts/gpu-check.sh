@@ -77,9 +77,10 @@ if has train; then
     done
     echo "== simulator against the measured step (lru, 25%): each trainer's steady-state step"
     # The profile from this GPU's own figures (bench stage): f32 GEMM rate, device memory
-    # bandwidth (the 16M add), pinned host-link bandwidth, and the fixed cost of one move
-    # through the memory manager (a 64 KiB move less its bytes' time). The per-op host cost comes
-    # from each trainer's unlimited run (--unlimited-ms).
+    # bandwidth (the 16M add), pinned host-link bandwidth, and the fixed cost of one copy
+    # (a 64 KiB move through the memory manager less its bytes' time and the host's part of it).
+    # The per-op host cost comes from each trainer's unlimited run (--unlimited-ms), the host
+    # cost per move from its run at 50% (--move-host-us).
     profile=$(python3 - "$OUT/bench.json" <<'PY' 2>/dev/null
 import json, sys
 c = {r["name"]: r for r in json.load(open(sys.argv[1]))["cases"]}
@@ -87,7 +88,8 @@ rate = lambda k, w: c[k][w] / (c[k]["dynn_ms"] / 1e3)
 flops, mem = rate("matmul_f32_4096", "flops"), rate("add_16M", "bytes")
 link = rate("h2d_pinned_256MiB", "bytes")
 small = c.get("manager_move_64KiB") or c["h2d_offload_path_64KiB"]
-latency = max(0.0, small["dynn_ms"] / 1e3 - small["bytes"] / link)
+host = c.get("manager_move_host_64KiB", {"dynn_ms": 0.0})["dynn_ms"] / 1e3
+latency = max(0.0, small["dynn_ms"] / 1e3 - small["bytes"] / link - host)
 print(f"calibrated:{flops:.4g},{mem:.4g},{link:.4g},{latency:.4g}")
 PY
 )
@@ -101,19 +103,24 @@ PY
         row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
             --policy lru $extra --trace-out "$OUT/${model}_trace.txt" 2>>"$OUT/train_err.log" \
             | tee "$OUT/${model}_lru25.txt" | tail -1)
-        echo "$base" >> "$OUT/train.jsonl"; echo "$row" >> "$OUT/train.jsonl"
+        # The host time of one move on the executor's thread, from a run at another budget.
+        half=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 50% \
+            --policy lru $extra 2>>"$OUT/train_err.log" | tail -1)
+        echo "$base" >> "$OUT/train.jsonl"; echo "$half" >> "$OUT/train.jsonl"
+        echo "$row" >> "$OUT/train.jsonl"
         unlimited=$(field "$base" step_ms_median); measured=$(field "$row" step_ms_median)
-        budget=$(field "$row" budget_bytes)
+        budget=$(field "$row" budget_bytes); move_host=$(field "$half" move_host_us)
         if [ -z "$unlimited" ] || [ -z "$measured" ] || [ -z "$budget" ]; then
             echo "$model: no result (see train_err.log)"; status=1; continue
         fi
         pred=$("$BIN/compare_policies" --trace "$OUT/${model}_trace.txt" --policy lru \
-            --budget "$budget" --profile "$profile" --unlimited-ms "$unlimited" --json \
+            --budget "$budget" --profile "$profile" --unlimited-ms "$unlimited" \
+            ${move_host:+--move-host-us "$move_host"} --json \
             2>>"$OUT/train_err.log" | tail -1)
         echo "$pred" >> "$OUT/predicted.txt"
         predicted=$(field "$pred" step_ms)
-        python3 -c 'import sys; u,m,p=map(float,sys.argv[2:5]); print(f"{sys.argv[1]:<11} unlimited {u:8.2f} ms  measured 25% {m:8.2f} ms  predicted {p:8.2f} ms  predicted/measured {p/m:5.2f}")' \
-            "$model" "$unlimited" "$measured" "${predicted:-nan}"
+        python3 -c 'import sys; u,m,p,h=map(float,sys.argv[2:6]); print(f"{sys.argv[1]:<11} unlimited {u:8.2f} ms  measured 25% {m:8.2f} ms  predicted {p:8.2f} ms  predicted/measured {p/m:5.2f}  (host {h:.1f} µs per move, from the 50% run)")' \
+            "$model" "$unlimited" "$measured" "${predicted:-nan}" "${move_host:-nan}"
     done
 fi
 exit $status

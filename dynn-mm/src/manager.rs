@@ -91,6 +91,18 @@ pub struct MemoryStats {
     pub distinct_graphs: usize,
 }
 
+impl MemoryStats {
+    /// Host time per move made on the executor's thread (an eviction or a demand fetch):
+    /// choosing victims plus the copy calls, in microseconds; 0 without moves.
+    pub fn move_host_us(&self) -> f64 {
+        let moves = self.evictions + self.demand_fetches;
+        match moves {
+            0 => 0.0,
+            n => (self.choose_time + self.copy_call_time).as_secs_f64() * 1e6 / n as f64,
+        }
+    }
+}
+
 /// How to build a manager.
 pub struct ManagerConfig {
     /// Device budget in bytes (`None`: unlimited).

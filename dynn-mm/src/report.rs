@@ -99,9 +99,10 @@ impl std::fmt::Display for MemoryReport {
         )?;
         writeln!(
             f,
-            "host time            {:.1} ms choosing victims, {:.1} ms in copy calls",
+            "host time            {:.1} ms choosing victims, {:.1} ms in copy calls ({:.1} µs per move)",
             s.choose_time.as_secs_f64() * 1e3,
-            s.copy_call_time.as_secs_f64() * 1e3
+            s.copy_call_time.as_secs_f64() * 1e3,
+            s.move_host_us()
         )?;
         if !self.top_holders.is_empty() {
             writeln!(f, "largest resident buffers:")?;

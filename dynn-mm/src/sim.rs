@@ -42,6 +42,11 @@ pub struct DeviceProfile {
     /// Fixed cost per copy (driver call, synchronisation, the transfer thread's hand-off),
     /// seconds; added to `bytes / bandwidth`.
     pub copy_latency_s: f64,
+    /// Host time of one move made on the executor's thread (an eviction or a demand fetch:
+    /// choosing victims, the driver calls that queue the copy, the bookkeeping), seconds. On a
+    /// host-bound run it delays every later kernel launch; prefetches are issued by the
+    /// transfer thread and cost none.
+    pub move_host_s: f64,
 }
 
 impl DeviceProfile {
@@ -55,6 +60,7 @@ impl DeviceProfile {
             mem_bytes_per_sec: 1.555e12,
             launch_s: 5e-6,
             copy_latency_s: 0.0,
+            move_host_s: 0.0,
         }
     }
 
@@ -68,6 +74,7 @@ impl DeviceProfile {
             mem_bytes_per_sec: 2.0e12,
             launch_s: 4e-6,
             copy_latency_s: 0.0,
+            move_host_s: 0.0,
         }
     }
 
@@ -82,6 +89,7 @@ impl DeviceProfile {
             mem_bytes_per_sec,
             launch_s: 1e-6,
             copy_latency_s: 0.0,
+            move_host_s: 0.0,
         }
     }
 
@@ -128,6 +136,12 @@ impl DeviceProfile {
         }
     }
 
+    /// The executor's clock after it issues one move at `now`.
+    fn issue_move(&self, now: &mut f64, r: &mut SimResult) {
+        *now += self.move_host_s;
+        r.move_host_ms += self.move_host_s * 1e3;
+    }
+
     /// Seconds to copy `bytes` host→device.
     fn h2d_s(&self, bytes: u64) -> f64 {
         self.copy_latency_s + bytes as f64 / self.h2d_bytes_per_sec
@@ -153,6 +167,8 @@ pub struct SimResult {
     pub compute_ms: f64,
     /// Time the compute stream waited for bytes, ms.
     pub stall_ms: f64,
+    /// Host time the executor spent issuing moves ([`DeviceProfile::move_host_s`] each), ms.
+    pub move_host_ms: f64,
     /// Bytes copied host→device.
     pub bytes_h2d: u64,
     /// Bytes copied device→host.
@@ -161,6 +177,8 @@ pub struct SimResult {
     pub peak_device_bytes: usize,
     /// Buffers evicted.
     pub evictions: u64,
+    /// Inputs fetched from the host tier when an op needed them (not prefetched).
+    pub demand_fetches: u64,
     /// FLOPs spent recomputing dropped buffers.
     pub recomputed_flops: u64,
 }
@@ -335,17 +353,19 @@ pub fn simulate_with(
         // Inputs: resident, arriving, in the host tier, dropped, or first seen (made outside ops).
         for a in &op.inputs {
             let place = bufs.get(&a.0).map(|b| b.place);
-            let start = now;
+            let (start, issued) = (now, r.move_host_ms);
             let mut block = None;
             match place {
                 Some(Place::Device) => {}
                 Some(Place::Arriving(t)) => now = now.max(t),
                 Some(Place::Host) => {
                     block = alloc!(a.1 as usize);
+                    profile.issue_move(&mut now, &mut r);
                     let begin = now.max(h2d_free);
                     h2d_free = begin + profile.h2d_s(a.1);
                     now = h2d_free;
                     r.bytes_h2d += a.1;
+                    r.demand_fetches += 1;
                 }
                 Some(Place::Dropped) => {
                     block = alloc!(a.1 as usize);
@@ -363,10 +383,12 @@ pub fn simulate_with(
                         Ok(block) => block,
                         Err(()) => {
                             let block = alloc!(a.1 as usize);
+                            profile.issue_move(&mut now, &mut r);
                             let begin = now.max(h2d_free);
                             h2d_free = begin + profile.h2d_s(a.1);
                             now = h2d_free;
                             r.bytes_h2d += a.1;
+                            r.demand_fetches += 1;
                             block
                         }
                     };
@@ -392,15 +414,15 @@ pub fn simulate_with(
                     b.block = block;
                 }
             }
-            r.stall_ms += (now - start) * 1e3;
+            r.stall_ms += (now - start) * 1e3 - (r.move_host_ms - issued);
         }
         for a in &op.outputs {
             if bufs.contains_key(&a.0) {
                 continue; // written in place
             }
-            let start = now;
+            let (start, issued) = (now, r.move_host_ms);
             let block = alloc!(a.1 as usize);
-            r.stall_ms += (now - start) * 1e3;
+            r.stall_ms += (now - start) * 1e3 - (r.move_host_ms - issued);
             bufs.insert(
                 a.0,
                 Buf {
@@ -583,6 +605,7 @@ impl RoomMaker<'_> {
             match how {
                 Eviction::Drop => b.place = Place::Dropped,
                 Eviction::Offload => {
+                    self.profile.issue_move(self.now, self.r);
                     let begin = self.now.max(*self.d2h_free);
                     *self.d2h_free = begin + self.profile.d2h_s(b.bytes as u64);
                     // The space is free once the copy has left the device.

@@ -220,6 +220,54 @@ fn copy_latency_is_paid_per_copy() {
     );
 }
 
+#[test]
+fn moves_made_on_the_executor_thread_cost_host_time_and_prefetches_do_not() {
+    let ops = recorded_step();
+    let free = DeviceProfile::by_name("calibrated:2e13,1e12,2.5e10").unwrap();
+    let host = DeviceProfile {
+        move_host_s: 1e-4,
+        ..free.clone()
+    };
+    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &free)
+        .unwrap()
+        .peak_device_bytes;
+    let budget = Some(peak / 4);
+    let run = |prof: &DeviceProfile, name: &str| {
+        let mut p: Box<dyn dynn_mm::Policy> = match name {
+            "belady" => Box::new(Belady::with_profile(Profile::from_ops(&ops))),
+            other => policy::by_name(other).unwrap(),
+        };
+        simulate(&ops, p.as_mut(), budget, prof).unwrap()
+    };
+    for name in ["lru", "belady"] {
+        let (a, b) = (run(&free, name), run(&host, name));
+        assert_eq!(a.move_host_ms, 0.0, "{name}");
+        assert!(b.evictions > 0 && b.demand_fetches > 0, "{name}: {b:?}");
+        // One charge per eviction and per demand fetch; the decisions do not change.
+        let moves = (b.evictions + b.demand_fetches) as f64;
+        assert!((b.move_host_ms - 0.1 * moves).abs() < 1e-9, "{name}: {b:?}");
+        assert_eq!(
+            (a.evictions, a.bytes_h2d),
+            (b.evictions, b.bytes_h2d),
+            "{name}"
+        );
+        // The executor's clock carries them: later than without, and never shorter than the
+        // kernels plus the host's moves.
+        assert!(b.step_ms > a.step_ms, "{name}: {a:?} vs {b:?}");
+        assert!(
+            b.step_ms + 1e-9 >= b.compute_ms + b.move_host_ms,
+            "{name}: {b:?}"
+        );
+    }
+    // Belady prefetches; what it brings back ahead of time is not charged as a demand fetch.
+    let belady = run(&host, "belady");
+    let lru = run(&host, "lru");
+    assert!(
+        belady.demand_fetches < lru.demand_fetches,
+        "{belady:?} vs {lru:?}"
+    );
+}
+
 /// What a policy was told, and after how many ops of the step.
 #[derive(Debug, Clone, PartialEq)]
 enum Told {

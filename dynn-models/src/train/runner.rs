@@ -314,6 +314,8 @@ pub fn train<T: Task>(
         step_ms_mean: secs * 1e3 / run_steps,
         step_ms_median: median(&mut step_ms),
         peak_device_bytes: report.stats.peak_device_bytes,
+        moves: report.stats.evictions + report.stats.demand_fetches,
+        move_host_us: report.stats.move_host_us(),
         distinct_graphs: report.stats.distinct_graphs,
         policy: policy_name,
         budget_bytes,

@@ -24,6 +24,11 @@ pub struct Summary {
     pub step_ms_median: f64,
     /// Peak device bytes the pool reserved.
     pub peak_device_bytes: usize,
+    /// Moves made on the executor's thread over the run: evictions and demand fetches.
+    pub moves: u64,
+    /// Host time per such move, microseconds: choosing victims and the calls that move or
+    /// queue the bytes (0 without moves). `compare_policies --move-host-us` takes it.
+    pub move_host_us: f64,
     /// Distinct op-sequence signatures seen over the run.
     pub distinct_graphs: usize,
     /// The memory policy.

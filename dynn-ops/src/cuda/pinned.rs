@@ -111,6 +111,56 @@ impl PinnedPool {
             .unwrap_or(0)
     }
 
+    /// Frees cached blocks whose last copy has finished, oldest first within each size class,
+    /// until at most `keep` bytes stay cached; returns the bytes freed. Blocks still being
+    /// copied stay. The pool never frees on its own: freeing pinned memory waits for the
+    /// device, so call this between steps (e.g. after an evaluation or a larger batch left
+    /// more cached than training needs), not on the hot path.
+    pub fn trim_to(&self, keep: usize) -> usize {
+        let Ok(mut free) = self.free.lock() else {
+            return 0;
+        };
+        let mut cached: usize = free.iter().map(|(class, v)| class * v.len()).sum();
+        let mut freed = Vec::new();
+        let mut classes: Vec<usize> = free.keys().copied().collect();
+        // The largest classes first: the fewest frees for the bytes.
+        classes.sort_unstable_by(|a, b| b.cmp(a));
+        for class in classes {
+            let Some(blocks) = free.get_mut(&class) else {
+                continue;
+            };
+            let mut i = 0;
+            while cached > keep && i < blocks.len() {
+                let done = blocks[i]
+                    .last_copy
+                    .as_ref()
+                    .is_none_or(|e| e.try_is_complete().unwrap_or(false));
+                if done {
+                    freed.push(blocks.remove(i));
+                    cached -= class;
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        free.retain(|_, v| !v.is_empty());
+        drop(free);
+        let bytes = freed.iter().map(|b| b.slice.len()).sum();
+        for b in freed {
+            if let Some(done) = b.last_copy {
+                self.events.recycle(done);
+            }
+            // Dropping the slice frees its pinned memory.
+        }
+        bytes
+    }
+
+    /// Frees every cached block whose last copy has finished (see [`PinnedPool::trim_to`]);
+    /// returns the bytes freed.
+    pub fn trim(&self) -> usize {
+        self.trim_to(0)
+    }
+
     fn give_back(&self, slice: PinnedHostSlice<u8>, ptr: *mut u8, last_copy: Option<CudaEvent>) {
         if let Ok(mut free) = self.free.lock() {
             free.entry(slice.len()).or_default().push(FreeBlock {

@@ -81,6 +81,55 @@ fn recycled_pinned_blocks_keep_each_buffers_bytes() {
 }
 
 #[test]
+fn trimming_frees_idle_pinned_blocks_and_the_tier_still_works() {
+    let Some(dev) = gpu() else { return };
+    let case = || -> dynn_core::Result<()> {
+        let cuda = dynn_ops::cuda::device(0)?;
+        // A pool of its own, so tests running beside this one do not change its counts.
+        let pool = dynn_ops::cuda::PinnedPool::new(cuda.context().clone(), cuda.events().clone());
+        let err = |e: cudarc::driver::DriverError| dynn_core::Error::Msg(e.to_string());
+        let blocks: Vec<_> = (0..6)
+            .map(|_| pool.take(400_000))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(err)?;
+        assert_eq!(pool.cached_bytes(), 0);
+        drop(blocks);
+        // Six blocks of one size class came back; keeping two of them frees the rest.
+        let cached = pool.cached_bytes();
+        let block = cached / 6;
+        assert!(block >= 400_000 && cached == 6 * block, "{cached} B cached");
+        assert_eq!(pool.trim_to(2 * block), 4 * block);
+        assert_eq!(pool.cached_bytes(), 2 * block);
+        assert_eq!(pool.trim(), 2 * block);
+        assert_eq!(pool.cached_bytes(), 0);
+        let again = pool.take(400_000).map_err(err)?;
+        assert_eq!(again.bytes().len(), 400_000);
+        // The device's own tier, trimmed, pins new blocks as needed and keeps every
+        // buffer's bytes.
+        cuda.pinned().trim();
+        let hosts: Vec<Tensor> = (0..6).map(|s| randn(&[100_000], 300 + s)).collect();
+        let on_gpu: Vec<Tensor> = hosts
+            .iter()
+            .map(|h| h.to_device(dev))
+            .collect::<dynn_core::Result<_>>()?;
+        for round in 0..2 {
+            for t in &on_gpu {
+                t.buffer().offload()?;
+            }
+            for t in on_gpu.iter().rev() {
+                t.buffer().fetch()?;
+            }
+            for (h, t) in hosts.iter().zip(&on_gpu) {
+                assert_eq!(t.to_f64_vec()?, h.to_f64_vec()?, "round {round}");
+            }
+            cuda.pinned().trim();
+        }
+        Ok(())
+    };
+    run("host_tier", vec![("trimmed pool".into(), case())]);
+}
+
+#[test]
 fn moves_queued_behind_running_kernels_keep_their_results() {
     let Some(dev) = gpu() else { return };
     let case = || -> dynn_core::Result<()> {

@@ -21,11 +21,14 @@
 //! (slowdown = step time / unlimited step time); a replay that runs out of memory (`none`
 //! below the peak) has `"oom": true`, its report in `"oom_report"` and null figures.
 //!
-//! `--holdout evoformer` also trains a pilot on the traces of the other three DyNNs only and
-//! scores its next-use bucket accuracy on the held-out one, with idiom features and with
-//! one-hot op names; the JSON line then has `"pilot":{"accuracy_trained","accuracy_holdout",
-//! "accuracy_holdout_onehot","predict_us_p50","overhead_frac",...}` beside `"rows"`
-//! (`overhead_frac` is null: measured by `pilot/examples/overhead.rs`). `--plot FILE.svg`
+//! The JSON line also has `"pilot":{"accuracy_replayed":{model: accuracy}}`: each workload's
+//! pilot scored on its replayed step. `--holdout evoformer` also trains a pilot on the traces
+//! of the other three DyNNs only and scores its next-use bucket accuracy on the held-out one,
+//! with idiom features and with one-hot op names; `"pilot"` then also has
+//! `"accuracy_trained","accuracy_holdout","accuracy_holdout_onehot","predict_us_p50",
+//! "overhead_frac",...` (`overhead_frac` is null: measured by `pilot/examples/overhead.rs`).
+//! `--seeds N` trains every pilot with network seeds 0..N and reports the accuracies as means
+//! (per seed in `accuracy_holdout_by_seed`); the table replays seed 0's pilot. `--plot FILE.svg`
 //! draws slowdown against budget, one panel per model and one line per policy.
 //!
 //! `--max-size` fixes the budget at what `none` needs at each workload's base size and finds,
@@ -65,6 +68,11 @@ struct Args {
     /// Write an SVG of slowdown against budget (one panel per model) to this file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Train each pilot with network seeds 0..N and report accuracies as means (with their
+    /// range); the table replays seed 0's pilot. A pilot's accuracy moves by about ±0.01
+    /// from seed to seed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=32))]
+    seeds: u64,
     /// Print one JSON object as the last line.
     #[arg(long)]
     json: bool,
@@ -224,6 +232,8 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
     let mut rows: Vec<Row> = Vec::new();
     let mut largest_share = Vec::new();
     let mut recorded: Vec<(Workload, Recorded)> = Vec::new();
+    // Each workload's pilot accuracy on its replayed step (mean over the seeds).
+    let mut accuracy = serde_json::Map::new();
     for &w in models {
         let size = w.base();
         let rec = w.record(shared, size)?;
@@ -259,7 +269,10 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
             w.name(),
             largest as f64 / base.peak_device_bytes.max(1) as f64,
         ));
-        let pilot = compare::pilot::train_own(&rec)?;
+        let pilots = (0..args.seeds)
+            .map(|seed| compare::pilot::train_own(&rec, seed))
+            .collect::<Result<Vec<_>>>()?;
+        let pilot = &pilots[0];
         let r = &pilot.report;
         println!(
             "  pilot: trained on steps 0..{} ({} rows, {:.1}s): accuracy {:.3}; on the replayed step {:.3} (majority {:.3}, {} rows)",
@@ -271,6 +284,15 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
             r.majority_valid,
             r.rows_valid
         );
+        let valid: Vec<f64> = pilots.iter().map(|p| p.report.accuracy_valid).collect();
+        let (mean, lo, hi) = compare::pilot::spread(&valid);
+        if args.seeds > 1 {
+            println!(
+                "  pilot over seeds 0..{}: on the replayed step {mean:.3} ({lo:.3}–{hi:.3})",
+                args.seeds
+            );
+        }
+        accuracy.insert(w.name().to_string(), serde_json::json!(mean));
         println!("{}", replay::header());
         for frac in FRACS {
             for policy in TABLE_POLICIES {
@@ -306,7 +328,7 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
                 .filter(|(w, _)| DYNNS.contains(w))
                 .map(|(w, r)| (w.name(), r))
                 .collect();
-            let run = compare::pilot::holdout(&traces, h.name())?;
+            let run = compare::pilot::holdout(&traces, h.name(), args.seeds)?;
             println!();
             println!(
                 "pilot hold-out: trained on the other DyNNs' traces (a third of each one's steps validate), scored on every step of {} ({:.1}s)",
@@ -329,9 +351,9 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
     if args.json {
         let rows: Vec<_> = rows.iter().map(Row::json).collect();
         let mut out = serde_json::json!({ "rows": rows });
-        if let Some(p) = pilot {
-            out["pilot"] = p;
-        }
+        let mut p = pilot.unwrap_or_else(|| serde_json::json!({}));
+        p["accuracy_replayed"] = serde_json::Value::Object(accuracy);
+        out["pilot"] = p;
         println!("{out}");
     }
     Ok(())

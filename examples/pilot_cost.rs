@@ -104,7 +104,7 @@ fn main() -> Result<()> {
         let rec = w.record(&shared, w.base())?;
         let peak = simulate(&rec.step, &mut Lru, None, &prof)?.peak_device_bytes;
         let budget = peak / 4;
-        let trained = compare::pilot::train_own(&rec)?;
+        let trained = compare::pilot::train_own(&rec, 0)?;
         let sink = StatsSink::default();
         for _ in 0..args.reps {
             let pilot =

@@ -164,7 +164,7 @@ impl Traces<'_> {
             return Ok(s.clone());
         }
         let t = self.get(value)?;
-        let snapshot = Rc::new(super::pilot::train_own(&t.0)?.snapshot);
+        let snapshot = Rc::new(super::pilot::train_own(&t.0, 0)?.snapshot);
         self.pilots.insert(value, snapshot.clone());
         Ok(snapshot)
     }

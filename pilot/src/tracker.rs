@@ -381,21 +381,28 @@ impl Tracker {
             std::mem::swap(&mut self.current, &mut self.previous);
             self.current.clear();
         }
-        for (&id, b) in self.bufs.iter_mut() {
-            if b.uses_step > 0 && b.last_site != 0 {
-                self.sites.insert(b.last_site, NEVER);
+        let (previous, sites) = (&self.previous, &mut self.sites);
+        self.bufs.retain(|&id, b| {
+            if b.uses_step == 0 {
+                // Unused in the step that ended: every per-step field is already reset and its
+                // key is its id, which that step's index cannot hold (ids made in a step are
+                // indexed under aligned keys, which have the top bit set).
+                b.prev = UseRange::default();
+            } else {
+                if b.last_site != 0 {
+                    sites.insert(b.last_site, NEVER);
+                }
+                b.last_site = 0;
+                b.uses_past = b.uses_past.saturating_add(b.uses_step);
+                b.uses_step = 0;
+                b.key = id;
+                b.aligned = id;
+                b.prev = previous.range_of(id);
+                b.last_forward = None;
+                b.phase_uses = [0; PHASES];
             }
-            b.last_site = 0;
-            b.uses_past = b.uses_past.saturating_add(b.uses_step);
-            b.uses_step = 0;
-            b.key = id;
-            b.aligned = id;
-            b.prev = self.previous.range_of(id);
-            b.last_forward = None;
-            b.phase_uses = [0; PHASES];
-        }
-        self.bufs
-            .retain(|_, b| b.last_step.saturating_add(KEEP_STEPS) >= step);
+            b.last_step.saturating_add(KEEP_STEPS) >= step
+        });
         self.step = step;
         self.index = 0;
         self.phase_ops = [0; PHASES];

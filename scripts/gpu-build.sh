@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds everything scripts/gpu-check.sh runs (x86-64 Linux): the GPU op suite, the GPU
-# benchmark and the four trainers, stripped and packed into .gpu/bin.tar.gz (about 20 MB, so
+# benchmark, the four trainers, compare_policies and the pilot's overhead probe, stripped and packed into .gpu/bin.tar.gz (about 20 MB, so
 # it travels within a 64 MiB copy). The GPU machine has no Rust toolchain: build here, copy
 # .gpu/ there; gpu-check.sh unpacks it.
 set -euo pipefail
@@ -25,6 +25,7 @@ for line in sys.stdin:
     cargo build --release --message-format=json \
         --example train_moe --example train_early_exit --example train_treelstm --example train_evoformer \
         --example compare_policies
+    cargo build --release --message-format=json -p dynn-pilot --example overhead
 } | artifacts | while read -r name exe; do
     objcopy --strip-all "$exe" ".gpu/bin/$name"
     echo "$name: $(du -h ".gpu/bin/$name" | cut -f1)"

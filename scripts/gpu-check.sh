@@ -3,7 +3,8 @@
 # needed): the op suite on the GPU with the CPU as oracle; each DyNN trainer under a 25%
 # budget with every policy against its unlimited run (parameters must be bit-identical); and
 # the benchmarks against PyTorch. Logs and JSON go to $OUT (default gpu-out/).
-#   scripts/gpu-check.sh [ops|bench|train|all]...
+# The pilot stage measures the pilot's own host time per step on the GPU (issue 6's 2% bar).
+#   scripts/gpu-check.sh [ops|bench|train|pilot|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.gpu/bin}
@@ -121,6 +122,14 @@ PY
         predicted=$(field "$pred" step_ms)
         python3 -c 'import sys; u,m,p,h=map(float,sys.argv[2:6]); print(f"{sys.argv[1]:<11} unlimited {u:8.2f} ms  measured 25% {m:8.2f} ms  predicted {p:8.2f} ms  predicted/measured {p/m:5.2f}  (host {h:.1f} µs per move, from the 50% run)")' \
             "$model" "$unlimited" "$measured" "${predicted:-nan}" "${move_host:-nan}"
+    done
+fi
+if has pilot; then
+    echo "== the pilot's host time on the critical path (lru, then pilot, at 25%)"
+    for model in moe_full early_exit_full; do
+        timeout 120 "$BIN/overhead" "$model" 30 25% cuda 2>>"$OUT/pilot_err.log" \
+            | tee -a "$OUT/pilot.txt" | grep -E "ms/step|pilot:" | sed 's/; [0-9]* predictions.*//'
+        [ "${PIPESTATUS[0]}" = 0 ] || { echo "$model: failed (see pilot_err.log)"; status=1; }
     done
 fi
 exit $status

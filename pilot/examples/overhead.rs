@@ -2,12 +2,13 @@
 //! path (observe, rank, upcoming, step boundary) against the step time, for `pilot` and `lru`.
 //!
 //! ```text
-//! cargo run --release -p dynn-pilot --example overhead -- [workload] [steps] [budget]
+//! cargo run --release -p dynn-pilot --example overhead -- [workload] [steps] [budget] [device]
 //! ```
 //!
 //! `workload` is one of the small evaluation DyNNs (`early_exit`, `moe`, `tree_lstm`,
 //! `evoformer`), or one at its example trainer's default size (`early_exit_full`, `moe_full`,
-//! `tree_lstm_full`, `evoformer_full`).
+//! `tree_lstm_full`, `evoformer_full`). `device` is `cpu` (the default) or, for the `_full`
+//! workloads, `cuda` / `cuda:N` (`scripts/gpu-check.sh pilot`).
 
 use dynn_core::{Device, Result};
 use dynn_models::train::{Defaults, Outcome, TrainArgs, train};
@@ -17,8 +18,9 @@ use std::sync::LazyLock;
 /// The counters of the pilot runs, pushed when each run's policy is dropped.
 static STATS: LazyLock<StatsSink> = LazyLock::new(StatsSink::default);
 
-/// Trains `steps` steps of a DyNN as its example trainer builds it by default (`*_full`).
-fn full(name: &str, steps: u64, policy: &str, budget: &str) -> Result<Outcome> {
+/// Trains `steps` steps of a DyNN as its example trainer builds it by default (`*_full`), on
+/// `device`.
+fn full(name: &str, steps: u64, policy: &str, budget: &str, device: &str) -> Result<Outcome> {
     use dynn_models::models::early_exit::{EarlyExitConfig, EarlyExitTask, TextSource};
     use dynn_models::models::evoformer::{EvoformerConfig, EvoformerTask};
     use dynn_models::models::moe::{MoeConfig, MoeTask};
@@ -27,9 +29,11 @@ fn full(name: &str, steps: u64, policy: &str, budget: &str) -> Result<Outcome> {
         steps: Some(steps),
         policy: Some(policy.to_string()),
         device_budget: budget.to_string(),
+        device: device.to_string(),
         quiet: true,
         ..Default::default()
     };
+    let dev: Device = device.parse()?;
     // The trainers' own defaults (examples/train_*.rs).
     let lm = Defaults {
         steps,
@@ -42,13 +46,13 @@ fn full(name: &str, steps: u64, policy: &str, budget: &str) -> Result<Outcome> {
                 path: None,
                 vocab: 512,
             };
-            EarlyExitTask::new(&EarlyExitConfig::default(), &text, 0, Device::Cpu)
+            EarlyExitTask::new(&EarlyExitConfig::default(), &text, 0, dev)
         }),
         "moe_full" => train(&args, lm, || {
-            MoeTask::new(&MoeConfig::default(), None, 0, Device::Cpu)
+            MoeTask::new(&MoeConfig::default(), None, 0, dev)
         }),
         "tree_lstm_full" => train(&args, Defaults { steps, ..DEFAULTS }, || {
-            TreeLstmTask::new(TreeLstmConfig::default(), 0, Device::Cpu)
+            TreeLstmTask::new(TreeLstmConfig::default(), 0, dev)
         }),
         "evoformer_full" => {
             let defaults = Defaults {
@@ -57,9 +61,13 @@ fn full(name: &str, steps: u64, policy: &str, budget: &str) -> Result<Outcome> {
                 lr: 5e-3,
             };
             train(&args, defaults, || {
-                EvoformerTask::new(EvoformerConfig::default(), 0, Device::Cpu)
+                EvoformerTask::new(EvoformerConfig::default(), 0, dev)
             })
         }
+        _ if dev != Device::Cpu => Err(dynn_core::Error::invalid(
+            "overhead",
+            format!("{name} runs on the CPU only; on {device}, use a *_full workload"),
+        )),
         _ => dynn_pilot::eval::train_under(name, steps, policy, budget),
     }
 }
@@ -69,6 +77,7 @@ fn main() -> Result<()> {
     let name = args.first().map(String::as_str).unwrap_or("early_exit");
     let steps: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(40);
     let budget = args.get(2).map(String::as_str).unwrap_or("25%");
+    let device = args.get(3).map(String::as_str).unwrap_or("cpu");
     dynn_mm::policy::register_policy("pilot-probe", || {
         // PILOT_RETRAIN=0 trains once after the warm-up; unset, the default (every 8 steps).
         let mut cfg = PilotConfig::default();
@@ -83,7 +92,7 @@ fn main() -> Result<()> {
         Box::new(PilotPolicy::new(cfg).report_to(STATS.clone()))
     });
     for policy in ["lru", "pilot-probe"] {
-        let out = full(name, steps, policy, budget)?;
+        let out = full(name, steps, policy, budget, device)?;
         let step_s = out.summary.step_ms_mean * 1e-3 * steps as f64;
         print!(
             "{name} {policy:<12} {budget}: {:.2} ms/step, {} ops/step, {} evictions, {} demand fetches",

@@ -155,7 +155,7 @@ fn run() -> Result<()> {
             );
         }
         if let Some(us) = args.move_host_us {
-            if us.is_nan() || us < 0.0 {
+            if !us.is_finite() || us < 0.0 {
                 return Err(Error::invalid(
                     "--move-host-us",
                     format!("{us}: a host time per move is a number of microseconds ≥ 0"),

@@ -93,7 +93,8 @@ pub struct MemoryStats {
 
 impl MemoryStats {
     /// Host time per move made on the executor's thread (an eviction or a demand fetch):
-    /// choosing victims plus the copy calls, in microseconds; 0 without moves.
+    /// choosing victims plus the copy calls, in microseconds; 0 without moves. (Under a policy
+    /// that drops buffers, choosing for the drops counts too, so the figure reads high.)
     pub fn move_host_us(&self) -> f64 {
         let moves = self.evictions + self.demand_fetches;
         match moves {

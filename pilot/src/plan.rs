@@ -154,22 +154,24 @@ impl PlanCursor {
         self.active && self.plans_before > 0 && self.ordinal + 1 >= self.plans_before
     }
 
-    /// Ops per group from here on. With a plan from the same source in the previous step,
-    /// whose pace was `p` ops per group, this plan's `n` groups are expected to take `p · n`
-    /// ops: what that leaves after the ops so far, over the groups left. (Not the pace so
+    /// Ops per group from the running group on. With a plan from the same source in the
+    /// previous step, whose pace was `p` ops per group, this plan's `n` groups are expected to
+    /// take `p · n` ops: what that leaves after the groups before the running one, over the
+    /// groups from it to the end. (Not the pace so
     /// far: a plan's groups need not cost alike along it. A Tree-LSTM's tape runs its cheap
     /// nodes first, and the pace so far put reads 128 ops away at about 110.) Never below
     /// half of the previous pace blended with the pace so far, for a plan running longer
     /// than expected. Without a previous plan, the pace so far (at least 1).
     fn pace(&self, index: u32) -> f64 {
         let done = self.cursor as f64 + 0.5;
-        let ops = index.saturating_sub(self.start) as f64;
-        let now = ops / done;
+        let now = index.saturating_sub(self.start) as f64 / done;
         match self.prior.iter().find(|p| p.0 == self.source).map(|p| p.1) {
             Some(p) => {
-                let n = self.groups.len() as f64;
+                // From the start of the running group: `distance` takes off what of it ran.
+                let (n, cursor) = (self.groups.len() as f64, self.cursor as f64);
+                let before = self.cursor_since.saturating_sub(self.start) as f64;
                 let blended = (p * PRIOR_WEIGHT + now * done) / (PRIOR_WEIGHT + done);
-                ((p * n - ops) / (n - done).max(0.5)).max(0.5 * blended)
+                ((p * n - before) / (n - cursor).max(1.0)).max(0.5 * blended)
             }
             None => now.max(1.0),
         }
@@ -294,15 +296,17 @@ mod tests {
         assert!((p.pace(3) - 6.0).abs() < 1e-9, "no prior: the ops so far");
         assert!(p.last_of_step(), "the previous step announced one plan");
         p.announce("backward", &[vec![5], vec![6]], 3, Some);
-        // Two groups at 2 ops each are 4 ops, none run: 4 over the 1.5 groups left.
-        assert!((p.pace(3) - 4.0 / 1.5).abs() < 1e-9);
+        // Two groups at 2 ops each are 4 ops, none run: 2 per group from the first on.
+        assert!((p.pace(3) - 2.0).abs() < 1e-9);
+        // Seven ops in the first group, then the second starts (op 10): past the 4 expected,
+        // so the floor, half the previous pace blended with the 8 / 1.5 ops per group so far.
         p.observe(&op(&[5]), 3);
-        p.observe(&op(&[9]), 4);
-        p.observe(&op(&[9]), 5);
-        p.observe(&op(&[9]), 6);
-        // Four ops into the first group: longer than expected, so the floor (half the
-        // previous pace blended with the 8 ops per group so far).
-        let blended = (2.0 * PRIOR_WEIGHT + 8.0 * 0.5) / (PRIOR_WEIGHT + 0.5);
-        assert!((p.pace(7) - 0.5 * blended).abs() < 1e-9, "{}", p.pace(7));
+        for i in 4..10 {
+            p.observe(&op(&[9]), i);
+        }
+        p.observe(&op(&[6]), 10);
+        let now = 8.0 / 1.5;
+        let blended = (2.0 * PRIOR_WEIGHT + now * 1.5) / (PRIOR_WEIGHT + 1.5);
+        assert!((p.pace(11) - 0.5 * blended).abs() < 1e-9, "{}", p.pace(11));
     }
 }

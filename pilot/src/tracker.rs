@@ -373,7 +373,8 @@ impl Tracker {
     /// ids, use counts roll over, long-unused buffers are forgotten.
     pub fn step_boundary(&mut self, step: u64) {
         self.plan.step_boundary(self.index);
-        if self.index > 0 {
+        let swapped = self.index > 0;
+        if swapped {
             self.expected = self.index;
             self.prev_phase_ops = self.phase_ops;
             self.prev_phase_start = self.phase_start;
@@ -383,11 +384,14 @@ impl Tracker {
         }
         let (previous, sites) = (&self.previous, &mut self.sites);
         self.bufs.retain(|&id, b| {
-            if b.uses_step == 0 {
+            if b.uses_step == 0 && swapped {
                 // Unused in the step that ended: every per-step field is already reset and its
                 // key is its id, which that step's index cannot hold (ids made in a step are
                 // indexed under aligned keys, which have the top bit set).
                 b.prev = UseRange::default();
+            } else if b.uses_step == 0 {
+                // An empty step: the previous step's index stands.
+                b.prev = previous.range_of(id);
             } else {
                 if b.last_site != 0 {
                     sites.insert(b.last_site, NEVER);

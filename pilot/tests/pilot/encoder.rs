@@ -190,3 +190,37 @@ fn hints_stay_exact_when_an_op_is_inserted_earlier_in_the_step() {
     assert_eq!(label(6, 1), Some(dynn_pilot::bucket(Some(2))));
     assert_eq!(label(6, 3), Some(dynn_pilot::bucket(Some(3))));
 }
+
+#[test]
+fn an_empty_step_keeps_the_previous_steps_index() {
+    let t = synthetic(2, 2, 5);
+    let (first, second): (Vec<_>, Vec<_>) = t.ops.iter().partition(|o| o.step == t.ops[0].step);
+    let mut tr = Tracker::new(FeatureConfig::default());
+    for o in &first {
+        tr.observe(o);
+    }
+    tr.step_boundary(1);
+    let ids: Vec<u64> = first
+        .iter()
+        .flat_map(|o| o.inputs.iter().map(|a| a.0))
+        .collect();
+    let hints = |tr: &Tracker| -> Vec<_> {
+        ids.iter()
+            .filter_map(|&id| tr.query(id))
+            .map(|q| tr.hint_for(&q))
+            .collect()
+    };
+    let before = hints(&tr);
+    assert!(
+        before.iter().any(|h| matches!(h, Some(Some(_)))),
+        "{before:?}"
+    );
+    // A boundary with no op since changes neither the previous step nor what it predicts.
+    tr.step_boundary(2);
+    assert_eq!(hints(&tr), before);
+    for o in &second {
+        tr.observe(o);
+    }
+    tr.step_boundary(3);
+    assert!(!tr.previous().is_empty());
+}

@@ -3,8 +3,11 @@
 //!
 //! `cargo bench -p dynn --bench kernels -- --json` prints a table and, as its last line, one
 //! JSON object: `{"mem_bw_gbs", "threads", "cases":[{"name","dynn_ms","candle_ms","speedup",
-//! "dynn_gbs"|"dynn_gflops"}], "geomean_speedup"}` (speedup = candle time / dynn time, medians
-//! of samples taken alternately, so both peers see the same conditions on a shared host).
+//! "dynn_gbs"|"dynn_gflops","mem_bw_gbs"}], "geomean_speedup"}` (speedup = candle time / dynn
+//! time, medians of samples taken alternately, so both peers see the same conditions on a
+//! shared host). The top-level `mem_bw_gbs` is measured once at the start; each case's is
+//! the same probe sampled between that case's runs, the bar its memory-bound figures are
+//! read against (the machine's bandwidth drifts by tens of percent within minutes).
 //! `-- --quick` runs fewer repetitions; `-- --filter NAME` runs matching cases only.
 
 use candle_core::{D as CD, Device as CDevice, Tensor as CTensor, Var};
@@ -36,13 +39,15 @@ fn time(quick: bool, mut f: impl FnMut() -> BenchResult<()>) -> BenchResult<f64>
     Ok(samples[samples.len() / 2])
 }
 
-/// Median wall times of `a` and `b`, sampled alternately (a, b, a, b, ...) so that both see
-/// the same machine conditions on a shared host.
+/// Median wall times of `a` and `b`, and of the bandwidth probe, sampled in turn (probe, a,
+/// b, probe, a, b, ...) so that both peers and the machine's bandwidth are measured under the
+/// same conditions on a shared host.
 fn time_pair(
     quick: bool,
+    probe: &mut Probe,
     mut a: impl FnMut() -> BenchResult<()>,
     mut b: impl FnMut() -> BenchResult<()>,
-) -> BenchResult<(f64, f64)> {
+) -> BenchResult<(f64, f64, f64)> {
     for _ in 0..2 {
         a()?;
         b()?;
@@ -52,9 +57,10 @@ fn time_pair(
     } else {
         (15, Duration::from_millis(2000))
     };
-    let (mut sa, mut sb) = (Vec::new(), Vec::new());
+    let (mut sa, mut sb, mut sp) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
     while sa.len() < min_reps || (start.elapsed() < budget && sa.len() < 200) {
+        sp.push(probe.run());
         let t = Instant::now();
         a()?;
         sa.push(t.elapsed().as_secs_f64() * 1e3);
@@ -66,28 +72,55 @@ fn time_pair(
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    Ok((median(sa), median(sb)))
+    Ok((median(sa), median(sb), probe.gbs(median(sp))))
 }
 
-/// Multithreaded 3-stream add (a = b + c) over 64 MiB arrays: GB/s of bytes read and written.
-fn memory_bandwidth(quick: bool) -> BenchResult<f64> {
-    let n = 64 << 20 >> 2;
-    let b = vec![1.0f32; n];
-    let c = vec![2.0f32; n];
-    let mut a = vec![0.0f32; n];
-    let ms = time(quick, || {
-        a.par_chunks_mut(1 << 16)
-            .zip(b.par_chunks(1 << 16))
-            .zip(c.par_chunks(1 << 16))
+/// The memory bandwidth probe: a multithreaded 3-stream add (a = b + c) over 64 MiB arrays.
+struct Probe {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+}
+
+impl Probe {
+    fn new() -> Self {
+        let n = 64 << 20 >> 2;
+        Probe {
+            a: vec![0.0; n],
+            b: vec![1.0; n],
+            c: vec![2.0; n],
+        }
+    }
+
+    /// One add; its wall time in ms.
+    fn run(&mut self) -> f64 {
+        let t = Instant::now();
+        self.a
+            .par_chunks_mut(1 << 16)
+            .zip(self.b.par_chunks(1 << 16))
+            .zip(self.c.par_chunks(1 << 16))
             .for_each(|((a, b), c)| {
                 for ((a, b), c) in a.iter_mut().zip(b).zip(c) {
                     *a = b + c;
                 }
             });
-        black_box(&a);
+        black_box(&self.a);
+        t.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// GB/s of bytes read and written by an add that took `ms`.
+    fn gbs(&self, ms: f64) -> f64 {
+        3.0 * (self.a.len() * 4) as f64 / (ms * 1e-3) / 1e9
+    }
+}
+
+/// The machine's memory bandwidth (GB/s), from the probe's median time.
+fn memory_bandwidth(quick: bool, probe: &mut Probe) -> BenchResult<f64> {
+    let ms = time(quick, || {
+        probe.run();
         Ok(())
     })?;
-    Ok(3.0 * (n * 4) as f64 / (ms * 1e-3) / 1e9)
+    Ok(probe.gbs(ms))
 }
 
 struct Rng(u64);
@@ -125,6 +158,8 @@ struct Case {
     name: String,
     dynn_ms: f64,
     candle_ms: f64,
+    /// The probe's bandwidth, sampled between this case's runs.
+    bw_gbs: f64,
     work: Work,
 }
 
@@ -140,15 +175,17 @@ fn main() -> BenchResult<()> {
     let want = |name: &str| filter.as_deref().is_none_or(|f| name.contains(f));
     let mut rng = Rng(7);
     let mut cases: Vec<Case> = Vec::new();
-    let mem_bw = memory_bandwidth(quick)?;
+    let mut probe = Probe::new();
+    let mem_bw = memory_bandwidth(quick, &mut probe)?;
     let threads = rayon::current_num_threads();
 
     macro_rules! case {
         ($name:expr, $work:expr, $dynn:expr, $candle:expr) => {
             let name: String = $name.into();
             if want(&name) {
-                let (dynn_ms, candle_ms) = time_pair(
+                let (dynn_ms, candle_ms, bw_gbs) = time_pair(
                     quick,
+                    &mut probe,
                     || {
                         black_box($dynn);
                         Ok(())
@@ -159,7 +196,7 @@ fn main() -> BenchResult<()> {
                     },
                 )?;
                 eprintln!("{name:<34} dynn {dynn_ms:>9.3} ms   candle {candle_ms:>9.3} ms   speedup {:.2}", candle_ms / dynn_ms);
-                cases.push(Case { name, dynn_ms, candle_ms, work: $work });
+                cases.push(Case { name, dynn_ms, candle_ms, bw_gbs, work: $work });
             }
         };
     }
@@ -275,8 +312,8 @@ fn main() -> BenchResult<()> {
         "machine: {threads} threads, memory bandwidth {mem_bw:.1} GB/s (3-stream add, 64 MiB arrays)"
     );
     println!(
-        "{:<34} {:>10} {:>10} {:>8} {:>14}",
-        "case", "dynn ms", "candle ms", "speedup", "dynn rate"
+        "{:<34} {:>10} {:>10} {:>8} {:>14} {:>16}",
+        "case", "dynn ms", "candle ms", "speedup", "dynn rate", "of bw alongside"
     );
     let mut log_sum = 0.0;
     let mut rows = Vec::new();
@@ -287,13 +324,24 @@ fn main() -> BenchResult<()> {
             Work::Bytes(b) => (b / (c.dynn_ms * 1e-3) / 1e9, "dynn_gbs", "GB/s"),
             Work::Flops(f) => (f / (c.dynn_ms * 1e-3) / 1e9, "dynn_gflops", "GFLOP/s"),
         };
+        // A memory-bound case against the bandwidth measured between its own runs.
+        let share = matches!(c.work, Work::Bytes(_)).then(|| rate / c.bw_gbs);
         println!(
-            "{:<34} {:>10.3} {:>10.3} {:>8.2} {:>8.1} {unit}",
-            c.name, c.dynn_ms, c.candle_ms, speedup, rate
+            "{:<34} {:>10.3} {:>10.3} {:>8.2} {:>8.1} {unit} {:>10}",
+            c.name,
+            c.dynn_ms,
+            c.candle_ms,
+            speedup,
+            rate,
+            share.map_or(String::new(), |s| format!(
+                "{:.0}% of {:.1}",
+                100.0 * s,
+                c.bw_gbs
+            ))
         );
         rows.push(format!(
-            "{{\"name\":\"{}\",\"dynn_ms\":{:.4},\"candle_ms\":{:.4},\"speedup\":{:.3},\"{key}\":{:.2}}}",
-            c.name, c.dynn_ms, c.candle_ms, speedup, rate
+            "{{\"name\":\"{}\",\"dynn_ms\":{:.4},\"candle_ms\":{:.4},\"speedup\":{:.3},\"{key}\":{:.2},\"mem_bw_gbs\":{:.2}}}",
+            c.name, c.dynn_ms, c.candle_ms, speedup, rate, c.bw_gbs
         ));
     }
     let geomean = (log_sum / cases.len().max(1) as f64).exp();

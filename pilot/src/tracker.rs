@@ -96,8 +96,10 @@ pub struct Query {
 #[derive(Debug, Clone)]
 pub struct Tracker {
     cfg: FeatureConfig,
-    /// `window` op feature rows; row `next` is the oldest.
-    ring: Vec<f32>,
+    /// The last `window` ops as the encoder reads them, with where each stood in its step
+    /// (`None`: none yet); entry `next` is the oldest. Encoded only when a prediction reads
+    /// the window, which is far rarer than an op.
+    ring: Vec<Option<(OpView, StepPosition)>>,
     next: usize,
     clock: u64,
     index: u32,
@@ -137,7 +139,7 @@ impl Tracker {
     pub fn new(cfg: FeatureConfig) -> Self {
         Tracker {
             cfg,
-            ring: vec![0.0; cfg.window_dim()],
+            ring: vec![None; cfg.window],
             next: 0,
             clock: 0,
             index: 0,
@@ -271,11 +273,8 @@ impl Tracker {
     /// Records that the op seen as `view` ran, reading `inputs` and writing `outputs`.
     pub fn observe_view(&mut self, view: &OpView, inputs: &[Access], outputs: &[Access]) {
         let view = *view;
-        let d = self.cfg.encoding.op_dim();
         if self.cfg.window > 0 {
-            let at = self.step_position(view.phase);
-            let row = &mut self.ring[self.next * d..(self.next + 1) * d];
-            encode_op(self.cfg.encoding, &view, at, row);
+            self.ring[self.next] = Some((view, self.step_position(view.phase)));
             self.next = (self.next + 1) % self.cfg.window;
         }
         let producer = Producer {
@@ -615,10 +614,13 @@ impl Tracker {
     /// Writes the window part of the model input (the same for every candidate until the
     /// next op) into `out` (`window × op_dim` long).
     pub fn window_features(&self, out: &mut [f32]) {
-        let split = self.next * self.cfg.encoding.op_dim();
-        let (newer, older) = self.ring.split_at(split);
-        for (o, &v) in out.iter_mut().zip(older.iter().chain(newer)) {
-            *o = v;
+        let d = self.cfg.encoding.op_dim();
+        let (newer, older) = self.ring.split_at(self.next);
+        for (row, op) in out.chunks_mut(d).zip(older.iter().chain(newer)) {
+            match op {
+                Some((view, at)) => encode_op(self.cfg.encoding, view, *at, row),
+                None => row.fill(0.0),
+            }
         }
     }
 

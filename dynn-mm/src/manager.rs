@@ -13,6 +13,7 @@ use crate::transfer::{Direction, TransferConfig, TransferEngine};
 use dynn_core::{
     Buffer, BufferId, BufferKind, Error, MemoryHooks, OpEvent, Recipe, ReleaseSink, Result, Slot,
 };
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -1121,12 +1122,12 @@ impl MemoryManager {
             (b.id().0, b.size_in_bytes() as u64, kind_code(b.kind()), key)
         };
         let mut rec = OpRecord {
-            t: "op".into(),
+            t: Cow::Borrowed("op"),
             seq: ev.seq,
             step: st.now.step,
             index: st.now.index,
             phase: phase_code(ev.phase),
-            op: ev.op.to_string(),
+            op: Cow::Borrowed(ev.op),
             inputs: ev.inputs.iter().map(|b| access(st, b)).collect(),
             outputs: ev.outputs.iter().map(|b| access(st, b)).collect(),
             idioms: ev.idioms.0,

@@ -227,7 +227,7 @@ impl Policy for Recompute {
 #[derive(Debug, Clone, Default)]
 pub struct Profile {
     /// Op names by index (to detect a different graph).
-    pub ops: Vec<String>,
+    pub ops: Vec<std::borrow::Cow<'static, str>>,
     /// Key → sorted op indices where it is read or written.
     pub uses: HashMap<u64, Vec<u32>>,
     /// Keys touched by each op index.

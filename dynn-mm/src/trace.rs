@@ -16,6 +16,7 @@
 
 use dynn_core::{BufferKind, Error, Phase, Result};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::io::{BufRead, Write};
 
 /// The format version this build reads and writes.
@@ -28,8 +29,9 @@ pub type Access = (u64, u64, u8, u64);
 /// One op as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct OpRecord {
-    /// Record tag (`"op"`).
-    pub t: String,
+    /// Record tag (`"op"`). Borrowed when the memory manager makes the record, so an op
+    /// costs no allocation for it.
+    pub t: Cow<'static, str>,
     /// Process-wide op sequence number.
     pub seq: u64,
     /// Training step.
@@ -38,8 +40,8 @@ pub struct OpRecord {
     pub index: u32,
     /// 0 forward, 1 backward, 2 optimizer.
     pub phase: u8,
-    /// Op name.
-    pub op: String,
+    /// Op name (borrowed from the op when the memory manager makes the record).
+    pub op: Cow<'static, str>,
     /// Buffers read, in argument order.
     pub inputs: Vec<Access>,
     /// Buffers written.

@@ -111,7 +111,7 @@ impl Recorded {
                     .filter(|a| seen.insert(a.0))
                     .map(|a| a.1)
                     .sum::<u64>();
-                (op.op.as_str(), bytes)
+                (&*op.op, bytes)
             })
             .max_by_key(|&(_, b)| b)
             .unwrap_or(("none", 0))

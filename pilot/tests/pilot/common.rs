@@ -27,7 +27,7 @@ pub fn op(step: u64, index: u32, phase: u8, name: &str, inputs: &[A], outputs: &
         step,
         index,
         phase,
-        op: name.into(),
+        op: name.to_string().into(),
         inputs: inputs.to_vec(),
         outputs: outputs.to_vec(),
         idioms,

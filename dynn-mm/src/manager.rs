@@ -178,6 +178,8 @@ struct State {
     clusters: DroppedClusters,
     /// Plans and plan reads announced since the last op, for that op's trace record.
     announced: Announced,
+    /// The record of the op being finished, reused from op to op.
+    record: OpRecord,
 }
 
 /// A dropped buffer being recomputed.
@@ -332,6 +334,7 @@ impl MemoryManager {
                 created_in_step: 0,
                 step_signature: FNV_START,
                 announced: Announced::default(),
+                record: OpRecord::default(),
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -1116,31 +1119,39 @@ impl MemoryManager {
         why
     }
 
-    fn record(&self, st: &mut State, ev: &OpEvent<'_>) -> OpRecord {
-        let access = |st: &State, b: &Arc<Buffer>| -> Access {
-            let key = st.table.get(&b.id()).map_or(b.id().0, |e| e.key);
+    /// Writes op `ev`'s record into `st.record`, reusing its vectors: recording an op
+    /// allocates nothing once they have grown.
+    fn record(&self, st: &mut State, ev: &OpEvent<'_>) {
+        let State {
+            table,
+            record: rec,
+            announced,
+            now,
+            ..
+        } = st;
+        let access = |b: &Arc<Buffer>| -> Access {
+            let key = table.get(&b.id()).map_or(b.id().0, |e| e.key);
             (b.id().0, b.size_in_bytes() as u64, kind_code(b.kind()), key)
         };
-        let mut rec = OpRecord {
-            t: Cow::Borrowed("op"),
-            seq: ev.seq,
-            step: st.now.step,
-            index: st.now.index,
-            phase: phase_code(ev.phase),
-            op: Cow::Borrowed(ev.op),
-            inputs: ev.inputs.iter().map(|b| access(st, b)).collect(),
-            outputs: ev.outputs.iter().map(|b| access(st, b)).collect(),
-            idioms: ev.idioms.0,
-            flops: ev.cost.flops,
-            bytes_read: ev.cost.bytes_read,
-            bytes_written: ev.cost.bytes_written,
-            freed: Vec::new(),
-            plan: Vec::new(),
-            plan_source: String::new(),
-            plan_reads: Vec::new(),
-        };
-        st.announced.attach_to(&mut rec);
-        rec
+        rec.t = Cow::Borrowed("op");
+        rec.seq = ev.seq;
+        rec.step = now.step;
+        rec.index = now.index;
+        rec.phase = phase_code(ev.phase);
+        rec.op = Cow::Borrowed(ev.op);
+        rec.inputs.clear();
+        rec.inputs.extend(ev.inputs.iter().map(access));
+        rec.outputs.clear();
+        rec.outputs.extend(ev.outputs.iter().map(access));
+        rec.idioms = ev.idioms.0;
+        rec.flops = ev.cost.flops;
+        rec.bytes_read = ev.cost.bytes_read;
+        rec.bytes_written = ev.cost.bytes_written;
+        rec.freed.clear();
+        rec.plan.clear();
+        rec.plan_source.clear();
+        rec.plan_reads.clear();
+        announced.attach_to(rec);
     }
 
     /// Issues prefetches for buffers the policy expects soon, without evicting anything the
@@ -1327,15 +1338,18 @@ impl MemoryHooks for MemoryManager {
                 }
             }
         }
-        let rec = self.record(&mut st, ev);
-        let mut sig = fnv1a(st.step_signature, ev.op.as_bytes());
-        for o in &rec.outputs {
-            sig = fnv1a(sig, &o.1.to_le_bytes());
-        }
-        st.step_signature = sig;
-        st.policy.observe(&rec);
-        if let Some(t) = st.trace.as_mut() {
-            t.ops.push(rec);
+        {
+            let s = &mut *st;
+            self.record(s, ev);
+            let mut sig = fnv1a(s.step_signature, ev.op.as_bytes());
+            for o in &s.record.outputs {
+                sig = fnv1a(sig, &o.1.to_le_bytes());
+            }
+            s.step_signature = sig;
+            s.policy.observe(&s.record);
+            if let Some(t) = s.trace.as_mut() {
+                t.ops.push(s.record.clone());
+            }
         }
         st.stats.ops += 1;
         if st.timeline.is_some() {

@@ -27,7 +27,7 @@ const FORMAT: &str = "dynn-trace";
 pub type Access = (u64, u64, u8, u64);
 
 /// One op as recorded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct OpRecord {
     /// Record tag (`"op"`). Borrowed when the memory manager makes the record, so an op
     /// costs no allocation for it.

@@ -43,6 +43,10 @@ struct Cli {
     /// Distogram bins.
     #[arg(long, default_value_t = EvoformerConfig::default().bins)]
     bins: usize,
+    /// Compute the outer-product mean in chunks of residue rows of at most this many bytes
+    /// each (AlphaFold-style chunking; default: one chunk).
+    #[arg(long)]
+    chunk_bytes: Option<usize>,
 }
 
 fn main() {
@@ -57,6 +61,7 @@ fn main() {
         len: cli.len,
         msa_depth: cli.msa_depth,
         bins: cli.bins,
+        chunk_bytes: cli.chunk_bytes,
         ..EvoformerConfig::default()
     };
     let defaults = Defaults {

@@ -236,6 +236,11 @@ fn tree_lstm_cfg(width: usize) -> TreeLstmConfig {
     }
 }
 
+/// The Evoformer's chunk bound: its outer-product mean is chunked above this many bytes, which
+/// leaves the base size (batch 2) one chunk and keeps large batches from being stopped by one
+/// op's operands alone.
+const EVOFORMER_CHUNK_BYTES: usize = 1 << 20;
+
 /// The Evoformer-lite at the trainer's default sizes (both representations `width` wide).
 fn evoformer_cfg(width: usize) -> EvoformerConfig {
     EvoformerConfig {
@@ -244,6 +249,7 @@ fn evoformer_cfg(width: usize) -> EvoformerConfig {
         eval_samples: 1,
         len: 24,
         blocks: 2,
+        chunk_bytes: Some(EVOFORMER_CHUNK_BYTES),
         ..EvoformerConfig::default()
     }
 }

@@ -25,6 +25,7 @@ fn tiny() -> EvoformerConfig {
         transition: 2,
         max_rel: 2,
         eval_samples: 2,
+        chunk_bytes: None,
     }
 }
 
@@ -65,6 +66,36 @@ fn gradients_of_the_last_iteration_given_a_recycled_state() -> Result<()> {
         m.loss(&m.distogram(&m.iteration(&msa, Some(&prev))?.pair)?, &dist)
     })?;
     assert!(r.checked > 100, "{r:?}");
+    Ok(())
+}
+
+#[test]
+fn chunking_the_outer_product_mean_keeps_the_loss_and_gradients() -> Result<()> {
+    let whole = tiny();
+    // At batch 2 in f64, one residue row of the outer product takes 2·2·5·2·8 = 320 bytes and
+    // one row of either transition's hidden layer 640: 700 bytes make the outer-product mean
+    // run in chunks of 2, 2 and 1 rows and both transitions one row at a time.
+    let chunked = EvoformerConfig {
+        chunk_bytes: Some(700),
+        ..whole.clone()
+    };
+    let (msa, dist) = protein::batch(&mut Rng::new(5), &whole.protein(), 2, Device::Cpu)?;
+    let mut grads = Vec::new();
+    for cfg in [&whole, &chunked] {
+        let m = model(cfg)?;
+        let loss = m.loss(&m.forward_with_recycles(&msa, 2)?, &dist)?;
+        loss.backward()?;
+        let mut g = vec![loss.to_scalar_f64()?];
+        for p in m.params() {
+            g.extend(p.grad().expect("every parameter is used").to_f64_vec()?);
+        }
+        grads.push(g);
+    }
+    assert_eq!(grads[0].len(), grads[1].len());
+    for (i, (a, b)) in grads[0].iter().zip(&grads[1]).enumerate() {
+        assert!((a - b).abs() <= 1e-12 * (1.0 + a.abs()), "#{i}: {a} vs {b}");
+    }
+    assert!(grads[0].iter().skip(1).any(|g| *g != 0.0));
     Ok(())
 }
 
@@ -155,6 +186,10 @@ fn bad_configs_and_inputs_are_errors() -> Result<()> {
         },
         EvoformerConfig {
             msa_depth: 0,
+            ..ok.clone()
+        },
+        EvoformerConfig {
+            chunk_bytes: Some(0),
             ..ok.clone()
         },
     ];

@@ -42,8 +42,9 @@ impl EvoformerBlock {
             pair_bias: Linear::no_bias(&b.pp("pair_bias"), cz, cfg.heads)?,
             row_attn: GatedAttention::new(&b.pp("row_attn"), cm, cfg.heads)?,
             col_attn: GatedAttention::new(&b.pp("col_attn"), cm, cfg.heads)?,
-            msa_transition: Transition::new(&b.pp("msa_transition"), cm, cfg.transition)?,
-            opm: OuterProductMean::new(&b.pp("opm"), cm, cz, cfg.opm_dim)?,
+            msa_transition: Transition::new(&b.pp("msa_transition"), cm, cfg.transition)?
+                .chunked(cfg.chunk_bytes),
+            opm: OuterProductMean::new(&b.pp("opm"), cm, cz, cfg.opm_dim)?.chunked(cfg.chunk_bytes),
             tri_out: TriangleMultiplication::new(
                 &b.pp("tri_out"),
                 Triangle::Outgoing,
@@ -56,7 +57,8 @@ impl EvoformerBlock {
                 cz,
                 cfg.tri_dim,
             )?,
-            pair_transition: Transition::new(&b.pp("pair_transition"), cz, cfg.transition)?,
+            pair_transition: Transition::new(&b.pp("pair_transition"), cz, cfg.transition)?
+                .chunked(cfg.chunk_bytes),
         })
     }
 

@@ -34,6 +34,10 @@ pub struct EvoformerConfig {
     pub max_rel: usize,
     /// Held-out proteins the evaluation scores.
     pub eval_samples: usize,
+    /// AlphaFold-style chunking: the outer-product mean and the transitions run on chunks of
+    /// rows whose widest intermediate (the outer product, the expanded hidden layer) stays
+    /// within this many bytes. `None`: one chunk.
+    pub chunk_bytes: Option<usize>,
 }
 
 impl Default for EvoformerConfig {
@@ -52,6 +56,7 @@ impl Default for EvoformerConfig {
             transition: 2,
             max_rel: 16,
             eval_samples: 64,
+            chunk_bytes: None,
         }
     }
 }
@@ -88,6 +93,12 @@ impl EvoformerConfig {
                     "msa_dim {} is not a multiple of heads {}",
                     self.msa_dim, self.heads
                 ),
+            ));
+        }
+        if self.chunk_bytes == Some(0) {
+            return Err(Error::invalid(
+                "EvoformerConfig",
+                "chunk_bytes must be at least 1 (None: no chunking)",
             ));
         }
         if self.len < 2 || self.bins < 2 {

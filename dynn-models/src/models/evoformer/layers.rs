@@ -1,6 +1,7 @@
 //! The two layers the MSA and pair stacks share: gated multi-head attention along one axis
 //! of a 2-D grid of embeddings (with an optional additive bias), and the transition MLP.
 
+use super::chunk::{map_chunks, rows_per_chunk};
 use crate::nn::{
     Forward, LayerNorm, Linear, Module, Param, ParamBuilder, scaled_dot_product_attention,
 };
@@ -98,6 +99,8 @@ pub struct Transition {
     pub up: Linear,
     /// The projection back.
     pub down: Linear,
+    /// The most bytes one chunk's expanded hidden layer may take (`None`: one chunk).
+    pub chunk_bytes: Option<usize>,
 }
 
 impl Transition {
@@ -107,7 +110,20 @@ impl Transition {
             norm: LayerNorm::new(&b.pp("norm"), dim)?,
             up: Linear::new(&b.pp("up"), dim, n * dim)?,
             down: Linear::new(&b.pp("down"), n * dim, dim)?,
+            chunk_bytes: None,
         })
+    }
+
+    /// The same layer applied to chunks of rows (the second axis) whose expanded hidden
+    /// layer takes at most `chunk_bytes` each (`None`: one chunk).
+    pub fn chunked(mut self, chunk_bytes: Option<usize>) -> Self {
+        self.chunk_bytes = chunk_bytes;
+        self
+    }
+
+    fn forward_whole(&self, x: &Tensor) -> Result<Tensor> {
+        self.down
+            .forward(&self.up.forward(&self.norm.forward(x)?)?.relu()?)
     }
 }
 
@@ -120,9 +136,21 @@ impl Module for Transition {
 }
 
 impl Forward for Transition {
-    /// The update for `x` (any leading shape).
+    /// The update for `x` (any leading shape; chunked along the second axis of a tensor of
+    /// rank 3 or more).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.down
-            .forward(&self.up.forward(&self.norm.forward(x)?)?.relu()?)
+        let dims = x.dims();
+        if self.chunk_bytes.is_none() || dims.len() < 3 {
+            return self.forward_whole(x);
+        }
+        let rows = dims[1];
+        let hidden = self.up.weight.dims().get(1).copied().unwrap_or(0);
+        let row_bytes = x.elem_count() / rows.max(1) / dims[dims.len() - 1].max(1)
+            * hidden
+            * x.dtype().size_in_bytes();
+        let chunk = rows_per_chunk(self.chunk_bytes, row_bytes, rows);
+        map_chunks(rows, chunk, 1, |i0, r| {
+            self.forward_whole(&x.narrow(1, i0, r)?)
+        })
     }
 }

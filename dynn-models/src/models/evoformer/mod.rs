@@ -12,8 +12,14 @@
 //! all but the last run under no-grad, and their first MSA row and pair representation come
 //! back, detached and layer-normed, as additions to the next iteration's inputs. The graph
 //! (and the memory it needs) changes with every draw.
+//!
+//! **Chunking** (`EvoformerConfig::chunk_bytes`), as AlphaFold does at inference: the
+//! outer-product mean and both transitions run on slices of rows, so their widest
+//! intermediates stay under a bound however large the batch; results and gradients are the
+//! unchunked ones.
 
 mod block;
+mod chunk;
 mod config;
 mod layers;
 mod model;

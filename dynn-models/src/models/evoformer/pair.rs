@@ -1,6 +1,7 @@
 //! The updates of the pair representation: the outer-product mean (MSA → pair) and the
 //! triangle multiplicative updates (pair → pair).
 
+use super::chunk::{map_chunks, rows_per_chunk};
 use crate::nn::{Forward, LayerNorm, Linear, Module, Param, ParamBuilder};
 use dynn_core::{Error, Result, Tensor};
 use dynn_ops::prelude::*;
@@ -19,6 +20,8 @@ pub struct OuterProductMean {
     pub out: Linear,
     /// Channels of each projection.
     pub hidden: usize,
+    /// The most bytes one chunk's outer product may take (`None`: one chunk).
+    pub chunk_bytes: Option<usize>,
 }
 
 impl OuterProductMean {
@@ -30,7 +33,15 @@ impl OuterProductMean {
             b: Linear::new(&b.pp("b"), msa_dim, hidden)?,
             out: Linear::new(&b.pp("out"), hidden * hidden, pair_dim)?,
             hidden,
+            chunk_bytes: None,
         })
+    }
+
+    /// The same layer computing its outer product in chunks of residue rows of at most
+    /// `chunk_bytes` each (`None`: one chunk).
+    pub fn chunked(mut self, chunk_bytes: Option<usize>) -> Self {
+        self.chunk_bytes = chunk_bytes;
+        self
     }
 
     /// The pair update `(batch, len, len, pair_dim)` from `m` of shape
@@ -44,20 +55,26 @@ impl OuterProductMean {
         };
         let c = self.hidden;
         let mn = self.norm.forward(m)?;
-        // (b, l·c, s) @ (b, s, l·c): every (i, p, j, q) product summed over the sequences.
-        let a = self
-            .a
-            .forward(&mn)?
-            .permute(&[0, 2, 3, 1])?
-            .reshape((bs, l * c, s))?;
+        let a = self.a.forward(&mn)?;
         let bm = self.b.forward(&mn)?.reshape((bs, s, l * c))?;
-        let outer = a
-            .matmul(&bm)?
-            .scale(1.0 / s as f64)?
-            .reshape(vec![bs, l, c, l, c])?
-            .permute(&[0, 1, 3, 2, 4])?
-            .reshape((bs, l, l, c * c))?;
-        self.out.forward(&outer)
+        // One residue row of the outer product: (batch, c, len·c) elements.
+        let row_bytes = bs * c * l * c * m.dtype().size_in_bytes();
+        let rows = rows_per_chunk(self.chunk_bytes, row_bytes, l);
+        map_chunks(l, rows, 1, |i0, r| {
+            // (b, r·c, s) @ (b, s, l·c): every (i, p, j, q) product of rows i0..i0+r summed
+            // over the sequences.
+            let ar = a
+                .narrow(2, i0, r)?
+                .permute(&[0, 2, 3, 1])?
+                .reshape((bs, r * c, s))?;
+            let outer = ar
+                .matmul(&bm)?
+                .scale(1.0 / s as f64)?
+                .reshape(vec![bs, r, c, l, c])?
+                .permute(&[0, 1, 3, 2, 4])?
+                .reshape((bs, r, l, c * c))?;
+            self.out.forward(&outer)
+        })
     }
 }
 

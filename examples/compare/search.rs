@@ -183,28 +183,33 @@ impl Traces<'_> {
                     Trial::Ran(r.step_ms / base.step_ms)
                 }
                 Ok(r) => Trial::Slow(r.step_ms / base.step_ms),
-                Err(_) => Trial::OutOfMemory,
+                Err(report) => {
+                    let why = report.to_string();
+                    let why = why.strip_prefix("out of memory: ").unwrap_or(&why);
+                    Trial::OutOfMemory(why.strip_prefix("simulated: ").unwrap_or(why).into())
+                }
             },
         )
     }
 }
 
 /// One size tried under one policy.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 enum Trial {
     /// Ran within the slowdown bound (this slowdown).
     Ran(f64),
     /// Ran, too slowly.
     Slow(f64),
-    /// Did not fit.
-    OutOfMemory,
+    /// Did not fit (the simulator's reason).
+    OutOfMemory(String),
 }
 
 /// What ended a search: the smallest size tried that failed, and how.
 fn stop_reason(stop: Option<(usize, Trial)>) -> String {
     match stop {
         Some((v, Trial::Slow(s))) => format!("slowdown {s:.3} at {v}"),
-        Some((v, _)) => format!("out of memory at {v}"),
+        Some((v, Trial::OutOfMemory(why))) => format!("out of memory at {v}: {why}"),
+        Some((v, Trial::Ran(_))) => format!("ran at {v}"),
         None => "cap".to_string(),
     }
 }

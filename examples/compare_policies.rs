@@ -17,7 +17,8 @@
 //! recomputation where that costs less than copying it out; `pilot-offload` is the same
 //! pilot offloading every victim. The
 //! last line with `--json` is `{"rows":[{"model","policy","budget_frac","profile","step_ms",
-//! "compute_ms","stall_ms","bytes_h2d","bytes_d2h","peak_device_bytes","slowdown"}]}`
+//! "compute_ms","stall_ms","stall_ms_by_phase","bytes_h2d","bytes_d2h","peak_device_bytes",
+//! "slowdown"}]}`
 //! (slowdown = step time / unlimited step time); a replay that runs out of memory (`none`
 //! below the peak) has `"oom": true`, its report in `"oom_report"` and null figures.
 //!
@@ -171,12 +172,15 @@ fn run() -> Result<()> {
         };
         let r = compare::replay::predict(&trace, &args.policy, args.budget, &prof, memory)?;
         println!(
-            "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms, moves issued {:.3} ms, {} B to the device, {} B to the host)",
+            "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms: forward {:.3}, backward {:.3}, optimizer {:.3}; moves issued {:.3} ms, {} B to the device, {} B to the host)",
             path.display(),
             r.step_ms,
             prof.name,
             r.compute_ms,
             r.stall_ms,
+            r.stall_ms_by_phase[0],
+            r.stall_ms_by_phase[1],
+            r.stall_ms_by_phase[2],
             r.move_host_ms,
             r.bytes_h2d,
             r.bytes_d2h
@@ -189,6 +193,7 @@ fn run() -> Result<()> {
                     "op_s": prof.launch_s, "copy_latency_s": prof.copy_latency_s,
                     "move_host_s": prof.move_host_s, "move_host_ms": r.move_host_ms,
                     "step_ms": r.step_ms, "compute_ms": r.compute_ms, "stall_ms": r.stall_ms,
+                    "stall_ms_by_phase": compare::replay::by_phase(&r),
                     "bytes_h2d": r.bytes_h2d, "bytes_d2h": r.bytes_d2h,
                     "evictions": r.evictions, "demand_fetches": r.demand_fetches,
                     "pool": !args.count_bytes,

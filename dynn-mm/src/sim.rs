@@ -167,6 +167,8 @@ pub struct SimResult {
     pub compute_ms: f64,
     /// Time the compute stream waited for bytes, ms.
     pub stall_ms: f64,
+    /// `stall_ms` split by the phase of the op that waited: forward, backward, optimizer.
+    pub stall_ms_by_phase: [f64; 3],
     /// Host time the executor spent issuing moves ([`DeviceProfile::move_host_s`] each), ms.
     pub move_host_ms: f64,
     /// Bytes copied host→device.
@@ -325,6 +327,7 @@ pub fn simulate_with(
             g - warmup.len()
         };
         let seq = g as u64;
+        let stall_before = r.stall_ms;
         let clock = Now {
             seq,
             step: op.step,
@@ -443,6 +446,7 @@ pub fn simulate_with(
         now += t;
         r.compute_ms += t * 1e3;
         policy.observe(op);
+        r.stall_ms_by_phase[usize::from(op.phase.min(2))] += r.stall_ms - stall_before;
         for a in op.inputs.iter().chain(&op.outputs) {
             if let Some(b) = bufs.get_mut(&a.0) {
                 b.last_use = seq;

@@ -258,6 +258,15 @@ fn moves_made_on_the_executor_thread_cost_host_time_and_prefetches_do_not() {
         for r in [&a, &b] {
             let parts = r.compute_ms + r.stall_ms + r.move_host_ms;
             assert!((r.step_ms - parts).abs() < 1e-9, "{name}: {r:?}");
+            // Every wait is charged to the phase of the op that waited.
+            let phases: f64 = r.stall_ms_by_phase.iter().sum();
+            assert!((r.stall_ms - phases).abs() < 1e-9, "{name}: {r:?}");
+            assert!(
+                r.stall_ms_by_phase.iter().all(|s| *s >= 0.0),
+                "{name}: {r:?}"
+            );
+            // The backward pass reads back what the forward pass had to evict.
+            assert!(r.stall_ms_by_phase[1] > 0.0, "{name}: {r:?}");
         }
     }
     // Belady prefetches; what it brings back ahead of time is not charged as a demand fetch.

@@ -192,6 +192,7 @@ impl Row {
                 "step_ms": r.step_ms,
                 "compute_ms": r.compute_ms,
                 "stall_ms": r.stall_ms,
+                "stall_ms_by_phase": by_phase(r),
                 "bytes_h2d": r.bytes_h2d,
                 "bytes_d2h": r.bytes_d2h,
                 "peak_device_bytes": r.peak_device_bytes,
@@ -232,4 +233,10 @@ pub fn header() -> String {
         "peak bytes",
         "slowdown"
     )
+}
+
+/// `stall_ms` by the phase of the op that waited, as a JSON object.
+pub fn by_phase(r: &SimResult) -> Value {
+    let [forward, backward, optimizer] = r.stall_ms_by_phase;
+    json!({"forward": forward, "backward": backward, "optimizer": optimizer})
 }

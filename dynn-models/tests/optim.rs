@@ -6,7 +6,7 @@ use candle_core as cc;
 use candle_nn::Optimizer as _;
 use dynn_core::{DType, Device, Result, Tensor};
 use dynn_models::nn::{Init, Module, Param, ParamBuilder};
-use dynn_models::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm};
+use dynn_models::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm, clip_scale};
 use dynn_ops::prelude::*;
 
 fn param(seed: u64, shape: (usize, usize)) -> Result<Param> {
@@ -128,6 +128,61 @@ fn clipping_scales_to_the_global_norm() -> Result<()> {
     let before = a.grad().expect("kept").to_vec::<f32>()?;
     clip_grad_norm(&[a.clone(), b.clone()], 10.0)?;
     assert_eq!(a.grad().expect("kept").to_vec::<f32>()?, before);
+    Ok(())
+}
+
+#[test]
+fn a_scaled_step_is_the_step_on_scaled_gradients() -> Result<()> {
+    let shape = (4, 6);
+    let close = |a: &Param, b: &Param, what: &str| -> Result<()> {
+        for (x, y) in a.to_vec::<f32>()?.iter().zip(&b.to_vec::<f32>()?) {
+            assert!(
+                (x - y).abs() <= 1e-6 * (1.0 + y.abs()),
+                "{what}: {x} vs {y}"
+            );
+        }
+        Ok(())
+    };
+    // Adam folds the scale into its moments (with coupled decay it scales first).
+    for decoupled in [true, false] {
+        let cfg = AdamConfig {
+            weight_decay: 0.05,
+            decoupled,
+            ..AdamConfig::adamw(1e-2)
+        };
+        let (fused, plain) = (param(7, shape)?, param(7, shape)?);
+        let (mut a, mut b) = (Adam::new(cfg)?, Adam::new(cfg)?);
+        for step in 0..4 {
+            let g = grads(step, shape)?;
+            backward_with(&fused, &g)?;
+            a.step_scaled(std::slice::from_ref(&fused), 0.3)?;
+            backward_with(&plain, &g.scale(0.3)?)?;
+            b.step(std::slice::from_ref(&plain))?;
+        }
+        assert!(fused.grad().is_none(), "the step clears the gradient");
+        close(&fused, &plain, &format!("adam, decoupled {decoupled}"))?;
+    }
+    // SGD takes the default: a pass scaling the gradients, then its step.
+    let (scaled, plain) = (param(8, shape)?, param(8, shape)?);
+    let cfg = SgdConfig {
+        lr: 0.1,
+        momentum: 0.9,
+        nesterov: false,
+        weight_decay: 0.01,
+    };
+    let (mut a, mut b) = (Sgd::new(cfg)?, Sgd::new(cfg)?);
+    for step in 0..3 {
+        let g = grads(step, shape)?;
+        backward_with(&scaled, &g)?;
+        a.step_scaled(std::slice::from_ref(&scaled), 0.5)?;
+        backward_with(&plain, &g.scale(0.5)?)?;
+        b.step(std::slice::from_ref(&plain))?;
+    }
+    close(&scaled, &plain, "sgd")?;
+    // The factor clipping applies.
+    assert_eq!(clip_scale(0.5, 1.0), 1.0);
+    assert!((clip_scale(4.0, 1.0) - 1.0 / (4.0 + 1e-6)).abs() < 1e-15);
+    assert_eq!(clip_scale(f64::NAN, 1.0), 1.0);
     Ok(())
 }
 

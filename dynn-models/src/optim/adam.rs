@@ -78,6 +78,10 @@ impl Adam {
 
 impl Optimizer for Adam {
     fn step(&mut self, params: &[Param]) -> Result<()> {
+        self.step_scaled(params, 1.0)
+    }
+    /// The gradient scale is folded into the moment updates' constants: no pass of its own.
+    fn step_scaled(&mut self, params: &[Param], scale: f64) -> Result<()> {
         let _g = no_grad();
         let _p = enter_phase(Phase::Optimizer);
         let c = self.cfg;
@@ -89,7 +93,13 @@ impl Optimizer for Adam {
         });
         for p in params {
             let Some(mut g) = p.grad() else { continue };
+            // Coupled weight decay adds to the scaled gradient: scale it here.
+            let mut s_g = scale;
             if c.weight_decay != 0.0 && !c.decoupled {
+                if scale != 1.0 {
+                    g = g.scale(scale)?;
+                    s_g = 1.0;
+                }
                 g = g.add(&p.scale(c.weight_decay)?)?;
             }
             let s = match self.state.entry(p.path().to_string()) {
@@ -101,8 +111,8 @@ impl Optimizer for Adam {
                 }),
             };
             s.steps += 1;
-            s.m.ema_(b1, &g)?;
-            s.v.ema_sq_(b2, &g)?;
+            s.m.ema_scaled_(b1, s_g, &g)?;
+            s.v.ema_sq_scaled_(b2, s_g, &g)?;
             let t = s.steps as i32;
             let (bc1, bc2) = (1.0 - b1.powi(t), 1.0 - b2.powi(t));
             // lr·m̂/(√v̂ + eps) = (lr/bc1)·m/(√v + eps·√bc2)·√bc2

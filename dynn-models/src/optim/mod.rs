@@ -10,7 +10,8 @@ mod schedule;
 mod sgd;
 
 pub use adam::{Adam, AdamConfig};
-pub use clip::clip_grad_norm;
+use clip::scale_grads;
+pub use clip::{clip_grad_norm, clip_scale, grad_norm};
 pub use schedule::{LrSchedule, WarmupCosine};
 pub use sgd::{Sgd, SgdConfig};
 
@@ -44,6 +45,18 @@ pub trait Optimizer {
     /// Parameters without a gradient (e.g. experts no token was routed to) are left as they
     /// are, state included, as PyTorch does.
     fn step(&mut self, params: &[Param]) -> Result<()>;
+
+    /// [`Optimizer::step`] with every gradient first multiplied by `scale` (gradient
+    /// clipping's factor, see [`clip_scale`]). This default scales the gradients in a pass of
+    /// their own; an optimizer that can fold the factor into its update (Adam) overrides it,
+    /// which saves a read and a write of every gradient — under a memory budget, a round
+    /// trip of each over the host link.
+    fn step_scaled(&mut self, params: &[Param], scale: f64) -> Result<()> {
+        if scale != 1.0 {
+            scale_grads(params, scale)?;
+        }
+        self.step(params)
+    }
 
     /// The learning rate of the next step.
     fn lr(&self) -> f64;

@@ -3,7 +3,7 @@
 
 use super::{Defaults, Eval, Summary, Task, TrainArgs};
 use crate::checkpoint::Checkpoint;
-use crate::optim::{Adam, AdamConfig, LrSchedule, Optimizer, WarmupCosine, clip_grad_norm};
+use crate::optim::{Adam, AdamConfig, LrSchedule, Optimizer, WarmupCosine, clip_scale, grad_norm};
 use crate::rng::Rng;
 use dynn_core::{Device, Error, Result, install_memory_hooks, mark_step, no_grad};
 use dynn_mm::{Budget, ManagerConfig, MemoryManager, MemoryReport, human_bytes, policy};
@@ -250,10 +250,12 @@ pub fn train<T: Task>(
                 task.name()
             )));
         }
-        if args.clip > 0.0 {
-            clip_grad_norm(&params, args.clip)?;
-        }
-        opt.step(&params)?;
+        // Clipping's factor goes into the update (Adam folds it into its moments).
+        let scale = match args.clip > 0.0 {
+            true => clip_scale(grad_norm(&params)?, args.clip),
+            false => 1.0,
+        };
+        opt.step_scaled(&params, scale)?;
         mark_step(step + 1);
         step_ms.push(step_started.elapsed().as_secs_f64() * 1e3);
         losses.push(step_loss);

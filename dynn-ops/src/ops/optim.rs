@@ -1,8 +1,9 @@
 //! Fused optimizer updates: one pass over each state tensor per step instead of the five or
 //! six temporaries the same update would need as separate ops.
 //!
-//! - `adam_moments`: `m = β₁m + (1-β₁)g` and `v = β₂v + (1-β₂)g²` — the target is `m`,
-//!   `v` is updated through a second in-place op sharing the kernel (`ema_sq`).
+//! - `ema`: `m = β₁m + (1-β₁)·s·g` and `ema_sq`: `v = β₂v + (1-β₂)·s²·g²`, Adam's moments;
+//!   `s` is a gradient scale (gradient clipping's factor, 1 otherwise) folded into the
+//!   constant, so clipping needs no pass of its own over the gradients.
 //! - `adam_step`: `p = p·(1 - lr·wd) - lr_t · m / (√v + eps_t)`, the bias-corrected Adam(W)
 //!   step.
 //!
@@ -25,10 +26,10 @@ const IDIOMS: Idioms = Idioms([0, 1, 0, 0, 1, 0]);
 /// Which fused update a kernel runs, with its constants.
 #[derive(Debug, Clone, Copy)]
 enum Rule {
-    /// `t = β·t + (1-β)·x` (first moment).
-    Ema { beta: f64 },
-    /// `t = β·t + (1-β)·x²` (second moment).
-    EmaSq { beta: f64 },
+    /// `t = β·t + gain·x` (first moment; `gain` is `(1-β)·s`).
+    Ema { beta: f64, gain: f64 },
+    /// `t = β·t + gain·x²` (second moment; `gain` is `(1-β)·s²`).
+    EmaSq { beta: f64, gain: f64 },
     /// `t = t·decay - lr_t · m / (√v + eps)` with inputs `[m, v]`.
     Step { decay: f64, lr_t: f64, eps: f64 },
 }
@@ -40,14 +41,14 @@ struct Fused(Rule);
 fn apply<T: FloatElement + CpuElement>(t: &mut [T], a: &[T], b: &[T], rule: Rule) {
     let of = <T::Acc as AccFloat>::of;
     match rule {
-        Rule::Ema { beta } => {
-            let (k, j) = (of(beta), of(1.0 - beta));
+        Rule::Ema { beta, gain } => {
+            let (k, j) = (of(beta), of(gain));
             t.iter_mut()
                 .zip(a)
                 .for_each(|(t, &g)| *t = T::from_acc(k * t.to_acc() + j * g.to_acc()));
         }
-        Rule::EmaSq { beta } => {
-            let (k, j) = (of(beta), of(1.0 - beta));
+        Rule::EmaSq { beta, gain } => {
+            let (k, j) = (of(beta), of(gain));
             t.iter_mut().zip(a).for_each(|(t, &g)| {
                 let g = g.to_acc();
                 *t = T::from_acc(k * t.to_acc() + j * g * g)
@@ -169,8 +170,8 @@ impl Rule {
     /// in f64 before the cast to the scalar type) and how many inputs it reads.
     fn cuda(self) -> (i32, [f64; 3], usize) {
         match self {
-            Rule::Ema { beta } => (0, [beta, 1.0 - beta, 0.0], 1),
-            Rule::EmaSq { beta } => (1, [beta, 1.0 - beta, 0.0], 1),
+            Rule::Ema { beta, gain } => (0, [beta, gain, 0.0], 1),
+            Rule::EmaSq { beta, gain } => (1, [beta, gain, 0.0], 1),
             Rule::Step { decay, lr_t, eps } => (2, [decay, lr_t, eps], 2),
         }
     }
@@ -326,6 +327,11 @@ pub trait OptimOps {
     fn ema_(&self, beta: f64, g: &Tensor) -> Result<()>;
     /// `self = β·self + (1-β)·g²` (Adam's second moment).
     fn ema_sq_(&self, beta: f64, g: &Tensor) -> Result<()>;
+    /// `self = β·self + (1-β)·(s·g)`: [`OptimOps::ema_`] of the gradient scaled by `s`, in the
+    /// same pass (`(1-β)·s` is one constant).
+    fn ema_scaled_(&self, beta: f64, s: f64, g: &Tensor) -> Result<()>;
+    /// `self = β·self + (1-β)·(s·g)²`: [`OptimOps::ema_sq_`] of the gradient scaled by `s`.
+    fn ema_sq_scaled_(&self, beta: f64, s: f64, g: &Tensor) -> Result<()>;
     /// `self = self·decay - lr_t·m/(√v + eps)`: the Adam(W) parameter step, with the bias
     /// corrections folded into `lr_t` and `eps` by the caller.
     fn adam_step_(&self, decay: f64, lr_t: f64, eps: f64, m: &Tensor, v: &Tensor) -> Result<()>;
@@ -333,10 +339,18 @@ pub trait OptimOps {
 
 impl OptimOps for Tensor {
     fn ema_(&self, beta: f64, g: &Tensor) -> Result<()> {
-        execute_inplace(Fused(Rule::Ema { beta }), self, &[g])
+        self.ema_scaled_(beta, 1.0, g)
     }
     fn ema_sq_(&self, beta: f64, g: &Tensor) -> Result<()> {
-        execute_inplace(Fused(Rule::EmaSq { beta }), self, &[g])
+        self.ema_sq_scaled_(beta, 1.0, g)
+    }
+    fn ema_scaled_(&self, beta: f64, s: f64, g: &Tensor) -> Result<()> {
+        let gain = (1.0 - beta) * s;
+        execute_inplace(Fused(Rule::Ema { beta, gain }), self, &[g])
+    }
+    fn ema_sq_scaled_(&self, beta: f64, s: f64, g: &Tensor) -> Result<()> {
+        let gain = (1.0 - beta) * s * s;
+        execute_inplace(Fused(Rule::EmaSq { beta, gain }), self, &[g])
     }
     fn adam_step_(&self, decay: f64, lr_t: f64, eps: f64, m: &Tensor, v: &Tensor) -> Result<()> {
         execute_inplace(Fused(Rule::Step { decay, lr_t, eps }), self, &[m, v])

@@ -1,6 +1,6 @@
-//! Tests of the fused optimizer updates `ema`, `ema_sq` and `adam_step`: compared with
-//! candle's arithmetic on the same values, in f32 and bf16, on contiguous and transposed
-//! targets.
+//! Tests of the fused optimizer updates `ema`, `ema_sq` (also with a gradient scale) and
+//! `adam_step`: compared with candle's arithmetic on the same values, in f32 and bf16, on
+//! contiguous and transposed targets.
 
 use crate::common::*;
 use candle_core as cc;
@@ -29,6 +29,16 @@ fn oracle_cases() -> Result<()> {
             v.ema_sq_(0.99, &g)?;
             let want_v = ce(ce(&v0 * 0.99)? + ce(ce(gc.sqr())? * 0.01)?)?;
             assert_close(&v, &want_v, t).ctx(format!("ema_sq {what}"))?;
+
+            // Scaled by a clipping factor in the same pass.
+            let (ms, vs) = (fresh(5)?, fresh(6)?.sqr()?);
+            let (ms0, vs0) = (reference_input(&ms), reference_input(&vs));
+            ms.ema_scaled_(0.9, 0.25, &g)?;
+            let want_ms = ce(ce(&ms0 * 0.9)? + ce(&gc * (0.1 * 0.25))?)?;
+            assert_close(&ms, &want_ms, t).ctx(format!("ema_scaled {what}"))?;
+            vs.ema_sq_scaled_(0.99, 0.25, &g)?;
+            let want_vs = ce(ce(&vs0 * 0.99)? + ce(ce(gc.sqr())? * (0.01 * 0.0625))?)?;
+            assert_close(&vs, &want_vs, t).ctx(format!("ema_sq_scaled {what}"))?;
 
             p.adam_step_(0.999, 0.05, 1e-3, &m, &v)?;
             let (mc, vc) = (reference_input(&m), reference_input(&v));

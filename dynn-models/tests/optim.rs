@@ -6,7 +6,9 @@ use candle_core as cc;
 use candle_nn::Optimizer as _;
 use dynn_core::{DType, Device, Result, Tensor};
 use dynn_models::nn::{Init, Module, Param, ParamBuilder};
-use dynn_models::optim::{Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm, clip_scale};
+use dynn_models::optim::{
+    Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm, clip_scale, grad_norm,
+};
 use dynn_ops::prelude::*;
 
 fn param(seed: u64, shape: (usize, usize)) -> Result<Param> {
@@ -128,6 +130,19 @@ fn clipping_scales_to_the_global_norm() -> Result<()> {
     let before = a.grad().expect("kept").to_vec::<f32>()?;
     clip_grad_norm(&[a.clone(), b.clone()], 10.0)?;
     assert_eq!(a.grad().expect("kept").to_vec::<f32>()?, before);
+    // Half-precision gradients whose squares sum past f16's range still have a finite norm.
+    let h = ParamBuilder::new(DType::F16, Device::Cpu, 5).param(
+        "h",
+        (2, 3),
+        Init::Normal {
+            mean: 0.0,
+            std: 1.0,
+        },
+    )?;
+    backward_with(&h, &Tensor::full(300.0, (2, 3), DType::F16, Device::Cpu)?)?;
+    let norm = grad_norm(std::slice::from_ref(&h))?;
+    let expect = (6.0f64 * 300.0 * 300.0).sqrt();
+    assert!((norm - expect).abs() < 1e-3 * expect, "{norm} vs {expect}");
     Ok(())
 }
 

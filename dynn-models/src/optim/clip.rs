@@ -1,7 +1,7 @@
 //! Gradient clipping by global norm.
 
 use crate::nn::Param;
-use dynn_core::{Phase, Result, Tensor, enter_phase, no_grad};
+use dynn_core::{DType, Phase, Result, Tensor, enter_phase, no_grad};
 use dynn_ops::prelude::*;
 
 /// Scales every gradient by `max_norm / total_norm` when the global L2 norm over all
@@ -28,7 +28,15 @@ pub fn grad_norm(params: &[Param]) -> Result<f64> {
     dynn_core::announce_plan("clip_grad_norm", || plan(&grads));
     let mut sq = 0.0;
     for (_, g) in &grads {
-        sq += g.sqr()?.sum_all()?.to_scalar_f64()?;
+        // Σg² as the product (1, n)·(n, 1): one kernel that reads the gradient once, and no
+        // temporary of its size (squaring first would allocate one).
+        // Half-precision squares sum past f16's range: those are summed in f32.
+        let g = match g.dtype() {
+            DType::F16 | DType::BF16 => g.to_dtype(DType::F32)?,
+            _ => g.contiguous()?,
+        };
+        let row = g.reshape((1, g.elem_count()))?;
+        sq += row.matmul(&row.t()?)?.to_scalar_f64()?;
     }
     Ok(sq.sqrt())
 }

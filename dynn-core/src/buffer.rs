@@ -6,7 +6,7 @@
 
 use crate::{CpuStorage, DType, Device, DeviceStorage, Error, HostStorage, Result};
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A buffer's stable identity, unique within the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -125,6 +125,9 @@ pub struct Buffer {
     kind: AtomicU8,
     slot: RwLock<Slot>,
     version: AtomicU64,
+    /// The host-tier copy a fetch came from, with the version it holds: while no op has
+    /// written the device bytes since, offloading again copies nothing. Locked after `slot`.
+    host_copy: Mutex<Option<(u64, Arc<dyn HostStorage>)>>,
     watcher: RwLock<Option<Arc<dyn ReleaseSink>>>,
 }
 
@@ -165,6 +168,7 @@ impl Buffer {
             kind: AtomicU8::new(kind as u8),
             slot: RwLock::new(Slot::Unmaterialized),
             version: AtomicU64::new(0),
+            host_copy: Mutex::new(None),
             watcher: RwLock::new(None),
         }
     }
@@ -248,9 +252,28 @@ impl Buffer {
         self.read_slot().clone()
     }
 
-    /// Replaces the slot; used by the executor and the memory manager.
+    /// Replaces the slot; used by the executor and the memory manager. New bytes: a kept host
+    /// copy no longer matches them.
     pub fn set_slot(&self, slot: Slot) -> Slot {
-        std::mem::replace(&mut *self.write_slot(), slot)
+        let mut guard = self.write_slot();
+        self.forget_host_copy();
+        std::mem::replace(&mut *guard, slot)
+    }
+
+    fn host_copy(&self) -> std::sync::MutexGuard<'_, Option<(u64, Arc<dyn HostStorage>)>> {
+        // Only ever assigned whole: a poisoned value is still a valid one.
+        self.host_copy.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn forget_host_copy(&self) {
+        self.host_copy().take();
+    }
+
+    /// True while the bytes are on the device and the host tier still holds an identical
+    /// copy (fetched and not written since): offloading them moves nothing.
+    pub fn host_copy_is_current(&self) -> bool {
+        let version = self.version.load(Ordering::Acquire);
+        matches!(*self.host_copy(), Some((v, _)) if v == version)
     }
 
     /// The device storage for a kernel, or [`Error::NotResident`] naming `op`.
@@ -278,12 +301,20 @@ impl Buffer {
         }
     }
 
-    /// Moves the bytes from the device to the host tier. Returns the bytes moved (0 when
-    /// already there).
+    /// Moves the bytes from the device to the host tier. Returns the bytes moved: 0 when
+    /// already there, or when the host tier kept the copy they were fetched from and no op has
+    /// written them since (the device copy is just released).
     pub fn offload(&self) -> Result<usize> {
         let mut slot = self.write_slot();
         match &*slot {
             Slot::Device(s) => {
+                let version = self.version.load(Ordering::Acquire);
+                if let Some((v, host)) = self.host_copy().take()
+                    && v == version
+                {
+                    *slot = Slot::Host(host);
+                    return Ok(0);
+                }
                 let host = s.offload()?;
                 *slot = Slot::Host(Arc::from(host));
                 Ok(self.size_in_bytes())
@@ -297,12 +328,15 @@ impl Buffer {
         }
     }
 
-    /// Moves the bytes from the host tier back to the device. Returns the bytes moved.
+    /// Moves the bytes from the host tier back to the device, keeping the host copy until an
+    /// op writes them. Returns the bytes moved.
     pub fn fetch(&self) -> Result<usize> {
         let mut slot = self.write_slot();
         match &*slot {
             Slot::Host(h) => {
                 let dev = self.device.backend()?.restore(&**h)?;
+                let version = self.version.load(Ordering::Acquire);
+                *self.host_copy() = Some((version, h.clone()));
                 *slot = Slot::Device(Arc::from(dev));
                 Ok(self.size_in_bytes())
             }
@@ -322,6 +356,7 @@ impl Buffer {
             Slot::Device(_) | Slot::Host(_) => self.size_in_bytes(),
             _ => 0,
         };
+        self.forget_host_copy();
         *slot = Slot::Dropped;
         freed
     }
@@ -348,6 +383,7 @@ impl Buffer {
         let storage =
             Arc::get_mut(arc).ok_or_else(|| Error::Msg("buffer storage still shared".into()))?;
         self.version.fetch_add(1, Ordering::AcqRel);
+        self.forget_host_copy();
         f(storage)
     }
 }

@@ -296,6 +296,40 @@ fn in_place_updates_report_the_target_as_input_and_output() -> Result<()> {
 }
 
 #[test]
+fn a_fetched_buffer_offloads_for_free_until_an_op_writes_it() -> Result<()> {
+    let _ng = no_grad();
+    let x = v(&[1.0, 2.0, 3.0], &[3]);
+    let b = x.buffer();
+    let bytes = b.size_in_bytes();
+    assert_eq!(b.offload()?, bytes, "the first offload copies");
+    assert_eq!(b.fetch()?, bytes);
+    assert!(b.host_copy_is_current());
+    // Read only: the host copy is current, nothing moves, the bytes are the same.
+    assert_eq!(b.offload()?, 0);
+    assert_eq!(b.fetch()?, bytes);
+    assert_eq!(x.to_vec::<f32>()?, vec![1.0, 2.0, 3.0]);
+    // Written in place: the host copy is stale and the next offload copies the new bytes.
+    execute_inplace(AddInto, &x, &[&v(&[0.5; 3], &[3])])?;
+    assert!(!b.host_copy_is_current());
+    assert_eq!(b.offload()?, bytes);
+    assert_eq!(b.fetch()?, bytes);
+    assert_eq!(x.to_vec::<f32>()?, vec![1.5, 2.5, 3.5]);
+    // Dropped (for recomputation) and new bytes put in its slot: no host copy either.
+    assert_eq!(b.offload()?, 0);
+    b.fetch()?;
+    b.drop_data();
+    assert!(!b.host_copy_is_current());
+    b.set_slot(dynn_core::Slot::Device(Arc::from(
+        Box::new(CpuStorage::F32(vec![7.0; 3])) as Box<dyn dynn_core::DeviceStorage>,
+    )));
+    assert!(!b.host_copy_is_current());
+    assert_eq!(b.offload()?, bytes);
+    b.fetch()?;
+    assert_eq!(x.to_vec::<f32>()?, vec![7.0; 3]);
+    Ok(())
+}
+
+#[test]
 fn recipes_recompute_the_same_bits_and_go_stale_after_in_place_updates() -> Result<()> {
     let rec = Arc::new(Rec {
         recipes: true,

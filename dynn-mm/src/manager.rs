@@ -70,6 +70,9 @@ pub struct MemoryStats {
     pub bytes_d2h: u64,
     /// Buffers offloaded to make room.
     pub evictions: u64,
+    /// Of those, buffers whose host copy was current (fetched, not written since): released
+    /// without a copy.
+    pub clean_evictions: u64,
     /// Activations dropped to be recomputed.
     pub drops: u64,
     /// Recomputations.
@@ -416,7 +419,10 @@ impl MemoryManager {
             host_bytes: st
                 .table
                 .values()
-                .filter(|e| e.res == Residency::Host)
+                .filter(|e| {
+                    e.res == Residency::Host
+                        || e.buf.upgrade().is_some_and(|b| b.host_copy_is_current())
+                })
                 .map(|e| e.bytes)
                 .sum(),
             top_holders: holders,
@@ -745,6 +751,7 @@ impl MemoryManager {
                 e.res = Residency::Host;
                 st.stats.bytes_d2h += moved as u64;
                 st.stats.evictions += 1;
+                st.stats.clean_evictions += u64::from(moved == 0 && bytes > 0);
                 stalled(st, start);
             }
         }

@@ -30,7 +30,8 @@ pub struct MemoryReport {
     pub stats: MemoryStats,
     /// Device bytes per kind now.
     pub device_by_kind: [usize; 5],
-    /// Bytes in the host tier now.
+    /// Bytes in the host tier now: offloaded buffers, and the copies fetched buffers keep
+    /// until they are written.
     pub host_bytes: usize,
     /// Largest device-resident buffers now: (bytes, kind, producing op, id).
     pub top_holders: Vec<(usize, BufferKind, &'static str, BufferId)>,
@@ -82,10 +83,11 @@ impl std::fmt::Display for MemoryReport {
         )?;
         writeln!(
             f,
-            "traffic              {} host->device, {} device->host, {} evictions, {} prefetches",
+            "traffic              {} host->device, {} device->host, {} evictions ({} without a copy), {} prefetches",
             human_bytes(s.bytes_h2d as usize),
             human_bytes(s.bytes_d2h as usize),
             s.evictions,
+            s.clean_evictions,
             s.prefetches
         )?;
         writeln!(

@@ -179,6 +179,9 @@ pub struct SimResult {
     pub peak_device_bytes: usize,
     /// Buffers evicted.
     pub evictions: u64,
+    /// Of those, buffers whose host copy was current: released without a copy or a host
+    /// move charge.
+    pub clean_evictions: u64,
     /// Inputs fetched from the host tier when an op needed them (not prefetched).
     pub demand_fetches: u64,
     /// FLOPs spent recomputing dropped buffers.
@@ -259,6 +262,9 @@ struct Buf {
     uses: u32,
     /// (flops, bytes) of the producing op, for recomputation.
     producer: Option<(u64, u64)>,
+    /// The host tier still holds the copy it was fetched from (no op has written it since):
+    /// evicting it copies nothing, as [`dynn_core::Buffer::offload`] does.
+    clean: bool,
 }
 
 /// Replays `ops` (one step of a trace, in order) under `policy`, a `budget` in bytes (`None`:
@@ -369,6 +375,9 @@ pub fn simulate_with(
                     now = h2d_free;
                     r.bytes_h2d += a.1;
                     r.demand_fetches += 1;
+                    if let Some(b) = bufs.get_mut(&a.0) {
+                        b.clean = true;
+                    }
                 }
                 Some(Place::Dropped) => {
                     block = alloc!(a.1 as usize);
@@ -406,6 +415,7 @@ pub fn simulate_with(
                             last_use: seq,
                             uses: 0,
                             producer: None,
+                            clean: false,
                         },
                     );
                     by_key.insert(a.3, a.0);
@@ -420,8 +430,9 @@ pub fn simulate_with(
             r.stall_ms += (now - start) * 1e3 - (r.move_host_ms - issued);
         }
         for a in &op.outputs {
-            if bufs.contains_key(&a.0) {
-                continue; // written in place
+            if let Some(b) = bufs.get_mut(&a.0) {
+                b.clean = false; // written in place: the host copy is stale
+                continue;
             }
             let (start, issued) = (now, r.move_host_ms);
             let block = alloc!(a.1 as usize);
@@ -437,6 +448,7 @@ pub fn simulate_with(
                     last_use: seq,
                     uses: 0,
                     producer: Some((op.flops, op.bytes_read + op.bytes_written)),
+                    clean: false,
                 },
             );
             by_key.insert(a.3, a.0);
@@ -503,6 +515,7 @@ pub fn simulate_with(
             let begin = now.max(h2d_free);
             h2d_free = begin + profile.h2d_s(b.bytes as u64);
             b.place = Place::Arriving(h2d_free);
+            b.clean = true;
             r.bytes_h2d += b.bytes as u64;
             r.peak_device_bytes = r.peak_device_bytes.max(mem.used);
         }
@@ -607,7 +620,15 @@ impl RoomMaker<'_> {
                 *self.now = self.now.max(t);
             }
             match how {
-                Eviction::Drop => b.place = Place::Dropped,
+                Eviction::Drop => {
+                    b.place = Place::Dropped;
+                    b.clean = false;
+                }
+                // Its host copy is current: the device copy is released, nothing moves.
+                Eviction::Offload if b.clean => {
+                    b.place = Place::Host;
+                    self.r.clean_evictions += 1;
+                }
                 Eviction::Offload => {
                     self.profile.issue_move(self.now, self.r);
                     let begin = self.now.max(*self.d2h_free);

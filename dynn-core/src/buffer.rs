@@ -328,6 +328,31 @@ impl Buffer {
         }
     }
 
+    /// Copies the device bytes to the host tier while keeping them on the device (a
+    /// background write-back): a later [`Buffer::offload`] then moves nothing, unless an op
+    /// writes the buffer first. Returns the bytes copied (0 when not on the device or when the
+    /// host copy is already current). A write that races the copy makes the copy stale, and
+    /// it is not kept.
+    pub fn write_back(&self) -> Result<usize> {
+        let (device, version) = match &*self.read_slot() {
+            Slot::Device(s) => (s.clone(), self.version.load(Ordering::Acquire)),
+            _ => return Ok(0),
+        };
+        if self.host_copy_is_current() {
+            return Ok(0);
+        }
+        let host: Arc<dyn HostStorage> = Arc::from(device.offload()?);
+        // Writers take the slot's write lock: none can run between this check and the store.
+        let slot = self.read_slot();
+        if let Slot::Device(now) = &*slot
+            && Arc::ptr_eq(now, &device)
+            && self.version.load(Ordering::Acquire) == version
+        {
+            *self.host_copy() = Some((version, host));
+        }
+        Ok(self.size_in_bytes())
+    }
+
     /// Moves the bytes from the host tier back to the device, keeping the host copy until an
     /// op writes them. Returns the bytes moved.
     pub fn fetch(&self) -> Result<usize> {

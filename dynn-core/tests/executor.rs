@@ -296,7 +296,7 @@ fn in_place_updates_report_the_target_as_input_and_output() -> Result<()> {
 }
 
 #[test]
-fn a_fetched_buffer_offloads_for_free_until_an_op_writes_it() -> Result<()> {
+fn a_fetched_or_written_back_buffer_offloads_for_free_until_an_op_writes_it() -> Result<()> {
     let _ng = no_grad();
     let x = v(&[1.0, 2.0, 3.0], &[3]);
     let b = x.buffer();
@@ -314,6 +314,17 @@ fn a_fetched_buffer_offloads_for_free_until_an_op_writes_it() -> Result<()> {
     assert_eq!(b.offload()?, bytes);
     assert_eq!(b.fetch()?, bytes);
     assert_eq!(x.to_vec::<f32>()?, vec![1.5, 2.5, 3.5]);
+    // Written (adding zeros), then written back in the background: still on the device, and
+    // the next offload is free.
+    assert_eq!(b.write_back()?, 0, "the fetched copy is current");
+    execute_inplace(AddInto, &x, &[&v(&[0.0; 3], &[3])])?;
+    assert_eq!(b.write_back()?, bytes);
+    assert_eq!(b.residency(), dynn_core::Residency::Device);
+    assert!(b.host_copy_is_current());
+    assert_eq!(b.write_back()?, 0, "already current");
+    assert_eq!(b.offload()?, 0);
+    assert_eq!(x.to_vec::<f32>()?, vec![1.5, 2.5, 3.5]);
+    b.fetch()?;
     // Dropped (for recomputation) and new bytes put in its slot: no host copy either.
     assert_eq!(b.offload()?, 0);
     b.fetch()?;

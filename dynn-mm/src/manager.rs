@@ -70,9 +70,12 @@ pub struct MemoryStats {
     pub bytes_d2h: u64,
     /// Buffers offloaded to make room.
     pub evictions: u64,
-    /// Of those, buffers whose host copy was current (fetched, not written since): released
-    /// without a copy.
+    /// Of those, buffers whose host copy was current (fetched or written back, and not
+    /// written since): released without a copy.
     pub clean_evictions: u64,
+    /// Background write-backs: resident buffers copied to the host tier while the link was
+    /// idle, so that evicting them later is free.
+    pub write_backs: u64,
     /// Activations dropped to be recomputed.
     pub drops: u64,
     /// Recomputations.
@@ -183,6 +186,8 @@ struct State {
     announced: Announced,
     /// The record of the op being finished, reused from op to op.
     record: OpRecord,
+    /// A background write-back is queued or running (one at a time).
+    writing_back: bool,
 }
 
 /// A dropped buffer being recomputed.
@@ -338,6 +343,7 @@ impl MemoryManager {
                 step_signature: FNV_START,
                 announced: Announced::default(),
                 record: OpRecord::default(),
+                writing_back: false,
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -473,6 +479,15 @@ impl MemoryManager {
     }
 
     fn complete(&self, st: &mut State, c: crate::transfer::Completion) {
+        if c.dir == Direction::WriteBack {
+            // The buffer never left the device: only the counters change.
+            st.writing_back = false;
+            if c.result.is_ok() && c.bytes > 0 {
+                st.stats.bytes_d2h += c.bytes as u64;
+                st.stats.write_backs += 1;
+            }
+            return;
+        }
         let Some(e) = st.table.get_mut(&c.id) else {
             return;
         };
@@ -497,6 +512,8 @@ impl MemoryManager {
                 st.pool.release(block);
                 st.device_by_kind[e.kind as usize] -= e.bytes;
             }
+            // Never in flight: a write-back leaves the buffer resident (handled above).
+            (Direction::WriteBack, _) => e.res = Residency::Device(block),
         }
     }
 
@@ -1161,6 +1178,29 @@ impl MemoryManager {
         announced.attach_to(rec);
     }
 
+    /// Under a budget, while no write-back is in flight, copies the least recently used
+    /// resident buffer whose host copy is stale to the host tier in the background (keeping
+    /// it on the device), so that evicting it later costs no copy on the executor's thread.
+    fn write_back(&self, st: &mut State) {
+        if st.writing_back || st.pool.budget() == usize::MAX {
+            return;
+        }
+        let oldest = st
+            .table
+            .iter()
+            .filter(|(_, e)| {
+                e.pins == 0 && e.held == 0 && e.bytes > 0 && matches!(e.res, Residency::Device(_))
+            })
+            .filter_map(|(&id, e)| Some((e.last_use, id, e.buf.upgrade()?)))
+            .filter(|(_, _, b)| !b.host_copy_is_current())
+            .min_by_key(|(last_use, id, _)| (*last_use, id.0));
+        if let Some((_, _, buf)) = oldest
+            && self.engine.submit(&buf, Direction::WriteBack)
+        {
+            st.writing_back = true;
+        }
+    }
+
     /// Issues prefetches for buffers the policy expects soon, without evicting anything the
     /// policy expects sooner.
     fn prefetch(&self, st: &mut State) {
@@ -1372,6 +1412,7 @@ impl MemoryHooks for MemoryManager {
         }
         st.now.index += 1;
         self.prefetch(&mut st);
+        self.write_back(&mut st);
         Ok(())
     }
 

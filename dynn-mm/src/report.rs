@@ -83,11 +83,12 @@ impl std::fmt::Display for MemoryReport {
         )?;
         writeln!(
             f,
-            "traffic              {} host->device, {} device->host, {} evictions ({} without a copy), {} prefetches",
+            "traffic              {} host->device, {} device->host, {} evictions ({} without a copy), {} write-backs, {} prefetches",
             human_bytes(s.bytes_h2d as usize),
             human_bytes(s.bytes_d2h as usize),
             s.evictions,
             s.clean_evictions,
+            s.write_backs,
             s.prefetches
         )?;
         writeln!(

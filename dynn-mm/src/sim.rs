@@ -182,6 +182,8 @@ pub struct SimResult {
     /// Of those, buffers whose host copy was current: released without a copy or a host
     /// move charge.
     pub clean_evictions: u64,
+    /// Background write-backs (see [`MemoryStats::write_backs`](crate::MemoryStats)).
+    pub write_backs: u64,
     /// Inputs fetched from the host tier when an op needed them (not prefetched).
     pub demand_fetches: u64,
     /// FLOPs spent recomputing dropped buffers.
@@ -262,9 +264,11 @@ struct Buf {
     uses: u32,
     /// (flops, bytes) of the producing op, for recomputation.
     producer: Option<(u64, u64)>,
-    /// The host tier still holds the copy it was fetched from (no op has written it since):
+    /// The host tier holds a current copy (fetched or written back, and not written since):
     /// evicting it copies nothing, as [`dynn_core::Buffer::offload`] does.
     clean: bool,
+    /// When its write-back's copy has left the device (an eviction before waits for it).
+    clean_at: f64,
 }
 
 /// Replays `ops` (one step of a trace, in order) under `policy`, a `budget` in bytes (`None`:
@@ -416,6 +420,7 @@ pub fn simulate_with(
                             uses: 0,
                             producer: None,
                             clean: false,
+                            clean_at: 0.0,
                         },
                     );
                     by_key.insert(a.3, a.0);
@@ -449,6 +454,7 @@ pub fn simulate_with(
                     uses: 0,
                     producer: Some((op.flops, op.bytes_read + op.bytes_written)),
                     clean: false,
+                    clean_at: 0.0,
                 },
             );
             by_key.insert(a.3, a.0);
@@ -490,6 +496,23 @@ pub fn simulate_with(
                     mem.give(b.bytes, b.block);
                 }
                 by_key.remove(&b.key);
+            }
+        }
+        // Under a budget, while the download link is idle, write the least recently used
+        // resident buffer whose host copy is stale back to the host, keeping it on the device
+        // (as the memory manager does): evicting it later waits for that copy at most.
+        if budget != usize::MAX && d2h_free <= now {
+            let oldest = bufs
+                .iter()
+                .filter(|(_, b)| b.place == Place::Device && !b.clean && b.bytes > 0)
+                .min_by_key(|(id, b)| (b.last_use, **id))
+                .map(|(&id, _)| id);
+            if let Some(b) = oldest.and_then(|id| bufs.get_mut(&id)) {
+                d2h_free = now + profile.d2h_s(b.bytes as u64);
+                b.clean = true;
+                b.clean_at = d2h_free;
+                r.bytes_d2h += b.bytes as u64;
+                r.write_backs += 1;
             }
         }
         // Prefetch what the policy expects soon, while there is free room.
@@ -626,6 +649,7 @@ impl RoomMaker<'_> {
                 }
                 // Its host copy is current: the device copy is released, nothing moves.
                 Eviction::Offload if b.clean => {
+                    *self.now = self.now.max(b.clean_at);
                     b.place = Place::Host;
                     self.r.clean_evictions += 1;
                 }

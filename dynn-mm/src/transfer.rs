@@ -15,6 +15,9 @@ pub enum Direction {
     ToDevice,
     /// Device → host tier.
     ToHost,
+    /// Device → host tier, keeping the device copy ([`dynn_core::Buffer::write_back`]): a
+    /// later eviction moves nothing unless an op writes the buffer first.
+    WriteBack,
 }
 
 /// A finished transfer.
@@ -122,6 +125,10 @@ fn run(config: TransferConfig, requests: Receiver<Request>, done: Sender<Complet
                     Err(e) => (0, Err(e)),
                 },
                 Direction::ToDevice => match buf.fetch() {
+                    Ok(b) => (b, Ok(())),
+                    Err(e) => (0, Err(e)),
+                },
+                Direction::WriteBack => match buf.write_back() {
                     Ok(b) => (b, Ok(())),
                     Err(e) => (0, Err(e)),
                 },

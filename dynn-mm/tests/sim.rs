@@ -439,3 +439,41 @@ fn replaying_the_pool_after_the_step_before_evicts_where_the_manager_did() {
         );
     }
 }
+
+#[test]
+fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
+    let ops = recorded_step();
+    let prof = DeviceProfile::a100_pcie4();
+    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
+        .unwrap()
+        .peak_device_bytes;
+    // The manager: write-backs run on the transfer thread while the training runs (long
+    // enough for that thread to have started and finished some on a busy machine).
+    let mm = MemoryManager::new(ManagerConfig::new(
+        policy::by_name("lru").unwrap(),
+        Some(peak / 3),
+    ));
+    {
+        let _g = install_memory_hooks(mm.clone());
+        let m = Mlp::new(48, 8, 1).unwrap();
+        for _ in 0..200 {
+            m.train(1, 16, 2).unwrap();
+            if mm.stats().write_backs > 0 {
+                break;
+            }
+        }
+    }
+    let s = mm.stats();
+    assert!(s.write_backs > 0 && s.clean_evictions > 0, "{s:?}");
+    // The simulator: the same rule, and never with a budget that is not set.
+    let lru = simulate(
+        &ops,
+        policy::by_name("lru").unwrap().as_mut(),
+        Some(peak / 3),
+        &prof,
+    )
+    .unwrap();
+    assert!(lru.write_backs > 0 && lru.clean_evictions > 0, "{lru:?}");
+    let free = simulate(&ops, policy::by_name("lru").unwrap().as_mut(), None, &prof).unwrap();
+    assert_eq!(free.write_backs, 0);
+}

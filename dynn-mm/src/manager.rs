@@ -1182,14 +1182,18 @@ impl MemoryManager {
     /// resident buffer whose host copy is stale to the host tier in the background (keeping
     /// it on the device), so that evicting it later costs no copy on the executor's thread.
     fn write_back(&self, st: &mut State) {
-        if st.writing_back || st.pool.budget() == usize::MAX {
+        let budget = st.pool.budget();
+        if st.writing_back || budget == usize::MAX {
             return;
         }
         let oldest = st
             .table
             .iter()
             .filter(|(_, e)| {
-                e.pins == 0 && e.held == 0 && e.bytes > 0 && matches!(e.res, Residency::Device(_))
+                e.pins == 0
+                    && e.held == 0
+                    && crate::transfer::write_back_fits(e.bytes, budget)
+                    && matches!(e.res, Residency::Device(_))
             })
             .filter_map(|(&id, e)| Some((e.last_use, id, e.buf.upgrade()?)))
             .filter(|(_, _, b)| !b.host_copy_is_current())

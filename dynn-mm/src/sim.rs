@@ -504,7 +504,11 @@ pub fn simulate_with(
         if budget != usize::MAX && d2h_free <= now {
             let oldest = bufs
                 .iter()
-                .filter(|(_, b)| b.place == Place::Device && !b.clean && b.bytes > 0)
+                .filter(|(_, b)| {
+                    b.place == Place::Device
+                        && !b.clean
+                        && crate::transfer::write_back_fits(b.bytes, budget)
+                })
                 .min_by_key(|(id, b)| (b.last_use, **id))
                 .map(|(&id, _)| id);
             if let Some(b) = oldest.and_then(|id| bufs.get_mut(&id)) {

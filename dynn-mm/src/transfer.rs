@@ -20,6 +20,16 @@ pub enum Direction {
     WriteBack,
 }
 
+/// A background write-back copies buffers of at most `budget / WRITE_BACK_SHARE` bytes: a
+/// larger one would hold the download side for long when an eviction that cannot wait
+/// arrives.
+pub const WRITE_BACK_SHARE: usize = 16;
+
+/// Whether a buffer of `bytes` may be written back in the background under `budget`.
+pub fn write_back_fits(bytes: usize, budget: usize) -> bool {
+    bytes > 0 && bytes <= budget / WRITE_BACK_SHARE
+}
+
 /// A finished transfer.
 #[derive(Debug)]
 pub struct Completion {

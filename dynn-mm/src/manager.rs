@@ -127,6 +127,9 @@ pub struct ManagerConfig {
     pub record_timeline: bool,
     /// Pool segment sizes `(small, large)` in bytes.
     pub segments: (usize, usize),
+    /// Under a budget, write stale buffers back to the host in the background while the
+    /// download side is idle, so that evicting them later moves nothing.
+    pub write_back: bool,
 }
 
 impl ManagerConfig {
@@ -140,6 +143,7 @@ impl ManagerConfig {
             record_trace: false,
             record_timeline: false,
             segments: (crate::pool::SMALL_SEGMENT, crate::pool::LARGE_SEGMENT),
+            write_back: true,
         }
     }
 }
@@ -188,6 +192,8 @@ struct State {
     record: OpRecord,
     /// A background write-back is queued or running (one at a time).
     writing_back: bool,
+    /// Background write-backs are on ([`ManagerConfig::write_back`]).
+    write_back: bool,
 }
 
 /// A dropped buffer being recomputed.
@@ -344,6 +350,7 @@ impl MemoryManager {
                 announced: Announced::default(),
                 record: OpRecord::default(),
                 writing_back: false,
+                write_back: config.write_back,
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -1183,7 +1190,7 @@ impl MemoryManager {
     /// it on the device), so that evicting it later costs no copy on the executor's thread.
     fn write_back(&self, st: &mut State) {
         let budget = st.pool.budget();
-        if st.writing_back || budget == usize::MAX {
+        if !st.write_back || st.writing_back || budget == usize::MAX {
             return;
         }
         let oldest = st

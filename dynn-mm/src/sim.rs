@@ -323,6 +323,8 @@ pub fn simulate_with(
                 if let Place::Arriving(_) = b.place {
                     b.place = Place::Device;
                 }
+                // So have write-backs: their completion times belong to the old clock.
+                b.clean_at = 0.0;
                 by_key.insert(id, id);
             }
             (now, h2d_free, d2h_free) = (0.0, 0.0, 0.0);

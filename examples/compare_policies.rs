@@ -98,6 +98,10 @@ struct Args {
     /// Each such move then delays the replay's later ops by this much.
     #[arg(long)]
     move_host_us: Option<f64>,
+    /// Replay runs that write stale buffers back in the background (a trainer's
+    /// `--write-back`).
+    #[arg(long)]
+    write_back: bool,
     /// With `--trace`: count device memory in bytes instead of replaying the memory manager's
     /// own pool (with the trainers' segment sizes, so evictions fall where the run's did).
     #[arg(long)]
@@ -136,7 +140,8 @@ fn main() {
 
 fn run() -> Result<()> {
     let args = Args::parse();
-    let prof = DeviceProfile::by_name(&args.profile)?;
+    let mut prof = DeviceProfile::by_name(&args.profile)?;
+    prof.write_back = args.write_back;
     let models = if args.models.is_empty() {
         ALL.to_vec()
     } else {
@@ -147,7 +152,6 @@ fn run() -> Result<()> {
     };
     if let Some(path) = &args.trace {
         let trace = dynn::mm::Trace::load(path)?;
-        let mut prof = prof;
         if let Some(ms) = args.unlimited_ms {
             prof.launch_s = compare::replay::per_op_cost(&trace, &prof, ms)?;
             eprintln!(

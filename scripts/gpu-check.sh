@@ -4,7 +4,8 @@
 # budget with every policy against its unlimited run (parameters must be bit-identical); and
 # the benchmarks against PyTorch. Logs and JSON go to $OUT (default gpu-out/).
 # The pilot stage measures the pilot's own host time per step on the GPU (issue 6's 2% bar).
-#   scripts/gpu-check.sh [ops|bench|train|pilot|all]...
+# The writeback stage times each trainer at 25% (lru) with and without background write-backs.
+#   scripts/gpu-check.sh [ops|bench|train|pilot|writeback|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.gpu/bin}
@@ -134,6 +135,25 @@ if has pilot; then
         timeout 120 "$BIN/overhead" "$model" 30 25% cuda 2>>"$OUT/pilot_err.log" \
             | tee -a "$OUT/pilot.txt" | grep -E "ms/step|pilot:" | sed 's/; [0-9]* predictions.*//'
         [ "${PIPESTATUS[0]}" = 0 ] || { echo "$model: failed (see pilot_err.log)"; status=1; }
+    done
+fi
+if has writeback; then
+    echo "== background write-backs on and off: lru at 25%, steady-state median of 6 steps, twice"
+    : > "$OUT/writeback.jsonl"
+    for model in moe early_exit treelstm evoformer; do
+        exe="$BIN/train_$model"
+        extra=""; [ "$model" = treelstm ] && extra="--level-chunk 32"
+        for round in 1 2; do
+            for wb in on off; do
+                flag=""; [ "$wb" = on ] && flag="--write-back"
+                row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
+                    --policy lru $extra $flag 2>>"$OUT/writeback_err.log" | tail -1)
+                python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["write_back"]=sys.argv[2]; print(json.dumps(r))' \
+                    "$row" "$wb" >> "$OUT/writeback.jsonl" 2>/dev/null || { echo "$model $wb: failed"; status=1; continue; }
+                python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%-11s write-back %-3s %8.2f ms  %d moves  %.1f µs per move  params %s" % (sys.argv[2], sys.argv[3], r["step_ms_median"], r["moves"], r["move_host_us"], r["params_fnv"]))' \
+                    "$row" "$model" "$wb"
+            done
+        done
     done
 fi
 exit $status

@@ -128,7 +128,9 @@ pub struct ManagerConfig {
     /// Pool segment sizes `(small, large)` in bytes.
     pub segments: (usize, usize),
     /// Under a budget, write stale buffers back to the host in the background while the
-    /// download side is idle, so that evicting them later moves nothing.
+    /// download side is idle, so that evicting them later moves nothing. Off by default: on
+    /// the bundled trainers it cost more step time than it saved, on an H100 and on the CPU
+    /// (docs/PERFORMANCE.md, GPU run 8).
     pub write_back: bool,
 }
 
@@ -143,7 +145,7 @@ impl ManagerConfig {
             record_trace: false,
             record_timeline: false,
             segments: (crate::pool::SMALL_SEGMENT, crate::pool::LARGE_SEGMENT),
-            write_back: true,
+            write_back: false,
         }
     }
 }

@@ -47,6 +47,10 @@ pub struct DeviceProfile {
     /// host-bound run it delays every later kernel launch; prefetches are issued by the
     /// transfer thread and cost none.
     pub move_host_s: f64,
+    /// Under a budget the run writes stale buffers back in the background while the download
+    /// link is idle, as the memory manager does when asked ([`crate::ManagerConfig::write_back`];
+    /// off by default in both).
+    pub write_back: bool,
 }
 
 impl DeviceProfile {
@@ -61,6 +65,7 @@ impl DeviceProfile {
             launch_s: 5e-6,
             copy_latency_s: 0.0,
             move_host_s: 0.0,
+            write_back: false,
         }
     }
 
@@ -75,6 +80,7 @@ impl DeviceProfile {
             launch_s: 4e-6,
             copy_latency_s: 0.0,
             move_host_s: 0.0,
+            write_back: false,
         }
     }
 
@@ -90,6 +96,7 @@ impl DeviceProfile {
             launch_s: 1e-6,
             copy_latency_s: 0.0,
             move_host_s: 0.0,
+            write_back: false,
         }
     }
 
@@ -503,7 +510,7 @@ pub fn simulate_with(
         // Under a budget, while the download link is idle, write the least recently used
         // resident buffer whose host copy is stale back to the host, keeping it on the device
         // (as the memory manager does): evicting it later waits for that copy at most.
-        if budget != usize::MAX && d2h_free <= now {
+        if profile.write_back && budget != usize::MAX && d2h_free <= now {
             let oldest = bufs
                 .iter()
                 .filter(|(_, b)| {

@@ -35,13 +35,22 @@ fn unlimited_peak() -> usize {
     mm.stats().peak_device_bytes
 }
 
-fn run(
+type Run = (Vec<u32>, Vec<Vec<u32>>, dynn_mm::MemoryStats);
+
+fn run(policy_name: &str, budget: usize, transfer: TransferConfig) -> dynn_core::Result<Run> {
+    run_with(policy_name, budget, transfer, false)
+}
+
+/// [`run`], with background write-backs on or off.
+fn run_with(
     policy_name: &str,
     budget: usize,
     transfer: TransferConfig,
-) -> dynn_core::Result<(Vec<u32>, Vec<Vec<u32>>, dynn_mm::MemoryStats)> {
+    write_back: bool,
+) -> dynn_core::Result<Run> {
     let mut cfg = config(policy_name, Some(budget))?;
     cfg.transfer = transfer;
+    cfg.write_back = write_back;
     let mm = MemoryManager::new(cfg);
     let _g = install_memory_hooks(mm.clone());
     let m = Mlp::new(48, 8, 1)?;
@@ -218,4 +227,26 @@ fn a_drop_without_a_recipe_is_offloaded_instead() {
     let stats = mm.stats();
     assert!(stats.evictions > 0, "the budget forced evictions");
     assert_eq!(stats.drops, 0, "nothing without a recipe was dropped");
+}
+
+#[test]
+fn background_write_backs_change_nothing() {
+    let (ref_losses, ref_params) = reference();
+    let peak = unlimited_peak();
+    // Delayed copies widen the window in which an op writes a buffer being written back.
+    let slow = TransferConfig {
+        link_bytes_per_sec: None,
+        random_delay_us: Some((5, 200)),
+    };
+    for policy_name in ["lru", "belady"] {
+        for transfer in [TransferConfig::default(), slow] {
+            let (losses, params, stats) = run_with(policy_name, peak / 4, transfer, true).unwrap();
+            assert_eq!(
+                (losses, params),
+                (ref_losses.clone(), ref_params.clone()),
+                "{policy_name}, write-backs on, {transfer:?}"
+            );
+            assert!(stats.evictions > 0, "{policy_name}: {stats:?}");
+        }
+    }
 }

@@ -449,10 +449,9 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
         .peak_device_bytes;
     // The manager: write-backs run on the transfer thread while the training runs (long
     // enough for that thread to have started and finished some on a busy machine).
-    let mm = MemoryManager::new(ManagerConfig::new(
-        policy::by_name("lru").unwrap(),
-        Some(peak / 3),
-    ));
+    let mut cfg = ManagerConfig::new(policy::by_name("lru").unwrap(), Some(peak / 3));
+    cfg.write_back = true;
+    let mm = MemoryManager::new(cfg);
     {
         let _g = install_memory_hooks(mm.clone());
         let m = Mlp::new(48, 8, 1).unwrap();
@@ -465,7 +464,30 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     }
     let s = mm.stats();
     assert!(s.write_backs > 0 && s.clean_evictions > 0, "{s:?}");
+    // Off by default.
+    let off = MemoryManager::new(ManagerConfig::new(
+        policy::by_name("lru").unwrap(),
+        Some(peak / 3),
+    ));
+    {
+        let _g = install_memory_hooks(off.clone());
+        Mlp::new(48, 8, 1).unwrap().train(3, 16, 2).unwrap();
+    }
+    assert_eq!(off.stats().write_backs, 0);
+    assert!(off.stats().evictions > 0);
+    let default = simulate(
+        &ops,
+        policy::by_name("lru").unwrap().as_mut(),
+        Some(peak / 3),
+        &prof,
+    )
+    .unwrap();
+    assert_eq!(default.write_backs, 0);
     // The simulator: the same rule, and never with a budget that is not set.
+    let prof = DeviceProfile {
+        write_back: true,
+        ..prof
+    };
     let lru = simulate(
         &ops,
         policy::by_name("lru").unwrap().as_mut(),

@@ -52,10 +52,10 @@ pub struct TrainArgs {
     /// Clip gradients to this global norm (0 = no clipping).
     #[arg(long, default_value_t = 1.0)]
     pub clip: f64,
-    /// Do not write stale buffers back to the host in the background under a budget (every
-    /// eviction of a written buffer then copies it when it is made).
+    /// Under a budget, write stale buffers back to the host in the background while the
+    /// download side is idle (evicting them later then copies nothing).
     #[arg(long)]
-    pub no_write_back: bool,
+    pub write_back: bool,
     /// Print one JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -86,7 +86,7 @@ impl Default for TrainArgs {
             plot: None,
             grad_accum: 1,
             clip: 1.0,
-            no_write_back: false,
+            write_back: false,
             json: false,
             quiet: false,
             record_trace: false,

@@ -44,7 +44,7 @@ fn manager_config(policy: &str, budget: Option<usize>, args: &TrainArgs) -> Resu
     cfg.segments = SEGMENTS;
     cfg.record_trace = args.trace_out.is_some() || args.record_trace;
     cfg.record_timeline = args.plot.is_some();
-    cfg.write_back = !args.no_write_back;
+    cfg.write_back = args.write_back;
     Ok(cfg)
 }
 

@@ -447,8 +447,10 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
         .unwrap()
         .peak_device_bytes;
-    // The manager: write-backs run on the transfer thread while the training runs (long
-    // enough for that thread to have started and finished some on a busy machine).
+    // The manager: write-backs run on the transfer thread while the training runs. On a
+    // loaded machine that thread may not run before the executor evicts or frees what it was
+    // asked to copy (such a write-back copies nothing); a pause between steps lets the one
+    // asked for at a step's end, of a buffer that outlives the step, complete.
     let mut cfg = ManagerConfig::new(policy::by_name("lru").unwrap(), Some(peak / 3));
     cfg.write_back = true;
     let mm = MemoryManager::new(cfg);
@@ -457,9 +459,11 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
         let m = Mlp::new(48, 8, 1).unwrap();
         for _ in 0..200 {
             m.train(1, 16, 2).unwrap();
-            if mm.stats().write_backs > 0 {
+            let s = mm.stats();
+            if s.write_backs > 0 && s.clean_evictions > 0 {
                 break;
             }
+            std::thread::sleep(std::time::Duration::from_millis(2));
         }
     }
     let s = mm.stats();

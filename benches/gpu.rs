@@ -326,6 +326,19 @@ fn main() -> BenchResult<()> {
             });
         }
     }
+    for (dtype, tag) in [(DType::F16, "f16"), (DType::BF16, "bf16")] {
+        let (n, name) = (4096usize, format!("matmul_{tag}_4096"));
+        if want(&name) {
+            let a = randn(&[n, n], 1, dev)?.to_dtype(dtype)?;
+            let b = randn(&[n, n], 2, dev)?.to_dtype(dtype)?;
+            let ms = time(dev, || Ok(a.matmul(&b)?))?;
+            cases.push(Case {
+                name,
+                ms,
+                work: ("flops", 2.0 * (n * n * n) as f64),
+            });
+        }
+    }
     if want("bmm_32x128x64x128") {
         let (a, b) = (
             randn(&[32, 128, 64], 3, dev)?,

@@ -132,6 +132,10 @@ def case(name):
         n = int(name.rsplit("_", 1)[1])
         a, b = randn(n, n), randn(n, n)
         return lambda: a @ b
+    if name in ("matmul_f16_4096", "matmul_bf16_4096"):
+        dtype = torch.bfloat16 if name.startswith("matmul_bf16") else torch.float16
+        a, b = randn(4096, 4096).to(dtype), randn(4096, 4096).to(dtype)
+        return lambda: a @ b
     if name == "bmm_32x128x64x128":
         a, b = randn(32, 128, 64), randn(32, 64, 128)
         return lambda: a @ b

@@ -5,6 +5,7 @@
 # the benchmarks against PyTorch. Logs and JSON go to $OUT (default gpu-out/).
 # The pilot stage measures the pilot's own host time per step on the GPU (issue 6's 2% bar).
 # The writeback stage times each trainer at 25% (lru) with and without background write-backs.
+# FILTER=name runs only the op tests and bench cases whose names contain it (ops, bench).
 #   scripts/gpu-check.sh [ops|bench|train|pilot|writeback|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,7 +33,7 @@ status=0
 
 if has ops; then
     echo "== op suite on the GPU (CPU as oracle)"
-    timeout 300 "$BIN/cuda_ops" --test-threads 4 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -40
+    timeout 300 "$BIN/cuda_ops" ${FILTER:+"$FILTER"} --test-threads 4 --nocapture 2>&1 | tee "$OUT/ops.log" | tail -40
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
     if grep -q "skipped: no CUDA" "$OUT/ops.log"; then
         echo "FAILED: the op suite found no GPU (check the driver path above)"
@@ -42,7 +43,7 @@ fi
 
 if has bench; then
     echo "== benchmarks: dynn vs PyTorch"
-    timeout 200 "$BIN/gpu" --json > "$OUT/dynn_gpu.txt" 2>&1 || status=1
+    timeout 200 "$BIN/gpu" --json ${FILTER:+--filter "$FILTER"} > "$OUT/dynn_gpu.txt" 2>&1 || status=1
     tail -20 "$OUT/dynn_gpu.txt"
     timeout 200 python3 benches/gpu_torch.py --dynn "$OUT/dynn_gpu.txt" --out "$OUT/bench.json" \
         > "$OUT/torch.txt" 2>&1 || status=1

@@ -100,6 +100,5 @@ pub fn cuda_sources() -> Vec<&'static crate::cuda::CudaSource> {
         &crate::ops::update::CUDA,
         &crate::ops::optim::CUDA,
         &crate::ops::cast::CUDA,
-        &crate::ops::matmul::CUDA,
     ]
 }

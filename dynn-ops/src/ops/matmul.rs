@@ -2,7 +2,7 @@
 //! from the `gemm` crate, which reads any row/column strides, so transposed operands (as in
 //! every backward) are never copied. f16/bf16 are computed in f32.
 
-use crate::cuda::{self, CudaSource, CudaStorage, Strided};
+use crate::cuda::{self, CudaStorage};
 use crate::ops::reduce::ReduceOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
@@ -177,18 +177,6 @@ fn to_f32(s: &CpuStorage) -> Vec<f32> {
     }
 }
 
-/// The CUDA side: products run on cuBLAS; this kernel only gathers an operand whose layout
-/// cuBLAS cannot read (neither rows nor columns unit-strided, or irregular batch strides) into
-/// a contiguous copy first.
-pub const CUDA: CudaSource = CudaSource {
-    name: "matmul",
-    code: r#"
-extern "C" __global__ void matmul_gather(const scalar* x, Strided xs, scalar* y, i64 n) {
-    GRID_LOOP(i, n) y[i] = x[at(xs, i)];
-}
-"#,
-};
-
 /// How cuBLAS reads one operand: transposed or not, its leading dimension, the element offset
 /// of its first matrix and the stride between batch entries.
 struct BlasOperand {
@@ -248,31 +236,20 @@ fn blas_operand(
     })
 }
 
-/// A contiguous `(batch, rows, cols)` copy of an operand on the GPU.
+/// A contiguous `(batch, rows, cols)` copy of an operand on the GPU (any dtype).
 fn gather_operand(
     x: &KernelArg<'_>,
     batch: &Shape,
     rows: usize,
     cols: usize,
 ) -> Result<CudaStorage> {
-    let xs = cuda::storage("matmul", x)?;
-    let dev = xs.dev();
     let mut dims = batch.to_vec();
     dims.extend([rows, cols]);
-    let shape = Shape::new(&dims);
-    let view = Strided::broadcast("matmul", x.layout, &shape)?;
-    let n = shape.elem_count();
-    let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
-    let f = dev.function(&CUDA, x.dtype(), "matmul_gather")?;
-    let n64 = n as i64;
-    crate::cuda_launch!(
-        dev,
-        "matmul",
-        f,
-        cuda::grid(n),
-        [xs.slice(), &view, out.slice_mut(), &n64]
-    )?;
-    Ok(out)
+    let layout = x.layout.broadcast_as(&Shape::new(&dims))?;
+    crate::ops::views::cuda_gather(&KernelArg {
+        storage: x.storage,
+        layout: &layout,
+    })
 }
 
 /// `a @ b` on the GPU through cuBLAS's strided-batched GEMM.
@@ -348,12 +325,17 @@ fn cuda_matmul(a: &KernelArg<'_>, b: &KernelArg<'_>) -> Result<Box<dyn dynn_core
         (p, nb)
     };
     let blas = dev.blas()?;
+    let (a, b, c) = ((&oa, da), (&ob, db), &mut out);
+    // Half precision goes through cublasGemmEx, accumulating in f32 as the CPU kernel does.
+    let (f16, bf16) = (half::f16::ONE, half::bf16::ONE);
     match dtype {
-        DType::F32 => blas_gemm::<f32>(&blas, &p, nb, (&oa, da), (&ob, db), &mut out, 1.0, 0.0),
-        DType::F64 => blas_gemm::<f64>(&blas, &p, nb, (&oa, da), (&ob, db), &mut out, 1.0, 0.0),
+        DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f32, 0.0),
+        DType::F64 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f64, 0.0),
+        DType::F16 => blas_gemm(&blas, &p, nb, a, b, c, f16, half::f16::ZERO),
+        DType::BF16 => blas_gemm(&blas, &p, nb, a, b, c, bf16, half::bf16::ZERO),
         other => Err(Error::Device {
             op: "matmul",
-            msg: format!("CUDA matmul runs on f32 and f64, got {other:?}"),
+            msg: format!("CUDA matmul runs on f32, f64, f16 and bf16, got {other:?}"),
         }),
     }
     .map_err(|e| match e {

@@ -153,13 +153,19 @@ fn by_size(dtype: dynn_core::DType, names: [&'static str; 3]) -> &'static str {
 
 /// `x` gathered into a fresh contiguous GPU buffer.
 fn cuda_contiguous(x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
+    Ok(Box::new(cuda_gather(x)?))
+}
+
+/// The elements of `x` (any layout, broadcast included, any dtype) in row-major order, in a
+/// fresh GPU buffer: a copy by element size.
+pub(crate) fn cuda_gather(x: &KernelArg<'_>) -> Result<CudaStorage> {
     const NAME: &str = "contiguous";
     let sx = cuda::storage(NAME, x)?;
     let dev = sx.dev();
     let n = x.layout.elem_count();
     let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
     if n == 0 {
-        return Ok(Box::new(out));
+        return Ok(out);
     }
     let c = coalesce(x.shape(), &[x.layout]);
     let small = index32(n, &[&c[0]]);
@@ -174,7 +180,7 @@ fn cuda_contiguous(x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage
         elementwise_grid(n),
         [sx.slice(), &view, out.slice_mut(), &n64, &small]
     )?;
-    Ok(Box::new(out))
+    Ok(out)
 }
 
 /// Backward of `narrow`: places the gradient at its slice of a zero tensor of the input's size.

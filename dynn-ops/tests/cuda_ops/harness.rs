@@ -7,6 +7,7 @@
 
 use dynn_core::{DType, Device, Error, Result, Tensor};
 use dynn_ops::grad::Backward;
+use dynn_ops::prelude::*;
 
 /// `cuda:0`, initialised, or `None` (with a notice) when there is no driver or device.
 pub fn gpu() -> Option<Device> {
@@ -46,7 +47,7 @@ pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     rand_dtype(shape, seed, DType::F32)
 }
 
-/// Like [`randn`] in `dtype` (f32 or f64).
+/// Like [`randn`] in `dtype` (f32, f64, f16 or bf16).
 pub fn rand_dtype(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let mut r = Rng::new(seed);
     let n: usize = shape.iter().product();
@@ -87,6 +88,10 @@ pub fn indices(shape: &[usize], bound: usize, seed: u64, dtype: DType) -> Tensor
 fn from_f64(v: Vec<f64>, shape: &[usize], dtype: DType) -> Tensor {
     match dtype {
         DType::F64 => Tensor::from_vec(v, shape, Device::Cpu),
+        DType::F16 | DType::BF16 => {
+            Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), shape, Device::Cpu)
+                .and_then(|t| t.to_dtype(dtype))
+        }
         _ => Tensor::from_vec(v.iter().map(|&x| x as f32).collect(), shape, Device::Cpu),
     }
     .expect("random tensor")

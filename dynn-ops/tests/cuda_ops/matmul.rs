@@ -1,5 +1,6 @@
 //! Matmul on the GPU (cuBLAS): plain, transposed operands, batched with broadcasting,
-//! narrowed (non-unit strides cuBLAS cannot read directly), f32 and f64, forward and backward.
+//! narrowed (non-unit strides cuBLAS cannot read directly), f32, f64, f16 and bf16 (f32
+//! accumulation on both devices), forward and backward.
 
 use crate::harness::*;
 use dynn_core::{DType, Result};
@@ -8,8 +9,14 @@ use dynn_ops::prelude::*;
 #[test]
 fn matmul() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
-        let tol = if dtype == DType::F32 { 1e-4 } else { 1e-9 };
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        // Half-precision results differ by the rounding of the f32 sum: an ulp or two.
+        let tol = match dtype {
+            DType::F32 => 1e-4,
+            DType::F64 => 1e-9,
+            DType::F16 => 2e-3,
+            _ => 1.6e-2,
+        };
         let r = |s: &[usize], seed| rand_dtype(s, seed, dtype);
         let mut case =
             |name: &str,

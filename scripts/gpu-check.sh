@@ -99,7 +99,10 @@ PY
     # The bench's host time per move: the fallback where a trainer's 50% run gives none.
     bench_host=${profile#* }; [ "$bench_host" = "$profile" ] && bench_host=""
     profile=${profile%% *}
-    profile=${profile:-h100-pcie5}
+    if [ -z "$profile" ]; then
+        echo "warning: $OUT/bench.json lacks the calibration cases (a FILTERed bench?): predicting with h100-pcie5"
+        profile=h100-pcie5
+    fi
     echo "profile $profile (bench: ${bench_host:-no} µs of host time per move)"
     field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2" 2>/dev/null; }
     for model in moe early_exit treelstm evoformer; do

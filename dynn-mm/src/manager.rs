@@ -128,9 +128,9 @@ pub struct ManagerConfig {
     /// Pool segment sizes `(small, large)` in bytes.
     pub segments: (usize, usize),
     /// Under a budget, write stale buffers back to the host in the background while the
-    /// download side is idle, so that evicting them later moves nothing. Off by default: on
-    /// the bundled trainers it cost more step time than it saved, on an H100 and on the CPU
-    /// (docs/PERFORMANCE.md, GPU run 8).
+    /// download side is idle, so that evicting them later moves nothing. Off by default: on an
+    /// H100 it cost the bundled trainers more step time than it saved (docs/PERFORMANCE.md,
+    /// GPU runs 9–10), and on the CPU the Evoformer's too.
     pub write_back: bool,
 }
 

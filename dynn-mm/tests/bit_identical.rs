@@ -234,6 +234,9 @@ fn background_write_backs_change_nothing() {
     let (ref_losses, ref_params) = reference();
     let peak = unlimited_peak();
     // Delayed copies widen the window in which an op writes a buffer being written back.
+    // Write-backs are opportunistic (on a loaded machine the executor may evict or free a
+    // buffer before its copy runs): identity must hold however many land; sim.rs checks that
+    // they do.
     let slow = TransferConfig {
         link_bytes_per_sec: None,
         random_delay_us: Some((5, 200)),

@@ -246,10 +246,13 @@ fn gather_operand(
     let mut dims = batch.to_vec();
     dims.extend([rows, cols]);
     let layout = x.layout.broadcast_as(&Shape::new(&dims))?;
-    crate::ops::views::cuda_gather(&KernelArg {
-        storage: x.storage,
-        layout: &layout,
-    })
+    crate::ops::views::cuda_contiguous_copy(
+        "matmul",
+        &KernelArg {
+            storage: x.storage,
+            layout: &layout,
+        },
+    )
 }
 
 /// `a @ b` on the GPU through cuBLAS's strided-batched GEMM.
@@ -326,7 +329,9 @@ fn cuda_matmul(a: &KernelArg<'_>, b: &KernelArg<'_>) -> Result<Box<dyn dynn_core
     };
     let blas = dev.blas()?;
     let (a, b, c) = ((&oa, da), (&ob, db), &mut out);
-    // Half precision goes through cublasGemmEx, accumulating in f32 as the CPU kernel does.
+    // Half precision goes through cuBLAS's strided-batched GemmEx computing in f32 (the CPU
+    // kernel accumulates in f32 too; cuBLAS may still reduce in the output type where it
+    // splits k, as PyTorch's defaults allow).
     let (f16, bf16) = (half::f16::ONE, half::bf16::ONE);
     match dtype {
         DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f32, 0.0),

@@ -153,14 +153,13 @@ fn by_size(dtype: dynn_core::DType, names: [&'static str; 3]) -> &'static str {
 
 /// `x` gathered into a fresh contiguous GPU buffer.
 fn cuda_contiguous(x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
-    Ok(Box::new(cuda_gather(x)?))
+    Ok(Box::new(cuda_contiguous_copy("contiguous", x)?))
 }
 
 /// The elements of `x` (any layout, broadcast included, any dtype) in row-major order, in a
-/// fresh GPU buffer: a copy by element size.
-pub(crate) fn cuda_gather(x: &KernelArg<'_>) -> Result<CudaStorage> {
-    const NAME: &str = "contiguous";
-    let sx = cuda::storage(NAME, x)?;
+/// fresh GPU buffer: a copy by element size. Errors name `op`.
+pub(crate) fn cuda_contiguous_copy(op: &'static str, x: &KernelArg<'_>) -> Result<CudaStorage> {
+    let sx = cuda::storage(op, x)?;
     let dev = sx.dev();
     let n = x.layout.elem_count();
     let mut out = CudaStorage::alloc(dev, x.dtype(), n)?;
@@ -169,13 +168,13 @@ pub(crate) fn cuda_gather(x: &KernelArg<'_>) -> Result<CudaStorage> {
     }
     let c = coalesce(x.shape(), &[x.layout]);
     let small = index32(n, &[&c[0]]);
-    let view = Strided::of(NAME, &c[0])?;
+    let view = Strided::of(op, &c[0])?;
     let kernel = by_size(x.dtype(), ["copy_2", "copy_4", "copy_8"]);
     let f = dev.function(&CUDA, dynn_core::DType::F32, kernel)?;
     let n64 = n as i64;
     crate::cuda_launch!(
         dev,
-        NAME,
+        op,
         f,
         elementwise_grid(n),
         [sx.slice(), &view, out.slice_mut(), &n64, &small]

@@ -18,11 +18,18 @@ fn matmul() {
             _ => 1.6e-2,
         };
         let r = |s: &[usize], seed| rand_dtype(s, seed, dtype);
+        // A broadcast batch's gradients are summed over it: a reduction, and CUDA's compute
+        // kernels (all but copies, casts and cuBLAS) run on f32 and f64 only.
+        let half = matches!(dtype, DType::F16 | DType::BF16);
         let mut case =
             |name: &str,
              ins: Vec<dynn_core::Tensor>,
              f: fn(&[dynn_core::Tensor]) -> Result<dynn_core::Tensor>| {
-                cases.push((format!("{name} {dtype:?}"), check(name, &ins, f, tol, true)));
+                let grads = !(half && name == "broadcast batch");
+                cases.push((
+                    format!("{name} {dtype:?}"),
+                    check(name, &ins, f, tol, grads),
+                ));
             };
         case("2d", vec![r(&[33, 70], 1), r(&[70, 45], 2)], |v| {
             v[0].matmul(&v[1])

@@ -60,6 +60,27 @@ fn check_index_dtype(op: &'static str, t: &Tensor, what: &str) -> Result<()> {
     }
 }
 
+/// Checks what `index_select` and `index_add` need of their ids and dim: `ids` a 1-D index
+/// tensor, `dim` a dim of `x`.
+fn check_ids_along(op: &'static str, x: &Tensor, ids: &Tensor, dim: usize) -> Result<()> {
+    check_index_dtype(op, ids, "ids")?;
+    if ids.rank() != 1 {
+        return Err(Error::invalid(
+            op,
+            format!("ids must be 1-D, got shape {}", ids.shape()),
+        ));
+    }
+    if dim >= x.rank() {
+        return Err(Error::DimOutOfRange {
+            op,
+            dim: dim as i64,
+            rank: x.rank(),
+            shape: x.shape().clone(),
+        });
+    }
+    Ok(())
+}
+
 /// Reads an index tensor (i64 or u32, any layout) as row-major `usize`s, checking each is
 /// below `size`; the error names the first offending index and its position.
 pub(crate) fn read_indices(
@@ -1031,21 +1052,7 @@ impl Op for IndexSelect {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (x, ids) = (inputs[0], inputs[1]);
-        check_index_dtype("index_select", ids, "ids")?;
-        if ids.rank() != 1 {
-            return Err(Error::invalid(
-                "index_select",
-                format!("ids must be 1-D, got shape {}", ids.shape()),
-            ));
-        }
-        if self.dim >= x.rank() {
-            return Err(Error::DimOutOfRange {
-                op: "index_select",
-                dim: self.dim as i64,
-                rank: x.rank(),
-                shape: x.shape().clone(),
-            });
-        }
+        check_ids_along("index_select", x, ids, self.dim)?;
         let mut dims = x.dims().to_vec();
         dims[self.dim] = ids.elem_count();
         Ok(smallvec![TensorSpec::new(dims, x.dtype())])
@@ -1191,21 +1198,7 @@ impl Op for IndexAdd {
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (x, ids, src) = (inputs[0], inputs[1], inputs[2]);
         same_float_dtype("index_add", x, src)?;
-        check_index_dtype("index_add", ids, "ids")?;
-        if ids.rank() != 1 {
-            return Err(Error::invalid(
-                "index_add",
-                format!("ids must be 1-D, got shape {}", ids.shape()),
-            ));
-        }
-        if self.dim >= x.rank() {
-            return Err(Error::DimOutOfRange {
-                op: "index_add",
-                dim: self.dim as i64,
-                rank: x.rank(),
-                shape: x.shape().clone(),
-            });
-        }
+        check_ids_along("index_add", x, ids, self.dim)?;
         let mut want = x.dims().to_vec();
         want[self.dim] = ids.elem_count();
         if src.dims() != want.as_slice() {

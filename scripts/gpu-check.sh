@@ -17,6 +17,9 @@ OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 stages=${*:-all}
 has() { [[ " $stages " == *" $1 "* || " $stages " == *" all "* ]]; }
+# A trainer's flags beyond the common ones: the Tree-LSTM's default level chunk makes ops
+# too large for a 25% budget.
+extra_flags() { if [ "$1" = treelstm ]; then echo "--level-chunk 32"; fi; }
 
 # The CUDA libraries dynn loads at run time: the driver (libcuda, /usr/local/nvidia/lib64 on
 # the lent machines) and the toolkit's NVRTC and cuBLAS. Never CUDA's `stubs` folder (its
@@ -55,8 +58,7 @@ if has train; then
     : > "$OUT/train.jsonl"
     for model in moe early_exit treelstm evoformer; do
         exe="$BIN/train_$model"
-        # The Tree-LSTM's default level chunk makes ops too large for a 25% budget.
-        extra=""; [ "$model" = treelstm ] && extra="--level-chunk 32"
+        extra=$(extra_flags "$model")
         base=$(timeout 120 "$exe" --device cuda --steps 2 --json --quiet $extra 2>"$OUT/train_err.log" | tail -1)
         echo "$base" >> "$OUT/train.jsonl"
         want=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$base" 2>/dev/null)
@@ -107,7 +109,7 @@ PY
     field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2" 2>/dev/null; }
     for model in moe early_exit treelstm evoformer; do
         exe="$BIN/train_$model"
-        extra=""; [ "$model" = treelstm ] && extra="--level-chunk 32"
+        extra=$(extra_flags "$model")
         base=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet $extra 2>>"$OUT/train_err.log" | tail -1)
         row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
             --policy lru $extra --trace-out "$OUT/${model}_trace.txt" 2>>"$OUT/train_err.log" \
@@ -146,7 +148,7 @@ if has writeback; then
     : > "$OUT/writeback.jsonl"
     for model in moe early_exit treelstm evoformer; do
         exe="$BIN/train_$model"
-        extra=""; [ "$model" = treelstm ] && extra="--level-chunk 32"
+        extra=$(extra_flags "$model")
         for round in 1 2; do
             for wb in on off; do
                 flag=""; [ "$wb" = on ] && flag="--write-back"

@@ -26,6 +26,13 @@ fn recorded_step() -> Vec<OpRecord> {
     trace.step_ops(1)
 }
 
+/// The peak device bytes of `ops` replayed without a budget.
+fn unlimited_peak(ops: &[OpRecord], prof: &DeviceProfile) -> usize {
+    simulate(ops, policy::by_name("none").unwrap().as_mut(), None, prof)
+        .unwrap()
+        .peak_device_bytes
+}
+
 #[test]
 fn replay_is_deterministic_and_free_without_a_budget() {
     let ops = recorded_step();
@@ -48,9 +55,7 @@ fn replay_is_deterministic_and_free_without_a_budget() {
 fn none_fails_below_the_peak() {
     let ops = recorded_step();
     let prof = DeviceProfile::a100_pcie4();
-    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
-        .unwrap()
-        .peak_device_bytes;
+    let peak = unlimited_peak(&ops, &prof);
     let err = simulate(
         &ops,
         policy::by_name("none").unwrap().as_mut(),
@@ -74,9 +79,7 @@ fn none_fails_below_the_peak() {
 fn belady_beats_lru_below_the_peak() {
     let ops = recorded_step();
     let prof = DeviceProfile::a100_pcie4();
-    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
-        .unwrap()
-        .peak_device_bytes;
+    let peak = unlimited_peak(&ops, &prof);
     for frac in [0.5, 0.25] {
         let bytes = (peak as f64 * frac) as usize;
         let budget = Some(bytes);
@@ -194,9 +197,7 @@ fn copy_latency_is_paid_per_copy() {
     let ops = recorded_step();
     let fast = DeviceProfile::by_name("calibrated:2e13,1e12,2.5e10").unwrap();
     let slow = DeviceProfile::by_name("calibrated:2e13,1e12,2.5e10,1e-4").unwrap();
-    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &fast)
-        .unwrap()
-        .peak_device_bytes;
+    let peak = unlimited_peak(&ops, &fast);
     let budget = Some(peak / 4);
     let a = simulate(
         &ops,
@@ -228,9 +229,7 @@ fn moves_made_on_the_executor_thread_cost_host_time_and_prefetches_do_not() {
         move_host_s: 1e-4,
         ..free.clone()
     };
-    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &free)
-        .unwrap()
-        .peak_device_bytes;
+    let peak = unlimited_peak(&ops, &free);
     let budget = Some(peak / 4);
     let run = |prof: &DeviceProfile, name: &str| {
         let mut p: Box<dyn dynn_mm::Policy> = match name {
@@ -399,14 +398,7 @@ fn managed_run(budget: usize, segments: (usize, usize)) -> (u64, dynn_mm::Trace)
 #[test]
 fn replaying_the_pool_after_the_step_before_evicts_where_the_manager_did() {
     let prof = DeviceProfile::a100_pcie4();
-    let peak = simulate(
-        &recorded_step(),
-        policy::by_name("none").unwrap().as_mut(),
-        None,
-        &prof,
-    )
-    .unwrap()
-    .peak_device_bytes;
+    let peak = unlimited_peak(&recorded_step(), &prof);
     let segments = (16 << 10, 256 << 10);
     for budget in [peak / 2, peak / 3] {
         let (real, trace) = managed_run(budget, segments);
@@ -444,9 +436,7 @@ fn replaying_the_pool_after_the_step_before_evicts_where_the_manager_did() {
 fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     let ops = recorded_step();
     let prof = DeviceProfile::a100_pcie4();
-    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
-        .unwrap()
-        .peak_device_bytes;
+    let peak = unlimited_peak(&ops, &prof);
     // The manager: write-backs run on the transfer thread while the training runs. On a
     // loaded machine that thread may not run before the executor evicts or frees what it was
     // asked to copy (such a write-back copies nothing); a pause between steps lets the one
@@ -513,9 +503,7 @@ fn a_replay_after_the_step_before_waits_only_for_its_own_copies() {
         write_back: true,
         ..DeviceProfile::a100_pcie4()
     };
-    let peak = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof)
-        .unwrap()
-        .peak_device_bytes;
+    let peak = unlimited_peak(&ops, &prof);
     for budget in [peak / 2, peak / 3] {
         let r = simulate_with(
             &ops,

@@ -332,12 +332,12 @@ fn cuda_matmul(a: &KernelArg<'_>, b: &KernelArg<'_>) -> Result<Box<dyn dynn_core
     // Half precision goes through cuBLAS's strided-batched GemmEx computing in f32 (the CPU
     // kernel accumulates in f32 too; cuBLAS may still reduce in the output type where it
     // splits k, as PyTorch's defaults allow).
-    let (f16, bf16) = (half::f16::ONE, half::bf16::ONE);
+    use half::{bf16, f16};
     match dtype {
         DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f32, 0.0),
         DType::F64 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f64, 0.0),
-        DType::F16 => blas_gemm(&blas, &p, nb, a, b, c, f16, half::f16::ZERO),
-        DType::BF16 => blas_gemm(&blas, &p, nb, a, b, c, bf16, half::bf16::ZERO),
+        DType::F16 => blas_gemm(&blas, &p, nb, a, b, c, f16::ONE, f16::ZERO),
+        DType::BF16 => blas_gemm(&blas, &p, nb, a, b, c, bf16::ONE, bf16::ZERO),
         other => Err(Error::Device {
             op: "matmul",
             msg: format!("CUDA matmul runs on f32, f64, f16 and bf16, got {other:?}"),

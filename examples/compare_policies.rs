@@ -293,6 +293,10 @@ fn table(args: &Args, models: &[Workload], shared: &Shared, prof: &DeviceProfile
             r.majority_valid,
             r.rows_valid
         );
+        println!(
+            "  pilot misses on the replayed step (by phase and answer): {}",
+            r.sources.summary()
+        );
         let valid: Vec<f64> = pilots.iter().map(|p| p.report.accuracy_valid).collect();
         let (mean, lo, hi) = compare::pilot::spread(&valid);
         if args.seeds > 1 {

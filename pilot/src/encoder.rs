@@ -24,7 +24,9 @@ pub const OP_SLOTS: usize = 160;
 
 /// Op features both encodings share: log sizes of inputs and outputs, arities, phase
 /// one-hot, position in the step, progress through its phase.
-const OP_COMMON: usize = 4 + PHASES + 2;
+const OP_COMMON: usize = OP_PHASE + PHASES + 2;
+/// Where the phase one-hot starts in an op's features.
+const OP_PHASE: usize = 4;
 /// Op features with the idiom encoding.
 pub const OP_DIM_IDIOMS: usize = OP_COMMON + IDIOMS;
 /// Op features with the one-hot encoding.
@@ -133,6 +135,14 @@ impl FeatureConfig {
     /// from the tape.
     pub fn planned_bucket(&self, row: &[f32]) -> Option<u8> {
         self.planned_bucket_of_candidate(row.get(self.window_dim()..)?)
+    }
+
+    /// The phase code of the op just run (the window's newest) in model input `row` (`None`
+    /// without a window, or before the first op).
+    pub fn phase_of(&self, row: &[f32]) -> Option<u8> {
+        let newest = self.window.checked_sub(1)? * self.encoding.op_dim();
+        let phases = row.get(newest + OP_PHASE..newest + OP_PHASE + PHASES)?;
+        phases.iter().position(|&f| f == 1.0).map(|p| p as u8)
     }
 
     /// [`FeatureConfig::planned_bucket`] of the candidate part `cand` of a model input.
@@ -256,7 +266,7 @@ pub fn encode_op(enc: Encoding, op: &OpView, at: StepPosition, out: &mut [f32]) 
     common[2] = (op.inputs as f32 / 4.0).min(2.0);
     common[3] = (op.outputs as f32 / 4.0).min(2.0);
     for p in 0..PHASES {
-        common[4 + p] = (op.phase as usize == p) as u8 as f32;
+        common[OP_PHASE + p] = (op.phase as usize == p) as u8 as f32;
     }
     common[4 + PHASES] = at.position.clamp(0.0, 2.0);
     common[5 + PHASES] = at.progress.clamp(0.0, 2.0);
@@ -361,7 +371,9 @@ pub fn encode_candidate(enc: Encoding, c: &CandidateView, out: &mut [f32]) {
     }
     let plan = &mut f[8 + 3 * (BUCKETS + 1)..8 + 3 * (BUCKETS + 1) + PLAN];
     match c.plan {
-        Some(PlanDistance::Within(d)) => plan[bucket(Some(d)) as usize] = 1.0,
+        Some(PlanDistance::Within(d) | PlanDistance::After(d)) => {
+            plan[bucket(Some(d)) as usize] = 1.0
+        }
         Some(PlanDistance::Beyond(d)) => {
             plan[bucket(Some(d)) as usize] = 1.0;
             plan[BUCKETS] = 1.0;

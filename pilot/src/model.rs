@@ -3,7 +3,7 @@
 //! trained with dynn's own autograd, cross entropy and Adam.
 
 use crate::bucket::BUCKETS;
-use crate::encoder::FeatureConfig;
+use crate::encoder::{FeatureConfig, PHASES};
 use crate::labels::Dataset;
 use crate::predictor::{Dense, Snapshot};
 use dynn_core::{DType, Device, Error, Result, Tensor};
@@ -116,6 +116,8 @@ pub struct Report {
     pub majority_valid: f64,
     /// Validation confusion: `confusion[true bucket][predicted bucket]`.
     pub confusion: [[u64; BUCKETS]; BUCKETS],
+    /// Validation rows and misses by phase and by what answered them.
+    pub sources: Sources,
     /// Training rows.
     pub rows_train: usize,
     /// Validation rows.
@@ -152,6 +154,51 @@ pub fn evaluate(snapshot: &Snapshot, ds: &Dataset) -> (f64, [[u64; BUCKETS]; BUC
         confusion[t as usize][p as usize] += 1;
     }
     (hits as f64 / ds.len().max(1) as f64, confusion)
+}
+
+/// Where a pilot's answers come from and where it misses: rows and misses per phase of the
+/// op just run (forward, backward, optimizer) and per answer source (`0`: the network, `1`:
+/// the announced plan, see [`FeatureConfig::planned_bucket`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sources {
+    /// Rows, `[phase][source]`.
+    pub rows: [[u64; 2]; PHASES],
+    /// Wrong answers, `[phase][source]`.
+    pub misses: [[u64; 2]; PHASES],
+}
+
+impl Sources {
+    /// The breakdown of `snapshot`'s answers on `ds` (rows whose phase cannot be read, with
+    /// no op in the window, count as forward).
+    pub fn of(snapshot: &Snapshot, ds: &Dataset) -> Self {
+        let f = snapshot.features;
+        let mut out = Sources::default();
+        let mut scratch = snapshot.scratch();
+        for i in 0..ds.len() {
+            let row = ds.row(i);
+            let phase = f.phase_of(row).unwrap_or(0) as usize;
+            let source = f.planned_bucket(row).is_some() as usize;
+            out.rows[phase][source] += 1;
+            out.misses[phase][source] += (snapshot.predict(row, &mut scratch) != ds.y[i]) as u64;
+        }
+        out
+    }
+
+    /// One line: `misses/rows` per phase and source, where there are rows.
+    pub fn summary(&self) -> String {
+        let mut parts = Vec::new();
+        for (p, phase) in ["forward", "backward", "optimizer"].iter().enumerate() {
+            for (s, source) in ["network", "plan"].iter().enumerate() {
+                if self.rows[p][s] > 0 {
+                    parts.push(format!(
+                        "{phase} {source} {}/{}",
+                        self.misses[p][s], self.rows[p][s]
+                    ));
+                }
+            }
+        }
+        parts.join(", ")
+    }
 }
 
 /// A network and its optimizer, kept between calls so the pilot can keep fine-tuning online.
@@ -281,6 +328,7 @@ pub fn train(
         accuracy_valid,
         majority_valid: valid.majority_rate(),
         confusion,
+        sources: Sources::of(&snapshot, valid),
         rows_train: train.len(),
         rows_valid: valid.len(),
         loss,

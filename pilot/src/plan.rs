@@ -18,6 +18,11 @@ pub enum PlanDistance {
     Within(u64),
     /// Not read by what is left of the plan, which takes about this many more ops.
     Beyond(u64),
+    /// Not read by what is left of the plan, but read about this many ops ahead by what
+    /// follows it: as far past the plan's end as the previous step, whose same plan ended
+    /// where this one will, read it (the optimizer's parameters after the backward pass and
+    /// the gradient norm's plans).
+    After(u64),
     /// Made after the plan was announced: the plan cannot know it (a gradient flowing
     /// between tape nodes, a leaf's accumulated gradient).
     Unplanned,
@@ -51,6 +56,11 @@ pub struct PlanCursor {
     prior: Vec<(String, f64)>,
     /// Plans the previous step announced.
     plans_before: usize,
+    /// Source and end (the step's op index after its last op) of each plan of this step
+    /// closed so far, in order.
+    ends: Vec<(String, u32)>,
+    /// The same for the previous step.
+    prev_ends: Vec<(String, u32)>,
 }
 
 impl PlanCursor {
@@ -132,6 +142,7 @@ impl PlanCursor {
         self.prior = std::mem::take(&mut self.pace);
         self.plans_before = self.ordinal;
         self.ordinal = 0;
+        self.prev_ends = std::mem::take(&mut self.ends);
     }
 
     /// Closes the active plan at op `index`, keeping its pace.
@@ -143,6 +154,7 @@ impl PlanCursor {
                 Some(p) => p.1 = pace,
                 None => self.pace.push((self.source.clone(), pace)),
             }
+            self.ends.push((self.source.clone(), index));
             self.ordinal += 1;
         }
         self.active = false;
@@ -152,6 +164,13 @@ impl PlanCursor {
     /// reads a buffer beyond it before the next step.
     pub fn last_of_step(&self) -> bool {
         self.active && self.plans_before > 0 && self.ordinal + 1 >= self.plans_before
+    }
+
+    /// Where the previous step's plan in the active plan's place (the same source, announced
+    /// as many plans into its step) ended: the index of the op after its last.
+    pub fn previous_end(&self) -> Option<u32> {
+        let (source, end) = self.prev_ends.get(self.ordinal).filter(|_| self.active)?;
+        (*source == self.source).then_some(*end)
     }
 
     /// Ops per group from the running group on. With a plan from the same source in the
@@ -198,14 +217,7 @@ impl PlanCursor {
         if made_since && groups.is_none() {
             return Some(PlanDistance::Unplanned);
         }
-        let pace = self.pace(index);
-        // The rest of the running group (`into` of its ops ran), whole groups, then the first
-        // op of the group that reads it.
-        let into = index.saturating_sub(self.cursor_since) as f64;
-        let ahead = |groups: u32| match groups {
-            0 => 1,
-            n => (n as f64 * pace - into.min(pace) + 1.0).round().max(1.0) as u64,
-        };
+        let ahead = |groups: u32| self.ahead(groups, index);
         let done_here = last_use.is_some_and(|u| u >= self.cursor_since);
         let next = groups.and_then(|gs| {
             let i = match done_here {
@@ -218,6 +230,25 @@ impl PlanCursor {
             Some(&g) => PlanDistance::Within(ahead(g - self.cursor)),
             None => PlanDistance::Beyond(ahead(self.groups.len() as u32 - self.cursor)),
         })
+    }
+
+    /// Ops from op `index - 1` to the first op of the group `groups` after the running one:
+    /// the rest of the running group, whole groups at the pace, then that op.
+    fn ahead(&self, groups: u32, index: u32) -> u64 {
+        if groups == 0 {
+            return 1;
+        }
+        let pace = self.pace(index);
+        let into = index.saturating_sub(self.cursor_since) as f64;
+        (groups as f64 * pace - into.min(pace) + 1.0)
+            .round()
+            .max(1.0) as u64
+    }
+
+    /// Ops from op `index - 1` to the first op after the active plan (`None`: no plan).
+    pub fn rest(&self, index: u32) -> Option<u64> {
+        let left = (self.groups.len() as u32).saturating_sub(self.cursor);
+        self.active.then(|| self.ahead(left, index))
     }
 
     /// Appends the keys of the buffers the plan reads within about `horizon` ops after op

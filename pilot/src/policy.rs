@@ -403,7 +403,7 @@ impl PilotPolicy {
             return (d, d);
         }
         let floor = match self.tracker.plan_distance(q) {
-            Some(PlanDistance::Within(d)) => return (d, d),
+            Some(PlanDistance::Within(d) | PlanDistance::After(d)) => return (d, d),
             Some(PlanDistance::Beyond(d)) => d + 1,
             Some(PlanDistance::Unplanned) | None => 0,
         };

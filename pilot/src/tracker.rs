@@ -8,7 +8,7 @@ use crate::encoder::{
     encode_candidate, encode_op,
 };
 use crate::history::{KeyMap, StepProfile, UseRange};
-use crate::plan::PlanCursor;
+use crate::plan::{PlanCursor, PlanDistance};
 use dynn_mm::OpRecord;
 use dynn_mm::trace::Access;
 
@@ -449,7 +449,7 @@ impl Tracker {
     }
 
     /// Where the announced plan puts candidate `q`'s next read (`None`: no plan).
-    pub fn plan_distance(&self, q: &Query) -> Option<crate::plan::PlanDistance> {
+    pub fn plan_distance(&self, q: &Query) -> Option<PlanDistance> {
         let b = self.bufs.get(&q.id);
         let made = b
             .filter(|b| b.first_step == self.step)
@@ -457,7 +457,18 @@ impl Tracker {
         let last_use = b
             .filter(|b| b.uses_step > 0 && b.last_step == self.step)
             .map(|b| b.last_use_index);
-        self.plan.distance(q.id, made, last_use, self.index)
+        let d = self.plan.distance(q.id, made, last_use, self.index)?;
+        let rest = match d {
+            PlanDistance::Beyond(rest) => rest,
+            PlanDistance::Unplanned => self.plan.rest(self.index)?,
+            _ => return Some(d),
+        };
+        // Past the plan: where the previous step read it after its same plan ended.
+        let after = self.plan.previous_end().and_then(|end| {
+            let range = b.map_or_else(|| self.previous.range_of(q.key), |b| b.prev);
+            self.previous.next_use_in(end.checked_sub(1), range)
+        });
+        Some(after.map_or(d, |gap| PlanDistance::After(rest + gap.saturating_sub(1))))
     }
 
     /// Appends the memory manager keys of the buffers the announced plan reads within about

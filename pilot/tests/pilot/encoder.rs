@@ -224,3 +224,57 @@ fn an_empty_step_keeps_the_previous_steps_index() {
     tr.step_boundary(3);
     assert!(!tr.previous().is_empty());
 }
+
+#[test]
+fn a_buffer_past_a_plan_is_due_where_the_previous_step_read_it_after_that_plan() {
+    use crate::common::trace;
+    // Each step: a "norm" plan reads gradient g (p1's), then an "adam" plan reads p1 and g.
+    // The second step's backward runs two ops longer, so only the plans line the steps up.
+    let (p1, g) = (param(1), param(2));
+    let step = |s: u64, extra: usize| {
+        let mut ops = vec![op(s, 0, 1, "relu", &[act(10, 0)], &[]); extra];
+        ops.push(op(s, 0, 2, "matmul", &[g], &[]));
+        ops.push(op(s, 0, 2, "add", &[act(11, 1)], &[]));
+        ops.push(op(s, 0, 2, "mul", &[act(11, 1)], &[]));
+        ops.push(op(s, 0, 2, "adam_step", &[p1, g], &[p1]));
+        ops
+    };
+    let t = trace(vec![step(0, 1), step(1, 3)]);
+    let mut tr = Tracker::new(FeatureConfig::default());
+    let run = |tr: &mut Tracker, ops: &[dynn_mm::OpRecord], at: usize| {
+        for (i, o) in ops.iter().enumerate() {
+            if i == at {
+                tr.plan("norm", &[vec![2]]);
+            }
+            if i == at + 3 {
+                tr.plan("adam", &[vec![1, 2]]);
+            }
+            tr.observe(o);
+        }
+    };
+    run(&mut tr, &t.ops[..5], 1);
+    tr.step_boundary(1);
+    // Three backward ops, then the norm plan's read of g (op 3).
+    run(&mut tr, &t.ops[5..9], 3);
+    assert_eq!(
+        tr.plan_cursor().previous_end(),
+        Some(4),
+        "the previous step's norm plan ended before its op 4"
+    );
+    // p1 is not in the norm plan. The previous step read it first thing after that plan
+    // (the adam step), and so does this one: 3 ops after the matmul.
+    let q = tr.query(1).expect("tracked");
+    assert_eq!(tr.plan_distance(&q), Some(PlanDistance::After(3)));
+    // The adam plan is the step's last: a buffer beyond it that the previous step did not
+    // read after it stays beyond.
+    for o in &t.ops[9..11] {
+        tr.observe(o);
+    }
+    tr.plan("adam", &[vec![1, 2]]);
+    assert!(tr.plan_cursor().last_of_step());
+    let q = tr.query(11).expect("tracked");
+    assert!(matches!(
+        tr.plan_distance(&q),
+        Some(PlanDistance::Beyond(_))
+    ));
+}

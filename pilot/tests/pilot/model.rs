@@ -27,5 +27,17 @@ fn the_model_learns_a_synthetic_trace() -> dynn_core::Result<()> {
     );
     let total: u64 = report.confusion.iter().flatten().sum();
     assert_eq!(total as usize, report.rows_valid);
+    // The breakdown by phase and answer covers the same rows and misses; the synthetic
+    // network's forward and backward passes both have rows.
+    let s = report.sources;
+    let rows: u64 = s.rows.iter().flatten().sum();
+    let misses: u64 = s.misses.iter().flatten().sum();
+    let hits: u64 = (0..report.confusion.len())
+        .map(|b| report.confusion[b][b])
+        .sum();
+    assert_eq!(rows as usize, report.rows_valid);
+    assert_eq!(misses, total - hits);
+    assert!(s.rows[0].iter().sum::<u64>() > 0 && s.rows[1].iter().sum::<u64>() > 0);
+    assert!(s.summary().contains("forward network"), "{}", s.summary());
     Ok(())
 }

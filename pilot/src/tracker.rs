@@ -472,9 +472,16 @@ impl Tracker {
     }
 
     /// Appends the memory manager keys of the buffers the announced plan reads within about
-    /// `horizon` ops, soonest first.
+    /// `horizon` ops, soonest first. Where the plan ends within `horizon`, what follows is what
+    /// followed the same plan in the previous step (see [`PlanDistance::After`]).
     pub fn upcoming_by_plan(&self, horizon: usize, out: &mut Vec<u64>) {
         self.plan.upcoming(horizon, self.index, out);
+        let (Some(rest), Some(end)) = (self.plan.rest(self.index), self.plan.previous_end()) else {
+            return;
+        };
+        if let Some(beyond) = horizon.checked_sub(rest as usize).filter(|&h| h > 0) {
+            self.upcoming_in_previous(end.checked_sub(1), beyond, out);
+        }
     }
 
     /// Shifts op `view` into the context and returns the context's hash. An op's identity is
@@ -566,8 +573,13 @@ impl Tracker {
     /// `horizon` ops from here, soonest first (buffers of this step not made yet are
     /// skipped).
     pub fn upcoming_by_history(&self, horizon: usize, out: &mut Vec<u64>) {
+        self.upcoming_in_previous(self.after(), horizon, out);
+    }
+
+    /// [`Tracker::upcoming_by_history`] from op `after` of the previous step.
+    fn upcoming_in_previous(&self, after: Option<u32>, horizon: usize, out: &mut Vec<u64>) {
         let from = out.len();
-        self.previous.upcoming(self.after(), horizon, out);
+        self.previous.upcoming(after, horizon, out);
         let mut keep = from;
         for i in from..out.len() {
             let k = out[i];

@@ -265,6 +265,13 @@ fn a_buffer_past_a_plan_is_due_where_the_previous_step_read_it_after_that_plan()
     // (the adam step), and so does this one: 3 ops after the matmul.
     let q = tr.query(1).expect("tracked");
     assert_eq!(tr.plan_distance(&q), Some(PlanDistance::After(3)));
+    // Prefetching looks past the plan's end the same way: within 2 ops only the plan's
+    // reads (none left), within 8 also the adam step's p1 and g.
+    let mut soon = Vec::new();
+    tr.upcoming_by_plan(2, &mut soon);
+    assert!(!soon.contains(&1), "{soon:?}");
+    tr.upcoming_by_plan(8, &mut soon);
+    assert!(soon.contains(&1) && soon.contains(&2), "{soon:?}");
     // The adam plan is the step's last: a buffer beyond it that the previous step did not
     // read after it stays beyond.
     for o in &t.ops[9..11] {

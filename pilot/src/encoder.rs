@@ -129,10 +129,11 @@ impl FeatureConfig {
     }
 
     /// The bucket the announced plan gives the candidate of model input `row`, when the plan
-    /// reads it (`None`: beyond the plan, made since, no plan, or the step so far repeats the
-    /// previous one op for op, whose exact order the network reads from the hint). The pilot
-    /// answers such a candidate from the plan, not the network: the backward pass is known
-    /// from the tape.
+    /// reads it or the previous step places its use past the plan (`PlanDistance::Within`,
+    /// `After`; `None`: beyond the plan or made since it with nothing to tell, no plan, or
+    /// the step so far repeats the previous one op for op, whose exact order the network reads
+    /// from the hint). The pilot answers such a candidate from the plan, not the network: the
+    /// backward pass is known from the tape.
     pub fn planned_bucket(&self, row: &[f32]) -> Option<u8> {
         self.planned_bucket_of_candidate(row.get(self.window_dim()..)?)
     }
@@ -268,8 +269,8 @@ pub fn encode_op(enc: Encoding, op: &OpView, at: StepPosition, out: &mut [f32]) 
     for p in 0..PHASES {
         common[OP_PHASE + p] = (op.phase as usize == p) as u8 as f32;
     }
-    common[4 + PHASES] = at.position.clamp(0.0, 2.0);
-    common[5 + PHASES] = at.progress.clamp(0.0, 2.0);
+    common[OP_PHASE + PHASES] = at.position.clamp(0.0, 2.0);
+    common[OP_PHASE + PHASES + 1] = at.progress.clamp(0.0, 2.0);
     identity(enc, op.idioms, op.slot, id);
 }
 

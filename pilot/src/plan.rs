@@ -8,6 +8,10 @@
 use crate::history::KeyMap;
 use dynn_mm::trace::Access;
 
+/// Plans of one step whose ends are kept for the next (a trace without step boundaries
+/// would otherwise grow the list without bound).
+const MAX_PLANS: usize = 64;
+
 /// Groups run before the measured pace outweighs the previous step's.
 const PRIOR_WEIGHT: f64 = 4.0;
 
@@ -18,13 +22,15 @@ pub enum PlanDistance {
     Within(u64),
     /// Not read by what is left of the plan, which takes about this many more ops.
     Beyond(u64),
-    /// Not read by what is left of the plan, but read about this many ops ahead by what
-    /// follows it: as far past the plan's end as the previous step, whose same plan ended
-    /// where this one will, read it (the optimizer's parameters after the backward pass and
-    /// the gradient norm's plans).
+    /// Not read by what is left of the plan (or made since it was announced), but used about
+    /// this many ops ahead by what follows it: as far past the plan's end as the previous
+    /// step, whose same plan ended where this one will, first used it (the optimizer's
+    /// parameters after the backward pass and the gradient norm's plans). Given by
+    /// [`crate::Tracker::plan_distance`], never by the cursor alone.
     After(u64),
     /// Made after the plan was announced: the plan cannot know it (a gradient flowing
-    /// between tape nodes, a leaf's accumulated gradient).
+    /// between tape nodes, a leaf's accumulated gradient). The tracker turns it into
+    /// [`PlanDistance::After`] where the previous step tells.
     Unplanned,
 }
 
@@ -142,7 +148,17 @@ impl PlanCursor {
         self.prior = std::mem::take(&mut self.pace);
         self.plans_before = self.ordinal;
         self.ordinal = 0;
-        self.prev_ends = std::mem::take(&mut self.ends);
+        std::mem::swap(&mut self.prev_ends, &mut self.ends);
+        self.ends.clear();
+    }
+
+    /// A step ended without running an op: whatever it announced is dropped, and the step
+    /// before stays the previous one.
+    pub fn abandon(&mut self) {
+        self.active = false;
+        self.ordinal = 0;
+        self.pace.clear();
+        self.ends.clear();
     }
 
     /// Closes the active plan at op `index`, keeping its pace.
@@ -154,7 +170,9 @@ impl PlanCursor {
                 Some(p) => p.1 = pace,
                 None => self.pace.push((self.source.clone(), pace)),
             }
-            self.ends.push((self.source.clone(), index));
+            if self.ends.len() < MAX_PLANS {
+                self.ends.push((self.source.clone(), index));
+            }
             self.ordinal += 1;
         }
         self.active = false;

@@ -391,9 +391,10 @@ impl PilotPolicy {
 
     /// Predicted ops to the next use of `q`, as `(latest, earliest)`: exact from the replayed
     /// previous step while the step repeats it op for op; else read off the announced plan
-    /// (the backward pass's tape, the optimizer's parameters) when it reads `q`; else the
-    /// bounds of the snapshot's bucket — never nearer than the end of the plan for a buffer
-    /// the plan does not read.
+    /// (the backward pass's tape, the optimizer's parameters) when it reads `q`, or past the
+    /// plan's end where the previous step used `q` after the same plan; else the bounds of
+    /// the snapshot's bucket — never nearer than the end of the plan for a buffer the plan
+    /// does not read.
     fn distance(&mut self, q: &Query) -> (u64, u64) {
         if self.cfg.replay_when_matching
             && self.tracker.matching()

@@ -371,8 +371,12 @@ impl Tracker {
     /// Step `step` begins: this step's order becomes the previous one, keys are renamed to
     /// ids, use counts roll over, long-unused buffers are forgotten.
     pub fn step_boundary(&mut self, step: u64) {
-        self.plan.step_boundary(self.index);
         let swapped = self.index > 0;
+        // A step without ops leaves the previous step (its index and its plans) standing.
+        match swapped {
+            true => self.plan.step_boundary(self.index),
+            false => self.plan.abandon(),
+        }
         if swapped {
             self.expected = self.index;
             self.prev_phase_ops = self.phase_ops;
@@ -458,17 +462,29 @@ impl Tracker {
             .filter(|b| b.uses_step > 0 && b.last_step == self.step)
             .map(|b| b.last_use_index);
         let d = self.plan.distance(q.id, made, last_use, self.index)?;
+        if !matches!(d, PlanDistance::Beyond(_) | PlanDistance::Unplanned) {
+            return Some(d);
+        }
+        // Past the plan: where the previous step used it after its same plan ended — unless
+        // that step used it again before the end, from the op corresponding to this one.
+        let Some(end) = self.plan.previous_end() else {
+            return Some(d);
+        };
+        let range = b.map_or_else(|| self.previous.range_of(q.key), |b| b.prev);
+        let here = self.after();
+        let next_there = self.previous.next_use_in(here, range);
+        let from = here.map_or(0, |h| h as u64 + 1);
+        if matches!(d, PlanDistance::Unplanned)
+            && next_there.is_some_and(|gap| from + gap - 1 < end as u64)
+        {
+            return Some(d);
+        }
         let rest = match d {
             PlanDistance::Beyond(rest) => rest,
-            PlanDistance::Unplanned => self.plan.rest(self.index)?,
-            _ => return Some(d),
+            _ => self.plan.rest(self.index)?,
         };
-        // Past the plan: where the previous step read it after its same plan ended.
-        let after = self.plan.previous_end().and_then(|end| {
-            let range = b.map_or_else(|| self.previous.range_of(q.key), |b| b.prev);
-            self.previous.next_use_in(end.checked_sub(1), range)
-        });
-        Some(after.map_or(d, |gap| PlanDistance::After(rest + gap.saturating_sub(1))))
+        let gap = self.previous.next_use_in(end.checked_sub(1), range);
+        Some(gap.map_or(d, |gap| PlanDistance::After(rest + gap - 1)))
     }
 
     /// Appends the memory manager keys of the buffers the announced plan reads within about
@@ -479,7 +495,8 @@ impl Tracker {
         let (Some(rest), Some(end)) = (self.plan.rest(self.index), self.plan.previous_end()) else {
             return;
         };
-        if let Some(beyond) = horizon.checked_sub(rest as usize).filter(|&h| h > 0) {
+        // The previous step's op `end` stands `rest` ops ahead: look `horizon` ops ahead.
+        if let Some(beyond) = (horizon + 1).checked_sub(rest as usize).filter(|&h| h > 0) {
             self.upcoming_in_previous(end.checked_sub(1), beyond, out);
         }
     }

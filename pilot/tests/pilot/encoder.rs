@@ -94,6 +94,27 @@ fn candidate_features_hold_kind_size_history_hints_and_producer() {
         (1.0, 1.0, 1.0, 1.0)
     );
     assert!(unknown[39..].iter().all(|&x| x == 0.0));
+    // Past the plan where the previous step tells: a bucket without flags, answered from the
+    // plan (off while the step repeats the previous one, where the network reads the hint).
+    let after = CandidateView {
+        plan: Some(PlanDistance::After(5)),
+        matching: false,
+        ..c
+    };
+    let f = candidate_features(&after);
+    assert_eq!(&f[31..40], &[0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0]);
+    assert_eq!(
+        FeatureConfig::default().planned_bucket_of_candidate(&f),
+        Some(1)
+    );
+    let beyond = candidate_features(&CandidateView {
+        matching: false,
+        ..c
+    });
+    assert_eq!(
+        FeatureConfig::default().planned_bucket_of_candidate(&beyond),
+        None
+    );
 }
 
 #[test]
@@ -226,62 +247,61 @@ fn an_empty_step_keeps_the_previous_steps_index() {
 }
 
 #[test]
-fn a_buffer_past_a_plan_is_due_where_the_previous_step_read_it_after_that_plan() {
+fn a_buffer_past_a_plan_is_due_where_the_previous_step_used_it_after_that_plan() {
     use crate::common::trace;
-    // Each step: a "norm" plan reads gradient g (p1's), then an "adam" plan reads p1 and g.
-    // The second step's backward runs two ops longer, so only the plans line the steps up.
-    let (p1, g) = (param(1), param(2));
+    // Each step: a "norm" plan reads gradient g, then an "adam" plan reads p1 and g, then p3
+    // (and a temporary of the norm pass). The second step's backward runs two ops longer, so
+    // only the plans line the steps up.
+    let (p1, g, p3) = (param(1), param(2), param(3));
     let step = |s: u64, extra: usize| {
+        let tmp = act(11 + 100 * s, 1);
         let mut ops = vec![op(s, 0, 1, "relu", &[act(10, 0)], &[]); extra];
         ops.push(op(s, 0, 2, "matmul", &[g], &[]));
-        ops.push(op(s, 0, 2, "add", &[act(11, 1)], &[]));
-        ops.push(op(s, 0, 2, "mul", &[act(11, 1)], &[]));
+        ops.push(op(s, 0, 2, "add", &[tmp], &[]));
+        ops.push(op(s, 0, 2, "mul", &[tmp], &[]));
         ops.push(op(s, 0, 2, "adam_step", &[p1, g], &[p1]));
+        ops.push(op(s, 0, 2, "adam_step", &[p3, tmp], &[p3]));
         ops
     };
     let t = trace(vec![step(0, 1), step(1, 3)]);
     let mut tr = Tracker::new(FeatureConfig::default());
-    let run = |tr: &mut Tracker, ops: &[dynn_mm::OpRecord], at: usize| {
+    let run = |tr: &mut Tracker, ops: &[dynn_mm::OpRecord], norm_at: usize| {
         for (i, o) in ops.iter().enumerate() {
-            if i == at {
+            if i == norm_at {
                 tr.plan("norm", &[vec![2]]);
             }
-            if i == at + 3 {
-                tr.plan("adam", &[vec![1, 2]]);
+            if i == norm_at + 3 {
+                tr.plan("adam", &[vec![1, 2], vec![3]]);
             }
             tr.observe(o);
         }
     };
-    run(&mut tr, &t.ops[..5], 1);
+    run(&mut tr, &t.ops[..6], 1);
     tr.step_boundary(1);
-    // Three backward ops, then the norm plan's read of g (op 3).
-    run(&mut tr, &t.ops[5..9], 3);
+    // Three backward ops, then the norm plan's read of g (op 3 of the step).
+    run(&mut tr, &t.ops[6..10], 3);
     assert_eq!(
         tr.plan_cursor().previous_end(),
         Some(4),
         "the previous step's norm plan ended before its op 4"
     );
-    // p1 is not in the norm plan. The previous step read it first thing after that plan
-    // (the adam step), and so does this one: 3 ops after the matmul.
-    let q = tr.query(1).expect("tracked");
-    assert_eq!(tr.plan_distance(&q), Some(PlanDistance::After(3)));
-    // Prefetching looks past the plan's end the same way: within 2 ops only the plan's
-    // reads (none left), within 8 also the adam step's p1 and g.
-    let mut soon = Vec::new();
-    tr.upcoming_by_plan(2, &mut soon);
-    assert!(!soon.contains(&1), "{soon:?}");
-    tr.upcoming_by_plan(8, &mut soon);
-    assert!(soon.contains(&1) && soon.contains(&2), "{soon:?}");
-    // The adam plan is the step's last: a buffer beyond it that the previous step did not
-    // read after it stays beyond.
-    for o in &t.ops[9..11] {
-        tr.observe(o);
-    }
-    tr.plan("adam", &[vec![1, 2]]);
-    assert!(tr.plan_cursor().last_of_step());
-    let q = tr.query(11).expect("tracked");
-    assert!(matches!(
-        tr.plan_distance(&q),
-        Some(PlanDistance::Beyond(_))
-    ));
+    // Not in the norm plan, p1 and p3 were used 1 and 2 ops after its end; this plan ends 3
+    // ops after the matmul, so they are due 3 and 4 ops ahead, as they are.
+    let due = |tr: &Tracker, id| tr.plan_distance(&tr.query(id).expect("tracked"));
+    assert_eq!(due(&tr, 1), Some(PlanDistance::After(3)));
+    assert_eq!(due(&tr, 3), Some(PlanDistance::After(4)));
+    // Prefetching looks as far past the plan's end: within 2 ops nothing, within 3 the
+    // first adam step's p1 and g, within 4 also p3.
+    let soon = |h| {
+        let mut out = Vec::new();
+        tr.upcoming_by_plan(h, &mut out);
+        out
+    };
+    assert!(soon(2).is_empty(), "{:?}", soon(2));
+    assert_eq!(soon(3), [1, 2]);
+    assert!(soon(4).contains(&3));
+    // The temporary, made since the plan: the previous step used it again before the plan
+    // ended (the mul), so the plan tells nothing of it.
+    tr.observe(&t.ops[10]);
+    assert_eq!(due(&tr, 111), Some(PlanDistance::Unplanned));
 }

@@ -136,11 +136,15 @@ PY
     done
 fi
 if has pilot; then
-    echo "== the pilot's host time on the critical path (lru, then pilot, at 25%)"
+    echo "== the pilot's host time on the critical path (lru, then pilot, at 25%;"
+    echo "   replays on the executor's thread, then on the pilot's own: PILOT_THREAD=1)"
     for model in moe_full early_exit_full; do
-        timeout 120 "$BIN/overhead" "$model" 30 25% cuda 2>>"$OUT/pilot_err.log" \
-            | tee -a "$OUT/pilot.txt" | grep -E "ms/step|pilot:" | sed 's/; [0-9]* predictions.*//'
-        [ "${PIPESTATUS[0]}" = 0 ] || { echo "$model: failed (see pilot_err.log)"; status=1; }
+        for thread in 0 1; do
+            PILOT_THREAD=$thread timeout 120 "$BIN/overhead" "$model" 30 25% cuda \
+                2>>"$OUT/pilot_err.log" | sed "s/pilot-probe/pilot-thread$thread/" \
+                | tee -a "$OUT/pilot.txt" | grep -E "ms/step|pilot:" | sed 's/; [0-9]* predictions.*//'
+            [ "${PIPESTATUS[0]}" = 0 ] || { echo "$model: failed (see pilot_err.log)"; status=1; }
+        done
     done
 fi
 if has writeback; then

@@ -79,8 +79,13 @@ fn main() -> Result<()> {
     let budget = args.get(2).map(String::as_str).unwrap_or("25%");
     let device = args.get(3).map(String::as_str).unwrap_or("cpu");
     dynn_mm::policy::register_policy("pilot-probe", || {
-        // PILOT_RETRAIN=0 trains once after the warm-up; unset, the default (every 8 steps).
-        let mut cfg = PilotConfig::default();
+        // As the trainers run it. PILOT_THREAD=1 replays ops on a thread of the pilot's own
+        // (`PilotConfig::replay_thread`). PILOT_RETRAIN=0 trains once after the warm-up;
+        // unset, the default (every 8 steps).
+        let mut cfg = PilotConfig {
+            replay_thread: std::env::var("PILOT_THREAD").is_ok_and(|v| v == "1"),
+            ..PilotConfig::default()
+        };
         if let (Some(o), Some(n)) = (
             cfg.online.as_mut(),
             std::env::var("PILOT_RETRAIN")
@@ -108,12 +113,13 @@ fn main() -> Result<()> {
                 .pop()
                 .unwrap_or_default();
             println!(
-                "\n  pilot: {:.1}% of the run on the critical path (observe {:.1} ms, rank {:.1} ms, upcoming {:.1} ms, boundary {:.1} ms); {} predictions, {} rankings ({} LRU before training; {} candidates offered, {} ranked), {} swaps",
+                "\n  pilot: {:.1}% of the run on the critical path (observe {:.1} ms, rank {:.1} ms, upcoming {:.1} ms, boundary {:.1} ms; replay thread {:.1} ms off it); {} predictions, {} rankings ({} LRU before training; {} candidates offered, {} ranked), {} swaps",
                 100.0 * s.critical_seconds() / step_s,
                 s.observe_ns as f64 * 1e-6,
                 s.rank_ns as f64 * 1e-6,
                 s.upcoming_ns as f64 * 1e-6,
                 s.boundary_ns as f64 * 1e-6,
+                s.background_ns as f64 * 1e-6,
                 s.predictions,
                 s.pilot_rankings,
                 s.lru_rankings,

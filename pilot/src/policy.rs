@@ -6,14 +6,15 @@
 //! costs time, never correctness: the manager still fetches on demand whatever was evicted.
 
 use crate::bucket::{lower_bound, representative};
-use crate::encoder::{FeatureConfig, OpView};
+use crate::encoder::FeatureConfig;
 use crate::history::KeyMap;
 use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
 use crate::plan::PlanDistance;
 use crate::predictor::{Scratch, Snapshot};
+use crate::replay::{Replayer, TrackerGuard, lock};
 use crate::tracker::{Query, Tracker};
 use dynn_core::{BufferId, BufferKind};
-use dynn_mm::trace::{Access, kind_code};
+use dynn_mm::trace::kind_code;
 use dynn_mm::{Announced, Candidate, Eviction, Now, OpRecord, Policy};
 use std::sync::Arc;
 use std::time::Instant;
@@ -55,6 +56,14 @@ pub struct PilotConfig {
     /// further ahead. Between two ops a training kernel evicts the tracker's state from the
     /// caches: a batch pays those misses once. 1 (or 0): each op as it comes.
     pub batch_ops: usize,
+    /// Replay the batches on a thread of the pilot's own: the executor then only queues ops,
+    /// and waits for the replays only where a ranking, a plan or the step boundary needs the
+    /// tracker current. Prefetch lists are then computed once a replay is done rather than at
+    /// a fixed op, so which buffers are prefetched when depends on timing (results never do).
+    /// Off by default: decisions are then deterministic, as the simulator needs, and on a
+    /// machine whose cores are all busy with kernels the thread only waits for one (the
+    /// trainers turn it on with [`crate::REPLAY_THREAD_ENV`]).
+    pub replay_thread: bool,
 }
 
 /// What a device charges for copying a buffer over the host link and for recomputing it,
@@ -105,6 +114,7 @@ impl Default for PilotConfig {
             reuse_prediction_ops: 8,
             recompute: None,
             batch_ops: 4,
+            replay_thread: false,
         }
     }
 }
@@ -133,6 +143,9 @@ pub struct PilotStats {
     pub upcoming_ns: u64,
     /// Time in `step_boundary` (handing the step to the trainer, swapping), nanoseconds.
     pub boundary_ns: u64,
+    /// Time the replay thread spent replaying ops, off the critical path, nanoseconds (0
+    /// without one).
+    pub background_ns: u64,
 }
 
 impl PilotStats {
@@ -158,47 +171,21 @@ struct Hot {
     recent: KeyMap<(u64, u64, u64)>,
 }
 
-/// What was observed but not yet replayed into the tracker, in order, kept flat: queueing an
-/// op appends to two vectors, which stay small and warm (no allocation per op).
-#[derive(Debug, Default)]
-struct Backlog {
-    /// The pending ops as the encoder reads them.
-    views: Vec<OpView>,
-    /// Their buffers, op after op: inputs, then outputs.
-    accesses: Vec<Access>,
-    /// Pending events, in order: an op (`None`: the next pending view) or a plan read
-    /// `(group, id)`.
-    events: Vec<Option<(usize, u64)>>,
-}
-
 /// The keys [`Policy::upcoming`] computed at the last replay, given again until a replay, a
 /// ranking, a plan or the step boundary makes them stale.
 #[derive(Debug, Default)]
 struct PrefetchList {
     keys: Vec<u64>,
     current: bool,
-}
-
-impl Backlog {
-    /// Queues op `op`.
-    fn push(&mut self, op: &OpRecord) {
-        self.views.push(OpView::of_record(op));
-        self.accesses.extend_from_slice(&op.inputs);
-        self.accesses.extend_from_slice(&op.outputs);
-        self.events.push(None);
-    }
-
-    /// Ops queued.
-    fn ops(&self) -> usize {
-        self.views.len()
-    }
+    /// [`Replayer::replayed`] when the keys were computed.
+    at: u64,
 }
 
 /// The learned policy.
 pub struct PilotPolicy {
     cfg: PilotConfig,
-    tracker: Tracker,
-    backlog: Backlog,
+    /// The tracker, and where observed ops are replayed into it.
+    replay: Replayer,
     cell: Arc<SnapshotCell>,
     version: u64,
     snapshot: Option<Arc<Snapshot>>,
@@ -270,8 +257,7 @@ impl PilotPolicy {
         let recording = trainer.as_ref().map(|_| Vec::new());
         PilotPolicy {
             cfg,
-            tracker: Tracker::new(cfg.features),
-            backlog: Backlog::default(),
+            replay: Replayer::new(Tracker::new(cfg.features), cfg.replay_thread),
             cell,
             version: 0,
             snapshot: None,
@@ -326,41 +312,29 @@ impl PilotPolicy {
 
     /// Counters so far.
     pub fn stats(&self) -> PilotStats {
-        self.stats
+        PilotStats {
+            background_ns: self.replay.background_ns(),
+            ..self.stats
+        }
     }
 
     /// The tracker (features, history), with every op observed so far replayed into it.
-    pub fn tracker(&mut self) -> &Tracker {
+    pub fn tracker(&mut self) -> TrackerGuard<'_> {
         self.catch_up();
-        &self.tracker
+        TrackerGuard(self.replay.shared())
     }
 
-    /// Replays the queued ops and plan reads into the tracker.
+    /// Whether ops are replayed into the tracker on a thread of its own.
+    pub fn replays_in_background(&self) -> bool {
+        self.replay.threaded()
+    }
+
+    /// Replays every op observed so far into the tracker (waiting for the replay thread).
     fn catch_up(&mut self) {
-        if self.backlog.events.is_empty() {
-            return;
-        }
         let t = Instant::now();
-        let b = &mut self.backlog;
-        let (mut views, mut at) = (b.views.iter(), 0);
-        for e in b.events.drain(..) {
-            match e {
-                Some((group, id)) => self.tracker.plan_read(group, id),
-                None => {
-                    // Each view was queued with its inputs and outputs, in order.
-                    let Some(v) = views.next() else { break };
-                    let n = v.inputs + v.outputs;
-                    if let Some(bufs) = b.accesses.get(at..at + n) {
-                        let (inputs, outputs) = bufs.split_at(v.inputs);
-                        self.tracker.observe_view(v, inputs, outputs);
-                    }
-                    at += n;
-                }
-            }
+        if self.replay.catch_up() {
+            self.prefetch.current = false;
         }
-        b.views.clear();
-        b.accesses.clear();
-        self.prefetch.current = false;
         self.stats.observe_ns += t.elapsed().as_nanos() as u64;
     }
 
@@ -395,15 +369,15 @@ impl PilotPolicy {
     /// plan's end where the previous step used `q` after the same plan; else the bounds of
     /// the snapshot's bucket — never nearer than the end of the plan for a buffer the plan
     /// does not read.
-    fn distance(&mut self, q: &Query) -> (u64, u64) {
+    fn distance(&mut self, tracker: &Tracker, q: &Query) -> (u64, u64) {
         if self.cfg.replay_when_matching
-            && self.tracker.matching()
-            && let Some(h) = self.tracker.hint_for(q)
+            && tracker.matching()
+            && let Some(h) = tracker.hint_for(q)
         {
             let d = h.unwrap_or(u64::MAX);
             return (d, d);
         }
-        let floor = match self.tracker.plan_distance(q) {
+        let floor = match tracker.plan_distance(q) {
             Some(PlanDistance::Within(d) | PlanDistance::After(d)) => return (d, d),
             Some(PlanDistance::Beyond(d)) => d + 1,
             Some(PlanDistance::Unplanned) | None => 0,
@@ -413,8 +387,8 @@ impl PilotPolicy {
         };
         // A recent prediction for the same buffer still stands, moved on by the ops since,
         // unless an op used the buffer after it.
-        let clock = self.tracker.clock();
-        let last_use = self.tracker.state(q.id).map(|b| b.last_use);
+        let clock = tracker.clock();
+        let last_use = tracker.state(q.id).map(|b| b.last_use);
         let hot = &mut self.hot;
         if let Some(&(at, latest, earliest)) = hot.recent.get(&q.id)
             && clock - at <= self.cfg.reuse_prediction_ops
@@ -429,11 +403,11 @@ impl PilotPolicy {
         // The window's share of the first layer is the same for every candidate at this op.
         // (A candidate the plan reads returned above, so the network answers here.)
         if hot.sums_at != Some(clock) {
-            self.tracker.window_features(&mut hot.window);
+            tracker.window_features(&mut hot.window);
             s.window_sums(&hot.window, &mut hot.sums);
             hot.sums_at = Some(clock);
         }
-        self.tracker.candidate_features(q, &mut hot.cand);
+        tracker.candidate_features(q, &mut hot.cand);
         self.stats.predictions += 1;
         let b = s.predict_after(&hot.sums, &hot.cand, &mut hot.scratch);
         let (latest, earliest) = (representative(b), lower_bound(b));
@@ -443,8 +417,8 @@ impl PilotPolicy {
 
     /// Whether rankings and prefetches follow predictions (a snapshot, or an announced
     /// plan) rather than LRU order.
-    fn guided(&self) -> bool {
-        self.snapshot.is_some() || self.tracker.plan_cursor().active()
+    fn guided(&self, tracker: &Tracker) -> bool {
+        self.snapshot.is_some() || tracker.plan_cursor().active()
     }
 }
 
@@ -454,13 +428,13 @@ impl Policy for PilotPolicy {
     }
 
     fn observe(&mut self, op: &OpRecord) {
-        // The queue stays within a batch even where nothing asks for prefetches (the manager
-        // does not while the pool is full).
-        if self.backlog.ops() >= self.cfg.batch_ops.max(1) {
-            self.catch_up();
-        }
         let t = Instant::now();
-        self.backlog.push(op);
+        self.replay.queued().push(op);
+        // A full batch goes to the tracker (on the replay thread, or here), whether or not
+        // anything asks for prefetches (the manager does not while the pool is full).
+        if self.replay.queued().ops() >= self.cfg.batch_ops.max(1) {
+            self.replay.hand_off();
+        }
         if let Some(r) = self.recording.as_mut() {
             let mut op = op.clone();
             self.announced.attach_to(&mut op);
@@ -478,7 +452,7 @@ impl Policy for PilotPolicy {
         // A plan changes what comes next: a new prefetch list.
         self.prefetch.current = false;
         let t = Instant::now();
-        self.tracker.plan(source, groups);
+        self.replay.shared().tracker.plan(source, groups);
         if self.recording.is_some() {
             self.announced.plan(source, groups);
         }
@@ -487,7 +461,7 @@ impl Policy for PilotPolicy {
 
     fn plan_read(&mut self, group: usize, id: u64) {
         let t = Instant::now();
-        self.backlog.events.push(Some((group, id)));
+        self.replay.queued().push_plan_read(group, id);
         if self.recording.is_some() {
             self.announced.read(group, id);
         }
@@ -506,7 +480,7 @@ impl Policy for PilotPolicy {
                 t.flush();
             }
         }
-        self.tracker.step_boundary(step);
+        self.replay.shared().tracker.step_boundary(step);
         self.hot.recent.clear();
         self.steps_seen += 1;
         let online = self.cfg.online.filter(|_| self.trainer.is_some());
@@ -527,7 +501,10 @@ impl Policy for PilotPolicy {
         self.stats.offered += c.len() as u64;
         // LRU order: the fallback, and where the pilot looks for victims.
         c.sort_unstable_by_key(|c| (c.last_use, c.id));
-        if !self.guided() {
+        let cell = self.replay.cell();
+        let shared = lock(&cell);
+        let tracker = &shared.tracker;
+        if !self.guided(tracker) {
             self.stats.lru_rankings += 1;
             self.stats.rank_ns += t.elapsed().as_nanos() as u64;
             return;
@@ -535,8 +512,8 @@ impl Policy for PilotPolicy {
         self.stats.pilot_rankings += 1;
         // The model ranks the least recently used candidates (a bounded cost per decision);
         // the rest follow in LRU order. A replayed order is cheap: it ranks them all.
-        let replaying = (self.cfg.replay_when_matching && self.tracker.matching())
-            || self.tracker.plan_cursor().active();
+        let replaying =
+            (self.cfg.replay_when_matching && tracker.matching()) || tracker.plan_cursor().active();
         let n = match replaying {
             true => c.len().min(self.cfg.max_ranked_exact.max(1)),
             false => c.len().min(self.cfg.max_ranked.max(1)),
@@ -544,7 +521,7 @@ impl Policy for PilotPolicy {
         self.stats.candidates += n as u64;
         self.order.clear();
         for (i, cand) in c[..n].iter().copied().enumerate() {
-            let (latest, earliest) = self.distance(&Self::query(&cand));
+            let (latest, earliest) = self.distance(tracker, &Self::query(&cand));
             self.order.push((
                 std::cmp::Reverse(latest),
                 earliest,
@@ -558,10 +535,10 @@ impl Policy for PilotPolicy {
         self.sorted.extend(self.order.iter().map(|o| c[o.4]));
         c[..n].copy_from_slice(&self.sorted);
         // The likely victims: remember when each is due back, for prefetching.
-        let clock = self.tracker.clock();
+        let clock = tracker.clock();
         for o in self.order.iter().take(4) {
             let id = o.3.0;
-            let Some(key) = self.tracker.state(id).map(|b| b.key) else {
+            let Some(key) = tracker.state(id).map(|b| b.key) else {
                 continue;
             };
             let due = clock.saturating_add(o.1);
@@ -596,9 +573,11 @@ impl Policy for PilotPolicy {
 
     fn next_use(&mut self, _now: Now, key: u64) -> Option<u64> {
         self.catch_up();
-        self.tracker
+        let shared = self.replay.shared();
+        let tracker = &shared.tracker;
+        tracker
             .hint(key)
-            .filter(|_| self.cfg.replay_when_matching && self.tracker.matching())
+            .filter(|_| self.cfg.replay_when_matching && tracker.matching())
             .flatten()
     }
 
@@ -606,25 +585,37 @@ impl Policy for PilotPolicy {
         if horizon == 0 {
             return;
         }
-        let batch = self.cfg.batch_ops.max(1);
-        if self.backlog.ops() >= batch || !self.prefetch.current {
-            self.catch_up();
+        // A new list after each replay, or when a ranking or a plan made the last one stale;
+        // with a replay thread, only while it is idle (else the last list stands: no waiting
+        // here).
+        let replayed = self.replay.replayed();
+        let fresh = self.prefetch.current && replayed == Some(self.prefetch.at);
+        if let Some(at) = replayed.filter(|_| !fresh) {
+            if !self.replay.threaded() {
+                // Without a replay thread the list sees every op observed, as a ranking does.
+                self.catch_up();
+            }
             let t = Instant::now();
+            let batch = self.cfg.batch_ops.max(1);
             // Far enough ahead to cover the ops until the next replay.
             let horizon = horizon.min(self.cfg.max_horizon).saturating_add(batch - 1);
             let mut list = std::mem::take(&mut self.prefetch.keys);
             list.clear();
-            let replaying = self.cfg.replay_when_matching && self.tracker.matching();
-            if self.guided() && replaying {
-                self.tracker.upcoming_by_history(horizon, &mut list);
-            } else if self.tracker.plan_cursor().active() {
-                self.tracker.upcoming_by_plan(horizon, &mut list);
-            } else if self.guided() {
-                self.predicted_soon(horizon, &mut list);
+            let cell = self.replay.cell();
+            let shared = lock(&cell);
+            let tracker = &shared.tracker;
+            let replaying = self.cfg.replay_when_matching && tracker.matching();
+            if self.guided(tracker) && replaying {
+                tracker.upcoming_by_history(horizon, &mut list);
+            } else if tracker.plan_cursor().active() {
+                tracker.upcoming_by_plan(horizon, &mut list);
+            } else if self.guided(tracker) {
+                self.predicted_soon(tracker.clock(), horizon, &mut list);
             }
             self.prefetch = PrefetchList {
                 keys: list,
                 current: true,
+                at,
             };
             self.stats.upcoming_ns += t.elapsed().as_nanos() as u64;
         }
@@ -635,8 +626,7 @@ impl Policy for PilotPolicy {
 impl PilotPolicy {
     /// Keys of the likely-evicted buffers due back within `horizon` ops, soonest first (from
     /// the distances predicted when they were ranked: no prediction here).
-    fn predicted_soon(&mut self, horizon: usize, out: &mut Vec<u64>) {
-        let clock = self.tracker.clock();
+    fn predicted_soon(&mut self, clock: u64, horizon: usize, out: &mut Vec<u64>) {
         let soon = &mut self.hot.soon;
         soon.clear();
         for &(_, key, due) in &self.suspects {

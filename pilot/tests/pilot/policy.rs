@@ -231,6 +231,58 @@ fn queued_ops_replay_into_the_same_decisions() -> Result<()> {
 }
 
 #[test]
+fn replayed_on_a_thread_of_its_own_it_ranks_the_same() -> Result<()> {
+    // A real DyNN's plans and a synthetic one's trained snapshot: every ranking waits for the
+    // replays, so only the prefetch lists (computed when the thread is idle) may differ.
+    let w = dynn_pilot::eval::record("tree_lstm", 3)?;
+    let t = synthetic(12, 6, 5);
+    let labels = LabelConfig::default();
+    let (tr, va) = label_trace(&t, &labels).split_by_step(0.25);
+    let (snap, _) = dynn_pilot::train(&tr, &va, labels.features, &ModelConfig::default())?;
+    for (trace, snapshot) in [(&w.trace, None), (&t, Some(&snap))] {
+        let pilot = |replay_thread| {
+            let cfg = PilotConfig {
+                online: None,
+                replay_thread,
+                ..Default::default()
+            };
+            match snapshot {
+                Some(s) => PilotPolicy::with_snapshot(s.clone(), cfg),
+                None => PilotPolicy::new(cfg),
+            }
+        };
+        let (mut here, mut there) = (pilot(false), pilot(true));
+        assert!(!here.replays_in_background() && there.replays_in_background());
+        let mut soon = Vec::new();
+        let steps = trace.steps.len() as u64;
+        for s in 0..steps {
+            let ops = trace.step_ops(s);
+            for (i, op) in ops.iter().enumerate() {
+                for p in [&mut here, &mut there] {
+                    op.announce_to(p);
+                    p.observe(op);
+                    p.upcoming(Now::default(), 8, &mut soon);
+                }
+                if i % 3 == 0 {
+                    let mut a = candidates(&ops[..=i]);
+                    let mut b = a.clone();
+                    here.rank_victims(Now::default(), &mut a);
+                    there.rank_victims(Now::default(), &mut b);
+                    assert_eq!(a, b, "step {s}, op {i}: the rankings differ");
+                }
+            }
+            for p in [&mut here, &mut there] {
+                p.step_boundary(s + 1);
+            }
+        }
+        assert_eq!(here.tracker().clock(), there.tracker().clock());
+        assert_eq!(here.stats().predictions, there.stats().predictions);
+        assert!(here.stats().pilot_rankings > 0);
+    }
+    Ok(())
+}
+
+#[test]
 fn the_announced_plan_guides_it_before_any_training() -> Result<()> {
     // A real DyNN's trace: its backward passes and optimizer steps carry their plans.
     let w = dynn_pilot::eval::record("tree_lstm", 3)?;
@@ -297,6 +349,8 @@ fn probe() -> Box<dyn Policy> {
                 copy_latency_s: 0.0,
                 launch_s: 1e-6,
             }),
+            // Ops replayed on the pilot's own thread, inside a real memory manager.
+            replay_thread: true,
             ..Default::default()
         })
         .report_to(STATS.clone()),
@@ -399,5 +453,9 @@ fn offloading_under_the_pilot_changes_no_bit() -> Result<()> {
     println!("{stats:?}");
     assert!(stats.swaps >= 1, "the online trainer published a snapshot");
     assert!(stats.predictions > 0, "the trained pilot ranked victims");
+    assert!(
+        stats.background_ns > 0,
+        "ops were replayed on the pilot's thread"
+    );
     Ok(())
 }

@@ -68,6 +68,7 @@ pub use model::{ModelConfig, PilotNet, Report, Trainer, evaluate, train};
 pub use online::{OnlineConfig, OnlineTrainer, SnapshotCell};
 pub use policy::{PilotConfig, PilotPolicy, PilotStats, RecomputeCosts, StatsSink};
 pub use predictor::{Scratch, Snapshot};
+pub use replay::TrackerGuard;
 pub use tracker::Tracker;
 
 /// Environment variable naming a saved pilot (see [`Snapshot::save`]) that the registered

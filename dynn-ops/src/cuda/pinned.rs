@@ -202,7 +202,7 @@ impl PinnedBlock {
     }
 
     /// The block's last copy, locked: a copy queued while it is held is ordered after that
-    /// copy ([`LastCopy::order`]) and then replaces it ([`LastCopy::replace`]), so concurrent
+    /// copy (`LastCopy::order`) and then replaces it (`LastCopy::replace`), so concurrent
     /// copies of one block stay in order.
     pub fn last_copy(&self) -> LastCopy<'_> {
         LastCopy {

@@ -346,7 +346,7 @@ pub(crate) fn index32(n: usize, layouts: &[&Layout]) -> i32 {
 /// The CUDA kernels: `binary_packed` (each operand contiguous, a broadcast scalar or a
 /// broadcast row block, see `Source`: 16-byte packs per access, the kind a template
 /// parameter) and `binary_strided` (any layouts, broadcast included, dims coalesced on the
-/// host). `kind` numbers the op as [`Binary::cuda_kind`]; 7 and 8 are the `maximum_mask` /
+/// host). `kind` numbers the op as `Binary::cuda_kind`; 7 and 8 are the `maximum_mask` /
 /// `minimum_mask` selections.
 pub const CUDA: CudaSource = CudaSource {
     name: "binary",

@@ -189,7 +189,7 @@ fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
 /// f32 scalar) serves every dtype: comparisons have one entry point per operand dtype
 /// (`compare_<dtype>`, 16-bit floats widened to float exactly), selections one per element
 /// size (`_2`, `_4`, `_8`: values are copied as bits). Selections read u32 0/1 masks; a mask
-/// of another dtype goes through `nonzero_<bytes>` first ([`u32_mask`]). Each comparison and
+/// of another dtype goes through `nonzero_<bytes>` first (`u32_mask`). Each comparison and
 /// selection also has a `_packed_` twin for operands the packed helpers serve (contiguous,
 /// broadcast scalars, broadcast row blocks: see `Source`), moving 16 bytes of values per
 /// access; the strided kernels take the rest.

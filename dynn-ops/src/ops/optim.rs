@@ -106,7 +106,7 @@ fn run<T: FloatElement + CpuElement>(
     Ok(())
 }
 
-/// The CUDA kernel: one fused pass per rule (`rule` numbered by [`Rule::cuda`]), inputs read
+/// The CUDA kernel: one fused pass per rule (`rule` numbered by `Rule::cuda`), inputs read
 /// through their layouts in the target's index order, computed in the scalar type.
 pub const CUDA: CudaSource = CudaSource {
     name: "optim",

@@ -84,7 +84,7 @@ pub const PROFILE_ENV: &str = "DYNN_PILOT_PROFILE";
 /// Environment variable that, set to `1`, has the registered `pilot` policy replay ops into
 /// its tracker on a thread of its own ([`PilotConfig::replay_thread`]). Off by default: on
 /// two cores busy with kernels the thread waits for a core and the executor for it (MoE at
-/// 25%: 4.5–5.2% of the run on the critical path, against 3.2–3.3% without).
+/// 25%: 4.9–5.0% of the run on the critical path, against 2.7–3.1% without).
 pub const REPLAY_THREAD_ENV: &str = "DYNN_PILOT_REPLAY_THREAD";
 
 /// The policy `--policy pilot` builds: online training with the default settings, starting

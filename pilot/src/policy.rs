@@ -11,7 +11,7 @@ use crate::history::KeyMap;
 use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
 use crate::plan::PlanDistance;
 use crate::predictor::{Scratch, Snapshot};
-use crate::replay::{Replayer, TrackerGuard, lock};
+use crate::replay::{Replayer, TrackerGuard, lock, try_lock};
 use crate::tracker::{Query, Tracker};
 use dynn_core::{BufferId, BufferKind};
 use dynn_mm::trace::kind_code;
@@ -134,8 +134,8 @@ pub struct PilotStats {
     pub candidates: u64,
     /// Candidates offered (every resident, unpinned buffer), over all rankings.
     pub offered: u64,
-    /// Time in `observe` and in replaying the ops it queued (whichever call replays them),
-    /// nanoseconds.
+    /// Time on the executor's thread queueing ops, replaying them (whichever call replays
+    /// them) and, with a replay thread, waiting for its lock, nanoseconds.
     pub observe_ns: u64,
     /// Time in `rank_victims`, nanoseconds.
     pub rank_ns: u64,
@@ -143,8 +143,9 @@ pub struct PilotStats {
     pub upcoming_ns: u64,
     /// Time in `step_boundary` (handing the step to the trainer, swapping), nanoseconds.
     pub boundary_ns: u64,
-    /// Time the replay thread spent replaying ops, off the critical path, nanoseconds (0
-    /// without one).
+    /// Time the replay thread spent replaying batches, nanoseconds (0 without one): off the
+    /// executor's thread, except where the executor waits for it (counted in
+    /// `observe_ns`).
     pub background_ns: u64,
 }
 
@@ -586,38 +587,39 @@ impl Policy for PilotPolicy {
             return;
         }
         // A new list after each replay, or when a ranking or a plan made the last one stale;
-        // with a replay thread, only while it is idle (else the last list stands: no waiting
-        // here).
-        let replayed = self.replay.replayed();
-        let fresh = self.prefetch.current && replayed == Some(self.prefetch.at);
-        if let Some(at) = replayed.filter(|_| !fresh) {
+        // with a replay thread, only while it does not hold the lock (else the last list
+        // stands: no waiting here).
+        let fresh = self.prefetch.current && self.replay.replayed() == self.prefetch.at;
+        if !fresh {
             if !self.replay.threaded() {
                 // Without a replay thread the list sees every op observed, as a ranking does.
                 self.catch_up();
             }
-            let t = Instant::now();
-            let batch = self.cfg.batch_ops.max(1);
-            // Far enough ahead to cover the ops until the next replay.
-            let horizon = horizon.min(self.cfg.max_horizon).saturating_add(batch - 1);
-            let mut list = std::mem::take(&mut self.prefetch.keys);
-            list.clear();
             let cell = self.replay.cell();
-            let shared = lock(&cell);
-            let tracker = &shared.tracker;
-            let replaying = self.cfg.replay_when_matching && tracker.matching();
-            if self.guided(tracker) && replaying {
-                tracker.upcoming_by_history(horizon, &mut list);
-            } else if tracker.plan_cursor().active() {
-                tracker.upcoming_by_plan(horizon, &mut list);
-            } else if self.guided(tracker) {
-                self.predicted_soon(tracker.clock(), horizon, &mut list);
+            if let Some(shared) = try_lock(&cell) {
+                let t = Instant::now();
+                let at = self.replay.replayed();
+                let batch = self.cfg.batch_ops.max(1);
+                // Far enough ahead to cover the ops until the next replay.
+                let horizon = horizon.min(self.cfg.max_horizon).saturating_add(batch - 1);
+                let mut list = std::mem::take(&mut self.prefetch.keys);
+                list.clear();
+                let tracker = &shared.tracker;
+                let replaying = self.cfg.replay_when_matching && tracker.matching();
+                if self.guided(tracker) && replaying {
+                    tracker.upcoming_by_history(horizon, &mut list);
+                } else if tracker.plan_cursor().active() {
+                    tracker.upcoming_by_plan(horizon, &mut list);
+                } else if self.guided(tracker) {
+                    self.predicted_soon(tracker.clock(), horizon, &mut list);
+                }
+                self.prefetch = PrefetchList {
+                    keys: list,
+                    current: true,
+                    at,
+                };
+                self.stats.upcoming_ns += t.elapsed().as_nanos() as u64;
             }
-            self.prefetch = PrefetchList {
-                keys: list,
-                current: true,
-                at,
-            };
-            self.stats.upcoming_ns += t.elapsed().as_nanos() as u64;
         }
         out.extend_from_slice(&self.prefetch.keys);
     }

@@ -13,6 +13,7 @@ use crate::tracker::Tracker;
 use dynn_mm::OpRecord;
 use dynn_mm::trace::Access;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -82,33 +83,50 @@ pub(crate) struct Shared {
     pending: VecDeque<Backlog>,
     /// Replayed batches, emptied, for reuse.
     free: Vec<Backlog>,
-    /// Batches replayed so far (by either thread).
-    replayed: u64,
     /// Nanoseconds the replay thread spent replaying.
     busy_ns: u64,
     /// Set when the replay thread is to stop.
     stop: bool,
+    /// Set while the replay thread waits for work (only then does a hand-off wake it).
+    idle: bool,
 }
 
-impl Shared {
-    /// Replays every pending batch, oldest first.
-    fn drain(&mut self) {
-        while let Some(mut b) = self.pending.pop_front() {
-            b.replay_into(&mut self.tracker);
-            self.replayed += 1;
-            self.free.push(b);
+/// The lock, the replay thread's wake-up, and what is read without the lock.
+pub(crate) struct Cell {
+    shared: Mutex<Shared>,
+    wake: Condvar,
+    /// Batches replayed so far (by either thread), written under the lock.
+    replayed: AtomicU64,
+    /// Set while the executor waits for the lock: the replay thread then lets it in between
+    /// two batches rather than taking the lock straight back.
+    wanted: AtomicBool,
+}
+
+impl Cell {
+    /// Replays every pending batch in `shared` (this cell's, locked), oldest first.
+    fn drain(&self, shared: &mut Shared) {
+        while let Some(mut b) = shared.pending.pop_front() {
+            b.replay_into(&mut shared.tracker);
+            shared.free.push(b);
+            self.replayed.fetch_add(1, Ordering::Release);
         }
     }
 }
-
-/// The lock and the replay thread's wake-up.
-pub(crate) type Cell = (Mutex<Shared>, Condvar);
 
 /// Locks the shared state. A replay thread that panicked mid-batch leaves a tracker that
 /// missed some ops: its predictions are then worse, never the results, so the lock is taken
 /// anyway.
 pub(crate) fn lock(cell: &Cell) -> MutexGuard<'_, Shared> {
-    cell.0.lock().unwrap_or_else(|e| e.into_inner())
+    cell.shared.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The shared state if the lock is free now (`None`: the replay thread holds it).
+pub(crate) fn try_lock(cell: &Cell) -> Option<MutexGuard<'_, Shared>> {
+    match cell.shared.try_lock() {
+        Ok(g) => Some(g),
+        Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
+    }
 }
 
 /// The tracker and where the queued ops are replayed into it.
@@ -125,17 +143,19 @@ impl Replayer {
     /// Replays into `tracker` on a thread of its own when `thread` is set (and the system
     /// gives one), else on the caller's.
     pub(crate) fn new(tracker: Tracker, thread: bool) -> Self {
-        let cell = Arc::new((
-            Mutex::new(Shared {
+        let cell = Arc::new(Cell {
+            shared: Mutex::new(Shared {
                 tracker,
                 pending: VecDeque::new(),
                 free: Vec::new(),
-                replayed: 0,
                 busy_ns: 0,
                 stop: false,
+                idle: false,
             }),
-            Condvar::new(),
-        ));
+            wake: Condvar::new(),
+            replayed: AtomicU64::new(0),
+            wanted: AtomicBool::new(false),
+        });
         let thread = thread.then(|| spawn(cell.clone())).flatten();
         Replayer {
             cell,
@@ -161,40 +181,43 @@ impl Replayer {
         if self.queued.events.is_empty() {
             return;
         }
-        let mut shared = match self.thread {
-            None => lock(&self.cell),
-            Some(_) => match self.cell.0.try_lock() {
-                Ok(g) => g,
-                Err(TryLockError::Poisoned(e)) => e.into_inner(),
-                Err(TryLockError::WouldBlock) => return,
-            },
+        let shared = match self.thread {
+            None => Some(lock(&self.cell)),
+            Some(_) => try_lock(&self.cell),
         };
+        let Some(mut shared) = shared else { return };
         let fresh = shared.free.pop().unwrap_or_default();
         let batch = std::mem::replace(&mut self.queued, fresh);
         shared.pending.push_back(batch);
         self.sent += 1;
         match self.thread {
-            Some(_) => self.cell.1.notify_one(),
-            None => shared.drain(),
+            Some(_) if shared.idle => self.cell.wake.notify_one(),
+            Some(_) => {}
+            None => self.cell.drain(&mut shared),
         }
     }
 
-    /// Batches replayed so far, when the replay thread is idle (`None`: it holds the lock).
-    /// Every batch handed over counts one.
-    pub(crate) fn replayed(&self) -> Option<u64> {
-        match self.cell.0.try_lock() {
-            Ok(g) => Some(g.replayed),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner().replayed),
-            Err(TryLockError::WouldBlock) => None,
-        }
+    /// Batches replayed so far; every hand-off counts one (read without the lock).
+    pub(crate) fn replayed(&self) -> u64 {
+        self.cell.replayed.load(Ordering::Acquire)
     }
 
-    /// Replays every op observed so far: waits for the batch the replay thread is on, then
-    /// replays the rest here. True when anything was replayed on the caller's thread.
+    /// Replays every op observed so far: takes the lock (the replay thread lets it in after
+    /// the batch it is on), replays what it has not started, then what is still queued here.
+    /// True when anything was replayed on the caller's thread.
     pub(crate) fn catch_up(&mut self) -> bool {
+        if self.queued.events.is_empty() && self.replayed() >= self.sent {
+            return false;
+        }
+        if self.thread.as_ref().is_some_and(|h| h.is_finished()) {
+            // It stopped (a panic): from here on everything is replayed here.
+            self.thread = None;
+        }
+        self.cell.wanted.store(true, Ordering::Release);
         let mut shared = lock(&self.cell);
+        self.cell.wanted.store(false, Ordering::Release);
         let here = !shared.pending.is_empty() || !self.queued.events.is_empty();
-        shared.drain();
+        self.cell.drain(&mut shared);
         self.queued.replay_into(&mut shared.tracker);
         here
     }
@@ -210,7 +233,8 @@ impl Replayer {
         self.cell.clone()
     }
 
-    /// Nanoseconds the replay thread spent replaying (off the executor's thread).
+    /// Nanoseconds the replay thread spent replaying batches (its waits for the lock and for
+    /// a core are not counted).
     pub(crate) fn background_ns(&self) -> u64 {
         lock(&self.cell).busy_ns
     }
@@ -228,14 +252,21 @@ fn spawn(cell: Arc<Cell>) -> Option<JoinHandle<()>> {
                         let t = Instant::now();
                         b.replay_into(&mut shared.tracker);
                         shared.busy_ns += t.elapsed().as_nanos() as u64;
-                        shared.replayed += 1;
                         shared.free.push(b);
-                        // Let the executor in between batches.
+                        cell.replayed.fetch_add(1, Ordering::Release);
+                        // Between batches, let a waiting executor in first.
                         drop(shared);
+                        while cell.wanted.load(Ordering::Acquire) {
+                            std::thread::yield_now();
+                        }
                         shared = lock(&cell);
                     }
                     None if shared.stop => return,
-                    None => shared = cell.1.wait(shared).unwrap_or_else(|e| e.into_inner()),
+                    None => {
+                        shared.idle = true;
+                        shared = cell.wake.wait(shared).unwrap_or_else(|e| e.into_inner());
+                        shared.idle = false;
+                    }
                 }
             }
         })
@@ -246,7 +277,7 @@ impl Drop for Replayer {
     fn drop(&mut self) {
         if let Some(h) = self.thread.take() {
             lock(&self.cell).stop = true;
-            self.cell.1.notify_one();
+            self.cell.wake.notify_one();
             let _ = h.join();
         }
     }

@@ -471,20 +471,22 @@ impl Tracker {
             return Some(d);
         };
         let range = b.map_or_else(|| self.previous.range_of(q.key), |b| b.prev);
-        let here = self.after();
-        let next_there = self.previous.next_use_in(here, range);
-        let from = here.map_or(0, |h| h as u64 + 1);
-        if matches!(d, PlanDistance::Unplanned)
-            && next_there.is_some_and(|gap| from + gap - 1 < end as u64)
-        {
+        let Some(gap) = self.previous.next_use_in(end.checked_sub(1), range) else {
             return Some(d);
-        }
+        };
         let rest = match d {
             PlanDistance::Beyond(rest) => rest,
-            _ => self.plan.rest(self.index)?,
+            _ => {
+                let here = self.after();
+                let next_there = self.previous.next_use_in(here, range);
+                let from = here.map_or(0, |h| h as u64 + 1);
+                if next_there.is_some_and(|g| from + g - 1 < end as u64) {
+                    return Some(d);
+                }
+                self.plan.rest(self.index)?
+            }
         };
-        let gap = self.previous.next_use_in(end.checked_sub(1), range);
-        Some(gap.map_or(d, |gap| PlanDistance::After(rest + gap - 1)))
+        Some(PlanDistance::After(rest + gap - 1))
     }
 
     /// Appends the memory manager keys of the buffers the announced plan reads within about

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 /// Train the early-exit transformer language model.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     train: TrainArgs,

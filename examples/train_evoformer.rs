@@ -15,7 +15,7 @@ use dynn::models::train::{Defaults, TrainArgs, main as train_main};
 
 /// Train the Evoformer-lite with recycling on synthetic protein distograms.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version)]
 struct Cli {
     #[command(flatten)]
     train: TrainArgs,

@@ -14,6 +14,7 @@ use dynn_models::train::{self, TrainArgs};
 
 /// Train a Tree-LSTM on ListOps expression trees; reports held-out accuracy.
 #[derive(Parser, Debug)]
+#[command(version)]
 struct Args {
     #[command(flatten)]
     train: TrainArgs,

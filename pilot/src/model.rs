@@ -144,16 +144,31 @@ impl Report {
 
 /// Accuracy and confusion (`[true][predicted]`) of `snapshot` on `ds`.
 pub fn evaluate(snapshot: &Snapshot, ds: &Dataset) -> (f64, [[u64; BUCKETS]; BUCKETS]) {
+    let (accuracy, confusion, _) = score(snapshot, ds);
+    (accuracy, confusion)
+}
+
+/// [`evaluate`] and [`Sources`] in one pass over `ds` (rows whose phase cannot be read, with
+/// no op in the window, count as forward).
+fn score(snapshot: &Snapshot, ds: &Dataset) -> (f64, [[u64; BUCKETS]; BUCKETS], Sources) {
+    let f = snapshot.features;
     let mut confusion = [[0u64; BUCKETS]; BUCKETS];
+    let mut sources = Sources::default();
     let mut scratch = snapshot.scratch();
     let mut hits = 0usize;
     for i in 0..ds.len() {
-        let p = snapshot.predict(ds.row(i), &mut scratch);
+        let row = ds.row(i);
+        let p = snapshot.predict(row, &mut scratch);
         let t = ds.y[i];
         hits += (p == t) as usize;
         confusion[t as usize][p as usize] += 1;
+        // `phase_of` is a position in a PHASES-long slice, so below PHASES.
+        let phase = f.phase_of(row).unwrap_or(0) as usize;
+        let source = f.planned_bucket(row).is_some() as usize;
+        sources.rows[phase][source] += 1;
+        sources.misses[phase][source] += (p != t) as u64;
     }
-    (hits as f64 / ds.len().max(1) as f64, confusion)
+    (hits as f64 / ds.len().max(1) as f64, confusion, sources)
 }
 
 /// Where a pilot's answers come from and where it misses: rows and misses per phase of the
@@ -168,22 +183,6 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// The breakdown of `snapshot`'s answers on `ds` (rows whose phase cannot be read, with
-    /// no op in the window, count as forward).
-    pub fn of(snapshot: &Snapshot, ds: &Dataset) -> Self {
-        let f = snapshot.features;
-        let mut out = Sources::default();
-        let mut scratch = snapshot.scratch();
-        for i in 0..ds.len() {
-            let row = ds.row(i);
-            let phase = f.phase_of(row).unwrap_or(0) as usize;
-            let source = f.planned_bucket(row).is_some() as usize;
-            out.rows[phase][source] += 1;
-            out.misses[phase][source] += (snapshot.predict(row, &mut scratch) != ds.y[i]) as u64;
-        }
-        out
-    }
-
     /// One line: `misses/rows` per phase and source, where there are rows.
     pub fn summary(&self) -> String {
         let mut parts = Vec::new();
@@ -322,13 +321,13 @@ pub fn train(
     let snapshot = t.snapshot()?;
     let seconds = started.elapsed().as_secs_f64();
     let (accuracy_train, _) = evaluate(&snapshot, train);
-    let (accuracy_valid, confusion) = evaluate(&snapshot, valid);
+    let (accuracy_valid, confusion, sources) = score(&snapshot, valid);
     let report = Report {
         accuracy_train,
         accuracy_valid,
         majority_valid: valid.majority_rate(),
         confusion,
-        sources: Sources::of(&snapshot, valid),
+        sources,
         rows_train: train.len(),
         rows_valid: valid.len(),
         loss,

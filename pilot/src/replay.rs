@@ -181,19 +181,21 @@ impl Replayer {
         if self.queued.events.is_empty() {
             return;
         }
-        let shared = match self.thread {
-            None => Some(lock(&self.cell)),
-            Some(_) => try_lock(&self.cell),
+        if self.thread.is_none() {
+            self.queued.replay_into(&mut lock(&self.cell).tracker);
+            self.sent += 1;
+            self.cell.replayed.fetch_add(1, Ordering::Release);
+            return;
+        }
+        let Some(mut shared) = try_lock(&self.cell) else {
+            return;
         };
-        let Some(mut shared) = shared else { return };
         let fresh = shared.free.pop().unwrap_or_default();
         let batch = std::mem::replace(&mut self.queued, fresh);
         shared.pending.push_back(batch);
         self.sent += 1;
-        match self.thread {
-            Some(_) if shared.idle => self.cell.wake.notify_one(),
-            Some(_) => {}
-            None => self.cell.drain(&mut shared),
+        if shared.idle {
+            self.cell.wake.notify_one();
         }
     }
 

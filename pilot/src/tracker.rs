@@ -372,18 +372,17 @@ impl Tracker {
     /// ids, use counts roll over, long-unused buffers are forgotten.
     pub fn step_boundary(&mut self, step: u64) {
         let swapped = self.index > 0;
-        // A step without ops leaves the previous step (its index and its plans) standing.
-        match swapped {
-            true => self.plan.step_boundary(self.index),
-            false => self.plan.abandon(),
-        }
         if swapped {
+            self.plan.step_boundary(self.index);
             self.expected = self.index;
             self.prev_phase_ops = self.phase_ops;
             self.prev_phase_start = self.phase_start;
             self.current.seal();
             std::mem::swap(&mut self.current, &mut self.previous);
             self.current.clear();
+        } else {
+            // A step without ops leaves the previous step (its index and its plans) standing.
+            self.plan.abandon();
         }
         let (previous, sites) = (&self.previous, &mut self.sites);
         self.bufs.retain(|&id, b| {

@@ -80,15 +80,16 @@ fn elementwise_cases(
             12.0 * n,
             Box::new(|| a.t()?.add(&b).map(drop)),
         ),
-        ("gt_16M", 12.0 * n, Box::new(|| a.gt(&b).map(drop))),
+        // Masks are one byte per element (U8), as PyTorch's bool.
+        ("gt_16M", 9.0 * n, Box::new(|| a.gt(&b).map(drop))),
         (
             "where_16M",
-            16.0 * n,
+            13.0 * n,
             Box::new(|| mask.where_cond(&a, &b).map(drop)),
         ),
         (
             "masked_fill_16M",
-            12.0 * n,
+            9.0 * n,
             Box::new(|| a.masked_fill(&mask, 0.0).map(drop)),
         ),
         (

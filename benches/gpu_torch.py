@@ -149,7 +149,7 @@ def case(name):
             "mul_16M": lambda: a * b,
             "maximum_16M": lambda: torch.maximum(a, b),
             "add_transposed_16M": lambda: a.t() + b,
-            "gt_16M": lambda: (a > b).float(),
+            "gt_16M": lambda: a > b,
             "where_16M": lambda: torch.where(mask, a, b),
             "masked_fill_16M": lambda: a.masked_fill(mask, 0.0),
             "contiguous_transposed_16M": lambda: a.t().contiguous(),

@@ -19,6 +19,8 @@ pub enum CpuStorage {
     I64(Vec<i64>),
     /// u32 elements.
     U32(Vec<u32>),
+    /// u8 elements (masks).
+    U8(Vec<u8>),
 }
 
 /// Runs `$body` with `$v` bound to the typed vector inside a [`CpuStorage`] (by reference).
@@ -32,6 +34,7 @@ macro_rules! with_cpu_storage {
             $crate::CpuStorage::F64($v) => $body,
             $crate::CpuStorage::I64($v) => $body,
             $crate::CpuStorage::U32($v) => $body,
+            $crate::CpuStorage::U8($v) => $body,
         }
     };
 }
@@ -76,6 +79,7 @@ cpu_element!(bf16, BF16);
 cpu_element!(f64, F64);
 cpu_element!(i64, I64);
 cpu_element!(u32, U32);
+cpu_element!(u8, U8);
 
 impl CpuStorage {
     /// The element type.
@@ -87,6 +91,7 @@ impl CpuStorage {
             CpuStorage::F64(_) => DType::F64,
             CpuStorage::I64(_) => DType::I64,
             CpuStorage::U32(_) => DType::U32,
+            CpuStorage::U8(_) => DType::U8,
         }
     }
 
@@ -109,6 +114,7 @@ impl CpuStorage {
             DType::F64 => CpuStorage::F64(vec![0.0; len]),
             DType::I64 => CpuStorage::I64(vec![0; len]),
             DType::U32 => CpuStorage::U32(vec![0; len]),
+            DType::U8 => CpuStorage::U8(vec![0; len]),
         }
     }
 

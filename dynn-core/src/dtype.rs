@@ -17,22 +17,26 @@ pub enum DType {
     I64,
     /// 32-bit unsigned integer, for indices.
     U32,
+    /// 8-bit unsigned integer, for masks: comparisons return 0/1 in it (one byte per element).
+    U8,
 }
 
 impl DType {
     /// Every dtype.
-    pub const ALL: [DType; 6] = [
+    pub const ALL: [DType; 7] = [
         DType::F32,
         DType::F64,
         DType::F16,
         DType::BF16,
         DType::I64,
         DType::U32,
+        DType::U8,
     ];
 
     /// Size of one element in bytes.
     pub const fn size_in_bytes(self) -> usize {
         match self {
+            DType::U8 => 1,
             DType::F16 | DType::BF16 => 2,
             DType::F32 | DType::U32 => 4,
             DType::F64 | DType::I64 => 8,
@@ -44,7 +48,7 @@ impl DType {
         matches!(self, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
     }
 
-    /// True for the integer (index) dtypes.
+    /// True for the integer (index) dtypes: I64 and U32 (U8 is for masks, not indices).
     pub const fn is_int(self) -> bool {
         matches!(self, DType::I64 | DType::U32)
     }
@@ -58,6 +62,7 @@ impl DType {
             DType::F64 => "f64",
             DType::I64 => "i64",
             DType::U32 => "u32",
+            DType::U8 => "u8",
         }
     }
 }
@@ -113,6 +118,7 @@ element!(f16, F16, |v: f16| v.to_f64(), f16::from_f64);
 element!(bf16, BF16, |v: bf16| v.to_f64(), bf16::from_f64);
 element!(i64, I64, |v: i64| v as f64, |v: f64| v as i64);
 element!(u32, U32, |v: u32| v as f64, |v: f64| v as u32);
+element!(u8, U8, |v: u8| v as f64, |v: f64| v as u8);
 
 macro_rules! float_element {
     ($t:ty, $acc:ty, $to:expr, $from:expr) => {

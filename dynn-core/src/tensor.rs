@@ -110,6 +110,7 @@ impl Tensor {
             DType::BF16 => CpuStorage::BF16(vec![half::bf16::from_f64(value); n]),
             DType::I64 => CpuStorage::I64(vec![value as i64; n]),
             DType::U32 => CpuStorage::U32(vec![value as u32; n]),
+            DType::U8 => CpuStorage::U8(vec![value as u8; n]),
         };
         Self::from_host(s, shape, device, BufferKind::Activation)
     }

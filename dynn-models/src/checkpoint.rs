@@ -283,6 +283,7 @@ fn to_bytes(t: &Tensor) -> Result<(Dtype, Vec<u8>)> {
         DType::BF16 => (Dtype::BF16, le(t, half::bf16::to_le_bytes)?),
         DType::I64 => (Dtype::I64, le(t, i64::to_le_bytes)?),
         DType::U32 => (Dtype::U32, le(t, u32::to_le_bytes)?),
+        DType::U8 => (Dtype::U8, t.to_vec::<u8>()?),
     })
 }
 
@@ -310,6 +311,7 @@ fn from_bytes(dtype: Dtype, shape: &[usize], data: &[u8]) -> Result<Tensor> {
         Dtype::BF16 => read(data, shape, half::bf16::from_le_bytes),
         Dtype::I64 => read(data, shape, i64::from_le_bytes),
         Dtype::U32 => read(data, shape, u32::from_le_bytes),
+        Dtype::U8 => read(data, shape, u8::from_le_bytes),
         d => Err(Error::invalid(
             "checkpoint",
             format!("unsupported dtype {d:?}"),

@@ -21,6 +21,7 @@ impl CudaSource {
 pub const PRELUDE: &str = r#"
 typedef long long i64;
 typedef unsigned int u32;
+typedef unsigned char u8;
 #define DYNN_MAX_RANK 8
 
 // A tensor view over a buffer: element offset, then dims and strides (in elements).

@@ -61,18 +61,11 @@ impl std::fmt::Debug for CudaStorage {
 /// The bytes of a host storage (every dtype is plain old data).
 pub(crate) fn host_bytes(host: &CpuStorage) -> &[u8] {
     fn bytes<T>(v: &[T]) -> &[u8] {
-        // SAFETY: every CpuStorage element type (f32, f64, f16, bf16, i64, u32) is plain old
+        // SAFETY: every CpuStorage element type (f32, f64, f16, bf16, i64, u32, u8) is plain old
         // data without padding, so its memory is valid as bytes for the same lifetime.
         unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
     }
-    match host {
-        CpuStorage::F32(v) => bytes(v),
-        CpuStorage::F64(v) => bytes(v),
-        CpuStorage::F16(v) => bytes(v),
-        CpuStorage::BF16(v) => bytes(v),
-        CpuStorage::I64(v) => bytes(v),
-        CpuStorage::U32(v) => bytes(v),
-    }
+    dynn_core::with_cpu_storage!(host, v => bytes(v))
 }
 
 /// The bytes of a host storage, mutable (for downloads).
@@ -83,14 +76,7 @@ pub(crate) fn host_bytes_mut(host: &mut CpuStorage) -> &mut [u8] {
             std::slice::from_raw_parts_mut(v.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(v))
         }
     }
-    match host {
-        CpuStorage::F32(v) => bytes(v),
-        CpuStorage::F64(v) => bytes(v),
-        CpuStorage::F16(v) => bytes(v),
-        CpuStorage::BF16(v) => bytes(v),
-        CpuStorage::I64(v) => bytes(v),
-        CpuStorage::U32(v) => bytes(v),
-    }
+    dynn_core::with_cpu_storage!(host, v => bytes(v))
 }
 
 /// `bytes` of uninitialised memory on the compute stream (the stream that frees it, too).

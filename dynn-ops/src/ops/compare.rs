@@ -1,5 +1,5 @@
-//! Comparisons and selection: `eq`, `ne`, `lt`, `le`, `gt`, `ge` with broadcasting (dynn has
-//! no bool dtype: they return U32 masks of 0/1), `where_cond` (differentiable in the two value
+//! Comparisons and selection: `eq`, `ne`, `lt`, `le`, `gt`, `ge` with broadcasting (they
+//! return U8 masks of 0/1, one byte per element as PyTorch's bool), `where_cond` (differentiable in the two value
 //! inputs, backward `where_backward`) and `masked_fill` (differentiable in the input; its
 //! backward is `masked_fill` of the gradient with 0).
 //!
@@ -158,9 +158,20 @@ fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
     })
 }
 
-/// The mask as contiguous 0/1 bytes in its own shape (nonzero is true).
-fn mask_bytes(op: &'static str, arg: &KernelArg<'_>) -> Result<Vec<u8>> {
-    Ok(with_cpu_storage!(arg.cpu(op)?, v => mask_of(v, arg.layout)))
+/// The mask as bytes (nonzero is true) with its layout broadcast to `shape`: a U8 mask as it
+/// is, any other dtype converted to contiguous 0/1 bytes first.
+fn mask_bytes<'a>(
+    op: &'static str,
+    arg: &KernelArg<'a>,
+    shape: &Shape,
+) -> Result<(std::borrow::Cow<'a, [u8]>, Layout)> {
+    let storage = arg.cpu(op)?;
+    if let CpuStorage::U8(v) = storage {
+        return Ok((v.as_slice().into(), arg.layout.broadcast_as(shape)?));
+    }
+    let bytes = with_cpu_storage!(storage, v => mask_of(v, arg.layout));
+    let layout = Layout::contiguous(arg.shape().clone()).broadcast_as(shape)?;
+    Ok((bytes.into(), layout))
 }
 
 fn mask_of<T: Element>(v: &[T], layout: &Layout) -> Vec<u8> {
@@ -188,8 +199,9 @@ fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
 /// The CUDA kernels. They move elements without arithmetic, so one module (compiled for the
 /// f32 scalar) serves every dtype: comparisons have one entry point per operand dtype
 /// (`compare_<dtype>`, 16-bit floats widened to float exactly), selections one per element
-/// size (`_2`, `_4`, `_8`: values are copied as bits). Selections read u32 0/1 masks; a mask
-/// of another dtype goes through `nonzero_<bytes>` first (`u32_mask`). Each comparison and
+/// size (`_1`, `_2`, `_4`, `_8`: values are copied as bits). Comparisons write u8 0/1 masks
+/// and selections read u8 masks (nonzero is true); a mask of another dtype goes through
+/// `nonzero_<bytes>` first (`u8_mask`). Each comparison and
 /// selection also has a `_packed_` twin for operands the packed helpers serve (contiguous,
 /// broadcast scalars, broadcast row blocks: see `Source`), moving 16 bytes of values per
 /// access; the strided kernels take the rest.
@@ -204,36 +216,37 @@ __device__ __forceinline__ float val(float v) { return v; }
 __device__ __forceinline__ double val(double v) { return v; }
 __device__ __forceinline__ i64 val(i64 v) { return v; }
 __device__ __forceinline__ u32 val(u32 v) { return v; }
+__device__ __forceinline__ u32 val(u8 v) { return v; }
 
 // A comparison is a truth table over the four outcomes (bit 0: x < z, 1: x == z, 2: x > z,
 // 3: unordered, i.e. a NaN), so every comparison runs the same branch-free code.
-template <typename V> __device__ __forceinline__ u32 cmp(u32 truth, V x, V z) {
+template <typename V> __device__ __forceinline__ u8 cmp(u32 truth, V x, V z) {
     u32 outcome = x < z ? 0u : x == z ? 1u : x > z ? 2u : 3u;
-    return (truth >> outcome) & 1u;
+    return (u8)((truth >> outcome) & 1u);
 }
 
 template <typename I, typename T>
 __device__ void cmp_t(u32 truth, const T* __restrict__ a, const Strided& as,
-                      const T* __restrict__ b, const Strided& bs, u32* __restrict__ y, I n) {
-    MAP(I, i, n, u32, y, cmp(truth, val(a[sat<I>(as, i)]), val(b[sat<I>(bs, i)])));
+                      const T* __restrict__ b, const Strided& bs, u8* __restrict__ y, I n) {
+    MAP(I, i, n, u8, y, cmp(truth, val(a[sat<I>(as, i)]), val(b[sat<I>(bs, i)])));
 }
 
-// Packed: four elements per access (16 bytes of output).
+// Packed: 16 bytes of each operand per access (16 / sizeof(T) bytes of output).
 template <typename T>
-__device__ __forceinline__ void cmp_packed(u32 truth, Src<T> a, Src<T> b, u32* __restrict__ y,
+__device__ __forceinline__ void cmp_packed(u32 truth, Src<T> a, Src<T> b, u8* __restrict__ y,
                                            u64 n) {
-    packed_map<4>([=](T x, T z) { return cmp(truth, val(x), val(z)); }, y, n, a, b);
+    packed_map<(int)(16 / sizeof(T))>([=](T x, T z) { return cmp(truth, val(x), val(z)); }, y, n, a, b);
 }
 
 #define COMPARE(NAME, T) \
 extern "C" __global__ void compare_##NAME(u32 truth, const T* a, Strided as, const T* b, \
-                                          Strided bs, u32* y, i64 n, int small) { \
+                                          Strided bs, u8* y, i64 n, int small) { \
     if (small) cmp_t<u32, T>(truth, a, as, b, bs, y, (u32)n); \
     else cmp_t<u64, T>(truth, a, as, b, bs, y, (u64)n); \
 } \
 extern "C" __global__ void compare_packed_##NAME(u32 truth, const T* __restrict__ a, i64 ao, \
                                                  i64 ap, const T* __restrict__ b, i64 bo, \
-                                                 i64 bp, u32* __restrict__ y, i64 n) { \
+                                                 i64 bp, u8* __restrict__ y, i64 n) { \
     cmp_packed<T>(truth, src(a, ao, ap), src(b, bo, bp), y, (u64)n); \
 }
 COMPARE(f32, float)
@@ -242,22 +255,23 @@ COMPARE(f16, h16)
 COMPARE(bf16, b16)
 COMPARE(i64, i64)
 COMPARE(u32, u32)
+COMPARE(u8, u8)
 
-// Masks reach the selections as u32 0/1 (comparisons make them); a mask of another dtype is
+// Masks reach the selections as u8 (comparisons make them); a mask of another dtype is
 // first turned into one by `nonzero_<bytes>`: an element is true when its bits outside `keep`'s
 // zeros are not all zero (`keep` drops the sign bit of float masks, so -0.0 is false and NaN
 // true).
 template <typename I, typename T>
-__device__ void nonzero_t(const T* __restrict__ x, const Strided& xs, u64 keep, u32* __restrict__ y,
+__device__ void nonzero_t(const T* __restrict__ x, const Strided& xs, u64 keep, u8* __restrict__ y,
                           I n) {
-    MAP(I, i, n, u32, y, (((u64)x[sat<I>(xs, i)]) & keep) != 0 ? 1u : 0u);
+    MAP(I, i, n, u8, y, (u8)((((u64)x[sat<I>(xs, i)]) & keep) != 0 ? 1 : 0));
 }
 
 template <typename T> __device__ __forceinline__ T select_(bool c, T x, T z) { return c ? x : z; }
 
 // Both values are loaded (no branch), then one is selected.
 template <typename I, typename T>
-__device__ void where_t(const u32* __restrict__ m, const Strided& ms, const T* __restrict__ a,
+__device__ void where_t(const u8* __restrict__ m, const Strided& ms, const T* __restrict__ a,
                         const Strided& as, const T* __restrict__ b, const Strided& bs,
                         T* __restrict__ y, I n) {
     MAP(I, i, n, T, y, select_(m[sat<I>(ms, i)] != 0, a[sat<I>(as, i)], b[sat<I>(bs, i)]));
@@ -265,13 +279,13 @@ __device__ void where_t(const u32* __restrict__ m, const Strided& ms, const T* _
 
 // Two outputs: with 32-bit indices every load of a step first, then the stores.
 template <typename I, typename T>
-__device__ void where_bw_t(const u32* __restrict__ m, const Strided& ms, const T* __restrict__ g,
+__device__ void where_bw_t(const u8* __restrict__ m, const Strided& ms, const T* __restrict__ g,
                            const Strided& gs, T* __restrict__ yt, T* __restrict__ yf, I n) {
     I step = (I)blockDim.x * gridDim.x, base = (I)blockIdx.x * blockDim.x + threadIdx.x;
     if (sizeof(I) == 4) {
         for (; base + (UNROLL - 1) * step < n; base += UNROLL * step) {
             T v[UNROLL];
-            u32 c[UNROLL];
+            u8 c[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 I i = base + (I)u * step;
@@ -295,35 +309,35 @@ __device__ void where_bw_t(const u32* __restrict__ m, const Strided& ms, const T
 }
 
 template <typename I, typename T>
-__device__ void fill_t(const T* __restrict__ x, const Strided& xs, const u32* __restrict__ m,
+__device__ void fill_t(const T* __restrict__ x, const Strided& xs, const u8* __restrict__ m,
                        const Strided& ms, T v, T* __restrict__ y, I n) {
     MAP(I, i, n, T, y, select_(m[sat<I>(ms, i)] != 0, v, x[sat<I>(xs, i)]));
 }
 
-// The packed selections move 16 bytes of values per access (the u32 mask alongside: 8 to 32
+// The packed selections move 16 bytes of values per access (the u8 mask alongside: 2 to 16
 // bytes).
 #define SELECT_PACK(T) ((int)(16 / sizeof(T)))
 
 template <typename T>
-__device__ __forceinline__ void where_packed(Src<u32> m, Src<T> a, Src<T> b, T* __restrict__ y,
+__device__ __forceinline__ void where_packed(Src<u8> m, Src<T> a, Src<T> b, T* __restrict__ y,
                                              u64 n) {
-    packed_map<SELECT_PACK(T)>([](u32 c, T x, T z) { return select_(c != 0, x, z); }, y, n, m,
+    packed_map<SELECT_PACK(T)>([](u8 c, T x, T z) { return select_(c != 0, x, z); }, y, n, m,
                                a, b);
 }
 
 template <typename T>
-__device__ __forceinline__ void fill_packed(Src<T> x, Src<u32> m, T v, T* __restrict__ y, u64 n) {
-    packed_map<SELECT_PACK(T)>([=](T a, u32 c) { return select_(c != 0, v, a); }, y, n, x, m);
+__device__ __forceinline__ void fill_packed(Src<T> x, Src<u8> m, T v, T* __restrict__ y, u64 n) {
+    packed_map<SELECT_PACK(T)>([=](T a, u8 c) { return select_(c != 0, v, a); }, y, n, x, m);
 }
 
 template <typename T>
-__device__ __forceinline__ void where_bw_packed(Src<u32> m, Src<T> g, T* __restrict__ yt,
+__device__ __forceinline__ void where_bw_packed(Src<u8> m, Src<T> g, T* __restrict__ yt,
                                                 T* __restrict__ yf, u64 n) {
     constexpr int N = SELECT_PACK(T);
     packed_loop<N>(
         n, packs<N>(m) && packs<N>(g) && pack_aligned<N>(yt) && pack_aligned<N>(yf),
         [&](u64 v) {
-            Pack<u32, N> c = load_pack<N>(m, v);
+            Pack<u8, N> c = load_pack<N>(m, v);
             Pack<T, N> x = load_pack<N>(g, v), t, f;
 #pragma unroll
             for (int j = 0; j < N; ++j) {
@@ -342,43 +356,44 @@ __device__ __forceinline__ void where_bw_packed(Src<u32> m, Src<T> g, T* __restr
 }
 
 #define SELECT(SIZE, T) \
-extern "C" __global__ void nonzero_##SIZE(const T* x, Strided xs, u64 keep, u32* y, i64 n, \
+extern "C" __global__ void nonzero_##SIZE(const T* x, Strided xs, u64 keep, u8* y, i64 n, \
                                           int small) { \
     if (small) nonzero_t<u32, T>(x, xs, keep, y, (u32)n); \
     else nonzero_t<u64, T>(x, xs, keep, y, (u64)n); \
 } \
-extern "C" __global__ void where_cond_##SIZE(const u32* m, Strided ms, const T* a, Strided as, \
+extern "C" __global__ void where_cond_##SIZE(const u8* m, Strided ms, const T* a, Strided as, \
                                              const T* b, Strided bs, T* y, i64 n, int small) { \
     if (small) where_t<u32, T>(m, ms, a, as, b, bs, y, (u32)n); \
     else where_t<u64, T>(m, ms, a, as, b, bs, y, (u64)n); \
 } \
-extern "C" __global__ void where_backward_##SIZE(const u32* m, Strided ms, const T* g, Strided gs, \
+extern "C" __global__ void where_backward_##SIZE(const u8* m, Strided ms, const T* g, Strided gs, \
                                                  T* yt, T* yf, i64 n, int small) { \
     if (small) where_bw_t<u32, T>(m, ms, g, gs, yt, yf, (u32)n); \
     else where_bw_t<u64, T>(m, ms, g, gs, yt, yf, (u64)n); \
 } \
-extern "C" __global__ void masked_fill_##SIZE(const T* x, Strided xs, const u32* m, Strided ms, \
+extern "C" __global__ void masked_fill_##SIZE(const T* x, Strided xs, const u8* m, Strided ms, \
                                               u64 bits, T* y, i64 n, int small) { \
     if (small) fill_t<u32, T>(x, xs, m, ms, (T)bits, y, (u32)n); \
     else fill_t<u64, T>(x, xs, m, ms, (T)bits, y, (u64)n); \
 } \
-extern "C" __global__ void where_cond_packed_##SIZE(const u32* __restrict__ m, i64 mo, i64 mp, \
+extern "C" __global__ void where_cond_packed_##SIZE(const u8* __restrict__ m, i64 mo, i64 mp, \
                                                     const T* __restrict__ a, i64 ao, i64 ap, \
                                                     const T* __restrict__ b, i64 bo, i64 bp, \
                                                     T* __restrict__ y, i64 n) { \
     where_packed<T>(src(m, mo, mp), src(a, ao, ap), src(b, bo, bp), y, (u64)n); \
 } \
-extern "C" __global__ void where_backward_packed_##SIZE(const u32* __restrict__ m, i64 mo, \
+extern "C" __global__ void where_backward_packed_##SIZE(const u8* __restrict__ m, i64 mo, \
                                                         i64 mp, const T* __restrict__ g, i64 go, \
                                                         i64 gp, T* __restrict__ yt, \
                                                         T* __restrict__ yf, i64 n) { \
     where_bw_packed<T>(src(m, mo, mp), src(g, go, gp), yt, yf, (u64)n); \
 } \
 extern "C" __global__ void masked_fill_packed_##SIZE(const T* __restrict__ x, i64 xo, i64 xp, \
-                                                     const u32* __restrict__ m, i64 mo, i64 mp, \
+                                                     const u8* __restrict__ m, i64 mo, i64 mp, \
                                                      u64 bits, T* __restrict__ y, i64 n) { \
     fill_packed<T>(src(x, xo, xp), src(m, mo, mp), (T)bits, y, (u64)n); \
 }
+SELECT(1, u8)
 SELECT(2, unsigned short)
 SELECT(4, u32)
 SELECT(8, u64)
@@ -386,12 +401,13 @@ SELECT(8, u64)
     ),
 };
 
-/// A mask of any dtype as u32 0/1 on the GPU, for the selection kernels: `None` for a U32 mask
-/// (used as it is); otherwise a fresh contiguous buffer in the mask's shape (nonzero is true:
-/// NaN too, -0.0 not) and its layout.
-fn u32_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, Layout)>> {
+/// A mask of any dtype as u8 on the GPU, for the selection kernels: `None` for a U8 mask
+/// (used as it is); otherwise a fresh contiguous buffer of 0/1 in the mask's shape (nonzero is
+/// true: NaN too, -0.0 not) and its layout.
+fn u8_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, Layout)>> {
     let keep: u64 = match m.dtype() {
-        DType::U32 => return Ok(None),
+        DType::U8 => return Ok(None),
+        DType::U32 => u64::MAX,
         DType::F32 => 0x7fff_ffff,
         DType::F64 => 0x7fff_ffff_ffff_ffff,
         DType::F16 | DType::BF16 => 0x7fff,
@@ -400,12 +416,15 @@ fn u32_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, 
     let sm = cuda::storage(op, m)?;
     let dev = sm.dev();
     let n = m.layout.elem_count();
-    let mut out = CudaStorage::alloc(dev, DType::U32, n)?;
+    let mut out = CudaStorage::alloc(dev, DType::U8, n)?;
     if n > 0 {
         let c = coalesce(m.shape(), &[m.layout]);
         let small = index32(n, &[&c[0]]);
         let view = Strided::of(op, &c[0])?;
-        let kernel = by_size(m.dtype(), ["nonzero_2", "nonzero_4", "nonzero_8"]);
+        let kernel = by_size(
+            m.dtype(),
+            ["nonzero_1", "nonzero_2", "nonzero_4", "nonzero_8"],
+        );
         let f = dev.function(&CUDA, DType::F32, kernel)?;
         let n64 = n as i64;
         crate::cuda_launch!(
@@ -419,7 +438,7 @@ fn u32_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, 
     Ok(Some((out, Layout::contiguous(m.shape().clone()))))
 }
 
-/// The u32 mask of `m` ([`u32_mask`]'s result, or `m` itself) with its layout.
+/// The u8 mask of `m` ([`u8_mask`]'s result, or `m` itself) with its layout.
 fn mask_view<'a>(
     op: &'static str,
     m: &KernelArg<'a>,
@@ -432,11 +451,12 @@ fn mask_view<'a>(
 }
 
 /// The name of a selection kernel for elements of `dtype` (`<prefix>_<bytes>`).
-fn by_size(dtype: DType, names: [&'static str; 3]) -> &'static str {
+fn by_size(dtype: DType, names: [&'static str; 4]) -> &'static str {
     match dtype.size_in_bytes() {
-        2 => names[0],
-        4 => names[1],
-        _ => names[2],
+        1 => names[0],
+        2 => names[1],
+        4 => names[2],
+        _ => names[3],
     }
 }
 
@@ -449,6 +469,7 @@ fn fill_bits(dtype: DType, value: f64) -> u64 {
         DType::BF16 => bf16::from_f64(value).to_bits() as u64,
         DType::I64 => (value as i64) as u64,
         DType::U32 => (value as u32) as u64,
+        DType::U8 => (value as u8) as u64,
     }
 }
 
@@ -500,7 +521,7 @@ fn cuda_compare(
     }
     let dev = sa.dev();
     let n = shape.elem_count();
-    let mut out = CudaStorage::alloc(dev, DType::U32, n)?;
+    let mut out = CudaStorage::alloc(dev, DType::U8, n)?;
     if n == 0 {
         return Ok(Box::new(out));
     }
@@ -511,6 +532,7 @@ fn cuda_compare(
         DType::BF16 => ["compare_bf16", "compare_packed_bf16"],
         DType::I64 => ["compare_i64", "compare_packed_i64"],
         DType::U32 => ["compare_u32", "compare_packed_u32"],
+        DType::U8 => ["compare_u8", "compare_packed_u8"],
     };
     // The comparison's truth table over (less, equal, greater, unordered): bits 0 to 3.
     let truth: u32 = match k {
@@ -522,15 +544,15 @@ fn cuda_compare(
         CmpOp::Ge => 0b0110,
     };
     let n64 = n as i64;
-    // Four elements per access: 16 bytes of u32 output.
-    const PACK: usize = 4;
-    if let Some(src) = packed(shape, &[a.layout, b.layout], PACK)? {
+    // 16 bytes of each operand per access (`cmp_packed`).
+    let pack = 16 / a.dtype().size_in_bytes();
+    if let Some(src) = packed(shape, &[a.layout, b.layout], pack)? {
         let f = dev.function(&CUDA, DType::F32, names[1])?;
         crate::cuda_launch!(
             dev,
             name,
             f,
-            packed_grid(n, PACK),
+            packed_grid(n, pack),
             [
                 &truth,
                 sa.slice(),
@@ -591,7 +613,7 @@ fn cuda_where(
     if n == 0 {
         return Ok(Box::new(out));
     }
-    let converted = u32_mask(NAME, m)?;
+    let converted = u8_mask(NAME, m)?;
     let (sm, ml) = mask_view(NAME, m, &converted)?;
     let n64 = n as i64;
     let pack = select_pack(spec.dtype);
@@ -599,6 +621,7 @@ fn cuda_where(
         let kernel = by_size(
             spec.dtype,
             [
+                "where_cond_packed_1",
                 "where_cond_packed_2",
                 "where_cond_packed_4",
                 "where_cond_packed_8",
@@ -626,7 +649,15 @@ fn cuda_where(
         )?;
         return Ok(Box::new(out));
     }
-    let kernel = by_size(spec.dtype, ["where_cond_2", "where_cond_4", "where_cond_8"]);
+    let kernel = by_size(
+        spec.dtype,
+        [
+            "where_cond_1",
+            "where_cond_2",
+            "where_cond_4",
+            "where_cond_8",
+        ],
+    );
     let func = dev.function(&CUDA, DType::F32, kernel)?;
     let (v, small) = views(NAME, &spec.shape, &[ml, t.layout, f.layout])?;
     crate::cuda_launch!(
@@ -662,7 +693,7 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
             Box::new(yf) as Box<dyn DeviceStorage>
         ]);
     }
-    let converted = u32_mask(NAME, m)?;
+    let converted = u8_mask(NAME, m)?;
     let (sm, ml) = mask_view(NAME, m, &converted)?;
     let n64 = n as i64;
     let pack = select_pack(g.dtype());
@@ -670,6 +701,7 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
         let kernel = by_size(
             g.dtype(),
             [
+                "where_backward_packed_1",
                 "where_backward_packed_2",
                 "where_backward_packed_4",
                 "where_backward_packed_8",
@@ -696,7 +728,12 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
     } else {
         let kernel = by_size(
             g.dtype(),
-            ["where_backward_2", "where_backward_4", "where_backward_8"],
+            [
+                "where_backward_1",
+                "where_backward_2",
+                "where_backward_4",
+                "where_backward_8",
+            ],
         );
         let func = dev.function(&CUDA, DType::F32, kernel)?;
         let (v, small) = views(NAME, &spec.shape, &[ml, g.layout])?;
@@ -737,7 +774,7 @@ fn cuda_masked_fill(
     if n == 0 {
         return Ok(Box::new(out));
     }
-    let converted = u32_mask(NAME, m)?;
+    let converted = u8_mask(NAME, m)?;
     let (sm, ml) = mask_view(NAME, m, &converted)?;
     let (bits, n64) = (fill_bits(x.dtype(), value), n as i64);
     let pack = select_pack(x.dtype());
@@ -745,6 +782,7 @@ fn cuda_masked_fill(
         let kernel = by_size(
             x.dtype(),
             [
+                "masked_fill_packed_1",
                 "masked_fill_packed_2",
                 "masked_fill_packed_4",
                 "masked_fill_packed_8",
@@ -772,7 +810,12 @@ fn cuda_masked_fill(
     }
     let kernel = by_size(
         x.dtype(),
-        ["masked_fill_2", "masked_fill_4", "masked_fill_8"],
+        [
+            "masked_fill_1",
+            "masked_fill_2",
+            "masked_fill_4",
+            "masked_fill_8",
+        ],
     );
     let func = dev.function(&CUDA, DType::F32, kernel)?;
     let (v, small) = views(NAME, &spec.shape, &[x.layout, ml])?;
@@ -804,7 +847,7 @@ fn compare_kernel<T: Element>(
     r: &[T],
     ra: &KernelArg<'_>,
     shape: &Shape,
-) -> Result<Vec<u32>> {
+) -> Result<Vec<u8>> {
     let (ll, rl) = (
         la.layout.broadcast_as(shape)?,
         ra.layout.broadcast_as(shape)?,
@@ -812,22 +855,22 @@ fn compare_kernel<T: Element>(
     // `zip3` with the left operand as its "mask" slot keeps one generic element loop.
     Ok(match k {
         CmpOp::Eq => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
-            u32::from(CmpOp::Eq.f(a, b))
+            u8::from(CmpOp::Eq.f(a, b))
         }),
         CmpOp::Ne => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
-            u32::from(CmpOp::Ne.f(a, b))
+            u8::from(CmpOp::Ne.f(a, b))
         }),
         CmpOp::Lt => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
-            u32::from(CmpOp::Lt.f(a, b))
+            u8::from(CmpOp::Lt.f(a, b))
         }),
         CmpOp::Le => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
-            u32::from(CmpOp::Le.f(a, b))
+            u8::from(CmpOp::Le.f(a, b))
         }),
         CmpOp::Gt => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
-            u32::from(CmpOp::Gt.f(a, b))
+            u8::from(CmpOp::Gt.f(a, b))
         }),
         CmpOp::Ge => zip3(l, &ll, r, &rl, r, &rl, shape, |a, b, _| {
-            u32::from(CmpOp::Ge.f(a, b))
+            u8::from(CmpOp::Ge.f(a, b))
         }),
     })
 }
@@ -849,7 +892,7 @@ impl Op for CmpOp {
             });
         }
         let shape = a.shape().broadcast_with(b.shape(), self.name())?;
-        Ok(smallvec![TensorSpec::new(shape, DType::U32)])
+        Ok(smallvec![TensorSpec::new(shape, DType::U8)])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         elem_cost(inputs, outputs)
@@ -870,6 +913,7 @@ impl Op for CmpOp {
             }
             (CpuStorage::I64(l), CpuStorage::I64(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
             (CpuStorage::U32(l), CpuStorage::U32(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
+            (CpuStorage::U8(l), CpuStorage::U8(r)) => compare_kernel(*self, l, &a, r, &b, shape)?,
             (l, r) => {
                 return Err(Error::DTypeMismatch {
                     op: name,
@@ -878,7 +922,7 @@ impl Op for CmpOp {
                 });
             }
         };
-        Ok(crate::cpu::one(CpuStorage::U32(out)))
+        Ok(crate::cpu::one(CpuStorage::U8(out)))
     }
     fn differentiable(&self) -> bool {
         false
@@ -937,8 +981,7 @@ impl Op for WhereCond {
             return Ok(smallvec![cuda_where(&m, &t, &f, &specs[0])?]);
         }
         let shape = &specs[0].shape;
-        let mask = mask_bytes("where_cond", &m)?;
-        let ml = Layout::contiguous(m.shape().clone()).broadcast_as(shape)?;
+        let (mask, ml) = mask_bytes("where_cond", &m, shape)?;
         let out: CpuStorage = match specs[0].dtype {
             DType::F32 => CpuStorage::F32(select(&mask, &ml, &t, &f, shape, "where_cond")?),
             DType::F64 => CpuStorage::F64(select(&mask, &ml, &t, &f, shape, "where_cond")?),
@@ -946,6 +989,7 @@ impl Op for WhereCond {
             DType::BF16 => CpuStorage::BF16(select(&mask, &ml, &t, &f, shape, "where_cond")?),
             DType::I64 => CpuStorage::I64(select(&mask, &ml, &t, &f, shape, "where_cond")?),
             DType::U32 => CpuStorage::U32(select(&mask, &ml, &t, &f, shape, "where_cond")?),
+            DType::U8 => CpuStorage::U8(select(&mask, &ml, &t, &f, shape, "where_cond")?),
         };
         Ok(crate::cpu::one(out))
     }
@@ -1036,8 +1080,7 @@ impl Op for WhereBackward {
             return cuda_where_backward(&m, &g, &specs[0]);
         }
         let shape = &specs[0].shape;
-        let mask = mask_bytes("where_backward", &m)?;
-        let ml = Layout::contiguous(m.shape().clone()).broadcast_as(shape)?;
+        let (mask, ml) = mask_bytes("where_backward", &m, shape)?;
         let (t, f) = with_cpu_storage!(g.cpu("where_backward")?, v => split_grad(&mask, &ml, v, g.layout, shape));
         Ok(smallvec![
             Box::new(t) as Box<dyn dynn_core::DeviceStorage>,
@@ -1102,8 +1145,7 @@ impl Op for MaskedFill {
             return Ok(smallvec![cuda_masked_fill(&x, &m, self.value, &specs[0])?]);
         }
         let shape = &specs[0].shape;
-        let mask = mask_bytes("masked_fill", &m)?;
-        let ml = Layout::contiguous(m.shape().clone()).broadcast_as(shape)?;
+        let (mask, ml) = mask_bytes("masked_fill", &m, shape)?;
         let out = with_cpu_storage!(x.cpu("masked_fill")?, v => fill(&mask, &ml, v, x.layout, shape, self.value));
         Ok(crate::cpu::one(out))
     }
@@ -1124,34 +1166,34 @@ impl Op for MaskedFill {
 
 // ----- the tensor methods -----
 
-/// Comparisons (returning U32 0/1 masks) and mask-driven selection.
+/// Comparisons (returning U8 0/1 masks) and mask-driven selection.
 pub trait CompareOps {
-    /// Compares element-wise with broadcasting; both operands share a dtype. Returns a U32
+    /// Compares element-wise with broadcasting; both operands share a dtype. Returns a U8
     /// mask of 0/1. Not differentiable.
     fn compare(&self, rhs: &Tensor, op: CmpOp) -> Result<Tensor>;
     /// Compares every element with the scalar `value` (converted to this tensor's dtype).
     fn compare_scalar(&self, value: f64, op: CmpOp) -> Result<Tensor>;
-    /// `self == rhs` as a U32 mask.
+    /// `self == rhs` as a U8 mask.
     fn eq(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare(rhs, CmpOp::Eq)
     }
-    /// `self != rhs` as a U32 mask.
+    /// `self != rhs` as a U8 mask.
     fn ne(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare(rhs, CmpOp::Ne)
     }
-    /// `self < rhs` as a U32 mask.
+    /// `self < rhs` as a U8 mask.
     fn lt(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare(rhs, CmpOp::Lt)
     }
-    /// `self <= rhs` as a U32 mask.
+    /// `self <= rhs` as a U8 mask.
     fn le(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare(rhs, CmpOp::Le)
     }
-    /// `self > rhs` as a U32 mask.
+    /// `self > rhs` as a U8 mask.
     fn gt(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare(rhs, CmpOp::Gt)
     }
-    /// `self >= rhs` as a U32 mask.
+    /// `self >= rhs` as a U8 mask.
     fn ge(&self, rhs: &Tensor) -> Result<Tensor> {
         self.compare(rhs, CmpOp::Ge)
     }

@@ -1,4 +1,4 @@
-//! `to_dtype` on the GPU: every pair of the six dtypes, contiguous and strided, with the
+//! `to_dtype` on the GPU: every pair of the seven dtypes, contiguous and strided, with the
 //! edge cases of float → integer (truncation, saturation, NaN and infinities), integer
 //! wrapping and rounding of large integers; gradients between float dtypes.
 
@@ -37,13 +37,16 @@ fn same(x: &Tensor, to: DType, tol: f64) -> Result<()> {
     Ok(())
 }
 
-const DTYPES: [DType; 6] = DType::ALL;
+const DTYPES: [DType; 7] = DType::ALL;
 
 /// Values of `dtype` a cast can start from: floats spread over ±1000 (with fractions),
 /// integers below 60000 (finite in f16).
 fn source(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     match dtype {
         DType::I64 | DType::U32 => indices(shape, 60_000, seed, dtype),
+        DType::U8 => indices(shape, 256, seed, DType::I64)
+            .to_dtype(dtype)
+            .expect("u8 source"),
         _ => rand_dtype(shape, seed, DType::F64)
             .affine(1000.0, 0.0)
             .and_then(|t| t.to_dtype(dtype))

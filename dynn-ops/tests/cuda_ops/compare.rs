@@ -6,7 +6,7 @@ use crate::harness::*;
 use dynn_core::{DType, Result, Tensor};
 use dynn_ops::prelude::*;
 
-const DTYPES: [DType; 6] = DType::ALL;
+const DTYPES: [DType; 7] = DType::ALL;
 
 fn tol(dtype: DType) -> f64 {
     if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
@@ -92,7 +92,7 @@ fn where_cond() {
         ];
         for (i, (what, ms, ts, fs)) in shapes.into_iter().enumerate() {
             let seed = 10 * i as u64;
-            let m = mask(ms, seed, DType::U32, false);
+            let m = mask(ms, seed, DType::U8, false);
             let t = rand_dtype(ts, seed + 1, dtype);
             let f = rand_dtype(fs, seed + 2, dtype);
             cases.push((
@@ -107,7 +107,7 @@ fn where_cond() {
             ));
         }
         // Strided mask and values.
-        let m = mask(&[129, 37], 50, DType::U32, false);
+        let m = mask(&[129, 37], 50, DType::U8, false);
         let t = rand_dtype(&[129, 37], 51, dtype);
         let f = rand_dtype(&[37, 140], 52, dtype);
         cases.push((
@@ -144,7 +144,7 @@ fn where_cond() {
     }
     // Values of every dtype (selection copies bits).
     for dtype in DTYPES {
-        let m = mask(&[37, 1], 70, DType::U32, false);
+        let m = mask(&[37, 1], 70, DType::U8, false);
         let t = ints(&[37, 129], 71, dtype);
         let f = ints(&[129], 72, dtype);
         cases.push((
@@ -173,7 +173,7 @@ fn masked_fill() {
         ];
         for (i, (what, ms)) in shapes.into_iter().enumerate() {
             let x = rand_dtype(&[37, 129], 80 + i as u64, dtype);
-            let m = mask(ms, 90 + i as u64, DType::U32, false);
+            let m = mask(ms, 90 + i as u64, DType::U8, false);
             cases.push((
                 format!("masked_fill {dtype:?} {what}"),
                 check(
@@ -214,7 +214,7 @@ fn masked_fill() {
     }
     for dtype in DTYPES {
         let x = ints(&[37, 129], 99, dtype);
-        let m = mask(&[129], 100, DType::U32, false);
+        let m = mask(&[129], 100, DType::U8, false);
         cases.push((
             format!("masked_fill values {dtype:?}"),
             check(

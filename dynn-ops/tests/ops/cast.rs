@@ -1,4 +1,4 @@
-//! Tests of `to_dtype`: candle oracles over pairs of all six dtypes (forward, and backward
+//! Tests of `to_dtype`: candle oracles over pairs of all seven dtypes (forward, and backward
 //! between float dtypes), a gradient check through lower precision, truncation toward zero,
 //! and the no-copy identity cast.
 
@@ -7,7 +7,7 @@ use dynn_core::{DType, Device, Error, Result, Tensor};
 use dynn_ops::grad::Backward;
 use dynn_ops::prelude::*;
 
-const ALL: [DType; 6] = [DType::F32, DType::F64, DType::F16, DType::BF16, DType::I64, DType::U32];
+const ALL: [DType; 7] = DType::ALL;
 
 /// Values in ±[0, 9] with fractions, so float → int truncation and sign matter.
 fn wide(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
@@ -22,8 +22,8 @@ fn oracle_cast() -> Result<()> {
             // Unsigned targets get non-negative values (negative float → u32 saturates in
             // dynn, candle's `as` does the same; negative i64 → u32 wraps in both).
             let x = match from {
-                DType::I64 | DType::U32 => rand_dtype(&[3, 5], 1, from),
-                _ if to == DType::U32 => wide(&[3, 5], 2, from).abs()?,
+                DType::I64 | DType::U32 | DType::U8 => rand_dtype(&[3, 5], 1, from),
+                _ if matches!(to, DType::U32 | DType::U8) => wide(&[3, 5], 2, from).abs()?,
                 _ => wide(&[3, 5], 2, from),
             };
             // The reference is candle's cast of the same values; the tolerance is the coarser
@@ -78,6 +78,11 @@ fn float_to_int_truncates_toward_zero() -> Result<()> {
     assert_eq!(x.to_dtype(DType::U32)?.to_vec::<u32>()?, vec![0, 0, 0, 2, u32::MAX, 0]);
     let i = Tensor::from_vec(vec![-1i64, 1 << 33, 7], 3, Device::Cpu)?;
     assert_eq!(i.to_dtype(DType::U32)?.to_vec::<u32>()?, vec![u32::MAX, 0, 7]);
+    // u8: floats saturate at 0 and 255, wider integers wrap (Rust's `as`).
+    assert_eq!(x.to_dtype(DType::U8)?.to_vec::<u8>()?, vec![0, 0, 0, 2, 255, 0]);
+    assert_eq!(i.to_dtype(DType::U8)?.to_vec::<u8>()?, vec![255, 0, 7]);
+    let u = Tensor::from_vec(vec![256u32, 300, 5], 3, Device::Cpu)?;
+    assert_eq!(u.to_dtype(DType::U8)?.to_vec::<u8>()?, vec![0, 44, 5]);
     let h = Tensor::from_vec(vec![1.0f64 + 1.0 / 2048.0, 65520.0], 2, Device::Cpu)?.to_dtype(DType::F16)?;
     assert_eq!(h.to_f64_vec()?, vec![1.0, f64::INFINITY]); // ties to even; overflow to inf
     Ok(())

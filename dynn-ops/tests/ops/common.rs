@@ -128,7 +128,7 @@ pub fn rand_positive(shape: &[usize], seed: u64) -> Tensor {
 pub fn rand_dtype(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
     let n = count(shape);
     let v = match dtype {
-        DType::I64 | DType::U32 => values(n, seed, |r| (r.next_u64() % 4) as f64),
+        DType::I64 | DType::U32 | DType::U8 => values(n, seed, |r| (r.next_u64() % 4) as f64),
         _ => values(n, seed, Rng::signed),
     };
     from_f64(&v, shape, dtype).expect("rand_dtype")
@@ -153,6 +153,7 @@ pub fn from_f64(v: &[f64], shape: &[usize], dtype: DType) -> Result<Tensor> {
         DType::BF16 => CpuStorage::BF16(v.iter().map(|&x| bf16::from_f64(x)).collect()),
         DType::I64 => CpuStorage::I64(v.iter().map(|&x| x as i64).collect()),
         DType::U32 => CpuStorage::U32(v.iter().map(|&x| x as u32).collect()),
+        DType::U8 => CpuStorage::U8(v.iter().map(|&x| x as u8).collect()),
     };
     Tensor::from_storage(s, shape, Device::Cpu)
 }
@@ -309,11 +310,12 @@ pub fn to_candle(t: &Tensor) -> cc::Tensor {
         DType::BF16 => cc::Tensor::from_vec(t.to_vec::<bf16>().expect("to_vec"), dims, &dev),
         DType::I64 => cc::Tensor::from_vec(t.to_vec::<i64>().expect("to_vec"), dims, &dev),
         DType::U32 => cc::Tensor::from_vec(t.to_vec::<u32>().expect("to_vec"), dims, &dev),
+        DType::U8 => cc::Tensor::from_vec(t.to_vec::<u8>().expect("to_vec"), dims, &dev),
     };
     r.expect("to_candle")
 }
 
-/// The same values as a dynn CPU tensor (candle's u8, as from comparisons, becomes u32).
+/// The same values as a dynn CPU tensor of the same dtype.
 pub fn from_candle(t: &cc::Tensor) -> Tensor {
     let dims = t.dims().to_vec();
     let flat = t.flatten_all().expect("flatten_all");
@@ -324,13 +326,7 @@ pub fn from_candle(t: &cc::Tensor) -> Tensor {
         cc::DType::BF16 => CpuStorage::BF16(flat.to_vec1().expect("to_vec1")),
         cc::DType::I64 => CpuStorage::I64(flat.to_vec1().expect("to_vec1")),
         cc::DType::U32 => CpuStorage::U32(flat.to_vec1().expect("to_vec1")),
-        cc::DType::U8 => CpuStorage::U32(
-            flat.to_vec1::<u8>()
-                .expect("to_vec1")
-                .into_iter()
-                .map(u32::from)
-                .collect(),
-        ),
+        cc::DType::U8 => CpuStorage::U8(flat.to_vec1().expect("to_vec1")),
         other => panic!("from_candle: unsupported candle dtype {other:?}"),
     };
     Tensor::from_storage(s, dims, Device::Cpu).expect("from_candle")
@@ -344,7 +340,7 @@ pub fn tol(dtype: DType) -> f64 {
         DType::F32 => 1e-5,
         DType::F16 => 2e-3,
         DType::BF16 => 2e-2,
-        DType::I64 | DType::U32 => 0.0,
+        DType::I64 | DType::U32 | DType::U8 => 0.0,
     }
 }
 
@@ -357,6 +353,7 @@ pub fn candle_dtype(d: DType) -> cc::DType {
         DType::BF16 => cc::DType::BF16,
         DType::I64 => cc::DType::I64,
         DType::U32 => cc::DType::U32,
+        DType::U8 => cc::DType::U8,
     }
 }
 

@@ -1,5 +1,6 @@
 //! Tests of the comparisons (eq, ne, lt, le, gt, ge), `where_cond` (+ `where_backward`) and
-//! `masked_fill`: candle oracles with broadcasting in f32, f16 and i64 (masks are U32 0/1),
+//! `masked_fill`: candle oracles with broadcasting in f32, f16, i64 and u8 (masks are U8 0/1; masks of other dtypes and strided masks
+//! too),
 //! gradient checks of the value inputs in f64 (broadcast and strided), and typed errors.
 
 use crate::common::*;
@@ -27,9 +28,9 @@ fn coarse(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 
 fn oracle_compare() -> Result<()> {
     for (k, cf) in CANDLE_CMP {
-        for dtype in [DType::F32, DType::F16, DType::I64] {
+        for dtype in [DType::F32, DType::F16, DType::I64, DType::U8] {
             let (a, b) = match dtype {
-                DType::I64 => (rand_dtype(&[3, 4], 1, dtype), rand_dtype(&[4], 2, dtype)),
+                DType::I64 | DType::U8 => (rand_dtype(&[3, 4], 1, dtype), rand_dtype(&[4], 2, dtype)),
                 _ => (coarse(&[3, 4], 1, dtype), coarse(&[4], 2, dtype)),
             };
             oracle(&[a.clone(), b.clone()], move |v| v[0].compare(&v[1], k), move |v| cf(&v[0], &v[1]), 0.0)
@@ -55,7 +56,7 @@ fn candle_where(v: &[cc::Tensor]) -> cc::Result<cc::Tensor> {
 fn oracle_where() -> Result<()> {
     for dtype in [DType::F32, DType::F16] {
         let t = tol(dtype);
-        let m = rand_dtype(&[3, 4], 10, DType::U32); // 0..4: mostly nonzero, some zero
+        let m = rand_dtype(&[3, 4], 10, DType::U8); // 0..4: mostly nonzero, some zero
         oracle(&[m.clone(), rand_dtype(&[3, 4], 11, dtype), rand_dtype(&[3, 4], 12, dtype)], |v| v[0].where_cond(&v[1], &v[2]), candle_where, t)
             .ctx(format!("{dtype} same shapes"))?;
         oracle(&[m.clone(), rand_dtype(&[4], 13, dtype), rand_dtype(&[3, 1], 14, dtype)], |v| v[0].where_cond(&v[1], &v[2]), candle_where, t)
@@ -63,13 +64,26 @@ fn oracle_where() -> Result<()> {
         let m1 = rand_dtype(&[2, 1, 4], 15, DType::I64);
         oracle(&[m1, rand_dtype(&[3, 1], 16, dtype), rand_dtype(&[4, 3], 17, dtype).t()?], |v| v[0].where_cond(&v[1], &v[2]), candle_where, t)
             .ctx(format!("{dtype} broadcast mask, transposed value"))?;
+        let mt = rand_dtype(&[4, 3], 9, DType::U8).t()?;
+        oracle(&[mt, rand_dtype(&[3, 4], 8, dtype), rand_dtype(&[1], 7, dtype)], |v| v[0].where_cond(&v[1], &v[2]), candle_where, t)
+            .ctx(format!("{dtype} transposed u8 mask"))?;
+        let m32 = rand_dtype(&[3, 4], 6, DType::U32);
+        oracle(&[m32, rand_dtype(&[3, 4], 5, dtype), rand_dtype(&[3, 4], 4, dtype)], |v| v[0].where_cond(&v[1], &v[2]), candle_where, t)
+            .ctx(format!("{dtype} u32 mask"))?;
     }
-    let m = rand_dtype(&[300, 200], 18, DType::U32);
+    oracle(&[m_u8(), rand_dtype(&[3, 4], 3, DType::U8), rand_dtype(&[4], 2, DType::U8)], |v| v[0].where_cond(&v[1], &v[2]), candle_where, 0.0)
+        .ctx("u8 values")?;
+    let m = rand_dtype(&[300, 200], 18, DType::U8);
     oracle(&[m.clone(), rand_f32(&[300, 200], 19), rand_f32(&[200], 20)], |v| v[0].where_cond(&v[1], &v[2]), candle_where, tol(DType::F32))
         .ctx("large")?;
     oracle(&[m, rand_f32(&[300, 200], 21), rand_f32(&[300, 200], 22)], |v| v[0].where_cond(&v[1], &v[2]), candle_where, tol(DType::F32))
         .ctx("large contiguous")?;
     Ok(())
+}
+
+/// A (3, 4) U8 mask with values in 0..4.
+fn m_u8() -> Tensor {
+    rand_dtype(&[3, 4], 1, DType::U8)
 }
 
 fn candle_masked_fill(x: &cc::Tensor, m: &cc::Tensor, value: f64) -> cc::Result<cc::Tensor> {
@@ -81,18 +95,20 @@ fn oracle_masked_fill() -> Result<()> {
     for dtype in [DType::F32, DType::BF16] {
         let t = tol(dtype);
         let x = rand_dtype(&[3, 5], 30, dtype);
-        oracle(&[x.clone(), rand_dtype(&[3, 5], 31, DType::U32)], |v| v[0].masked_fill(&v[1], -2.5), |v| candle_masked_fill(&v[0], &v[1], -2.5), t)
+        oracle(&[x.clone(), rand_dtype(&[3, 5], 31, DType::U8)], |v| v[0].masked_fill(&v[1], -2.5), |v| candle_masked_fill(&v[0], &v[1], -2.5), t)
             .ctx(format!("{dtype} full mask"))?;
         oracle(&[x.clone(), rand_dtype(&[5], 32, DType::U32)], |v| v[0].masked_fill(&v[1], 7.0), |v| candle_masked_fill(&v[0], &v[1], 7.0), t)
             .ctx(format!("{dtype} broadcast mask"))?;
         oracle(&[x.t()?, rand_dtype(&[5, 1], 33, DType::I64)], |v| v[0].masked_fill(&v[1], 0.0), |v| candle_masked_fill(&v[0], &v[1], 0.0), t)
             .ctx(format!("{dtype} transposed input"))?;
+        oracle(&[x.clone(), rand_dtype(&[5, 3], 34, DType::U8).t()?], |v| v[0].masked_fill(&v[1], 1.5), |v| candle_masked_fill(&v[0], &v[1], 1.5), t)
+            .ctx(format!("{dtype} transposed u8 mask"))?;
     }
     Ok(())
 }
 
 fn grad_where() -> Result<()> {
-    let m = rand_dtype(&[3, 4], 40, DType::U32);
+    let m = rand_dtype(&[3, 4], 40, DType::U8);
     gradcheck_some(&[m.clone(), randn(&[3, 4], 41), randn(&[3, 4], 42)], &[false, true, true], |v| v[0].where_cond(&v[1], &v[2]))
         .ctx("same shapes")?;
     gradcheck_some(&[m.clone(), randn(&[4], 43), randn(&[3, 1], 44)], &[false, true, true], |v| v[0].where_cond(&v[1], &v[2])?.exp())
@@ -107,7 +123,7 @@ fn grad_where() -> Result<()> {
 }
 
 fn grad_masked_fill() -> Result<()> {
-    gradcheck_some(&[randn(&[3, 5], 50), rand_dtype(&[3, 5], 51, DType::U32)], &[true, false], |v| v[0].masked_fill(&v[1], 3.0)).ctx("full mask")?;
+    gradcheck_some(&[randn(&[3, 5], 50), rand_dtype(&[3, 5], 51, DType::U8)], &[true, false], |v| v[0].masked_fill(&v[1], 3.0)).ctx("full mask")?;
     gradcheck_some(&[randn(&[5, 3], 52).t()?, rand_dtype(&[5], 53, DType::I64)], &[true, false], |v| v[0].masked_fill(&v[1], -1.0)?.sqr())
         .ctx("transposed input, broadcast mask, then sqr")?;
     Ok(())
@@ -122,14 +138,18 @@ pub const ORACLE_CASES: &[Case] = &[
 ];
 
 #[test]
-fn masks_are_u32_zero_one() -> Result<()> {
+fn masks_are_u8_zero_one() -> Result<()> {
     let a = Tensor::from_vec(vec![1.0f32, f32::NAN, 3.0], 3, Device::Cpu)?;
     let b = Tensor::from_vec(vec![1.0f32, f32::NAN, 2.0], 3, Device::Cpu)?;
     let m = a.eq(&b)?;
-    assert_eq!(m.dtype(), DType::U32);
-    assert_eq!(m.to_vec::<u32>()?, vec![1, 0, 0]);
-    assert_eq!(a.ne(&b)?.to_vec::<u32>()?, vec![0, 1, 1]);
-    assert_eq!(a.ge(&b)?.to_vec::<u32>()?, vec![1, 0, 1]);
+    assert_eq!(m.dtype(), DType::U8);
+    assert_eq!(m.to_vec::<u8>()?, vec![1, 0, 0]);
+    assert_eq!(a.ne(&b)?.to_vec::<u8>()?, vec![0, 1, 1]);
+    assert_eq!(a.ge(&b)?.to_vec::<u8>()?, vec![1, 0, 1]);
+    // Any nonzero byte is true, also in a strided view of the mask.
+    let wide = Tensor::from_vec(vec![0u8, 7, 255, 0, 1, 0], (3, 2), Device::Cpu)?;
+    let picked = wide.t()?.where_cond(&Tensor::ones((2, 3), DType::F32, Device::Cpu)?, &Tensor::zeros(1, DType::F32, Device::Cpu)?)?;
+    assert_eq!(picked.to_vec::<f32>()?, vec![0.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
     // A comparison mask drives where_cond and masked_fill directly.
     let y = m.where_cond(&a, &Tensor::zeros(3, DType::F32, Device::Cpu)?)?;
     assert_eq!(y.to_vec::<f32>()?, vec![1.0, 0.0, 0.0]);
@@ -143,7 +163,7 @@ fn compare_errors_are_typed() {
     let a = randn(&[2, 3], 1);
     assert!(matches!(a.lt(&rand_f32(&[2, 3], 2)), Err(Error::DTypeMismatch { op: "lt", .. })));
     assert!(matches!(a.gt(&randn(&[4], 3)), Err(Error::ShapeMismatch { op: "gt", .. })));
-    let m = rand_dtype(&[2, 3], 4, DType::U32);
+    let m = rand_dtype(&[2, 3], 4, DType::U8);
     assert!(matches!(m.where_cond(&a, &rand_f32(&[2, 3], 5)), Err(Error::DTypeMismatch { op: "where_cond", .. })));
     assert!(matches!(m.where_cond(&a, &randn(&[3, 3], 6)), Err(Error::ShapeMismatch { op: "where_cond", .. })));
     let e = a.masked_fill(&rand_dtype(&[4, 2, 3], 7, DType::U32), 0.0).unwrap_err();

@@ -1,5 +1,5 @@
 //! Every CUDA kernel compiles with NVRTC for sm_80 (A100) and sm_90 (H100/H200), in f32 and
-//! f64. Needs only the NVRTC library, no GPU. Skipped with a notice when NVRTC is missing,
+//! f64, and in f16 and bf16 for the families that take them. Needs only the NVRTC library, no GPU. Skipped with a notice when NVRTC is missing,
 //! unless `DYNN_REQUIRE_NVRTC=1` (set by CI), which turns a missing NVRTC into a failure.
 
 use dynn_ops::cuda::{Arch, compile_ptx_fresh, nvrtc_available, nvrtc_version};
@@ -18,9 +18,19 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     eprintln!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
     let mut compiled = 0;
-    for source in dynn_ops::cuda_sources() {
+    // DYNN_KERNEL_FAMILIES=unary,binary compiles only those families (while editing them).
+    let only = std::env::var("DYNN_KERNEL_FAMILIES").ok();
+    let wanted = |name: &str| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|f| f == name))
+    };
+    for source in dynn_ops::cuda_sources()
+        .into_iter()
+        .filter(|s| wanted(s.name))
+    {
         for arch in [Arch::SM80, Arch::SM90] {
-            for scalar in ["float", "double"] {
+            let halves: &[&str] = if source.half { &["h16", "b16"] } else { &[] };
+            for &scalar in ["float", "double"].iter().chain(halves) {
                 match compile_ptx_fresh(source, scalar, arch) {
                     Ok(ptx) => {
                         assert!(
@@ -52,6 +62,7 @@ fn a_compile_error_is_reported_with_the_log() {
     static BROKEN: dynn_ops::cuda::CudaSource = dynn_ops::cuda::CudaSource {
         name: "broken",
         code: "extern \"C\" __global__ void k(scalar* x) { x[0] = undefined_name; }",
+        half: false,
     };
     let err = compile_ptx_fresh(&BROKEN, "float", Arch::SM90)
         .unwrap_err()

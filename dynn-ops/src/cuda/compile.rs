@@ -92,16 +92,41 @@ pub fn nvrtc_version() -> Result<(i32, i32)> {
     }
 }
 
-/// The C type a family is compiled for when its data has `dtype` (kernels compute in it).
+/// The C type a family is compiled for when its data has `dtype`: `float` and `double`
+/// (kernels compute in it), `h16` and `bf16`'s `b16` (kernels compute in f32; only the families
+/// marked [`CudaSource::half`] take them).
 pub fn scalar_type(op: &'static str, dtype: DType) -> Result<&'static str> {
     match dtype {
         DType::F32 => Ok("float"),
         DType::F64 => Ok("double"),
+        DType::F16 => Ok("h16"),
+        DType::BF16 => Ok("b16"),
         other => Err(Error::Device {
             op,
-            msg: format!("CUDA kernels run on f32 and f64 data, got {other:?}: cast first"),
+            msg: format!("CUDA kernels run on float data, got {other:?}: cast first"),
         }),
     }
+}
+
+/// [`scalar_type`] for a kernel of `source`: an error naming the op when the family has no
+/// 16-bit kernels and `dtype` is f16 or bf16.
+pub fn family_scalar(source: &CudaSource, op: &'static str, dtype: DType) -> Result<&'static str> {
+    let scalar = scalar_type(op, dtype)?;
+    if matches!(dtype, DType::F16 | DType::BF16) && !source.half {
+        return Err(Error::Device {
+            op,
+            msg: format!(
+                "the CUDA `{}` kernels run on f32 and f64 data, got {dtype:?}: cast first",
+                source.name
+            ),
+        });
+    }
+    Ok(scalar)
+}
+
+/// True for the 16-bit storage types, whose kernels compute in f32.
+fn is_half(scalar: &str) -> bool {
+    matches!(scalar, "h16" | "b16")
 }
 
 fn cache_dir() -> Option<PathBuf> {
@@ -128,11 +153,15 @@ pub fn compile_ptx_fresh(source: &CudaSource, scalar: &str, arch: Arch) -> Resul
 fn compile(source: &CudaSource, scalar: &str, arch: Arch, cached: bool) -> Result<String> {
     let (major, minor) = nvrtc_version()?;
     let code = source.full_source();
-    let options = vec![
+    let mut options = vec![
         format!("--gpu-architecture={arch}"),
         format!("-DDYNN_SCALAR={scalar}"),
         "--std=c++17".to_string(),
     ];
+    if is_half(scalar) {
+        options.push("-DDYNN_ACC=float".to_string());
+        options.push("-DDYNN_HALF=1".to_string());
+    }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (&code, &options, major, minor).hash(&mut h);
     let file = cache_dir().filter(|_| cached).map(|d| {
@@ -182,4 +211,33 @@ fn compile(source: &CudaSource, scalar: &str, arch: Arch, cached: bool) -> Resul
         }
     }
     Ok(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn half_data_needs_a_family_with_half_kernels() {
+        let with = CudaSource {
+            name: "with",
+            code: "",
+            half: true,
+        };
+        let without = CudaSource {
+            name: "without",
+            code: "",
+            half: false,
+        };
+        assert_eq!(family_scalar(&with, "op", DType::BF16).ok(), Some("b16"));
+        assert_eq!(family_scalar(&with, "op", DType::F16).ok(), Some("h16"));
+        assert_eq!(
+            family_scalar(&without, "op", DType::F32).ok(),
+            Some("float")
+        );
+        let e = family_scalar(&without, "op", DType::F16).map(|_| ());
+        let msg = e.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("`without`") && msg.contains("F16"), "{msg}");
+        assert!(family_scalar(&with, "op", DType::I64).is_err());
+    }
 }

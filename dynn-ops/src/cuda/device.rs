@@ -1,7 +1,7 @@
 //! [`CudaDevice`]: one GPU's context, streams, compiled kernels and cuBLAS handle, and its
 //! registration as the dynn-core backend of `Device::Cuda(ordinal)`.
 
-use super::compile::{Arch, compile_ptx, library_loadable, scalar_type};
+use super::compile::{Arch, compile_ptx, family_scalar, library_loadable};
 use super::events::EventPool;
 use super::pinned::{PinnedHost, PinnedPool};
 use super::{CudaSource, CudaStorage};
@@ -228,7 +228,7 @@ impl CudaDevice {
         dtype: DType,
         kernel: &'static str,
     ) -> Result<CudaFunction> {
-        let scalar = scalar_type(kernel, dtype)?;
+        let scalar = family_scalar(source, kernel, dtype)?;
         let key = (source.name, scalar, kernel);
         fn lock<G>(_: G) -> Error {
             Error::Msg("CUDA function cache poisoned".into())

@@ -12,8 +12,8 @@ mod source;
 mod storage;
 
 pub use compile::{
-    Arch, compile_ptx, compile_ptx_fresh, library_loadable, nvrtc_available, nvrtc_version,
-    scalar_type,
+    Arch, compile_ptx, compile_ptx_fresh, family_scalar, library_loadable, nvrtc_available,
+    nvrtc_version, scalar_type,
 };
 pub use device::{CudaDevice, device, device_count, driver_available, init};
 pub use events::EventPool;

@@ -7,6 +7,10 @@ pub struct CudaSource {
     pub name: &'static str,
     /// The CUDA C source (kernels are `extern "C"`).
     pub code: &'static str,
+    /// Whether the family also compiles for f16 and bf16 data: `scalar` is then the 16-bit
+    /// storage type and `acc` (f32) the type its arithmetic runs in, loaded with `ld` and
+    /// stored with `st`, as the CPU kernels compute half precision in f32.
+    pub half: bool,
 }
 
 impl CudaSource {
@@ -99,9 +103,41 @@ __device__ __forceinline__ float h2f(h16 v) {
 }
 __device__ __forceinline__ float b2f(b16 v) { return __uint_as_float(((u32)v.x) << 16); }
 
-// Every family is compiled once per float dtype with DYNN_SCALAR set (float or double).
+__device__ __forceinline__ h16 f2h(float v) {
+    h16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(v));
+    return r;
+}
+// Round to nearest even; branch-free (selects), so a thread's unrolled loads are not held
+// behind a branch.
+__device__ __forceinline__ b16 f2b(float v) {
+    u32 x = __float_as_uint(v);
+    u32 nan = (x >> 16) | 0x0040u;  // NaN stays NaN (quiet)
+    u32 rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    b16 r;
+    r.x = (unsigned short)((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
+    return r;
+}
+
+// Every family is compiled once per float dtype with DYNN_SCALAR set (float or double; h16 or
+// b16 for the families marked `half`, with DYNN_ACC=float). `scalar` is the element type in
+// memory, `acc` the type arithmetic runs in: `ld` widens an element, `st` rounds a result
+// back (both the identity for float and double).
 #ifndef DYNN_SCALAR
 #define DYNN_SCALAR float
 #endif
+#ifndef DYNN_ACC
+#define DYNN_ACC DYNN_SCALAR
+#endif
 typedef DYNN_SCALAR scalar;
+typedef DYNN_ACC acc;
+__device__ __forceinline__ float ld(float v) { return v; }
+__device__ __forceinline__ double ld(double v) { return v; }
+__device__ __forceinline__ float ld(h16 v) { return h2f(v); }
+__device__ __forceinline__ float ld(b16 v) { return b2f(v); }
+__device__ __forceinline__ float to_elem(float v, float*) { return v; }
+__device__ __forceinline__ double to_elem(double v, double*) { return v; }
+__device__ __forceinline__ h16 to_elem(float v, h16*) { return f2h(v); }
+__device__ __forceinline__ b16 to_elem(float v, b16*) { return f2b(v); }
+__device__ __forceinline__ scalar st(acc v) { return to_elem(v, (scalar*)0); }
 "#;

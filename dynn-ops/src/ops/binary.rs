@@ -353,7 +353,7 @@ pub const CUDA: CudaSource = CudaSource {
     code: concat!(
         cuda_elementwise_helpers!(),
         r#"
-template <int K> __device__ __forceinline__ scalar bop(scalar a, scalar b) {
+template <int K> __device__ __forceinline__ acc bop(acc a, acc b) {
     if (K == 0) return a + b;
     if (K == 1) return a - b;
     if (K == 2) return a * b;
@@ -361,8 +361,8 @@ template <int K> __device__ __forceinline__ scalar bop(scalar a, scalar b) {
     if (K == 4) return pow(a, b);
     if (K == 5) return a >= b ? a : b;
     if (K == 6) return a <= b ? a : b;
-    if (K == 7) return a >= b ? (scalar)1 : (scalar)0;
-    return a <= b ? (scalar)1 : (scalar)0;
+    if (K == 7) return a >= b ? (acc)1 : (acc)0;
+    return a <= b ? (acc)1 : (acc)0;
 }
 
 #define VEC (16 / (int)sizeof(scalar))
@@ -370,12 +370,12 @@ template <int K> __device__ __forceinline__ scalar bop(scalar a, scalar b) {
 template <int K>
 __device__ __forceinline__ void bin_packed(Src<scalar> a, Src<scalar> b, scalar* __restrict__ y,
                                           u64 n) {
-    packed_map<VEC>([](scalar x, scalar z) { return bop<K>(x, z); }, y, n, a, b);
+    packed_map<VEC>([](scalar x, scalar z) { return st(bop<K>(ld(x), ld(z))); }, y, n, a, b);
 }
 
 // The strided kernel takes the kind at run time (one instantiation per index width): its loads
 // come first for UNROLL elements, then the uniform switch and the stores.
-__device__ __forceinline__ scalar bop_rt(int kind, scalar a, scalar b) {
+__device__ __forceinline__ acc bop_rt(int kind, acc a, acc b) {
     switch (kind) {
     case 0: return bop<0>(a, b);
     case 1: return bop<1>(a, b);
@@ -404,10 +404,12 @@ __device__ void bin_strided(int kind, const scalar* __restrict__ a, const Stride
                 z[u] = b[sat<I>(bs, i)];
             }
 #pragma unroll
-            for (int u = 0; u < UNROLL; ++u) y[base + (I)u * step] = bop_rt(kind, x[u], z[u]);
+            for (int u = 0; u < UNROLL; ++u)
+                y[base + (I)u * step] = st(bop_rt(kind, ld(x[u]), ld(z[u])));
         }
     }
-    for (I i = base; i < n; i += step) y[i] = bop_rt(kind, a[sat<I>(as, i)], b[sat<I>(bs, i)]);
+    for (I i = base; i < n; i += step)
+        y[i] = st(bop_rt(kind, ld(a[sat<I>(as, i)]), ld(b[sat<I>(bs, i)])));
 }
 
 extern "C" __global__ void binary_packed(int kind, const scalar* __restrict__ a, i64 ao, i64 ap,
@@ -434,6 +436,7 @@ extern "C" __global__ void binary_strided(int kind, const scalar* a, Strided as,
 }
 "#
     ),
+    half: true,
 };
 
 /// Runs binary kernel `kind` (see [`CUDA`]) on GPU operands broadcast to `shape`.

@@ -222,23 +222,9 @@ pub const CUDA: CudaSource = CudaSource {
     code: concat!(
         cuda_elementwise_helpers!(),
         r#"
-__device__ __forceinline__ h16 f2h(float v) {
-    h16 r;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.x) : "f"(v));
-    return r;
-}
 __device__ __forceinline__ h16 d2h(double v) {
     h16 r;
     asm("cvt.rn.f16.f64 %0, %1;" : "=h"(r.x) : "d"(v));
-    return r;
-}
-// Branch-free (selects), so a thread's unrolled loads are not held behind a branch.
-__device__ __forceinline__ b16 f2b(float v) {
-    u32 x = __float_as_uint(v);
-    u32 nan = (x >> 16) | 0x0040u;  // NaN stays NaN (quiet)
-    u32 rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
-    b16 r;
-    r.x = (unsigned short)((x & 0x7fffffffu) > 0x7f800000u ? nan : rounded);
     return r;
 }
 __device__ __forceinline__ b16 d2b(double v) {
@@ -335,6 +321,7 @@ CAST_FROM(u32, u32)
 CAST_FROM(u8, u8)
 "#
     ),
+    half: false,
 };
 
 /// The kernel converting `from` to `to`.

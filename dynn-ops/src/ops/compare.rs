@@ -399,6 +399,7 @@ SELECT(4, u32)
 SELECT(8, u64)
 "#
     ),
+    half: false,
 };
 
 /// A mask of any dtype as u8 on the GPU, for the selection kernels: `None` for a U8 mask

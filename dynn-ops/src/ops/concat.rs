@@ -112,6 +112,7 @@ CAT_COPY(unsigned int, b4)
 CAT_COPY(unsigned long long, b8)
 CAT_COPY(uint4, b16)
 "#,
+    half: false,
 };
 
 /// The copy kernels by element size: 2, 4, 8 bytes, then 16-byte vectors.

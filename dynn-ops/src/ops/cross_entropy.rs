@@ -445,6 +445,7 @@ CE_BWD(ce_bwd_i64, i64)
 CE_BWD(ce_bwd_u32, u32)
 "#
     ),
+    half: false,
 };
 
 /// The forward kernel: `[warp, block][vec, scalar][i64, u32]`.

@@ -142,6 +142,7 @@ extern "C" __global__ void dropout_forward(unsigned long long key, unsigned long
 }
 "#
     ),
+    half: false,
 };
 
 /// `x · mask / (1 - p)` on the GPU (`op` names the caller).

@@ -549,6 +549,7 @@ extern "C" __global__ void add_rows_segments(const scalar* src, Strided ss, cons
     }
 }
 "#,
+    half: false,
 };
 
 /// The select-rows kernels by element size (2, 4, 8 bytes, 16-byte vector) and index dtype.

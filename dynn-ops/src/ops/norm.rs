@@ -561,6 +561,7 @@ extern "C" __global__ void norm_bwd_final(const scalar* pdw, const scalar* pdb, 
 }
 "#
     ),
+    half: false,
 };
 
 const FWD_KERNELS: RowKernels = row_kernels!("norm_fwd");

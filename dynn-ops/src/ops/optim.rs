@@ -163,6 +163,7 @@ extern "C" __global__ void optim_update(int rule, scalar* t, Strided ts, const s
 }
 "#
     ),
+    half: false,
 };
 
 impl Rule {

@@ -80,6 +80,7 @@ extern "C" __global__ void rand_uniform(unsigned long long key, double lo, doubl
 }
 "#
     ),
+    half: false,
 };
 
 /// A uniform f64 in [0, 1) from the top 53 bits.

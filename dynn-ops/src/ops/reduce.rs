@@ -239,29 +239,30 @@ fn reduce_blocks<T: FloatElement + CpuElement>(
 pub const CUDA: CudaSource = CudaSource {
     name: "reduce",
     code: r#"
-#define RED_INF ((scalar)__longlong_as_double(0x7ff0000000000000LL))
+#define RED_INF ((acc)__longlong_as_double(0x7ff0000000000000LL))
 
-__device__ __forceinline__ scalar red_init(int kind) {
-    if (kind == 0) return (scalar)0;
+__device__ __forceinline__ acc red_init(int kind) {
+    if (kind == 0) return (acc)0;
     return kind == 1 ? -RED_INF : RED_INF;
 }
 
 // 0 sum, 1 max, 2 min (b replaces a when it is more extreme or NaN).
-__device__ __forceinline__ scalar red_combine(int kind, scalar a, scalar b) {
+__device__ __forceinline__ acc red_combine(int kind, acc a, acc b) {
     if (kind == 0) return a + b;
     if (kind == 1) return (b > a || isnan(b)) ? b : a;
     return (b < a || isnan(b)) ? b : a;
 }
 
-__device__ __forceinline__ scalar red_warp(int kind, scalar a) {
+__device__ __forceinline__ acc red_warp(int kind, acc a) {
     for (int o = 16; o > 0; o >>= 1) a = red_combine(kind, a, __shfl_xor_sync(0xffffffffu, a, o));
     return a;
 }
 
 // Group g = (row, chunk) of `chunks` per row reduces elements [chunk·chunk_len, …) of its row
-// into out[g]. BLOCK: one block per group; else one warp per group, 8 per block.
-template <bool BLOCK>
-__device__ __forceinline__ void reduce_rows_t(int kind, const scalar* x, Strided xs, scalar* out,
+// into out[g]. BLOCK: one block per group; else one warp per group, 8 per block. `In` and `Out`
+// are `scalar` or `acc` (a 16-bit reduction's partials stay in f32 between passes).
+template <bool BLOCK, typename In, typename Out>
+__device__ __forceinline__ void reduce_rows_t(int kind, const In* x, Strided xs, Out* out,
                                               i64 groups, i64 red, i64 chunks, i64 chunk_len) {
     const i64 g = BLOCK ? (i64)blockIdx.x : (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (g >= groups) return;
@@ -270,16 +271,17 @@ __device__ __forceinline__ void reduce_rows_t(int kind, const scalar* x, Strided
     const int lane = BLOCK ? threadIdx.x : (threadIdx.x & 31);
     const int step = BLOCK ? blockDim.x : 32;
     const i64 base = row * red;
-    scalar a = red_init(kind);
+    acc a = red_init(kind);
     if (xs.contiguous) {
-        const scalar* p = x + xs.offset + base;
-        for (i64 j = j0 + lane; j < j1; j += step) a = red_combine(kind, a, p[j]);
+        const In* p = x + xs.offset + base;
+        for (i64 j = j0 + lane; j < j1; j += step) a = red_combine(kind, a, ld(p[j]));
     } else {
-        for (i64 j = j0 + lane; j < j1; j += step) a = red_combine(kind, a, x[at(xs, base + j)]);
+        for (i64 j = j0 + lane; j < j1; j += step)
+            a = red_combine(kind, a, ld(x[at(xs, base + j)]));
     }
     a = red_warp(kind, a);
     if (BLOCK) {
-        __shared__ scalar sh[32];
+        __shared__ acc sh[32];
         const int w = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
         if ((threadIdx.x & 31) == 0) sh[w] = a;
         __syncthreads();
@@ -288,41 +290,60 @@ __device__ __forceinline__ void reduce_rows_t(int kind, const scalar* x, Strided
             a = red_warp(kind, a);
         }
     }
-    if (lane == 0) out[g] = a;
-}
-
-extern "C" __global__ void reduce_rows_warp(int kind, const scalar* x, Strided xs, scalar* out,
-                                            i64 groups, i64 red, i64 chunks, i64 chunk_len) {
-    reduce_rows_t<false>(kind, x, xs, out, groups, red, chunks, chunk_len);
-}
-extern "C" __global__ void reduce_rows_block(int kind, const scalar* x, Strided xs, scalar* out,
-                                             i64 groups, i64 red, i64 chunks, i64 chunk_len) {
-    reduce_rows_t<true>(kind, x, xs, out, groups, red, chunks, chunk_len);
+    if (lane == 0) out[g] = to_elem(a, (Out*)0);
 }
 
 // Block (32, 8): columns (blockIdx.x % ncb)·32 + tx of outer block blockIdx.x / ncb, rows of
 // chunk blockIdx.y stepped by 8 per ty, then the 8 partials in ty order; out is
 // (outer, chunks, inner).
-extern "C" __global__ void reduce_cols(int kind, const scalar* x, Strided xs, scalar* out,
-                                       i64 outer, i64 red, i64 inner, i64 chunks,
-                                       i64 chunk_len) {
-    __shared__ scalar sh[8][33];
+template <typename In, typename Out>
+__device__ __forceinline__ void reduce_cols_t(int kind, const In* x, Strided xs, Out* out,
+                                              i64 outer, i64 red, i64 inner, i64 chunks,
+                                              i64 chunk_len) {
+    __shared__ acc sh[8][33];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const i64 ncb = (inner + 31) / 32;
     const i64 o = blockIdx.x / ncb, i = (blockIdx.x - o * ncb) * 32 + tx, c = blockIdx.y;
     const i64 r0 = c * chunk_len, r1 = min(red, r0 + chunk_len);
-    scalar a = red_init(kind);
+    acc a = red_init(kind);
     if (i < inner) {
-        for (i64 r = r0 + ty; r < r1; r += 8) a = red_combine(kind, a, x[at(xs, (o * red + r) * inner + i)]);
+        for (i64 r = r0 + ty; r < r1; r += 8)
+            a = red_combine(kind, a, ld(x[at(xs, (o * red + r) * inner + i)]));
     }
     sh[ty][tx] = a;
     __syncthreads();
     if (ty == 0 && i < inner) {
 #pragma unroll
         for (int q = 1; q < 8; ++q) a = red_combine(kind, a, sh[q][tx]);
-        out[(o * chunks + c) * inner + i] = a;
+        out[(o * chunks + c) * inner + i] = to_elem(a, (Out*)0);
     }
 }
+
+// Entry points: `reduce_{rows_warp,rows_block,cols}` read and write `scalar`; with 16-bit
+// data, the `_part` (scalar in, f32 partials out), `_mid` (f32 to f32) and `_fin` (f32 to
+// scalar) variants carry a split reduction's partials in f32.
+#define REDUCE_ENTRIES(SUF, In, Out) \
+extern "C" __global__ void reduce_rows_warp##SUF(int kind, const In* x, Strided xs, Out* out, \
+                                                 i64 groups, i64 red, i64 chunks, \
+                                                 i64 chunk_len) { \
+    reduce_rows_t<false, In, Out>(kind, x, xs, out, groups, red, chunks, chunk_len); \
+} \
+extern "C" __global__ void reduce_rows_block##SUF(int kind, const In* x, Strided xs, Out* out, \
+                                                  i64 groups, i64 red, i64 chunks, \
+                                                  i64 chunk_len) { \
+    reduce_rows_t<true, In, Out>(kind, x, xs, out, groups, red, chunks, chunk_len); \
+} \
+extern "C" __global__ void reduce_cols##SUF(int kind, const In* x, Strided xs, Out* out, \
+                                            i64 outer, i64 red, i64 inner, i64 chunks, \
+                                            i64 chunk_len) { \
+    reduce_cols_t<In, Out>(kind, x, xs, out, outer, red, inner, chunks, chunk_len); \
+}
+REDUCE_ENTRIES(, scalar, scalar)
+#ifdef DYNN_HALF
+REDUCE_ENTRIES(_part, scalar, acc)
+REDUCE_ENTRIES(_mid, acc, acc)
+REDUCE_ENTRIES(_fin, acc, scalar)
+#endif
 
 // ---- max/min backward: the gradient split evenly between the elements equal to y ----
 
@@ -334,12 +355,13 @@ extern "C" __global__ void extremum_bwd_rows(const scalar* x, Strided xs, const 
     if (row >= rows) return;
     const int lane = threadIdx.x & 31;
     const i64 base = row * red;
-    const scalar yy = y[at(ys, row)];
+    const acc yy = ld(y[at(ys, row)]);
     i64 n = 0;
-    for (i64 j = lane; j < red; j += 32) n += x[at(xs, base + j)] == yy;
+    for (i64 j = lane; j < red; j += 32) n += ld(x[at(xs, base + j)]) == yy;
     n = warp_sum(n);
-    const scalar share = g[at(gs, row)] / (scalar)(n > 0 ? n : 1);
-    for (i64 j = lane; j < red; j += 32) out[base + j] = x[at(xs, base + j)] == yy ? share : (scalar)0;
+    const scalar share = st(ld(g[at(gs, row)]) / (acc)(n > 0 ? n : 1)), zero = st((acc)0);
+    for (i64 j = lane; j < red; j += 32)
+        out[base + j] = ld(x[at(xs, base + j)]) == yy ? share : zero;
 }
 
 // inner > 1: one thread per (outer, inner) column.
@@ -348,20 +370,20 @@ extern "C" __global__ void extremum_bwd_cols(const scalar* x, Strided xs, const 
                                              scalar* out, i64 outer, i64 red, i64 inner) {
     GRID_LOOP(t, outer * inner) {
         const i64 o = t / inner, i = t - o * inner, base = o * red * inner + i;
-        const scalar yy = y[at(ys, t)];
+        const acc yy = ld(y[at(ys, t)]);
         i64 n = 0;
-        for (i64 r = 0; r < red; ++r) n += x[at(xs, base + r * inner)] == yy;
-        const scalar share = g[at(gs, t)] / (scalar)(n > 0 ? n : 1);
+        for (i64 r = 0; r < red; ++r) n += ld(x[at(xs, base + r * inner)]) == yy;
+        const scalar share = st(ld(g[at(gs, t)]) / (acc)(n > 0 ? n : 1)), zero = st((acc)0);
         for (i64 r = 0; r < red; ++r) {
             const i64 l = base + r * inner;
-            out[l] = x[at(xs, l)] == yy ? share : (scalar)0;
+            out[l] = ld(x[at(xs, l)]) == yy ? share : zero;
         }
     }
 }
 
 // ---- argmax: the first NaN, else the first maximum (a total order: any tree gives it) ----
 
-__device__ __forceinline__ bool am_better(scalar bv, i64 bi, scalar av, i64 ai) {
+__device__ __forceinline__ bool am_better(acc bv, i64 bi, acc av, i64 ai) {
     const bool an = isnan(av), bn = isnan(bv);
     if (an || bn) return (an && bn) ? bi < ai : bn;
     if (bv != av) return bv > av;
@@ -377,17 +399,17 @@ __device__ __forceinline__ void argmax_rows_t(const scalar* x, Strided xs, i64* 
     const int lane = BLOCK ? threadIdx.x : (threadIdx.x & 31);
     const int step = BLOCK ? blockDim.x : 32;
     const i64 base = row * red;
-    scalar bv = -RED_INF;
+    acc bv = -RED_INF;
     i64 bi = 0x7fffffffffffffffLL;
     for (i64 j = lane; j < red; j += step) {
-        const scalar v = x[at(xs, base + j)];
+        const acc v = ld(x[at(xs, base + j)]);
         if (am_better(v, j, bv, bi)) {
             bv = v;
             bi = j;
         }
     }
     for (int o = 16; o > 0; o >>= 1) {
-        const scalar ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const acc ov = __shfl_xor_sync(0xffffffffu, bv, o);
         const i64 oi = __shfl_xor_sync(0xffffffffu, bi, o);
         if (am_better(ov, oi, bv, bi)) {
             bv = ov;
@@ -395,7 +417,7 @@ __device__ __forceinline__ void argmax_rows_t(const scalar* x, Strided xs, i64* 
         }
     }
     if (BLOCK) {
-        __shared__ scalar sv[32];
+        __shared__ acc sv[32];
         __shared__ i64 si[32];
         const int w = threadIdx.x >> 5, l = threadIdx.x & 31, nw = (blockDim.x + 31) >> 5;
         if (l == 0) {
@@ -407,7 +429,7 @@ __device__ __forceinline__ void argmax_rows_t(const scalar* x, Strided xs, i64* 
             bv = l < nw ? sv[l] : -RED_INF;
             bi = l < nw ? si[l] : 0x7fffffffffffffffLL;
             for (int o = 16; o > 0; o >>= 1) {
-                const scalar ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                const acc ov = __shfl_xor_sync(0xffffffffu, bv, o);
                 const i64 oi = __shfl_xor_sync(0xffffffffu, bi, o);
                 if (am_better(ov, oi, bv, bi)) {
                     bv = ov;
@@ -431,10 +453,10 @@ extern "C" __global__ void argmax_cols(const scalar* x, Strided xs, i64* out, i6
                                        i64 inner) {
     GRID_LOOP(t, outer * inner) {
         const i64 o = t / inner, i = t - o * inner, base = o * red * inner + i;
-        scalar bv = -RED_INF;
+        acc bv = -RED_INF;
         i64 bi = 0;
         for (i64 r = 0; r < red; ++r) {
-            const scalar v = x[at(xs, base + r * inner)];
+            const acc v = ld(x[at(xs, base + r * inner)]);
             if (r == 0 || am_better(v, r, bv, bi)) {
                 bv = v;
                 bi = r;
@@ -444,6 +466,7 @@ extern "C" __global__ void argmax_cols(const scalar* x, Strided xs, i64* out, i6
     }
 }
 "#,
+    half: true,
 };
 
 /// Warps per block of the warp-per-row kernels.
@@ -489,8 +512,38 @@ fn grid_x(op: &'static str, blocks: usize) -> Result<u32> {
         .ok_or_else(|| Error::invalid(op, format!("too many CUDA blocks ({blocks})")))
 }
 
+/// Of a kernel's four entry points (`names`: data to result, data to partials, partials to
+/// partials, partials to result), the one for reading partials (`from_partials`) or the data
+/// and writing partials (`to_partials`) or the result. Only 16-bit data keeps its partials in
+/// another type (f32); the others use the first entry point throughout.
+fn partial_kernel(
+    dtype: DType,
+    names: [&'static str; 4],
+    from_partials: bool,
+    to_partials: bool,
+) -> &'static str {
+    if !matches!(dtype, DType::F16 | DType::BF16) {
+        return names[0];
+    }
+    match (from_partials, to_partials) {
+        (false, false) => names[0],
+        (false, true) => names[1],
+        (true, true) => names[2],
+        (true, false) => names[3],
+    }
+}
+
+/// The dtype a reduction over `dtype` data keeps its partials in.
+fn partial_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::F16 | DType::BF16 => DType::F32,
+        other => other,
+    }
+}
+
 /// Reduces `(outer, red, inner)` blocks of `src` seen through `view` into a new contiguous
-/// `(outer, inner)` buffer; splits long reductions into chunks and reduces the partials again.
+/// `(outer, inner)` buffer of `dtype` (the data's); splits long reductions into chunks and
+/// reduces the partials again. `src` holds partials when `from_partials`.
 #[allow(clippy::too_many_arguments)]
 fn cuda_reduce_blocks(
     op: &'static str,
@@ -500,6 +553,7 @@ fn cuda_reduce_blocks(
     src: &CudaStorage,
     view: &Strided,
     (outer, red, inner): (usize, usize, usize),
+    from_partials: bool,
 ) -> Result<CudaStorage> {
     let n_out = outer * inner;
     let mut out = CudaStorage::alloc(dev, dtype, n_out)?;
@@ -517,22 +571,34 @@ fn cuda_reduce_blocks(
         };
         let chunk_len = red.div_ceil(chunks).max(1);
         let groups = rows * chunks;
-        let (name, cfg) = if block {
-            ("reduce_rows_block", cuda::rows(groups, ROW_BLOCK))
+        let names = if block {
+            [
+                "reduce_rows_block",
+                "reduce_rows_block_part",
+                "reduce_rows_block_mid",
+                "reduce_rows_block_fin",
+            ]
         } else {
-            let blocks = grid_x(op, groups.div_ceil(ROW_WARPS))?;
-            (
+            [
                 "reduce_rows_warp",
-                LaunchConfig {
-                    grid_dim: (blocks, 1, 1),
-                    block_dim: (32 * ROW_WARPS as u32, 1, 1),
-                    shared_mem_bytes: 0,
-                },
-            )
+                "reduce_rows_warp_part",
+                "reduce_rows_warp_mid",
+                "reduce_rows_warp_fin",
+            ]
         };
+        let cfg = if block {
+            cuda::rows(groups, ROW_BLOCK)
+        } else {
+            LaunchConfig {
+                grid_dim: (grid_x(op, groups.div_ceil(ROW_WARPS))?, 1, 1),
+                block_dim: (32 * ROW_WARPS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        };
+        let name = partial_kernel(dtype, names, from_partials, chunks > 1);
         let f = dev.function(&CUDA, dtype, name)?;
         let mut dst = if chunks > 1 {
-            CudaStorage::alloc(dev, dtype, groups)?
+            CudaStorage::alloc(dev, partial_dtype(dtype), groups)?
         } else {
             out
         };
@@ -557,7 +623,7 @@ fn cuda_reduce_blocks(
             return Ok(dst);
         }
         let pv = Strided::of(op, &Layout::contiguous([rows, chunks]))?;
-        return cuda_reduce_blocks(op, dev, dtype, kind, &dst, &pv, (rows, chunks, 1));
+        return cuda_reduce_blocks(op, dev, dtype, kind, &dst, &pv, (rows, chunks, 1), true);
     }
     let ncb = inner.div_ceil(32);
     let blocks = outer * ncb;
@@ -567,14 +633,24 @@ fn cuda_reduce_blocks(
         red.div_ceil(256).min(512usize.div_ceil(blocks)).max(1)
     };
     let chunk_len = red.div_ceil(chunks).max(1);
-    let f = dev.function(&CUDA, dtype, "reduce_cols")?;
+    let names = [
+        "reduce_cols",
+        "reduce_cols_part",
+        "reduce_cols_mid",
+        "reduce_cols_fin",
+    ];
+    let f = dev.function(
+        &CUDA,
+        dtype,
+        partial_kernel(dtype, names, from_partials, chunks > 1),
+    )?;
     let cfg = LaunchConfig {
         grid_dim: (grid_x(op, blocks)?, chunks as u32, 1),
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
     if chunks > 1 {
-        out = CudaStorage::alloc(dev, dtype, outer * chunks * inner)?;
+        out = CudaStorage::alloc(dev, partial_dtype(dtype), outer * chunks * inner)?;
     }
     let (o64, red64, in64, c64, cl64) = (
         outer as i64,
@@ -604,7 +680,16 @@ fn cuda_reduce_blocks(
         return Ok(out);
     }
     let pv = Strided::of(op, &Layout::contiguous([outer, chunks, inner]))?;
-    cuda_reduce_blocks(op, dev, dtype, kind, &out, &pv, (outer, chunks, inner))
+    cuda_reduce_blocks(
+        op,
+        dev,
+        dtype,
+        kind,
+        &out,
+        &pv,
+        (outer, chunks, inner),
+        true,
+    )
 }
 
 fn cuda_reduce(op: &Reduce, x: &KernelArg<'_>) -> Result<Box<dyn DeviceStorage>> {
@@ -624,6 +709,7 @@ fn cuda_reduce(op: &Reduce, x: &KernelArg<'_>) -> Result<Box<dyn DeviceStorage>>
         xs,
         &view,
         (outer, red, inner),
+        false,
     )?;
     Ok(Box::new(out))
 }
@@ -707,7 +793,7 @@ fn cuda_argmax(op: &Argmax, x: &KernelArg<'_>) -> Result<Box<dyn DeviceStorage>>
     let n_out = outer * inner;
     if n_out == 0 || red == 0 {
         // No elements to compare: index 0 everywhere, as on the CPU.
-        cuda::scalar_type(name, dtype)?;
+        cuda::family_scalar(&CUDA, name, dtype)?;
         return Ok(Box::new(CudaStorage::zeros(dev, DType::I64, n_out)?));
     }
     let mut out = CudaStorage::alloc(dev, DType::I64, n_out)?;

@@ -920,6 +920,7 @@ extern "C" __global__ void softmax_bwd_cols(const scalar* y, Strided ys, const s
 }
 "#
     ),
+    half: false,
 };
 
 const FWD_KERNELS: RowKernels = row_kernels!("softmax_fwd");

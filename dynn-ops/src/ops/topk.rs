@@ -191,6 +191,7 @@ extern "C" __global__ void topk_lines(const scalar* x, Strided xs, scalar* vals,
     }
 }
 "#,
+    half: false,
 };
 
 /// `topk` on the GPU: outputs `(values, i64 indices)` in the CPU's layout.

@@ -278,11 +278,11 @@ pub const CUDA: CudaSource = CudaSource {
     code: concat!(
         cuda_elementwise_helpers!(),
         r#"
-__device__ __forceinline__ scalar sigm(scalar x) { return (scalar)1 / ((scalar)1 + exp(-x)); }
-#define GELU_K ((scalar)0.7978845608028654)
-#define GELU_C ((scalar)0.044715)
+__device__ __forceinline__ acc sigm(acc x) { return (acc)1 / ((acc)1 + exp(-x)); }
+#define GELU_K ((acc)0.7978845608028654)
+#define GELU_C ((acc)0.044715)
 
-template <int K> __device__ __forceinline__ scalar unary_f(scalar x, scalar p0, scalar p1) {
+template <int K> __device__ __forceinline__ acc unary_f(acc x, acc p0, acc p1) {
     if (K == 0) return -x;
     if (K == 1) return fabs(x);
     if (K == 2) return exp(x);
@@ -291,58 +291,59 @@ template <int K> __device__ __forceinline__ scalar unary_f(scalar x, scalar p0, 
     if (K == 5) return rsqrt(x);
     if (K == 6) return tanh(x);
     if (K == 7) return sigm(x);
-    if (K == 8) return x > (scalar)0 ? x : (scalar)0;
-    if (K == 9) return (scalar)0.5 * x * ((scalar)1 + tanh(GELU_K * (x + GELU_C * x * x * x)));
-    if (K == 10) return (scalar)0.5 * x * ((scalar)1 + erf(x * (scalar)0.7071067811865476));
+    if (K == 8) return x > (acc)0 ? x : (acc)0;
+    if (K == 9) return (acc)0.5 * x * ((acc)1 + tanh(GELU_K * (x + GELU_C * x * x * x)));
+    if (K == 10) return (acc)0.5 * x * ((acc)1 + erf(x * (acc)0.7071067811865476));
     if (K == 11) return x * sigm(x);
     if (K == 12) return sin(x);
     if (K == 13) return cos(x);
     if (K == 14) return x * x;
-    if (K == 15) return (scalar)1 / x;
+    if (K == 15) return (acc)1 / x;
     if (K == 16) return x * p0 + p1;
     return pow(x, p0);
 }
 
-template <int K> __device__ __forceinline__ scalar unary_df(scalar v, scalar p0) {
-    if (K == 0) return (scalar)-1;
-    if (K == 1) return v > (scalar)0 ? (scalar)1 : (v < (scalar)0 ? (scalar)-1 : (scalar)0);
+template <int K> __device__ __forceinline__ acc unary_df(acc v, acc p0) {
+    if (K == 0) return (acc)-1;
+    if (K == 1) return v > (acc)0 ? (acc)1 : (v < (acc)0 ? (acc)-1 : (acc)0);
     if (K == 2) return v;
-    if (K == 3) return (scalar)1 / v;
-    if (K == 4) return (scalar)0.5 / v;
-    if (K == 5) return (scalar)-0.5 * v * v * v;
-    if (K == 6) return (scalar)1 - v * v;
-    if (K == 7) return v * ((scalar)1 - v);
-    if (K == 8) return v > (scalar)0 ? (scalar)1 : (scalar)0;
+    if (K == 3) return (acc)1 / v;
+    if (K == 4) return (acc)0.5 / v;
+    if (K == 5) return (acc)-0.5 * v * v * v;
+    if (K == 6) return (acc)1 - v * v;
+    if (K == 7) return v * ((acc)1 - v);
+    if (K == 8) return v > (acc)0 ? (acc)1 : (acc)0;
     if (K == 9) {
-        scalar t = tanh(GELU_K * (v + GELU_C * v * v * v));
-        return (scalar)0.5 * ((scalar)1 + t)
-             + (scalar)0.5 * v * ((scalar)1 - t * t) * GELU_K * ((scalar)1 + (scalar)3 * GELU_C * v * v);
+        acc t = tanh(GELU_K * (v + GELU_C * v * v * v));
+        return (acc)0.5 * ((acc)1 + t)
+             + (acc)0.5 * v * ((acc)1 - t * t) * GELU_K * ((acc)1 + (acc)3 * GELU_C * v * v);
     }
     if (K == 10) {
-        scalar cdf = (scalar)0.5 * ((scalar)1 + erf(v * (scalar)0.7071067811865476));
-        return cdf + v * exp((scalar)-0.5 * v * v) * (scalar)0.3989422804014327;
+        acc cdf = (acc)0.5 * ((acc)1 + erf(v * (acc)0.7071067811865476));
+        return cdf + v * exp((acc)-0.5 * v * v) * (acc)0.3989422804014327;
     }
-    if (K == 11) { scalar s = sigm(v); return s * ((scalar)1 + v * ((scalar)1 - s)); }
+    if (K == 11) { acc s = sigm(v); return s * ((acc)1 + v * ((acc)1 - s)); }
     if (K == 12) return cos(v);
     if (K == 13) return -sin(v);
-    if (K == 14) return (scalar)2 * v;
+    if (K == 14) return (acc)2 * v;
     if (K == 15) return -v * v;
     if (K == 16) return p0;
-    return p0 * pow(v, p0 - (scalar)1);
+    return p0 * pow(v, p0 - (acc)1);
 }
 
 #define VEC (16 / (int)sizeof(scalar))
 
 template <int K>
-__device__ __forceinline__ void fwd_packed(Src<scalar> x, scalar p0, scalar p1,
+__device__ __forceinline__ void fwd_packed(Src<scalar> x, acc p0, acc p1,
                                           scalar* __restrict__ y, u64 n) {
-    packed_map<VEC>([=](scalar v) { return unary_f<K>(v, p0, p1); }, y, n, x);
+    packed_map<VEC>([=](scalar v) { return st(unary_f<K>(ld(v), p0, p1)); }, y, n, x);
 }
 
 template <int K>
-__device__ __forceinline__ void bwd_packed(Src<scalar> v, Src<scalar> g, scalar p0,
+__device__ __forceinline__ void bwd_packed(Src<scalar> v, Src<scalar> g, acc p0,
                                           scalar* __restrict__ y, u64 n) {
-    packed_map<VEC>([=](scalar a, scalar b) { return b * unary_df<K>(a, p0); }, y, n, v, g);
+    packed_map<VEC>([=](scalar a, scalar b) { return st(ld(b) * unary_df<K>(ld(a), p0)); }, y, n,
+                    v, g);
 }
 
 // One entry point per kind and direction, so each gets the registers its own math needs
@@ -352,12 +353,12 @@ __device__ __forceinline__ void bwd_packed(Src<scalar> v, Src<scalar> g, scalar 
 extern "C" __global__ void unary_packed_forward_##K(double p0, double p1, \
                                                     const scalar* __restrict__ x, i64 xo, \
                                                     scalar* __restrict__ y, i64 n) { \
-    fwd_packed<K>(src(x, xo, 0), (scalar)p0, (scalar)p1, y, (u64)n); \
+    fwd_packed<K>(src(x, xo, 0), (acc)p0, (acc)p1, y, (u64)n); \
 } \
 extern "C" __global__ void unary_packed_backward_##K(double p0, const scalar* __restrict__ v, \
                                                      i64 vo, const scalar* __restrict__ g, \
                                                      i64 go, scalar* __restrict__ y, i64 n) { \
-    bwd_packed<K>(src(v, vo, 0), src(g, go, 0), (scalar)p0, y, (u64)n); \
+    bwd_packed<K>(src(v, vo, 0), src(g, go, 0), (acc)p0, y, (u64)n); \
 }
 UNARY_PACKED(0) UNARY_PACKED(1) UNARY_PACKED(2) UNARY_PACKED(3) UNARY_PACKED(4)
 UNARY_PACKED(5) UNARY_PACKED(6) UNARY_PACKED(7) UNARY_PACKED(8) UNARY_PACKED(9)
@@ -366,7 +367,7 @@ UNARY_PACKED(15) UNARY_PACKED(16) UNARY_PACKED(17)
 
 // The strided kernels switch on the kind per element (uniform, so the branch is cheap), which
 // keeps them to one instantiation per index width.
-__device__ __forceinline__ scalar unary_f_rt(int kind, scalar x, scalar p0, scalar p1) {
+__device__ __forceinline__ acc unary_f_rt(int kind, acc x, acc p0, acc p1) {
     switch (kind) {
     case 0: return unary_f<0>(x, p0, p1);
     case 1: return unary_f<1>(x, p0, p1);
@@ -389,7 +390,7 @@ __device__ __forceinline__ scalar unary_f_rt(int kind, scalar x, scalar p0, scal
     }
 }
 
-__device__ __forceinline__ scalar unary_df_rt(int kind, scalar v, scalar p0) {
+__device__ __forceinline__ acc unary_df_rt(int kind, acc v, acc p0) {
     switch (kind) {
     case 0: return unary_df<0>(v, p0);
     case 1: return unary_df<1>(v, p0);
@@ -413,32 +414,34 @@ __device__ __forceinline__ scalar unary_df_rt(int kind, scalar v, scalar p0) {
 }
 
 template <typename I>
-__device__ void fwd_strided(int kind, scalar p0, scalar p1, const scalar* __restrict__ x,
+__device__ void fwd_strided(int kind, acc p0, acc p1, const scalar* __restrict__ x,
                             const Strided& xs, scalar* __restrict__ y, I n) {
-    MAP(I, i, n, scalar, y, unary_f_rt(kind, x[sat<I>(xs, i)], p0, p1));
+    MAP(I, i, n, scalar, y, st(unary_f_rt(kind, ld(x[sat<I>(xs, i)]), p0, p1)));
 }
 
 template <typename I>
-__device__ void bwd_strided(int kind, scalar p0, const scalar* __restrict__ v, const Strided& vs,
+__device__ void bwd_strided(int kind, acc p0, const scalar* __restrict__ v, const Strided& vs,
                             const scalar* __restrict__ g, const Strided& gs,
                             scalar* __restrict__ y, I n) {
-    MAP(I, i, n, scalar, y, g[sat<I>(gs, i)] * unary_df_rt(kind, v[sat<I>(vs, i)], p0));
+    MAP(I, i, n, scalar, y,
+        st(ld(g[sat<I>(gs, i)]) * unary_df_rt(kind, ld(v[sat<I>(vs, i)]), p0)));
 }
 
 extern "C" __global__ void unary_strided_forward(int kind, double p0, double p1, const scalar* x,
                                                  Strided xs, scalar* y, i64 n, int small) {
-    if (small) fwd_strided<u32>(kind, (scalar)p0, (scalar)p1, x, xs, y, (u32)n);
-    else fwd_strided<u64>(kind, (scalar)p0, (scalar)p1, x, xs, y, (u64)n);
+    if (small) fwd_strided<u32>(kind, (acc)p0, (acc)p1, x, xs, y, (u32)n);
+    else fwd_strided<u64>(kind, (acc)p0, (acc)p1, x, xs, y, (u64)n);
 }
 
 extern "C" __global__ void unary_strided_backward(int kind, double p0, const scalar* v,
                                                   Strided vs, const scalar* g, Strided gs,
                                                   scalar* y, i64 n, int small) {
-    if (small) bwd_strided<u32>(kind, (scalar)p0, v, vs, g, gs, y, (u32)n);
-    else bwd_strided<u64>(kind, (scalar)p0, v, vs, g, gs, y, (u64)n);
+    if (small) bwd_strided<u32>(kind, (acc)p0, v, vs, g, gs, y, (u32)n);
+    else bwd_strided<u64>(kind, (acc)p0, v, vs, g, gs, y, (u64)n);
 }
 "#
     ),
+    half: true,
 };
 
 /// The element offsets of `layouts` when every one is contiguous and starts on a

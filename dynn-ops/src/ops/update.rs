@@ -100,6 +100,7 @@ extern "C" __global__ void axpy(scalar* t, Strided ts, const scalar* x, Strided 
 }
 "#
     ),
+    half: false,
 };
 
 /// The GPU storage of an in-place op's target, if it lives on a GPU.

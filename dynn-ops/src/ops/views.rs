@@ -140,6 +140,7 @@ VIEWS(4, unsigned int)
 VIEWS(8, unsigned long long)
 "#
     ),
+    half: false,
 };
 
 /// The kernel of `names` (`[2-byte, 4-byte, 8-byte]`) for elements of `dtype`.

@@ -1,4 +1,4 @@
-//! Binary ops on the GPU: every kind in f32 and f64 with same-shape contiguous (aligned and
+//! Binary ops on the GPU: every kind in f32, f64, f16 and bf16 with same-shape contiguous (aligned and
 //! unaligned), transposed, narrowed and broadcast operands, forward and backward. Gradients
 //! of broadcast operands are reduced with `sum_to` (the reduce family's kernels).
 
@@ -17,7 +17,7 @@ fn operand(k: Binary, shape: &[usize], seed: u64, dtype: DType, lhs: bool) -> Te
 }
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 /// How the lhs is viewed before the op.
@@ -71,7 +71,7 @@ fn view(t: &Tensor, v: View) -> Result<Tensor> {
 fn binary() {
     let mut cases = Vec::new();
     for k in Binary::ALL {
-        for dtype in [DType::F32, DType::F64] {
+        for dtype in FLOATS {
             for (i, &(what, sa, sb, l)) in CASES.iter().enumerate() {
                 let seed = 10 * i as u64;
                 let a = operand(k, sa, seed + 1, dtype, true);
@@ -105,7 +105,7 @@ fn maximum_minimum_ties() {
     };
     let mut cases = Vec::new();
     for k in [Binary::Maximum, Binary::Minimum] {
-        for dtype in [DType::F32, DType::F64] {
+        for dtype in FLOATS {
             let f = move |v: &[Tensor]| v[0].binary(&v[1], k);
             let (a, b) = (ints(&[41, 67], 5, dtype), ints(&[41, 67], 6, dtype));
             cases.push((

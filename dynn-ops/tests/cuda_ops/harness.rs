@@ -134,6 +134,22 @@ pub fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f64) -> Result
 /// The default tolerance for f32 (f64 cases pass 1e-9).
 pub const TOL_F32: f64 = 2e-5;
 
+/// The float dtypes the families with 16-bit kernels are checked in.
+pub const FLOATS: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
+
+/// The tolerance for a result of `dtype` against the CPU: both compute 16-bit data in f32 and
+/// round each op's result once, so they differ by the order of f32 sums and by an ulp where a
+/// result straddles a rounding boundary, which a chain of ops can compound (about 4 ulps:
+/// f16's is 2^-10, bf16's 2^-7).
+pub fn tol_of(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => TOL_F32,
+        DType::F16 => 4e-3,
+        DType::BF16 => 3.2e-2,
+        _ => 1e-9,
+    }
+}
+
 /// Runs `f` on CPU `inputs` and on their GPU copies; compares outputs, then the gradients of
 /// every float input after seeding backward with the same random tensor (when `grads`).
 pub fn check(

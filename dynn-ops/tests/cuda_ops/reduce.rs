@@ -1,5 +1,5 @@
 //! Reductions on the GPU: sum (any set of dims, keepdim), mean, var, max and min (one or
-//! several dims, ties), argmax; f32 and f64, contiguous, transposed and narrowed, long
+//! several dims, ties), argmax; f32, f64, f16 and bf16, contiguous, transposed and narrowed, long
 //! reductions split into chunks; forward and backward.
 
 use crate::harness::*;
@@ -7,7 +7,7 @@ use dynn_core::{DType, Device, Result, Tensor};
 use dynn_ops::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 /// Values with many ties: multiples of 0.25 in [-1, 1].
@@ -39,7 +39,7 @@ const EXTREMA: [(&str, F); 2] = [
 #[test]
 fn sums() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         let x = rand_dtype(&[6, 37, 5], 1, dtype);
         let dim_sets: [&[usize]; 7] = [&[0], &[1], &[2], &[0, 1], &[1, 2], &[0, 2], &[0, 1, 2]];
         for (name, f) in SUMS {
@@ -156,7 +156,7 @@ fn sums() {
 #[test]
 fn extrema() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         for x in [
             rand_dtype(&[6, 37, 5], 1, dtype),
             with_ties(&[6, 37, 5], 2, dtype),
@@ -223,7 +223,7 @@ fn extrema() {
 #[test]
 fn argmax() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         let shapes: [&[usize]; 5] = [&[6, 37, 5], &[37, 7], &[33, 1000], &[3, 5000], &[2, 50_000]];
         for shape in shapes {
             for x in [rand_dtype(shape, 3, dtype), with_ties(shape, 4, dtype)] {

@@ -1,4 +1,5 @@
-//! Unary ops on the GPU: every kind, contiguous, transposed and narrowed, forward and backward.
+//! Unary ops on the GPU: every kind in f32, f64, f16 and bf16, contiguous, transposed and narrowed,
+//! forward and backward.
 
 use crate::harness::*;
 use dynn_core::{DType, Result, Tensor};
@@ -17,8 +18,8 @@ fn input(k: Unary, shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 fn unary() {
     let mut cases = Vec::new();
     for k in Unary::ALL {
-        for dtype in [DType::F32, DType::F64] {
-            let tol = if dtype == DType::F32 { TOL_F32 } else { 1e-9 };
+        for dtype in FLOATS {
+            let tol = tol_of(dtype);
             let x = input(k, &[37, 129], 1, dtype);
             let f = |v: &[Tensor]| v[0].unary(k);
             cases.push((

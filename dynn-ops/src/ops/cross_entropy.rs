@@ -285,23 +285,23 @@ pub const CUDA: CudaSource = CudaSource {
         r#"
 // Online log-sum-exp state of a run of elements: max m, Σ e^(x - m), Σ x.
 struct Lse {
-    scalar m, s, sx;
+    acc m, s, sx;
 };
 
-__device__ __forceinline__ void lse_add(Lse& a, scalar v) {
+__device__ __forceinline__ void lse_add(Lse& a, acc v) {
     if (v > a.m) {
-        a.s = a.s * dexp(a.m - v) + (scalar)1;
+        a.s = a.s * dexp(a.m - v) + (acc)1;
         a.m = v;
-    } else if (!(v == neg_inf<scalar>())) {
+    } else if (!(v == neg_inf<acc>())) {
         a.s += dexp(v - a.m);  // a NaN poisons the sum, as on the CPU
     }
     a.sx += v;
 }
 
 __device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
-    const scalar m = max(a.m, b.m);
-    const scalar ea = a.m == m ? (scalar)1 : dexp(a.m - m);
-    const scalar eb = b.m == m ? (scalar)1 : dexp(b.m - m);
+    const acc m = max(a.m, b.m);
+    const acc ea = a.m == m ? (acc)1 : dexp(a.m - m);
+    const acc eb = b.m == m ? (acc)1 : dexp(b.m - m);
     return Lse{m, a.s * ea + b.s * eb, a.sx + b.sx};
 }
 
@@ -318,7 +318,7 @@ __device__ __forceinline__ Lse lse_warp(Lse a) {
 
 // The whole block's state, valid in thread 0.
 __device__ __forceinline__ Lse lse_block(Lse a) {
-    __shared__ scalar sm[32], ss[32], sx[32];
+    __shared__ acc sm[32], ss[32], sx[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
     a = lse_warp(a);
     if (lane == 0) {
@@ -328,7 +328,7 @@ __device__ __forceinline__ Lse lse_block(Lse a) {
     }
     __syncthreads();
     if (warp == 0) {
-        a = lane < nw ? Lse{sm[lane], ss[lane], sx[lane]} : Lse{neg_inf<scalar>(), 0, 0};
+        a = lane < nw ? Lse{sm[lane], ss[lane], sx[lane]} : Lse{neg_inf<acc>(), 0, 0};
         a = lse_warp(a);
     }
     return a;
@@ -337,8 +337,8 @@ __device__ __forceinline__ Lse lse_block(Lse a) {
 // One row: BLOCK = one block per row, else one warp per row (4 warps per block).
 template <typename L, int V, bool BLOCK>
 __device__ __forceinline__ void ce_fwd(const scalar* x, Strided xs, const L* t, Strided ts,
-                                       i64 ignore, int has_ignore, double eps, scalar* lse,
-                                       scalar* loss, i64 rows, i64 len) {
+                                       i64 ignore, int has_ignore, double eps, acc* lse,
+                                       acc* loss, i64 rows, i64 len) {
     const i64 row = BLOCK ? (i64)blockIdx.x
                           : (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
@@ -353,25 +353,25 @@ __device__ __forceinline__ void ce_fwd(const scalar* x, Strided xs, const L* t, 
     const i64 base = row * len;
     const int lane = BLOCK ? threadIdx.x : (threadIdx.x & 31);
     const i64 step = (BLOCK ? (i64)blockDim.x : 32) * V;
-    Lse a{neg_inf<scalar>(), 0, 0};
+    Lse a{neg_inf<acc>(), 0, 0};
     for (i64 j = (i64)lane * V; j < len; j += step) {
-        scalar d[V];
-        ld<V>(d, x, xs, base, j, len, (scalar)0);
+        acc d[V];
+        ld<V>(d, x, xs, base, j, len, (acc)0);
 #pragma unroll
         for (int e = 0; e < V; ++e) lse_add(a, d[e]);
     }
     a = BLOCK ? lse_block(a) : lse_warp(a);
     if (lane != 0) return;
-    const scalar ln_s = log(a.s);
-    scalar l;
+    const acc ln_s = log(a.s);
+    acc l;
     if (tgt < 0 || tgt >= len) {
-        l = ln_s * (scalar)__longlong_as_double(0x7ff8000000000000LL);  // NaN (the host checks)
+        l = ln_s * (acc)__longlong_as_double(0x7ff8000000000000LL);  // NaN (the host checks)
     } else {
-        const scalar xt = x[at(xs, base + tgt)];
+        const acc xt = ld(x[at(xs, base + tgt)]);
         if (eps > 0) {
-            const scalar ep = (scalar)eps;
-            const scalar mean_x = a.sx / (scalar)len;
-            l = ln_s + ((scalar)1 - ep) * (a.m - xt) + ep * (a.m - mean_x);
+            const acc ep = (acc)eps;
+            const acc mean_x = a.sx / (acc)len;
+            l = ln_s + ((acc)1 - ep) * (a.m - xt) + ep * (a.m - mean_x);
         } else {
             l = ln_s + (a.m - xt);
         }
@@ -382,8 +382,8 @@ __device__ __forceinline__ void ce_fwd(const scalar* x, Strided xs, const L* t, 
 
 #define CE_FWD(NAME, L, V, BLOCK) \
     extern "C" __global__ void NAME(const scalar* x, Strided xs, const L* t, Strided ts, \
-                                    i64 ignore, int has_ignore, double eps, scalar* lse, \
-                                    scalar* loss, i64 rows, i64 len) { \
+                                    i64 ignore, int has_ignore, double eps, acc* lse, \
+                                    acc* loss, i64 rows, i64 len) { \
         ce_fwd<L, V, BLOCK>(x, xs, t, ts, ignore, has_ignore, eps, lse, loss, rows, len); \
     }
 CE_FWD(ce_fwd_wv_i64, i64, VEC, false)
@@ -397,18 +397,25 @@ CE_FWD(ce_fwd_bs_u32, u32, 1, true)
 
 // The reduced loss: Σ of the row losses in f64 (fixed order: strided per thread, then the
 // block tree), divided by `div` (the count of rows for the mean, 1 for the sum). One block.
-extern "C" __global__ void ce_reduce(const scalar* loss, i64 rows, double div, scalar* out) {
+extern "C" __global__ void ce_reduce(const acc* loss, i64 rows, double div, scalar* out) {
     double s = 0;
     for (i64 r = threadIdx.x; r < rows; r += blockDim.x) s += (double)loss[r];
     s = block_sum(s);
-    if (threadIdx.x == 0) out[0] = (scalar)(s / div);
+    if (threadIdx.x == 0) out[0] = st((acc)(s / div));
 }
+
+#ifdef DYNN_HALF
+// 16-bit data with no reduction: the row losses (kept in f32) rounded to the output.
+extern "C" __global__ void ce_round(const acc* loss, scalar* out, i64 rows) {
+    GRID_LOOP(r, rows) out[r] = st(loss[r]);
+}
+#endif
 
 // The gradient of row blockIdx.x: (e^(x - lse) - ε/C - (1-ε)·[j = t])·scale, 0 if ignored.
 // red: 0 none (scale g[row]), 1 sum (g[0]), 2 mean (g[0] / count).
 template <typename L>
 __device__ __forceinline__ void ce_bwd(const scalar* x, Strided xs, const L* t, Strided ts,
-                                       i64 ignore, int has_ignore, const scalar* lse,
+                                       i64 ignore, int has_ignore, const acc* lse,
                                        Strided ls, const scalar* g, Strided gs, int red,
                                        double count, double off, double one_minus_eps,
                                        scalar* out, i64 rows, i64 len) {
@@ -417,24 +424,24 @@ __device__ __forceinline__ void ce_bwd(const scalar* x, Strided xs, const L* t, 
     const i64 base = row * len;
     const i64 tgt = (i64)t[at(ts, row)];
     if (has_ignore && tgt == ignore) {
-        for (i64 j = threadIdx.x; j < len; j += blockDim.x) out[base + j] = 0;
+        for (i64 j = threadIdx.x; j < len; j += blockDim.x) out[base + j] = st((acc)0);
         return;
     }
-    scalar scale;
-    if (red == 0) scale = g[at(gs, row)];
-    else if (red == 1) scale = g[at(gs, 0)];
-    else scale = (scalar)((double)g[at(gs, 0)] / count);
-    if (tgt < 0 || tgt >= len) scale = (scalar)__longlong_as_double(0x7ff8000000000000LL);
-    const scalar l = lse[at(ls, row)], o = (scalar)off, ome = (scalar)one_minus_eps;
+    acc scale;
+    if (red == 0) scale = ld(g[at(gs, row)]);
+    else if (red == 1) scale = ld(g[at(gs, 0)]);
+    else scale = (acc)((double)ld(g[at(gs, 0)]) / count);
+    if (tgt < 0 || tgt >= len) scale = (acc)__longlong_as_double(0x7ff8000000000000LL);
+    const acc l = lse[at(ls, row)], o = (acc)off, ome = (acc)one_minus_eps;
     for (i64 j = threadIdx.x; j < len; j += blockDim.x) {
-        const scalar p = dexp(x[at(xs, base + j)] - l) - o;
-        out[base + j] = (j == tgt ? p - ome : p) * scale;
+        const acc p = dexp(ld(x[at(xs, base + j)]) - l) - o;
+        out[base + j] = st((j == tgt ? p - ome : p) * scale);
     }
 }
 
 #define CE_BWD(NAME, L) \
     extern "C" __global__ void NAME(const scalar* x, Strided xs, const L* t, Strided ts, \
-                                    i64 ignore, int has_ignore, const scalar* lse, Strided ls, \
+                                    i64 ignore, int has_ignore, const acc* lse, Strided ls, \
                                     const scalar* g, Strided gs, int red, double count, \
                                     double off, double one_minus_eps, scalar* out, i64 rows, \
                                     i64 len) { \
@@ -445,7 +452,7 @@ CE_BWD(ce_bwd_i64, i64)
 CE_BWD(ce_bwd_u32, u32)
 "#
     ),
-    half: false,
+    half: true,
 };
 
 /// The forward kernel: `[warp, block][vec, scalar][i64, u32]`.
@@ -495,7 +502,8 @@ fn cuda_forward(op: &CrossEntropy, x: &KernelArg<'_>, t: &KernelArg<'_>) -> Resu
     let f = dev.function(&CUDA, dtype, FWD_KERNELS[!warp as usize][!vec as usize][li])?;
     let none = op.opts.reduction == LossReduction::None;
     let mut lse = CudaStorage::alloc(dev, acc_dtype(dtype), rows)?;
-    let mut per_row = CudaStorage::alloc(dev, dtype, rows)?;
+    // Row losses in the accumulator type: the reduction sums them unrounded, as on the CPU.
+    let mut per_row = CudaStorage::alloc(dev, acc_dtype(dtype), rows)?;
     if rows > 0 {
         let (xv, tv) = (Strided::of(name, x.layout)?, Strided::of(name, t.layout)?);
         let ignore = op.opts.ignore_index.unwrap_or(0);
@@ -527,7 +535,22 @@ fn cuda_forward(op: &CrossEntropy, x: &KernelArg<'_>, t: &KernelArg<'_>) -> Resu
         )?;
     }
     if none {
-        return Ok(smallvec![Box::new(per_row) as _, Box::new(lse) as _]);
+        if acc_dtype(dtype) == dtype {
+            return Ok(smallvec![Box::new(per_row) as _, Box::new(lse) as _]);
+        }
+        let mut loss = CudaStorage::alloc(dev, dtype, rows)?;
+        if rows > 0 {
+            let f = dev.function(&CUDA, dtype, "ce_round")?;
+            let rows64 = rows as i64;
+            crate::cuda_launch!(
+                dev,
+                name,
+                f,
+                cuda::grid(rows),
+                [per_row.slice(), loss.slice_mut(), &rows64]
+            )?;
+        }
+        return Ok(smallvec![Box::new(loss) as _, Box::new(lse) as _]);
     }
     let mut loss = CudaStorage::alloc(dev, dtype, 1)?;
     let div = if op.opts.reduction == LossReduction::Mean {

@@ -280,8 +280,8 @@ pub const CUDA: CudaSource = CudaSource {
 // ---- forward: y = (x - mean)·rstd·w + b (RMS: mean = 0, no bias) ----
 
 #define NORM_FWD_PARAMS (int layer, double eps, const scalar* x, Strided xs, const scalar* w, \
-    Strided ws, int has_w, const scalar* b, Strided bs, int has_b, scalar* y, scalar* mean, \
-    scalar* rstd, i64 rows, i64 len)
+    Strided ws, int has_w, const scalar* b, Strided bs, int has_b, scalar* y, acc* mean, \
+    acc* rstd, i64 rows, i64 len)
 #define NORM_FWD_ARGS (layer, eps, x, xs, w, ws, has_w, b, bs, has_b, y, mean, rstd, rows, len)
 
 template <int V, int IT>
@@ -290,39 +290,39 @@ __device__ __forceinline__ void norm_fwd_warp NORM_FWD_PARAMS {
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     const i64 base = row * len;
-    const scalar c = (scalar)len;
-    scalar v[IT][V];
-    scalar s = 0;
+    const acc c = (acc)len;
+    acc v[IT][V];
+    acc s = 0;
 #pragma unroll
     for (int k = 0; k < IT; ++k) {
-        ld<V>(v[k], x, xs, base, ((i64)k * 32 + lane) * V, len, (scalar)0);
+        ld<V>(v[k], x, xs, base, ((i64)k * 32 + lane) * V, len, (acc)0);
 #pragma unroll
         for (int e = 0; e < V; ++e) s += v[k][e];
     }
-    scalar mu = 0;
+    acc mu = 0;
     if (layer) mu = warp_sum(s) / c;
-    scalar q = 0;
+    acc q = 0;
 #pragma unroll
     for (int k = 0; k < IT; ++k) {
         if (((i64)k * 32 + lane) * V < len) {
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                const scalar d = v[k][e] - mu;
+                const acc d = v[k][e] - mu;
                 q += d * d;
             }
         }
     }
-    const scalar r = (scalar)1 / sqrt(warp_sum(q) / c + (scalar)eps);
+    const acc r = (acc)1 / sqrt(warp_sum(q) / c + (acc)eps);
 #pragma unroll
     for (int k = 0; k < IT; ++k) {
         const i64 j = ((i64)k * 32 + lane) * V;
         if (j < len) {
-            scalar wk[V], bk[V];
-            if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
-            if (has_b) ld<V>(bk, b, bs, 0, j, len, (scalar)0);
+            acc wk[V], bk[V];
+            if (has_w) ld<V>(wk, w, ws, 0, j, len, (acc)1);
+            if (has_b) ld<V>(bk, b, bs, 0, j, len, (acc)0);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                scalar t = (v[k][e] - mu) * r;
+                acc t = (v[k][e] - mu) * r;
                 if (has_w) t = t * wk[e];
                 if (has_b) t = t + bk[e];
                 v[k][e] = t;
@@ -341,33 +341,33 @@ __device__ __forceinline__ void norm_fwd_block NORM_FWD_PARAMS {
     const i64 row = blockIdx.x;
     if (row >= rows) return;
     const i64 base = row * len, step = (i64)blockDim.x * V;
-    const scalar c = (scalar)len;
-    scalar d[V];
-    scalar mu = 0;
+    const acc c = (acc)len;
+    acc d[V];
+    acc mu = 0;
     if (layer) {
-        scalar s = 0;
+        acc s = 0;
         for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
-            ld<V>(d, x, xs, base, j, len, (scalar)0);
+            ld<V>(d, x, xs, base, j, len, (acc)0);
 #pragma unroll
             for (int e = 0; e < V; ++e) s += d[e];
         }
         mu = block_sum(s) / c;
     }
-    scalar q = 0;
+    acc q = 0;
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
-        ld<V>(d, x, xs, base, j, len, (scalar)0);
+        ld<V>(d, x, xs, base, j, len, (acc)0);
 #pragma unroll
         for (int e = 0; e < V; ++e) q += (d[e] - mu) * (d[e] - mu);
     }
-    const scalar r = (scalar)1 / sqrt(block_sum(q) / c + (scalar)eps);
+    const acc r = (acc)1 / sqrt(block_sum(q) / c + (acc)eps);
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
-        scalar wk[V], bk[V];
-        ld<V>(d, x, xs, base, j, len, (scalar)0);
-        if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
-        if (has_b) ld<V>(bk, b, bs, 0, j, len, (scalar)0);
+        acc wk[V], bk[V];
+        ld<V>(d, x, xs, base, j, len, (acc)0);
+        if (has_w) ld<V>(wk, w, ws, 0, j, len, (acc)1);
+        if (has_b) ld<V>(bk, b, bs, 0, j, len, (acc)0);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-            scalar t = (d[e] - mu) * r;
+            acc t = (d[e] - mu) * r;
             if (has_w) t = t * wk[e];
             if (has_b) t = t + bk[e];
             d[e] = t;
@@ -387,8 +387,8 @@ BLOCK_PLANS(norm_fwd, norm_fwd_block, NORM_FWD_PARAMS, NORM_FWD_ARGS)
 // (RMS: no mean(d) term); dweight = Σ_rows g·xhat, dbias = Σ_rows g ----
 
 #define NORM_BWD_PARAMS (int layer, const scalar* x, Strided xs, const scalar* w, Strided ws, \
-    int has_w, const scalar* mean, Strided ms, const scalar* rstd, Strided rs, const scalar* g, \
-    Strided gs, scalar* dx, scalar* pdw, scalar* pdb, int want_dw, int want_db, i64 rows, \
+    int has_w, const acc* mean, Strided ms, const acc* rstd, Strided rs, const scalar* g, \
+    Strided gs, scalar* dx, acc* pdw, acc* pdb, int want_dw, int want_db, i64 rows, \
     i64 len, i64 rows_per_block)
 #define NORM_BWD_ARGS (layer, x, xs, w, ws, has_w, mean, ms, rstd, rs, g, gs, dx, pdw, pdb, \
     want_dw, want_db, rows, len, rows_per_block)
@@ -399,8 +399,8 @@ BLOCK_PLANS(norm_fwd, norm_fwd_block, NORM_FWD_PARAMS, NORM_FWD_ARGS)
 template <int V, int IT>
 __device__ __forceinline__ void norm_bwd_warp NORM_BWD_PARAMS {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const scalar c = (scalar)len;
-    scalar adw[IT][V], adb[IT][V];
+    const acc c = (acc)len;
+    acc adw[IT][V], adb[IT][V];
 #pragma unroll
     for (int k = 0; k < IT; ++k) {
 #pragma unroll
@@ -410,21 +410,21 @@ __device__ __forceinline__ void norm_bwd_warp NORM_BWD_PARAMS {
     const i64 r1 = min(rows, r0 + rows_per_block);
     for (i64 row = r0 + warp; row < r1; row += NORM_WARPS) {
         const i64 base = row * len;
-        const scalar mu = layer ? mean[at(ms, row)] : (scalar)0;
-        const scalar r = rstd[at(rs, row)];
-        scalar xh[IT][V], d[IT][V];
-        scalar s1 = 0, s2 = 0;
+        const acc mu = layer ? mean[at(ms, row)] : (acc)0;
+        const acc r = rstd[at(rs, row)];
+        acc xh[IT][V], d[IT][V];
+        acc s1 = 0, s2 = 0;
 #pragma unroll
         for (int k = 0; k < IT; ++k) {
             const i64 j = ((i64)k * 32 + lane) * V;
-            scalar wk[V];
-            ld<V>(xh[k], x, xs, base, j, len, (scalar)0);
-            ld<V>(d[k], g, gs, base, j, len, (scalar)0);
-            if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+            acc wk[V];
+            ld<V>(xh[k], x, xs, base, j, len, (acc)0);
+            ld<V>(d[k], g, gs, base, j, len, (acc)0);
+            if (has_w) ld<V>(wk, w, ws, 0, j, len, (acc)1);
 #pragma unroll
             for (int e = 0; e < V; ++e) {
-                const scalar gv = d[k][e], xv = (xh[k][e] - mu) * r;
-                const scalar dv = has_w ? gv * wk[e] : gv;
+                const acc gv = d[k][e], xv = (xh[k][e] - mu) * r;
+                const acc dv = has_w ? gv * wk[e] : gv;
                 xh[k][e] = xv;
                 d[k][e] = dv;
                 adw[k][e] += gv * xv;
@@ -433,8 +433,8 @@ __device__ __forceinline__ void norm_bwd_warp NORM_BWD_PARAMS {
                 s2 += dv * xv;
             }
         }
-        const scalar m1 = layer ? warp_sum(s1) / c : (scalar)0;
-        const scalar m2 = warp_sum(s2) / c;
+        const acc m1 = layer ? warp_sum(s1) / c : (acc)0;
+        const acc m2 = warp_sum(s2) / c;
 #pragma unroll
         for (int k = 0; k < IT; ++k) {
             const i64 j = ((i64)k * 32 + lane) * V;
@@ -446,10 +446,10 @@ __device__ __forceinline__ void norm_bwd_warp NORM_BWD_PARAMS {
         }
     }
     if (!want_dw && !want_db) return;
-    __shared__ scalar part[NORM_WARPS][IT * V * 32];
+    __shared__ acc part[NORM_WARPS][IT * V * 32];
     for (int which = 0; which < 2; ++which) {
         if (which == 0 ? !want_dw : !want_db) continue;
-        scalar* out = which == 0 ? pdw : pdb;
+        acc* out = which == 0 ? pdw : pdb;
 #pragma unroll
         for (int k = 0; k < IT; ++k) {
 #pragma unroll
@@ -458,7 +458,7 @@ __device__ __forceinline__ void norm_bwd_warp NORM_BWD_PARAMS {
         }
         __syncthreads();
         for (i64 j = threadIdx.x; j < len; j += blockDim.x) {
-            scalar s = part[0][j];
+            acc s = part[0][j];
 #pragma unroll
             for (int q = 1; q < NORM_WARPS; ++q) s += part[q][j];
             out[(i64)blockIdx.x * len + j] = s;
@@ -473,31 +473,31 @@ __device__ __forceinline__ void norm_bwd_block NORM_BWD_PARAMS {
     const i64 row = blockIdx.x;
     if (row >= rows) return;
     const i64 base = row * len, step = (i64)blockDim.x * V;
-    const scalar c = (scalar)len;
-    const scalar mu = layer ? mean[at(ms, row)] : (scalar)0;
-    const scalar r = rstd[at(rs, row)];
-    scalar xk[V], gk[V], wk[V];
-    scalar s1 = 0, s2 = 0;
+    const acc c = (acc)len;
+    const acc mu = layer ? mean[at(ms, row)] : (acc)0;
+    const acc r = rstd[at(rs, row)];
+    acc xk[V], gk[V], wk[V];
+    acc s1 = 0, s2 = 0;
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
-        ld<V>(xk, x, xs, base, j, len, (scalar)0);
-        ld<V>(gk, g, gs, base, j, len, (scalar)0);
-        if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+        ld<V>(xk, x, xs, base, j, len, (acc)0);
+        ld<V>(gk, g, gs, base, j, len, (acc)0);
+        if (has_w) ld<V>(wk, w, ws, 0, j, len, (acc)1);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-            const scalar dv = has_w ? gk[e] * wk[e] : gk[e];
+            const acc dv = has_w ? gk[e] * wk[e] : gk[e];
             s1 += dv;
             s2 += dv * ((xk[e] - mu) * r);
         }
     }
-    const scalar m1 = layer ? block_sum(s1) / c : (scalar)0;
-    const scalar m2 = block_sum(s2) / c;
+    const acc m1 = layer ? block_sum(s1) / c : (acc)0;
+    const acc m2 = block_sum(s2) / c;
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
-        ld<V>(xk, x, xs, base, j, len, (scalar)0);
-        ld<V>(gk, g, gs, base, j, len, (scalar)0);
-        if (has_w) ld<V>(wk, w, ws, 0, j, len, (scalar)1);
+        ld<V>(xk, x, xs, base, j, len, (acc)0);
+        ld<V>(gk, g, gs, base, j, len, (acc)0);
+        if (has_w) ld<V>(wk, w, ws, 0, j, len, (acc)1);
 #pragma unroll
         for (int e = 0; e < V; ++e) {
-            const scalar dv = has_w ? gk[e] * wk[e] : gk[e];
+            const acc dv = has_w ? gk[e] * wk[e] : gk[e];
             gk[e] = r * (dv - m1 - ((xk[e] - mu) * r) * m2);
         }
         st<V>(dx, base + j, gk);
@@ -510,20 +510,20 @@ BLOCK_PLANS(norm_bwd, norm_bwd_block, NORM_BWD_PARAMS, NORM_BWD_ARGS)
 // Partial dweight/dbias of the block plan: block (32, 8) sums columns blockIdx.x·32 + tx over
 // the rows of chunk blockIdx.y (rows_per_chunk each), then over ty in order.
 extern "C" __global__ void norm_bwd_cols(int layer, const scalar* x, Strided xs,
-                                         const scalar* mean, Strided ms, const scalar* rstd,
-                                         Strided rs, const scalar* g, Strided gs, scalar* pdw,
-                                         scalar* pdb, int want_dw, int want_db, i64 rows, i64 len,
+                                         const acc* mean, Strided ms, const acc* rstd,
+                                         Strided rs, const scalar* g, Strided gs, acc* pdw,
+                                         acc* pdb, int want_dw, int want_db, i64 rows, i64 len,
                                          i64 rows_per_chunk) {
-    __shared__ scalar sw[8][33], sb[8][33];
+    __shared__ acc sw[8][33], sb[8][33];
     const int tx = threadIdx.x, ty = threadIdx.y;
     const i64 col = (i64)blockIdx.x * 32 + tx, chunk = blockIdx.y;
     const i64 r0 = chunk * rows_per_chunk, r1 = min(rows, r0 + rows_per_chunk);
-    scalar adw = 0, adb = 0;
+    acc adw = 0, adb = 0;
     if (col < len) {
         for (i64 row = r0 + ty; row < r1; row += 8) {
-            const scalar gv = g[at(gs, row * len + col)];
-            const scalar mu = layer ? mean[at(ms, row)] : (scalar)0;
-            adw += gv * ((x[at(xs, row * len + col)] - mu) * rstd[at(rs, row)]);
+            const acc gv = ld(g[at(gs, row * len + col)]);
+            const acc mu = layer ? mean[at(ms, row)] : (acc)0;
+            adw += gv * ((ld(x[at(xs, row * len + col)]) - mu) * rstd[at(rs, row)]);
             adb += gv;
         }
     }
@@ -531,7 +531,7 @@ extern "C" __global__ void norm_bwd_cols(int layer, const scalar* x, Strided xs,
     sb[ty][tx] = adb;
     __syncthreads();
     if (ty == 0 && col < len) {
-        scalar a = sw[0][tx], b = sb[0][tx];
+        acc a = sw[0][tx], b = sb[0][tx];
 #pragma unroll
         for (int q = 1; q < 8; ++q) {
             a += sw[q][tx];
@@ -543,25 +543,25 @@ extern "C" __global__ void norm_bwd_cols(int layer, const scalar* x, Strided xs,
 }
 
 // dweight/dbias: the chunks' partials added in chunk order.
-extern "C" __global__ void norm_bwd_final(const scalar* pdw, const scalar* pdb, scalar* dw,
+extern "C" __global__ void norm_bwd_final(const acc* pdw, const acc* pdb, scalar* dw,
                                           scalar* db, int want_dw, int want_db, i64 chunks,
                                           i64 len) {
     GRID_LOOP(j, len) {
         if (want_dw) {
-            scalar s = 0;
+            acc s = 0;
             for (i64 q = 0; q < chunks; ++q) s += pdw[q * len + j];
-            dw[j] = s;
+            dw[j] = st(s);
         }
         if (want_db) {
-            scalar s = 0;
+            acc s = 0;
             for (i64 q = 0; q < chunks; ++q) s += pdb[q * len + j];
-            db[j] = s;
+            db[j] = st(s);
         }
     }
 }
 "#
     ),
-    half: false,
+    half: true,
 };
 
 const FWD_KERNELS: RowKernels = row_kernels!("norm_fwd");
@@ -676,7 +676,9 @@ fn cuda_backward(
         RowPlan::Block { .. } => rows_per_chunk(rows, 32),
     };
     let chunks = rows.div_ceil(per);
-    let partial = |on: bool| CudaStorage::alloc(dev, dtype, if on { chunks * len } else { 0 });
+    // Partial sums stay in the accumulator type (f32 for 16-bit data).
+    let partial =
+        |on: bool| CudaStorage::alloc(dev, acc_dtype(dtype), if on { chunks * len } else { 0 });
     let (mut pdw, mut pdb) = (partial(want_dw)?, partial(want_db)?);
     let xv = Strided::of(name, x.layout)?;
     let (ws, wv, has_w) = opt_arg(name, wa, xs, xv)?;

@@ -529,16 +529,35 @@ __device__ __forceinline__ void vstore(float* d, const float* s) {
 __device__ __forceinline__ void vstore(double* d, const double* s) {
     *reinterpret_cast<double2*>(d) = make_double2(s[0], s[1]);
 }
+// 16-bit data: eight elements per 16 bytes, widened to f32 in registers (rounded on store).
+__device__ __forceinline__ float bits16(u32 b, h16*) { h16 h; h.x = (unsigned short)b; return h2f(h); }
+__device__ __forceinline__ float bits16(u32 b, b16*) { return __uint_as_float(b << 16); }
+template <typename H> __device__ __forceinline__ void vload(float* d, const H* s) {
+    uint4 v = *reinterpret_cast<const uint4*>(s);
+    const u32 w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        d[2 * i] = bits16(w[i] & 0xffffu, (H*)0);
+        d[2 * i + 1] = bits16(w[i] >> 16, (H*)0);
+    }
+}
+template <typename H> __device__ __forceinline__ void vstore(H* d, const float* s) {
+    u32 w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w[i] = (u32)to_elem(s[2 * i], (H*)0).x | ((u32)to_elem(s[2 * i + 1], (H*)0).x << 16);
+    *reinterpret_cast<uint4*>(d) = make_uint4(w[0], w[1], w[2], w[3]);
+}
 
 // `at` for a strided view, out of line (keeps the unrolled register-row kernels small).
 __device__ __noinline__ i64 at_strided(Strided s, i64 i) { return at(s, i); }
 
-// Loads the V elements j..j+V of the row starting at logical index `base` (pad past `len`).
-// V > 1: one 16-byte load from a contiguous, aligned view (the host checks); V == 1: any
-// layout through `at`.
+// Loads the V elements j..j+V of the row starting at logical index `base` (pad past `len`),
+// widened to `acc`. V > 1: one 16-byte load from a contiguous, aligned view (the host
+// checks); V == 1: any layout through `at`.
 template <int V>
-__device__ __forceinline__ bool ld(scalar (&d)[V], const scalar* p, const Strided& s, i64 base,
-                                   i64 j, i64 len, scalar pad) {
+__device__ __forceinline__ bool ld(acc (&d)[V], const scalar* p, const Strided& s, i64 base,
+                                   i64 j, i64 len, acc pad) {
     if (j >= len) {
 #pragma unroll
         for (int e = 0; e < V; ++e) d[e] = pad;
@@ -547,18 +566,18 @@ __device__ __forceinline__ bool ld(scalar (&d)[V], const scalar* p, const Stride
     if constexpr (V > 1) {
         vload(d, p + s.offset + base + j);
     } else {
-        d[0] = p[s.contiguous ? s.offset + base + j : at_strided(s, base + j)];
+        d[0] = ld(p[s.contiguous ? s.offset + base + j : at_strided(s, base + j)]);
     }
     return true;
 }
 
-// Stores V elements at contiguous index `i` (aligned when V > 1).
+// Stores V elements at contiguous index `i` (aligned when V > 1), rounded to `scalar`.
 template <int V>
-__device__ __forceinline__ void st(scalar* p, i64 i, const scalar (&d)[V]) {
+__device__ __forceinline__ void st(scalar* p, i64 i, const acc (&d)[V]) {
     if constexpr (V > 1) {
         vstore(p + i, d);
     } else {
-        p[i] = d[0];
+        p[i] = st(d[0]);
     }
 }
 
@@ -728,10 +747,10 @@ __device__ __forceinline__ void sm_fwd_warp(const scalar* x, Strided xs, scalar*
     const int lane = threadIdx.x & 31;
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
-    const scalar ninf = neg_inf<scalar>();
+    const acc ninf = neg_inf<acc>();
     const i64 base = row * len;
-    scalar v[IT][V];
-    scalar m = ninf;
+    acc v[IT][V];
+    acc m = ninf;
 #pragma unroll
     for (int k = 0; k < IT; ++k) {
         ld<V>(v[k], x, xs, base, ((i64)k * 32 + lane) * V, len, ninf);
@@ -739,7 +758,7 @@ __device__ __forceinline__ void sm_fwd_warp(const scalar* x, Strided xs, scalar*
         for (int e = 0; e < V; ++e) m = max(m, v[k][e]);
     }
     m = warp_max(m);
-    scalar s = 0;
+    acc s = 0;
     if (is_log) {
 #pragma unroll
         for (int k = 0; k < IT; ++k) {
@@ -749,7 +768,7 @@ __device__ __forceinline__ void sm_fwd_warp(const scalar* x, Strided xs, scalar*
             }
         }
         s = warp_sum(s);
-        const scalar ls = log(s);
+        const acc ls = log(s);
 #pragma unroll
         for (int k = 0; k < IT; ++k) {
             const i64 j = ((i64)k * 32 + lane) * V;
@@ -771,7 +790,7 @@ __device__ __forceinline__ void sm_fwd_warp(const scalar* x, Strided xs, scalar*
             }
         }
         s = warp_sum(s);
-        const scalar inv = (scalar)1 / s;
+        const acc inv = (acc)1 / s;
 #pragma unroll
         for (int k = 0; k < IT; ++k) {
             const i64 j = ((i64)k * 32 + lane) * V;
@@ -789,24 +808,24 @@ __device__ __forceinline__ void sm_fwd_block(const scalar* x, Strided xs, scalar
                                              i64 len, int is_log) {
     const i64 row = blockIdx.x;
     if (row >= rows) return;
-    const scalar ninf = neg_inf<scalar>();
+    const acc ninf = neg_inf<acc>();
     const i64 base = row * len, step = (i64)blockDim.x * V;
-    scalar d[V];
-    scalar m = ninf;
+    acc d[V];
+    acc m = ninf;
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
         ld<V>(d, x, xs, base, j, len, ninf);
 #pragma unroll
         for (int e = 0; e < V; ++e) m = max(m, d[e]);
     }
     m = block_max(m, ninf);
-    scalar s = 0;
+    acc s = 0;
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
         ld<V>(d, x, xs, base, j, len, ninf);
 #pragma unroll
         for (int e = 0; e < V; ++e) s += dexp(d[e] - m);
     }
     s = block_sum(s);
-    const scalar ls = log(s), inv = (scalar)1 / s;
+    const acc ls = log(s), inv = (acc)1 / s;
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
         ld<V>(d, x, xs, base, j, len, ninf);
 #pragma unroll
@@ -825,14 +844,14 @@ extern "C" __global__ void softmax_fwd_cols(const scalar* x, Strided xs, scalar*
                                             i64 len, i64 inner, int is_log) {
     GRID_LOOP(t, outer * inner) {
         const i64 o = t / inner, i = t - o * inner, base = o * len * inner + i;
-        scalar m = neg_inf<scalar>();
-        for (i64 r = 0; r < len; ++r) m = max(m, x[at(xs, base + r * inner)]);
-        scalar s = 0;
-        for (i64 r = 0; r < len; ++r) s += dexp(x[at(xs, base + r * inner)] - m);
-        const scalar ls = log(s), inv = (scalar)1 / s;
+        acc m = neg_inf<acc>();
+        for (i64 r = 0; r < len; ++r) m = max(m, ld(x[at(xs, base + r * inner)]));
+        acc s = 0;
+        for (i64 r = 0; r < len; ++r) s += dexp(ld(x[at(xs, base + r * inner)]) - m);
+        const acc ls = log(s), inv = (acc)1 / s;
         for (i64 r = 0; r < len; ++r) {
-            const scalar v = x[at(xs, base + r * inner)];
-            y[base + r * inner] = is_log ? (v - m) - ls : dexp(v - m) * inv;
+            const acc v = ld(x[at(xs, base + r * inner)]);
+            y[base + r * inner] = st(is_log ? (v - m) - ls : dexp(v - m) * inv);
         }
     }
 }
@@ -847,13 +866,13 @@ __device__ __forceinline__ void sm_bwd_warp(const scalar* y, Strided ys, const s
     const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row >= rows) return;
     const i64 base = row * len;
-    scalar a[IT][V], b[IT][V];
-    scalar s = 0;
+    acc a[IT][V], b[IT][V];
+    acc s = 0;
 #pragma unroll
     for (int k = 0; k < IT; ++k) {
         const i64 j = ((i64)k * 32 + lane) * V;
-        ld<V>(a[k], y, ys, base, j, len, (scalar)0);
-        ld<V>(b[k], g, gs, base, j, len, (scalar)0);
+        ld<V>(a[k], y, ys, base, j, len, (acc)0);
+        ld<V>(b[k], g, gs, base, j, len, (acc)0);
 #pragma unroll
         for (int e = 0; e < V; ++e) s += is_log ? b[k][e] : a[k][e] * b[k][e];
     }
@@ -877,18 +896,18 @@ __device__ __forceinline__ void sm_bwd_block(const scalar* y, Strided ys, const 
     const i64 row = blockIdx.x;
     if (row >= rows) return;
     const i64 base = row * len, step = (i64)blockDim.x * V;
-    scalar a[V], b[V];
-    scalar s = 0;
+    acc a[V], b[V];
+    acc s = 0;
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
-        ld<V>(a, y, ys, base, j, len, (scalar)0);
-        ld<V>(b, g, gs, base, j, len, (scalar)0);
+        ld<V>(a, y, ys, base, j, len, (acc)0);
+        ld<V>(b, g, gs, base, j, len, (acc)0);
 #pragma unroll
         for (int e = 0; e < V; ++e) s += is_log ? b[e] : a[e] * b[e];
     }
     s = block_sum(s);
     for (i64 j = (i64)threadIdx.x * V; j < len; j += step) {
-        ld<V>(a, y, ys, base, j, len, (scalar)0);
-        ld<V>(b, g, gs, base, j, len, (scalar)0);
+        ld<V>(a, y, ys, base, j, len, (acc)0);
+        ld<V>(b, g, gs, base, j, len, (acc)0);
 #pragma unroll
         for (int e = 0; e < V; ++e) a[e] = is_log ? b[e] - dexp(a[e]) * s : (b[e] - s) * a[e];
         st<V>(out, base + j, a);
@@ -906,21 +925,21 @@ extern "C" __global__ void softmax_bwd_cols(const scalar* y, Strided ys, const s
                                             i64 inner, int is_log) {
     GRID_LOOP(t, outer * inner) {
         const i64 o = t / inner, i = t - o * inner, base = o * len * inner + i;
-        scalar s = 0;
+        acc s = 0;
         for (i64 r = 0; r < len; ++r) {
             const i64 l = base + r * inner;
-            s += is_log ? g[at(gs, l)] : y[at(ys, l)] * g[at(gs, l)];
+            s += is_log ? ld(g[at(gs, l)]) : ld(y[at(ys, l)]) * ld(g[at(gs, l)]);
         }
         for (i64 r = 0; r < len; ++r) {
             const i64 l = base + r * inner;
-            const scalar a = y[at(ys, l)], b = g[at(gs, l)];
-            out[l] = is_log ? b - dexp(a) * s : (b - s) * a;
+            const acc a = ld(y[at(ys, l)]), b = ld(g[at(gs, l)]);
+            out[l] = st(is_log ? b - dexp(a) * s : (b - s) * a);
         }
     }
 }
 "#
     ),
-    half: false,
+    half: true,
 };
 
 const FWD_KERNELS: RowKernels = row_kernels!("softmax_fwd");

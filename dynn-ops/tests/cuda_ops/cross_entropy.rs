@@ -1,5 +1,5 @@
 //! Cross-entropy on the GPU: class counts on every kernel plan, i64 and u32 targets, every
-//! reduction, ignore-index and label smoothing, f32 and f64, 3-d and strided logits, narrowed
+//! reduction, ignore-index and label smoothing, f32, f64, f16 and bf16, 3-d and strided logits, narrowed
 //! targets; forward and backward. Bad targets are errors, as on the CPU.
 
 use crate::harness::*;
@@ -7,7 +7,7 @@ use dynn_core::{DType, Device, Result, Tensor};
 use dynn_ops::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 /// Targets in `0..classes`; every fourth row gets `ignore` when given.
@@ -41,7 +41,7 @@ fn opts(ignore: Option<i64>, smoothing: f64, reduction: LossReduction) -> CrossE
 #[test]
 fn cross_entropy() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         // ≤ 1024 classes: a warp per row (16-byte loads when C is a multiple of the vector);
         // more: a block per row. 1025 and 50257 take single elements.
         for (rows, c) in [

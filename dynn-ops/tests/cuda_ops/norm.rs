@@ -1,5 +1,5 @@
 //! Layer norm and RMS norm on the GPU: row lengths on every kernel plan, with and without
-//! weight and bias, f32 and f64, contiguous, transposed and narrowed, 3-d; forward and the
+//! weight and bias, f32, f64, f16 and bf16, contiguous, transposed and narrowed, 3-d; forward and the
 //! fused backward (dx, dweight, dbias); the parameter gradients are bit-identical between runs.
 
 use crate::harness::*;
@@ -7,7 +7,7 @@ use dynn_core::{DType, Result, Tensor};
 use dynn_ops::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 /// `kind`: 0 layer norm (weight, bias), 1 layer norm (weight), 2 layer norm (none),
@@ -33,7 +33,7 @@ const KINDS: [&str; 5] = [
 #[test]
 fn norms() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         // 7/129: single elements; 128/1000/1024: 16-byte warp plans; 2001: block, single
         // elements; 4096: block, 16-byte loads. 2100 rows: several rows per chunk.
         for (rows, len) in [

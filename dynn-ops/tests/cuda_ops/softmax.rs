@@ -1,5 +1,5 @@
 //! Softmax and log-softmax on the GPU: row lengths on every kernel plan (warp with 16-byte or
-//! single-element loads, block, column), f32 and f64, contiguous, transposed and narrowed,
+//! single-element loads, block, column), f32, f64, f16 and bf16, contiguous, transposed and narrowed,
 //! other dims, masked (−∞) logits; forward and backward.
 
 use crate::harness::*;
@@ -7,7 +7,7 @@ use dynn_core::{DType, Device, Result, Tensor};
 use dynn_ops::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 fn name(log: bool) -> &'static str {
@@ -25,7 +25,7 @@ fn apply(t: &Tensor, dim: isize, log: bool) -> Result<Tensor> {
 #[test]
 fn softmax_rows() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         // 7/129: single elements; 128/1000/1024: 16-byte warp plans (1000 is not a power of
         // two); 2000: block with 16-byte loads; 2001: block, single elements; 4096: block.
         for len in [7usize, 128, 129, 1000, 1024, 2000, 2001, 4096] {
@@ -95,7 +95,7 @@ fn softmax_rows() {
 #[test]
 fn softmax_other_dims() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         let x = rand_dtype(&[3, 50, 6], 7, dtype);
         let y = rand_dtype(&[5, 37, 1, 1], 8, dtype);
         for log in [false, true] {

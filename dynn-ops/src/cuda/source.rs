@@ -140,4 +140,19 @@ __device__ __forceinline__ double to_elem(double v, double*) { return v; }
 __device__ __forceinline__ h16 to_elem(float v, h16*) { return f2h(v); }
 __device__ __forceinline__ b16 to_elem(float v, b16*) { return f2b(v); }
 __device__ __forceinline__ scalar st(acc v) { return to_elem(v, (scalar*)0); }
+// From f64, rounded once (bf16 through an f32 rounded to odd, which then rounds to nearest
+// even exactly once; NaN converts directly).
+__device__ __forceinline__ h16 d2h(double v) {
+    h16 r;
+    asm("cvt.rn.f16.f64 %0, %1;" : "=h"(r.x) : "d"(v));
+    return r;
+}
+__device__ __forceinline__ b16 d2b(double v) {
+    float f = __double2float_rz(v);
+    u32 odd = __float_as_uint(f) | ((double)f != v && !isinf(f) && v == v ? 1u : 0u);
+    return f2b(v != v ? (float)v : __uint_as_float(odd));
+}
+__device__ __forceinline__ float to_elem(double v, float*) { return (float)v; }
+__device__ __forceinline__ h16 to_elem(double v, h16*) { return d2h(v); }
+__device__ __forceinline__ b16 to_elem(double v, b16*) { return d2b(v); }
 "#;

@@ -222,18 +222,6 @@ pub const CUDA: CudaSource = CudaSource {
     code: concat!(
         cuda_elementwise_helpers!(),
         r#"
-__device__ __forceinline__ h16 d2h(double v) {
-    h16 r;
-    asm("cvt.rn.f16.f64 %0, %1;" : "=h"(r.x) : "d"(v));
-    return r;
-}
-__device__ __forceinline__ b16 d2b(double v) {
-    // Round to odd: a dropped nonzero remainder sets the last bit (f32 has 16 bits to spare),
-    // so the one rounding to bf16 below is correct. NaN converts directly.
-    float f = __double2float_rz(v);
-    u32 odd = __float_as_uint(f) | ((double)f != v && !isinf(f) && v == v ? 1u : 0u);
-    return f2b(v != v ? (float)v : __uint_as_float(odd));
-}
 // float -> integer: truncate toward zero, saturate, NaN -> 0 (Rust's `as`).
 __device__ __forceinline__ i64 f2ll(float v) { return v != v ? 0 : __float2ll_rz(v); }
 __device__ __forceinline__ i64 d2ll(double v) { return v != v ? 0 : __double2ll_rz(v); }

@@ -12,6 +12,7 @@ use crate::ops::binary::{
     Source, coalesce, cuda_elementwise_helpers, elementwise_grid, index32, packed_grid,
     packed_sources,
 };
+use crate::ops::indexing::by_size;
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
 use dynn_core::{
@@ -423,9 +424,10 @@ fn u8_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, L
         let small = index32(n, &[&c[0]]);
         let view = Strided::of(op, &c[0])?;
         let kernel = by_size(
+            op,
             m.dtype(),
             ["nonzero_1", "nonzero_2", "nonzero_4", "nonzero_8"],
-        );
+        )?;
         let f = dev.function(&CUDA, DType::F32, kernel)?;
         let n64 = n as i64;
         crate::cuda_launch!(
@@ -448,16 +450,6 @@ fn mask_view<'a>(
     match converted {
         Some((s, l)) => Ok((s, l)),
         None => Ok((cuda::storage(op, m)?, m.layout)),
-    }
-}
-
-/// The name of a selection kernel for elements of `dtype` (`<prefix>_<bytes>`).
-fn by_size(dtype: DType, names: [&'static str; 4]) -> &'static str {
-    match dtype.size_in_bytes() {
-        1 => names[0],
-        2 => names[1],
-        4 => names[2],
-        _ => names[3],
     }
 }
 
@@ -620,6 +612,7 @@ fn cuda_where(
     let pack = select_pack(spec.dtype);
     if let Some(src) = packed(&spec.shape, &[ml, t.layout, f.layout], pack)? {
         let kernel = by_size(
+            NAME,
             spec.dtype,
             [
                 "where_cond_packed_1",
@@ -627,7 +620,7 @@ fn cuda_where(
                 "where_cond_packed_4",
                 "where_cond_packed_8",
             ],
-        );
+        )?;
         let func = dev.function(&CUDA, DType::F32, kernel)?;
         crate::cuda_launch!(
             dev,
@@ -651,6 +644,7 @@ fn cuda_where(
         return Ok(Box::new(out));
     }
     let kernel = by_size(
+        NAME,
         spec.dtype,
         [
             "where_cond_1",
@@ -658,7 +652,7 @@ fn cuda_where(
             "where_cond_4",
             "where_cond_8",
         ],
-    );
+    )?;
     let func = dev.function(&CUDA, DType::F32, kernel)?;
     let (v, small) = views(NAME, &spec.shape, &[ml, t.layout, f.layout])?;
     crate::cuda_launch!(
@@ -700,6 +694,7 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
     let pack = select_pack(g.dtype());
     if let Some(src) = packed(&spec.shape, &[ml, g.layout], pack)? {
         let kernel = by_size(
+            NAME,
             g.dtype(),
             [
                 "where_backward_packed_1",
@@ -707,7 +702,7 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
                 "where_backward_packed_4",
                 "where_backward_packed_8",
             ],
-        );
+        )?;
         let func = dev.function(&CUDA, DType::F32, kernel)?;
         crate::cuda_launch!(
             dev,
@@ -728,6 +723,7 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
         )?;
     } else {
         let kernel = by_size(
+            NAME,
             g.dtype(),
             [
                 "where_backward_1",
@@ -735,7 +731,7 @@ fn cuda_where_backward(m: &KernelArg<'_>, g: &KernelArg<'_>, spec: &TensorSpec) 
                 "where_backward_4",
                 "where_backward_8",
             ],
-        );
+        )?;
         let func = dev.function(&CUDA, DType::F32, kernel)?;
         let (v, small) = views(NAME, &spec.shape, &[ml, g.layout])?;
         crate::cuda_launch!(
@@ -781,6 +777,7 @@ fn cuda_masked_fill(
     let pack = select_pack(x.dtype());
     if let Some(src) = packed(&spec.shape, &[x.layout, ml], pack)? {
         let kernel = by_size(
+            NAME,
             x.dtype(),
             [
                 "masked_fill_packed_1",
@@ -788,7 +785,7 @@ fn cuda_masked_fill(
                 "masked_fill_packed_4",
                 "masked_fill_packed_8",
             ],
-        );
+        )?;
         let func = dev.function(&CUDA, DType::F32, kernel)?;
         crate::cuda_launch!(
             dev,
@@ -810,6 +807,7 @@ fn cuda_masked_fill(
         return Ok(Box::new(out));
     }
     let kernel = by_size(
+        NAME,
         x.dtype(),
         [
             "masked_fill_1",
@@ -817,7 +815,7 @@ fn cuda_masked_fill(
             "masked_fill_4",
             "masked_fill_8",
         ],
-    );
+    )?;
     let func = dev.function(&CUDA, DType::F32, kernel)?;
     let (v, small) = views(NAME, &spec.shape, &[x.layout, ml])?;
     crate::cuda_launch!(

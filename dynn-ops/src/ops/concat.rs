@@ -107,6 +107,7 @@ __device__ __forceinline__ void cat_copy_impl(const E* x, const Strided& xs, E* 
                                             i64 at0, i64 total) {                              \
         cat_copy_impl<E>(x, xs, out, seg, row, at0, total);                                    \
     }
+CAT_COPY(u8, b1)
 CAT_COPY(unsigned short, b2)
 CAT_COPY(unsigned int, b4)
 CAT_COPY(unsigned long long, b8)
@@ -115,8 +116,14 @@ CAT_COPY(uint4, b16)
     half: false,
 };
 
-/// The copy kernels by element size: 2, 4, 8 bytes, then 16-byte vectors.
-const CAT_COPY: [&str; 4] = ["cat_copy_b2", "cat_copy_b4", "cat_copy_b8", "cat_copy_b16"];
+/// The copy kernels by element size: 1, 2, 4, 8 bytes, then 16-byte vectors.
+const CAT_COPY: [&str; 5] = [
+    "cat_copy_b1",
+    "cat_copy_b2",
+    "cat_copy_b4",
+    "cat_copy_b8",
+    "cat_copy_b16",
+];
 
 /// `cat` on the GPU: each input copied into its slice of the output rows by one launch.
 fn cuda_cat(
@@ -150,7 +157,7 @@ fn cuda_cat(
                     [1].as_slice().into(),
                     a.layout.offset() / f,
                 );
-                (CAT_COPY[3], f, Strided::of(OP, &l)?)
+                (CAT_COPY[4], f, Strided::of(OP, &l)?)
             } else {
                 (CAT_COPY[slot], 1, Strided::of(OP, a.layout)?)
             };

@@ -132,17 +132,18 @@ pub const CUDA: CudaSource = CudaSource {
 extern "C" __global__ void dropout_forward(unsigned long long key, unsigned long long thr,
                                            double scale, const scalar* x, Strided xs,
                                            scalar* y, i64 n) {
-    const scalar s = (scalar)scale;
+    const acc s = (acc)scale;
+    const scalar zero = st((acc)0);
     GRID_LOOP(q, (n + 1) / 2) {
         unsigned long long h = counter_hash(key, (unsigned long long)q);
         i64 i = 2 * q;
-        y[i] = (h & 0xFFFFFFFFull) >= thr ? x[at(xs, i)] * s : (scalar)0;
-        if (i + 1 < n) y[i + 1] = (h >> 32) >= thr ? x[at(xs, i + 1)] * s : (scalar)0;
+        y[i] = (h & 0xFFFFFFFFull) >= thr ? st(ld(x[at(xs, i)]) * s) : zero;
+        if (i + 1 < n) y[i + 1] = (h >> 32) >= thr ? st(ld(x[at(xs, i + 1)]) * s) : zero;
     }
 }
 "#
     ),
-    half: false,
+    half: true,
 };
 
 /// `x · mask / (1 - p)` on the GPU (`op` names the caller).

@@ -503,10 +503,12 @@ __device__ __forceinline__ void gather_impl(const E* x, const Strided& xg, int d
         gather_impl<E, I>(x, xg, dim, n, idx, is, out, total);                                 \
     }
 #define EACH_INDEX(M, E, ES) M(E, ES, i64, i64) M(E, ES, u32, u32)
+EACH_INDEX(SELECT_ROWS, u8, b1)
 EACH_INDEX(SELECT_ROWS, unsigned short, b2)
 EACH_INDEX(SELECT_ROWS, unsigned int, b4)
 EACH_INDEX(SELECT_ROWS, unsigned long long, b8)
 EACH_INDEX(SELECT_ROWS, uint4, b16)
+EACH_INDEX(GATHER, u8, b1)
 EACH_INDEX(GATHER, unsigned short, b2)
 EACH_INDEX(GATHER, unsigned int, b4)
 EACH_INDEX(GATHER, unsigned long long, b8)
@@ -517,21 +519,23 @@ extern "C" __global__ void copy_strided(const scalar* x, Strided xs, scalar* y, 
 }
 
 // Element scatter-add: segment s adds src[pos[k]] for k in start[s]..start[s+1] (in that
-// order) onto out[dest[s]]. One thread per destination: no atomics, deterministic.
+// order) onto out[dest[s]], rounding after each addition as the CPU does. One thread per
+// destination: no atomics, deterministic.
 extern "C" __global__ void scatter_segments(const scalar* src, Strided ss, const i64* start,
                                             const i64* dest, const i64* pos, scalar* out,
                                             i64 nseg) {
     GRID_LOOP(s, nseg) {
         i64 d = dest[s];
-        scalar acc = out[d];
-        for (i64 k = start[s], e = start[s + 1]; k < e; ++k) acc += src[at(ss, pos[k])];
-        out[d] = acc;
+        scalar a = out[d];
+        for (i64 k = start[s], e = start[s + 1]; k < e; ++k) a = st(ld(a) + ld(src[at(ss, pos[k])]));
+        out[d] = a;
     }
 }
 
 // Row scatter-add on out (outer, n, inner) from src (outer, m, inner): segment s adds source
-// rows pos[start[s]..start[s+1]] (in that order) onto row key[s], for every outer index. One
-// (outer, segment) row per threadIdx.y, threads along the row.
+// rows pos[start[s]..start[s+1]] (in that order) onto row key[s], for every outer index,
+// summing in `acc` and rounding once, as the CPU does. One (outer, segment) row per
+// threadIdx.y, threads along the row.
 extern "C" __global__ void add_rows_segments(const scalar* src, Strided ss, const i64* start,
                                              const i64* key, const i64* pos, scalar* out,
                                              i64 outer, i64 n, i64 m, i64 inner, i64 nseg) {
@@ -542,25 +546,27 @@ extern "C" __global__ void add_rows_segments(const scalar* src, Strided ss, cons
         i64 k0 = start[s], k1 = start[s + 1];
         scalar* dst = out + (o * n + key[s]) * inner;
         for (i64 c = threadIdx.x; c < inner; c += blockDim.x) {
-            scalar acc = dst[c];
-            for (i64 k = k0; k < k1; ++k) acc += src[at(ss, (o * m + pos[k]) * inner + c)];
-            dst[c] = acc;
+            acc a = ld(dst[c]);
+            for (i64 k = k0; k < k1; ++k) a += ld(src[at(ss, (o * m + pos[k]) * inner + c)]);
+            dst[c] = st(a);
         }
     }
 }
 "#,
-    half: false,
+    half: true,
 };
 
 /// The select-rows kernels by element size (2, 4, 8 bytes, 16-byte vector) and index dtype.
-const SELECT_ROWS: [[&str; 2]; 4] = [
+const SELECT_ROWS: [[&str; 2]; 5] = [
+    ["select_rows_b1_i64", "select_rows_b1_u32"],
     ["select_rows_b2_i64", "select_rows_b2_u32"],
     ["select_rows_b4_i64", "select_rows_b4_u32"],
     ["select_rows_b8_i64", "select_rows_b8_u32"],
     ["select_rows_b16_i64", "select_rows_b16_u32"],
 ];
 /// The gather kernels by element size (2, 4, 8 bytes) and index dtype.
-const GATHER: [[&str; 2]; 3] = [
+const GATHER: [[&str; 2]; 4] = [
+    ["gather_b1_i64", "gather_b1_u32"],
     ["gather_b2_i64", "gather_b2_u32"],
     ["gather_b4_i64", "gather_b4_u32"],
     ["gather_b8_i64", "gather_b8_u32"],
@@ -569,11 +575,21 @@ const GATHER: [[&str; 2]; 3] = [
 /// The row of the kernel tables for elements of `dtype`: 0, 1, 2 for 2, 4, 8 bytes.
 pub(crate) fn elem_slot(op: &'static str, dtype: DType) -> Result<usize> {
     match dtype.size_in_bytes() {
-        2 => Ok(0),
-        4 => Ok(1),
-        8 => Ok(2),
+        1 => Ok(0),
+        2 => Ok(1),
+        4 => Ok(2),
+        8 => Ok(3),
         _ => Err(Error::unsupported_dtype(op, dtype)),
     }
+}
+
+/// The kernel of `names` (`[1-byte, 2-byte, 4-byte, 8-byte]`) for elements of `dtype`.
+pub(crate) fn by_size(
+    op: &'static str,
+    dtype: DType,
+    names: [&'static str; 4],
+) -> Result<&'static str> {
+    Ok(names[elem_slot(op, dtype)?])
 }
 
 /// The column of the kernel tables for an index tensor: 0 for i64, 1 for u32.
@@ -664,7 +680,7 @@ fn cuda_select(
             .zip(&strides[..dim])
             .all(|(&d, &s)| aligned(d, s));
     let (name, unit, ins) = if vec {
-        (SELECT_ROWS[3], f, Layout::contiguous(inner / f))
+        (SELECT_ROWS[4], f, Layout::contiguous(inner / f))
     } else {
         (SELECT_ROWS[slot], 1, inner_layout)
     };

@@ -116,26 +116,26 @@ pub const CUDA: CudaSource = CudaSource {
 template <int R, typename I>
 __device__ void optim_t(scalar* __restrict__ t, const Strided& ts, const scalar* __restrict__ a,
                         const Strided& as, const scalar* __restrict__ b, const Strided& bs,
-                        scalar p0, scalar p1, scalar p2, I n) {
+                        acc p0, acc p1, acc p2, I n) {
     // UNROLL elements per thread and step: every load first, then every store.
     I step = (I)blockDim.x * gridDim.x;
     for (I base = (I)blockIdx.x * blockDim.x + threadIdx.x; base < n; base += UNROLL * step) {
         I o[UNROLL];
-        scalar tv[UNROLL], xv[UNROLL], vv[UNROLL];
+        acc tv[UNROLL], xv[UNROLL], vv[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             I i = base + (I)u * step;
             if (i < n) {
                 o[u] = sat<I>(ts, i);
-                tv[u] = t[o[u]];
-                xv[u] = a[sat<I>(as, i)];
-                if (R == 2) vv[u] = b[sat<I>(bs, i)];
+                tv[u] = ld(t[o[u]]);
+                xv[u] = ld(a[sat<I>(as, i)]);
+                if (R == 2) vv[u] = ld(b[sat<I>(bs, i)]);
             }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             if (base + (I)u * step >= n) continue;
-            scalar r;
+            acc r;
             if (R == 0) {
                 r = p0 * tv[u] + p1 * xv[u];
             } else if (R == 1) {
@@ -143,7 +143,7 @@ __device__ void optim_t(scalar* __restrict__ t, const Strided& ts, const scalar*
             } else {
                 r = p0 * tv[u] - p1 * xv[u] / (sqrt(vv[u]) + p2);
             }
-            t[o[u]] = r;
+            t[o[u]] = st(r);
         }
     }
 }
@@ -152,8 +152,8 @@ extern "C" __global__ void optim_update(int rule, scalar* t, Strided ts, const s
                                         Strided as, const scalar* b, Strided bs, double p0,
                                         double p1, double p2, i64 n, int small) {
 #define RUN(R) \
-    if (small) optim_t<R, u32>(t, ts, a, as, b, bs, (scalar)p0, (scalar)p1, (scalar)p2, (u32)n); \
-    else optim_t<R, u64>(t, ts, a, as, b, bs, (scalar)p0, (scalar)p1, (scalar)p2, (u64)n);
+    if (small) optim_t<R, u32>(t, ts, a, as, b, bs, (acc)p0, (acc)p1, (acc)p2, (u32)n); \
+    else optim_t<R, u64>(t, ts, a, as, b, bs, (acc)p0, (acc)p1, (acc)p2, (u64)n);
     switch (rule) {
     case 0: RUN(0) break;
     case 1: RUN(1) break;
@@ -163,7 +163,7 @@ extern "C" __global__ void optim_update(int rule, scalar* t, Strided ts, const s
 }
 "#
     ),
-    half: false,
+    half: true,
 };
 
 impl Rule {

@@ -556,9 +556,8 @@ fn cuda_reduce_blocks(
     from_partials: bool,
 ) -> Result<CudaStorage> {
     let n_out = outer * inner;
-    let mut out = CudaStorage::alloc(dev, dtype, n_out)?;
     if n_out == 0 {
-        return Ok(out);
+        return CudaStorage::alloc(dev, dtype, 0);
     }
     if inner == 1 {
         let rows = outer;
@@ -600,7 +599,7 @@ fn cuda_reduce_blocks(
         let mut dst = if chunks > 1 {
             CudaStorage::alloc(dev, partial_dtype(dtype), groups)?
         } else {
-            out
+            CudaStorage::alloc(dev, dtype, n_out)?
         };
         let (g64, red64, c64, cl64) = (groups as i64, red as i64, chunks as i64, chunk_len as i64);
         crate::cuda_launch!(
@@ -649,9 +648,11 @@ fn cuda_reduce_blocks(
         block_dim: (32, 8, 1),
         shared_mem_bytes: 0,
     };
-    if chunks > 1 {
-        out = CudaStorage::alloc(dev, partial_dtype(dtype), outer * chunks * inner)?;
-    }
+    let mut out = if chunks > 1 {
+        CudaStorage::alloc(dev, partial_dtype(dtype), outer * chunks * inner)?
+    } else {
+        CudaStorage::alloc(dev, dtype, n_out)?
+    };
     let (o64, red64, in64, c64, cl64) = (
         outer as i64,
         red as i64,
@@ -924,10 +925,17 @@ impl Op for ExtremumBackward {
         Idioms([0, 0, 1, 1, 1, 0])
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
-        Ok(smallvec![TensorSpec::new(
-            inputs[0].shape().clone(),
-            inputs[0].dtype()
-        )])
+        let x = inputs[0];
+        for t in &inputs[1..] {
+            if t.dtype() != x.dtype() {
+                return Err(Error::DTypeMismatch {
+                    op: self.name(),
+                    expected: x.dtype(),
+                    got: t.dtype(),
+                });
+            }
+        }
+        Ok(smallvec![TensorSpec::new(x.shape().clone(), x.dtype())])
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();

@@ -121,7 +121,7 @@ pub const CUDA: CudaSource = CudaSource {
     name: "topk",
     code: r#"
 // A total order with NaN above every number: -1, 0 or 1.
-__device__ __forceinline__ int total_cmp(scalar a, scalar b) {
+__device__ __forceinline__ int total_cmp(acc a, acc b) {
     bool an = a != a, bn = b != b;
     if (an || bn) return (an && bn) ? 0 : (an ? 1 : -1);
     return a < b ? -1 : (a > b ? 1 : 0);
@@ -129,7 +129,7 @@ __device__ __forceinline__ int total_cmp(scalar a, scalar b) {
 
 // True when (va, ia) comes before (vb, ib) in the output order; an index < 0 is "none",
 // which comes after everything.
-__device__ __forceinline__ bool topk_before(scalar va, i64 ia, scalar vb, i64 ib, int largest) {
+__device__ __forceinline__ bool topk_before(acc va, i64 ia, acc vb, i64 ib, int largest) {
     if (ia < 0) return false;
     if (ib < 0) return true;
     int c = total_cmp(va, vb);
@@ -137,9 +137,9 @@ __device__ __forceinline__ bool topk_before(scalar va, i64 ia, scalar vb, i64 ib
     return c < 0 || (c == 0 && ia < ib);
 }
 
-__device__ __forceinline__ void topk_warp_best(scalar& bv, i64& bi, int largest) {
+__device__ __forceinline__ void topk_warp_best(acc& bv, i64& bi, int largest) {
     for (int o = 16; o > 0; o >>= 1) {
-        scalar ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        acc ov = __shfl_xor_sync(0xffffffffu, bv, o);
         i64 oi = __shfl_xor_sync(0xffffffffu, bi, o);
         if (topk_before(ov, oi, bv, bi, largest)) { bv = ov; bi = oi; }
     }
@@ -149,7 +149,7 @@ __device__ __forceinline__ void topk_warp_best(scalar& bv, i64& bi, int largest)
 // picks written to vals/idxs at ((o * k + r) * inner + i) where l = o * inner + i.
 extern "C" __global__ void topk_lines(const scalar* x, Strided xs, scalar* vals, i64* idxs,
                                       i64 lines, i64 n, i64 k, i64 inner, int largest) {
-    __shared__ scalar sv[32];
+    __shared__ acc sv[32];
     __shared__ i64 si[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int nwarps = (blockDim.x + 31) >> 5;
@@ -158,13 +158,13 @@ extern "C" __global__ void topk_lines(const scalar* x, Strided xs, scalar* vals,
     for (i64 l = (i64)blockIdx.x * blockDim.y + threadIdx.y; l < lines;
          l += (i64)gridDim.x * blockDim.y) {
         i64 o = l / inner, i = l - o * inner;
-        scalar pv = (scalar)0;
+        acc pv = (acc)0;
         i64 pi = -1;
         for (i64 r = 0; r < k; ++r) {
-            scalar bv = (scalar)0;
+            acc bv = (acc)0;
             i64 bi = -1;
             for (i64 q = threadIdx.x; q < n; q += blockDim.x) {
-                scalar v = x[at(xs, l * n + q)];
+                acc v = ld(x[at(xs, l * n + q)]);
                 if ((pi < 0 || topk_before(pv, pi, v, q, largest)) &&
                     topk_before(v, q, bv, bi, largest)) {
                     bv = v;
@@ -176,13 +176,13 @@ extern "C" __global__ void topk_lines(const scalar* x, Strided xs, scalar* vals,
                 __syncthreads();
                 if (lane == 0) { sv[warp] = bv; si[warp] = bi; }
                 __syncthreads();
-                bv = lane < nwarps ? sv[lane] : (scalar)0;
+                bv = lane < nwarps ? sv[lane] : (acc)0;
                 bi = lane < nwarps ? si[lane] : -1;
                 topk_warp_best(bv, bi, largest);
             }
             if (threadIdx.x == 0) {
                 i64 at_ = (o * k + r) * inner + i;
-                vals[at_] = bv;
+                vals[at_] = st(bv);
                 idxs[at_] = bi;
             }
             pv = bv;
@@ -191,7 +191,7 @@ extern "C" __global__ void topk_lines(const scalar* x, Strided xs, scalar* vals,
     }
 }
 "#,
-    half: false,
+    half: true,
 };
 
 /// `topk` on the GPU: outputs `(values, i64 indices)` in the CPU's layout.

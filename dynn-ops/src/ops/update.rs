@@ -71,23 +71,24 @@ pub const CUDA: CudaSource = CudaSource {
 // read and written, so the compiler could not move a later element's loads above a store).
 template <typename I>
 __device__ void axpy_t(scalar* __restrict__ t, const Strided& ts, const scalar* __restrict__ x,
-                       const Strided& xs, scalar a, scalar b, bool assign, I n) {
+                       const Strided& xs, acc a, acc b, bool assign, I n) {
     I step = (I)blockDim.x * gridDim.x;
     for (I base = (I)blockIdx.x * blockDim.x + threadIdx.x; base < n; base += UNROLL * step) {
         I o[UNROLL];
-        scalar xv[UNROLL], tv[UNROLL];
+        acc xv[UNROLL], tv[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             I i = base + (I)u * step;
             if (i < n) {
                 o[u] = sat<I>(ts, i);
-                xv[u] = x[sat<I>(xs, i)];
-                tv[u] = assign ? (scalar)0 : t[o[u]];
+                xv[u] = ld(x[sat<I>(xs, i)]);
+                tv[u] = assign ? (acc)0 : ld(t[o[u]]);
             }
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            if (base + (I)u * step < n) t[o[u]] = assign ? a * xv[u] : b * tv[u] + a * xv[u];
+            if (base + (I)u * step < n)
+                t[o[u]] = st(assign ? a * xv[u] : b * tv[u] + a * xv[u]);
         }
     }
 }
@@ -95,12 +96,12 @@ __device__ void axpy_t(scalar* __restrict__ t, const Strided& ts, const scalar* 
 extern "C" __global__ void axpy(scalar* t, Strided ts, const scalar* x, Strided xs, double alpha,
                                 double beta, i64 n, int small) {
     bool assign = beta == 0.0;
-    if (small) axpy_t<u32>(t, ts, x, xs, (scalar)alpha, (scalar)beta, assign, (u32)n);
-    else axpy_t<u64>(t, ts, x, xs, (scalar)alpha, (scalar)beta, assign, (u64)n);
+    if (small) axpy_t<u32>(t, ts, x, xs, (acc)alpha, (acc)beta, assign, (u32)n);
+    else axpy_t<u64>(t, ts, x, xs, (acc)alpha, (acc)beta, assign, (u64)n);
 }
 "#
     ),
-    half: false,
+    half: true,
 };
 
 /// The GPU storage of an in-place op's target, if it lives on a GPU.

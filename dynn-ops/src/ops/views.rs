@@ -5,6 +5,7 @@
 use crate::cpu::gather_layout;
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
+use crate::ops::indexing::by_size;
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
 use dynn_core::{
@@ -94,7 +95,7 @@ impl ViewOp for View {
 }
 
 /// The CUDA kernels: layout copies that move elements as bits, one entry point per element
-/// size (`_2`, `_4`, `_8`), so one module (compiled for the f32 scalar) serves every dtype.
+/// size (`_1`, `_2`, `_4`, `_8`), so one module (compiled for the f32 scalar) serves every dtype.
 /// `copy_*` gathers a strided view into a contiguous buffer; `narrow_backward_*` writes every
 /// element of the padded gradient (zero outside the window), so its output needs no fill.
 pub const CUDA: CudaSource = CudaSource {
@@ -135,6 +136,7 @@ extern "C" __global__ void narrow_backward_##SIZE(const T* g, Strided gs, T* y, 
     if (small) pad_t<u32, T>(g, gs, y, (u32)size, (u32)inner, (u32)start, (u32)len, (u32)n); \
     else pad_t<u64, T>(g, gs, y, (u64)size, (u64)inner, (u64)start, (u64)len, (u64)n); \
 }
+VIEWS(1, u8)
 VIEWS(2, unsigned short)
 VIEWS(4, unsigned int)
 VIEWS(8, unsigned long long)
@@ -142,15 +144,6 @@ VIEWS(8, unsigned long long)
     ),
     half: false,
 };
-
-/// The kernel of `names` (`[2-byte, 4-byte, 8-byte]`) for elements of `dtype`.
-fn by_size(dtype: dynn_core::DType, names: [&'static str; 3]) -> &'static str {
-    match dtype.size_in_bytes() {
-        2 => names[0],
-        4 => names[1],
-        _ => names[2],
-    }
-}
 
 /// `x` gathered into a fresh contiguous GPU buffer.
 fn cuda_contiguous(x: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
@@ -170,7 +163,7 @@ pub(crate) fn cuda_contiguous_copy(op: &'static str, x: &KernelArg<'_>) -> Resul
     let c = coalesce(x.shape(), &[x.layout]);
     let small = index32(n, &[&c[0]]);
     let view = Strided::of(op, &c[0])?;
-    let kernel = by_size(x.dtype(), ["copy_2", "copy_4", "copy_8"]);
+    let kernel = by_size(op, x.dtype(), ["copy_1", "copy_2", "copy_4", "copy_8"])?;
     let f = dev.function(&CUDA, dynn_core::DType::F32, kernel)?;
     let n64 = n as i64;
     crate::cuda_launch!(
@@ -222,6 +215,7 @@ impl Op for PadNarrow {
             (CpuStorage::BF16(o), CpuStorage::BF16(s)) => scatter_into(o, &out_layout, s, g.layout),
             (CpuStorage::I64(o), CpuStorage::I64(s)) => scatter_into(o, &out_layout, s, g.layout),
             (CpuStorage::U32(o), CpuStorage::U32(s)) => scatter_into(o, &out_layout, s, g.layout),
+            (CpuStorage::U8(o), CpuStorage::U8(s)) => scatter_into(o, &out_layout, s, g.layout),
             _ => return Err(Error::Msg("narrow_backward: dtype mismatch".into())),
         }
         Ok(crate::cpu::one(out))
@@ -267,13 +261,15 @@ impl PadNarrow {
         let small = index32(n, &[&c[0]]);
         let view = Strided::of(name, &c[0])?;
         let kernel = by_size(
+            name,
             spec.dtype,
             [
+                "narrow_backward_1",
                 "narrow_backward_2",
                 "narrow_backward_4",
                 "narrow_backward_8",
             ],
-        );
+        )?;
         let f = dev.function(&CUDA, dynn_core::DType::F32, kernel)?;
         let inner: usize = dims[self.dim + 1..].iter().product();
         let (size, inner, start, len, n64) = (

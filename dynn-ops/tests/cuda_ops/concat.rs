@@ -94,7 +94,7 @@ fn cat_every_dim() {
 #[test]
 fn cat_other_dtypes() {
     let mut cases = Vec::new();
-    for dtype in [DType::F16, DType::BF16, DType::I64, DType::U32] {
+    for dtype in [DType::F16, DType::BF16, DType::I64, DType::U32, DType::U8] {
         let make = |shape: &[usize], seed| {
             indices(shape, 1000, seed, DType::I64)
                 .to_dtype(dtype)

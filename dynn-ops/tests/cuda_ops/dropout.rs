@@ -9,7 +9,7 @@ use dynn_ops::prelude::*;
 #[test]
 fn dropout_is_bit_identical() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         for (i, p) in [0.1, 0.5, 0.9, 1.0].into_iter().enumerate() {
             let seed = 1000 + i as u64;
             // 37 x 129 is odd: the last element uses the low half of its pair's hash.

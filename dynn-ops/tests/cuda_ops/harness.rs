@@ -71,7 +71,7 @@ pub fn rand_positive(shape: &[usize], seed: u64) -> Tensor {
     )
 }
 
-/// Integer indices in `0..bound` as an i64 (or u32) CPU tensor.
+/// Integer indices in `0..bound` as an i64 (or u32, or u8: wrapped) CPU tensor.
 pub fn indices(shape: &[usize], bound: usize, seed: u64, dtype: DType) -> Tensor {
     let mut r = Rng::new(seed);
     let n: usize = shape.iter().product();
@@ -80,6 +80,7 @@ pub fn indices(shape: &[usize], bound: usize, seed: u64, dtype: DType) -> Tensor
         .collect();
     match dtype {
         DType::U32 => Tensor::from_vec(v.iter().map(|&i| i as u32).collect(), shape, Device::Cpu),
+        DType::U8 => Tensor::from_vec(v.iter().map(|&i| i as u8).collect(), shape, Device::Cpu),
         _ => Tensor::from_vec(v, shape, Device::Cpu),
     }
     .expect("index tensor")

@@ -1,5 +1,5 @@
-//! Indexing ops on the GPU: embedding, index_select, gather, scatter_add and index_add, in f32
-//! and f64, with i64 and u32 indices (many repeated, so the scatter-adds accumulate), contiguous
+//! Indexing ops on the GPU: embedding, index_select, gather, scatter_add and index_add, in f32,
+//! f64, f16 and bf16, with i64 and u32 indices (many repeated, so the scatter-adds accumulate), contiguous
 //! and strided inputs, forward and every backward (`embedding_backward`,
 //! `index_select_backward`, `gather_backward`), the 16-byte-vector row copies, the raw copies
 //! of other dtypes, bit-identical repeated runs, and out-of-range indices giving the CPU's
@@ -9,11 +9,10 @@ use crate::harness::*;
 use dynn_core::{DType, Device, Error, Result, Tensor};
 use dynn_ops::prelude::*;
 
-const FLOATS: [DType; 2] = [DType::F32, DType::F64];
 const INDEX: [DType; 2] = [DType::I64, DType::U32];
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 /// The op's result on the CPU and on the GPU must be the same error, an
@@ -134,7 +133,7 @@ fn embedding() {
 fn embedding_of_other_dtypes() {
     // The lookup moves raw elements: every dtype works (forward).
     let mut cases = Vec::new();
-    for dtype in [DType::F16, DType::BF16, DType::I64, DType::U32] {
+    for dtype in [DType::F16, DType::BF16, DType::I64, DType::U32, DType::U8] {
         let table = randn(&[40, 12], 1).affine(8.0, 0.0).expect("scale");
         let table = table.to_dtype(dtype).expect("cast");
         let ids = indices(&[5, 9], 40, 2, DType::I64);
@@ -287,7 +286,7 @@ fn gather() {
         }
     }
     // Raw copies: other dtypes (forward).
-    for dtype in [DType::F16, DType::BF16, DType::I64, DType::U32] {
+    for dtype in [DType::F16, DType::BF16, DType::I64, DType::U32, DType::U8] {
         let x = indices(&[6, 9], 100, 29, DType::I64)
             .to_dtype(dtype)
             .expect("cast");

@@ -6,7 +6,7 @@ use dynn_core::{DType, Result, Tensor};
 use dynn_ops::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -30,7 +30,7 @@ fn apply(rule: Rule, target: &Tensor, g: &Tensor, v: &Tensor) -> Result<()> {
 fn optim() {
     let mut cases = Vec::new();
     for rule in [Rule::Ema, Rule::EmaSq, Rule::Step] {
-        for dtype in [DType::F32, DType::F64] {
+        for dtype in FLOATS {
             // Inputs: the target, the gradient (or m) and a positive second moment v.
             let t = rand_dtype(&[37, 129], 1, dtype);
             let g = rand_dtype(&[37, 129], 2, dtype);

@@ -123,6 +123,21 @@ fn sums() {
                 true,
             ),
         ));
+        if matches!(dtype, DType::F16 | DType::BF16) {
+            // Three levels of column chunks (274, 2, 1): the f32 partials of 16-bit data pass
+            // through every entry point (`_part`, `_mid`, `_fin`).
+            let taller = rand_dtype(&[70_000, 8], 11, dtype);
+            cases.push((
+                format!("sum {dtype:?} 70000x8 dim 0 (chunks of chunks)"),
+                check(
+                    "sum",
+                    &[taller],
+                    |v| v[0].sum_dims(&[0], false),
+                    tol(dtype),
+                    true,
+                ),
+            ));
+        }
         let big = rand_dtype(&[300, 1000], 10, dtype);
         cases.push((
             format!("sum_all {dtype:?} 300x1000"),

@@ -8,7 +8,7 @@ use dynn_core::{DType, Device, Error, Result, Tensor};
 use dynn_ops::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 /// Small integers as floats: many ties.
@@ -21,7 +21,7 @@ fn ties(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
 #[test]
 fn topk_values_and_indices() {
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         let tl = tol(dtype);
         // (shape, k, dim): MoE routing (8 and 64 experts, k 1..2), medium and long lines, all of
         // a line, an inner dim.

@@ -7,7 +7,7 @@ use dynn_core::{DType, Result, Tensor};
 use dynn_ops::prelude::*;
 
 fn tol(dtype: DType) -> f64 {
-    if dtype == DType::F32 { TOL_F32 } else { 1e-9 }
+    tol_of(dtype)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -56,7 +56,7 @@ fn updates() {
         Update::Assign,
         Update::ScaleAdd(0.9, -0.25),
     ] {
-        for dtype in [DType::F32, DType::F64] {
+        for dtype in FLOATS {
             for (i, &(what, ts, xs, pick)) in layouts.iter().enumerate() {
                 let t = rand_dtype(ts, 2 * i as u64, dtype);
                 let x = rand_dtype(xs, 2 * i as u64 + 1, dtype);

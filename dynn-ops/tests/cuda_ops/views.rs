@@ -67,7 +67,7 @@ fn narrow_backward() {
         ("strided gradient, outer", &[37, 129], 0, 2, 30, true),
     ];
     let mut cases = Vec::new();
-    for dtype in [DType::F32, DType::F64] {
+    for dtype in FLOATS {
         for (i, (what, shape, dim, start, len, transpose)) in cases_.into_iter().enumerate() {
             let x = rand_dtype(shape, 20 + i as u64, dtype);
             let f = move |v: &[Tensor]| {

@@ -18,7 +18,12 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
     eprintln!("NVRTC {major}.{minor}");
     let mut failures = Vec::new();
     let mut compiled = 0;
-    // DYNN_KERNEL_FAMILIES=unary,binary compiles only those families (while editing them).
+    // DYNN_KERNEL_FAMILIES=unary,binary compiles only those families (while editing them);
+    // DYNN_PTX_DIR=dir keeps the PTX (scripts/ptxas-check.sh assembles it).
+    let ptx_dir = std::env::var_os("DYNN_PTX_DIR").map(std::path::PathBuf::from);
+    if let Some(d) = &ptx_dir {
+        std::fs::create_dir_all(d).expect("creating DYNN_PTX_DIR");
+    }
     let only = std::env::var("DYNN_KERNEL_FAMILIES").ok();
     let wanted = |name: &str| {
         only.as_deref()
@@ -38,6 +43,10 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                             "{}: PTX without kernels",
                             source.name
                         );
+                        if let Some(dir) = &ptx_dir {
+                            let file = dir.join(format!("{}-{scalar}-{arch}.ptx", source.name));
+                            std::fs::write(&file, &ptx).expect("writing PTX to DYNN_PTX_DIR");
+                        }
                         compiled += 1;
                     }
                     Err(e) => failures.push(e.to_string()),

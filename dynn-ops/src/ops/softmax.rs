@@ -581,13 +581,22 @@ __device__ __forceinline__ void st(scalar* p, i64 i, const acc (&d)[V]) {
     }
 }
 
+// 16-bit data has eight elements per 16-byte chunk: its warp plans stop at four chunks per
+// lane (32 elements, as f32's eight chunks; `RowPlan::new`), so its `_wv8` is never launched
+// and is built as `_wv4` (eight would need 64 registers per row array and spill).
+#ifdef DYNN_HALF
+#define WV8_IT 4
+#else
+#define WV8_IT 8
+#endif
+
 // A kernel `NAME` for each register-resident warp plan: 16-byte chunks (`_wv<IT>`) or single
 // elements (`_ws<IT>`), IT chunks per lane. BODY is a template taking <V, IT>.
 #define WARP_PLANS(NAME, BODY, PARAMS, ARGS) \
     extern "C" __global__ void __launch_bounds__(128) NAME##_wv1 PARAMS { BODY<VEC, 1> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_wv2 PARAMS { BODY<VEC, 2> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_wv4 PARAMS { BODY<VEC, 4> ARGS; } \
-    extern "C" __global__ void __launch_bounds__(128) NAME##_wv8 PARAMS { BODY<VEC, 8> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_wv8 PARAMS { BODY<VEC, WV8_IT> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_ws1 PARAMS { BODY<1, 1> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_ws2 PARAMS { BODY<1, 2> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_ws4 PARAMS { BODY<1, 4> ARGS; } \
@@ -642,6 +651,10 @@ pub(crate) use row_kernels;
 /// 512 f64 elements with 16-byte chunks, 256 elements otherwise) live in registers.
 pub(crate) const WARP_PLAN_ITS: usize = 4;
 
+/// Elements per lane a warp plan holds at most (f32's eight 16-byte chunks): 16-bit rows,
+/// eight elements per chunk, stop at four chunks (1024 elements).
+const WARP_PLAN_ELEMS: usize = 32;
+
 /// Rows (warps) per block of a warp plan.
 pub(crate) const WARPS_PER_BLOCK: usize = 4;
 
@@ -686,7 +699,7 @@ impl RowPlan {
     pub(crate) fn new(dtype: DType, len: usize, vec: bool) -> RowPlan {
         let chunk = if vec { vec_width(dtype) } else { 1 };
         let it = len.div_ceil(32 * chunk).max(1).next_power_of_two();
-        if it < 1 << WARP_PLAN_ITS {
+        if it < 1 << WARP_PLAN_ITS && it * chunk <= WARP_PLAN_ELEMS.max(chunk) {
             RowPlan::Warp { vec, it }
         } else {
             RowPlan::Block {
@@ -1248,6 +1261,23 @@ pub(crate) fn ops() -> Vec<OpInfo> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warp_plans_hold_at_most_32_elements_per_lane() {
+        let warp = |it| RowPlan::Warp { vec: true, it };
+        assert_eq!(RowPlan::new(DType::F32, 1024, true), warp(8));
+        assert_eq!(RowPlan::new(DType::F64, 512, true), warp(8));
+        assert_eq!(RowPlan::new(DType::BF16, 1024, true), warp(4));
+        assert_eq!(RowPlan::new(DType::F16, 129, true), warp(1));
+        assert!(matches!(
+            RowPlan::new(DType::F16, 1032, true),
+            RowPlan::Block { vec: true, .. }
+        ));
+        assert_eq!(
+            RowPlan::new(DType::F16, 256, false),
+            RowPlan::Warp { vec: false, it: 8 }
+        );
+    }
 
     struct ExpSweep(Vec<f32>);
 

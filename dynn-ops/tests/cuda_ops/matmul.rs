@@ -21,10 +21,7 @@ fn matmul() {
             |name: &str,
              ins: Vec<dynn_core::Tensor>,
              f: fn(&[dynn_core::Tensor]) -> Result<dynn_core::Tensor>| {
-                cases.push((
-                    format!("{name} {dtype:?}"),
-                    check(name, &ins, f, tol, true),
-                ));
+                cases.push((format!("{name} {dtype:?}"), check(name, &ins, f, tol, true)));
             };
         case("2d", vec![r(&[33, 70], 1), r(&[70, 45], 2)], |v| {
             v[0].matmul(&v[1])

@@ -25,6 +25,7 @@ pub mod prelude {
     pub use crate::ops::cross_entropy::{CrossEntropyOps, CrossEntropyOpts, LossReduction};
     pub use crate::ops::dropout::DropoutOps;
     pub use crate::ops::indexing::IndexingOps;
+    pub use crate::ops::logical::{Logic, LogicalOps};
     pub use crate::ops::matmul::MatmulOps;
     pub use crate::ops::norm::NormOps;
     pub use crate::ops::optim::OptimOps;

@@ -87,7 +87,7 @@ impl CmpOp {
 /// returning a contiguous output: one fused pass, parallel over chunks (contiguous inputs) or
 /// rows (strided or broadcast inputs).
 #[allow(clippy::too_many_arguments)]
-fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
+pub(crate) fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
     m: &[M],
     ml: &Layout,
     a: &[T],
@@ -161,7 +161,7 @@ fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
 
 /// The mask as bytes (nonzero is true) with its layout broadcast to `shape`: a U8 mask as it
 /// is, any other dtype converted to contiguous 0/1 bytes first.
-fn mask_bytes<'a>(
+pub(crate) fn mask_bytes<'a>(
     op: &'static str,
     arg: &KernelArg<'a>,
     shape: &Shape,
@@ -180,7 +180,7 @@ fn mask_of<T: Element>(v: &[T], layout: &Layout) -> Vec<u8> {
     map_layout(v, layout, |x| u8::from(x != zero))
 }
 
-fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
+pub(crate) fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
     // One pass: every input read once, the output written once, one operation per element.
     let read: usize = inputs
         .iter()
@@ -406,7 +406,10 @@ SELECT(8, u64)
 /// A mask of any dtype as u8 on the GPU, for the selection kernels: `None` for a U8 mask
 /// (used as it is); otherwise a fresh contiguous buffer of 0/1 in the mask's shape (nonzero is
 /// true: NaN too, -0.0 not) and its layout.
-fn u8_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, Layout)>> {
+pub(crate) fn u8_mask(
+    op: &'static str,
+    m: &KernelArg<'_>,
+) -> Result<Option<(CudaStorage, Layout)>> {
     let keep: u64 = match m.dtype() {
         DType::U8 => return Ok(None),
         DType::U32 => u64::MAX,
@@ -442,7 +445,7 @@ fn u8_mask(op: &'static str, m: &KernelArg<'_>) -> Result<Option<(CudaStorage, L
 }
 
 /// The u8 mask of `m` ([`u8_mask`]'s result, or `m` itself) with its layout.
-fn mask_view<'a>(
+pub(crate) fn mask_view<'a>(
     op: &'static str,
     m: &KernelArg<'a>,
     converted: &'a Option<(CudaStorage, Layout)>,
@@ -467,7 +470,11 @@ fn fill_bits(dtype: DType, value: f64) -> u64 {
 }
 
 /// Coalesced views of `layouts` broadcast to `shape`, and the kernels' `small` flag.
-fn views(op: &'static str, shape: &Shape, layouts: &[&Layout]) -> Result<(Vec<Strided>, i32)> {
+pub(crate) fn views(
+    op: &'static str,
+    shape: &Shape,
+    layouts: &[&Layout],
+) -> Result<(Vec<Strided>, i32)> {
     let b: Vec<Layout> = layouts
         .iter()
         .map(|l| l.broadcast_as(shape))

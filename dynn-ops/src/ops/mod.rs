@@ -7,6 +7,7 @@ pub mod concat;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod indexing;
+pub mod logical;
 pub mod matmul;
 pub mod norm;
 pub mod optim;

@@ -1,6 +1,7 @@
 //! Comparisons and selection on the GPU: every comparison on every dtype (with ties) and
 //! layout, `where_cond` (forward and the gradients through `where_backward`) and
-//! `masked_fill` with masks of every dtype, broadcast masks and values, strided inputs.
+//! `masked_fill` with masks of every dtype, broadcast masks and values, strided inputs; the
+//! logical ops on masks of every dtype.
 
 use crate::harness::*;
 use dynn_core::{DType, Result, Tensor};
@@ -247,4 +248,34 @@ fn large_causal_mask() -> Result<()> {
         TOL_F32,
         true,
     )
+}
+
+#[test]
+fn logical() {
+    let mut cases = Vec::new();
+    for k in Logic::ALL {
+        let f = move |v: &[Tensor]| match k {
+            Logic::And => v[0].logical_and(&v[1]),
+            Logic::Or => v[0].logical_or(&v[1]),
+            Logic::Xor => v[0].logical_xor(&v[1]),
+            Logic::Not => v[0].logical_not(),
+        };
+        // Masks of every dtype (float masks with -0.0, which is false) against a U8 mask.
+        for mdt in DTYPES {
+            let a = mask(&[37, 129], 110, mdt, mdt.is_float());
+            let b = mask(&[37, 129], 111, DType::U8, false);
+            cases.push((
+                format!("{} {mdt:?}", k.name()),
+                check(k.name(), &[a, b], f, 0.0, false),
+            ));
+        }
+        let a = mask(&[129, 37], 112, DType::U8, false);
+        let b = mask(&[129], 113, DType::U8, false);
+        let g = move |v: &[Tensor]| f(&[v[0].t()?, v[1].clone()]);
+        cases.push((
+            format!("{} transposed, broadcast row", k.name()),
+            check(k.name(), &[a, b], g, 0.0, false),
+        ));
+    }
+    run("logical", cases);
 }

@@ -46,6 +46,7 @@ families!(
     concat,
     topk,
     compare,
+    logical,
     cast
 );
 

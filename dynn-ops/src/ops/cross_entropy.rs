@@ -401,7 +401,7 @@ extern "C" __global__ void ce_reduce(const acc* loss, i64 rows, double div, scal
     double s = 0;
     for (i64 r = threadIdx.x; r < rows; r += blockDim.x) s += (double)loss[r];
     s = block_sum(s);
-    if (threadIdx.x == 0) out[0] = st((acc)(s / div));
+    if (threadIdx.x == 0) out[0] = to_elem(s / div, (scalar*)0);  // rounded once from f64
 }
 
 #ifdef DYNN_HALF

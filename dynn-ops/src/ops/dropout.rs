@@ -123,7 +123,7 @@ fn dropout_kernel<T: FloatElement + CpuElement>(src: &[T], layout: &Layout, d: &
 
 /// The CUDA kernel, shared by `dropout` and `dropout_backward`: the CPU's mask bit for bit
 /// (the same counter hash, one per pair of elements, low half for the even element), and the
-/// same `x · scale` in the dtype for kept elements.
+/// same `x · scale` for kept elements (in f32 for 16-bit data, rounded once).
 pub const CUDA: CudaSource = CudaSource {
     name: "dropout",
     code: concat!(

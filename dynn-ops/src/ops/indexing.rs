@@ -429,8 +429,8 @@ fn same_float_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
 // ----- CUDA -----
 
 /// The CUDA kernels. The gathers (`select_rows_*`, `gather_*`) move raw elements, so they come
-/// in one version per element size (`b2`, `b4`, `b8`, and `b16` for 16-byte vectors of aligned
-/// rows) and index dtype, and serve every dtype. The scatter-adds are float kernels: each
+/// in one version per element size (`b1`, `b2`, `b4`, `b8`, and `b16` for 16-byte vectors of
+/// aligned rows) and index dtype, and serve every dtype. The scatter-adds are float kernels: each
 /// destination is owned by one thread, which adds its sources (listed by the host from the
 /// downloaded indices) in increasing source order onto the existing value, exactly like the
 /// CPU, so the results are deterministic and equal the CPU's bit for bit. The indices are
@@ -556,7 +556,7 @@ extern "C" __global__ void add_rows_segments(const scalar* src, Strided ss, cons
     half: true,
 };
 
-/// The select-rows kernels by element size (2, 4, 8 bytes, 16-byte vector) and index dtype.
+/// The select-rows kernels by element size (1, 2, 4, 8 bytes, 16-byte vector) and index dtype.
 const SELECT_ROWS: [[&str; 2]; 5] = [
     ["select_rows_b1_i64", "select_rows_b1_u32"],
     ["select_rows_b2_i64", "select_rows_b2_u32"],
@@ -564,7 +564,7 @@ const SELECT_ROWS: [[&str; 2]; 5] = [
     ["select_rows_b8_i64", "select_rows_b8_u32"],
     ["select_rows_b16_i64", "select_rows_b16_u32"],
 ];
-/// The gather kernels by element size (2, 4, 8 bytes) and index dtype.
+/// The gather kernels by element size (1, 2, 4, 8 bytes) and index dtype.
 const GATHER: [[&str; 2]; 4] = [
     ["gather_b1_i64", "gather_b1_u32"],
     ["gather_b2_i64", "gather_b2_u32"],
@@ -572,7 +572,7 @@ const GATHER: [[&str; 2]; 4] = [
     ["gather_b8_i64", "gather_b8_u32"],
 ];
 
-/// The row of the kernel tables for elements of `dtype`: 0, 1, 2 for 2, 4, 8 bytes.
+/// The row of the kernel tables for elements of `dtype`: 0, 1, 2, 3 for 1, 2, 4, 8 bytes.
 pub(crate) fn elem_slot(op: &'static str, dtype: DType) -> Result<usize> {
     match dtype.size_in_bytes() {
         1 => Ok(0),

@@ -606,7 +606,7 @@ fn cuda_forward(
     layouts.extend(wa.map(|a| a.layout));
     layouts.extend(ba.map(|a| a.layout));
     let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &layouts));
-    let f = dev.function(&CUDA, dtype, plan.kernel(name, &FWD_KERNELS)?)?;
+    let f = dev.function(&CUDA, dtype, plan.kernel(name, dtype, &FWD_KERNELS)?)?;
     let mut y = CudaStorage::alloc(dev, dtype, n)?;
     let mut mean = CudaStorage::alloc(dev, acc_dtype(dtype), if layer { rows } else { 0 })?;
     let mut rstd = CudaStorage::alloc(dev, acc_dtype(dtype), rows)?;
@@ -666,7 +666,7 @@ fn cuda_backward(
     let mut layouts = vec![x.layout, g.layout];
     layouts.extend(wa.map(|a| a.layout));
     let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &layouts));
-    let f = dev.function(&CUDA, dtype, plan.kernel(name, &BWD_KERNELS)?)?;
+    let f = dev.function(&CUDA, dtype, plan.kernel(name, dtype, &BWD_KERNELS)?)?;
     let (want_dw, want_db) = (op.want_dw, op.want_db);
     let mut dx = CudaStorage::alloc(dev, dtype, n)?;
     let mut dw = CudaStorage::alloc(dev, dtype, if want_dw { len } else { 0 })?;

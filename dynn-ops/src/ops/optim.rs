@@ -107,7 +107,8 @@ fn run<T: FloatElement + CpuElement>(
 }
 
 /// The CUDA kernel: one fused pass per rule (`rule` numbered by `Rule::cuda`), inputs read
-/// through their layouts in the target's index order, computed in the scalar type.
+/// through their layouts in the target's index order, computed in `acc` (f32 for 16-bit data)
+/// and rounded once.
 pub const CUDA: CudaSource = CudaSource {
     name: "optim",
     code: concat!(

@@ -583,11 +583,11 @@ __device__ __forceinline__ void st(scalar* p, i64 i, const acc (&d)[V]) {
 
 // 16-bit data has eight elements per 16-byte chunk: its warp plans stop at four chunks per
 // lane (32 elements, as f32's eight chunks; `RowPlan::new`), so its `_wv8` is never launched
-// and is built as `_wv4` (eight would need 64 registers per row array and spill).
+// and traps if it is (eight would need 64 registers per row array and spill).
 #ifdef DYNN_HALF
-#define WV8_IT 4
+#define WV8(BODY, ARGS) __trap();
 #else
-#define WV8_IT 8
+#define WV8(BODY, ARGS) BODY<VEC, 8> ARGS;
 #endif
 
 // A kernel `NAME` for each register-resident warp plan: 16-byte chunks (`_wv<IT>`) or single
@@ -596,7 +596,7 @@ __device__ __forceinline__ void st(scalar* p, i64 i, const acc (&d)[V]) {
     extern "C" __global__ void __launch_bounds__(128) NAME##_wv1 PARAMS { BODY<VEC, 1> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_wv2 PARAMS { BODY<VEC, 2> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_wv4 PARAMS { BODY<VEC, 4> ARGS; } \
-    extern "C" __global__ void __launch_bounds__(128) NAME##_wv8 PARAMS { BODY<VEC, WV8_IT> ARGS; } \
+    extern "C" __global__ void __launch_bounds__(128) NAME##_wv8 PARAMS { WV8(BODY, ARGS) } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_ws1 PARAMS { BODY<1, 1> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_ws2 PARAMS { BODY<1, 2> ARGS; } \
     extern "C" __global__ void __launch_bounds__(128) NAME##_ws4 PARAMS { BODY<1, 4> ARGS; } \
@@ -709,8 +709,21 @@ impl RowPlan {
         }
     }
 
-    /// The kernel of this plan among `k`.
-    pub(crate) fn kernel(self, op: &'static str, k: &RowKernels) -> Result<&'static str> {
+    /// The kernel of this plan among `k` (for `dtype` data).
+    pub(crate) fn kernel(
+        self,
+        op: &'static str,
+        dtype: DType,
+        k: &RowKernels,
+    ) -> Result<&'static str> {
+        if let RowPlan::Warp { vec: true, it } = self
+            && it * vec_width(dtype) > WARP_PLAN_ELEMS.max(vec_width(dtype))
+        {
+            return Err(Error::invalid(
+                op,
+                format!("no CUDA row kernel for plan {self:?} on {dtype}"),
+            ));
+        }
         let name = match self {
             RowPlan::Warp { vec: true, it } => k.warp_vec.get(it.trailing_zeros() as usize),
             RowPlan::Warp { vec: false, it } => k.warp.get(it.trailing_zeros() as usize),
@@ -973,7 +986,7 @@ fn cuda_forward(op: Softmax, x: &KernelArg<'_>) -> Result<Box<dyn DeviceStorage>
     let (outer64, len64, inner64, is_log) = (outer as i64, len as i64, inner as i64, op.log as i32);
     if inner == 1 {
         let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &[x.layout]));
-        let f = dev.function(&CUDA, dtype, plan.kernel(name, &FWD_KERNELS)?)?;
+        let f = dev.function(&CUDA, dtype, plan.kernel(name, dtype, &FWD_KERNELS)?)?;
         crate::cuda_launch!(
             dev,
             name,
@@ -1029,7 +1042,7 @@ fn cuda_backward(
         (outer as i64, len as i64, inner as i64, op.0.log as i32);
     if inner == 1 {
         let plan = RowPlan::new(dtype, len, vec_ok(dtype, len, &[y.layout, g.layout]));
-        let f = dev.function(&CUDA, dtype, plan.kernel(name, &BWD_KERNELS)?)?;
+        let f = dev.function(&CUDA, dtype, plan.kernel(name, dtype, &BWD_KERNELS)?)?;
         crate::cuda_launch!(
             dev,
             name,
@@ -1277,6 +1290,12 @@ mod tests {
             RowPlan::new(DType::F16, 256, false),
             RowPlan::Warp { vec: false, it: 8 }
         );
+        let k = row_kernels!("softmax_fwd");
+        assert_eq!(
+            warp(8).kernel("softmax", DType::F32, &k).ok(),
+            Some("softmax_fwd_wv8")
+        );
+        assert!(warp(8).kernel("softmax", DType::BF16, &k).is_err());
     }
 
     struct ExpSweep(Vec<f32>);

@@ -182,7 +182,12 @@ extern "C" __global__ void topk_lines(const scalar* x, Strided xs, scalar* vals,
             }
             if (threadIdx.x == 0) {
                 i64 at_ = (o * k + r) * inner + i;
-                vals[at_] = st(bv);
+#ifdef DYNN_HALF
+                // The element itself (rounding its f32 copy back could change a NaN's bits).
+                vals[at_] = bi >= 0 ? x[at(xs, l * n + bi)] : st(bv);
+#else
+                vals[at_] = bv;
+#endif
                 idxs[at_] = bi;
             }
             pv = bv;

@@ -60,8 +60,8 @@ fn update<T: FloatElement + dynn_core::CpuElement>(
 }
 
 /// The CUDA kernel: `t = beta·t + alpha·x` (or `alpha·x` when `beta` is 0, as on the CPU,
-/// so an assignment never reads the old values), computed in the scalar type with `x`
-/// broadcast to the target's (possibly strided) layout.
+/// so an assignment never reads the old values), computed in `acc` (f32 for 16-bit data) and
+/// rounded once, with `x` broadcast to the target's (possibly strided) layout.
 pub const CUDA: CudaSource = CudaSource {
     name: "update",
     code: concat!(

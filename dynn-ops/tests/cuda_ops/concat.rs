@@ -115,6 +115,13 @@ fn cat_other_dtypes() {
                 check("cat", &parts, f, 0.0, false),
             ));
         }
+        // Rows of 16-byte multiples: the vector copy.
+        let wide = vec![make(&[4, 16], 4), make(&[4, 32], 5)];
+        let f = |v: &[Tensor]| cat(&[&v[0], &v[1]], 1);
+        cases.push((
+            format!("cat {dtype:?} 16-byte rows"),
+            check("cat", &wide, f, 0.0, false),
+        ));
     }
     run("cat_other_dtypes", cases);
 }

@@ -145,7 +145,14 @@ fn embedding_of_other_dtypes() {
         let ft = |v: &[Tensor]| v[0].t()?.t()?.narrow(1, 1, 9)?.embedding(&v[1]);
         cases.push((
             format!("embedding narrowed {dtype:?}"),
-            check("embedding", &[table, ids], ft, 0.0, false),
+            check("embedding", &[table, ids.clone()], ft, 0.0, false),
+        ));
+        // Rows of 32 elements (a 16-byte multiple in every dtype): the vector copy.
+        let wide = randn(&[40, 32], 3).affine(8.0, 0.0).expect("scale");
+        let wide = wide.to_dtype(dtype).expect("cast");
+        cases.push((
+            format!("embedding 16-byte rows {dtype:?}"),
+            check("embedding", &[wide, ids], f, 0.0, false),
         ));
     }
     run("embedding_of_other_dtypes", cases);

@@ -65,6 +65,10 @@ fn elementwise_cases(
     let x = randn(&[4096, 1024], 14, dev)?;
     let w = randn(&[1024], 15, dev)?;
     let row_bytes = 2.0 * 4096.0 * 1024.0 * 4.0;
+    // 16-bit copies (computed in f32, rounded once per op).
+    let (a16, b16) = (a.to_dtype(DType::BF16)?, b.to_dtype(DType::BF16)?);
+    let ah = a.to_dtype(DType::F16)?;
+    let (x16, w16) = (x.to_dtype(DType::BF16)?, w.to_dtype(DType::BF16)?);
     let _g = no_grad();
     type Run<'a> = Box<dyn Fn() -> Result<()> + 'a>;
     let all: Vec<(&str, f64, Run)> = vec![
@@ -122,6 +126,22 @@ fn elementwise_cases(
             "sum_rows_4096x1024",
             row_bytes / 2.0,
             Box::new(|| x.sum_keepdim(1).map(drop)),
+        ),
+        (
+            "add_bf16_16M",
+            6.0 * n,
+            Box::new(|| a16.add(&b16).map(drop)),
+        ),
+        ("gelu_f16_16M", 4.0 * n, Box::new(|| ah.gelu().map(drop))),
+        (
+            "log_softmax_bf16_4096x1024",
+            row_bytes / 2.0,
+            Box::new(|| x16.log_softmax(1).map(drop)),
+        ),
+        (
+            "rms_norm_bf16_4096x1024",
+            row_bytes / 2.0,
+            Box::new(|| x16.rms_norm(Some(&w16), 1e-5).map(drop)),
         ),
     ];
     for (name, bytes, f) in all {

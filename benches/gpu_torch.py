@@ -139,6 +139,18 @@ def case(name):
     if name == "bmm_32x128x64x128":
         a, b = randn(32, 128, 64), randn(32, 64, 128)
         return lambda: a @ b
+    if name == "add_bf16_16M":
+        a, b = randn(4096, 4096).bfloat16(), randn(4096, 4096).bfloat16()
+        return lambda: a + b
+    if name == "gelu_f16_16M":
+        a = randn(4096, 4096).half()
+        return lambda: F.gelu(a, approximate="tanh")
+    if name == "log_softmax_bf16_4096x1024":
+        x = randn(4096, 1024).bfloat16()
+        return lambda: x.log_softmax(-1)
+    if name == "rms_norm_bf16_4096x1024":
+        x, w = randn(4096, 1024).bfloat16(), randn(1024).bfloat16()
+        return lambda: F.rms_norm(x, (1024,), w, 1e-5)
     if name.endswith("_16M"):
         a, b = randn(4096, 4096), randn(4096, 4096)
         v = torch.rand(4096, 4096, device=dev) * 1.8 + 0.2

@@ -159,6 +159,22 @@ fn masks_are_u8_zero_one() -> Result<()> {
 }
 
 #[test]
+fn u8_masks_move_like_any_dtype() -> Result<()> {
+    // The layout and copy ops treat a mask as raw elements.
+    let m = Tensor::from_vec((0..12u8).collect::<Vec<_>>(), (3, 4), Device::Cpu)?;
+    assert_eq!(m.t()?.contiguous()?.to_vec::<u8>()?, vec![0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]);
+    assert_eq!(cat(&[&m, &m.narrow(1, 1, 2)?], 1)?.to_vec::<u8>()?[..6], [0, 1, 2, 3, 1, 2]);
+    let ids = Tensor::from_vec(vec![2i64, 0], 2, Device::Cpu)?;
+    assert_eq!(m.index_select(0, &ids)?.to_vec::<u8>()?, vec![8, 9, 10, 11, 0, 1, 2, 3]);
+    assert_eq!(m.embedding(&ids)?.dims(), &[2, 4]);
+    let g = Tensor::from_vec(vec![3i64, 0, 1], (3, 1), Device::Cpu)?;
+    assert_eq!(m.gather(1, &g)?.to_vec::<u8>()?, vec![3, 4, 9]);
+    assert_eq!(m.where_cond(&m, &m.logical_not()?)?.to_vec::<u8>()?[..3], [1, 1, 2]);
+    assert_eq!(m.masked_fill(&m.compare_scalar(5.0, CmpOp::Gt)?, 1.0)?.to_vec::<u8>()?[5..8], [5, 1, 1]);
+    Ok(())
+}
+
+#[test]
 fn compare_errors_are_typed() {
     let a = randn(&[2, 3], 1);
     assert!(matches!(a.lt(&rand_f32(&[2, 3], 2)), Err(Error::DTypeMismatch { op: "lt", .. })));

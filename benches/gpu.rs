@@ -49,8 +49,8 @@ struct Case {
     work: (&'static str, f64),
 }
 
-/// Element-wise, reduction-row and optimizer kernels: 16M-element f32 operands (4096²), and
-/// the row ops over (4096, 1024).
+/// Element-wise, reduction-row and optimizer kernels: 16M-element operands (4096², f32 unless
+/// the name says bf16 or f16), and the row ops over (4096, 1024).
 fn elementwise_cases(
     dev: Device,
     want: &dyn Fn(&str) -> bool,

@@ -1,6 +1,7 @@
 //! Every CUDA kernel compiles with NVRTC for sm_80 (A100) and sm_90 (H100/H200), in f32 and
-//! f64, and in f16 and bf16 for the families that take them. Needs only the NVRTC library, no GPU. Skipped with a notice when NVRTC is missing,
-//! unless `DYNN_REQUIRE_NVRTC=1` (set by CI), which turns a missing NVRTC into a failure.
+//! f64, and in f16 and bf16 for the families that take them. Needs only the NVRTC library, no
+//! GPU. Skipped with a notice when NVRTC is missing, unless `DYNN_REQUIRE_NVRTC=1` (set by
+//! CI), which turns a missing NVRTC into a failure.
 
 use dynn_ops::cuda::{Arch, compile_ptx_fresh, nvrtc_available, nvrtc_version};
 

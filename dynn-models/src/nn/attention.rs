@@ -76,8 +76,8 @@ fn causal_bias(seq_q: usize, seq_k: usize, dtype: DType, device: Device) -> Resu
         ));
     }
     let shift = seq_k - seq_q;
-    let hidden: Vec<u32> = (0..seq_q)
-        .flat_map(|i| (0..seq_k).map(move |j| u32::from(j > i + shift)))
+    let hidden: Vec<u8> = (0..seq_q)
+        .flat_map(|i| (0..seq_k).map(move |j| u8::from(j > i + shift)))
         .collect();
     let hidden = Tensor::from_vec(hidden, (1, 1, seq_q, seq_k), device)?;
     Tensor::zeros((1, 1, seq_q, seq_k), dtype, device)?.masked_fill(&hidden, mask_value(dtype))

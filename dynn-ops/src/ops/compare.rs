@@ -1,7 +1,7 @@
 //! Comparisons and selection: `eq`, `ne`, `lt`, `le`, `gt`, `ge` with broadcasting (they
-//! return U8 masks of 0/1, one byte per element as PyTorch's bool), `where_cond` (differentiable in the two value
-//! inputs, backward `where_backward`) and `masked_fill` (differentiable in the input; its
-//! backward is `masked_fill` of the gradient with 0).
+//! return U8 masks of 0/1, one byte per element as PyTorch's bool), `where_cond`
+//! (differentiable in the two value inputs, backward `where_backward`) and `masked_fill`
+//! (differentiable in the input; its backward is `masked_fill` of the gradient with 0).
 //!
 //! A mask may be any dtype; an element is true when it is nonzero (NaN is nonzero).
 

@@ -90,9 +90,17 @@ fn cuda_logical(
 ) -> Result<CudaStorage> {
     let name = k.name();
     let a = &inputs[0];
-    let b = inputs.get(1).unwrap_or(a);
-    let (ca, cb) = (u8_mask(name, a)?, u8_mask(name, b)?);
-    let ((sa, la), (sb, lb)) = (mask_view(name, a, &ca)?, mask_view(name, b, &cb)?);
+    let ca = u8_mask(name, a)?;
+    let (sa, la) = mask_view(name, a, &ca)?;
+    // `logical_not` reads its one mask as both operands.
+    let cb = match inputs.get(1) {
+        Some(b) => Some((b, u8_mask(name, b)?)),
+        None => None,
+    };
+    let (sb, lb) = match &cb {
+        Some((b, c)) => mask_view(name, b, c)?,
+        None => (sa, la),
+    };
     let dev = sa.dev();
     let n = shape.elem_count();
     let mut out = CudaStorage::alloc(dev, DType::U8, n)?;

@@ -648,7 +648,8 @@ macro_rules! row_kernels {
 pub(crate) use row_kernels;
 
 /// Warp plans hold 1, 2, 4 or 8 chunks per lane: rows of up to 8 × 32 chunks (1024 f32 or
-/// 512 f64 elements with 16-byte chunks, 256 elements otherwise) live in registers.
+/// 512 f64 elements with 16-byte chunks, 256 elements otherwise; 16-bit data stops at four
+/// 16-byte chunks, 1024 elements, see [`WARP_PLAN_ELEMS`]) live in registers.
 pub(crate) const WARP_PLAN_ITS: usize = 4;
 
 /// Elements per lane a warp plan holds at most (f32's eight 16-byte chunks): 16-bit rows,

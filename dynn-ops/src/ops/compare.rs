@@ -12,6 +12,7 @@ use crate::ops::binary::{
     Source, coalesce, cuda_elementwise_helpers, elementwise_grid, index32, packed_grid,
     packed_sources,
 };
+use crate::ops::cast::CastOps;
 use crate::ops::indexing::by_size;
 use crate::ops::reduce::ReduceOps;
 use crate::registry::OpInfo;
@@ -1177,7 +1178,10 @@ pub trait CompareOps {
     /// Compares element-wise with broadcasting; both operands share a dtype. Returns a U8
     /// mask of 0/1. Not differentiable.
     fn compare(&self, rhs: &Tensor, op: CmpOp) -> Result<Tensor>;
-    /// Compares every element with the scalar `value` (converted to this tensor's dtype).
+    /// Compares every element with the scalar `value`: converted to this tensor's dtype, except
+    /// that an integer tensor is compared in f64 when `value` is not one of its values
+    /// (`x < 2.5` or `x < 256` on U8), so the answer is the mathematical one, as PyTorch's type
+    /// promotion gives.
     fn compare_scalar(&self, value: f64, op: CmpOp) -> Result<Tensor>;
     /// `self == rhs` as a U8 mask.
     fn eq(&self, rhs: &Tensor) -> Result<Tensor> {
@@ -1216,8 +1220,13 @@ impl CompareOps for Tensor {
         execute1(op, &[self, rhs])
     }
     fn compare_scalar(&self, value: f64, op: CmpOp) -> Result<Tensor> {
-        let s = Tensor::full(value, Shape::scalar(), self.dtype(), self.device())?;
-        execute1(op, &[self, &s])
+        let dtype = self.dtype();
+        let s = Tensor::full(value, Shape::scalar(), dtype, self.device())?;
+        if dtype.is_float() || s.to_f64_vec()?.first() == Some(&value) {
+            return execute1(op, &[self, &s]);
+        }
+        let s = Tensor::full(value, Shape::scalar(), DType::F64, self.device())?;
+        execute1(op, &[&self.to_dtype(DType::F64)?, &s])
     }
     fn where_cond(&self, on_true: &Tensor, on_false: &Tensor) -> Result<Tensor> {
         execute1(WhereCond, &[self, on_true, on_false])

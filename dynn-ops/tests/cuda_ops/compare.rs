@@ -62,6 +62,12 @@ fn comparisons() {
             let f = move |v: &[Tensor]| v[0].compare_scalar(2.0, op);
             cases.push((
                 format!("{op:?} {dtype:?} scalar"),
+                check(op.name(), std::slice::from_ref(&a), f, 0.0, false),
+            ));
+            // Not a value of an integer dtype: compared in f64.
+            let f = move |v: &[Tensor]| v[0].compare_scalar(2.5, op);
+            cases.push((
+                format!("{op:?} {dtype:?} fractional scalar"),
                 check(op.name(), &[a], f, 0.0, false),
             ));
         }

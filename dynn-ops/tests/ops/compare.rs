@@ -175,6 +175,19 @@ fn u8_masks_move_like_any_dtype() -> Result<()> {
 }
 
 #[test]
+fn integer_tensors_compare_with_any_scalar_exactly() -> Result<()> {
+    let u = Tensor::from_vec(vec![0u8, 2, 255], 3, Device::Cpu)?;
+    assert_eq!(u.compare_scalar(2.5, CmpOp::Lt)?.to_vec::<u8>()?, vec![1, 1, 0]);
+    assert_eq!(u.compare_scalar(256.0, CmpOp::Lt)?.to_vec::<u8>()?, vec![1, 1, 1]);
+    assert_eq!(u.compare_scalar(-1.0, CmpOp::Gt)?.to_vec::<u8>()?, vec![1, 1, 1]);
+    assert_eq!(u.compare_scalar(2.0, CmpOp::Eq)?.to_vec::<u8>()?, vec![0, 1, 0]);
+    assert_eq!(u.compare_scalar(f64::NAN, CmpOp::Ne)?.to_vec::<u8>()?, vec![1, 1, 1]);
+    let i = Tensor::from_vec(vec![-3i64, 4], 2, Device::Cpu)?;
+    assert_eq!(i.compare_scalar(-2.5, CmpOp::Le)?.to_vec::<u8>()?, vec![1, 0]);
+    Ok(())
+}
+
+#[test]
 fn compare_errors_are_typed() {
     let a = randn(&[2, 3], 1);
     assert!(matches!(a.lt(&rand_f32(&[2, 3], 2)), Err(Error::DTypeMismatch { op: "lt", .. })));

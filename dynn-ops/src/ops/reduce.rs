@@ -6,6 +6,7 @@ use crate::cpu::{PAR_MIN, gather_layout};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::math::simd;
 use crate::ops::binary::BinaryOps;
+use crate::ops::cast::CastOps;
 use crate::ops::unary::UnaryOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
@@ -1063,7 +1064,8 @@ fn resolve_dims<D: Dim>(x: &Tensor, dims: &[D], op: &'static str) -> Result<Smal
 
 /// Reductions over dims.
 pub trait ReduceOps {
-    /// Σ over `dims`.
+    /// Σ over `dims`. Integer tensors (masks, indices) sum exactly into I64, as PyTorch's
+    /// integer sums do (through f64: exact while every partial sum stays under 2^53).
     fn sum_dims<D: Dim>(&self, dims: &[D], keepdim: bool) -> Result<Tensor>;
     /// Σ over one dim, keeping it as size 1.
     fn sum_keepdim<D: Dim>(&self, dim: D) -> Result<Tensor>;
@@ -1114,6 +1116,10 @@ fn extremum<D: Dim>(
 impl ReduceOps for Tensor {
     fn sum_dims<D: Dim>(&self, dims: &[D], keepdim: bool) -> Result<Tensor> {
         let dims = resolve_dims(self, dims, "sum")?;
+        if !self.dtype().is_float() {
+            let wide = self.to_dtype(DType::F64)?;
+            return wide.sum_dims(&dims, keepdim)?.to_dtype(DType::I64);
+        }
         execute1(
             Reduce {
                 kind: ReduceKind::Sum,

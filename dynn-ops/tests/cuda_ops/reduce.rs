@@ -311,3 +311,25 @@ fn sums_are_deterministic() -> Result<()> {
     }
     Ok(())
 }
+
+/// Integer tensors sum into I64 (through f64) on the GPU as on the CPU.
+#[test]
+fn integer_sums() {
+    let mut cases = Vec::new();
+    for dtype in [DType::U8, DType::U32, DType::I64] {
+        let x = indices(&[37, 129], 200, 5, dtype);
+        for dims in [&[0usize][..], &[1], &[0, 1]] {
+            cases.push((
+                format!("sum {dtype:?} dims {dims:?}"),
+                check(
+                    "sum",
+                    std::slice::from_ref(&x),
+                    |v| v[0].sum_dims(dims, false),
+                    0.0,
+                    false,
+                ),
+            ));
+        }
+    }
+    run("integer_sums", cases);
+}

@@ -171,6 +171,23 @@ fn extremum_ties_split_the_gradient() -> Result<()> {
     Ok(())
 }
 
+/// Integer tensors (masks, indices) sum exactly into I64: counting a mask past 255 works.
+#[test]
+fn integer_sums_count_into_i64() -> Result<()> {
+    let a = randn(&[300, 200], 1);
+    let mask = a.compare_scalar(0.0, CmpOp::Gt)?;
+    let want = a.to_f64_vec()?.iter().filter(|&&x| x > 0.0).count() as i64;
+    let all = mask.sum_all()?;
+    assert_eq!((all.dtype(), all.to_vec::<i64>()?), (DType::I64, vec![want]));
+    let rows = mask.t()?.sum_dims(&[0], false)?.to_vec::<i64>()?;
+    assert_eq!(rows.iter().sum::<i64>(), want);
+    let i = Tensor::from_vec(vec![-3i64, 4, 5, u32::MAX as i64], (2, 2), Device::Cpu)?;
+    assert_eq!(i.sum_dims(&[1], true)?.to_vec::<i64>()?, vec![1, 5 + u32::MAX as i64]);
+    let u = Tensor::from_vec(vec![u32::MAX, u32::MAX], 2, Device::Cpu)?;
+    assert_eq!(u.sum_all()?.to_vec::<i64>()?, vec![2 * u32::MAX as i64]);
+    Ok(())
+}
+
 /// Reducing an empty dim: the sum is 0 and the max is -inf.
 #[test]
 fn empty_reductions() -> Result<()> {

@@ -336,7 +336,8 @@ fn cuda_kernel(from: DType, to: DType) -> &'static str {
     NAMES[index(from)][index(to)]
 }
 
-fn cuda_cast(x: &KernelArg<'_>, to: DType) -> Result<Box<dyn DeviceStorage>> {
+/// `x` converted to `to` on the GPU (also used to round f32 results to a 16-bit output).
+pub(crate) fn cuda_cast(x: &KernelArg<'_>, to: DType) -> Result<Box<dyn DeviceStorage>> {
     const NAME: &str = "to_dtype";
     let sx = cuda::storage(NAME, x)?;
     let dev = sx.dev();

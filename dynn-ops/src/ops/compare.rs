@@ -1221,8 +1221,8 @@ impl CompareOps for Tensor {
     }
     fn compare_scalar(&self, value: f64, op: CmpOp) -> Result<Tensor> {
         let dtype = self.dtype();
-        let s = Tensor::full(value, Shape::scalar(), dtype, self.device())?;
-        if dtype.is_float() || s.to_f64_vec()?.first() == Some(&value) {
+        if dtype.is_float() || holds(dtype, value) {
+            let s = Tensor::full(value, Shape::scalar(), dtype, self.device())?;
             return execute1(op, &[self, &s]);
         }
         let s = Tensor::full(value, Shape::scalar(), DType::F64, self.device())?;
@@ -1233,6 +1233,17 @@ impl CompareOps for Tensor {
     }
     fn masked_fill(&self, mask: &Tensor, value: f64) -> Result<Tensor> {
         execute1(MaskedFill { value }, &[self, mask])
+    }
+}
+
+/// True when `value` is exactly one of the values of the integer dtype `dtype`.
+fn holds(dtype: DType, value: f64) -> bool {
+    match dtype {
+        DType::U8 => value as u8 as f64 == value,
+        DType::U32 => value as u32 as f64 == value,
+        // 2^63 saturates to i64::MAX, whose f64 is 2^63 again: excluded by the bound.
+        DType::I64 => value as i64 as f64 == value && value.abs() < 9.223_372_036_854_776e18,
+        _ => true,
     }
 }
 

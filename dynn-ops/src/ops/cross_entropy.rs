@@ -404,13 +404,6 @@ extern "C" __global__ void ce_reduce(const acc* loss, i64 rows, double div, scal
     if (threadIdx.x == 0) out[0] = to_elem(s / div, (scalar*)0);  // rounded once from f64
 }
 
-#ifdef DYNN_HALF
-// 16-bit data with no reduction: the row losses (kept in f32) rounded to the output.
-extern "C" __global__ void ce_round(const acc* loss, scalar* out, i64 rows) {
-    GRID_LOOP(r, rows) out[r] = st(loss[r]);
-}
-#endif
-
 // The gradient of row blockIdx.x: (e^(x - lse) - ε/C - (1-ε)·[j = t])·scale, 0 if ignored.
 // red: 0 none (scale g[row]), 1 sum (g[0]), 2 mean (g[0] / count).
 template <typename L>
@@ -538,19 +531,14 @@ fn cuda_forward(op: &CrossEntropy, x: &KernelArg<'_>, t: &KernelArg<'_>) -> Resu
         if acc_dtype(dtype) == dtype {
             return Ok(smallvec![Box::new(per_row) as _, Box::new(lse) as _]);
         }
-        let mut loss = CudaStorage::alloc(dev, dtype, rows)?;
-        if rows > 0 {
-            let f = dev.function(&CUDA, dtype, "ce_round")?;
-            let rows64 = rows as i64;
-            crate::cuda_launch!(
-                dev,
-                name,
-                f,
-                cuda::grid(rows),
-                [per_row.slice(), loss.slice_mut(), &rows64]
-            )?;
-        }
-        return Ok(smallvec![Box::new(loss) as _, Box::new(lse) as _]);
+        // 16-bit data: the f32 row losses rounded to the output, as the CPU rounds them.
+        let layout = Layout::contiguous(rows);
+        let losses = KernelArg {
+            storage: &per_row,
+            layout: &layout,
+        };
+        let loss = crate::ops::cast::cuda_cast(&losses, dtype)?;
+        return Ok(smallvec![loss, Box::new(lse) as _]);
     }
     let mut loss = CudaStorage::alloc(dev, dtype, 1)?;
     let div = if op.opts.reduction == LossReduction::Mean {

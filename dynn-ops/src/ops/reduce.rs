@@ -7,6 +7,7 @@ use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::math::simd;
 use crate::ops::binary::BinaryOps;
 use crate::ops::cast::CastOps;
+use crate::ops::softmax::acc_dtype;
 use crate::ops::unary::UnaryOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
@@ -523,7 +524,7 @@ fn partial_kernel(
     from_partials: bool,
     to_partials: bool,
 ) -> &'static str {
-    if !matches!(dtype, DType::F16 | DType::BF16) {
+    if acc_dtype(dtype) == dtype {
         return names[0];
     }
     match (from_partials, to_partials) {
@@ -531,14 +532,6 @@ fn partial_kernel(
         (false, true) => names[1],
         (true, true) => names[2],
         (true, false) => names[3],
-    }
-}
-
-/// The dtype a reduction over `dtype` data keeps its partials in.
-fn partial_dtype(dtype: DType) -> DType {
-    match dtype {
-        DType::F16 | DType::BF16 => DType::F32,
-        other => other,
     }
 }
 
@@ -598,7 +591,7 @@ fn cuda_reduce_blocks(
         let name = partial_kernel(dtype, names, from_partials, chunks > 1);
         let f = dev.function(&CUDA, dtype, name)?;
         let mut dst = if chunks > 1 {
-            CudaStorage::alloc(dev, partial_dtype(dtype), groups)?
+            CudaStorage::alloc(dev, acc_dtype(dtype), groups)?
         } else {
             CudaStorage::alloc(dev, dtype, n_out)?
         };
@@ -650,7 +643,7 @@ fn cuda_reduce_blocks(
         shared_mem_bytes: 0,
     };
     let mut out = if chunks > 1 {
-        CudaStorage::alloc(dev, partial_dtype(dtype), outer * chunks * inner)?
+        CudaStorage::alloc(dev, acc_dtype(dtype), outer * chunks * inner)?
     } else {
         CudaStorage::alloc(dev, dtype, n_out)?
     };

@@ -656,6 +656,12 @@ pub(crate) const WARP_PLAN_ITS: usize = 4;
 /// eight elements per chunk, stop at four chunks (1024 elements).
 const WARP_PLAN_ELEMS: usize = 32;
 
+/// True when a warp plan of `it` chunks of `chunk` elements per lane stays within
+/// [`WARP_PLAN_ELEMS`] (single elements always do).
+fn warp_holds(it: usize, chunk: usize) -> bool {
+    it * chunk <= WARP_PLAN_ELEMS.max(chunk)
+}
+
 /// Rows (warps) per block of a warp plan.
 pub(crate) const WARPS_PER_BLOCK: usize = 4;
 
@@ -700,7 +706,7 @@ impl RowPlan {
     pub(crate) fn new(dtype: DType, len: usize, vec: bool) -> RowPlan {
         let chunk = if vec { vec_width(dtype) } else { 1 };
         let it = len.div_ceil(32 * chunk).max(1).next_power_of_two();
-        if it < 1 << WARP_PLAN_ITS && it * chunk <= WARP_PLAN_ELEMS.max(chunk) {
+        if it < 1 << WARP_PLAN_ITS && warp_holds(it, chunk) {
             RowPlan::Warp { vec, it }
         } else {
             RowPlan::Block {
@@ -718,7 +724,7 @@ impl RowPlan {
         k: &RowKernels,
     ) -> Result<&'static str> {
         if let RowPlan::Warp { vec: true, it } = self
-            && it * vec_width(dtype) > WARP_PLAN_ELEMS.max(vec_width(dtype))
+            && !warp_holds(it, vec_width(dtype))
         {
             return Err(Error::invalid(
                 op,

@@ -5,8 +5,12 @@
 # the benchmarks against PyTorch. Logs and JSON go to $OUT (default gpu-out/).
 # The pilot stage measures the pilot's own host time per step on the GPU (issue 6's 2% bar).
 # The writeback stage times each trainer at 25% (lru) with and without background write-backs.
+# The arena stage runs the op suite with buffers carved from a reserved arena
+# (DYNN_CUDA_ARENA=2048), and each trainer at 25% (lru, pilot) in its budget's arena
+# (DYNN_CUDA_ARENA=budget): parameters bit-identical to the unlimited run, step time against
+# the driver's pool.
 # FILTER=name runs only the op tests and bench cases whose names contain it (ops, bench).
-#   scripts/gpu-check.sh [ops|bench|train|pilot|writeback|all]...
+#   scripts/gpu-check.sh [ops|bench|train|pilot|writeback|arena|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.gpu/bin}
@@ -135,6 +139,33 @@ PY
             "$model" "$unlimited" "$measured" "${predicted:-nan}" "${move_host:-nan}"
     done
 fi
+if has arena; then
+    echo "== device arena: the op suite in a 2 GiB arena"
+    DYNN_CUDA_ARENA=2048 timeout 300 "$BIN/cuda_ops" ${FILTER:+"$FILTER"} --test-threads 4 2>&1 \
+        | tee "$OUT/ops_arena.log" | tail -15
+    [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    echo "== device arena: trainers at 25% in their budget's arena (bit-identical params; step ms, pool -> arena)"
+    : > "$OUT/arena.jsonl"
+    fnv() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$1" 2>/dev/null; }
+    ms() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["step_ms_median"])' "$1" 2>/dev/null; }
+    for model in moe early_exit treelstm evoformer; do
+        exe="$BIN/train_$model"
+        extra=$(extra_flags "$model")
+        base=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet $extra 2>>"$OUT/arena_err.log" | tail -1)
+        want=$(fnv "$base")
+        for policy in lru pilot; do
+            flags="--device cuda --steps 6 --json --quiet --device-budget 25% --policy $policy $extra"
+            pool=$(timeout 120 "$exe" $flags 2>>"$OUT/arena_err.log" | tail -1)
+            row=$(DYNN_CUDA_ARENA=budget timeout 120 "$exe" $flags 2>"$OUT/arena_${model}_$policy.log" | tail -1)
+            echo "$row" >> "$OUT/arena.jsonl"
+            got=$(fnv "$row")
+            if [ -n "$got" ] && [ "$got" = "$want" ]; then verdict=identical
+            else verdict="DIFFERENT or failed ($got vs $want: see arena_${model}_$policy.log)"; status=1; fi
+            echo "$model $policy 25%: $verdict; step $(ms "$pool") -> $(ms "$row") ms; $(grep -o 'CUDA arena.*' "$OUT/arena_${model}_$policy.log" | tail -1)"
+        done
+    done
+fi
+
 if has pilot; then
     echo "== the pilot's host time on the critical path (lru, then pilot, at 25%;"
     echo "   replays on the executor's thread, then on the pilot's own: PILOT_THREAD=1)"

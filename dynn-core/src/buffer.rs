@@ -341,7 +341,7 @@ impl Buffer {
         if self.host_copy_is_current() {
             return Ok(0);
         }
-        let host: Arc<dyn HostStorage> = Arc::from(device.offload()?);
+        let host: Arc<dyn HostStorage> = Arc::from(device.write_back()?);
         // Writers take the slot's write lock: none can run between this check and the store.
         let slot = self.read_slot();
         if let Slot::Device(now) = &*slot

@@ -62,6 +62,12 @@ pub trait DeviceStorage: Send + Sync + std::fmt::Debug + 'static {
     fn offload(&self) -> Result<Box<dyn HostStorage>> {
         Ok(Box::new(self.to_host()?))
     }
+    /// Copies the elements into the host tier while they stay in use on the device (a
+    /// background write-back): as [`DeviceStorage::offload`], but kernels may still read
+    /// them afterwards.
+    fn write_back(&self) -> Result<Box<dyn HostStorage>> {
+        self.offload()
+    }
 }
 
 /// An offloaded buffer's elements in the host tier: plain [`CpuStorage`], or a backend's own

@@ -7,8 +7,9 @@
 //! would otherwise be exceeded. When the budget has room for a request but no free block is
 //! large enough, the caller may [`DevicePool::compact`] the live blocks, which packs them end to
 //! end if segments of the usual sizes would not leave the room. On the CPU backend the pool
-//! hands out offsets in a virtual address space (the accounting is exact); the CUDA backend
-//! maps them onto real allocations.
+//! hands out offsets in a virtual address space (the accounting is exact). On a GPU the bytes
+//! live in the CUDA backend's arena, reserved for this budget (`DYNN_CUDA_ARENA=budget`), or
+//! in the driver's pool: the pool's accounting is what holds the budget there.
 
 use std::collections::{BTreeMap, BTreeSet};
 

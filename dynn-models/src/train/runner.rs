@@ -147,6 +147,12 @@ pub fn train<T: Task>(
         _ => None,
     };
     let budget_bytes = budget.resolve(peak)?;
+    if let (Device::Cuda(ordinal), Some(bytes)) = (device, budget_bytes)
+        && dynn_ops::cuda::arena_request()? == dynn_ops::cuda::ArenaRequest::Budget
+    {
+        // The buffers' device memory as a few large allocations (`DYNN_CUDA_ARENA=budget`).
+        dynn_ops::cuda::device(ordinal)?.reserve(dynn_ops::cuda::arena_for_budget(bytes))?;
+    }
     if let Device::Cuda(ordinal) = device
         && let Err(e) = dynn_ops::cuda::device(ordinal).and_then(|d| d.reset_memory_high())
     {
@@ -302,8 +308,18 @@ pub fn train<T: Task>(
         tracing::info!(
             memory_high = %human_bytes(high),
             budget = ?budget_bytes.map(human_bytes),
-            "CUDA memory: the most the buffers held at once (frees still queued included)"
+            "CUDA memory: the most the driver's pool held at once (frees still queued included)"
         );
+        let arena = dynn_ops::cuda::device(ordinal)?.arena_stats();
+        if arena.reserved > 0 {
+            tracing::info!(
+                reserved = %human_bytes(arena.reserved),
+                peak_in_use = %human_bytes(arena.peak_in_use),
+                allocations = arena.allocations,
+                misses = arena.misses,
+                "CUDA arena: buffers carved from the reserved regions (misses came from the driver's pool)"
+            );
+        }
     }
     let window = (losses.len() / 10).max(1);
     let run_steps = losses.len().max(1) as f64;

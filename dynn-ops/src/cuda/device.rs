@@ -1,6 +1,7 @@
 //! [`CudaDevice`]: one GPU's context, streams, compiled kernels and cuBLAS handle, and its
 //! registration as the dynn-core backend of `Device::Cuda(ordinal)`.
 
+use super::arena::{Arena, ArenaStats, Block, Place, Stream};
 use super::compile::{Arch, compile_ptx, family_scalar, library_loadable};
 use super::events::EventPool;
 use super::pinned::{PinnedHost, PinnedPool};
@@ -10,10 +11,13 @@ use cudarc::driver::sys::{
     self,
     CUmemPool_attribute::{CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, CU_MEMPOOL_ATTR_USED_MEM_HIGH},
 };
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError};
+use cudarc::driver::{
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaStream, DriverError, result,
+};
 use dynn_core::{Backend, CpuStorage, DType, Device, DeviceStorage, Error, HostStorage, Result};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Key of a compiled function: family, scalar type, kernel name.
 type FnKey = (&'static str, &'static str, &'static str);
@@ -30,9 +34,31 @@ pub struct CudaDevice {
     download: Arc<CudaStream>,
     events: Arc<EventPool>,
     pinned: Arc<PinnedPool>,
+    /// Buffers' memory, once [`CudaDevice::reserve`] has given it regions (until then, and
+    /// whenever it has no free block that fits, buffers come from the driver's pool).
+    arena: Mutex<Arena<CudaEvent>>,
+    /// Whether the arena has regions (read without its lock).
+    has_arena: AtomicBool,
     modules: Mutex<HashMap<(&'static str, &'static str), Arc<CudaModule>>>,
     functions: Mutex<HashMap<FnKey, CudaFunction>>,
     blas: Mutex<Option<Arc<CudaBlas>>>,
+}
+
+impl Drop for CudaDevice {
+    fn drop(&mut self) {
+        // Every storage holds the device, so no block is in use now.
+        let _ = self.ctx.bind_to_thread();
+        let _ = self.ctx.synchronize();
+        if let Ok(arena) = self.arena.get_mut() {
+            for (base, _) in arena.regions().to_vec() {
+                // SAFETY: `base` came from `malloc_sync` in `reserve`, and nothing uses it.
+                let _ = unsafe { result::free_sync(base) };
+            }
+            for e in arena.drain_fences() {
+                drop(e);
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for CudaDevice {
@@ -100,10 +126,56 @@ pub fn init(ordinal: usize) -> Result<Arc<CudaDevice>> {
         });
     }
     let dev = Arc::new(CudaDevice::open(ordinal)?);
+    if let ArenaRequest::Bytes(n) = arena_request()? {
+        dev.reserve(n)?;
+    }
     dynn_core::register_backend(Arc::new(CudaBackend(dev.clone())))?;
     tracing::info!(device = ?dev, "CUDA device ready");
     map.insert(ordinal, dev.clone());
     Ok(dev)
+}
+
+/// What the `DYNN_CUDA_ARENA` environment variable asks of the device arena
+/// ([`CudaDevice::reserve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArenaRequest {
+    /// Unset, empty or `0`: buffers come from the driver's pool.
+    Off,
+    /// A number of MiB: [`init`] reserves that much.
+    Bytes(usize),
+    /// `budget`: a memory manager's budget, plus headroom ([`arena_for_budget`]), reserved
+    /// by whoever sets the budget (the trainers).
+    Budget,
+}
+
+/// Reads `DYNN_CUDA_ARENA` (see [`ArenaRequest`]); anything else is an error naming it.
+pub fn arena_request() -> Result<ArenaRequest> {
+    parse_arena(&std::env::var("DYNN_CUDA_ARENA").unwrap_or_default())
+}
+
+fn parse_arena(v: &str) -> Result<ArenaRequest> {
+    match v.trim() {
+        "" | "0" => Ok(ArenaRequest::Off),
+        "budget" => Ok(ArenaRequest::Budget),
+        n => n
+            .parse::<usize>()
+            .ok()
+            .and_then(|mib| mib.checked_mul(1 << 20))
+            .map(ArenaRequest::Bytes)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "cuda",
+                    format!("DYNN_CUDA_ARENA={v:?}: expected a number of MiB, `budget` or 0"),
+                )
+            }),
+    }
+}
+
+/// The arena reserved for a memory manager's `budget` bytes: the budget, a quarter more for
+/// fragmentation (the manager's pool packs its blocks; the arena does not move them) and
+/// 64 MiB for the kernels' scratch.
+pub fn arena_for_budget(budget: usize) -> usize {
+    budget.saturating_add(budget / 4).saturating_add(64 << 20)
 }
 
 /// The opened device `ordinal`, or an error saying to call [`init`].
@@ -156,6 +228,8 @@ impl CudaDevice {
             download,
             events,
             pinned,
+            arena: Mutex::new(Arena::default()),
+            has_arena: AtomicBool::new(false),
             modules: Mutex::new(HashMap::new()),
             functions: Mutex::new(HashMap::new()),
             blas: Mutex::new(None),
@@ -205,6 +279,103 @@ impl CudaDevice {
     /// The host tier's pinned memory.
     pub fn pinned(&self) -> &Arc<PinnedPool> {
         &self.pinned
+    }
+
+    /// Reserves device memory for buffers up to `bytes` in all (rounded up to 2 MiB), as one
+    /// large allocation added to those already reserved: buffers are then carved from it on
+    /// the host ([`super::arena`]), with no driver call per buffer, and the device memory
+    /// dynn's buffers take is known up front. A buffer that finds no free block that fits
+    /// still gets memory, from the driver's stream-ordered pool ([`ArenaStats::misses`]
+    /// counts them). A memory manager with a budget reserves the budget, plus headroom for
+    /// the kernels' scratch and fragmentation.
+    pub fn reserve(&self, bytes: usize) -> Result<()> {
+        const GRANULE: usize = 2 << 20;
+        let mut arena = self.arena()?;
+        let have = arena.stats().reserved;
+        if bytes <= have {
+            return Ok(());
+        }
+        let size = (bytes - have).div_ceil(GRANULE) * GRANULE;
+        self.ctx.bind_to_thread().map_err(self.err("reserve"))?;
+        // SAFETY: a plain device allocation; the arena hands out its bytes only to buffers
+        // that write them before reading, and it is freed when the device is dropped.
+        let base = unsafe { result::malloc_sync(size) }.map_err(|e| Error::Device {
+            op: "reserve",
+            msg: format!(
+                "cuda:{}: could not reserve {size} bytes of device memory: {e}",
+                self.ordinal
+            ),
+        })?;
+        arena.add_region(base, size);
+        self.has_arena.store(true, Ordering::Release);
+        tracing::info!(
+            device = self.ordinal,
+            bytes = size,
+            reserved = have + size,
+            "device memory reserved"
+        );
+        Ok(())
+    }
+
+    /// The arena's counters (all zero before [`CudaDevice::reserve`]).
+    pub fn arena_stats(&self) -> ArenaStats {
+        self.arena().map(|a| a.stats()).unwrap_or_default()
+    }
+
+    fn arena(&self) -> Result<MutexGuard<'_, Arena<CudaEvent>>> {
+        self.arena
+            .lock()
+            .map_err(|_| Error::Msg("CUDA arena poisoned".into()))
+    }
+
+    /// Makes ready the arena blocks whose markers and fences have completed.
+    fn poll(&self, arena: &mut Arena<CudaEvent>) {
+        // An event the driver cannot answer for stays pending: its block is never reused.
+        arena.poll(
+            |e| e.try_is_complete().unwrap_or(false),
+            |e| self.events.recycle(e),
+        );
+    }
+
+    /// A block of at least `bytes` from the arena for `stream` (`None`: no arena, or no free
+    /// block that fits).
+    pub(crate) fn take_block(&self, bytes: usize, stream: Stream) -> Option<Block> {
+        if !self.has_arena.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut arena = self.arena().ok()?;
+        if let Some(b) = arena.alloc(bytes, stream) {
+            return Some(b);
+        }
+        self.poll(&mut arena);
+        if let Some(b) = arena.alloc(bytes, stream) {
+            return Some(b);
+        }
+        if stream == Stream::Copy && arena.wants_marker() {
+            // Lets the next copies reuse what kernels freed before now.
+            self.mark(&mut arena);
+        }
+        None
+    }
+
+    /// Records a marker on the compute stream covering its frees so far.
+    fn mark(&self, arena: &mut Arena<CudaEvent>) {
+        if let Ok(e) = self.events.record(&self.compute) {
+            arena.add_marker(e);
+        }
+    }
+
+    /// Gives back the arena block at `place`: freed on the compute stream (`fence` `None`), or
+    /// once `fence` has completed.
+    pub(crate) fn free_block(&self, place: Place, fence: Option<CudaEvent>) {
+        let Ok(mut arena) = self.arena() else {
+            return;
+        };
+        arena.free(place, fence);
+        if arena.backlog() > 4096 {
+            self.mark(&mut arena);
+            self.poll(&mut arena);
+        }
     }
 
     /// Maps a driver or library error to [`Error::Device`] naming `op` and this device.
@@ -351,5 +522,21 @@ impl Backend for CudaBackend {
     }
     fn synchronize(&self) -> Result<()> {
         self.0.synchronize()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ArenaRequest, arena_for_budget, parse_arena};
+
+    #[test]
+    fn the_arena_variable_parses_or_names_itself() {
+        assert_eq!(parse_arena("").unwrap(), ArenaRequest::Off);
+        assert_eq!(parse_arena("0").unwrap(), ArenaRequest::Off);
+        assert_eq!(parse_arena(" budget").unwrap(), ArenaRequest::Budget);
+        assert_eq!(parse_arena("3").unwrap(), ArenaRequest::Bytes(3 << 20));
+        let e = parse_arena("2GiB").unwrap_err().to_string();
+        assert!(e.contains("DYNN_CUDA_ARENA") && e.contains("2GiB"), "{e}");
+        assert_eq!(arena_for_budget(4 << 20), (5 << 20) + (64 << 20));
     }
 }

@@ -78,7 +78,8 @@ pub struct ArenaStats {
     pub peak_in_use: usize,
     /// Blocks handed out.
     pub allocations: u64,
-    /// Requests no free block could serve (the caller then allocates elsewhere).
+    /// Requests no free block could serve, the caller then allocating elsewhere (counted by
+    /// [`Arena::miss`]).
     pub misses: u64,
 }
 
@@ -174,10 +175,7 @@ impl<F> Arena<F> {
                 (r, c) => r.or(c),
             },
         };
-        let Some((free, place)) = found else {
-            self.stats.misses += 1;
-            return None;
-        };
+        let (free, place) = found?;
         let state = self.blocks.get(&place).map(|i| i.state)?;
         self.unset(place);
         if free > size {
@@ -199,21 +197,49 @@ impl<F> Arena<F> {
         })
     }
 
+    /// Counts a request the arena could not serve.
+    pub fn miss(&mut self) {
+        self.stats.misses += 1;
+    }
+
     /// Frees the block at `place`: on the compute stream (`fence` `None`), or once `fence`
     /// completes — a fence that also follows every kernel queued before this call, so that
-    /// the block is then ready for any stream. A place not handed out is ignored.
-    pub fn free(&mut self, place: Place, fence: Option<F>) {
+    /// the block is then ready for any stream. A place not handed out is ignored, and its
+    /// fence given back.
+    pub fn free(&mut self, place: Place, fence: Option<F>) -> Option<F> {
         let Some(info) = self.blocks.get(&place).copied() else {
-            return;
+            return fence;
         };
         if info.state != State::Used {
-            return;
+            return fence;
         }
         self.stats.in_use -= info.size;
         match fence {
             None => {
+                // Merged with free neighbours of the compute stream: the whole block is then
+                // ready once a marker covers this free, the newest of its parts.
                 self.seq += 1;
-                self.set(place, info.size, State::ComputeFree { seq: self.seq });
+                let (mut start, mut size) = (place, info.size);
+                let next = Place {
+                    region: place.region,
+                    offset: place.offset + size,
+                };
+                if let Some(n) = self.blocks.get(&next).copied()
+                    && matches!(n.state, State::ComputeFree { .. })
+                {
+                    self.unset(next);
+                    size += n.size;
+                }
+                if let Some((&prev, p)) = self.blocks.range(..place).next_back()
+                    && prev.region == place.region
+                    && prev.offset + p.size == place.offset
+                    && matches!(p.state, State::ComputeFree { .. })
+                {
+                    size += p.size;
+                    self.unset(prev);
+                    start = prev;
+                }
+                self.set(start, size, State::ComputeFree { seq: self.seq });
             }
             Some(f) => {
                 self.set(place, info.size, State::Fenced);
@@ -221,18 +247,18 @@ impl<F> Arena<F> {
                 self.fenced.push_back((f, place, generation));
             }
         }
+        None
+    }
+
+    /// Compute-stream frees since the last marker.
+    pub fn unmarked_frees(&self) -> u64 {
+        self.seq - self.marked
     }
 
     /// Whether compute-stream frees wait for a marker (then [`Arena::add_marker`] helps a
     /// copy stream find ready blocks).
     pub fn wants_marker(&self) -> bool {
-        self.seq > self.marked
-    }
-
-    /// Compute-stream frees waiting for a marker (stale ones included): a caller that never
-    /// allocates for a copy stream adds a marker when this grows, so the queue stays short.
-    pub fn backlog(&self) -> usize {
-        self.unmarked.len()
+        self.unmarked_frees() > 0
     }
 
     /// `fence`, recorded on the compute stream now, covers every compute-stream free so far.
@@ -382,6 +408,7 @@ mod tests {
         assert_eq!((y.ptr, y.size), ((1 << 20) + ALIGN as u64, 3 * ALIGN));
         assert_eq!(a.stats().in_use, 4 * ALIGN);
         assert!(a.alloc(5 * ALIGN, Stream::Compute).is_none());
+        a.miss();
         assert_eq!(a.stats().misses, 1);
         let z = a.alloc(4 * ALIGN, Stream::Compute).unwrap();
         assert_eq!(z.ptr, (1 << 20) + 4 * ALIGN as u64);
@@ -414,8 +441,9 @@ mod tests {
 
     #[test]
     fn a_marker_covers_only_the_frees_before_it() {
-        let mut a = arena(2 * ALIGN);
+        let mut a = arena(3 * ALIGN);
         let x = a.alloc(ALIGN, Stream::Compute).unwrap();
+        let _between = a.alloc(ALIGN, Stream::Compute).unwrap();
         let y = a.alloc(ALIGN, Stream::Compute).unwrap();
         a.free(x.place, None);
         let m = fence();
@@ -430,6 +458,33 @@ mod tests {
             "y's free is after the marker"
         );
         assert!(a.wants_marker());
+    }
+
+    #[test]
+    fn neighbouring_compute_frees_merge_and_wait_for_the_newest() {
+        let mut a = arena(3 * ALIGN);
+        let b: Vec<Block> = (0..3)
+            .map(|_| a.alloc(ALIGN, Stream::Compute).unwrap())
+            .collect();
+        a.free(b[0].place, None);
+        a.free(b[2].place, None);
+        let m = fence();
+        a.add_marker(m.clone());
+        a.free(b[1].place, None);
+        // One block of three for the compute stream at once.
+        let x = a.alloc(3 * ALIGN, Stream::Compute).unwrap();
+        assert_eq!(x.ptr, b[0].ptr);
+        a.free(x.place, None);
+        // For a copy only once a marker covers the newest of the three frees.
+        m.set(true);
+        poll(&mut a);
+        assert!(a.alloc(ALIGN, Stream::Copy).is_none());
+        assert_eq!(a.unmarked_frees(), 2);
+        let n = fence();
+        a.add_marker(n.clone());
+        n.set(true);
+        poll(&mut a);
+        assert_eq!(a.alloc(3 * ALIGN, Stream::Copy).unwrap().ptr, b[0].ptr);
     }
 
     #[test]

@@ -297,6 +297,10 @@ impl CudaDevice {
         }
         let size = (bytes - have).div_ceil(GRANULE) * GRANULE;
         self.ctx.bind_to_thread().map_err(self.err("reserve"))?;
+        // The driver's pool keeps what earlier buffers freed (a trainer's unlimited probe):
+        // hand it back first, so the reservation has the room.
+        self.synchronize()?;
+        trim_pool(&self.ctx).map_err(self.err("reserve"))?;
         // SAFETY: a plain device allocation; the arena hands out its bytes only to buffers
         // that write them before reading, and it is freed when the device is dropped.
         let base = unsafe { result::malloc_sync(size) }.map_err(|e| Error::Device {
@@ -330,7 +334,9 @@ impl CudaDevice {
 
     /// Makes ready the arena blocks whose markers and fences have completed.
     fn poll(&self, arena: &mut Arena<CudaEvent>) {
-        // An event the driver cannot answer for stays pending: its block is never reused.
+        // An event the driver cannot answer for stays pending, and with it every marker or
+        // fence after it: after such a (sticky) driver error, the arena serves from what is
+        // ready and the driver's pool serves the rest.
         arena.poll(
             |e| e.try_is_complete().unwrap_or(false),
             |e| self.events.recycle(e),
@@ -351,8 +357,9 @@ impl CudaDevice {
         if let Some(b) = arena.alloc(bytes, stream) {
             return Some(b);
         }
-        if stream == Stream::Copy && arena.wants_marker() {
-            // Lets the next copies reuse what kernels freed before now.
+        arena.miss();
+        if arena.wants_marker() {
+            // Lets later requests reuse, and coalesce, what kernels freed before now.
             self.mark(&mut arena);
         }
         None
@@ -371,8 +378,11 @@ impl CudaDevice {
         let Ok(mut arena) = self.arena() else {
             return;
         };
-        arena.free(place, fence);
-        if arena.backlog() > 4096 {
+        if let Some(unused) = arena.free(place, fence) {
+            self.events.recycle(unused);
+        }
+        // Frees wait in a queue for a marker: keep it short when nothing asks for one.
+        if arena.unmarked_frees() >= 4096 {
             self.mark(&mut arena);
             self.poll(&mut arena);
         }
@@ -494,6 +504,17 @@ fn pool_attribute(
         .result()?;
     }
     Ok(value)
+}
+
+/// Returns the default memory pool's unused memory to the driver (nothing may be queued).
+fn trim_pool(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is written by the driver for this context's device, then trimmed; no
+    // allocation of it is in flight (the caller synchronised).
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolTrimTo(pool, 0).result()
+    }
 }
 
 /// Lets the device's default memory pool keep freed memory instead of returning it to the

@@ -357,8 +357,10 @@ impl DeviceStorage for CudaStorage {
         // download stream, after the copy (`offloaded`, set as soon as the copy is queued).
         unsafe { result::memcpy_dtoh_async(block.bytes_mut(), src, down.cu_stream()) }
             .map_err(&err)?;
-        self.offloaded.store(true, Ordering::Release);
+        // Without an event, `mark_copy` waits for the copy: the bytes then stay this storage's
+        // as before the offload (which failed), freed on the compute stream.
         let copied = self.dev.events().mark_copy(down).map_err(&err)?;
+        self.offloaded.store(true, Ordering::Release);
         block.last_copy().replace(copied);
         Ok(Box::new(PinnedHost::new(block, self.dtype, self.len)))
     }

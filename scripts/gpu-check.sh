@@ -6,9 +6,9 @@
 # The pilot stage measures the pilot's own host time per step on the GPU (issue 6's 2% bar).
 # The writeback stage times each trainer at 25% (lru) with and without background write-backs.
 # The arena stage runs the op suite with buffers carved from a reserved arena
-# (DYNN_CUDA_ARENA=2048), and each trainer at 25% (lru, pilot) in its budget's arena
-# (DYNN_CUDA_ARENA=budget): parameters bit-identical to the unlimited run, step time against
-# the driver's pool.
+# (DYNN_CUDA_ARENA=2048), times the host-bound training-step benchmarks with and without one,
+# and runs each trainer at 25% (lru, pilot) in its budget's arena (DYNN_CUDA_ARENA=budget):
+# parameters bit-identical to the unlimited run, step time against the driver's pool.
 # FILTER=name runs only the op tests and bench cases whose names contain it (ops, bench).
 #   scripts/gpu-check.sh [ops|bench|train|pilot|writeback|arena|all]...
 set -uo pipefail
@@ -144,6 +144,11 @@ if has arena; then
     DYNN_CUDA_ARENA=2048 timeout 300 "$BIN/cuda_ops" ${FILTER:+"$FILTER"} --test-threads 4 2>&1 \
         | tee "$OUT/ops_arena.log" | tail -15
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    echo "== device arena: host-bound training steps, driver's pool then a 4 GiB arena"
+    for case in transformer_block_fwd_bwd moe_train_step; do
+        timeout 120 "$BIN/gpu" --filter "$case" 2>&1 | grep "$case" | head -1 | sed 's/^/pool:  /'
+        DYNN_CUDA_ARENA=4096 timeout 120 "$BIN/gpu" --filter "$case" 2>&1 | grep "$case" | head -1 | sed 's/^/arena: /'
+    done
     echo "== device arena: trainers at 25% in their budget's arena (bit-identical params; step ms, pool -> arena)"
     : > "$OUT/arena.jsonl"
     fnv() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])["params_fnv"])' "$1" 2>/dev/null; }

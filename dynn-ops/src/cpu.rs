@@ -1,7 +1,6 @@
 //! Shared CPU kernel machinery: parallel element loops over (possibly strided, broadcast)
 //! layouts, and dtype dispatch. Op files use these; they hold no op of their own.
 
-use crate::math::simd;
 use dynn_core::{Layout, Shape, vec_from_fill};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -21,21 +20,105 @@ pub fn chunk_len(n: usize) -> usize {
 #[inline]
 pub fn map_slice<T: Copy + Sync, U: Copy + Send>(src: &[T], f: impl Fn(T) -> U + Sync) -> Vec<U> {
     let n = src.len();
+    let f = &f;
     vec_from_fill(n, |out| {
-        let body = |(o, s): (&mut [MaybeUninit<U>], &[T])| {
-            for (o, &s) in o.iter_mut().zip(s) {
-                o.write(f(s));
-            }
-        };
         if n < PAR_MIN {
-            simd(|| body((out, src)));
+            simd_task(Map { out, src, f });
         } else {
             let c = chunk_len(n);
             out.par_chunks_mut(c)
                 .zip(src.par_chunks(c))
-                .for_each(|x| simd(|| body(x)));
+                .for_each(|(out, src)| simd_task(Map { out, src, f }));
         }
     })
+}
+
+/// `out[i] = f(src[i])` over one chunk, compiled by [`simd_task`] so that the loop, with
+/// `f` inlined into it, vectorizes as wide as the CPU allows.
+struct Map<'a, 'f, T, U, F> {
+    out: &'a mut [MaybeUninit<U>],
+    src: &'a [T],
+    f: &'f F,
+}
+
+impl<T: Copy, U, F: Fn(T) -> U> SimdTask for Map<'_, '_, T, U, F> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        for (o, &s) in self.out.iter_mut().zip(self.src) {
+            o.write((self.f)(s));
+        }
+    }
+}
+
+/// `out[i] = f(lhs[i], rhs[i])` over one chunk (see [`Map`]).
+struct Zip<'a, 'f, T, U, F> {
+    out: &'a mut [MaybeUninit<U>],
+    lhs: &'a [T],
+    rhs: &'a [T],
+    f: &'f F,
+}
+
+impl<T: Copy, U, F: Fn(T, T) -> U> SimdTask for Zip<'_, '_, T, U, F> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        for ((o, &x), &y) in self.out.iter_mut().zip(self.lhs).zip(self.rhs) {
+            o.write((self.f)(x, y));
+        }
+    }
+}
+
+/// Rows of `inner` outputs of a broadcast zip, the `k`-th row reading `lhs` from `lb[k]` with
+/// stride `ls` and `rhs` from `rb[k]` with stride `rs` (see [`Map`]).
+struct ZipRows<'a, 'f, T, U, F> {
+    out: &'a mut [MaybeUninit<U>],
+    lhs: &'a [T],
+    rhs: &'a [T],
+    lb: &'a [usize],
+    rb: &'a [usize],
+    inner: usize,
+    strides: (usize, usize),
+    f: &'f F,
+}
+
+impl<T: Copy, U, F: Fn(T, T) -> U> SimdTask for ZipRows<'_, '_, T, U, F> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let (f, inner, (lhs, rhs)) = (self.f, self.inner, (self.lhs, self.rhs));
+        let rows = self.out.chunks_mut(inner).zip(self.lb).zip(self.rb);
+        for ((o, &lo), &ro) in rows {
+            match self.strides {
+                (1, 1) => {
+                    for ((o, &x), &y) in o
+                        .iter_mut()
+                        .zip(&lhs[lo..lo + inner])
+                        .zip(&rhs[ro..ro + inner])
+                    {
+                        o.write(f(x, y));
+                    }
+                }
+                (1, 0) => {
+                    let y = rhs[ro];
+                    for (o, &x) in o.iter_mut().zip(&lhs[lo..lo + inner]) {
+                        o.write(f(x, y));
+                    }
+                }
+                (0, 1) => {
+                    let x = lhs[lo];
+                    for (o, &y) in o.iter_mut().zip(&rhs[ro..ro + inner]) {
+                        o.write(f(x, y));
+                    }
+                }
+                (ls, rs) => {
+                    for (k, o) in o.iter_mut().enumerate() {
+                        o.write(f(lhs[lo + k * ls], rhs[ro + k * rs]));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Applies `f` to every element of `src` seen through `layout`, returning a contiguous vector
@@ -108,9 +191,6 @@ fn rows_of<U: Copy + Send>(
     })
 }
 
-/// An output chunk zipped with its two input chunks.
-type Zipped<'a, T, U> = ((&'a mut [MaybeUninit<U>], &'a [T]), &'a [T]);
-
 /// Applies `f` element-wise to two operands whose layouts are already broadcast to `shape`,
 /// returning a contiguous output. Fast paths: both contiguous; either side constant along the
 /// last dim (a broadcast row or column).
@@ -124,21 +204,21 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
 ) -> Vec<U> {
     let n = shape.elem_count();
     if let (Some((a, b)), Some((c, d))) = (ll.contiguous_range(), rl.contiguous_range()) {
-        let (l, r) = (&lhs[a..b], &rhs[c..d]);
+        let (l, r, f) = (&lhs[a..b], &rhs[c..d], &f);
         return vec_from_fill(n, |out| {
-            let body = |((o, l), r): Zipped<'_, T, U>| {
-                for ((o, &x), &y) in o.iter_mut().zip(l).zip(r) {
-                    o.write(f(x, y));
-                }
-            };
             if n < PAR_MIN {
-                simd(|| body(((out, l), r)));
+                simd_task(Zip {
+                    out,
+                    lhs: l,
+                    rhs: r,
+                    f,
+                });
             } else {
                 let ch = chunk_len(n);
                 out.par_chunks_mut(ch)
                     .zip(l.par_chunks(ch))
                     .zip(r.par_chunks(ch))
-                    .for_each(|x| simd(|| body(x)));
+                    .for_each(|((out, lhs), rhs)| simd_task(Zip { out, lhs, rhs, f }));
             }
         });
     }
@@ -162,47 +242,35 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
         if n == 0 {
             return;
         }
-        let body = |((o, &lo), &ro): ((&mut [MaybeUninit<U>], &usize), &usize)| match (ls, rs) {
-            (1, 1) => {
-                for ((o, &x), &y) in o
-                    .iter_mut()
-                    .zip(&lhs[lo..lo + inner])
-                    .zip(&rhs[ro..ro + inner])
-                {
-                    o.write(f(x, y));
-                }
-            }
-            (1, 0) => {
-                let y = rhs[ro];
-                for (o, &x) in o.iter_mut().zip(&lhs[lo..lo + inner]) {
-                    o.write(f(x, y));
-                }
-            }
-            (0, 1) => {
-                let x = lhs[lo];
-                for (o, &y) in o.iter_mut().zip(&rhs[ro..ro + inner]) {
-                    o.write(f(x, y));
-                }
-            }
-            _ => {
-                for (k, o) in o.iter_mut().enumerate() {
-                    o.write(f(lhs[lo + k * ls], rhs[ro + k * rs]));
-                }
-            }
-        };
+        let (f, strides) = (&f, (ls, rs));
         let rows = (PAR_MIN / inner).max(1);
         if n < PAR_MIN {
-            simd(|| {
-                out.chunks_mut(inner)
-                    .zip(lb.iter())
-                    .zip(rb.iter())
-                    .for_each(body)
+            simd_task(ZipRows {
+                out,
+                lhs,
+                rhs,
+                lb: &lb,
+                rb: &rb,
+                inner,
+                strides,
+                f,
             });
         } else {
             out.par_chunks_mut(inner * rows)
                 .zip(lb.par_chunks(rows))
                 .zip(rb.par_chunks(rows))
-                .for_each(|((o, l), r)| simd(|| o.chunks_mut(inner).zip(l).zip(r).for_each(body)));
+                .for_each(|((out, lb), rb)| {
+                    simd_task(ZipRows {
+                        out,
+                        lhs,
+                        rhs,
+                        lb,
+                        rb,
+                        inner,
+                        strides,
+                        f,
+                    })
+                });
         }
     })
 }
@@ -364,6 +432,24 @@ mod tests {
         let n = Layout::contiguous([3, 4, 5]).narrow(2, 1, 3).unwrap();
         let want: Vec<f32> = n.indices().map(|i| src[i]).collect();
         assert_eq!(map_layout(&src, &n, |x| x), want);
+    }
+
+    #[test]
+    fn vector_paths_give_the_scalar_bits() {
+        use crate::math::{exp_f32, tanh_f32};
+        // Long enough for the parallel chunks; values across tanh's two branches.
+        let n = PAR_MIN * 3 + 17;
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 9.0).collect();
+        let y: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+        let gelu = |v: f32| 0.5 * v * (1.0 + tanh_f32(0.797_884_6 * (v + 0.044_715 * v * v * v)));
+        let want: Vec<u32> = x.iter().map(|&v| gelu(v).to_bits()).collect();
+        let got: Vec<u32> = map_slice(&x, gelu).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want);
+        let f = |a: f32, b: f32| b * exp_f32(-a);
+        let want: Vec<u32> = x.iter().zip(&y).map(|(&a, &b)| f(a, b).to_bits()).collect();
+        let l = Layout::contiguous([n]);
+        let got = zip_layouts(&x, &l, &y, &l, &Shape::new(&[n]), f);
+        assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
     }
 
     #[test]

@@ -593,38 +593,44 @@ fn cuda_backward(
     Ok(Box::new(out))
 }
 
+/// Expands `$run!(kind)` in an arm per kind, with the kind written out as a constant (its
+/// data, if any, bound by value): a closure that `$run` builds around it then applies one
+/// function, with no per-element `match`, and its loop vectorizes.
+macro_rules! with_kind {
+    ($k:expr, $run:ident) => {
+        match $k {
+            Unary::Neg => $run!(Unary::Neg),
+            Unary::Abs => $run!(Unary::Abs),
+            Unary::Exp => $run!(Unary::Exp),
+            Unary::Log => $run!(Unary::Log),
+            Unary::Sqrt => $run!(Unary::Sqrt),
+            Unary::Rsqrt => $run!(Unary::Rsqrt),
+            Unary::Tanh => $run!(Unary::Tanh),
+            Unary::Sigmoid => $run!(Unary::Sigmoid),
+            Unary::Relu => $run!(Unary::Relu),
+            Unary::Gelu => $run!(Unary::Gelu),
+            Unary::GeluErf => $run!(Unary::GeluErf),
+            Unary::Silu => $run!(Unary::Silu),
+            Unary::Sin => $run!(Unary::Sin),
+            Unary::Cos => $run!(Unary::Cos),
+            Unary::Sqr => $run!(Unary::Sqr),
+            Unary::Recip => $run!(Unary::Recip),
+            Unary::Affine { mul, add } => $run!(Unary::Affine { mul, add }),
+            Unary::Powf(e) => $run!(Unary::Powf(e)),
+        }
+    };
+}
+
 fn run_forward<T: FloatElement + CpuElement>(k: Unary, src: &[T], arg: &KernelArg<'_>) -> Vec<T>
 where
     T::Acc: FastMath,
 {
-    macro_rules! go {
-        ($($kind:pat),*) => {
-            match k {
-                $($kind => map_layout(src, arg.layout, |x| T::from_acc(k.f(x.to_acc()))),)*
-            }
+    macro_rules! apply {
+        ($c:expr) => {
+            map_layout(src, arg.layout, move |x| T::from_acc(($c).f(x.to_acc())))
         };
     }
-    // One arm per kind so each loop is monomorphic in the function it applies.
-    go!(
-        Unary::Neg,
-        Unary::Abs,
-        Unary::Exp,
-        Unary::Log,
-        Unary::Sqrt,
-        Unary::Rsqrt,
-        Unary::Tanh,
-        Unary::Sigmoid,
-        Unary::Relu,
-        Unary::Gelu,
-        Unary::GeluErf,
-        Unary::Silu,
-        Unary::Sin,
-        Unary::Cos,
-        Unary::Sqr,
-        Unary::Recip,
-        Unary::Affine { .. },
-        Unary::Powf(_)
-    )
+    with_kind!(k, apply)
 }
 
 impl Op for Unary {
@@ -681,9 +687,14 @@ fn grad_kernel<T: FloatElement + CpuElement>(
 where
     T::Acc: FastMath,
 {
-    crate::cpu::zip_layouts(v, va.layout, g, ga.layout, shape, |a, b| {
-        T::from_acc(b.to_acc() * k.df(a.to_acc()))
-    })
+    macro_rules! apply {
+        ($c:expr) => {
+            crate::cpu::zip_layouts(v, va.layout, g, ga.layout, shape, move |a, b| {
+                T::from_acc(b.to_acc() * ($c).df(a.to_acc()))
+            })
+        };
+    }
+    with_kind!(k, apply)
 }
 
 /// Boxes a typed vector as device storage.

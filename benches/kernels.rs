@@ -164,6 +164,8 @@ struct Case {
 }
 
 fn main() -> BenchResult<()> {
+    // Kernels run partly on this thread (see `init_threads`).
+    dynn::init_threads();
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
@@ -251,6 +253,27 @@ fn main() -> BenchResult<()> {
         x.sum_dims(&[-1], false)?,
         cx.sum(CD::Minus1)?
     );
+    case!(
+        "gelu_4096x1024",
+        Work::Bytes(bytes_rw),
+        x.gelu()?,
+        cx.gelu()?
+    );
+    {
+        // Forward, the sum's backward (a broadcast of ones) and gelu's backward: x read
+        // twice, y written and read, dx written.
+        let xg = x.affine(1.0, 0.0)?.set_requires_grad(true);
+        let vx = Var::from_tensor(&cx)?;
+        case!(
+            "gelu_fwd_bwd_4096x1024",
+            Work::Bytes(5.0 * 4096.0 * 1024.0 * 4.0),
+            {
+                xg.gelu()?.sum_all()?.backward()?;
+                xg.grad()
+            },
+            vx.as_tensor().gelu()?.sum_all()?.backward()?
+        );
+    }
     {
         let (table, ctable) = pair(&mut rng, &[50_000, 512])?;
         let ids: Vec<u32> = (0..8192).map(|_| (rng.next() % 50_000) as u32).collect();

@@ -21,6 +21,8 @@ fn step(model: &Transformer, rng: &mut Rng) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // Kernels run partly on this thread (see `init_threads`).
+    dynn::init_threads();
     let model = Transformer::new(128, 3)?;
     let mut rng = Rng(5);
     let mm = MemoryManager::new(ManagerConfig::new(policy::by_name("lru")?, None));

@@ -132,6 +132,8 @@ const DYNNS: [Workload; 4] = [
 const WIDTH_MODELS: [Workload; 2] = [Workload::Moe, Workload::Transformer];
 
 fn main() {
+    // Kernels run partly on this thread (see `init_threads`).
+    dynn::init_threads();
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);

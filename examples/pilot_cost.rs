@@ -84,6 +84,8 @@ impl<P: Policy> Policy for Flushing<P> {
 }
 
 fn main() -> Result<()> {
+    // Kernels run partly on this thread (see `init_threads`).
+    dynn::init_threads();
     let args = Args::parse();
     let prof = DeviceProfile::a100_pcie4();
     let shared = Shared::default();

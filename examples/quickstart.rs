@@ -94,6 +94,8 @@ fn unlimited_peak(args: &Args) -> Result<usize> {
 }
 
 fn main() {
+    // Kernels run partly on this thread (see `init_threads`).
+    dynn::init_threads();
     if let Err(e) = run() {
         eprintln!("error: {e}");
         std::process::exit(1);

@@ -103,6 +103,7 @@ pub use dynn_core::{DType, Device, Error, Result, Shape, Tensor};
 pub use dynn_mm as mm;
 pub use dynn_models as models;
 pub use dynn_ops as ops;
+pub use dynn_ops::cpu::init_threads;
 pub use dynn_ops::cuda;
 pub use dynn_pilot as pilot;
 

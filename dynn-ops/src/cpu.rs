@@ -5,6 +5,19 @@ use dynn_core::{Layout, Shape, vec_from_fill};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
 
+/// Builds rayon's global pool, which runs every CPU kernel, with the calling thread as one of
+/// its threads (index 0, beside `available_parallelism() - 1` spawned ones). Call it first
+/// thing in `main`, before any kernel runs: kernels launched from this thread then run partly
+/// on it, instead of waking a pool thread and sleeping until it is done. On a 2-core machine
+/// that halves a training step made of many small ops (`train_moe`: 28–37 → 18–20 ms).
+/// Returns `false`, changing nothing, when the pool already exists.
+pub fn init_threads() -> bool {
+    rayon::ThreadPoolBuilder::new()
+        .use_current_thread()
+        .build_global()
+        .is_ok()
+}
+
 /// Elements below which a loop runs on the calling thread (parallel overhead dominates).
 pub const PAR_MIN: usize = 1 << 15;
 

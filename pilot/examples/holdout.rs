@@ -44,6 +44,8 @@ fn show(h: &Holdout) {
 }
 
 fn main() -> dynn_core::Result<()> {
+    // Kernels run partly on this thread (see `init_threads`).
+    dynn_ops::cpu::init_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let steps: u64 = args.first().and_then(|s| s.parse().ok()).unwrap_or(24);
     let held = args.get(1).map(String::as_str).unwrap_or("evoformer");

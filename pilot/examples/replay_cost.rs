@@ -13,6 +13,8 @@ use dynn_pilot::tracker::Tracker;
 use std::time::Instant;
 
 fn main() -> Result<()> {
+    // Kernels run partly on this thread (see `init_threads`).
+    dynn_ops::cpu::init_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let name = args.first().map(String::as_str).unwrap_or("moe");
     let steps: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(6);

@@ -394,6 +394,8 @@ pub fn main<T: Task>(args: &TrainArgs, defaults: Defaults, make: impl Fn() -> Re
         )
         .with_writer(std::io::stderr)
         .try_init();
+    // The kernels run partly on this thread (see `init_threads`).
+    dynn_ops::cpu::init_threads();
     match train(args, defaults, make) {
         Ok(out) => print_outcome(&out, args.json),
         Err(e) => {

@@ -79,7 +79,7 @@ pub struct ArenaStats {
     /// Blocks handed out.
     pub allocations: u64,
     /// Requests no free block could serve, the caller then allocating elsewhere (counted by
-    /// [`Arena::miss`]).
+    /// `Arena::miss`).
     pub misses: u64,
 }
 

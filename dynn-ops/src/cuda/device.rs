@@ -283,7 +283,7 @@ impl CudaDevice {
 
     /// Reserves device memory for buffers up to `bytes` in all (rounded up to 2 MiB), as one
     /// large allocation added to those already reserved: buffers are then carved from it on
-    /// the host ([`super::arena`]), with no driver call per buffer, and the device memory
+    /// the host (`cuda/arena.rs`), with no driver call per buffer, and the device memory
     /// dynn's buffers take is known up front. A buffer that finds no free block that fits
     /// still gets memory, from the driver's stream-ordered pool ([`ArenaStats::misses`]
     /// counts them). A memory manager with a budget reserves the budget, plus headroom for

@@ -10,6 +10,7 @@
 //! In-place ops are never recorded on the tape: wrap optimizer steps in
 //! [`dynn_core::no_grad`].
 
+use crate::cpu::{SimdTask, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
 use crate::ops::update::{check_target, cuda_target};
@@ -38,6 +39,23 @@ enum Rule {
 #[derive(Debug, Clone, Copy)]
 struct Fused(Rule);
 
+/// One chunk of a rule's update, compiled by [`simd_task`] so that its loop vectorizes.
+struct Chunk<'a, T> {
+    t: &'a mut [T],
+    a: &'a [T],
+    b: &'a [T],
+    rule: Rule,
+}
+
+impl<T: FloatElement + CpuElement> SimdTask for Chunk<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        apply(self.t, self.a, self.b, self.rule);
+    }
+}
+
+#[inline(always)]
 fn apply<T: FloatElement + CpuElement>(t: &mut [T], a: &[T], b: &[T], rule: Rule) {
     let of = <T::Acc as AccFloat>::of;
     match rule {
@@ -86,12 +104,12 @@ fn run<T: FloatElement + CpuElement>(
             if b.is_empty() {
                 t.par_chunks_mut(CHUNK)
                     .zip(a.par_chunks(CHUNK))
-                    .for_each(|(t, a)| crate::math::simd(|| apply(t, a, &[], rule)));
+                    .for_each(|(t, a)| simd_task(Chunk { t, a, b: &[], rule }));
             } else {
                 t.par_chunks_mut(CHUNK)
                     .zip(a.par_chunks(CHUNK))
                     .zip(b.par_chunks(CHUNK))
-                    .for_each(|((t, a), b)| crate::math::simd(|| apply(t, a, b, rule)));
+                    .for_each(|((t, a), b)| simd_task(Chunk { t, a, b, rule }));
             }
         }
         None => {

@@ -34,26 +34,31 @@ impl Layout {
     }
 
     /// The shape.
+    #[inline]
     pub fn shape(&self) -> &Shape {
         &self.shape
     }
 
     /// The dims.
+    #[inline]
     pub fn dims(&self) -> &[usize] {
         self.shape.dims()
     }
 
     /// Strides in elements.
+    #[inline]
     pub fn strides(&self) -> &[usize] {
         &self.strides
     }
 
     /// Offset of the first element, in elements.
+    #[inline]
     pub fn offset(&self) -> usize {
         self.offset
     }
 
     /// Number of elements.
+    #[inline]
     pub fn elem_count(&self) -> usize {
         self.shape.elem_count()
     }
@@ -234,14 +239,19 @@ impl Layout {
     }
 
     /// Iterates over the buffer index of every element, in row-major order of the shape.
+    #[inline]
     pub fn indices(&self) -> StridedIndex<'_> {
         StridedIndex::new(self)
     }
 
-    /// Splits the layout into `(outer element count, inner contiguous block length)` when the
-    /// innermost `k` dims are contiguous, returning the buffer offsets of each block. Kernels use
-    /// this to run contiguous inner loops over strided tensors.
-    pub fn blocks(&self) -> (Vec<usize>, usize) {
+    /// The length of the contiguous run its innermost dims make (1 when the last dim is
+    /// strided): the block length [`Layout::blocks`] would use, without listing the blocks.
+    pub fn contiguous_block(&self) -> usize {
+        self.contiguous_tail().1
+    }
+
+    /// `(k, block)`: the innermost dims from `k` on are one contiguous run of `block` elements.
+    fn contiguous_tail(&self) -> (usize, usize) {
         let dims = self.shape.dims();
         let mut block = 1;
         let mut k = dims.len();
@@ -249,6 +259,15 @@ impl Layout {
             block *= dims[k - 1];
             k -= 1;
         }
+        (k, block)
+    }
+
+    /// Splits the layout into `(outer element count, inner contiguous block length)` when the
+    /// innermost `k` dims are contiguous, returning the buffer offsets of each block. Kernels use
+    /// this to run contiguous inner loops over strided tensors.
+    pub fn blocks(&self) -> (Vec<usize>, usize) {
+        let (k, block) = self.contiguous_tail();
+        let dims = self.shape.dims();
         let outer = Layout {
             shape: Shape::new(&dims[..k]),
             strides: Dims::from_slice(&self.strides[..k]),
@@ -258,9 +277,11 @@ impl Layout {
     }
 }
 
-/// Row-major iterator over the buffer indices of a layout.
+/// Row-major iterator over the buffer indices of a layout. Steps along the innermost dim with
+/// one add; carries into the outer dims only at the end of a row.
 pub struct StridedIndex<'a> {
-    layout: &'a Layout,
+    dims: &'a [usize],
+    strides: &'a [usize],
     next: Option<usize>,
     counter: Dims,
 }
@@ -269,7 +290,8 @@ impl<'a> StridedIndex<'a> {
     fn new(layout: &'a Layout) -> Self {
         let next = (layout.elem_count() > 0).then_some(layout.offset);
         StridedIndex {
-            layout,
+            dims: layout.shape.dims(),
+            strides: &layout.strides,
             next,
             counter: Dims::from_elem(0, layout.shape.rank()),
         }
@@ -281,10 +303,20 @@ impl Iterator for StridedIndex<'_> {
     #[inline]
     fn next(&mut self) -> Option<usize> {
         let cur = self.next?;
-        let dims = self.layout.shape.dims();
-        let strides = &self.layout.strides;
-        let mut idx = cur;
-        let mut d = dims.len();
+        let (dims, strides) = (self.dims, self.strides);
+        let Some(last) = dims.len().checked_sub(1) else {
+            // A scalar: one index.
+            self.next = None;
+            return Some(cur);
+        };
+        self.counter[last] += 1;
+        if self.counter[last] < dims[last] {
+            self.next = Some(cur + strides[last]);
+            return Some(cur);
+        }
+        self.counter[last] = 0;
+        let mut idx = cur - (dims[last] - 1) * strides[last];
+        let mut d = last;
         loop {
             if d == 0 {
                 self.next = None;
@@ -307,6 +339,61 @@ impl Iterator for StridedIndex<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Buffer indices by the definition: offset + Σ index·stride, row-major.
+    fn naive(l: &Layout) -> Vec<usize> {
+        let dims = l.dims();
+        let mut out = Vec::new();
+        let mut idx = vec![0usize; dims.len()];
+        for _ in 0..l.elem_count() {
+            out.push(
+                l.offset()
+                    + idx
+                        .iter()
+                        .zip(l.strides())
+                        .map(|(i, s)| i * s)
+                        .sum::<usize>(),
+            );
+            for d in (0..dims.len()).rev() {
+                idx[d] += 1;
+                if idx[d] < dims[d] {
+                    break;
+                }
+                idx[d] = 0;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn strided_index_matches_the_definition() {
+        let base = Layout::contiguous([3, 4, 5]);
+        let cases = [
+            Layout::contiguous(Shape::new(&[])),
+            Layout::contiguous([7]),
+            base.clone(),
+            base.transpose(0, 2).unwrap(),
+            base.transpose(1, 2).unwrap(),
+            base.narrow(1, 1, 2).unwrap().narrow(2, 3, 2).unwrap(),
+            Layout::contiguous([1, 4, 1, 2]),
+            Layout::contiguous([5])
+                .broadcast_as(&Shape::new(&[3, 2, 5]))
+                .unwrap(),
+            Layout::contiguous([3, 1])
+                .broadcast_as(&Shape::new(&[3, 6]))
+                .unwrap(),
+            Layout::contiguous([0, 4]),
+        ];
+        for l in &cases {
+            assert_eq!(l.indices().collect::<Vec<_>>(), naive(l), "{l:?}");
+            let (offsets, block) = l.blocks();
+            let flat: Vec<usize> = offsets.iter().flat_map(|&o| o..o + block).collect();
+            if l.elem_count() > 0 {
+                assert_eq!(flat, naive(l), "blocks of {l:?}");
+            }
+            assert_eq!(l.contiguous_block(), block);
+        }
+    }
 
     #[test]
     fn transpose_and_index() {

@@ -22,16 +22,19 @@ impl Shape {
     }
 
     /// The dims.
+    #[inline]
     pub fn dims(&self) -> &[usize] {
         &self.0
     }
 
     /// Rank (number of dims).
+    #[inline]
     pub fn rank(&self) -> usize {
         self.0.len()
     }
 
     /// Number of elements.
+    #[inline]
     pub fn elem_count(&self) -> usize {
         self.0.iter().product()
     }

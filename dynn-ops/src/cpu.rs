@@ -145,8 +145,10 @@ pub fn map_layout<T: Copy + Sync, U: Copy + Send>(
         return map_slice(&src[a..b], f);
     }
     let n = layout.elem_count();
-    let (offsets, block) = layout.blocks();
-    if block >= 16 {
+    // Long contiguous blocks are copied as runs; anything else row by row (listing every
+    // block of a transposed layout would cost an index per element).
+    if layout.contiguous_block() >= 16 {
+        let (offsets, block) = layout.blocks();
         return vec_from_fill(n, |out| {
             let body = |(o, &off): (&mut [MaybeUninit<U>], &usize)| {
                 for (o, &s) in o.iter_mut().zip(&src[off..off + block]) {

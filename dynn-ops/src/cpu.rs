@@ -237,7 +237,10 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
             }
         });
     }
-    let dims = shape.dims();
+    // Dims both operands step through as one are merged: longer rows, fewer row offsets.
+    let merged = crate::ops::binary::coalesce(shape, &[ll, rl]);
+    let (ll, rl) = (&merged[0], &merged[1]);
+    let dims = ll.dims();
     let rank = dims.len();
     let inner = dims.last().copied().unwrap_or(1).max(1);
     let (ls, rs) = (
@@ -478,6 +481,14 @@ mod tests {
             zip_layouts(&a, &la, &b, &lb, &s, |x, y| x + y),
             vec![10., 21., 32., 13., 24., 35.]
         );
+        // Dims that merge ([2, 3, 4] + [3, 4] is two rows of 12) and a size-1 dim that drops.
+        let big: Vec<f32> = (0..24).map(|v| v as f32).collect();
+        let small: Vec<f32> = (0..12).map(|v| 100.0 * v as f32).collect();
+        let s3 = Shape::new(&[2, 1, 3, 4]);
+        let lr = Layout::contiguous([2, 1, 3, 4]);
+        let ls = Layout::contiguous([3, 4]).broadcast_as(&s3).unwrap();
+        let want: Vec<f32> = (0..24).map(|i| big[i] + small[i % 12]).collect();
+        assert_eq!(zip_layouts(&big, &lr, &small, &ls, &s3, |x, y| x + y), want);
         let col = vec![1.0f32, 2.0];
         let lc = Layout::contiguous([2, 1]).broadcast_as(&s).unwrap();
         assert_eq!(

@@ -50,12 +50,9 @@ impl Drop for CudaDevice {
         let _ = self.ctx.bind_to_thread();
         let _ = self.ctx.synchronize();
         if let Ok(arena) = self.arena.get_mut() {
-            for (base, _) in arena.regions().to_vec() {
+            for &(base, _) in arena.regions() {
                 // SAFETY: `base` came from `malloc_sync` in `reserve`, and nothing uses it.
                 let _ = unsafe { result::free_sync(base) };
-            }
-            for e in arena.drain_fences() {
-                drop(e);
             }
         }
     }
@@ -490,12 +487,11 @@ fn pool_attribute(
     write: Option<u64>,
 ) -> std::result::Result<u64, DriverError> {
     ctx.bind_to_thread()?;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_pool(ctx)?;
     let mut value: u64 = write.unwrap_or(0);
-    // SAFETY: `pool` is written by the driver for this context's device; the attribute reads
-    // or writes a u64 that lives across the call.
+    // SAFETY: `pool` is this device's pool; the attribute reads or writes a u64 that lives
+    // across the call.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
         let value_ptr = (&mut value as *mut u64).cast();
         match write {
             Some(_) => sys::cuMemPoolSetAttribute(pool, attr, value_ptr),
@@ -506,15 +502,20 @@ fn pool_attribute(
     Ok(value)
 }
 
+/// The device's default memory pool (the one stream-ordered allocations come from).
+fn default_pool(ctx: &CudaContext) -> std::result::Result<sys::CUmemoryPool, DriverError> {
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is written by the driver for this context's device.
+    unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()? };
+    Ok(pool)
+}
+
 /// Returns the default memory pool's unused memory to the driver (nothing may be queued).
 fn trim_pool(ctx: &CudaContext) -> std::result::Result<(), DriverError> {
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: `pool` is written by the driver for this context's device, then trimmed; no
-    // allocation of it is in flight (the caller synchronised).
-    unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        sys::cuMemPoolTrimTo(pool, 0).result()
-    }
+    let pool = default_pool(ctx)?;
+    // SAFETY: `pool` is this device's pool; no allocation of it is in flight (the caller
+    // synchronised).
+    unsafe { sys::cuMemPoolTrimTo(pool, 0).result() }
 }
 
 /// Lets the device's default memory pool keep freed memory instead of returning it to the

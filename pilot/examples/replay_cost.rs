@@ -29,6 +29,7 @@ fn main() -> Result<()> {
         for _ in 0..5 {
             let mut tracker = Tracker::new(FeatureConfig::default());
             let (mut busy, mut sink) = (0u128, 0u64);
+            let mut accesses = Vec::new();
             for chunk in ops.chunks(batch.max(1)) {
                 if between > 0 {
                     // Stands in for the kernels of the chunk: they evict the tracker.
@@ -37,7 +38,13 @@ fn main() -> Result<()> {
                     }
                     sink = sink.wrapping_add(sweep[between / 2]);
                 }
+                accesses.clear();
+                for op in chunk {
+                    accesses.extend(op.inputs.iter().chain(&op.outputs));
+                }
                 let t = Instant::now();
+                // As the policy does before replaying its queue.
+                tracker.prefetch_accesses(&accesses);
                 for op in chunk {
                     if op.step != tracker.step() {
                         tracker.step_boundary(op.step);

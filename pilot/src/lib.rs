@@ -49,6 +49,7 @@
 #![warn(missing_docs)]
 
 pub mod bucket;
+mod buffers;
 pub mod encoder;
 pub mod eval;
 pub mod history;
@@ -65,7 +66,7 @@ pub use bucket::{BUCKETS, bucket};
 pub use encoder::{Encoding, FeatureConfig};
 pub use labels::{Dataset, LabelConfig, exact_labels, label_trace};
 pub use model::{ModelConfig, PilotNet, Report, Trainer, evaluate, train};
-pub use online::{OnlineConfig, OnlineTrainer, SnapshotCell};
+pub use online::{OnlineConfig, OnlineTrainer, SnapshotCell, StepRecording};
 pub use policy::{PilotConfig, PilotPolicy, PilotStats, RecomputeCosts, StatsSink};
 pub use predictor::{Scratch, Snapshot};
 pub use replay::TrackerGuard;

@@ -10,7 +10,8 @@ use crate::model::{ModelConfig, Trainer};
 use crate::predictor::Snapshot;
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use dynn_core::{Error, Result};
-use dynn_mm::{OpRecord, StepRecord, Trace};
+use dynn_mm::trace::Access;
+use dynn_mm::{Announced, OpRecord, StepRecord, Trace};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -98,8 +99,86 @@ impl OnlineConfig {
     }
 }
 
+/// One step's ops as the policy records them for the trainer, kept flat: recording an op
+/// copies its fixed fields and appends its buffers to one shared list, with no allocation per
+/// op on the executor's thread; the trainer's thread rebuilds the records
+/// ([`StepRecording::into_records`]).
+#[derive(Debug, Default)]
+pub struct StepRecording {
+    /// The records, their `inputs` and `outputs` left empty.
+    ops: Vec<OpRecord>,
+    /// How many inputs and outputs each record has, in `accesses`.
+    arity: Vec<(u32, u32)>,
+    /// Every record's inputs then outputs, record after record.
+    accesses: Vec<Access>,
+}
+
+impl StepRecording {
+    /// An empty recording with room for `ops` ops (the length of the step before, say).
+    pub fn with_capacity(ops: usize) -> Self {
+        StepRecording {
+            ops: Vec::with_capacity(ops),
+            arity: Vec::with_capacity(ops),
+            accesses: Vec::with_capacity(ops * 3),
+        }
+    }
+
+    /// Records op `op`, with what was announced before it (see [`Announced::attach_to`]).
+    pub fn push(&mut self, op: &OpRecord, announced: &mut Announced) {
+        let mut rec = OpRecord {
+            t: op.t.clone(),
+            seq: op.seq,
+            step: op.step,
+            index: op.index,
+            phase: op.phase,
+            op: op.op.clone(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            idioms: op.idioms,
+            flops: op.flops,
+            bytes_read: op.bytes_read,
+            bytes_written: op.bytes_written,
+            freed: op.freed.clone(),
+            plan: op.plan.clone(),
+            plan_source: op.plan_source.clone(),
+            plan_reads: op.plan_reads.clone(),
+        };
+        announced.attach_to(&mut rec);
+        self.ops.push(rec);
+        self.arity
+            .push((op.inputs.len() as u32, op.outputs.len() as u32));
+        self.accesses.extend_from_slice(&op.inputs);
+        self.accesses.extend_from_slice(&op.outputs);
+    }
+
+    /// Ops recorded.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether no op was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The records, each with its inputs and outputs again.
+    pub fn into_records(self) -> Vec<OpRecord> {
+        let mut at = 0;
+        let mut ops = self.ops;
+        for (op, &(i, o)) in ops.iter_mut().zip(&self.arity) {
+            let (i, o) = (i as usize, o as usize);
+            let bufs = self.accesses.get(at..at + i + o).unwrap_or_default();
+            let (inputs, outputs) = bufs.split_at(i.min(bufs.len()));
+            op.inputs = inputs.to_vec();
+            op.outputs = outputs.to_vec();
+            at += i + o;
+        }
+        ops
+    }
+}
+
 enum Msg {
-    Step(Vec<OpRecord>),
+    Step(StepRecording),
     Flush(Sender<()>),
 }
 
@@ -140,7 +219,7 @@ impl OnlineTrainer {
     }
 
     /// Hands over one finished step's op records (never blocks).
-    pub fn send_step(&self, ops: Vec<OpRecord>) {
+    pub fn send_step(&self, ops: StepRecording) {
         let _ = self.tx.send(Msg::Step(ops));
     }
 
@@ -231,7 +310,7 @@ fn run(rx: Receiver<Msg>, cfg: OnlineConfig, cell: Arc<SnapshotCell>, start: Opt
                 if ops.is_empty() {
                     continue;
                 }
-                steps.push_back(ops);
+                steps.push_back(ops.into_records());
                 while steps.len() > cfg.keep_steps.max(2) {
                     steps.pop_front();
                 }
@@ -268,5 +347,52 @@ fn run(rx: Receiver<Msg>, cfg: OnlineConfig, cell: Arc<SnapshotCell>, start: Opt
                 fresh = 0;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(index: u32, inputs: &[Access], outputs: &[Access]) -> OpRecord {
+        OpRecord {
+            t: "op".into(),
+            seq: 7 + index as u64,
+            step: 3,
+            index,
+            phase: (index % 3) as u8,
+            op: "mul".into(),
+            inputs: inputs.to_vec(),
+            outputs: outputs.to_vec(),
+            idioms: [0, 0, 0, 0, 1, index as u8],
+            flops: 10 * index as u64,
+            bytes_read: 20,
+            bytes_written: 30,
+            freed: vec![index as u64],
+            ..OpRecord::default()
+        }
+    }
+
+    #[test]
+    fn a_recording_gives_back_the_records_with_their_announcements() {
+        let ops = [
+            record(0, &[(1, 8, 0, 1), (2, 16, 3, 2)], &[(3, 4, 3, 1 << 63)]),
+            record(1, &[], &[(4, 8, 4, (1 << 63) + 1)]),
+            record(2, &[(3, 4, 3, 1 << 63)], &[]),
+        ];
+        let mut announced = Announced::default();
+        let mut rec = StepRecording::with_capacity(2);
+        rec.push(&ops[0], &mut announced);
+        announced.plan("backward", &[vec![3, 1], vec![2]]);
+        announced.read(1, 4);
+        rec.push(&ops[1], &mut announced);
+        rec.push(&ops[2], &mut announced);
+        assert_eq!(rec.len(), 3);
+        let back = rec.into_records();
+        let mut want = ops.to_vec();
+        want[1].plan = vec![vec![3, 1], vec![2]];
+        want[1].plan_source = "backward".into();
+        want[1].plan_reads = vec![(1, 4)];
+        assert_eq!(back, want);
     }
 }

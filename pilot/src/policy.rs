@@ -8,7 +8,7 @@
 use crate::bucket::{lower_bound, representative};
 use crate::encoder::FeatureConfig;
 use crate::history::KeyMap;
-use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell};
+use crate::online::{OnlineConfig, OnlineTrainer, SnapshotCell, StepRecording};
 use crate::plan::PlanDistance;
 use crate::predictor::{Scratch, Snapshot};
 use crate::replay::{Replayer, TrackerGuard, lock, try_lock};
@@ -191,7 +191,7 @@ pub struct PilotPolicy {
     version: u64,
     snapshot: Option<Arc<Snapshot>>,
     trainer: Option<OnlineTrainer>,
-    recording: Option<Vec<OpRecord>>,
+    recording: Option<StepRecording>,
     steps_seen: u64,
     /// Scratch space of the predictor.
     hot: Hot,
@@ -255,7 +255,7 @@ impl PilotPolicy {
             };
             OnlineTrainer::spawn(o, cell.clone(), snapshot.clone()).ok()
         });
-        let recording = trainer.as_ref().map(|_| Vec::new());
+        let recording = trainer.as_ref().map(|_| StepRecording::default());
         PilotPolicy {
             cfg,
             replay: Replayer::new(Tracker::new(cfg.features), cfg.replay_thread),
@@ -389,7 +389,7 @@ impl PilotPolicy {
         // A recent prediction for the same buffer still stands, moved on by the ops since,
         // unless an op used the buffer after it.
         let clock = tracker.clock();
-        let last_use = tracker.state(q.id).map(|b| b.last_use);
+        let last_use = tracker.last_use_of(q.id);
         let hot = &mut self.hot;
         if let Some(&(at, latest, earliest)) = hot.recent.get(&q.id)
             && clock - at <= self.cfg.reuse_prediction_ops
@@ -437,9 +437,7 @@ impl Policy for PilotPolicy {
             self.replay.hand_off();
         }
         if let Some(r) = self.recording.as_mut() {
-            let mut op = op.clone();
-            self.announced.attach_to(&mut op);
-            r.push(op);
+            r.push(op, &mut self.announced);
         }
         if !self.suspects.is_empty() {
             self.suspects
@@ -476,7 +474,8 @@ impl Policy for PilotPolicy {
         if let (Some(r), Some(t)) = (self.recording.as_mut(), self.trainer.as_ref())
             && !r.is_empty()
         {
-            t.send_step(std::mem::take(r));
+            let room = r.len();
+            t.send_step(std::mem::replace(r, StepRecording::with_capacity(room)));
             if self.cfg.wait_for_training {
                 t.flush();
             }
@@ -520,6 +519,7 @@ impl Policy for PilotPolicy {
             false => c.len().min(self.cfg.max_ranked.max(1)),
         };
         self.stats.candidates += n as u64;
+        tracker.prefetch(c[..n].iter().map(|c| c.id.0));
         self.order.clear();
         for (i, cand) in c[..n].iter().copied().enumerate() {
             let (latest, earliest) = self.distance(tracker, &Self::query(&cand));
@@ -539,7 +539,7 @@ impl Policy for PilotPolicy {
         let clock = tracker.clock();
         for o in self.order.iter().take(4) {
             let id = o.3.0;
-            let Some(key) = tracker.state(id).map(|b| b.key) else {
+            let Some(key) = tracker.key_of(id) else {
                 continue;
             };
             let due = clock.saturating_add(o.1);

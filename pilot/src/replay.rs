@@ -53,6 +53,7 @@ impl Backlog {
     /// Replays everything queued into `tracker`, in order, and empties the queue (keeping its
     /// allocations).
     fn replay_into(&mut self, tracker: &mut Tracker) {
+        tracker.prefetch_accesses(&self.accesses);
         let (mut views, mut at) = (self.views.iter(), 0);
         for e in self.events.drain(..) {
             match e {

@@ -3,6 +3,7 @@
 //! feature vector of a candidate buffer at this moment. Labels (offline) and the policy
 //! (online) replay ops through the same tracker, so both see the same features.
 
+use crate::buffers::{BufferTable, Cold, Hot, NO_FORWARD};
 use crate::encoder::{
     CandidateView, Encoding, FeatureConfig, OpView, PHASES, Producer, StepPosition,
     encode_candidate, encode_op,
@@ -37,7 +38,7 @@ fn aligned_key(phase: u8, rank: u32) -> u64 {
     PERSISTENT | ((phase as u64) << 40) | rank as u64
 }
 
-/// What the tracker knows of one buffer.
+/// What the tracker knows of one buffer (a copy, assembled by [`Tracker::state`]).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BufferState {
     /// Kind code.
@@ -54,7 +55,7 @@ pub struct BufferState {
     pub last_phase: u8,
     /// Tracker clock of the op that used it last.
     pub last_use: u64,
-    /// Index within its step of that op.
+    /// Index within its step of that op (0 unless that step is the current one).
     pub last_use_index: u32,
     /// Step of that op.
     pub last_step: u64,
@@ -121,7 +122,9 @@ pub struct Tracker {
     by_aligned: KeyMap<u64>,
     /// Aligned keys of the op being observed.
     op_keys: Vec<u64>,
-    bufs: KeyMap<BufferState>,
+    bufs: BufferTable,
+    /// Tracker clock of the current step's first op.
+    step_start: u64,
     current: StepProfile,
     previous: StepProfile,
     matching: bool,
@@ -154,7 +157,8 @@ impl Tracker {
             made: [0; PHASES],
             by_aligned: KeyMap::default(),
             op_keys: Vec::new(),
-            bufs: KeyMap::default(),
+            bufs: BufferTable::default(),
+            step_start: 0,
             current: StepProfile::default(),
             previous: StepProfile::default(),
             matching: false,
@@ -195,8 +199,74 @@ impl Tracker {
     }
 
     /// What is known of buffer `id`.
-    pub fn state(&self, id: u64) -> Option<&BufferState> {
-        self.bufs.get(&id)
+    pub fn state(&self, id: u64) -> Option<BufferState> {
+        let (h, c) = self.bufs.get(id)?;
+        Some(BufferState {
+            kind: h.kind,
+            bytes: c.bytes,
+            key: c.key,
+            aligned: h.aligned,
+            last_phase: h.last_phase,
+            last_use: h.last_use,
+            last_use_index: if h.last_step == self.step {
+                self.last_use_index(h)
+            } else {
+                0
+            },
+            last_step: h.last_step,
+            first_step: c.first_step,
+            first_index: c.first_index,
+            last_forward: (h.last_forward != NO_FORWARD).then_some(h.last_forward),
+            phase_uses: h.phase_uses,
+            uses_step: h.uses_step,
+            uses_past: c.uses_past,
+            producer: c.producer,
+            last_site: h.last_site,
+            prev: c.prev,
+        })
+    }
+
+    /// Buffer `id`'s memory manager key now.
+    pub fn key_of(&self, id: u64) -> Option<u64> {
+        self.bufs.get(id).map(|(_, c)| c.key)
+    }
+
+    /// Tracker clock of the op that used buffer `id` last.
+    pub fn last_use_of(&self, id: u64) -> Option<u64> {
+        self.bufs.hot(id).map(|h| h.last_use)
+    }
+
+    /// Asks the CPU to fetch the state of buffers `ids` into its caches, all at once, ahead
+    /// of queries about them ([`Tracker::candidate`], [`Tracker::hint_for`], ...).
+    pub fn prefetch(&self, ids: impl Iterator<Item = u64> + Clone) {
+        for id in ids.clone() {
+            self.bufs.prefetch_entry(id);
+        }
+        for id in ids {
+            self.bufs.prefetch(id, true);
+        }
+    }
+
+    /// Asks the CPU to fetch what observing ops that touch `accesses` updates, all at once
+    /// (before replaying a batch of ops).
+    pub fn prefetch_accesses(&self, accesses: &[Access]) {
+        for a in accesses {
+            self.bufs.prefetch_entry(a.0);
+        }
+        for a in accesses {
+            self.bufs.prefetch(a.0, false);
+        }
+    }
+
+    /// Index within its step of the op that used `h` last (meaningful when that step is the
+    /// current one, see [`Tracker::used_this_step`]).
+    fn last_use_index(&self, h: &Hot) -> u32 {
+        h.last_use.saturating_sub(self.step_start) as u32
+    }
+
+    /// Whether an op of the current step used `h`.
+    fn used_this_step(&self, h: &Hot) -> bool {
+        h.uses_step > 0 && h.last_step == self.step
     }
 
     /// Buffers tracked now.
@@ -292,65 +362,72 @@ impl Tracker {
         self.op_keys.clear();
         for (j, a) in inputs.iter().chain(outputs).enumerate() {
             let written = j >= inputs.len();
-            let b = self.bufs.entry(a.0).or_insert_with(|| {
-                let aligned = if a.3 < PERSISTENT {
-                    a.3
-                } else {
-                    self.made[phase] += 1;
-                    let k = aligned_key(view.phase, self.made[phase]);
-                    self.by_aligned.insert(k, a.0);
-                    k
-                };
-                BufferState {
-                    kind: a.2,
-                    bytes: a.1,
-                    key: a.3,
-                    aligned,
-                    last_phase: view.phase,
-                    last_use: u64::MAX,
-                    last_use_index: 0,
-                    last_step: step,
-                    first_step: step,
-                    first_index: index,
-                    last_forward: None,
-                    phase_uses: [0; PHASES],
-                    uses_step: 0,
-                    uses_past: 0,
-                    producer: written.then_some(producer),
-                    last_site: 0,
-                    prev: self.previous.range_of(aligned),
+            let slot = match self.bufs.find(a.0) {
+                Some(slot) => slot,
+                None => {
+                    let aligned = if a.3 < PERSISTENT {
+                        a.3
+                    } else {
+                        self.made[phase] += 1;
+                        let k = aligned_key(view.phase, self.made[phase]);
+                        self.by_aligned.insert(k, a.0);
+                        k
+                    };
+                    let hot = Hot {
+                        id: a.0,
+                        aligned,
+                        last_use: u64::MAX,
+                        last_step: step,
+                        last_site: 0,
+                        uses_step: 0,
+                        last_forward: NO_FORWARD,
+                        phase_uses: [0; PHASES],
+                        last_phase: view.phase,
+                        kind: a.2,
+                    };
+                    let cold = Cold {
+                        key: a.3,
+                        bytes: a.1,
+                        first_step: step,
+                        prev: self.previous.range_of(aligned),
+                        first_index: index,
+                        uses_past: 0,
+                        producer: written.then_some(producer),
+                    };
+                    self.bufs.insert(hot, cold)
                 }
-            });
+            };
+            let step_start = self.step_start;
+            let (b, cold) = self.bufs.at_mut(slot);
             let fresh_use = b.last_use != clock;
             if fresh_use {
                 // What followed the access site of its previous use this step.
                 if b.uses_step > 0 && b.last_step == step && b.last_site != 0 {
-                    let gap = index.saturating_sub(b.last_use_index).min(NEVER - 1);
+                    let last_use_index = b.last_use.saturating_sub(step_start) as u32;
+                    let gap = index.saturating_sub(last_use_index).min(NEVER - 1);
                     self.sites.insert(b.last_site, gap);
                 }
                 b.last_site = mix(context, (j as u64) << 1 | written as u64) | 1;
                 b.uses_step += 1;
+                b.phase_uses[phase] += 1;
             }
+            // A buffer's kind may change (an activation that becomes a parameter); its size
+            // never does, and its key only at step boundaries, where the tracker renames it
+            // as the memory manager does.
             b.kind = a.2;
-            b.bytes = a.1;
-            b.key = a.3;
             b.last_use = clock;
-            b.last_use_index = index;
             b.last_step = step;
             b.last_phase = view.phase;
             self.op_keys.push(b.aligned);
             if view.phase == 0 {
-                b.last_forward = Some(index);
-            }
-            if fresh_use {
-                b.phase_uses[phase] += 1;
+                b.last_forward = index;
             }
             // Anchor this op on a buffer's same use (its `r`-th in this phase) in the
             // previous step: one that lives across steps, whose key is its id in both.
             if fresh_use && anchor.is_none() && b.aligned < PERSISTENT {
-                anchor = self
-                    .previous
-                    .nth_use_in_phase_in(b.prev, view.phase, b.phase_uses[phase]);
+                anchor =
+                    self.previous
+                        .nth_use_in_phase_in(cold.prev, view.phase, b.phase_uses[phase]);
             }
         }
         self.anchor = anchor.map(|prev| (prev, index));
@@ -385,31 +462,33 @@ impl Tracker {
             self.plan.abandon();
         }
         let (previous, sites) = (&self.previous, &mut self.sites);
-        self.bufs.retain(|&id, b| {
+        self.bufs.retain(|b, c| {
+            let id = b.id;
             if b.uses_step == 0 && swapped {
                 // Unused in the step that ended: every per-step field is already reset and its
                 // key is its id, which that step's index cannot hold (ids made in a step are
                 // indexed under aligned keys, which have the top bit set).
-                b.prev = UseRange::default();
+                c.prev = UseRange::default();
             } else if b.uses_step == 0 {
                 // An empty step: the previous step's index stands.
-                b.prev = previous.range_of(id);
+                c.prev = previous.range_of(id);
             } else {
                 if b.last_site != 0 {
                     sites.insert(b.last_site, NEVER);
                 }
                 b.last_site = 0;
-                b.uses_past = b.uses_past.saturating_add(b.uses_step);
+                c.uses_past = c.uses_past.saturating_add(b.uses_step);
                 b.uses_step = 0;
-                b.key = id;
+                c.key = id;
                 b.aligned = id;
-                b.prev = previous.range_of(id);
-                b.last_forward = None;
+                c.prev = previous.range_of(id);
+                b.last_forward = NO_FORWARD;
                 b.phase_uses = [0; PHASES];
             }
             b.last_step.saturating_add(KEEP_STEPS) >= step
         });
         self.step = step;
+        self.step_start = self.clock;
         self.index = 0;
         self.phase_ops = [0; PHASES];
         self.phase_start = [0; PHASES];
@@ -426,7 +505,7 @@ impl Tracker {
     pub fn plan(&mut self, source: &str, groups: &[Vec<u64>]) {
         let bufs = &self.bufs;
         self.plan.announce(source, groups, self.index, |id| {
-            bufs.get(&id).map(|b| b.key)
+            bufs.get(id).map(|(_, c)| c.key)
         });
     }
 
@@ -453,13 +532,13 @@ impl Tracker {
 
     /// Where the announced plan puts candidate `q`'s next read (`None`: no plan).
     pub fn plan_distance(&self, q: &Query) -> Option<PlanDistance> {
-        let b = self.bufs.get(&q.id);
+        let b = self.bufs.get(q.id);
         let made = b
-            .filter(|b| b.first_step == self.step)
-            .map(|b| b.first_index);
+            .filter(|(_, c)| c.first_step == self.step)
+            .map(|(_, c)| c.first_index);
         let last_use = b
-            .filter(|b| b.uses_step > 0 && b.last_step == self.step)
-            .map(|b| b.last_use_index);
+            .filter(|(h, _)| self.used_this_step(h))
+            .map(|(h, _)| self.last_use_index(h));
         let d = self.plan.distance(q.id, made, last_use, self.index)?;
         if !matches!(d, PlanDistance::Beyond(_) | PlanDistance::Unplanned) {
             return Some(d);
@@ -469,7 +548,7 @@ impl Tracker {
         let Some(end) = self.plan.previous_end() else {
             return Some(d);
         };
-        let range = b.map_or_else(|| self.previous.range_of(q.key), |b| b.prev);
+        let range = b.map_or_else(|| self.previous.range_of(q.key), |(_, c)| c.prev);
         let Some(gap) = self.previous.next_use_in(end.checked_sub(1), range) else {
             return Some(d);
         };
@@ -520,12 +599,12 @@ impl Tracker {
 
     /// What the site of candidate `b`'s last use showed last time (see
     /// [`CandidateView::site`]).
-    fn site_for(&self, b: &BufferState) -> Option<Option<u64>> {
-        if b.uses_step == 0 || b.last_step != self.step || b.last_site == 0 {
+    fn site_for(&self, b: &Hot) -> Option<Option<u64>> {
+        if !self.used_this_step(b) || b.last_site == 0 {
             return None;
         }
         let gap = *self.sites.get(&b.last_site)?;
-        let age = self.index.saturating_sub(1 + b.last_use_index) as u64;
+        let age = self.index.saturating_sub(1 + self.last_use_index(b)) as u64;
         Some((gap != NEVER).then(|| (gap as u64).saturating_sub(age).max(1)))
     }
 
@@ -549,7 +628,7 @@ impl Tracker {
             k => self
                 .by_aligned
                 .iter()
-                .find(|(_, id)| self.bufs.get(id).is_some_and(|b| b.key == k))
+                .find(|(_, id)| self.key_of(**id) == Some(k))
                 .map_or(k, |(a, _)| *a),
         };
         self.hint_aligned(aligned)
@@ -564,24 +643,24 @@ impl Tracker {
         if self.previous.is_empty() {
             return None;
         }
-        let state = self.bufs.get(&q.id);
-        match state.filter(|b| b.uses_step > 0 && b.last_step == self.step) {
-            Some(b) => {
-                debug_assert_eq!(b.prev, self.previous.range_of(b.aligned));
+        let state = self.bufs.get(q.id);
+        match state.filter(|(b, _)| self.used_this_step(b)) {
+            Some((b, c)) => {
+                debug_assert_eq!(c.prev, self.previous.range_of(b.aligned));
                 let p = (b.last_phase as usize).min(PHASES - 1);
                 let there =
                     self.previous
-                        .nth_use_in_phase_in(b.prev, b.last_phase, b.phase_uses[p]);
+                        .nth_use_in_phase_in(c.prev, b.last_phase, b.phase_uses[p]);
                 let Some(there) = there else {
-                    return self.hint_in(b.prev);
+                    return self.hint_in(c.prev);
                 };
-                Some(self.previous.next_use_in(Some(there), b.prev).map(|gap| {
-                    let age = self.index.saturating_sub(1 + b.last_use_index) as u64;
+                Some(self.previous.next_use_in(Some(there), c.prev).map(|gap| {
+                    let age = self.index.saturating_sub(1 + self.last_use_index(b)) as u64;
                     gap.saturating_sub(age).max(1)
                 }))
             }
             None => match state {
-                Some(b) => self.hint_in(b.prev),
+                Some((_, c)) => self.hint_in(c.prev),
                 None => self.hint_aligned(q.key),
             },
         }
@@ -604,10 +683,7 @@ impl Tracker {
             let key = if k < PERSISTENT {
                 Some(k)
             } else {
-                self.by_aligned
-                    .get(&k)
-                    .and_then(|id| self.bufs.get(id))
-                    .map(|b| b.key)
+                self.by_aligned.get(&k).and_then(|&id| self.key_of(id))
             };
             if let Some(key) = key {
                 out[keep] = key;
@@ -619,27 +695,28 @@ impl Tracker {
 
     /// What the encoder reads of candidate `q` now.
     pub fn candidate(&self, q: &Query) -> CandidateView {
-        let state = self.bufs.get(&q.id);
-        let used = state.filter(|b| b.last_use != u64::MAX);
+        let state = self.bufs.get(q.id);
+        let used = state.filter(|(b, _)| b.last_use != u64::MAX);
         CandidateView {
             kind: q.kind,
             bytes: q.bytes,
-            age: used.map_or(0, |b| self.clock.saturating_sub(b.last_use + 1)),
-            uses_step: state.map_or(0, |b| b.uses_step),
-            uses_past: state.map_or(0, |b| b.uses_past),
-            created_this_step: state.is_none_or(|b| b.first_step == self.step),
+            age: used.map_or(0, |(b, _)| self.clock.saturating_sub(b.last_use + 1)),
+            uses_step: state.map_or(0, |(b, _)| b.uses_step),
+            uses_past: state.map_or(0, |(_, c)| c.uses_past),
+            created_this_step: state.is_none_or(|(_, c)| c.first_step == self.step),
+            // An op of this step used it (use counts restart at every boundary).
             last_use_position: state
-                .filter(|b| b.uses_step > 0)
-                .map_or(0.0, |b| self.position(b.last_use_index)),
+                .filter(|(b, _)| b.uses_step > 0)
+                .map_or(0.0, |(b, _)| self.position(self.last_use_index(b))),
             matching: self.matching,
             hint: self.hint_for(q).filter(|_| self.cfg.hint),
             mirror: state
-                .and_then(|b| b.last_forward.filter(|_| b.last_step == self.step))
-                .and_then(|p| self.mirror(p)),
-            site: state.and_then(|b| self.site_for(b)),
+                .filter(|(b, _)| b.last_forward != NO_FORWARD && b.last_step == self.step)
+                .and_then(|(b, _)| self.mirror(b.last_forward)),
+            site: state.and_then(|(b, _)| self.site_for(b)),
             plan: self.plan_distance(q),
             plan_last: self.plan.last_of_step(),
-            producer: state.and_then(|b| b.producer),
+            producer: state.and_then(|(_, c)| c.producer),
         }
     }
 
@@ -672,11 +749,11 @@ impl Tracker {
 
     /// The query for a tracked buffer `id` (its current key, kind and size).
     pub fn query(&self, id: u64) -> Option<Query> {
-        self.bufs.get(&id).map(|b| Query {
+        self.bufs.get(id).map(|(h, c)| Query {
             id,
-            key: b.key,
-            kind: b.kind,
-            bytes: b.bytes,
+            key: c.key,
+            kind: h.kind,
+            bytes: c.bytes,
         })
     }
 

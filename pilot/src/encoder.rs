@@ -7,6 +7,8 @@ use crate::bucket::{BUCKETS, bucket};
 use crate::plan::PlanDistance;
 use dynn_core::OpEvent;
 use dynn_mm::OpRecord;
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 /// A map keyed by op names, hashed like buffer keys.
@@ -179,6 +181,24 @@ pub fn op_slot(name: &str) -> u16 {
     slots.get(name).copied().unwrap_or(OP_SLOTS as u16 - 1)
 }
 
+/// [`op_slot`] of a name with a static address, as the executor's events and records carry:
+/// looked up in a small per-thread cache keyed by that address, so the hot path neither
+/// hashes nor compares the name (a static address holds the same text for the whole run).
+pub fn static_op_slot(name: &'static str) -> u16 {
+    thread_local! {
+        static CACHE: RefCell<[(usize, usize, u16); 64]> = const { RefCell::new([(0, 0, 0); 64]) };
+    }
+    let (ptr, len) = (name.as_ptr() as usize, name.len());
+    let i = ((ptr >> 3) ^ (ptr >> 9)) & 63;
+    CACHE.with_borrow_mut(|cache| {
+        let e = &mut cache[i];
+        if (e.0, e.1) != (ptr, len) {
+            *e = (ptr, len, op_slot(name));
+        }
+        e.2
+    })
+}
+
 /// One op as the encoder reads it, from an [`OpRecord`] or a live [`OpEvent`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OpView {
@@ -212,7 +232,10 @@ impl OpView {
     /// The view of a recorded op.
     pub fn of_record(r: &OpRecord) -> Self {
         OpView {
-            slot: op_slot(&r.op),
+            slot: match &r.op {
+                Cow::Borrowed(name) => static_op_slot(name),
+                Cow::Owned(name) => op_slot(name),
+            },
             idioms: r.idioms,
             phase: r.phase,
             in_bytes: r.inputs.iter().map(|a| a.1).sum(),
@@ -225,7 +248,7 @@ impl OpView {
     /// The view of a live op event.
     pub fn of_event(e: &OpEvent<'_>) -> Self {
         OpView {
-            slot: op_slot(e.op),
+            slot: static_op_slot(e.op),
             idioms: e.idioms.0,
             phase: dynn_mm::trace::phase_code(e.phase),
             in_bytes: e.input_info().map(|i| i.1 as u64).sum(),

@@ -305,3 +305,18 @@ fn a_buffer_past_a_plan_is_due_where_the_previous_step_used_it_after_that_plan()
     tr.observe(&t.ops[10]);
     assert_eq!(due(&tr, 111), Some(PlanDistance::Unplanned));
 }
+
+#[test]
+fn static_op_slots_match_the_table_lookup() {
+    use dynn_pilot::encoder::{op_slot, static_op_slot};
+    for o in dynn_ops::op_table() {
+        assert_eq!(static_op_slot(o.name), op_slot(o.name), "{}", o.name);
+        assert_eq!(static_op_slot(o.name), op_slot(o.name), "{} again", o.name);
+    }
+    // Two names at one address, told apart by their lengths.
+    let long: &'static str = "relu_of_something_unknown";
+    assert_eq!(static_op_slot(&long[..4]), op_slot("relu"));
+    assert_eq!(static_op_slot(long), op_slot(long));
+    assert_ne!(op_slot("relu"), op_slot(long));
+    assert_eq!(static_op_slot(&long[..4]), op_slot("relu"));
+}

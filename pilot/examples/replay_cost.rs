@@ -29,7 +29,7 @@ fn main() -> Result<()> {
         for _ in 0..5 {
             let mut tracker = Tracker::new(FeatureConfig::default());
             let (mut busy, mut sink) = (0u128, 0u64);
-            let mut accesses = Vec::new();
+            let (mut accesses, mut spans) = (Vec::new(), Vec::new());
             for chunk in ops.chunks(batch.max(1)) {
                 if between > 0 {
                     // Stands in for the kernels of the chunk: they evict the tracker.
@@ -38,13 +38,17 @@ fn main() -> Result<()> {
                     }
                     sink = sink.wrapping_add(sweep[between / 2]);
                 }
+                // The chunk queued as the policy queues it: every op's buffers in one list.
                 accesses.clear();
+                spans.clear();
                 for op in chunk {
+                    let from = accesses.len();
                     accesses.extend(op.inputs.iter().chain(&op.outputs));
+                    spans.push((op.phase, from, accesses.len()));
                 }
                 let t = Instant::now();
                 // As the policy does before replaying its queue.
-                tracker.prefetch_accesses(&accesses);
+                tracker.prefetch_ops(spans.iter().map(|&(p, a, b)| (p, &accesses[a..b])));
                 for op in chunk {
                     if op.step != tracker.step() {
                         tracker.step_boundary(op.step);

@@ -10,15 +10,10 @@
 
 use crate::encoder::{PHASES, Producer};
 use crate::history::UseRange;
-
-/// An empty index entry (buffer ids count up from zero and never reach it).
-const EMPTY: u64 = u64::MAX;
+use crate::keyindex::{KeyIndex, prefetch_line};
 
 /// `last_forward` of a buffer not used in the forward pass this step.
 pub(crate) const NO_FORWARD: u32 = u32::MAX;
-
-/// The smallest index, in entries.
-const MIN_SLOTS: usize = 64;
 
 /// What observing an op reads and writes of each buffer it touches: one cache line.
 #[derive(Debug, Clone, Copy)]
@@ -68,36 +63,13 @@ pub(crate) struct Cold {
 
 const _: () = assert!(std::mem::size_of::<Hot>() == 64 && std::mem::size_of::<Cold>() == 64);
 
-/// One entry of the index: a buffer id and where its state sits.
-#[derive(Debug, Clone, Copy)]
-struct Entry {
-    id: u64,
-    at: u32,
-}
-
-const FREE: Entry = Entry { id: EMPTY, at: 0 };
-
 /// Buffer id → ([`Hot`], [`Cold`]): the states sit densely in two parallel vectors, found
-/// through an open-addressed index (linear probing, at most half full) of 16-byte entries,
-/// four to a cache line.
-#[derive(Debug, Clone)]
+/// through a [`KeyIndex`].
+#[derive(Debug, Clone, Default)]
 pub(crate) struct BufferTable {
-    index: Vec<Entry>,
-    /// `64 − log2(index.len())`: an id's home entry is the top bits of its Fibonacci hash.
-    shift: u32,
+    index: KeyIndex<u32>,
     hot: Vec<Hot>,
     cold: Vec<Cold>,
-}
-
-impl Default for BufferTable {
-    fn default() -> Self {
-        BufferTable {
-            index: vec![FREE; MIN_SLOTS],
-            shift: 64 - MIN_SLOTS.trailing_zeros(),
-            hot: Vec::new(),
-            cold: Vec::new(),
-        }
-    }
 }
 
 impl BufferTable {
@@ -106,23 +78,10 @@ impl BufferTable {
         self.hot.len()
     }
 
-    fn home(&self, id: u64) -> usize {
-        (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> self.shift) as usize
-    }
-
     /// Where buffer `id`'s state sits.
     #[inline]
     pub fn find(&self, id: u64) -> Option<usize> {
-        debug_assert!(id != EMPTY, "buffer ids never reach {EMPTY}");
-        let mask = self.index.len() - 1;
-        let mut i = self.home(id);
-        loop {
-            match self.index[i] {
-                e if e.id == id => return Some(e.at as usize),
-                e if e.id == EMPTY => return None,
-                _ => i = (i + 1) & mask,
-            }
-        }
+        self.index.get(id).map(|at| at as usize)
     }
 
     /// Buffer `id`'s state.
@@ -142,36 +101,12 @@ impl BufferTable {
 
     /// Adds a buffer the table does not hold (`hot.id`); returns where its state sits.
     pub fn insert(&mut self, hot: Hot, cold: Cold) -> usize {
-        debug_assert!(hot.id != EMPTY && self.find(hot.id).is_none());
+        debug_assert!(self.find(hot.id).is_none());
         let at = self.hot.len();
         self.hot.push(hot);
         self.cold.push(cold);
-        if (at + 1) * 2 > self.index.len() {
-            self.reindex();
-        } else {
-            self.enter(hot.id, at);
-        }
+        self.index.insert(hot.id, at as u32);
         at
-    }
-
-    fn enter(&mut self, id: u64, at: usize) {
-        let mask = self.index.len() - 1;
-        let mut i = self.home(id);
-        while self.index[i].id != EMPTY {
-            i = (i + 1) & mask;
-        }
-        self.index[i] = Entry { id, at: at as u32 };
-    }
-
-    /// Rebuilds the index over the states, a quarter full.
-    fn reindex(&mut self) {
-        let slots = (self.hot.len() * 4).next_power_of_two().max(MIN_SLOTS);
-        self.index.clear();
-        self.index.resize(slots, FREE);
-        self.shift = 64 - slots.trailing_zeros();
-        for at in 0..self.hot.len() {
-            self.enter(self.hot[at].id, at);
-        }
     }
 
     /// Keeps the buffers for which `keep` (which may update them) says so, in order.
@@ -186,7 +121,10 @@ impl BufferTable {
         }
         self.hot.truncate(kept);
         self.cold.truncate(kept);
-        self.reindex();
+        self.index.clear_for(kept);
+        for (at, h) in self.hot.iter().enumerate() {
+            self.index.insert(h.id, at as u32);
+        }
     }
 
     /// Asks the CPU to bring the index entry of buffer `id` into the cache without waiting
@@ -194,35 +132,23 @@ impl BufferTable {
     /// at once.
     #[inline]
     pub fn prefetch_entry(&self, id: u64) {
-        prefetch_line(&self.index[self.home(id)]);
+        self.index.prefetch(id);
     }
 
     /// Asks the CPU to bring buffer `id`'s state into the cache (both lines when `cold`),
     /// without waiting for it; looks the id up, so its index entry should have been asked
-    /// for first ([`BufferTable::prefetch_entry`]).
+    /// for first ([`BufferTable::prefetch_entry`]). Returns whether the table holds `id`.
     #[inline]
-    pub fn prefetch(&self, id: u64, cold: bool) {
-        if let Some(at) = self.find(id) {
-            prefetch_line(&self.hot[at]);
-            if cold {
-                prefetch_line(&self.cold[at]);
-            }
+    pub fn prefetch(&self, id: u64, cold: bool) -> bool {
+        let Some(at) = self.find(id) else {
+            return false;
+        };
+        prefetch_line(&self.hot[at]);
+        if cold {
+            prefetch_line(&self.cold[at]);
         }
+        true
     }
-}
-
-/// A hint that `x`'s cache line will be read soon.
-#[inline]
-fn prefetch_line<T>(x: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint: it never faults and changes no memory; SSE, the only
-    // feature it needs, is part of every x86-64 CPU.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>((x as *const T).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
 }
 
 #[cfg(test)]
@@ -291,7 +217,7 @@ mod tests {
             for id in [round * 200 + 300, 7 << 50, 1 << 40] {
                 assert!(t.find(id).is_none() || m.contains_key(&id));
             }
-            assert!(t.len() * 2 <= t.index.len());
+            assert_eq!(t.index.len(), t.len());
         }
     }
 }

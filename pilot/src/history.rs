@@ -1,6 +1,8 @@
 //! One step's access order by buffer key, as the pilot records it: the previous step replayed
 //! tells where a key was used next from the same position (exact while the graph repeats).
 
+use crate::keyindex::KeyIndex;
+
 /// A map keyed by buffer ids or keys.
 pub type KeyMap<V> = dynn_mm::KeyMap<u64, V>;
 
@@ -25,7 +27,7 @@ pub struct StepProfile {
     /// `keys[starts[i]..starts[i + 1]]` are the keys of op `i`.
     starts: Vec<u32>,
     /// Key → `(start, len)` of its ops in `use_ops`, built by [`StepProfile::seal`].
-    uses: KeyMap<(u32, u32)>,
+    uses: KeyIndex<(u32, u32)>,
     /// The sorted indices of the ops that touch each key, key after key.
     use_ops: Vec<u32>,
     /// Per phase code, the index of its first op and one past its last (a step's phases run
@@ -62,9 +64,9 @@ impl StepProfile {
     /// ends: building the index in one pass over the step touches memory in order, where
     /// updating it on every op would miss the cache the op's kernel just flushed.
     pub fn seal(&mut self) {
-        self.uses.clear();
+        self.uses.clear_for(self.keys.len());
         for &k in &self.keys {
-            self.uses.entry(k).or_default().1 += 1;
+            self.uses.entry(k).1 += 1;
         }
         let mut start = 0;
         for u in self.uses.values_mut() {
@@ -76,12 +78,11 @@ impl StepProfile {
         self.use_ops.resize(self.keys.len(), 0);
         for (op, w) in self.starts.windows(2).enumerate() {
             for k in &self.keys[w[0] as usize..w[1] as usize] {
-                if let Some(u) = self.uses.get_mut(k) {
-                    if let Some(slot) = self.use_ops.get_mut((u.0 + u.1) as usize) {
-                        *slot = op as u32;
-                    }
-                    u.1 += 1;
+                let u = self.uses.entry(*k);
+                if let Some(slot) = self.use_ops.get_mut((u.0 + u.1) as usize) {
+                    *slot = op as u32;
                 }
+                u.1 += 1;
             }
         }
     }
@@ -89,8 +90,13 @@ impl StepProfile {
     /// Where the uses of `key` sit in the index (sealed ops only).
     pub fn range_of(&self, key: u64) -> UseRange {
         self.uses
-            .get(&key)
-            .map_or(UseRange::default(), |&(start, len)| UseRange { start, len })
+            .get(key)
+            .map_or(UseRange::default(), |(start, len)| UseRange { start, len })
+    }
+
+    /// Asks the CPU to fetch what [`StepProfile::range_of`] reads for `key`, without waiting.
+    pub(crate) fn prefetch_range_of(&self, key: u64) {
+        self.uses.prefetch(key);
     }
 
     /// The sorted indices of the ops in `range`.
@@ -171,7 +177,7 @@ impl StepProfile {
         self.phases.clear();
         self.keys.clear();
         self.starts.clear();
-        self.uses.clear();
+        self.uses.clear_for(0);
         self.use_ops.clear();
         self.phase_range = [(0, 0); 3];
     }

@@ -53,6 +53,7 @@ mod buffers;
 pub mod encoder;
 pub mod eval;
 pub mod history;
+mod keyindex;
 pub mod labels;
 pub mod model;
 pub mod online;

@@ -53,7 +53,13 @@ impl Backlog {
     /// Replays everything queued into `tracker`, in order, and empties the queue (keeping its
     /// allocations).
     fn replay_into(&mut self, tracker: &mut Tracker) {
-        tracker.prefetch_accesses(&self.accesses);
+        let accesses = &self.accesses;
+        tracker.prefetch_ops(self.views.iter().scan(0, move |start, v| {
+            let n = v.inputs + v.outputs;
+            let bufs = accesses.get(*start..*start + n).unwrap_or_default();
+            *start += n;
+            Some((v.phase, bufs))
+        }));
         let (mut views, mut at) = (self.views.iter(), 0);
         for e in self.events.drain(..) {
             match e {

@@ -247,14 +247,44 @@ impl Tracker {
         }
     }
 
-    /// Asks the CPU to fetch what observing ops that touch `accesses` updates, all at once
-    /// (before replaying a batch of ops).
-    pub fn prefetch_accesses(&self, accesses: &[Access]) {
-        for a in accesses {
-            self.bufs.prefetch_entry(a.0);
+    /// Asks the CPU to fetch, all at once, what observing a batch of ops will read of the
+    /// buffers they touch (before replaying the batch): `ops` gives each op's phase code and
+    /// its buffers (inputs, then outputs), in order. For a buffer the tracker has not seen,
+    /// that is where the previous step's index holds its aligned key.
+    pub fn prefetch_ops<'a>(&self, ops: impl Iterator<Item = (u8, &'a [Access])> + Clone) {
+        for (_, accesses) in ops.clone() {
+            for a in accesses {
+                self.bufs.prefetch_entry(a.0);
+            }
         }
-        for a in accesses {
-            self.bufs.prefetch(a.0, false);
+        // New buffers take the next ranks of their phase, as `observe_view` gives them.
+        let (mut made, mut new, mut n_new) = (self.made, [0u64; 16], 0);
+        for (phase, accesses) in ops {
+            // The op's anchor is looked for from its first buffer living across steps, whose
+            // use range is in the cold line.
+            let mut anchor = true;
+            for a in accesses {
+                let lasting = a.3 < PERSISTENT;
+                if self.bufs.prefetch(a.0, lasting && anchor) {
+                    anchor &= !lasting;
+                    continue;
+                }
+                if new[..n_new].contains(&a.0) {
+                    continue;
+                }
+                if n_new < new.len() {
+                    new[n_new] = a.0;
+                    n_new += 1;
+                }
+                let aligned = if a.3 < PERSISTENT {
+                    a.3
+                } else {
+                    let p = (phase as usize).min(PHASES - 1);
+                    made[p] += 1;
+                    aligned_key(phase, made[p])
+                };
+                self.previous.prefetch_range_of(aligned);
+            }
         }
     }
 

@@ -393,10 +393,11 @@ pub fn stream_fence() {
 /// target.
 ///
 /// Implementations mark `run` `#[inline(always)]` (and everything it calls): [`simd_task`]
-/// then compiles the whole body inside a `#[target_feature(enable = "avx2,fma")]` function,
-/// where the loops vectorize eight f32 lanes wide. (A closure passed to
-/// [`crate::math::simd`] is a separate function called from two places, which LLVM may
-/// decline to inline into the AVX2 wrapper, leaving it scalar.)
+/// then compiles the whole body inside a `#[target_feature(enable = ...)]` function, where
+/// the loops vectorize 16 (AVX-512) or eight (AVX2) f32 lanes wide. Every CPU kernel loop
+/// that should vectorize is written as one. (A closure run inside such a function is a
+/// separate function, which LLVM may decline to inline into it when the closure is called
+/// from two places, leaving the loop scalar.)
 pub trait SimdTask {
     /// What the task returns.
     type Out;

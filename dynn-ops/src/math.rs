@@ -90,25 +90,6 @@ impl FastMath for f64 {
     }
 }
 
-/// Runs `f` compiled for AVX2+FMA when the CPU has them (loops inlined into it vectorize
-/// eight f32 lanes wide), else as is.
-#[inline(always)]
-pub fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            #[target_feature(enable = "avx2,fma")]
-            fn run<R>(f: impl FnOnce() -> R) -> R {
-                f()
-            }
-            // SAFETY: the CPU supports AVX2 and FMA, checked just above.
-            return unsafe { run(f) };
-        }
-    }
-    f()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

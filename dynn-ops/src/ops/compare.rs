@@ -5,9 +5,8 @@
 //!
 //! A mask may be any dtype; an element is true when it is nonzero (NaN is nonzero).
 
-use crate::cpu::{PAR_MIN, chunk_len, map_layout};
+use crate::cpu::{PAR_MIN, SimdTask, chunk_len, map_layout, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
-use crate::math::simd;
 use crate::ops::binary::{
     Source, coalesce, cuda_elementwise_helpers, elementwise_grid, index32, packed_grid,
     packed_sources,
@@ -87,6 +86,26 @@ impl CmpOp {
 /// Applies `f` element-wise to three operands whose layouts are already broadcast to `shape`,
 /// returning a contiguous output: one fused pass, parallel over chunks (contiguous inputs) or
 /// rows (strided or broadcast inputs).
+/// `out[i] = f(m[i], a[i], b[i])` over one chunk, as a [`SimdTask`].
+struct Zip3<'a, 'f, M, T, U, F> {
+    out: &'a mut [MaybeUninit<U>],
+    m: &'a [M],
+    a: &'a [T],
+    b: &'a [T],
+    f: &'f F,
+}
+
+impl<M: Copy, T: Copy, U, F: Fn(M, T, T) -> U> SimdTask for Zip3<'_, '_, M, T, U, F> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let f = self.f;
+        for (((o, &m), &x), &y) in self.out.iter_mut().zip(self.m).zip(self.a).zip(self.b) {
+            o.write(f(m, x, y));
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
     m: &[M],
@@ -105,22 +124,17 @@ pub(crate) fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
         bl.contiguous_range(),
     ) {
         let (m, a, b) = (&m[m0..m1], &a[a0..a1], &b[b0..b1]);
+        let f = &f;
         return vec_from_fill(n, |out| {
-            type Chunk<'a, M, T, U> = (((&'a mut [MaybeUninit<U>], &'a [M]), &'a [T]), &'a [T]);
-            let body = |(((o, m), a), b): Chunk<'_, M, T, U>| {
-                for (((o, &m), &x), &y) in o.iter_mut().zip(m).zip(a).zip(b) {
-                    o.write(f(m, x, y));
-                }
-            };
             if n < PAR_MIN {
-                simd(|| body((((out, m), a), b)));
+                simd_task(Zip3 { out, m, a, b, f });
             } else {
                 let c = chunk_len(n);
                 out.par_chunks_mut(c)
                     .zip(m.par_chunks(c))
                     .zip(a.par_chunks(c))
                     .zip(b.par_chunks(c))
-                    .for_each(|x| simd(|| body(x)));
+                    .for_each(|(((out, m), a), b)| simd_task(Zip3 { out, m, a, b, f }));
             }
         });
     }

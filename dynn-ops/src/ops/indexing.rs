@@ -7,9 +7,8 @@
 //! task, and the contributions to it are added in increasing source order, whatever the thread
 //! count or timing.
 
-use crate::cpu::{PAR_MIN, gather_layout, map_layout};
+use crate::cpu::{PAR_MIN, SimdTask, gather_layout, map_layout, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
-use crate::math::simd;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use cudarc::driver::{CudaView, LaunchConfig};
@@ -239,6 +238,35 @@ fn select_rows<T: Copy + Send + Sync>(rows: &Rows<'_, T>, ids: &[usize]) -> Vec<
     })
 }
 
+/// One destination row plus its source rows `src[(first + j) * row.len()..]` for `j` in
+/// `js`, in order, accumulated in `acc`, as a [`SimdTask`].
+struct AddRows<'a, T: FloatElement> {
+    acc: &'a mut Vec<T::Acc>,
+    row: &'a mut [T],
+    src: &'a [T],
+    first: usize,
+    js: &'a [usize],
+}
+
+impl<T: FloatElement> SimdTask for AddRows<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let inner = self.row.len();
+        self.acc.clear();
+        self.acc.extend(self.row.iter().map(|x| x.to_acc()));
+        for &j in self.js {
+            let from = (self.first + j) * inner;
+            for (a, &x) in self.acc.iter_mut().zip(&self.src[from..from + inner]) {
+                *a += x.to_acc();
+            }
+        }
+        for (d, &a) in self.row.iter_mut().zip(self.acc.iter()) {
+            *d = T::from_acc(a);
+        }
+    }
+}
+
 /// `out[o, ids[j], :] += src[o, j, :]` on contiguous `out (outer, n, inner)` and
 /// `src (outer, m, inner)`. Deterministic without atomics: the source rows are bucketed by
 /// destination (a stable counting sort), then each destination row is owned by one task that
@@ -273,18 +301,13 @@ fn add_rows<T: FloatElement + CpuElement>(
         if js.is_empty() {
             return;
         }
-        simd(|| {
-            acc.clear();
-            acc.extend(row.iter().map(|x| x.to_acc()));
-            for &j in js {
-                let s = &src[(o * m + j) * inner..(o * m + j + 1) * inner];
-                for (a, &x) in acc.iter_mut().zip(s) {
-                    *a += x.to_acc();
-                }
-            }
-            for (d, &a) in row.iter_mut().zip(acc.iter()) {
-                *d = T::from_acc(a);
-            }
+        let first = o * m;
+        simd_task(AddRows {
+            acc,
+            row,
+            src,
+            first,
+            js,
         })
     };
     if out.len() + src.len() < PAR_MIN {

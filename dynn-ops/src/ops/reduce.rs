@@ -2,9 +2,8 @@
 //! time; several dims reduce in turn), argmax, and the composites mean, var and `sum_to`.
 //! Summation order depends only on the shape, never on thread timing.
 
-use crate::cpu::{PAR_MIN, gather_layout};
+use crate::cpu::{PAR_MIN, SimdTask, gather_layout, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
-use crate::math::simd;
 use crate::ops::binary::BinaryOps;
 use crate::ops::cast::CastOps;
 use crate::ops::softmax::acc_dtype;
@@ -151,6 +150,49 @@ pub(crate) fn reduce_row<T: FloatElement>(kind: ReduceKind, row: &[T]) -> T::Acc
         .fold(acc[0], |a, &x| combine(kind, a, x.to_acc()))
 }
 
+/// Each row of `red` elements of `x` reduced into one element of `out`, as a [`SimdTask`].
+struct Rows<'a, T> {
+    kind: ReduceKind,
+    out: &'a mut [std::mem::MaybeUninit<T>],
+    x: &'a [T],
+    red: usize,
+}
+
+impl<T: FloatElement> SimdTask for Rows<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        for (o, row) in self.out.iter_mut().zip(self.x.chunks(self.red)) {
+            o.write(T::from_acc(reduce_row(self.kind, row)));
+        }
+    }
+}
+
+/// `red` rows of a block (`inner` apart), columns `c0..c0 + acc.len()`, folded into `acc`
+/// row after row, as a [`SimdTask`].
+struct Columns<'a, T: FloatElement> {
+    kind: ReduceKind,
+    acc: &'a mut [T::Acc],
+    block: &'a [T],
+    red: usize,
+    inner: usize,
+    c0: usize,
+}
+
+impl<T: FloatElement> SimdTask for Columns<'_, T> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let n = self.acc.len();
+        for r in 0..self.red {
+            let from = r * self.inner + self.c0;
+            for (a, &v) in self.acc.iter_mut().zip(&self.block[from..from + n]) {
+                *a = combine(self.kind, *a, v.to_acc());
+            }
+        }
+    }
+}
+
 fn reduce_blocks<T: FloatElement + CpuElement>(
     kind: ReduceKind,
     x: &[T],
@@ -166,62 +208,48 @@ fn reduce_blocks<T: FloatElement + CpuElement>(
     }
     if inner == 1 {
         return vec_from_fill(n_out, |out| {
-            let body = |(o, row): (&mut std::mem::MaybeUninit<T>, &[T])| {
-                o.write(T::from_acc(reduce_row(kind, row)));
-            };
-            if outer * red < PAR_MIN || red == 0 {
-                if red == 0 {
-                    out.iter_mut().for_each(|o| {
-                        o.write(T::from_acc(init(kind)));
-                    });
-                } else {
-                    simd(|| out.iter_mut().zip(x.chunks(red)).for_each(body));
-                }
+            if outer * red < PAR_MIN {
+                simd_task(Rows { kind, out, x, red });
             } else {
                 let rows = (PAR_MIN / red).max(1);
                 out.par_chunks_mut(rows)
                     .zip(x.par_chunks(rows * red))
-                    .for_each(|(o, xs)| simd(|| o.iter_mut().zip(xs.chunks(red)).for_each(body)));
+                    .for_each(|(out, x)| simd_task(Rows { kind, out, x, red }));
             }
         });
     }
     // Column-style: accumulate whole rows of `inner` elements.
     let mut out = vec![init::<T::Acc>(kind); n_out];
-    let body = |(o, block): (&mut [T::Acc], &[T])| {
-        simd(|| {
-            for r in 0..red {
-                let row = &block[r * inner..(r + 1) * inner];
-                for (a, &v) in o.iter_mut().zip(row) {
-                    *a = combine(kind, *a, v.to_acc());
-                }
-            }
+    let block = |(acc, block): (&mut [T::Acc], &[T])| {
+        simd_task(Columns {
+            kind,
+            acc,
+            block,
+            red,
+            inner,
+            c0: 0,
         })
     };
-    if outer * red * inner < PAR_MIN || red == 0 {
+    if outer * red * inner < PAR_MIN {
         out.chunks_mut(inner)
-            .zip(x.chunks(red * inner).chain(std::iter::repeat(&[][..])))
-            .for_each(|(o, b)| {
-                if red > 0 {
-                    body((o, b))
-                }
-            });
+            .zip(x.chunks(red * inner))
+            .for_each(block);
     } else if outer >= rayon::current_num_threads() * 2 {
         out.par_chunks_mut(inner)
             .zip(x.par_chunks(red * inner))
-            .for_each(body);
+            .for_each(block);
     } else {
         // Few outer blocks: split each block's columns across threads instead.
         let cols = 256.min(inner);
         for (o, block) in out.chunks_mut(inner).zip(x.chunks(red * inner)) {
-            o.par_chunks_mut(cols).enumerate().for_each(|(ci, oc)| {
-                let c0 = ci * cols;
-                simd(|| {
-                    for r in 0..red {
-                        let row = &block[r * inner + c0..r * inner + c0 + oc.len()];
-                        for (a, &v) in oc.iter_mut().zip(row) {
-                            *a = combine(kind, *a, v.to_acc());
-                        }
-                    }
+            o.par_chunks_mut(cols).enumerate().for_each(|(ci, acc)| {
+                simd_task(Columns {
+                    kind,
+                    acc,
+                    block,
+                    red,
+                    inner,
+                    c0: ci * cols,
                 })
             });
         }
@@ -1196,4 +1224,47 @@ pub(crate) fn ops() -> Vec<OpInfo> {
         f("min_backward", Idioms([0, 0, 1, 1, 1, 0]), false),
         f("argmax", Idioms::REDUCE, false),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reductions computed in vector code (`SimdTask`s, serial and parallel) give the bits of
+    /// the same summation order in this test's baseline code.
+    #[test]
+    fn vector_reductions_give_the_scalar_bits() {
+        let x: Vec<f32> = (0..4 * PAR_MIN + 77)
+            .map(|i| (i as f32 * 0.731).sin() * 3.0 + (i % 7) as f32)
+            .collect();
+        for kind in [ReduceKind::Sum, ReduceKind::Max, ReduceKind::Min] {
+            // Rows (inner 1), serial and parallel; then columns, many and few blocks.
+            for (outer, red, inner) in [
+                (9, 37, 1),
+                (300, 257, 1),
+                (3, 5, 40),
+                (40, 50, 64),
+                (1, 40, 2000),
+            ] {
+                let x = &x[..outer * red * inner];
+                let got = reduce_blocks(kind, x, outer, red, inner);
+                let want: Vec<f32> = if inner == 1 {
+                    x.chunks(red).map(|r| reduce_row(kind, r)).collect()
+                } else {
+                    let mut acc = vec![init::<f32>(kind); outer * inner];
+                    for o in 0..outer {
+                        for r in 0..red {
+                            for i in 0..inner {
+                                let a = &mut acc[o * inner + i];
+                                *a = combine(kind, *a, x[(o * red + r) * inner + i]);
+                            }
+                        }
+                    }
+                    acc
+                };
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{kind:?} {outer}×{red}×{inner}");
+            }
+        }
+    }
 }

@@ -2,6 +2,7 @@
 //! `assign_` (target = x). They run through the executor as in-place ops, so the memory
 //! manager sees the target as both read and written.
 
+use crate::cpu::{SimdTask, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
 use crate::ops::binary::{coalesce, cuda_elementwise_helpers, elementwise_grid, index32};
 use crate::registry::OpInfo;
@@ -21,6 +22,24 @@ pub struct Axpy {
     pub alpha: f64,
     /// Scale of the old target (1 for a plain accumulate, 0 for an assignment).
     pub beta: f64,
+}
+
+/// `f(dst[i], src[i])` over one chunk, as a [`SimdTask`].
+struct Update<'a, 'f, T, F> {
+    dst: &'a mut [T],
+    src: &'a [T],
+    f: &'f F,
+}
+
+impl<T: Copy, F: Fn(&mut T, T)> SimdTask for Update<'_, '_, T, F> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let f = self.f;
+        for (d, &s) in self.dst.iter_mut().zip(self.src) {
+            f(d, s);
+        }
+    }
 }
 
 fn update<T: FloatElement + dynn_core::CpuElement>(
@@ -44,12 +63,11 @@ fn update<T: FloatElement + dynn_core::CpuElement>(
     };
     match (layout.contiguous_range(), src_layout.contiguous_range()) {
         (Some((d0, d1)), Some((s0, s1))) => {
+            let f = &f;
             dst[d0..d1]
                 .par_chunks_mut(1 << 14)
                 .zip(src[s0..s1].par_chunks(1 << 14))
-                .for_each(|(d, s)| {
-                    crate::math::simd(|| d.iter_mut().zip(s).for_each(|(d, &s)| f(d, s)));
-                });
+                .for_each(|(dst, src)| simd_task(Update { dst, src, f }));
         }
         _ => {
             for (di, si) in layout.indices().zip(src_layout.indices()) {

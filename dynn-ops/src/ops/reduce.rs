@@ -220,38 +220,31 @@ fn reduce_blocks<T: FloatElement + CpuElement>(
     }
     // Column-style: accumulate whole rows of `inner` elements.
     let mut out = vec![init::<T::Acc>(kind); n_out];
-    let block = |(acc, block): (&mut [T::Acc], &[T])| {
+    let columns = |acc: &mut [T::Acc], block: &[T], c0: usize| {
         simd_task(Columns {
             kind,
             acc,
             block,
             red,
             inner,
-            c0: 0,
+            c0,
         })
     };
     if outer * red * inner < PAR_MIN {
         out.chunks_mut(inner)
             .zip(x.chunks(red * inner))
-            .for_each(block);
+            .for_each(|(acc, block)| columns(acc, block, 0));
     } else if outer >= rayon::current_num_threads() * 2 {
         out.par_chunks_mut(inner)
             .zip(x.par_chunks(red * inner))
-            .for_each(block);
+            .for_each(|(acc, block)| columns(acc, block, 0));
     } else {
         // Few outer blocks: split each block's columns across threads instead.
         let cols = 256.min(inner);
         for (o, block) in out.chunks_mut(inner).zip(x.chunks(red * inner)) {
-            o.par_chunks_mut(cols).enumerate().for_each(|(ci, acc)| {
-                simd_task(Columns {
-                    kind,
-                    acc,
-                    block,
-                    red,
-                    inner,
-                    c0: ci * cols,
-                })
-            });
+            o.par_chunks_mut(cols)
+                .enumerate()
+                .for_each(|(ci, acc)| columns(acc, block, ci * cols));
         }
     }
     out.into_iter().map(T::from_acc).collect()

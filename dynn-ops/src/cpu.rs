@@ -1,6 +1,7 @@
 //! Shared CPU kernel machinery: parallel element loops over (possibly strided, broadcast)
 //! layouts, and dtype dispatch. Op files use these; they hold no op of their own.
 
+use dynn_core::smallvec::{SmallVec, smallvec};
 use dynn_core::{Layout, Shape, vec_from_fill};
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -82,14 +83,70 @@ impl<T: Copy, U, F: Fn(T, T) -> U> SimdTask for Zip<'_, '_, T, U, F> {
     }
 }
 
-/// Rows of `inner` outputs of a broadcast zip, the `k`-th row reading `lhs` from `lb[k]` with
-/// stride `ls` and `rhs` from `rb[k]` with stride `rs` (see [`Map`]).
+/// Where the rows of a broadcast zip start in its two operands: the outer dims (all but the
+/// last) stepped like an odometer, from any row (found by division), so that each parallel
+/// chunk starts its own and no list of offsets is built first.
+#[derive(Debug, Clone)]
+struct RowCursor<'a> {
+    dims: &'a [usize],
+    lstrides: &'a [usize],
+    rstrides: &'a [usize],
+    index: SmallVec<[usize; 6]>,
+    /// The current row's first element in `lhs` and in `rhs`.
+    at: (usize, usize),
+}
+
+impl<'a> RowCursor<'a> {
+    /// The cursor at row `row` of outer dims `dims`, whose operands start at `base` and step
+    /// `lstrides` and `rstrides`.
+    fn new(
+        dims: &'a [usize],
+        lstrides: &'a [usize],
+        rstrides: &'a [usize],
+        base: (usize, usize),
+        row: usize,
+    ) -> Self {
+        let (mut index, mut at, mut rest) = (smallvec![0; dims.len()], base, row);
+        for d in (0..dims.len()).rev() {
+            let i = rest % dims[d];
+            rest /= dims[d];
+            index[d] = i;
+            at.0 += i * lstrides[d];
+            at.1 += i * rstrides[d];
+        }
+        RowCursor {
+            dims,
+            lstrides,
+            rstrides,
+            index,
+            at,
+        }
+    }
+
+    /// Moves to the next row.
+    #[inline(always)]
+    fn advance(&mut self) {
+        for d in (0..self.dims.len()).rev() {
+            self.index[d] += 1;
+            self.at.0 += self.lstrides[d];
+            self.at.1 += self.rstrides[d];
+            if self.index[d] < self.dims[d] {
+                return;
+            }
+            self.index[d] = 0;
+            self.at.0 -= self.dims[d] * self.lstrides[d];
+            self.at.1 -= self.dims[d] * self.rstrides[d];
+        }
+    }
+}
+
+/// Rows of `inner` outputs of a broadcast zip, each reading `lhs` and `rhs` from where
+/// `rows` says, with strides `strides` (see [`Map`]).
 struct ZipRows<'a, 'f, T, U, F> {
     out: &'a mut [MaybeUninit<U>],
     lhs: &'a [T],
     rhs: &'a [T],
-    lb: &'a [usize],
-    rb: &'a [usize],
+    rows: RowCursor<'a>,
     inner: usize,
     strides: (usize, usize),
     f: &'f F,
@@ -100,8 +157,10 @@ impl<T: Copy, U, F: Fn(T, T) -> U> SimdTask for ZipRows<'_, '_, T, U, F> {
     #[inline(always)]
     fn run(self) {
         let (f, inner, (lhs, rhs)) = (self.f, self.inner, (self.lhs, self.rhs));
-        let rows = self.out.chunks_mut(inner).zip(self.lb).zip(self.rb);
-        for ((o, &lo), &ro) in rows {
+        let mut rows = self.rows;
+        for o in self.out.chunks_mut(inner) {
+            let (lo, ro) = rows.at;
+            rows.advance();
             match self.strides {
                 (1, 1) => {
                     for ((o, &x), &y) in o
@@ -247,48 +306,34 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
         ll.strides().last().copied().unwrap_or(0),
         rl.strides().last().copied().unwrap_or(0),
     );
-    let outer_of = |l: &Layout| {
-        Layout::from_parts(
-            Shape::new(&dims[..rank.saturating_sub(1)]),
-            l.strides()[..rank.saturating_sub(1)].into(),
-            l.offset(),
-        )
-    };
-    let lb: Vec<usize> = outer_of(ll).indices().collect();
-    let rb: Vec<usize> = outer_of(rl).indices().collect();
+    let outer = rank.saturating_sub(1);
+    let (outer_dims, lstrides, rstrides) = (
+        &dims[..outer],
+        &ll.strides()[..outer],
+        &rl.strides()[..outer],
+    );
+    let base = (ll.offset(), rl.offset());
     vec_from_fill(n, |out| {
         if n == 0 {
             return;
         }
         let (f, strides) = (&f, (ls, rs));
+        let task = |out, first_row| ZipRows {
+            out,
+            lhs,
+            rhs,
+            rows: RowCursor::new(outer_dims, lstrides, rstrides, base, first_row),
+            inner,
+            strides,
+            f,
+        };
         let rows = (PAR_MIN / inner).max(1);
         if n < PAR_MIN {
-            simd_task(ZipRows {
-                out,
-                lhs,
-                rhs,
-                lb: &lb,
-                rb: &rb,
-                inner,
-                strides,
-                f,
-            });
+            simd_task(task(out, 0));
         } else {
             out.par_chunks_mut(inner * rows)
-                .zip(lb.par_chunks(rows))
-                .zip(rb.par_chunks(rows))
-                .for_each(|((out, lb), rb)| {
-                    simd_task(ZipRows {
-                        out,
-                        lhs,
-                        rhs,
-                        lb,
-                        rb,
-                        inner,
-                        strides,
-                        f,
-                    })
-                });
+                .enumerate()
+                .for_each(|(i, out)| simd_task(task(out, i * rows)));
         }
     })
 }
@@ -469,6 +514,39 @@ mod tests {
         let l = Layout::contiguous([n]);
         let got = zip_layouts(&x, &l, &y, &l, &Shape::new(&[n]), f);
         assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want);
+    }
+
+    #[test]
+    fn strided_zips_start_every_chunk_at_its_own_row() {
+        // Serial and parallel (more than PAR_MIN elements), with outer dims that do not merge:
+        // a transposed left operand, a right one broadcast along two dims, a narrowed one.
+        for dims in [[3usize, 5, 7, 40], [6, 50, 7, 30]] {
+            let n: usize = dims.iter().product();
+            let shape = Shape::new(&dims);
+            let (a, b, c) = (dims[0], dims[1], dims[2]);
+            let lhs: Vec<f32> = (0..n).map(|v| v as f32).collect();
+            let ll = Layout::contiguous([b, a, c, dims[3]])
+                .transpose(0, 1)
+                .unwrap();
+            let rhs: Vec<f32> = (0..b * dims[3] + 3).map(|v| 0.5 * v as f32).collect();
+            let rl = Layout::contiguous([b * dims[3] + 3])
+                .narrow(0, 3, b * dims[3])
+                .unwrap();
+            let rl = Layout::from_parts(
+                Shape::new(&[1, b, 1, dims[3]]),
+                vec![0, dims[3], 0, 1].into(),
+                rl.offset(),
+            )
+            .broadcast_as(&shape)
+            .unwrap();
+            let want: Vec<f32> = ll
+                .indices()
+                .zip(rl.indices())
+                .map(|(i, j)| lhs[i] * 3.0 - rhs[j])
+                .collect();
+            let got = zip_layouts(&lhs, &ll, &rhs, &rl, &shape, |x, y| x * 3.0 - y);
+            assert_eq!(got, want, "{dims:?}");
+        }
     }
 
     #[test]

@@ -244,23 +244,29 @@ fn rows_of<U: Copy + Send>(
     let dims = layout.dims();
     let inner = dims.last().copied().unwrap_or(1).max(1);
     let stride = layout.strides().last().copied().unwrap_or(0);
-    let outer = Layout::from_parts(
-        Shape::new(&dims[..dims.len().saturating_sub(1)]),
-        layout.strides()[..layout.strides().len().saturating_sub(1)].into(),
-        layout.offset(),
-    );
-    let bases: Vec<usize> = outer.indices().collect();
+    let outer = dims.len().saturating_sub(1);
+    let (outer_dims, strides) = (&dims[..outer], &layout.strides()[..outer]);
+    let base = (layout.offset(), 0);
     vec_from_fill(n, |out| {
         if n == 0 {
             return;
         }
-        let body = |(o, &b): (&mut [MaybeUninit<U>], &usize)| row(o, b, stride);
+        // One operand: the cursor's second offset steps by nothing.
+        let zeros: SmallVec<[usize; 6]> = smallvec![0; outer];
+        let run = |out: &mut [MaybeUninit<U>], first_row: usize| {
+            let mut rows = RowCursor::new(outer_dims, strides, &zeros, base, first_row);
+            for o in out.chunks_mut(inner) {
+                row(o, rows.at.0, stride);
+                rows.advance();
+            }
+        };
+        let rows = (PAR_MIN / inner).max(1);
         if n < PAR_MIN {
-            out.chunks_mut(inner).zip(bases.iter()).for_each(body);
+            run(out, 0);
         } else {
-            out.par_chunks_mut(inner)
-                .zip(bases.par_iter())
-                .for_each(body);
+            out.par_chunks_mut(inner * rows)
+                .enumerate()
+                .for_each(|(i, out)| run(out, i * rows));
         }
     })
 }
@@ -496,6 +502,11 @@ mod tests {
         let n = Layout::contiguous([3, 4, 5]).narrow(2, 1, 3).unwrap();
         let want: Vec<f32> = n.indices().map(|i| src[i]).collect();
         assert_eq!(map_layout(&src, &n, |x| x), want);
+        // Parallel rows, each chunk starting mid-tensor.
+        let big: Vec<f32> = (0..60_000).map(|v| v as f32).collect();
+        let t = Layout::contiguous([40, 30, 50]).transpose(0, 2).unwrap();
+        let want: Vec<f32> = t.indices().map(|i| big[i] + 1.0).collect();
+        assert_eq!(map_layout(&big, &t, |x| x + 1.0), want);
     }
 
     #[test]

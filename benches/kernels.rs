@@ -248,6 +248,12 @@ fn main() -> BenchResult<()> {
         );
     }
     case!(
+        "transpose_copy_4096x1024",
+        Work::Bytes(bytes_rw),
+        x.t()?.contiguous()?,
+        cx.t()?.contiguous()?
+    );
+    case!(
         "sum_last_dim_4096x1024",
         Work::Bytes(4096.0 * 1024.0 * 4.0 + 4096.0 * 4.0),
         x.sum_dims(&[-1], false)?,

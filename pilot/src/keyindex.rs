@@ -49,7 +49,6 @@ impl<V: Copy + Default> KeyIndex<V> {
     /// Where `key` is, or the empty entry where it would go.
     #[inline]
     fn probe(&self, key: u64) -> usize {
-        debug_assert!(key != EMPTY, "keys never reach {EMPTY}");
         let mask = self.slots.len() - 1;
         let mut i = self.home(key);
         while self.slots[i].0 != key && self.slots[i].0 != EMPTY {
@@ -58,14 +57,16 @@ impl<V: Copy + Default> KeyIndex<V> {
         i
     }
 
-    /// The value of `key`.
+    /// The value of `key` (`None` for the reserved key `u64::MAX`, which no id or key
+    /// reaches).
     #[inline]
     pub fn get(&self, key: u64) -> Option<V> {
         let e = self.slots[self.probe(key)];
-        (e.0 == key).then_some(e.1)
+        (e.0 == key && key != EMPTY).then_some(e.1)
     }
 
-    /// The value of `key`, inserted as `V::default()` when absent.
+    /// The value of `key`, inserted as `V::default()` when absent (for the reserved key
+    /// `u64::MAX`, a scratch value that no lookup finds).
     pub fn entry(&mut self, key: u64) -> &mut V {
         let mut i = self.probe(key);
         if self.slots[i].0 != key {
@@ -165,6 +166,7 @@ mod tests {
                 assert_eq!(ix.get(k), Some(v));
             }
             assert_eq!(ix.get(701), None);
+            assert_eq!(ix.get(u64::MAX), None);
             assert!(ix.len() * 2 <= ix.slots.len());
             if round % 7 == 6 {
                 ix.clear_for(round as usize * 10);

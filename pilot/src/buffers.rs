@@ -10,7 +10,8 @@
 
 use crate::encoder::{PHASES, Producer};
 use crate::history::UseRange;
-use crate::keyindex::{KeyIndex, prefetch_line};
+use crate::keyindex::KeyIndex;
+use dynn_ops::cpu::prefetch_l1;
 
 /// `last_forward` of a buffer not used in the forward pass this step.
 pub(crate) const NO_FORWARD: u32 = u32::MAX;
@@ -19,7 +20,7 @@ pub(crate) const NO_FORWARD: u32 = u32::MAX;
 #[derive(Debug, Clone, Copy)]
 #[repr(C, align(64))]
 pub(crate) struct Hot {
-    /// Buffer id ([`EMPTY`]: a free slot).
+    /// Buffer id.
     pub id: u64,
     /// The key the tracker's own history uses (see [`crate::tracker::BufferState::aligned`]).
     pub aligned: u64,
@@ -62,6 +63,19 @@ pub(crate) struct Cold {
 }
 
 const _: () = assert!(std::mem::size_of::<Hot>() == 64 && std::mem::size_of::<Cold>() == 64);
+
+impl Hot {
+    /// Whether an op of step `step` (the current one) used it.
+    pub fn used_in(&self, step: u64) -> bool {
+        self.uses_step > 0 && self.last_step == step
+    }
+
+    /// Index within its step of the op that used it last, for a step whose first op had
+    /// tracker clock `step_start` (meaningful when that is the step of its last use).
+    pub fn last_use_index(&self, step_start: u64) -> u32 {
+        self.last_use.saturating_sub(step_start) as u32
+    }
+}
 
 /// Buffer id → ([`Hot`], [`Cold`]): the states sit densely in two parallel vectors, found
 /// through a [`KeyIndex`].
@@ -143,9 +157,9 @@ impl BufferTable {
         let Some(at) = self.find(id) else {
             return false;
         };
-        prefetch_line(&self.hot[at]);
+        prefetch_l1(&self.hot[at]);
         if cold {
-            prefetch_line(&self.cold[at]);
+            prefetch_l1(&self.cold[at]);
         }
         true
     }

@@ -5,6 +5,8 @@
 //! pilot's state between two ops, and a hash map whose buckets are found through control
 //! bytes would take those misses one after another.
 
+use dynn_ops::cpu::prefetch_l1;
+
 /// The key of an empty entry (ids and keys never reach it).
 const EMPTY: u64 = u64::MAX;
 
@@ -119,22 +121,8 @@ impl<V: Copy + Default> KeyIndex<V> {
     /// Asks the CPU to bring `key`'s first entry into the cache, without waiting for it.
     #[inline]
     pub fn prefetch(&self, key: u64) {
-        prefetch_line(&self.slots[self.home(key)]);
+        prefetch_l1(&self.slots[self.home(key)]);
     }
-}
-
-/// A hint that `x`'s cache line will be read soon.
-#[inline]
-pub(crate) fn prefetch_line<T>(x: &T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: a prefetch is a hint: it never faults and changes no memory; SSE, the only
-    // feature it needs, is part of every x86-64 CPU.
-    unsafe {
-        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-        _mm_prefetch::<_MM_HINT_T0>((x as *const T).cast());
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = x;
 }
 
 #[cfg(test)]

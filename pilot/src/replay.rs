@@ -53,32 +53,38 @@ impl Backlog {
     /// Replays everything queued into `tracker`, in order, and empties the queue (keeping its
     /// allocations).
     fn replay_into(&mut self, tracker: &mut Tracker) {
-        let accesses = &self.accesses;
-        tracker.prefetch_ops(self.views.iter().scan(0, move |start, v| {
-            let n = v.inputs + v.outputs;
-            let bufs = accesses.get(*start..*start + n).unwrap_or_default();
-            *start += n;
-            Some((v.phase, bufs))
-        }));
-        let (mut views, mut at) = (self.views.iter(), 0);
+        let mut ops = queued_ops(&self.views, &self.accesses);
+        tracker.prefetch_ops(ops.clone().map(|(v, bufs)| (v.phase, bufs)));
         for e in self.events.drain(..) {
             match e {
                 Some((group, id)) => tracker.plan_read(group, id),
                 None => {
-                    // Each view was queued with its inputs and outputs, in order.
-                    let Some(v) = views.next() else { break };
-                    let n = v.inputs + v.outputs;
-                    if let Some(bufs) = self.accesses.get(at..at + n) {
+                    let Some((v, bufs)) = ops.next() else { break };
+                    if bufs.len() == v.inputs + v.outputs {
                         let (inputs, outputs) = bufs.split_at(v.inputs);
                         tracker.observe_view(v, inputs, outputs);
                     }
-                    at += n;
                 }
             }
         }
+        drop(ops);
         self.views.clear();
         self.accesses.clear();
     }
+}
+
+/// The queued ops, each with its buffers (inputs, then outputs): each view was queued with
+/// them, in order.
+fn queued_ops<'a>(
+    views: &'a [OpView],
+    accesses: &'a [Access],
+) -> impl Iterator<Item = (&'a OpView, &'a [Access])> + Clone {
+    views.iter().scan(0, move |at, v| {
+        let n = v.inputs + v.outputs;
+        let bufs = accesses.get(*at..*at + n).unwrap_or_default();
+        *at += n;
+        Some((v, bufs))
+    })
 }
 
 /// What the executor and the replay thread share, behind one lock.

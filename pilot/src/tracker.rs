@@ -209,7 +209,7 @@ impl Tracker {
             last_phase: h.last_phase,
             last_use: h.last_use,
             last_use_index: if h.last_step == self.step {
-                self.last_use_index(h)
+                h.last_use_index(self.step_start)
             } else {
                 0
             },
@@ -286,17 +286,6 @@ impl Tracker {
                 self.previous.prefetch_range_of(aligned);
             }
         }
-    }
-
-    /// Index within its step of the op that used `h` last (meaningful when that step is the
-    /// current one, see [`Tracker::used_this_step`]).
-    fn last_use_index(&self, h: &Hot) -> u32 {
-        h.last_use.saturating_sub(self.step_start) as u32
-    }
-
-    /// Whether an op of the current step used `h`.
-    fn used_this_step(&self, h: &Hot) -> bool {
-        h.uses_step > 0 && h.last_step == self.step
     }
 
     /// Buffers tracked now.
@@ -432,9 +421,10 @@ impl Tracker {
             let fresh_use = b.last_use != clock;
             if fresh_use {
                 // What followed the access site of its previous use this step.
-                if b.uses_step > 0 && b.last_step == step && b.last_site != 0 {
-                    let last_use_index = b.last_use.saturating_sub(step_start) as u32;
-                    let gap = index.saturating_sub(last_use_index).min(NEVER - 1);
+                if b.used_in(step) && b.last_site != 0 {
+                    let gap = index
+                        .saturating_sub(b.last_use_index(step_start))
+                        .min(NEVER - 1);
                     self.sites.insert(b.last_site, gap);
                 }
                 b.last_site = mix(context, (j as u64) << 1 | written as u64) | 1;
@@ -567,8 +557,8 @@ impl Tracker {
             .filter(|(_, c)| c.first_step == self.step)
             .map(|(_, c)| c.first_index);
         let last_use = b
-            .filter(|(h, _)| self.used_this_step(h))
-            .map(|(h, _)| self.last_use_index(h));
+            .filter(|(h, _)| h.used_in(self.step))
+            .map(|(h, _)| h.last_use_index(self.step_start));
         let d = self.plan.distance(q.id, made, last_use, self.index)?;
         if !matches!(d, PlanDistance::Beyond(_) | PlanDistance::Unplanned) {
             return Some(d);
@@ -630,11 +620,13 @@ impl Tracker {
     /// What the site of candidate `b`'s last use showed last time (see
     /// [`CandidateView::site`]).
     fn site_for(&self, b: &Hot) -> Option<Option<u64>> {
-        if !self.used_this_step(b) || b.last_site == 0 {
+        if !b.used_in(self.step) || b.last_site == 0 {
             return None;
         }
         let gap = *self.sites.get(&b.last_site)?;
-        let age = self.index.saturating_sub(1 + self.last_use_index(b)) as u64;
+        let age = self
+            .index
+            .saturating_sub(1 + b.last_use_index(self.step_start)) as u64;
         Some((gap != NEVER).then(|| (gap as u64).saturating_sub(age).max(1)))
     }
 
@@ -674,7 +666,7 @@ impl Tracker {
             return None;
         }
         let state = self.bufs.get(q.id);
-        match state.filter(|(b, _)| self.used_this_step(b)) {
+        match state.filter(|(b, _)| b.used_in(self.step)) {
             Some((b, c)) => {
                 debug_assert_eq!(c.prev, self.previous.range_of(b.aligned));
                 let p = (b.last_phase as usize).min(PHASES - 1);
@@ -685,7 +677,10 @@ impl Tracker {
                     return self.hint_in(c.prev);
                 };
                 Some(self.previous.next_use_in(Some(there), c.prev).map(|gap| {
-                    let age = self.index.saturating_sub(1 + self.last_use_index(b)) as u64;
+                    let age = self
+                        .index
+                        .saturating_sub(1 + b.last_use_index(self.step_start))
+                        as u64;
                     gap.saturating_sub(age).max(1)
                 }))
             }
@@ -737,7 +732,9 @@ impl Tracker {
             // An op of this step used it (use counts restart at every boundary).
             last_use_position: state
                 .filter(|(b, _)| b.uses_step > 0)
-                .map_or(0.0, |(b, _)| self.position(self.last_use_index(b))),
+                .map_or(0.0, |(b, _)| {
+                    self.position(b.last_use_index(self.step_start))
+                }),
             matching: self.matching,
             hint: self.hint_for(q).filter(|_| self.cfg.hint),
             mirror: state

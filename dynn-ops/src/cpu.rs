@@ -148,6 +148,8 @@ struct ZipRows<'a, 'f, T, U, F> {
     rhs: &'a [T],
     rows: RowCursor<'a>,
     inner: usize,
+    /// Where the chunk starts in its first row.
+    first_col: usize,
     strides: (usize, usize),
     f: &'f F,
 }
@@ -156,30 +158,34 @@ impl<T: Copy, U, F: Fn(T, T) -> U> SimdTask for ZipRows<'_, '_, T, U, F> {
     type Out = ();
     #[inline(always)]
     fn run(self) {
-        let (f, inner, (lhs, rhs)) = (self.f, self.inner, (self.lhs, self.rhs));
-        let mut rows = self.rows;
-        for o in self.out.chunks_mut(inner) {
-            let (lo, ro) = rows.at;
+        let (f, (lhs, rhs)) = (self.f, (self.lhs, self.rhs));
+        let (ls, rs) = self.strides;
+        let (mut rows, mut out, mut col) = (self.rows, self.out, self.first_col);
+        // Row by row, as `for_row_pieces` does, inline: a closure would be compiled apart
+        // from the vector features (see `SimdTask`).
+        while !out.is_empty() {
+            let len = (self.inner - col).min(out.len());
+            let (o, rest) = std::mem::take(&mut out).split_at_mut(len);
+            let (lo, ro) = (rows.at.0 + col * ls, rows.at.1 + col * rs);
+            (out, col) = (rest, 0);
             rows.advance();
-            match self.strides {
+            match (ls, rs) {
                 (1, 1) => {
-                    for ((o, &x), &y) in o
-                        .iter_mut()
-                        .zip(&lhs[lo..lo + inner])
-                        .zip(&rhs[ro..ro + inner])
+                    for ((o, &x), &y) in
+                        o.iter_mut().zip(&lhs[lo..lo + len]).zip(&rhs[ro..ro + len])
                     {
                         o.write(f(x, y));
                     }
                 }
                 (1, 0) => {
                     let y = rhs[ro];
-                    for (o, &x) in o.iter_mut().zip(&lhs[lo..lo + inner]) {
+                    for (o, &x) in o.iter_mut().zip(&lhs[lo..lo + len]) {
                         o.write(f(x, y));
                     }
                 }
                 (0, 1) => {
                     let x = lhs[lo];
-                    for (o, &y) in o.iter_mut().zip(&rhs[ro..ro + inner]) {
+                    for (o, &y) in o.iter_mut().zip(&rhs[ro..ro + len]) {
                         o.write(f(x, y));
                     }
                 }
@@ -191,6 +197,46 @@ impl<T: Copy, U, F: Fn(T, T) -> U> SimdTask for ZipRows<'_, '_, T, U, F> {
             }
         }
     }
+}
+
+/// Calls `piece(out_piece, first_col)` for each row's share of `out`, a run of rows of `inner`
+/// elements that starts at column `first_col` of its first row (and may end mid-row).
+fn for_row_pieces<U>(
+    mut out: &mut [U],
+    inner: usize,
+    first_col: usize,
+    mut piece: impl FnMut(&mut [U], usize),
+) {
+    let mut col = first_col;
+    while !out.is_empty() {
+        let len = (inner - col).min(out.len());
+        let (o, rest) = std::mem::take(&mut out).split_at_mut(len);
+        piece(o, col);
+        (out, col) = (rest, 0);
+    }
+}
+
+/// Runs `run(chunk, first_row, first_col)` over `out`, rows of `inner` elements, serially for
+/// small outputs and else in parallel chunks: whole rows when rows are short, pieces of a row
+/// when rows are long, so that even a single row (a broadcast scalar coalesces to one) spreads
+/// over every thread.
+fn for_row_chunks<U: Send>(
+    out: &mut [U],
+    inner: usize,
+    run: impl Fn(&mut [U], usize, usize) + Sync,
+) {
+    let n = out.len();
+    if n < PAR_MIN {
+        return run(out, 0, 0);
+    }
+    let chunk = if inner >= PAR_MIN {
+        chunk_len(n)
+    } else {
+        (PAR_MIN / inner).max(1) * inner
+    };
+    out.par_chunks_mut(chunk)
+        .enumerate()
+        .for_each(|(i, out)| run(out, i * chunk / inner, i * chunk % inner));
 }
 
 /// Applies `f` to every element of `src` seen through `layout`, returning a contiguous vector
@@ -322,22 +368,14 @@ fn rows_of<U: Copy + Send>(
         if n == 0 {
             return;
         }
-        // One operand: the cursor's second offset is not read.
-        let run = |out: &mut [MaybeUninit<U>], first_row: usize| {
+        for_row_chunks(out, inner, |out, first_row, first_col| {
+            // One operand: the cursor's second offset is not read.
             let mut rows = RowCursor::new(outer_dims, strides, strides, base, first_row);
-            for o in out.chunks_mut(inner) {
-                row(o, rows.at.0, stride);
+            for_row_pieces(out, inner, first_col, |o, col| {
+                row(o, rows.at.0 + col * stride, stride);
                 rows.advance();
-            }
-        };
-        let rows = (PAR_MIN / inner).max(1);
-        if n < PAR_MIN {
-            run(out, 0);
-        } else {
-            out.par_chunks_mut(inner * rows)
-                .enumerate()
-                .for_each(|(i, out)| run(out, i * rows));
-        }
+            });
+        });
     })
 }
 
@@ -394,23 +432,18 @@ pub fn zip_layouts<T: Copy + Sync, U: Copy + Send>(
             return;
         }
         let (f, strides) = (&f, (ls, rs));
-        let task = |out, first_row| ZipRows {
-            out,
-            lhs,
-            rhs,
-            rows: RowCursor::new(outer_dims, lstrides, rstrides, base, first_row),
-            inner,
-            strides,
-            f,
-        };
-        let rows = (PAR_MIN / inner).max(1);
-        if n < PAR_MIN {
-            simd_task(task(out, 0));
-        } else {
-            out.par_chunks_mut(inner * rows)
-                .enumerate()
-                .for_each(|(i, out)| simd_task(task(out, i * rows)));
-        }
+        for_row_chunks(out, inner, |out, first_row, first_col| {
+            simd_task(ZipRows {
+                out,
+                lhs,
+                rhs,
+                rows: RowCursor::new(outer_dims, lstrides, rstrides, base, first_row),
+                inner,
+                first_col,
+                strides,
+                f,
+            })
+        });
     })
 }
 
@@ -660,6 +693,41 @@ mod tests {
             let got = zip_layouts(&lhs, &ll, &rhs, &rl, &shape, |x, y| x * 3.0 - y);
             assert_eq!(got, want, "{dims:?}");
         }
+    }
+
+    #[test]
+    fn long_rows_split_across_chunks() {
+        // Rows longer than PAR_MIN are cut into pieces that start and end mid-row: a scalar
+        // broadcast over everything (one coalesced row), three long rows with a strided side,
+        // and a map over a single strided row.
+        let n = 3 * PAR_MIN + 77;
+        let x: Vec<f32> = (0..2 * n).map(|v| (v as f32).sin()).collect();
+        let one = Shape::new(&[n]);
+        let scalar = Layout::contiguous([1]).broadcast_as(&one).unwrap();
+        let lx = Layout::contiguous([n]);
+        let want: Vec<f32> = x[..n].iter().map(|v| v * 2.5 - 1.0).collect();
+        assert_eq!(
+            zip_layouts(&x, &lx, &[2.5], &scalar, &one, |a, b| a * b - 1.0),
+            want
+        );
+        assert_eq!(
+            zip_layouts(&[2.5], &scalar, &x, &lx, &one, |b, a| a * b - 1.0),
+            want
+        );
+        let inner = PAR_MIN + 1000;
+        let shape = Shape::new(&[3, inner]);
+        let strided = Layout::from_parts(shape.clone(), vec![inner / 2, 2].into(), 5);
+        let dense = Layout::contiguous([3, inner]);
+        let want: Vec<f32> = strided
+            .indices()
+            .zip(dense.indices())
+            .map(|(i, j)| x[i] - 3.0 * x[j])
+            .collect();
+        let got = zip_layouts(&x, &strided, &x, &dense, &shape, |a, b| a - 3.0 * b);
+        assert_eq!(got, want);
+        let row = Layout::from_parts(Shape::new(&[1, n / 2]), vec![0, 3].into(), 1);
+        let want: Vec<f32> = row.indices().map(|i| x[i] + 1.0).collect();
+        assert_eq!(map_layout(&x, &row, |v| v + 1.0), want);
     }
 
     #[test]

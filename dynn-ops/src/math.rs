@@ -14,7 +14,8 @@ const LN2_LO: f32 = -2.121_944_4e-4;
 pub fn exp_f32(x: f32) -> f32 {
     const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to the nearest integer.
     let xc = x.clamp(-87.3, 88.5);
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let shifted = xc * LOG2E + MAGIC;
+    let n = shifted - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let z = r * r;
     let mut p = 1.987_569_1e-4f32;
@@ -24,7 +25,11 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let y = p * z + r + 1.0;
-    let scale = f32::from_bits(((n as i32 + 127) << 23) as u32);
+    // n as an integer, read from the mantissa bits the magic addition left it in: integer
+    // arithmetic that vectorizes, where the saturating `n as i32` would not (and, as
+    // |n| <= 128, the same value). A NaN x gives garbage bits here, replaced below.
+    let ni = (shifted.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let scale = f32::from_bits((ni.wrapping_add(127) << 23) as u32);
     let v = y * scale;
     if x > 88.72 {
         f32::INFINITY
@@ -108,6 +113,22 @@ mod tests {
         assert_eq!(exp_f32(100.0), f32::INFINITY);
         assert_eq!(exp_f32(-100.0), 0.0);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn exp_reads_its_exponent_from_bits_as_the_cast_would() {
+        // The power of two taken from the magic sum's bits equals `n as i32`, so exp gives
+        // the bits it gave with the (scalar) saturating cast, over the whole clamped range.
+        const MAGIC: f32 = 12_582_912.0;
+        let mut x = -90.0f32;
+        while x < 90.0 {
+            let xc = x.clamp(-87.3, 88.5);
+            let shifted = xc * LOG2E + MAGIC;
+            let n = shifted - MAGIC;
+            let ni = (shifted.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+            assert_eq!(ni, n as i32, "x = {x}");
+            x += 0.003;
+        }
     }
 
     #[test]

@@ -265,6 +265,12 @@ fn main() -> BenchResult<()> {
         x.gelu()?,
         cx.gelu()?
     );
+    case!(
+        "gelu_erf_4096x1024",
+        Work::Bytes(bytes_rw),
+        x.gelu_erf()?,
+        cx.gelu_erf()?
+    );
     {
         // Forward, the sum's backward (a broadcast of ones) and gelu's backward: x read
         // twice, y written and read, dx written.

@@ -171,7 +171,7 @@ impl Unary {
                     * (A::ONE + (A::of(SQRT_2_OVER_PI) * (x + A::of(0.044715) * x * x * x)).ftanh())
             }
             Unary::GeluErf => {
-                half * x * (A::ONE + (x * A::of(std::f64::consts::FRAC_1_SQRT_2)).erf())
+                half * x * (A::ONE + (x * A::of(std::f64::consts::FRAC_1_SQRT_2)).ferf())
             }
             Unary::Silu => x * x.fsigmoid(),
             Unary::Sin => x.sin(),
@@ -219,7 +219,7 @@ impl Unary {
                     + half * v * (A::ONE - t * t) * k * (A::ONE + A::of(3.0 * 0.044715) * v * v)
             }
             Unary::GeluErf => {
-                let cdf = half * (A::ONE + (v * A::of(std::f64::consts::FRAC_1_SQRT_2)).erf());
+                let cdf = half * (A::ONE + (v * A::of(std::f64::consts::FRAC_1_SQRT_2)).ferf());
                 let pdf = (-half * v * v).fexp() * A::of(0.398_942_280_401_432_7);
                 cdf + v * pdf
             }
@@ -627,7 +627,14 @@ where
 {
     macro_rules! apply {
         ($c:expr) => {
-            map_layout(src, arg.layout, move |x| T::from_acc(($c).f(x.to_acc())))
+            // Inlined into the vector loop even where `f` is long (gelu_erf): a closure
+            // compiled apart from it runs without the vector features (see `SimdTask`).
+            map_layout(
+                src,
+                arg.layout,
+                #[inline(always)]
+                move |x| T::from_acc(($c).f(x.to_acc())),
+            )
         };
     }
     with_kind!(k, apply)
@@ -689,9 +696,15 @@ where
 {
     macro_rules! apply {
         ($c:expr) => {
-            crate::cpu::zip_layouts(v, va.layout, g, ga.layout, shape, move |a, b| {
-                T::from_acc(b.to_acc() * ($c).df(a.to_acc()))
-            })
+            crate::cpu::zip_layouts(
+                v,
+                va.layout,
+                g,
+                ga.layout,
+                shape,
+                #[inline(always)]
+                move |a, b| T::from_acc(b.to_acc() * ($c).df(a.to_acc())),
+            )
         };
     }
     with_kind!(k, apply)

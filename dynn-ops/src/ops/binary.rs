@@ -521,7 +521,7 @@ fn zip<T: FloatElement + CpuElement>(
     macro_rules! go {
         ($($kind:path),*) => {
             match k {
-                $($kind => zip_layouts(l, &ll, r, &rl, shape, |a, b| T::from_acc($kind.f(a.to_acc(), b.to_acc()))),)*
+                $($kind => zip_layouts(l, &ll, r, &rl, shape, #[inline(always)] |a, b| T::from_acc($kind.f(a.to_acc(), b.to_acc()))),)*
             }
         };
     }

@@ -617,6 +617,12 @@ impl Tracker {
         self.context.iter().fold(0, |h, &x| mix(h, x))
     }
 
+    /// Ops run since `b`'s last use this step (0 right after it).
+    fn age(&self, b: &Hot) -> u64 {
+        self.index
+            .saturating_sub(1 + b.last_use_index(self.step_start)) as u64
+    }
+
     /// What the site of candidate `b`'s last use showed last time (see
     /// [`CandidateView::site`]).
     fn site_for(&self, b: &Hot) -> Option<Option<u64>> {
@@ -624,9 +630,7 @@ impl Tracker {
             return None;
         }
         let gap = *self.sites.get(&b.last_site)?;
-        let age = self
-            .index
-            .saturating_sub(1 + b.last_use_index(self.step_start)) as u64;
+        let age = self.age(b);
         Some((gap != NEVER).then(|| (gap as u64).saturating_sub(age).max(1)))
     }
 
@@ -676,13 +680,11 @@ impl Tracker {
                 let Some(there) = there else {
                     return self.hint_in(c.prev);
                 };
-                Some(self.previous.next_use_in(Some(there), c.prev).map(|gap| {
-                    let age = self
-                        .index
-                        .saturating_sub(1 + b.last_use_index(self.step_start))
-                        as u64;
-                    gap.saturating_sub(age).max(1)
-                }))
+                Some(
+                    self.previous
+                        .next_use_in(Some(there), c.prev)
+                        .map(|gap| gap.saturating_sub(self.age(b)).max(1)),
+                )
             }
             None => match state {
                 Some((_, c)) => self.hint_in(c.prev),

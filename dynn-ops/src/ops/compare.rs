@@ -83,9 +83,6 @@ impl CmpOp {
     }
 }
 
-/// Applies `f` element-wise to three operands whose layouts are already broadcast to `shape`,
-/// returning a contiguous output: one fused pass, parallel over chunks (contiguous inputs) or
-/// rows (strided or broadcast inputs).
 /// `out[i] = f(m[i], a[i], b[i])` over one chunk, as a [`SimdTask`].
 struct Zip3<'a, 'f, M, T, U, F> {
     out: &'a mut [MaybeUninit<U>],
@@ -106,6 +103,9 @@ impl<M: Copy, T: Copy, U, F: Fn(M, T, T) -> U> SimdTask for Zip3<'_, '_, M, T, U
     }
 }
 
+/// Applies `f` element-wise to three operands whose layouts are already broadcast to `shape`,
+/// returning a contiguous output: one fused pass, parallel over chunks (contiguous inputs) or
+/// rows (strided or broadcast inputs).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn zip3<M: Copy + Sync, T: Copy + Sync, U: Copy + Send>(
     m: &[M],

@@ -78,7 +78,8 @@ struct Args {
     #[arg(long)]
     json: bool,
     /// Instead of the workloads: predict the step time of a real run from the trace it wrote
-    /// (a trainer's `--trace-out`), its last training step replayed under `--policy` and `--budget`.
+    /// (a trainer's `--trace-out`): each training step after the first replayed under
+    /// `--policy` and `--budget`, the median step time printed.
     #[arg(long)]
     trace: Option<PathBuf>,
     /// With `--trace`: the run's policy.
@@ -98,6 +99,11 @@ struct Args {
     /// Each such move then delays the replay's later ops by this much.
     #[arg(long)]
     move_host_us: Option<f64>,
+    /// With `--trace`: the host time to place one live block again when the pool is repacked,
+    /// in microseconds (a budgeted run's `repack_block_us`). Each repack the replay makes then
+    /// delays later ops by this much per live block.
+    #[arg(long)]
+    repack_host_us: Option<f64>,
     /// Replay runs that write stale buffers back in the background (a trainer's
     /// `--write-back`).
     #[arg(long)]
@@ -170,24 +176,42 @@ fn run() -> Result<()> {
             }
             prof.move_host_s = us * 1e-6;
         }
+        if let Some(us) = args.repack_host_us {
+            if !us.is_finite() || us < 0.0 {
+                return Err(Error::invalid(
+                    "--repack-host-us",
+                    format!("{us}: a host time per repacked block is a number of microseconds ≥ 0"),
+                ));
+            }
+            prof.repack_host_s = us * 1e-6;
+        }
         let memory = if args.count_bytes {
             SimMemory::Bytes
         } else {
             let (small, large) = dynn::models::train::SEGMENTS;
             SimMemory::Pool(small, large)
         };
-        let r = compare::replay::predict(&trace, &args.policy, args.budget, &prof, memory)?;
+        let p = compare::replay::predict(&trace, &args.policy, args.budget, &prof, memory)?;
+        let r = &p.median_step;
         println!(
-            "{}: predicted step {:.3} ms on {} (compute {:.3} ms, stalls {:.3} ms: forward {:.3}, backward {:.3}, optimizer {:.3}; moves issued {:.3} ms, {} B to the device, {} B to the host)",
+            "{}: predicted step {:.3} ms on {}, the median of {} steps ({}); the median step: compute {:.3} ms, stalls {:.3} ms (forward {:.3}, backward {:.3}, optimizer {:.3}), moves issued {:.3} ms, {} repacks {:.3} ms, {} B to the device, {} B to the host",
             path.display(),
-            r.step_ms,
+            p.step_ms,
             prof.name,
+            p.steps_ms.len(),
+            p.steps_ms
+                .iter()
+                .map(|ms| format!("{ms:.3}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             r.compute_ms,
             r.stall_ms,
             r.stall_ms_by_phase[0],
             r.stall_ms_by_phase[1],
             r.stall_ms_by_phase[2],
             r.move_host_ms,
+            r.repacks,
+            r.repack_host_ms,
             r.bytes_h2d,
             r.bytes_d2h
         );
@@ -198,8 +222,11 @@ fn run() -> Result<()> {
                     "profile": prof.name, "policy": args.policy, "budget": args.budget,
                     "op_s": prof.launch_s, "copy_latency_s": prof.copy_latency_s,
                     "move_host_s": prof.move_host_s, "move_host_ms": r.move_host_ms,
-                    "step_ms": r.step_ms, "compute_ms": r.compute_ms, "stall_ms": r.stall_ms,
-                    "stall_ms_by_phase": compare::replay::by_phase(&r),
+                    "repack_host_s": prof.repack_host_s, "repacks": r.repacks,
+                    "repack_host_ms": r.repack_host_ms,
+                    "step_ms": p.step_ms, "steps_ms": p.steps_ms,
+                    "compute_ms": r.compute_ms, "stall_ms": r.stall_ms,
+                    "stall_ms_by_phase": compare::replay::by_phase(r),
                     "bytes_h2d": r.bytes_h2d, "bytes_d2h": r.bytes_d2h,
                     "evictions": r.evictions, "demand_fetches": r.demand_fetches,
                     "pool": !args.count_bytes,

@@ -9,8 +9,11 @@
 # (DYNN_CUDA_ARENA=2048), times the host-bound training-step benchmarks with and without one,
 # and runs each trainer at 25% (lru, pilot) in its budget's arena (DYNN_CUDA_ARENA=budget):
 # parameters bit-identical to the unlimited run, step time against the driver's pool.
+# The sim stage (also part of train) predicts each trainer's step at 25% with the simulator and
+# measures it: REPEATS interleaved runs (default 3) of SIM_STEPS steps (default 8); it reads the
+# bench stage's bench.json, or BENCH_JSON when run without the bench stage.
 # FILTER=name runs only the op tests and bench cases whose names contain it (ops, bench).
-#   scripts/gpu-check.sh [ops|bench|train|pilot|writeback|arena|all]...
+#   scripts/gpu-check.sh [ops|bench|train|sim|pilot|writeback|arena|all]...
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.gpu/bin}
@@ -18,6 +21,8 @@ if [ ! -d "$BIN" ] && [ -f .gpu/bin.tar.gz ]; then
     mkdir -p "$BIN" && tar -xzf .gpu/bin.tar.gz -C "$BIN"
 fi
 OUT=${OUT:-gpu-out}
+REPEATS=${REPEATS:-3}
+SIM_STEPS=${SIM_STEPS:-8}
 mkdir -p "$OUT"
 stages=${*:-all}
 has() { [[ " $stages " == *" $1 "* || " $stages " == *" all "* ]]; }
@@ -84,13 +89,20 @@ if has train; then
             echo "$model $policy 25%: $verdict"
         done
     done
-    echo "== simulator against the measured step (lru, 25%): each trainer's steady-state step"
-    # The profile from this GPU's own figures (bench stage): f32 GEMM rate, device memory
-    # bandwidth (the 16M add), pinned host-link bandwidth, and the fixed cost of one copy
-    # (a 64 KiB move through the memory manager less its bytes' time and the host's part of it).
-    # The per-op host cost comes from each trainer's unlimited run (--unlimited-ms), the host
-    # cost per move from its run at 50% (--move-host-us).
-    profile=$(python3 - "$OUT/bench.json" <<'PY' 2>/dev/null
+fi
+
+if has train || has sim; then
+    echo "== simulator against the measured step (lru, 25%): each trainer's steady-state step,"
+    echo "   the median of $REPEATS interleaved runs of $SIM_STEPS steps each"
+    # The profile from this GPU's own figures (bench stage, or BENCH_JSON from an earlier run):
+    # f32 GEMM rate, device memory bandwidth (the 16M add), pinned host-link bandwidth, and the
+    # fixed cost of one copy (a 64 KiB move through the memory manager less its bytes' time and
+    # the host's part of it). The per-op host cost comes from each trainer's unlimited runs
+    # (--unlimited-ms), the host cost per move and per block of a pool repack from its runs at
+    # 50% (--move-host-us, --repack-host-us).
+    bench_json=$OUT/bench.json
+    [ -f "$bench_json" ] || bench_json=${BENCH_JSON:-}
+    profile=$(python3 - "$bench_json" <<'PY' 2>/dev/null
 import json, sys
 c = {r["name"]: r for r in json.load(open(sys.argv[1]))["cases"]}
 rate = lambda k, w: c[k][w] / (c[k]["dynn_ms"] / 1e3)
@@ -102,41 +114,59 @@ latency = max(0.0, small["dynn_ms"] / 1e3 - small["bytes"] / link - host)
 print(f"calibrated:{flops:.4g},{mem:.4g},{link:.4g},{latency:.4g} {host * 1e6:.4g}")
 PY
 )
-    # The bench's host time per move: the fallback where a trainer's 50% run gives none.
+    # The bench's host time per move: the fallback where a trainer's 50% runs give none.
     bench_host=${profile#* }; [ "$bench_host" = "$profile" ] && bench_host=""
     profile=${profile%% *}
     if [ -z "$profile" ]; then
-        echo "warning: $OUT/bench.json lacks the calibration cases (a FILTERed bench?): predicting with h100-pcie5"
+        echo "warning: no bench.json with the calibration cases (a FILTERed bench? set BENCH_JSON): predicting with h100-pcie5"
         profile=h100-pcie5
     fi
     echo "profile $profile (bench: ${bench_host:-no} µs of host time per move)"
     field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$1" "$2" 2>/dev/null; }
+    # The median of FIELD over the JSON lines of FILE (empty when none has it).
+    median() { python3 -c '
+import json, statistics, sys
+v = []
+for line in open(sys.argv[1]):
+    try:
+        v.append(float(json.loads(line)[sys.argv[2]]))
+    except (ValueError, KeyError, TypeError):
+        pass
+print(statistics.median(v) if v else "")' "$1" "$2" 2>/dev/null; }
     for model in moe early_exit treelstm evoformer; do
         exe="$BIN/train_$model"
         extra=$(extra_flags "$model")
-        base=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet $extra 2>>"$OUT/train_err.log" | tail -1)
-        row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
-            --policy lru $extra --trace-out "$OUT/${model}_trace.txt" 2>>"$OUT/train_err.log" \
-            | tee "$OUT/${model}_lru25.txt" | tail -1)
-        # The host time of one move on the executor's thread, from a run at another budget.
-        half=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 50% \
-            --policy lru $extra 2>>"$OUT/train_err.log" | tail -1)
-        echo "$base" >> "$OUT/train.jsonl"; echo "$half" >> "$OUT/train.jsonl"
-        echo "$row" >> "$OUT/train.jsonl"
-        unlimited=$(field "$base" step_ms_median); measured=$(field "$row" step_ms_median)
-        budget=$(field "$row" budget_bytes); move_host=$(field "$half" move_host_us)
-        [ -n "$move_host" ] && [ "$(field "$half" moves)" != 0 ] || move_host=$bench_host
+        flags="--device cuda --steps $SIM_STEPS --json --quiet $extra"
+        : > "$OUT/${model}_sim.jsonl"; : > "$OUT/${model}_lru25.jsonl"; : > "$OUT/${model}_lru50.jsonl"
+        # Interleaved, so that a drift of the host's speed reaches the three alike.
+        for round in $(seq "$REPEATS"); do
+            trace=""; [ "$round" = 1 ] && trace="--trace-out $OUT/${model}_trace.txt"
+            timeout 120 "$exe" $flags 2>>"$OUT/train_err.log" | tail -1 >> "$OUT/${model}_sim.jsonl"
+            timeout 120 "$exe" $flags --device-budget 25% --policy lru $trace 2>>"$OUT/train_err.log" \
+                | tee "$OUT/${model}_lru25.txt" | tail -1 >> "$OUT/${model}_lru25.jsonl"
+            timeout 120 "$exe" $flags --device-budget 50% --policy lru 2>>"$OUT/train_err.log" \
+                | tail -1 >> "$OUT/${model}_lru50.jsonl"
+        done
+        cat "$OUT/${model}_sim.jsonl" "$OUT/${model}_lru50.jsonl" "$OUT/${model}_lru25.jsonl" >> "$OUT/train.jsonl"
+        unlimited=$(median "$OUT/${model}_sim.jsonl" step_ms_median)
+        measured=$(median "$OUT/${model}_lru25.jsonl" step_ms_median)
+        budget=$(median "$OUT/${model}_lru25.jsonl" budget_bytes); budget=${budget%.*}
+        move_host=$(median "$OUT/${model}_lru50.jsonl" move_host_us)
+        repack=$(median "$OUT/${model}_lru50.jsonl" repack_block_us)
+        [ -n "$move_host" ] && [ "$(median "$OUT/${model}_lru50.jsonl" moves)" != 0.0 ] || move_host=$bench_host
         if [ -z "$unlimited" ] || [ -z "$measured" ] || [ -z "$budget" ]; then
             echo "$model: no result (see train_err.log)"; status=1; continue
         fi
+        spread() { python3 -c 'import json,sys; print(" / ".join("%.2f" % json.loads(l)["step_ms_median"] for l in open(sys.argv[1]) if l.strip()))' "$1" 2>/dev/null; }
+        echo "$model runs (ms): unlimited $(spread "$OUT/${model}_sim.jsonl"); 25% $(spread "$OUT/${model}_lru25.jsonl")"
         pred=$("$BIN/compare_policies" --trace "$OUT/${model}_trace.txt" --policy lru \
             --budget "$budget" --profile "$profile" --unlimited-ms "$unlimited" \
-            ${move_host:+--move-host-us "$move_host"} --json \
+            ${move_host:+--move-host-us "$move_host"} ${repack:+--repack-host-us "$repack"} --json \
             2>>"$OUT/train_err.log" | tail -1)
         echo "$pred" >> "$OUT/predicted.txt"
         predicted=$(field "$pred" step_ms)
-        python3 -c 'import sys; u,m,p,h=map(float,sys.argv[2:6]); print(f"{sys.argv[1]:<11} unlimited {u:8.2f} ms  measured 25% {m:8.2f} ms  predicted {p:8.2f} ms  predicted/measured {p/m:5.2f}  (host {h:.1f} µs per move, from the 50% run)")' \
-            "$model" "$unlimited" "$measured" "${predicted:-nan}" "${move_host:-nan}"
+        python3 -c 'import sys; u,m,p,h=map(float,sys.argv[2:6]); b=float(sys.argv[6]); print(f"{sys.argv[1]:<11} unlimited {u:8.2f} ms  measured 25% {m:8.2f} ms  predicted {p:8.2f} ms  predicted/measured {p/m:5.2f}  (host {h:.1f} µs per move, {b:.2f} µs per repacked block, from the 50% runs)")' \
+            "$model" "$unlimited" "$measured" "${predicted:-nan}" "${move_host:-nan}" "${repack:-nan}"
     done
 fi
 if has arena; then

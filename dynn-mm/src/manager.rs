@@ -86,6 +86,10 @@ pub struct MemoryStats {
     pub prefetches: u64,
     /// Times the device pool was repacked because free space was too scattered.
     pub compactions: u64,
+    /// Live blocks those repacks placed again.
+    pub repacked_blocks: u64,
+    /// Host time spent repacking the pool (its accounting: no bytes move).
+    pub compact_time: Duration,
     /// Peak device bytes reserved by the pool: what the device must hold (never above the
     /// budget). A budget of this many bytes runs the same steps without evicting.
     pub peak_device_bytes: usize,
@@ -99,6 +103,15 @@ pub struct MemoryStats {
 }
 
 impl MemoryStats {
+    /// Host time per block placed again by the pool's repacks, microseconds; 0 without
+    /// repacks. (A repack's time grows with the live blocks it places.)
+    pub fn repack_block_us(&self) -> f64 {
+        match self.repacked_blocks {
+            0 => 0.0,
+            n => self.compact_time.as_secs_f64() * 1e6 / n as f64,
+        }
+    }
+
     /// Host time per move made on the executor's thread (an eviction or a demand fetch):
     /// choosing victims plus the copy calls, in microseconds; 0 without moves. (Under a policy
     /// that drops buffers, choosing for the drops counts too, so the figure reads high.)
@@ -585,6 +598,14 @@ impl MemoryManager {
     /// least `room` bytes. On the CPU tier blocks are accounting only; a device backend moves
     /// the bytes with them. Returns false when repacking would not fit (nothing changes then).
     fn compact(&self, st: &mut State, room: usize) -> bool {
+        let start = Instant::now();
+        let done = self.repack(st, room);
+        st.stats.compact_time += start.elapsed();
+        done
+    }
+
+    /// [`Self::compact`]'s work.
+    fn repack(&self, st: &mut State, room: usize) -> bool {
         let mut live: Vec<(BufferId, Block)> = st
             .table
             .iter()
@@ -604,6 +625,7 @@ impl MemoryManager {
                     }
                 }
                 st.stats.compactions += 1;
+                st.stats.repacked_blocks += live.len() as u64;
                 true
             }
             Err(_) => false,

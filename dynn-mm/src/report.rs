@@ -73,13 +73,14 @@ impl std::fmt::Display for MemoryReport {
         )?;
         writeln!(
             f,
-            "allocator            {} in use, {} reserved (peak {}), {} segments, {} allocations, fragmentation {:.1}%",
+            "allocator            {} in use, {} reserved (peak {}), {} segments, {} allocations, fragmentation {:.1}%, {} repacks",
             human_bytes(self.pool.in_use),
             human_bytes(self.pool.reserved),
             human_bytes(self.pool.peak_reserved),
             self.pool.segments,
             self.pool.allocations,
-            self.pool.fragmentation * 100.0
+            self.pool.fragmentation * 100.0,
+            self.stats.compactions
         )?;
         writeln!(
             f,
@@ -102,10 +103,11 @@ impl std::fmt::Display for MemoryReport {
         )?;
         writeln!(
             f,
-            "host time            {:.1} ms choosing victims, {:.1} ms in copy calls ({:.1} µs per move)",
+            "host time            {:.1} ms choosing victims, {:.1} ms in copy calls ({:.1} µs per move), {:.1} ms repacking the pool",
             s.choose_time.as_secs_f64() * 1e3,
             s.copy_call_time.as_secs_f64() * 1e3,
-            s.move_host_us()
+            s.move_host_us(),
+            s.compact_time.as_secs_f64() * 1e3
         )?;
         if !self.top_holders.is_empty() {
             writeln!(f, "largest resident buffers:")?;

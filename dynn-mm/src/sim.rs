@@ -47,6 +47,11 @@ pub struct DeviceProfile {
     /// host-bound run it delays every later kernel launch; prefetches are issued by the
     /// transfer thread and cost none.
     pub move_host_s: f64,
+    /// Host time to repack one live block of the memory manager's pool (a repack, when free
+    /// space is too scattered for a request the budget has room for, places every live block
+    /// again; [`crate::MemoryStats::repack_block_us`]), seconds. Charged where a replay under
+    /// [`SimMemory::Pool`] repacks.
+    pub repack_host_s: f64,
     /// Under a budget the run writes stale buffers back in the background while the download
     /// link is idle, as the memory manager does when asked ([`crate::ManagerConfig::write_back`];
     /// off by default in both).
@@ -65,6 +70,7 @@ impl DeviceProfile {
             launch_s: 5e-6,
             copy_latency_s: 0.0,
             move_host_s: 0.0,
+            repack_host_s: 0.0,
             write_back: false,
         }
     }
@@ -80,6 +86,7 @@ impl DeviceProfile {
             launch_s: 4e-6,
             copy_latency_s: 0.0,
             move_host_s: 0.0,
+            repack_host_s: 0.0,
             write_back: false,
         }
     }
@@ -96,6 +103,7 @@ impl DeviceProfile {
             launch_s: 1e-6,
             copy_latency_s: 0.0,
             move_host_s: 0.0,
+            repack_host_s: 0.0,
             write_back: false,
         }
     }
@@ -178,6 +186,10 @@ pub struct SimResult {
     pub stall_ms_by_phase: [f64; 3],
     /// Host time the executor spent issuing moves ([`DeviceProfile::move_host_s`] each), ms.
     pub move_host_ms: f64,
+    /// Repacks of the pool (under [`SimMemory::Pool`]).
+    pub repacks: u64,
+    /// Host time they took ([`DeviceProfile::repack_host_s`] per block repacked), ms.
+    pub repack_host_ms: f64,
     /// Bytes copied host→device.
     pub bytes_h2d: u64,
     /// Bytes copied device→host.
@@ -195,6 +207,14 @@ pub struct SimResult {
     pub demand_fetches: u64,
     /// FLOPs spent recomputing dropped buffers.
     pub recomputed_flops: u64,
+}
+
+impl SimResult {
+    /// Host time of the memory manager's own work on the executor's thread: moves and
+    /// repacks, ms (not stalls: the compute stream did not wait for bytes).
+    fn host_ms(&self) -> f64 {
+        self.move_host_ms + self.repack_host_ms
+    }
 }
 
 /// How the simulator accounts device memory under the budget.
@@ -375,7 +395,7 @@ pub fn simulate_with(
         // Inputs: resident, arriving, in the host tier, dropped, or first seen (made outside ops).
         for a in &op.inputs {
             let place = bufs.get(&a.0).map(|b| b.place);
-            let (start, issued) = (now, r.move_host_ms);
+            let (start, issued) = (now, r.host_ms());
             let mut block = None;
             match place {
                 Some(Place::Device) => {}
@@ -441,16 +461,16 @@ pub fn simulate_with(
                     b.block = block;
                 }
             }
-            r.stall_ms += (now - start) * 1e3 - (r.move_host_ms - issued);
+            r.stall_ms += (now - start) * 1e3 - (r.host_ms() - issued);
         }
         for a in &op.outputs {
             if let Some(b) = bufs.get_mut(&a.0) {
                 b.clean = false; // written in place: the host copy is stale
                 continue;
             }
-            let (start, issued) = (now, r.move_host_ms);
+            let (start, issued) = (now, r.host_ms());
             let block = alloc!(a.1 as usize);
-            r.stall_ms += (now - start) * 1e3 - (r.move_host_ms - issued);
+            r.stall_ms += (now - start) * 1e3 - (r.host_ms() - issued);
             bufs.insert(
                 a.0,
                 Buf {
@@ -609,8 +629,12 @@ impl RoomMaker<'_> {
                 .pool
                 .as_ref()
                 .is_some_and(|p| p.available() >= need)
-                && self.repack(need)
+                && let Some(blocks) = self.repack(need)
             {
+                let host = self.profile.repack_host_s * blocks as f64;
+                *self.now += host;
+                self.r.repacks += 1;
+                self.r.repack_host_ms += host * 1e3;
                 continue;
             }
             if self.evict_ranked(|_, freed| freed >= need) == 0 {
@@ -685,11 +709,10 @@ impl RoomMaker<'_> {
     }
 
     /// Packs the live blocks end to end so that `room` bytes are free in one piece (the
-    /// pool's accounting only: nothing is copied, as on the device).
-    fn repack(&mut self, room: usize) -> bool {
-        let Some(pool) = &mut self.mem.pool else {
-            return false;
-        };
+    /// pool's accounting only: nothing is copied, as on the device). Returns how many live
+    /// blocks were placed again, or `None` when they do not fit.
+    fn repack(&mut self, room: usize) -> Option<usize> {
+        let pool = self.mem.pool.as_mut()?;
         let mut live: Vec<(u64, Block)> = self
             .bufs
             .iter()
@@ -704,9 +727,9 @@ impl RoomMaker<'_> {
                         b.block = Some(block);
                     }
                 }
-                true
+                Some(live.len())
             }
-            Err(_) => false,
+            Err(_) => None,
         }
     }
 

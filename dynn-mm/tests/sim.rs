@@ -528,3 +528,65 @@ fn a_replay_after_the_step_before_waits_only_for_its_own_copies() {
         );
     }
 }
+
+#[test]
+fn repacks_cost_host_time_per_block_and_change_nothing_else() {
+    let free = DeviceProfile::a100_pcie4();
+    let peak = unlimited_peak(&recorded_step(), &free);
+    let segments = (16 << 10, 256 << 10);
+    let (_, trace) = managed_run(peak / 3, segments);
+    let (warmup, step) = (trace.step_ops(1), trace.step_ops(2));
+    let replay = |prof: &DeviceProfile| {
+        simulate_with(
+            &warmup,
+            &step,
+            policy::by_name("lru").unwrap().as_mut(),
+            Some(peak / 3),
+            prof,
+            SimMemory::Pool(segments.0, segments.1),
+        )
+        .unwrap()
+    };
+    let base = replay(&free);
+    let charged = replay(&DeviceProfile {
+        repack_host_s: 1e-5,
+        ..free.clone()
+    });
+    assert!(base.repacks > 0, "the tight pool should repack: {base:?}");
+    assert_eq!(base.repack_host_ms, 0.0);
+    // The same repacks, evictions and traffic; only the clock moves, by the charged time.
+    assert_eq!(
+        (
+            charged.repacks,
+            charged.evictions,
+            charged.bytes_h2d,
+            charged.bytes_d2h
+        ),
+        (base.repacks, base.evictions, base.bytes_h2d, base.bytes_d2h)
+    );
+    // At least one live block per repack, 10 µs each.
+    assert!(
+        charged.repack_host_ms >= base.repacks as f64 * 1e-2,
+        "{charged:?}"
+    );
+    assert!((charged.step_ms - base.step_ms - charged.repack_host_ms).abs() < 1e-9);
+    // Host time, not a stall.
+    assert!((charged.stall_ms - base.stall_ms).abs() < 1e-9);
+}
+
+#[test]
+fn the_manager_times_its_repacks() {
+    let prof = DeviceProfile::a100_pcie4();
+    let peak = unlimited_peak(&recorded_step(), &prof);
+    let mut cfg = ManagerConfig::new(policy::by_name("lru").unwrap(), Some(peak / 3));
+    cfg.segments = (16 << 10, 256 << 10);
+    let mm = MemoryManager::new(cfg);
+    {
+        let _g = install_memory_hooks(mm.clone());
+        Mlp::new(48, 8, 1).unwrap().train(3, 16, 2).unwrap();
+    }
+    let s = mm.stats();
+    assert!(s.compactions > 0, "{s:?}");
+    assert!(s.repacked_blocks >= s.compactions, "{s:?}");
+    assert!(s.repack_block_us() > 0.0);
+}

@@ -108,10 +108,24 @@ fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
 }
 
-/// The median (the upper one for an even count; 0 when empty).
+/// The median (the mean of the middle two for an even count; 0 when empty).
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The steady-state step times: every step after the first (whose one-off work, kernel
+/// compilation and allocator warm-up, is not the steady state), or the one step of a
+/// one-step run.
+fn steady(step_ms: &mut [f64]) -> &mut [f64] {
+    match step_ms.len() {
+        0 | 1 => step_ms,
+        _ => &mut step_ms[1..],
+    }
 }
 
 /// Trains the task `make` builds, as `args` say, with the trainer's `defaults` for unset
@@ -331,10 +345,12 @@ pub fn train<T: Task>(
         eval_metric: metric.to_string(),
         eval_value: value,
         step_ms_mean: secs * 1e3 / run_steps,
-        step_ms_median: median(&mut step_ms),
+        step_ms_median: median(steady(&mut step_ms)),
         peak_device_bytes: report.stats.peak_device_bytes,
         moves: report.stats.evictions + report.stats.demand_fetches,
         move_host_us: report.stats.move_host_us(),
+        repacks: report.stats.compactions,
+        repack_block_us: report.stats.repack_block_us(),
         distinct_graphs: report.stats.distinct_graphs,
         policy: policy_name,
         budget_bytes,
@@ -436,5 +452,25 @@ pub fn print_outcome(out: &Outcome, json: bool) {
             Ok(line) => println!("{line}"),
             Err(e) => eprintln!("error: cannot serialise the summary: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, steady};
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert_eq!(median(&mut []), 0.0);
+    }
+
+    #[test]
+    fn the_steady_state_leaves_out_the_first_step() {
+        // A first step ten times slower than the rest does not move the median.
+        let mut steps = [100.0, 10.0, 12.0, 11.0];
+        assert_eq!(median(steady(&mut steps)), 11.0);
+        assert_eq!(median(steady(&mut [7.0])), 7.0);
     }
 }

@@ -29,6 +29,12 @@ pub struct Summary {
     /// Host time per such move, microseconds: choosing victims and the calls that move or
     /// queue the bytes (0 without moves). `compare_policies --move-host-us` takes it.
     pub move_host_us: f64,
+    /// Repacks of the device pool over the run (free space too scattered for a request the
+    /// budget has room for).
+    pub repacks: u64,
+    /// Host time per live block a repack placed again, microseconds (0 without repacks).
+    /// `compare_policies --repack-host-us` takes it.
+    pub repack_block_us: f64,
     /// Distinct op-sequence signatures seen over the run.
     pub distinct_graphs: usize,
     /// The memory policy.

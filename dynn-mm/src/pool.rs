@@ -84,6 +84,13 @@ struct Segment {
     blocks: BTreeMap<usize, (usize, bool)>,
 }
 
+/// A free block's key: (small, size, segment, offset), so that a range search finds the
+/// smallest free block of a kind that fits.
+type FreeKey = (bool, usize, u32, usize);
+
+/// What a repack saves to go back to: the segments, the free blocks and the statistics.
+type PoolState = (Vec<Option<Segment>>, BTreeSet<FreeKey>, PoolStats);
+
 /// The caching sub-allocator.
 #[derive(Debug)]
 pub struct DevicePool {
@@ -92,7 +99,7 @@ pub struct DevicePool {
     large_segment: usize,
     segments: Vec<Option<Segment>>,
     /// (small, size, segment, offset) of every free block.
-    free: BTreeSet<(bool, usize, u32, usize)>,
+    free: BTreeSet<FreeKey>,
     stats: PoolStats,
 }
 
@@ -294,12 +301,48 @@ impl DevicePool {
     /// moves the bytes (on the CPU tier the blocks are accounting only, so nothing moves).
     /// Fails, leaving the pool as it was, when the repacked blocks and `room` do not fit.
     pub fn compact(&mut self, live: &[Block], room: usize) -> Result<Vec<Block>, PoolExhausted> {
+        let live_bytes: usize = live.iter().map(|b| b.size).sum();
+        if live_bytes == self.stats.in_use {
+            return self.compact_all(live, room);
+        }
         let before = (self.segments.clone(), self.free.clone(), self.stats);
         for b in live {
             self.release(*b);
         }
         self.release_empty();
         let released = (self.segments.clone(), self.free.clone(), self.stats);
+        self.place_again(live, room, released, before.2)
+            .inspect_err(|_| (self.segments, self.free, self.stats) = before)
+    }
+
+    /// [`DevicePool::compact`] where `live` is every allocated block (the usual case): once
+    /// they are released no segment is left, so nothing need be released one by one, nor the
+    /// pool copied to undo a failure, which the budget decides up front.
+    fn compact_all(&mut self, live: &[Block], room: usize) -> Result<Vec<Block>, PoolExhausted> {
+        let room_bytes = if room == 0 { 0 } else { round_up(room) };
+        if self.stats.in_use + room_bytes > self.budget {
+            return Err(self.exhausted(round_up(room)));
+        }
+        let before = self.stats;
+        let slots = self.segments.len();
+        self.segments.iter_mut().for_each(|s| *s = None);
+        self.free.clear();
+        self.stats.in_use = 0;
+        self.stats.reserved = 0;
+        let released = (vec![None; slots], BTreeSet::new(), self.stats);
+        self.place_again(live, room, released, before)
+    }
+
+    /// Allocates `live` again into the released pool (`released`: its segments, free blocks
+    /// and statistics), largest first, and makes room for `room`; packs them end to end when
+    /// that fails. `before`: the statistics before the repack.
+    fn place_again(
+        &mut self,
+        live: &[Block],
+        room: usize,
+        released: PoolState,
+        before: PoolStats,
+    ) -> Result<Vec<Block>, PoolExhausted> {
         let mut order: Vec<usize> = (0..live.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(live[i].size));
         let mut out = vec![None; live.len()];
@@ -317,16 +360,12 @@ impl DevicePool {
             (self.segments, self.free, self.stats) = released;
             match self.pack(live, &order, room) {
                 Some(packed) => out = packed.into_iter().map(Some).collect(),
-                None => {
-                    let err = self.exhausted(round_up(room));
-                    (self.segments, self.free, self.stats) = before;
-                    return Err(err);
-                }
+                None => return Err(self.exhausted(round_up(room))),
             }
         }
         // Compaction is not a user allocation, and the same bytes were in use before.
-        self.stats.allocations = before.2.allocations;
-        self.stats.peak_in_use = before.2.peak_in_use;
+        self.stats.allocations = before.allocations;
+        self.stats.peak_in_use = before.peak_in_use;
         Ok(out.into_iter().flatten().collect())
     }
 

@@ -161,7 +161,7 @@ fn run() -> Result<()> {
     if let Some(path) = &args.trace {
         let trace = dynn::mm::Trace::load(path)?;
         if let Some(ms) = args.unlimited_ms {
-            prof.launch_s = compare::replay::per_op_cost(&trace, &prof, ms)?;
+            prof.launch_s = dynn::mm::predict::per_op_cost(&trace, &prof, ms)?;
             eprintln!(
                 "per-op cost {:.2} µs, from the unlimited run's {ms:.3} ms",
                 prof.launch_s * 1e6

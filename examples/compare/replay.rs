@@ -2,7 +2,7 @@
 
 use super::record::Recorded;
 use dynn::mm::policy::{self, Belady, Profile};
-use dynn::mm::{DeviceProfile, OpRecord, Policy, SimMemory, SimResult, simulate_with};
+use dynn::mm::{DeviceProfile, OpRecord, Policy, Prediction, SimMemory, SimResult, simulate_with};
 use dynn::pilot::Snapshot;
 use dynn::prelude::*;
 use serde_json::{Value, json};
@@ -73,119 +73,30 @@ pub fn replay_ops(
     }
 }
 
-/// The training steps of `trace` a prediction covers: those a step boundary closed (ops after
-/// the last one, a trainer's evaluation pass, are not a training step), less the first, as a
-/// trainer's `step_ms_median` leaves out the first step's one-off work, unless it is the only
-/// one.
-fn training_steps(trace: &dynn::mm::Trace) -> Result<Vec<u64>> {
-    let mut steps: Vec<u64> = trace
-        .steps
-        .iter()
-        .filter(|s| s.ops > 0)
-        .map(|s| s.step)
-        .collect();
-    if steps.is_empty() {
-        steps.extend(trace.ops.iter().map(|o| o.step).max());
-    }
-    steps.sort_unstable();
-    steps.dedup();
-    if steps.len() > 1 {
-        steps.remove(0);
-    }
-    match steps.is_empty() {
-        true => Err(Error::Msg("the trace has no ops".into())),
-        false => Ok(steps),
-    }
-}
-
-/// Each training step of `trace` (see [`training_steps`]) replayed, after the step before it,
-/// under `policy` and `budget` on `prof`, device memory accounted as `memory` says.
-fn replay_steps(
-    trace: &dynn::mm::Trace,
-    policy: &str,
-    budget: Option<usize>,
-    prof: &DeviceProfile,
-    memory: SimMemory,
-) -> Result<Vec<(usize, SimResult)>> {
-    training_steps(trace)?
-        .into_iter()
-        .map(|s| {
-            let warmup = match s {
-                0 => Vec::new(),
-                s => trace.step_ops(s - 1),
-            };
-            let step = trace.step_ops(s);
-            let r = replay_ops(&warmup, &step, policy, budget, prof, None, memory)?
-                .map_err(Error::Msg)?;
-            Ok((step.len(), r))
-        })
-        .collect()
-}
-
-/// The median of `v` (the mean of the middle two for an even count).
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// A real run's step time as the simulator predicts it from the trace the run wrote
-/// (`--trace-out`): each training step replayed under `policy` and `budget` on `prof`.
-pub struct Prediction {
-    /// The median of the replayed steps' times, ms: what the run's `step_ms_median` measures.
-    pub step_ms: f64,
-    /// The replayed step whose time is the median (the upper of the middle two): its
-    /// compute, stalls and traffic.
-    pub median_step: SimResult,
-    /// Every replayed step's time, ms, in step order.
-    pub steps_ms: Vec<f64>,
-}
-
-/// The simulator's prediction of a real run's step time from the trace it wrote, device memory
+/// The simulator's prediction of a real run's step time from the trace it wrote
+/// (`--trace-out`): each training step replayed under the built-in policy `name` (`belady`
+/// reads each replayed step's own access order) and `budget` on `prof`, device memory
 /// accounted as `memory` says.
 pub fn predict(
     trace: &dynn::mm::Trace,
-    policy: &str,
+    name: &str,
     budget: Option<usize>,
     prof: &DeviceProfile,
     memory: SimMemory,
 ) -> Result<Prediction> {
-    let results: Vec<SimResult> = replay_steps(trace, policy, budget, prof, memory)?
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect();
-    let steps_ms: Vec<f64> = results.iter().map(|r| r.step_ms).collect();
-    let mut order: Vec<usize> = (0..results.len()).collect();
-    order.sort_by(|&a, &b| steps_ms[a].total_cmp(&steps_ms[b]));
-    // `training_steps` returns at least one step, so `order` is not empty.
-    let median_step = results[order[order.len() / 2]].clone();
-    Ok(Prediction {
-        step_ms: median(steps_ms.clone()),
-        median_step,
-        steps_ms,
-    })
-}
-
-/// The per-op cost (seconds) that makes the unlimited replay of `trace`'s training steps take
-/// `unlimited_ms` (a median step) on `prof`: what the measured time leaves after the median
-/// step's kernels' roofline time, spread over the median step's ops (0 when the kernels alone
-/// take longer).
-pub fn per_op_cost(
-    trace: &dynn::mm::Trace,
-    prof: &DeviceProfile,
-    unlimited_ms: f64,
-) -> Result<f64> {
-    let bare = DeviceProfile {
-        launch_s: 0.0,
-        ..prof.clone()
+    if super::pilot::PILOTS.contains(&name) {
+        return Err(Error::invalid(
+            "--policy",
+            "a run's trace is replayed under a built-in policy; the pilot needs a trained snapshot",
+        ));
+    }
+    let mut make = |step: &[OpRecord]| -> Result<Box<dyn Policy>> {
+        match name {
+            "belady" => Ok(Box::new(Belady::with_profile(Profile::from_ops(step)))),
+            other => policy::by_name(other),
+        }
     };
-    let steps = replay_steps(trace, "none", None, &bare, SimMemory::Bytes)?;
-    let kernels_ms = median(steps.iter().map(|(_, r)| r.compute_ms).collect());
-    let ops = median(steps.iter().map(|(n, _)| *n as f64).collect()).max(1.0);
-    Ok(((unlimited_ms - kernels_ms) * 1e-3 / ops).max(0.0))
+    dynn::mm::predict::predict(trace, &mut make, budget, prof, memory)
 }
 
 /// One replay, as reported.

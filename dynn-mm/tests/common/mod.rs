@@ -103,6 +103,22 @@ impl Mlp {
         Ok(losses)
     }
 
+    /// One forward pass on random data without gradients (as a trainer's evaluation):
+    /// returns the loss.
+    pub fn forward_once(&self, batch: usize) -> Result<f32> {
+        let _g = no_grad();
+        let mut rng = Rng(0xE7A1);
+        let mut data = || {
+            Tensor::from_vec(
+                rng.vec(batch * self.width, 1.0),
+                (batch, self.width),
+                Device::Cpu,
+            )
+        };
+        let (x, y) = (data()?, data()?);
+        self.loss(&x, &y)?.to_scalar::<f32>()
+    }
+
     /// Every parameter's bits.
     pub fn bits(&self) -> Result<Vec<Vec<u32>>> {
         self.params

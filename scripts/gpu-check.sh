@@ -12,7 +12,7 @@
 # The sim stage (also part of train) predicts each trainer's step at 25% with the simulator and
 # measures it: REPEATS interleaved runs (default 3) of SIM_STEPS steps (default 8), compared by
 # their best and by their median; it reads the bench stage's bench.json, or BENCH_JSON when run
-# without the bench stage.
+# without the bench stage; PIN_CPUS (a taskset list) pins its runs to those cores.
 # FILTER=name runs only the op tests and bench cases whose names contain it (ops, bench).
 #   scripts/gpu-check.sh [ops|bench|train|sim|pilot|writeback|arena|all]...
 set -uo pipefail
@@ -137,6 +137,9 @@ for line in open(sys.argv[2]):
     except (ValueError, KeyError, TypeError):
         pass
 print({"min": min, "median": statistics.median}[sys.argv[1]](v) if v else "")' "$1" "$2" "$3" 2>/dev/null; }
+    # PIN_CPUS=0-7 runs them on those cores only (taskset), to try whether the hosts' speed
+    # changes from process to process come from where the scheduler puts them.
+    pin=""; [ -n "${PIN_CPUS:-}" ] && pin="taskset -c $PIN_CPUS" && echo "   pinned to CPUs $PIN_CPUS"
     for model in moe early_exit treelstm evoformer; do
         exe="$BIN/train_$model"
         extra=$(extra_flags "$model")
@@ -145,10 +148,10 @@ print({"min": min, "median": statistics.median}[sys.argv[1]](v) if v else "")' "
         # Interleaved, so that a drift of the host's speed reaches the three alike.
         for round in $(seq "$REPEATS"); do
             trace=""; [ "$round" = 1 ] && trace="--trace-out $OUT/${model}_trace.txt"
-            timeout 120 "$exe" $flags 2>>"$OUT/train_err.log" | tail -1 >> "$OUT/${model}_sim.jsonl"
-            timeout 120 "$exe" $flags --device-budget 25% --policy lru $trace 2>>"$OUT/train_err.log" \
+            $pin timeout 120 "$exe" $flags 2>>"$OUT/train_err.log" | tail -1 >> "$OUT/${model}_sim.jsonl"
+            $pin timeout 120 "$exe" $flags --device-budget 25% --policy lru $trace 2>>"$OUT/train_err.log" \
                 | tee "$OUT/${model}_lru25.txt" | tail -1 >> "$OUT/${model}_lru25.jsonl"
-            timeout 120 "$exe" $flags --device-budget 50% --policy lru 2>>"$OUT/train_err.log" \
+            $pin timeout 120 "$exe" $flags --device-budget 50% --policy lru 2>>"$OUT/train_err.log" \
                 | tail -1 >> "$OUT/${model}_lru50.jsonl"
         done
         cat "$OUT/${model}_sim.jsonl" "$OUT/${model}_lru50.jsonl" "$OUT/${model}_lru25.jsonl" >> "$OUT/train.jsonl"

@@ -146,6 +146,18 @@ fn main() {
     }
 }
 
+/// A host time given in microseconds on the command line (`flag`), in seconds: finite and
+/// not negative.
+fn seconds_of_us(flag: &'static str, per: &str, us: f64) -> Result<f64> {
+    if !us.is_finite() || us < 0.0 {
+        return Err(Error::invalid(
+            flag,
+            format!("{us}: a host time {per} is a number of microseconds ≥ 0"),
+        ));
+    }
+    Ok(us * 1e-6)
+}
+
 fn run() -> Result<()> {
     let args = Args::parse();
     let mut prof = DeviceProfile::by_name(&args.profile)?;
@@ -168,22 +180,10 @@ fn run() -> Result<()> {
             );
         }
         if let Some(us) = args.move_host_us {
-            if !us.is_finite() || us < 0.0 {
-                return Err(Error::invalid(
-                    "--move-host-us",
-                    format!("{us}: a host time per move is a number of microseconds ≥ 0"),
-                ));
-            }
-            prof.move_host_s = us * 1e-6;
+            prof.move_host_s = seconds_of_us("--move-host-us", "per move", us)?;
         }
         if let Some(us) = args.repack_host_us {
-            if !us.is_finite() || us < 0.0 {
-                return Err(Error::invalid(
-                    "--repack-host-us",
-                    format!("{us}: a host time per repacked block is a number of microseconds ≥ 0"),
-                ));
-            }
-            prof.repack_host_s = us * 1e-6;
+            prof.repack_host_s = seconds_of_us("--repack-host-us", "per repacked block", us)?;
         }
         let memory = if args.count_bytes {
             SimMemory::Bytes

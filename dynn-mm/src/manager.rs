@@ -595,8 +595,9 @@ impl MemoryManager {
     }
 
     /// Repacks every device-resident block so scattered free space becomes one range of at
-    /// least `room` bytes. On the CPU tier blocks are accounting only; a device backend moves
-    /// the bytes with them. Returns false when repacking would not fit (nothing changes then).
+    /// least `room` bytes, timing it. The blocks are the pool's accounting on every backend
+    /// (the bytes live in host memory, the CUDA arena or the driver's pool), so nothing moves.
+    /// Returns false when repacking would not fit (nothing changes then).
     fn compact(&self, st: &mut State, room: usize) -> bool {
         let start = Instant::now();
         let done = self.repack(st, room);

@@ -73,8 +73,9 @@ pub fn replay_steps(
         .collect()
 }
 
-/// The median of `v` (the mean of the middle two for an even count; 0 when empty).
-fn median(mut v: Vec<f64>) -> f64 {
+/// The median of `v`, sorting it (the mean of the middle two for an even count; 0 when
+/// empty): the statistic of a trainer's `step_ms_median`, and so of a prediction.
+pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
         0 => 0.0,
@@ -103,7 +104,7 @@ pub fn predict(
         .map(|&i| results[i].clone())
         .ok_or_else(|| Error::Msg("the trace has no training step".into()))?;
     Ok(Prediction {
-        step_ms: median(steps_ms.clone()),
+        step_ms: median(&mut steps_ms.clone()),
         median_step,
         steps_ms,
     })
@@ -120,7 +121,7 @@ pub fn per_op_cost(trace: &Trace, profile: &DeviceProfile, unlimited_ms: f64) ->
     };
     let mut none = |_: &[OpRecord]| crate::policy::by_name("none");
     let steps = replay_steps(trace, &mut none, None, &bare, SimMemory::Bytes)?;
-    let kernels_ms = median(steps.iter().map(|(_, r)| r.compute_ms).collect());
-    let ops = median(steps.iter().map(|(n, _)| *n as f64).collect()).max(1.0);
+    let kernels_ms = median(&mut steps.iter().map(|(_, r)| r.compute_ms).collect::<Vec<_>>());
+    let ops = median(&mut steps.iter().map(|(n, _)| *n as f64).collect::<Vec<_>>()).max(1.0);
     Ok(((unlimited_ms - kernels_ms) * 1e-3 / ops).max(0.0))
 }

@@ -6,7 +6,7 @@ mod common;
 
 use common::Mlp;
 use dynn_core::{Result, install_memory_hooks};
-use dynn_mm::predict::{per_op_cost, predict, training_steps};
+use dynn_mm::predict::{median, per_op_cost, predict, training_steps};
 use dynn_mm::{
     DeviceProfile, ManagerConfig, MemoryManager, OpRecord, Policy, SimMemory, Trace, policy,
 };
@@ -90,4 +90,11 @@ fn a_trace_without_ops_is_an_error() {
     assert!(training_steps(&empty).is_err());
     let prof = DeviceProfile::a100_pcie4();
     assert!(predict(&empty, &mut lru, None, &prof, SimMemory::Bytes).is_err());
+}
+
+#[test]
+fn median_of_odd_and_even_counts() {
+    assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+    assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    assert_eq!(median(&mut []), 0.0);
 }

@@ -6,6 +6,7 @@ use crate::checkpoint::Checkpoint;
 use crate::optim::{Adam, AdamConfig, LrSchedule, Optimizer, WarmupCosine, clip_scale, grad_norm};
 use crate::rng::Rng;
 use dynn_core::{Device, Error, Result, install_memory_hooks, mark_step, no_grad};
+use dynn_mm::predict::median;
 use dynn_mm::{Budget, ManagerConfig, MemoryManager, MemoryReport, human_bytes, policy};
 use dynn_ops::prelude::*;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -106,16 +107,6 @@ fn bar(total: u64, start: u64, hidden: bool) -> ProgressBar {
 
 fn mean(v: &[f64]) -> f64 {
     v.iter().sum::<f64>() / v.len().max(1) as f64
-}
-
-/// The median (the mean of the middle two for an even count; 0 when empty).
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// The steady-state step times: every step after the first (whose one-off work, kernel
@@ -458,13 +449,6 @@ pub fn print_outcome(out: &Outcome, json: bool) {
 #[cfg(test)]
 mod tests {
     use super::{median, steady};
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-        assert_eq!(median(&mut []), 0.0);
-    }
 
     #[test]
     fn the_steady_state_leaves_out_the_first_step() {

@@ -40,7 +40,7 @@ fn time(quick: bool, mut f: impl FnMut() -> BenchResult<()>) -> BenchResult<f64>
 }
 
 /// Median wall times of `a` and `b`, and of the bandwidth probe, sampled in turn (probe, a,
-/// b, probe, a, b, ...) so that both peers and the machine's bandwidth are measured under the
+/// b, probe, b, a, ...) so that both peers and the machine's bandwidth are measured under the
 /// same conditions on a shared host.
 fn time_pair(
     quick: bool,
@@ -59,14 +59,23 @@ fn time_pair(
     };
     let (mut sa, mut sb, mut sp) = (Vec::new(), Vec::new(), Vec::new());
     let start = Instant::now();
+    let timed = |f: &mut dyn FnMut() -> BenchResult<()>, samples: &mut Vec<f64>| {
+        let t = Instant::now();
+        f()?;
+        samples.push(t.elapsed().as_secs_f64() * 1e3);
+        BenchResult::Ok(())
+    };
     while sa.len() < min_reps || (start.elapsed() < budget && sa.len() < 200) {
         sp.push(probe.run());
-        let t = Instant::now();
-        a()?;
-        sa.push(t.elapsed().as_secs_f64() * 1e3);
-        let t = Instant::now();
-        b()?;
-        sb.push(t.elapsed().as_secs_f64() * 1e3);
+        // Whoever runs right after the probe evicts its dirty lines (up to a few ms of
+        // write-back for a small case): each peer goes first in every other round.
+        if sa.len() % 2 == 0 {
+            timed(&mut a, &mut sa)?;
+            timed(&mut b, &mut sb)?;
+        } else {
+            timed(&mut b, &mut sb)?;
+            timed(&mut a, &mut sa)?;
+        }
     }
     let median = |mut v: Vec<f64>| {
         v.sort_by(f64::total_cmp);

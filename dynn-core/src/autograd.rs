@@ -10,8 +10,8 @@ use crate::tape_plan::TapePlan;
 use crate::{BufferKind, Error, Phase, Result, Tensor};
 use smallvec::SmallVec;
 use std::collections::{BinaryHeap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Where a gradient goes: a leaf's accumulator, or output `index` of a recorded node.
 #[derive(Clone)]
@@ -20,11 +20,20 @@ pub(crate) enum GradMeta {
     Node { node: Arc<Node>, index: usize },
 }
 
-/// The gradient accumulated on a leaf.
+/// The gradient accumulated on a leaf, and the hooks that hear when a backward pass has
+/// finished it.
 #[derive(Default)]
 pub(crate) struct LeafGrad {
     grad: Mutex<Option<Tensor>>,
+    hooks: Mutex<Vec<(u64, GradReadyHook)>>,
 }
+
+/// Called with a leaf's accumulated gradient once a backward pass has delivered its last
+/// contribution to it (see [`Tensor::on_grad_ready`]).
+pub type GradReadyHook = Arc<dyn Fn(&Tensor) -> Result<()> + Send + Sync>;
+
+/// Hooks registered on any leaf: while none is, backward does not count contributions.
+static READY_HOOKS: AtomicUsize = AtomicUsize::new(0);
 
 impl LeafGrad {
     pub(crate) fn get(&self) -> Option<Tensor> {
@@ -33,6 +42,92 @@ impl LeafGrad {
     pub(crate) fn set(&self, g: Option<Tensor>) {
         *self.grad.lock().unwrap_or_else(|e| e.into_inner()) = g;
     }
+    fn hooks(&self) -> std::sync::MutexGuard<'_, Vec<(u64, GradReadyHook)>> {
+        self.hooks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Registers `hook`; it stays until the returned handle is dropped.
+    pub(crate) fn add_hook(self: &Arc<Self>, hook: GradReadyHook) -> GradHookHandle {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        self.hooks().push((id, hook));
+        READY_HOOKS.fetch_add(1, Ordering::Relaxed);
+        GradHookHandle {
+            leaf: Arc::downgrade(self),
+            id,
+        }
+    }
+    /// Runs the hooks on the gradient as it stands (none without a gradient).
+    fn gradient_ready(&self) -> Result<()> {
+        let Some(g) = self.get() else { return Ok(()) };
+        let hooks: Vec<GradReadyHook> = self.hooks().iter().map(|(_, h)| h.clone()).collect();
+        hooks.iter().try_for_each(|h| h(&g))
+    }
+}
+
+/// Keeps a hook of [`Tensor::on_grad_ready`] registered; dropping it removes the hook.
+#[must_use = "the hook is removed when this handle is dropped"]
+pub struct GradHookHandle {
+    leaf: Weak<LeafGrad>,
+    id: u64,
+}
+
+impl Drop for GradHookHandle {
+    fn drop(&mut self) {
+        if let Some(leaf) = self.leaf.upgrade() {
+            leaf.hooks().retain(|(id, _)| *id != self.id);
+        }
+        READY_HOOKS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for GradHookHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradHookHandle")
+            .field("id", &self.id)
+            .finish()
+    }
+}
+
+/// A leaf with ready hooks, as one backward pass counts down to it.
+struct Hooked {
+    leaf: Arc<LeafGrad>,
+    /// Edges that may still deliver to it.
+    left: usize,
+    /// Whether this pass delivered a gradient to it.
+    delivered: bool,
+    /// Order of discovery (deterministic: the graph's edge order from the root).
+    order: usize,
+}
+
+/// Leaves with ready hooks that a backward pass from `root` reaches, each with the number of
+/// edges that deliver to it (the root itself counts once when it is such a leaf).
+fn hooked_leaves(root: &GradMeta) -> HashMap<usize, Hooked> {
+    let mut leaves: HashMap<usize, Hooked> = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut stack = vec![root.clone()];
+    while let Some(meta) = stack.pop() {
+        match meta {
+            GradMeta::Leaf(leaf) => {
+                if !leaf.hooks().is_empty() {
+                    let order = leaves.len();
+                    let key = Arc::as_ptr(&leaf) as usize;
+                    let entry = leaves.entry(key).or_insert_with(|| Hooked {
+                        leaf: leaf.clone(),
+                        left: 0,
+                        delivered: false,
+                        order,
+                    });
+                    entry.left += 1;
+                }
+            }
+            GradMeta::Node { node, .. } => {
+                if seen.insert(node.seq) {
+                    stack.extend(node.edges.iter().flatten().cloned());
+                }
+            }
+        }
+    }
+    leaves
 }
 
 /// The backward rule of a node.
@@ -90,7 +185,9 @@ pub type Accumulate<'a> = &'a dyn Fn(&Tensor, &Tensor) -> Result<Tensor>;
 
 /// Runs backward from `root`, seeding its gradient with `seed` (same shape as `root`), and
 /// accumulates into every reachable leaf that requires grad. Rules run in the backward phase
-/// with the tape off. Saved tensors are released as each node is processed.
+/// with the tape off. Saved tensors are released as each node is processed. A leaf's ready
+/// hooks run as soon as the last edge that can deliver to it has been processed (or at the end,
+/// for a leaf some of whose edges were never reached by a gradient).
 pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> Result<()> {
     if seed.shape() != root.shape() {
         return Err(Error::shape_mismatch(
@@ -109,6 +206,26 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
     let _nograd = crate::no_grad();
     let mut pending: Pending = HashMap::new();
     let mut heap = BinaryHeap::new();
+    // Leaves with ready hooks: edges still to deliver to each.
+    let mut hooked = match READY_HOOKS.load(Ordering::Relaxed) {
+        0 => HashMap::new(),
+        _ => hooked_leaves(meta),
+    };
+    let mut edge_done = |to: &GradMeta, delivered: bool| -> Result<()> {
+        if let GradMeta::Leaf(leaf) = to
+            && let Some(h) = hooked.get_mut(&(Arc::as_ptr(leaf) as usize))
+        {
+            h.left -= 1;
+            h.delivered |= delivered;
+            if h.left == 0 {
+                let done = hooked.remove(&(Arc::as_ptr(leaf) as usize));
+                if done.is_some_and(|h| h.delivered) {
+                    leaf.gradient_ready()?;
+                }
+            }
+        }
+        Ok(())
+    };
     // The tape's reads, announced to the memory hooks; then where each gradient made goes.
     let planned = crate::memory_hooks().map(|h| {
         let plan = TapePlan::new(meta);
@@ -155,6 +272,7 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
         Ok(())
     };
     deliver(meta, seed, None, &mut pending, &mut heap)?;
+    edge_done(meta, true)?;
     while let Some(seq) = heap.pop() {
         let Some((node, grads)) = pending.remove(&seq) else {
             continue;
@@ -184,7 +302,9 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
         drop(saved);
         let from = planned.as_ref().and_then(|(_, p)| p.group_of(node.seq));
         for (i, edge) in node.edges.iter().enumerate() {
-            let (Some(edge), Some(Some(g))) = (edge, input_grads.get(i)) else {
+            let Some(edge) = edge else { continue };
+            let Some(Some(g)) = input_grads.get(i) else {
+                edge_done(edge, false)?;
                 continue;
             };
             let spec = &node.input_specs[i];
@@ -199,7 +319,14 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
                 )));
             }
             deliver(edge, g.clone(), from, &mut pending, &mut heap)?;
+            edge_done(edge, true)?;
         }
+    }
+    // Leaves whose remaining edges belong to nodes no gradient reached: finished now.
+    let mut rest: Vec<Hooked> = hooked.into_values().filter(|h| h.delivered).collect();
+    rest.sort_unstable_by_key(|h| h.order);
+    for h in rest {
+        h.leaf.gradient_ready()?;
     }
     Ok(())
 }

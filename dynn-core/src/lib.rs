@@ -24,7 +24,7 @@ mod shape;
 mod tape_plan;
 mod tensor;
 
-pub use autograd::{Accumulate, Node, run_backward};
+pub use autograd::{Accumulate, GradHookHandle, GradReadyHook, Node, run_backward};
 pub use buffer::{Buffer, BufferId, BufferKind, ReleaseSink, Residency, Slot};
 pub use context::{
     HooksGuard, NoGradGuard, PhaseGuard, announce_plan, enter_phase, install_memory_hooks,

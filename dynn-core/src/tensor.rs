@@ -1,6 +1,6 @@
 //! The tensor: a handle to a movable buffer, a layout over it, and its autograd identity.
 
-use crate::autograd::{GradMeta, LeafGrad};
+use crate::autograd::{GradHookHandle, GradMeta, LeafGrad};
 use crate::{
     Buffer, BufferKind, CpuElement, CpuStorage, DType, Device, Element, Error, Layout, Result,
     Shape, with_cpu_storage,
@@ -353,6 +353,25 @@ impl Tensor {
     pub fn zero_grad(&self) {
         if let Some(GradMeta::Leaf(l)) = &self.0.grad {
             l.set(None);
+        }
+    }
+
+    /// Runs `hook` with this leaf's accumulated gradient whenever a backward pass has delivered
+    /// its last contribution to it, while the pass goes on (PyTorch's
+    /// `register_post_accumulate_grad_hook`). Work on a gradient can then happen while the
+    /// gradient is fresh on the device, e.g. its share of a global norm. The hook runs in the
+    /// backward phase with the tape off; an error it returns ends the backward pass with that
+    /// error. It stays registered until the returned handle is dropped.
+    pub fn on_grad_ready(
+        &self,
+        hook: impl Fn(&Tensor) -> Result<()> + Send + Sync + 'static,
+    ) -> Result<GradHookHandle> {
+        match &self.0.grad {
+            Some(GradMeta::Leaf(l)) => Ok(l.add_hook(Arc::new(hook))),
+            _ => Err(Error::Autograd(format!(
+                "on_grad_ready: only a leaf that requires grad accumulates a gradient (tensor of shape {})",
+                self.shape()
+            ))),
         }
     }
 

@@ -397,3 +397,48 @@ fn broken_kernels_and_missing_devices_are_errors() {
     let e = execute_view(T2, &x, Layout::contiguous([3])).unwrap_err();
     assert!(e.to_string().contains("exceeds its buffer"), "{e}");
 }
+
+/// y = x, whose backward gives x no gradient (a cut in the graph that backward still reaches).
+struct Cut;
+
+impl Op for Cut {
+    fn name(&self) -> &'static str {
+        "cut"
+    }
+    fn idioms(&self) -> Idioms {
+        Idioms::MAP
+    }
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
+        Ok(smallvec![TensorSpec::new(
+            inputs[0].shape().clone(),
+            DType::F32
+        )])
+    }
+    fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
+        Ok(out(f32s(&inputs[0], "cut")?))
+    }
+    fn backward(&self, _: &BackwardCtx<'_>) -> Result<InputGrads> {
+        Ok(smallvec![None])
+    }
+}
+
+#[test]
+fn a_leaf_whose_other_path_gets_no_gradient_is_heard_at_the_end() -> Result<()> {
+    // y = w + cut(3·w): the scale node is reachable but never gets a gradient, so one of w's
+    // two edges never delivers. Its hook still runs once, with the one contribution.
+    let w = v(&[1.0, 2.0], &[2]).set_requires_grad(true);
+    let seen: Arc<Mutex<Vec<Vec<f32>>>> = Arc::default();
+    let s = seen.clone();
+    let _h = w.on_grad_ready(move |g| {
+        s.lock().unwrap().push(g.to_vec::<f32>()?);
+        Ok(())
+    })?;
+    let y = add(&w, &execute1(Cut, &[&scale(&w, 3.0)?])?)?;
+    run_backward(&y, v(&[1.0, 1.0], &[2]), &|a, b| add(a, b))?;
+    assert_eq!(*seen.lock().unwrap(), vec![vec![1.0, 1.0]]);
+    // Not heard again for a pass that does not reach it.
+    let u = v(&[0.0, 0.0], &[2]).set_requires_grad(true);
+    run_backward(&scale(&u, 2.0)?, v(&[1.0, 1.0], &[2]), &|a, b| add(a, b))?;
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    Ok(())
+}

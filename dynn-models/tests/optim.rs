@@ -1,13 +1,15 @@
 //! Optimizers against references: AdamW and Adam against candle-nn's `AdamW` (the oracle) on
 //! the same parameters and gradients; SGD with momentum and Nesterov against the update rule
-//! computed in f64; clipping by global norm; parameters without a gradient are left alone.
+//! computed in f64; clipping by global norm, also as taken during the backward pass;
+//! parameters without a gradient are left alone.
 
 use candle_core as cc;
 use candle_nn::Optimizer as _;
 use dynn_core::{DType, Device, Result, Tensor};
 use dynn_models::nn::{Init, Module, Param, ParamBuilder};
 use dynn_models::optim::{
-    Adam, AdamConfig, Optimizer, Sgd, SgdConfig, clip_grad_norm, clip_scale, grad_norm,
+    Adam, AdamConfig, GradNormWatch, Optimizer, Sgd, SgdConfig, clip_grad_norm, clip_scale,
+    grad_norm,
 };
 use dynn_ops::prelude::*;
 
@@ -308,5 +310,56 @@ fn optimizers_announce_each_update_s_buffers_in_parameter_order() -> Result<()> 
         assert_eq!(plan[0][..2], [id(&a), id(&ga)]);
         assert_eq!(plan[1][..2], [id(&b), id(&gb)]);
     }
+    Ok(())
+}
+
+#[test]
+fn the_norm_taken_during_backward_is_grad_norm_bit_for_bit() -> Result<()> {
+    let a = param(6, (8, 16))?;
+    let b = param(7, (16, 4))?;
+    let c = param(8, (3, 3))?; // never reached: no gradient
+    let h = ParamBuilder::new(DType::BF16, Device::Cpu, 9).param(
+        "h",
+        (4, 4),
+        Init::Uniform { lo: -1.0, hi: 1.0 },
+    )?;
+    let d = ParamBuilder::new(DType::F64, Device::Cpu, 10).param(
+        "d",
+        5,
+        Init::Uniform { lo: -1.0, hi: 1.0 },
+    )?;
+    let params = [a.clone(), b.clone(), c.clone(), h.clone(), d.clone()];
+    let watch = GradNormWatch::new(&params)?;
+    let x = rand_normal((5, 8), 0.0, 1.0, DType::F32, 11, Device::Cpu)?;
+    let loss = |seed: u64| -> Result<Tensor> {
+        // a is read twice, so its hook waits for both contributions.
+        let y = x.matmul(&a)?.tanh()?.matmul(&b)?;
+        let z = x.matmul(&a)?.sum_all()?;
+        let hh = h.to_dtype(DType::F32)?.sqr()?.sum_all()?;
+        let dd = d.sin()?.sum_all()?.to_dtype(DType::F32)?;
+        let w = rand_normal((5, 4), 0.0, 1.0, DType::F32, seed, Device::Cpu)?;
+        y.mul(&w)?.sum_all()?.add(&z)?.add(&hh)?.add(&dd)
+    };
+    loss(1)?.backward()?;
+    assert_eq!(watch.norm()?.to_bits(), grad_norm(&params)?.to_bits());
+    // Two passes accumulating into the same gradients: the norm of the totals.
+    loss(2)?.backward()?;
+    loss(3)?.backward()?;
+    let n = watch.norm()?;
+    assert_eq!(n.to_bits(), grad_norm(&params)?.to_bits());
+    assert!(n > 0.0 && c.grad().is_none());
+    // A gradient replaced after the pass is read again.
+    b.set_grad(Some(b.grad().expect("kept").scale(2.0)?))?;
+    loss(4)?.backward()?;
+    b.set_grad(Some(b.grad().expect("kept").scale(0.5)?))?;
+    assert_eq!(watch.norm()?.to_bits(), grad_norm(&params)?.to_bits());
+    // The sums were taken during the pass: a gradient changed in place afterwards (which the
+    // watch documents it does not notice) shows that no gradient is read again.
+    loss(5)?.backward()?;
+    let during = grad_norm(&params)?;
+    let ga = a.grad().expect("kept");
+    ga.axpy_(1.0, &ga.clone())?;
+    assert_eq!(watch.norm()?.to_bits(), during.to_bits());
+    assert_ne!(grad_norm(&params)?.to_bits(), during.to_bits());
     Ok(())
 }

@@ -1,8 +1,11 @@
 //! Gradient clipping by global norm.
 
 use crate::nn::Param;
-use dynn_core::{DType, Phase, Result, Tensor, enter_phase, no_grad};
+use dynn_core::{
+    BufferId, BufferKind, DType, GradHookHandle, Phase, Result, Tensor, enter_phase, no_grad,
+};
 use dynn_ops::prelude::*;
+use std::sync::{Arc, Mutex};
 
 /// Scales every gradient by `max_norm / total_norm` when the global L2 norm over all
 /// parameters' gradients exceeds `max_norm` (PyTorch's `clip_grad_norm_`). Returns the norm
@@ -28,17 +31,140 @@ pub fn grad_norm(params: &[Param]) -> Result<f64> {
     dynn_core::announce_plan("clip_grad_norm", || plan(&grads));
     let mut sq = 0.0;
     for (_, g) in &grads {
-        // Σg² as the product (1, n)·(n, 1): one kernel that reads the gradient once, and no
-        // temporary of its size (squaring first would allocate one).
-        // Half-precision squares sum past f16's range: those are summed in f32.
-        let g = match g.dtype() {
-            DType::F16 | DType::BF16 => g.to_dtype(DType::F32)?,
-            _ => g.contiguous()?,
-        };
-        let row = g.reshape((1, g.elem_count()))?;
-        sq += row.matmul(&row.t()?)?.to_scalar_f64()?;
+        sq += square_sum(g)?.to_scalar_f64()?;
     }
     Ok(sq.sqrt())
+}
+
+/// Σg² of one gradient as a (1, 1) tensor on its device.
+fn square_sum(g: &Tensor) -> Result<Tensor> {
+    // The product (1, n)·(n, 1): one kernel that reads the gradient once, and no temporary of
+    // its size (squaring first would allocate one). Half-precision squares sum past f16's
+    // range: those are summed in f32.
+    let g = match g.dtype() {
+        DType::F16 | DType::BF16 => g.to_dtype(DType::F32)?,
+        _ => g.contiguous()?,
+    };
+    let row = g.reshape((1, g.elem_count()))?;
+    row.matmul(&row.t()?)
+}
+
+/// What the ready hooks took: per sum dtype, one vector on the device holding every
+/// parameter's Σg² in its slot (so no tensor per parameter waits for the step), and per
+/// parameter the gradient buffer and dtype its slot was taken from.
+#[derive(Default)]
+struct Squares {
+    sums: Vec<(DType, Tensor)>,
+    taken: Vec<Option<(BufferId, DType)>>,
+}
+
+impl Squares {
+    /// Σg² of parameter `i`'s gradient `g`, into its slot.
+    fn take(&mut self, i: usize, n: usize, g: &Tensor) -> Result<()> {
+        let sq = square_sum(g)?;
+        let dtype = sq.dtype();
+        let sums = match self.sums.iter().position(|(d, _)| *d == dtype) {
+            Some(k) => &self.sums[k].1,
+            None => {
+                let t = Tensor::zeros(n, dtype, g.device())?;
+                t.set_kind(BufferKind::OptimizerState);
+                self.sums.push((dtype, t));
+                &self.sums[self.sums.len() - 1].1
+            }
+        };
+        sums.narrow(0, i, 1)?.assign_(&sq.reshape(1)?)?;
+        self.taken.resize(n, None);
+        self.taken[i] = Some((g.buffer().id(), dtype));
+        Ok(())
+    }
+}
+
+/// The global gradient norm of [`grad_norm`], taken during the backward pass: each
+/// parameter's Σg² is computed as soon as backward has finished its gradient
+/// ([`Tensor::on_grad_ready`]), while that gradient is still on the device. Under a memory
+/// budget this saves a pass that brings every evicted gradient back before the optimizer
+/// step. [`GradNormWatch::norm`] gives the same value as [`grad_norm`], bit for bit: the same
+/// kernel on the same gradients, summed in the same order.
+///
+/// It reads each gradient as the backward pass left it: replacing a gradient
+/// ([`Tensor::set_grad`]) is noticed and that gradient is read again, but changing one in place
+/// between the backward pass and [`GradNormWatch::norm`] is not.
+pub struct GradNormWatch {
+    params: Vec<Param>,
+    squares: Arc<Mutex<Squares>>,
+    _hooks: Vec<GradHookHandle>,
+}
+
+impl GradNormWatch {
+    /// Watches `params`' gradients from now until the watch is dropped.
+    pub fn new(params: &[Param]) -> Result<Self> {
+        let squares: Arc<Mutex<Squares>> = Arc::default();
+        let n = params.len();
+        let hooks = params
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.requires_grad())
+            .map(|(i, p)| {
+                let squares = squares.clone();
+                p.on_grad_ready(move |g| {
+                    let mut s = squares.lock().unwrap_or_else(|e| e.into_inner());
+                    s.take(i, n, g)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(GradNormWatch {
+            params: params.to_vec(),
+            squares,
+            _hooks: hooks,
+        })
+    }
+
+    /// The global L2 norm of the current gradients (as [`grad_norm`]), from the sums the
+    /// backward passes since the last call took; a gradient they did not see is read now.
+    /// Starts the next count afresh.
+    pub fn norm(&self) -> Result<f64> {
+        let _g = no_grad();
+        let _p = enter_phase(Phase::Optimizer);
+        let mut s = self.squares.lock().unwrap_or_else(|e| e.into_inner());
+        let taken = std::mem::take(&mut s.taken);
+        // One read per sum dtype (f32, or f64 for f64 gradients), widened on the host as
+        // `to_scalar_f64` does.
+        let sums = s
+            .sums
+            .iter()
+            .map(|(d, t)| {
+                let v = match d {
+                    DType::F64 => t.to_vec::<f64>()?,
+                    _ => t.to_vec::<f32>()?.into_iter().map(f64::from).collect(),
+                };
+                Ok((*d, v))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut sq = 0.0;
+        for (i, p) in self.params.iter().enumerate() {
+            let Some(g) = p.grad() else { continue };
+            let slot = taken
+                .get(i)
+                .copied()
+                .flatten()
+                .filter(|(id, _)| *id == g.buffer().id())
+                .and_then(|(_, d)| sums.iter().find(|(sd, _)| *sd == d))
+                .map(|(_, v)| v[i]);
+            sq += match slot {
+                Some(v) => v,
+                None => square_sum(&g)?.to_scalar_f64()?,
+            };
+        }
+        Ok(sq.sqrt())
+    }
+}
+
+impl std::fmt::Debug for GradNormWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GradNormWatch")
+            .field("params", &self.params.len())
+            .finish()
+    }
 }
 
 /// The factor clipping to `max_norm` applies to gradients of global norm `norm`:

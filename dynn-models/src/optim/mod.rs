@@ -11,7 +11,7 @@ mod sgd;
 
 pub use adam::{Adam, AdamConfig};
 use clip::scale_grads;
-pub use clip::{clip_grad_norm, clip_scale, grad_norm};
+pub use clip::{GradNormWatch, clip_grad_norm, clip_scale, grad_norm};
 pub use schedule::{LrSchedule, WarmupCosine};
 pub use sgd::{Sgd, SgdConfig};
 

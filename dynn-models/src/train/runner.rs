@@ -3,7 +3,9 @@
 
 use super::{Defaults, Eval, Summary, Task, TrainArgs};
 use crate::checkpoint::Checkpoint;
-use crate::optim::{Adam, AdamConfig, LrSchedule, Optimizer, WarmupCosine, clip_scale, grad_norm};
+use crate::optim::{
+    Adam, AdamConfig, GradNormWatch, LrSchedule, Optimizer, WarmupCosine, clip_scale,
+};
 use crate::rng::Rng;
 use dynn_core::{Device, Error, Result, install_memory_hooks, mark_step, no_grad};
 use dynn_mm::predict::median;
@@ -234,6 +236,10 @@ pub fn train<T: Task>(
         start_step,
         args.quiet || args.json && !console_is_tty(),
     );
+    let norm_watch = match args.clip > 0.0 {
+        true => Some(GradNormWatch::new(&params)?),
+        false => None,
+    };
     let started = Instant::now();
     let mut losses = Vec::new();
     let mut units = 0usize;
@@ -262,10 +268,11 @@ pub fn train<T: Task>(
                 task.name()
             )));
         }
-        // Clipping's factor goes into the update (Adam folds it into its moments).
-        let scale = match args.clip > 0.0 {
-            true => clip_scale(grad_norm(&params)?, args.clip),
-            false => 1.0,
+        // Clipping's factor goes into the update (Adam folds it into its moments); the norm
+        // was taken during the backward pass.
+        let scale = match &norm_watch {
+            Some(w) => clip_scale(w.norm()?, args.clip),
+            None => 1.0,
         };
         opt.step_scaled(&params, scale)?;
         mark_step(step + 1);

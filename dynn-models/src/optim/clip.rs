@@ -1,9 +1,7 @@
 //! Gradient clipping by global norm.
 
 use crate::nn::Param;
-use dynn_core::{
-    BufferId, BufferKind, DType, GradHookHandle, Phase, Result, Tensor, enter_phase, no_grad,
-};
+use dynn_core::{BufferId, DType, GradHookHandle, Phase, Result, Tensor, enter_phase, no_grad};
 use dynn_ops::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -49,38 +47,12 @@ fn square_sum(g: &Tensor) -> Result<Tensor> {
     row.matmul(&row.t()?)
 }
 
-/// What the ready hooks took: per sum dtype, one vector on the device holding every
-/// parameter's Σg² in its slot (so no tensor per parameter waits for the step), and per
-/// parameter the gradient buffer and dtype its slot was taken from.
-#[derive(Default)]
-struct Squares {
-    sums: Vec<(DType, Tensor)>,
-    taken: Vec<Option<(BufferId, DType)>>,
-}
-
-impl Squares {
-    /// Σg² of parameter `i`'s gradient `g`, into its slot.
-    fn take(&mut self, i: usize, n: usize, g: &Tensor) -> Result<()> {
-        let sq = square_sum(g)?;
-        let dtype = sq.dtype();
-        let sums = match self.sums.iter().position(|(d, _)| *d == dtype) {
-            Some(k) => &self.sums[k].1,
-            None => {
-                let t = Tensor::zeros(n, dtype, g.device())?;
-                t.set_kind(BufferKind::OptimizerState);
-                self.sums.push((dtype, t));
-                &self.sums[self.sums.len() - 1].1
-            }
-        };
-        sums.narrow(0, i, 1)?.assign_(&sq.reshape(1)?)?;
-        self.taken.resize(n, None);
-        self.taken[i] = Some((g.buffer().id(), dtype));
-        Ok(())
-    }
-}
+/// Per parameter, in the watched list's order: the gradient buffer its ready hook read, and
+/// its Σg².
+type Squares = Arc<Mutex<Vec<Option<(BufferId, f64)>>>>;
 
 /// The global gradient norm of [`grad_norm`], taken during the backward pass: each
-/// parameter's Σg² is computed as soon as backward has finished its gradient
+/// parameter's Σg² is computed and read as soon as backward has finished its gradient
 /// ([`Tensor::on_grad_ready`]), while that gradient is still on the device. Under a memory
 /// budget this saves a pass that brings every evicted gradient back before the optimizer
 /// step. [`GradNormWatch::norm`] gives the same value as [`grad_norm`], bit for bit: the same
@@ -91,15 +63,14 @@ impl Squares {
 /// between the backward pass and [`GradNormWatch::norm`] is not.
 pub struct GradNormWatch {
     params: Vec<Param>,
-    squares: Arc<Mutex<Squares>>,
+    squares: Squares,
     _hooks: Vec<GradHookHandle>,
 }
 
 impl GradNormWatch {
     /// Watches `params`' gradients from now until the watch is dropped.
     pub fn new(params: &[Param]) -> Result<Self> {
-        let squares: Arc<Mutex<Squares>> = Arc::default();
-        let n = params.len();
+        let squares: Squares = Arc::new(Mutex::new(vec![None; params.len()]));
         let hooks = params
             .iter()
             .enumerate()
@@ -107,8 +78,12 @@ impl GradNormWatch {
             .map(|(i, p)| {
                 let squares = squares.clone();
                 p.on_grad_ready(move |g| {
-                    let mut s = squares.lock().unwrap_or_else(|e| e.into_inner());
-                    s.take(i, n, g)
+                    // Read at once (as `grad_norm` reads each sum): no tensor per parameter
+                    // waits for the step, where a policy would move it out and back.
+                    let sq = square_sum(g)?.to_scalar_f64()?;
+                    squares.lock().unwrap_or_else(|e| e.into_inner())[i] =
+                        Some((g.buffer().id(), sq));
+                    Ok(())
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -125,34 +100,16 @@ impl GradNormWatch {
     pub fn norm(&self) -> Result<f64> {
         let _g = no_grad();
         let _p = enter_phase(Phase::Optimizer);
-        let mut s = self.squares.lock().unwrap_or_else(|e| e.into_inner());
-        let taken = std::mem::take(&mut s.taken);
-        // One read per sum dtype (f32, or f64 for f64 gradients), widened on the host as
-        // `to_scalar_f64` does.
-        let sums = s
-            .sums
-            .iter()
-            .map(|(d, t)| {
-                let v = match d {
-                    DType::F64 => t.to_vec::<f64>()?,
-                    _ => t.to_vec::<f32>()?.into_iter().map(f64::from).collect(),
-                };
-                Ok((*d, v))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let taken: Vec<_> = {
+            let mut s = self.squares.lock().unwrap_or_else(|e| e.into_inner());
+            s.iter_mut().map(Option::take).collect()
+        };
         let mut sq = 0.0;
-        for (i, p) in self.params.iter().enumerate() {
+        for (p, seen) in self.params.iter().zip(taken) {
             let Some(g) = p.grad() else { continue };
-            let slot = taken
-                .get(i)
-                .copied()
-                .flatten()
-                .filter(|(id, _)| *id == g.buffer().id())
-                .and_then(|(_, d)| sums.iter().find(|(sd, _)| *sd == d))
-                .map(|(_, v)| v[i]);
-            sq += match slot {
-                Some(v) => v,
-                None => square_sum(&g)?.to_scalar_f64()?,
+            sq += match seen {
+                Some((id, s)) if id == g.buffer().id() => s,
+                _ => square_sum(&g)?.to_scalar_f64()?,
             };
         }
         Ok(sq.sqrt())

@@ -22,10 +22,13 @@ fn out(v: Vec<f32>) -> Outputs {
     smallvec![Box::new(CpuStorage::F32(v)) as Box<dyn dynn_core::DeviceStorage>]
 }
 
-/// y = s·x (f32). `bad_len` makes the kernel return one element too many.
+/// y = s·x (f32). `bad_len` makes the kernel return one element too many; `cut` makes its
+/// backward give x no gradient (a cut in the graph that backward still reaches).
+#[derive(Default)]
 struct Scale {
     s: f32,
     bad_len: bool,
+    cut: bool,
 }
 
 impl Op for Scale {
@@ -52,12 +55,21 @@ impl Op for Scale {
         Ok(out(v))
     }
     fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
+        if self.cut {
+            return Ok(smallvec![None]);
+        }
         Ok(smallvec![Some(scale(ctx.grad(0)?, self.s)?)])
     }
 }
 
 fn scale(x: &Tensor, s: f32) -> Result<Tensor> {
-    execute1(Scale { s, bad_len: false }, &[x])
+    execute1(
+        Scale {
+            s,
+            ..Default::default()
+        },
+        &[x],
+    )
 }
 
 /// a + b (same shapes, f32); backward passes the gradient to both.
@@ -369,6 +381,7 @@ fn broken_kernels_and_missing_devices_are_errors() {
         Scale {
             s: 1.0,
             bad_len: true,
+            ..Default::default()
         },
         &[&x],
     )
@@ -380,7 +393,7 @@ fn broken_kernels_and_missing_devices_are_errors() {
     let e = execute(
         Scale {
             s: 1.0,
-            bad_len: false,
+            ..Default::default()
         },
         &[],
     )
@@ -398,30 +411,6 @@ fn broken_kernels_and_missing_devices_are_errors() {
     assert!(e.to_string().contains("exceeds its buffer"), "{e}");
 }
 
-/// y = x, whose backward gives x no gradient (a cut in the graph that backward still reaches).
-struct Cut;
-
-impl Op for Cut {
-    fn name(&self) -> &'static str {
-        "cut"
-    }
-    fn idioms(&self) -> Idioms {
-        Idioms::MAP
-    }
-    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
-        Ok(smallvec![TensorSpec::new(
-            inputs[0].shape().clone(),
-            DType::F32
-        )])
-    }
-    fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
-        Ok(out(f32s(&inputs[0], "cut")?))
-    }
-    fn backward(&self, _: &BackwardCtx<'_>) -> Result<InputGrads> {
-        Ok(smallvec![None])
-    }
-}
-
 #[test]
 fn a_leaf_whose_other_path_gets_no_gradient_is_heard_at_the_end() -> Result<()> {
     // y = w + cut(3·w): the scale node is reachable but never gets a gradient, so one of w's
@@ -433,7 +422,12 @@ fn a_leaf_whose_other_path_gets_no_gradient_is_heard_at_the_end() -> Result<()> 
         s.lock().unwrap().push(g.to_vec::<f32>()?);
         Ok(())
     })?;
-    let y = add(&w, &execute1(Cut, &[&scale(&w, 3.0)?])?)?;
+    let cut = Scale {
+        s: 1.0,
+        cut: true,
+        ..Default::default()
+    };
+    let y = add(&w, &execute1(cut, &[&scale(&w, 3.0)?])?)?;
     run_backward(&y, v(&[1.0, 1.0], &[2]), &|a, b| add(a, b))?;
     assert_eq!(*seen.lock().unwrap(), vec![vec![1.0, 1.0]]);
     // Not heard again for a pass that does not reach it.

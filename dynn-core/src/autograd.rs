@@ -88,6 +88,30 @@ impl std::fmt::Debug for GradHookHandle {
     }
 }
 
+/// The nodes reachable from `root`, in the order backward processes them (decreasing
+/// sequence number).
+pub(crate) fn reachable_nodes(root: &GradMeta) -> Vec<Arc<Node>> {
+    let mut seen: HashMap<u64, Arc<Node>> = HashMap::new();
+    let mut stack: Vec<Arc<Node>> = Vec::new();
+    let mut visit = |meta: &GradMeta, stack: &mut Vec<Arc<Node>>| {
+        if let GradMeta::Node { node, .. } = meta
+            && !seen.contains_key(&node.seq)
+        {
+            seen.insert(node.seq, node.clone());
+            stack.push(node.clone());
+        }
+    };
+    visit(root, &mut stack);
+    while let Some(node) = stack.pop() {
+        for edge in node.edges.iter().flatten() {
+            visit(edge, &mut stack);
+        }
+    }
+    let mut nodes: Vec<Arc<Node>> = seen.into_values().collect();
+    nodes.sort_unstable_by_key(|n| std::cmp::Reverse(n.seq));
+    nodes
+}
+
 /// A leaf with ready hooks, as one backward pass counts down to it.
 struct Hooked {
     leaf: Arc<LeafGrad>,
@@ -95,39 +119,65 @@ struct Hooked {
     left: usize,
     /// Whether this pass delivered a gradient to it.
     delivered: bool,
-    /// Order of discovery (deterministic: the graph's edge order from the root).
-    order: usize,
 }
 
-/// Leaves with ready hooks that a backward pass from `root` reaches, each with the number of
-/// edges that deliver to it (the root itself counts once when it is such a leaf).
-fn hooked_leaves(root: &GradMeta) -> HashMap<usize, Hooked> {
-    let mut leaves: HashMap<usize, Hooked> = HashMap::new();
-    let mut seen = std::collections::HashSet::new();
-    let mut stack = vec![root.clone()];
-    while let Some(meta) = stack.pop() {
-        match meta {
-            GradMeta::Leaf(leaf) => {
-                if !leaf.hooks().is_empty() {
-                    let order = leaves.len();
-                    let key = Arc::as_ptr(&leaf) as usize;
-                    let entry = leaves.entry(key).or_insert_with(|| Hooked {
+/// The leaves with ready hooks that one backward pass reaches, in the order the pass first
+/// reaches them (deterministic), and where each is by address.
+#[derive(Default)]
+struct ReadyCount {
+    leaves: Vec<Hooked>,
+    at: HashMap<usize, usize>,
+}
+
+impl ReadyCount {
+    /// Counts the edges that can deliver to each hooked leaf: the root's own (when the root is
+    /// such a leaf) and every reachable node's.
+    fn new(root: &GradMeta, nodes: &[Arc<Node>]) -> ReadyCount {
+        let mut c = ReadyCount::default();
+        let edges =
+            std::iter::once(root).chain(nodes.iter().flat_map(|n| n.edges.iter().flatten()));
+        for edge in edges {
+            if let GradMeta::Leaf(leaf) = edge
+                && !leaf.hooks().is_empty()
+            {
+                let k = *c.at.entry(Arc::as_ptr(leaf) as usize).or_insert_with(|| {
+                    c.leaves.push(Hooked {
                         leaf: leaf.clone(),
                         left: 0,
                         delivered: false,
-                        order,
                     });
-                    entry.left += 1;
-                }
-            }
-            GradMeta::Node { node, .. } => {
-                if seen.insert(node.seq) {
-                    stack.extend(node.edges.iter().flatten().cloned());
-                }
+                    c.leaves.len() - 1
+                });
+                c.leaves[k].left += 1;
             }
         }
+        c
     }
-    leaves
+
+    /// One edge to `to` is processed (`delivered`: with a gradient). Runs a hooked leaf's
+    /// hooks when that was its last edge.
+    fn edge_done(&mut self, to: &GradMeta, delivered: bool) -> Result<()> {
+        if let GradMeta::Leaf(leaf) = to
+            && let Some(&k) = self.at.get(&(Arc::as_ptr(leaf) as usize))
+        {
+            let h = &mut self.leaves[k];
+            h.left -= 1;
+            h.delivered |= delivered;
+            if h.left == 0 && h.delivered {
+                h.leaf.gradient_ready()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The pass is over: runs the hooks of the leaves some of whose edges belong to nodes no
+    /// gradient reached.
+    fn finish(self) -> Result<()> {
+        self.leaves
+            .iter()
+            .filter(|h| h.left > 0 && h.delivered)
+            .try_for_each(|h| h.leaf.gradient_ready())
+    }
 }
 
 /// The backward rule of a node.
@@ -206,32 +256,25 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
     let _nograd = crate::no_grad();
     let mut pending: Pending = HashMap::new();
     let mut heap = BinaryHeap::new();
-    // Leaves with ready hooks: edges still to deliver to each.
-    let mut hooked = match READY_HOOKS.load(Ordering::Relaxed) {
-        0 => HashMap::new(),
-        _ => hooked_leaves(meta),
-    };
-    let mut edge_done = |to: &GradMeta, delivered: bool| -> Result<()> {
-        if let GradMeta::Leaf(leaf) = to
-            && let Some(h) = hooked.get_mut(&(Arc::as_ptr(leaf) as usize))
-        {
-            h.left -= 1;
-            h.delivered |= delivered;
-            if h.left == 0 {
-                let done = hooked.remove(&(Arc::as_ptr(leaf) as usize));
-                if done.is_some_and(|h| h.delivered) {
-                    leaf.gradient_ready()?;
-                }
-            }
-        }
-        Ok(())
-    };
     // The tape's reads, announced to the memory hooks; then where each gradient made goes.
-    let planned = crate::memory_hooks().map(|h| {
-        let plan = TapePlan::new(meta);
+    // Both it and the ready hooks' count need the reachable nodes: one walk serves both.
+    let hooks = crate::memory_hooks();
+    let counting = READY_HOOKS.load(Ordering::Relaxed) > 0;
+    let nodes = match hooks.is_some() || counting {
+        true => reachable_nodes(meta),
+        false => Vec::new(),
+    };
+    let mut ready = match counting {
+        true => ReadyCount::new(meta, &nodes),
+        false => ReadyCount::default(),
+    };
+    let planned = hooks.map(|h| {
+        let plan = TapePlan::new(&nodes);
         h.plan("backward", &plan.groups);
         (h, plan)
     });
+    // Not kept through the pass: each node is freed once processed, as before.
+    drop(nodes);
     let announce = |from: Option<usize>, to: &GradMeta, g: &Tensor| {
         if let Some((h, plan)) = &planned
             && let Some(group) = plan.next_read(from, to)
@@ -272,7 +315,7 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
         Ok(())
     };
     deliver(meta, seed, None, &mut pending, &mut heap)?;
-    edge_done(meta, true)?;
+    ready.edge_done(meta, true)?;
     while let Some(seq) = heap.pop() {
         let Some((node, grads)) = pending.remove(&seq) else {
             continue;
@@ -304,7 +347,7 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
         for (i, edge) in node.edges.iter().enumerate() {
             let Some(edge) = edge else { continue };
             let Some(Some(g)) = input_grads.get(i) else {
-                edge_done(edge, false)?;
+                ready.edge_done(edge, false)?;
                 continue;
             };
             let spec = &node.input_specs[i];
@@ -319,14 +362,8 @@ pub fn run_backward(root: &Tensor, seed: Tensor, accumulate: Accumulate<'_>) -> 
                 )));
             }
             deliver(edge, g.clone(), from, &mut pending, &mut heap)?;
-            edge_done(edge, true)?;
+            ready.edge_done(edge, true)?;
         }
     }
-    // Leaves whose remaining edges belong to nodes no gradient reached: finished now.
-    let mut rest: Vec<Hooked> = hooked.into_values().filter(|h| h.delivered).collect();
-    rest.sort_unstable_by_key(|h| h.order);
-    for h in rest {
-        h.leaf.gradient_ready()?;
-    }
-    Ok(())
+    ready.finish()
 }

@@ -27,26 +27,9 @@ pub(crate) struct TapePlan {
 }
 
 impl TapePlan {
-    /// The plan of the nodes reachable from `root`, processed in decreasing sequence order.
-    pub(crate) fn new(root: &GradMeta) -> TapePlan {
-        let mut seen: HashMap<u64, Arc<Node>> = HashMap::new();
-        let mut stack: Vec<Arc<Node>> = Vec::new();
-        let mut visit = |meta: &GradMeta, stack: &mut Vec<Arc<Node>>| {
-            if let GradMeta::Node { node, .. } = meta
-                && !seen.contains_key(&node.seq)
-            {
-                seen.insert(node.seq, node.clone());
-                stack.push(node.clone());
-            }
-        };
-        visit(root, &mut stack);
-        while let Some(node) = stack.pop() {
-            for edge in node.edges.iter().flatten() {
-                visit(edge, &mut stack);
-            }
-        }
-        let mut nodes: Vec<Arc<Node>> = seen.into_values().collect();
-        nodes.sort_unstable_by_key(|n| std::cmp::Reverse(n.seq));
+    /// The plan of `nodes`, the nodes reachable from the root in the order backward processes
+    /// them ([`crate::autograd::reachable_nodes`]).
+    pub(crate) fn new(nodes: &[Arc<Node>]) -> TapePlan {
         let mut feeders: HashMap<usize, Vec<usize>> = HashMap::new();
         for (g, n) in nodes.iter().enumerate() {
             for edge in n.edges.iter().flatten() {

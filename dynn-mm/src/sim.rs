@@ -710,8 +710,8 @@ impl RoomMaker<'_> {
 
     /// Repacks the live blocks as the memory manager does ([`DevicePool::compact`]) so that
     /// `room` bytes are free in one piece (the pool's accounting only: nothing is copied, as
-    /// on the device). Returns how many live
-    /// blocks were placed again, or `None` when they do not fit.
+    /// on the device). Returns how many live blocks were placed again, or `None` when they do
+    /// not fit.
     fn repack(&mut self, room: usize) -> Option<usize> {
         let pool = self.mem.pool.as_mut()?;
         let mut live: Vec<(u64, Block)> = self

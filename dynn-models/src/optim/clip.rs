@@ -58,7 +58,8 @@ type Squares = Arc<Mutex<Vec<Option<(BufferId, f64)>>>>;
 /// step. [`GradNormWatch::norm`] gives the same value as [`grad_norm`], bit for bit: the same
 /// kernel on the same gradients, summed in the same order.
 ///
-/// It reads each gradient as the backward pass left it: replacing a gradient
+/// With gradient accumulation, each backward pass takes the sums again and the last one
+/// counts. It reads each gradient as the backward pass left it: replacing a gradient
 /// ([`Tensor::set_grad`]) is noticed and that gradient is read again, but changing one in place
 /// between the backward pass and [`GradNormWatch::norm`] is not.
 pub struct GradNormWatch {

@@ -11,7 +11,8 @@
 # parameters bit-identical to the unlimited run, step time against the driver's pool.
 # The sim stage (also part of train) predicts each trainer's step at 25% with the simulator and
 # measures it: REPEATS interleaved runs (default 3) of SIM_STEPS steps (default 8), compared by
-# their best and by their median; it reads the bench stage's bench.json, or BENCH_JSON when run
+# their best and by their median, and round by round with the unlimited and 50% runs' inputs
+# scaled to the 25% run's host speed (each trainer's `host_ref_us`); it reads the bench stage's bench.json, or BENCH_JSON when run
 # without the bench stage; PIN_CPUS (a taskset list) pins its runs to those cores.
 # FILTER=name runs only the op tests and bench cases whose names contain it (ops, bench).
 #   scripts/gpu-check.sh [ops|bench|train|sim|pilot|writeback|arena|all]...
@@ -177,6 +178,33 @@ print({"min": min, "median": statistics.median}[sys.argv[1]](v) if v else "")' "
             python3 -c 'import sys; u,m,p,h,b=map(float,sys.argv[3:8]); print(f"{sys.argv[1]:<11} {sys.argv[2]:<6} unlimited {u:8.2f} ms  measured 25% {m:8.2f} ms  predicted {p:8.2f} ms  predicted/measured {p/m:5.2f}  (host {h:.1f} µs per move, {b:.2f} µs per repacked block, from the 50% runs)")' \
                 "$model" "$est" "$unlimited" "$measured" "${predicted:-nan}" "${move_host:-nan}" "${repack:-nan}"
         done
+        # Round by round, at the 25% run's host speed: the unlimited and 50% runs' host-bound
+        # inputs scaled by the ratio of host_ref_us (a fixed host workload each trainer times
+        # after every step), so that the prediction and the measurement share one host speed.
+        ratios=""
+        for round in $(seq "$REPEATS"); do
+            scaled=$(python3 - "$round" "$OUT/${model}_sim.jsonl" "$OUT/${model}_lru50.jsonl" "$OUT/${model}_lru25.jsonl" <<'PY' 2>/dev/null
+import json, sys
+r = int(sys.argv[1]) - 1
+unl, half, quarter = ([json.loads(l) for l in open(f) if l.strip()][r] for f in sys.argv[2:5])
+at = lambda run: quarter["host_ref_us"] / run["host_ref_us"]
+print(unl["step_ms_median"] * at(unl), half["move_host_us"] * at(half), half["repack_block_us"] * at(half),
+      quarter["step_ms_median"], quarter["budget_bytes"], quarter["host_ref_us"], unl["host_ref_us"], half["host_ref_us"])
+PY
+)
+            read -r unlimited move_host repack measured budget ref25 refu ref50 <<< "$scaled"
+            if [ -z "$measured" ]; then echo "$model round $round: no host_ref_us (see train_err.log)"; continue; fi
+            [ "$move_host" != 0.0 ] || move_host=$bench_host
+            pred=$("$BIN/compare_policies" --trace "$OUT/${model}_trace.txt" --policy lru \
+                --budget "$budget" --profile "$profile" --unlimited-ms "$unlimited" \
+                ${move_host:+--move-host-us "$move_host"} --repack-host-us "$repack" --json \
+                2>>"$OUT/train_err.log" | tail -1)
+            ratio=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["step_ms"] / float(sys.argv[2]))' "$pred" "$measured" 2>/dev/null)
+            ratios="$ratios ${ratio:-nan}"
+            printf '%-11s round %s  host ref %.1f / %.1f / %.1f µs (25%% / unlimited / 50%%)  unlimited at its speed %.2f ms  measured %.2f ms  predicted/measured %.2f\n' \
+                "$model" "$round" "$ref25" "$refu" "$ref50" "$unlimited" "$measured" "${ratio:-nan}"
+        done
+        python3 -c 'import statistics,sys; v=[float(x) for x in sys.argv[2:] if x!="nan"]; print(f"{sys.argv[1]:<11} host-speed scaled: predicted/measured, median of rounds {statistics.median(v):.2f}" if v else f"{sys.argv[1]}: no scaled rounds")' "$model" $ratios
     done
 fi
 if has arena; then

@@ -245,6 +245,7 @@ pub fn train<T: Task>(
     let mut units = 0usize;
     let mut smooth = None;
     let mut step_ms = Vec::new();
+    let mut host_ref_us = Vec::new();
     for step in start_step..steps {
         let step_started = Instant::now();
         opt.set_lr(schedule.lr_at(step));
@@ -277,6 +278,7 @@ pub fn train<T: Task>(
         opt.step_scaled(&params, scale)?;
         mark_step(step + 1);
         step_ms.push(step_started.elapsed().as_secs_f64() * 1e3);
+        host_ref_us.push(super::host_reference_us());
         losses.push(step_loss);
         let s = smooth.map_or(step_loss, |m: f64| 0.9 * m + 0.1 * step_loss);
         smooth = Some(s);
@@ -349,6 +351,7 @@ pub fn train<T: Task>(
         move_host_us: report.stats.move_host_us(),
         repacks: report.stats.compactions,
         repack_block_us: report.stats.repack_block_us(),
+        host_ref_us: median(steady(&mut host_ref_us)),
         distinct_graphs: report.stats.distinct_graphs,
         policy: policy_name,
         budget_bytes,

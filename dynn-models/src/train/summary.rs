@@ -35,6 +35,11 @@ pub struct Summary {
     /// Host time per live block a repack placed again, microseconds (0 without repacks).
     /// `compare_policies --repack-host-us` takes it.
     pub repack_block_us: f64,
+    /// The host's speed over the same steps as `step_ms_median`: the median time of a fixed
+    /// piece of host work ([`host_reference_us`](super::host_reference_us)) timed after each
+    /// step, microseconds. Runs of host-bound steps made at different host speeds compare
+    /// after dividing by it.
+    pub host_ref_us: f64,
     /// Distinct op-sequence signatures seen over the run.
     pub distinct_graphs: usize,
     /// The memory policy.

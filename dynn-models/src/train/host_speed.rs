@@ -53,10 +53,4 @@ mod tests {
         // Each value 0..n is read once: their sum.
         assert_eq!(reference_work(100), (0..100).sum::<u64>());
     }
-
-    #[test]
-    fn the_probe_reports_a_positive_time() {
-        let us = host_reference_us();
-        assert!(us > 0.0 && us.is_finite(), "{us}");
-    }
 }

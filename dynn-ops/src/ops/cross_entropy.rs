@@ -174,6 +174,9 @@ struct CeRows<'r, 'a, T: FloatElement> {
     targets: &'r [i64],
     ignore: Option<i64>,
     eps: f64,
+    /// The logits are too large for the cache: each block of the next row is prefetched
+    /// while this row's block is summed, so that memory stays busy during the arithmetic.
+    prefetch: bool,
 }
 
 impl<T: FloatElement> RowKernel for CeRows<'_, '_, T>
@@ -206,7 +209,11 @@ where
             <T::Acc as AccFloat>::ZERO,
             <T::Acc as AccFloat>::ZERO,
         );
-        for blk in x.chunks(LSE_BLOCK) {
+        let next = (self.prefetch && r + 1 < self.x.rows()).then(|| self.x.row(r + 1));
+        for (b, blk) in x.chunks(LSE_BLOCK).enumerate() {
+            if let Some(next) = next {
+                crate::cpu::prefetch(&next[(b * LSE_BLOCK).min(next.len())..][..blk.len()]);
+            }
             if self.eps > 0.0 {
                 sx += sum_map(blk, |v: T| v.to_acc());
             }
@@ -252,6 +259,7 @@ where
         targets,
         ignore: op.opts.ignore_index,
         eps: op.opts.label_smoothing,
+        prefetch: std::mem::size_of_val(&x.data[..]) >= crate::cpu::STREAM_MIN_BYTES,
     };
     let (per_row, _) = run_rows(&k, targets.len());
     let lse: Vec<T::Acc> = per_row.iter().map(|p| p.0).collect();
@@ -925,4 +933,39 @@ pub(crate) fn ops() -> Vec<OpInfo> {
             family: "cross_entropy",
         },
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefetching_the_next_row_leaves_every_row_as_it_was() {
+        // Rows of 1,300 (two full blocks and a short one), the last one ignored.
+        let (rows, len) = (5, 1300);
+        let x: Vec<f32> = (0..rows * len)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 97.0)
+            .collect();
+        let layout = Layout::contiguous(Shape::from((rows, len)));
+        let x = Rows::last(&x, &layout).unwrap();
+        let targets = [3, 1299, 0, 640, 7];
+        let run = |prefetch| {
+            let k = CeRows {
+                x: &x,
+                targets: &targets,
+                ignore: Some(7),
+                eps: 0.1,
+                prefetch,
+            };
+            run_rows(&k, rows).0
+        };
+        let (with, without) = (run(true), run(false));
+        assert_eq!(with, without);
+        assert!(
+            with[..4]
+                .iter()
+                .all(|&(lse, loss)| lse.is_finite() && loss > 0.0)
+        );
+        assert_eq!(with[4], (0.0, 0.0));
+    }
 }

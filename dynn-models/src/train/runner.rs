@@ -246,6 +246,8 @@ pub fn train<T: Task>(
     let mut smooth = None;
     let mut step_ms = Vec::new();
     let mut host_ref_us = Vec::new();
+    // Time spent on the host-speed probe: left out of the run's time and throughput.
+    let mut probe_secs = 0.0;
     for step in start_step..steps {
         let step_started = Instant::now();
         opt.set_lr(schedule.lr_at(step));
@@ -278,11 +280,13 @@ pub fn train<T: Task>(
         opt.step_scaled(&params, scale)?;
         mark_step(step + 1);
         step_ms.push(step_started.elapsed().as_secs_f64() * 1e3);
+        let probe_started = Instant::now();
         host_ref_us.push(super::host_reference_us());
+        probe_secs += probe_started.elapsed().as_secs_f64();
         losses.push(step_loss);
         let s = smooth.map_or(step_loss, |m: f64| 0.9 * m + 0.1 * step_loss);
         smooth = Some(s);
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let secs = (started.elapsed().as_secs_f64() - probe_secs).max(1e-9);
         pb.set_message(format!(
             "loss {s:.4}  {:.0} {}/s  device {}  {note}",
             units as f64 / secs,
@@ -296,7 +300,7 @@ pub fn train<T: Task>(
         }
     }
     pb.finish_and_clear();
-    let secs = started.elapsed().as_secs_f64();
+    let secs = started.elapsed().as_secs_f64() - probe_secs;
     save(&task, &opt, &rng, steps)?;
 
     task.set_train(false);

@@ -212,7 +212,8 @@ where
         let next = (self.prefetch && r + 1 < self.x.rows()).then(|| self.x.row(r + 1));
         for (b, blk) in x.chunks(LSE_BLOCK).enumerate() {
             if let Some(next) = next {
-                crate::cpu::prefetch(&next[(b * LSE_BLOCK).min(next.len())..][..blk.len()]);
+                // In bounds: every row has the same length.
+                crate::cpu::prefetch(&next[b * LSE_BLOCK..][..blk.len()]);
             }
             if self.eps > 0.0 {
                 sx += sum_map(blk, |v: T| v.to_acc());

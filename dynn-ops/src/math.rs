@@ -60,38 +60,30 @@ pub fn tanh_f32(x: f32) -> f32 {
     if a < 0.625 { small } else { big }
 }
 
-/// erf for f32, branch-free so loops over it vectorize: the Maclaurin series for |x| < 0.5,
-/// and `1 - erfc(|x|)` beyond, with erfc's Chebyshev fit `t·e^(−x² + P(t))`, `t = 1/(1 + |x|/2)`
-/// (Numerical Recipes' `erfcc`, fractional error under 1.2e-7), sign restored. Within about
-/// two ulp: 1.5e-7 absolute.
+/// erf for f32, branch-free so loops over it vectorize: `x·P(x²)/Q(x²)`, both of degree 5,
+/// evaluated in f64 on x clamped to ±3.92 (beyond which erf rounds to ±1 in f32). The
+/// coefficients are this project's fit (relative error 1.9e-8 on [0, 3.92]; linearised least
+/// squares on 300 Chebyshev nodes, reweighted toward minimax). Evaluating them in f32 would
+/// lose ~5 ulp to rounding; in f64 the result is within 4.8e-8 of erf, about one ulp, and
+/// 2.3× faster than the erfc-with-exponential form it replaced (AVX2, values in L2).
 #[inline(always)]
-#[allow(clippy::excessive_precision)] // Published coefficients.
+#[allow(clippy::excessive_precision)] // Fitted coefficients, as printed by the fit.
 pub fn erf_f32(x: f32) -> f32 {
-    let z = x.abs();
-    // 2/√π · (x − x³/3 + x⁵/10 − x⁷/42 + x⁹/216 − x¹¹/1320 + x¹³/9360)
-    let x2 = x * x;
-    let mut p = 1.0 / 9360.0f32;
-    p = p * x2 - 1.0 / 1320.0;
-    p = p * x2 + 1.0 / 216.0;
-    p = p * x2 - 1.0 / 42.0;
-    p = p * x2 + 1.0 / 10.0;
-    p = p * x2 - 1.0 / 3.0;
-    p = p * x2 + 1.0;
-    let small = x * p * std::f32::consts::FRAC_2_SQRT_PI;
-    let t = 1.0 / (1.0 + 0.5 * z);
-    let mut q = 0.170_872_77f32;
-    q = q * t - 0.822_152_23;
-    q = q * t + 1.488_515_87;
-    q = q * t - 1.135_203_98;
-    q = q * t + 0.278_868_07;
-    q = q * t - 0.186_288_06;
-    q = q * t + 0.096_784_18;
-    q = q * t + 0.374_091_96;
-    q = q * t + 1.000_023_68;
-    q = q * t - 1.265_512_23;
-    let big = 1.0 - t * exp_f32(q - z * z);
-    let big = if x < 0.0 { -big } else { big };
-    if z < 0.5 { small } else { big }
+    let x = f64::from(x.clamp(-3.92, 3.92));
+    let s = x * x;
+    let mut p = 2.050_204_126_256_489_1e-6;
+    p = p * s + 2.848_692_616_589_279e-4;
+    p = p * s + 3.765_002_671_737_722_3e-3;
+    p = p * s + 5.274_684_056_278_784_5e-2;
+    p = p * s + 1.903_921_006_700_927_4e-1;
+    p = p * s + 1.128_379_146_570_648_8;
+    let mut q = 3.809_221_738_321_110_3e-5;
+    q = q * s + 1.162_386_939_737_286_5e-3;
+    q = q * s + 1.496_799_083_823_115_6e-2;
+    q = q * s + 1.141_031_867_553_786_7e-1;
+    q = q * s + 5.020_633_513_470_686_8e-1;
+    q = q * s + 1.0;
+    (x * p / q) as f32
 }
 
 /// Math that kernels need, fast on f32 and exact on f64.
@@ -181,14 +173,14 @@ mod tests {
         while x < 7.0 {
             let want = dynn_core::erf(x as f64);
             let err = (erf_f32(x) as f64 - want).abs();
-            // About 2 ulp: relative below 0.5 (the series), absolute beyond (1 − erfc).
-            assert!(err <= 1.5e-7 * want.abs().max(1.0), "erf({x}) err {err}");
+            // About one ulp of 1 (4.8e-8 measured).
+            assert!(err <= 6e-8 * want.abs().max(1.0), "erf({x}) err {err}");
             x += 0.001_37;
         }
         for tiny in [1e-30f32, -3e-8, 1e-4] {
             let want = dynn_core::erf(tiny as f64);
             assert!(
-                (erf_f32(tiny) as f64 - want).abs() <= 2e-7 * want.abs(),
+                (erf_f32(tiny) as f64 - want).abs() <= 1e-7 * want.abs(),
                 "erf({tiny})"
             );
         }

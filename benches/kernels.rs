@@ -282,13 +282,16 @@ fn main() -> BenchResult<()> {
     );
     {
         // Forward, the sum's backward (a broadcast of ones) and gelu's backward: x read
-        // twice, y written and read, dx written.
+        // twice, y written and read, dx written. The gradient is cleared before each call,
+        // as candle's backward returns a fresh one: accumulating into the last call's
+        // gradient would add a pass (read both, write the sum) that candle does not make.
         let xg = x.affine(1.0, 0.0)?.set_requires_grad(true);
         let vx = Var::from_tensor(&cx)?;
         case!(
             "gelu_fwd_bwd_4096x1024",
             Work::Bytes(5.0 * 4096.0 * 1024.0 * 4.0),
             {
+                xg.zero_grad();
                 xg.gelu()?.sum_all()?.backward()?;
                 xg.grad()
             },

@@ -5,7 +5,10 @@ use half::{bf16, f16};
 
 /// A typed vector of elements in host memory: the CPU backend's device storage and every
 /// backend's host tier.
-#[derive(Clone, Debug, PartialEq)]
+///
+/// Dropping one hands a large allocation to the [host cache](crate::host_cache), and
+/// [`vec_from_fill`] takes from it, so a training loop's steps reuse each other's memory.
+#[derive(Debug, PartialEq)]
 pub enum CpuStorage {
     /// f32 elements.
     F32(Vec<f32>),
@@ -37,6 +40,33 @@ macro_rules! with_cpu_storage {
             $crate::CpuStorage::U8($v) => $body,
         }
     };
+}
+
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        with_cpu_storage!(self, v => crate::host_cache::give(std::mem::take(v)));
+    }
+}
+
+impl Clone for CpuStorage {
+    fn clone(&self) -> Self {
+        fn copy<T: Copy>(v: &[T]) -> Vec<T> {
+            vec_from_fill(v.len(), |out| {
+                for (o, &x) in out.iter_mut().zip(v) {
+                    o.write(x);
+                }
+            })
+        }
+        match self {
+            CpuStorage::F32(v) => CpuStorage::F32(copy(v)),
+            CpuStorage::F16(v) => CpuStorage::F16(copy(v)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(copy(v)),
+            CpuStorage::F64(v) => CpuStorage::F64(copy(v)),
+            CpuStorage::I64(v) => CpuStorage::I64(copy(v)),
+            CpuStorage::U32(v) => CpuStorage::U32(copy(v)),
+            CpuStorage::U8(v) => CpuStorage::U8(copy(v)),
+        }
+    }
 }
 
 /// A Rust element type that can be stored in (and borrowed out of) a [`CpuStorage`].
@@ -149,12 +179,13 @@ impl CpuStorage {
 }
 
 /// Builds a vector of `len` elements by filling uninitialised memory with `fill`, which must
-/// write every element of the slice it is given. Avoids zeroing memory a kernel overwrites.
+/// write every element of the slice it is given. Avoids zeroing memory a kernel overwrites,
+/// and reuses a freed allocation of the same size from the [host cache](crate::host_cache).
 pub fn vec_from_fill<T: Copy>(
     len: usize,
     fill: impl FnOnce(&mut [std::mem::MaybeUninit<T>]),
 ) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(len);
+    let mut v: Vec<T> = crate::host_cache::take(len).unwrap_or_else(|| Vec::with_capacity(len));
     fill(&mut v.spare_capacity_mut()[..len]);
     // SAFETY: `fill`'s contract is to initialise all `len` elements, and `T: Copy` has no drop.
     unsafe { v.set_len(len) };

@@ -18,6 +18,7 @@ mod dtype;
 mod error;
 mod executor;
 mod hooks;
+pub mod host_cache;
 mod layout;
 mod op;
 mod shape;

@@ -100,14 +100,16 @@ impl Cache {
 }
 
 /// An empty vector with capacity for exactly `len` elements, from the cache when it holds a
-/// block of that size and alignment; `None` when it holds none (allocate as usual).
+/// block of that size and alignment (the most recently freed one); `None` when it holds none
+/// (allocate as usual).
 pub(crate) fn take<T: Copy>(len: usize) -> Option<Vec<T>> {
     let layout = Layout::array::<T>(len).ok()?;
     if layout.size() < MIN_CACHED_BYTES {
         return None;
     }
     let mut c = cache();
-    let Some(at) = c.blocks.iter().position(|b| b.layout == layout) else {
+    // The most recently freed block: its lines are the likeliest to be cached still.
+    let Some(at) = c.blocks.iter().rposition(|b| b.layout == layout) else {
         c.stats.misses += 1;
         return None;
     };
@@ -202,6 +204,17 @@ mod tests {
         let w = take::<u32>(len).expect("a cached block");
         assert_eq!((w.as_ptr() as usize, w.len(), w.capacity()), (addr, 0, len));
         assert!(take::<u32>(len).is_none(), "a block is handed out once");
+        // Of two blocks of one size, the last freed is handed out first.
+        let (older, newer): (Vec<f32>, Vec<f32>) =
+            (Vec::with_capacity(len), Vec::with_capacity(len));
+        let newer_addr = newer.as_ptr() as usize;
+        give(older);
+        give(newer);
+        assert_eq!(
+            take::<f32>(len).map(|v| v.as_ptr() as usize),
+            Some(newer_addr)
+        );
+        assert!(take::<f32>(len).is_some());
         drop(w);
     }
 

@@ -40,7 +40,7 @@ pub use hooks::{Cost, Idioms, MemoryHooks, OpEvent, Phase};
 pub use layout::{Layout, StridedIndex};
 pub use op::{
     BackwardCtx, InplaceOp, InputGrads, KernelArg, Op, Outputs, Recipe, Save, Specs, TensorSpec,
-    ViewOp,
+    ViewOp, WeakRecipe,
 };
 pub use shape::{Dim, Dims, Shape};
 pub use tensor::Tensor;

@@ -269,6 +269,88 @@ impl Recipe {
     }
 }
 
+impl Recipe {
+    /// The same recipe without keeping its inputs alive (see [`WeakRecipe`]).
+    pub fn downgrade(&self) -> WeakRecipe {
+        WeakRecipe {
+            op: self.op.clone(),
+            inputs: self
+                .inputs
+                .iter()
+                .map(|t| {
+                    (
+                        t.buffer().id(),
+                        std::sync::Arc::downgrade(t.buffer()),
+                        t.layout().clone(),
+                    )
+                })
+                .collect(),
+            specs: self.specs.clone(),
+            input_versions: self.input_versions.clone(),
+        }
+    }
+}
+
+/// A [`Recipe`] that does not keep its inputs alive. A memory manager keeps one for every
+/// output and [upgrades](WeakRecipe::upgrade) it only to drop the output: a recipe would
+/// otherwise hold every input of every op for as long as the op's output lives, memory the
+/// run had already released.
+pub struct WeakRecipe {
+    op: std::sync::Arc<dyn Op>,
+    inputs: SmallVec<[(crate::BufferId, std::sync::Weak<crate::Buffer>, Layout); 4]>,
+    specs: Specs,
+    input_versions: SmallVec<[u64; 4]>,
+}
+
+impl WeakRecipe {
+    /// The op.
+    pub fn op(&self) -> &std::sync::Arc<dyn Op> {
+        &self.op
+    }
+
+    /// The ids of its input buffers, in argument order.
+    pub fn input_ids(&self) -> impl Iterator<Item = crate::BufferId> + '_ {
+        self.inputs.iter().map(|i| i.0)
+    }
+
+    /// True when every input still lives and none was updated in place since the op ran.
+    pub fn is_fresh(&self) -> bool {
+        self.inputs
+            .iter()
+            .zip(&self.input_versions)
+            .all(|((_, b, _), &v)| b.upgrade().is_some_and(|b| b.version() == v))
+    }
+
+    /// The recipe with its inputs held again, or `None` when one of them was released.
+    pub fn upgrade(&self) -> Option<Recipe> {
+        let inputs = self
+            .inputs
+            .iter()
+            .map(|(_, b, layout)| {
+                let buffer = b.upgrade()?;
+                Some(Tensor::from_parts(buffer, layout.clone(), None))
+            })
+            .collect::<Option<SmallVec<[Tensor; 4]>>>()?;
+        Some(Recipe {
+            op: self.op.clone(),
+            inputs,
+            specs: self.specs.clone(),
+            input_versions: self.input_versions.clone(),
+        })
+    }
+}
+
+impl std::fmt::Debug for WeakRecipe {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "WeakRecipe({}, {} inputs)",
+            self.op.name(),
+            self.inputs.len()
+        )
+    }
+}
+
 impl std::fmt::Debug for Recipe {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(

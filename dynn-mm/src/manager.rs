@@ -12,6 +12,7 @@ use crate::trace::{
 use crate::transfer::{Direction, TransferConfig, TransferEngine};
 use dynn_core::{
     Buffer, BufferId, BufferKind, Error, MemoryHooks, OpEvent, Recipe, ReleaseSink, Result, Slot,
+    WeakRecipe,
 };
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -43,7 +44,10 @@ struct Entry {
     last_use: u64,
     uses: u32,
     producer: &'static str,
-    recipe: Option<Arc<Recipe>>,
+    /// How to compute it again, without keeping the op's inputs alive.
+    recipe: Option<Arc<WeakRecipe>>,
+    /// While it is dropped: the recipe upgraded, holding the inputs it is recomputed from.
+    held_recipe: Option<Arc<Recipe>>,
     /// Which of the recipe's outputs this buffer is.
     output: usize,
     flops: u64,
@@ -246,9 +250,8 @@ impl DroppedClusters {
             c.drop(id, e.flops, std::iter::empty());
         }
         for (&id, e) in dropped() {
-            let inputs = e.recipe.iter().flat_map(|r| r.inputs.iter());
-            for t in inputs {
-                c.join(id, t.buffer().id());
+            for input in e.recipe.iter().flat_map(|r| r.input_ids()) {
+                c.join(id, input);
             }
         }
         c
@@ -472,9 +475,8 @@ impl MemoryManager {
                     continue;
                 };
                 if e.res == Residency::Dropped {
-                    let inputs = e.recipe.iter().flat_map(|r| r.inputs.iter());
+                    let inputs = e.recipe.iter().flat_map(|r| r.input_ids());
                     let beside = inputs
-                        .map(|t| t.buffer().id())
                         .chain(st.dependents.get(&id).into_iter().flatten().copied())
                         .filter(|i| st.table.get(i).is_some_and(|e| e.res == Residency::Dropped))
                         .count();
@@ -586,6 +588,7 @@ impl MemoryManager {
                 uses: 0,
                 producer,
                 recipe: None,
+                held_recipe: None,
                 output: 0,
                 flops: 0,
             },
@@ -728,18 +731,10 @@ impl MemoryManager {
                 recompute_flops: e
                     .recipe
                     .as_ref()
-                    .filter(|r| {
-                        r.is_fresh()
-                            && !r
-                                .inputs
-                                .iter()
-                                .any(|t| st.writing.contains(&t.buffer().id()))
-                    })
+                    .filter(|r| r.is_fresh() && !r.input_ids().any(|i| st.writing.contains(&i)))
                     .map(|r| {
                         let around = r
-                            .inputs
-                            .iter()
-                            .map(|t| t.buffer().id())
+                            .input_ids()
                             .chain(st.dependents.get(&id).into_iter().flatten().copied());
                         e.flops.saturating_add(clusters.cost_around(around))
                     }),
@@ -763,20 +758,22 @@ impl MemoryManager {
             return Ok(());
         };
         let (kind, bytes) = (e.kind as usize, e.bytes);
-        // Only a buffer with a recipe can be dropped: without one its bytes would be lost.
+        // Only a buffer whose recipe's inputs all live can be dropped: otherwise its bytes
+        // would be lost. The recipe holds them while it is dropped.
+        let held = match how {
+            Eviction::Drop => e.recipe.as_ref().and_then(|r| r.upgrade()),
+            Eviction::Offload => None,
+        };
         let how = match how {
-            Eviction::Drop if e.recipe.is_none() => Eviction::Offload,
+            Eviction::Drop if held.is_none() => Eviction::Offload,
             how => how,
         };
         match how {
             Eviction::Drop => {
                 buf.drop_data();
                 e.res = Residency::Dropped;
-                let inputs: Vec<BufferId> = e
-                    .recipe
-                    .iter()
-                    .flat_map(|r| r.inputs.iter().map(|t| t.buffer().id()))
-                    .collect();
+                e.held_recipe = held.map(Arc::new);
+                let inputs: Vec<BufferId> = e.recipe.iter().flat_map(|r| r.input_ids()).collect();
                 let flops = e.flops;
                 st.stats.drops += 1;
                 for &i in &inputs {
@@ -932,7 +929,7 @@ impl MemoryManager {
                 let (recipe, output) = st
                     .table
                     .get(&buf.id())
-                    .and_then(|e| Some((e.recipe.clone()?, e.output)))
+                    .and_then(|e| Some((e.held_recipe.clone()?, e.output)))
                     .ok_or_else(|| {
                         Error::Msg(format!(
                             "{op}: buffer {} was dropped without a recipe to recompute it",
@@ -975,6 +972,10 @@ impl MemoryManager {
                 stalled(st, start);
                 st.stalled_this_op = true;
                 self.set_device(st, buf.id(), block, kind, bytes);
+                // Back: its recipe no longer holds the inputs (those the run has released go).
+                if let Some(e) = st.table.get_mut(&buf.id()) {
+                    e.held_recipe = None;
+                }
                 // Its recipe's inputs are resident now: only buffers computed from it can still
                 // be dropped beside it.
                 let beside = st.dependents.get(&buf.id()).into_iter().flatten();
@@ -1296,8 +1297,7 @@ fn dropped_ancestry(st: &State, id: BufferId) -> usize {
         let Some(recipe) = st.table.get(&b).and_then(|e| e.recipe.as_ref()) else {
             continue;
         };
-        for t in &recipe.inputs {
-            let i = t.buffer().id();
+        for i in recipe.input_ids() {
             if !seen.contains(&i)
                 && st
                     .table
@@ -1376,6 +1376,7 @@ impl MemoryHooks for MemoryManager {
                     // Written in place (resident and pinned as an input): its recipe (if any)
                     // no longer reproduces it.
                     e.recipe = None;
+                    e.held_recipe = None;
                     continue;
                 }
                 self.register(&mut st, b, ev.op)?;
@@ -1413,6 +1414,7 @@ impl MemoryHooks for MemoryManager {
             }
         }
         if let Some(recipe) = ev.recipe {
+            let recipe = Arc::new(recipe.downgrade());
             for (i, b) in ev.outputs.iter().enumerate() {
                 if let Some(e) = st.table.get_mut(&b.id()) {
                     e.recipe = Some(recipe.clone());

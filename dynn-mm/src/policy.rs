@@ -77,7 +77,8 @@ pub trait Policy: Send {
     /// Orders candidates so the preferred victim comes first.
     fn rank_victims(&mut self, now: Now, candidates: &mut [Candidate]);
     /// Whether [`Policy::eviction`] may answer [`Eviction::Drop`]: the manager then keeps
-    /// each activation's recipe (the op and its inputs) so a dropped buffer can be recomputed.
+    /// each output's recipe (the op and weak handles to its inputs), so a buffer can be
+    /// dropped while its recipe's inputs live and recomputed from them.
     fn drops(&self) -> bool {
         false
     }

@@ -141,3 +141,19 @@ fn an_op_too_large_for_the_budget_says_what_pins_the_device() {
         "no recomputation was involved: {msg}"
     );
 }
+
+#[test]
+fn an_outputs_recipe_does_not_keep_its_released_inputs_alive() {
+    let mm = MemoryManager::new(config("recompute", None));
+    let _g = install_memory_hooks(mm.clone());
+    let a = Tensor::from_vec(vec![0.5f32; 4096], (64, 64), Device::Cpu).unwrap();
+    let b = a.exp().unwrap();
+    let a_buffer = std::sync::Arc::downgrade(a.buffer());
+    drop(a);
+    // Only b's recipe could still reach a's bytes; it holds them only once b is dropped.
+    assert!(
+        a_buffer.upgrade().is_none(),
+        "b's recipe kept a released input alive"
+    );
+    assert_eq!(b.to_vec::<f32>().unwrap()[0], 0.5f32.exp());
+}

@@ -51,9 +51,9 @@ pub struct Found {
     pub dim: Dim,
     /// The base value (where the budget comes from).
     pub base: usize,
-    /// The largest value that ran within the slowdown bound.
+    /// The largest value that ran within the slowdown bound (0: not even the base).
     pub max: usize,
-    /// Its slowdown.
+    /// Its slowdown (at 0: the base size's).
     pub slowdown: f64,
     /// `max` over `none`'s max.
     pub multiple_of_none: f64,
@@ -245,11 +245,29 @@ pub fn search(
     let mut found = Vec::new();
     for policy in POLICIES.into_iter().chain(super::pilot::PILOTS) {
         let mut trial = |v: usize| traces.trial(policy, v, budget);
-        let Trial::Ran(mut best) = trial(base)? else {
-            return Err(Error::Msg(format!(
-                "{}: {policy} does not run the base size under its own peak",
-                workload.name()
-            )));
+        let found_at = |max: usize, slowdown: f64, stop: Option<(usize, Trial)>| Found {
+            model: workload.name(),
+            policy,
+            dim,
+            base,
+            max,
+            slowdown,
+            multiple_of_none: 0.0,
+            capped: max >= CAP * base,
+            stopped_by: stop_reason(stop),
+            budget,
+        };
+        let mut best = match trial(base)? {
+            Trial::Ran(slowdown) => slowdown,
+            // Not even the base size runs within the bound under the budget `none` needs.
+            fail => {
+                let slowdown = match fail {
+                    Trial::Slow(s) => s,
+                    _ => f64::INFINITY,
+                };
+                found.push(found_at(0, slowdown, Some((base, fail))));
+                continue;
+            }
         };
         // Double while it runs.
         let (mut lo, mut stop) = (base, None);
@@ -290,18 +308,7 @@ pub fn search(
                 }
             }
         }
-        found.push(Found {
-            model: workload.name(),
-            policy,
-            dim,
-            base,
-            max: lo,
-            slowdown: best,
-            multiple_of_none: 0.0,
-            capped: lo >= CAP * base,
-            stopped_by: stop_reason(stop),
-            budget,
-        });
+        found.push(found_at(lo, best, stop));
     }
     let none = found
         .iter()

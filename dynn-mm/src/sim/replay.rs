@@ -1,0 +1,621 @@
+//! One replay of recorded ops: the buffers, device memory and clocks, and what the policy's
+//! choices cost on them (copies, stalls, recomputations).
+
+mod recompute;
+
+use super::{DeviceProfile, PREFETCH_HORIZON, SimMemory, SimResult};
+use crate::keymap::KeyMap;
+use crate::policy::{Candidate, Eviction, Now, Policy};
+use crate::pool::{Block, DevicePool};
+use crate::trace::{Access, OpRecord, kind_of};
+use dynn_core::{BufferId, BufferKind, Error, Result};
+use recompute::{Clusters, Recipe};
+
+/// Device memory during a replay: the live bytes, and the pool under [`SimMemory::Pool`].
+struct Memory {
+    used: usize,
+    budget: usize,
+    pool: Option<DevicePool>,
+}
+
+impl Memory {
+    fn new(model: SimMemory, budget: usize) -> Self {
+        let pool = match model {
+            SimMemory::Bytes => None,
+            SimMemory::Pool(small, large) => {
+                Some(DevicePool::with_segments(Some(budget), small, large))
+            }
+        };
+        Memory {
+            used: 0,
+            budget,
+            pool,
+        }
+    }
+
+    /// Takes `bytes` if they fit as things stand; `Err` when room must be made first.
+    fn take(&mut self, bytes: usize) -> std::result::Result<Option<Block>, ()> {
+        let block = match &mut self.pool {
+            None if self.used + bytes > self.budget => return Err(()),
+            None => None,
+            Some(pool) => Some(pool.allocate(bytes).map_err(|_| ())?),
+        };
+        self.used += bytes;
+        Ok(block)
+    }
+
+    /// Gives back `bytes` (and their block).
+    fn give(&mut self, bytes: usize, block: Option<Block>) {
+        self.used -= bytes;
+        if let (Some(pool), Some(b)) = (&mut self.pool, block) {
+            pool.release(b);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Place {
+    Device,
+    Host,
+    /// Arriving on the device at this time.
+    Arriving(f64),
+    Dropped,
+}
+
+struct Buf {
+    bytes: usize,
+    /// Its pool block while on the device (under [`SimMemory::Pool`]).
+    block: Option<Block>,
+    key: u64,
+    kind: u8,
+    place: Place,
+    last_use: u64,
+    uses: u32,
+    /// How to compute it again (kept only under a policy that drops, as the memory manager
+    /// keeps an op's recipe only then); `None` once written in place. It holds the op's
+    /// inputs alive only while this buffer is dropped (`holding`).
+    recipe: Option<Recipe>,
+    /// Times written in place: a recipe that read an older version no longer reproduces
+    /// what was computed from it.
+    version: u32,
+    /// Recipes of live buffers that read it: while any does, it lives on.
+    holders: u32,
+    /// The run released it while recipes still held it: it is freed with the last of them.
+    released: bool,
+    /// Its recipe holds its inputs now (it is dropped).
+    holding: bool,
+    /// The host tier holds a current copy (fetched or written back, and not written since):
+    /// evicting it copies nothing, as [`dynn_core::Buffer::offload`] does.
+    clean: bool,
+    /// When its write-back's copy has left the device (an eviction before waits for it).
+    clean_at: f64,
+}
+
+impl Buf {
+    fn new(a: &Access, block: Option<Block>, seq: u64, recipe: Option<Recipe>) -> Self {
+        Buf {
+            bytes: a.1 as usize,
+            block,
+            key: a.3,
+            kind: a.2,
+            place: Place::Device,
+            last_use: seq,
+            uses: 0,
+            recipe,
+            version: 0,
+            holders: 0,
+            released: false,
+            holding: false,
+            clean: false,
+            clean_at: 0.0,
+        }
+    }
+}
+
+/// Replays `warmup` untimed, then `ops` timed (see [`super::simulate_with`]).
+pub(super) fn run(
+    warmup: &[OpRecord],
+    ops: &[OpRecord],
+    policy: &mut dyn Policy,
+    budget: Option<usize>,
+    profile: &DeviceProfile,
+    memory: SimMemory,
+) -> Result<SimResult> {
+    let budget = budget.unwrap_or(usize::MAX);
+    let all: Vec<&OpRecord> = warmup.iter().chain(ops).collect();
+    // A trace that recorded releases frees buffers when the run did; otherwise at last access.
+    let frees_recorded = all.iter().any(|o| !o.freed.is_empty());
+    let mut last_access: KeyMap<u64, usize> = KeyMap::default();
+    for (g, op) in all.iter().enumerate() {
+        for a in op.inputs.iter().chain(&op.outputs) {
+            last_access.insert(a.0, g);
+        }
+    }
+    let mut replay = Replay {
+        drops: policy.drops(),
+        policy,
+        profile,
+        budget,
+        bufs: KeyMap::default(),
+        by_key: KeyMap::default(),
+        dependents: KeyMap::default(),
+        dropped: 0,
+        mem: Memory::new(memory, budget),
+        now: 0.0,
+        h2d_free: 0.0,
+        d2h_free: 0.0,
+        r: SimResult::default(),
+        clock: Now::default(),
+        pinned: Vec::new(),
+        writing: Vec::new(),
+    };
+    let mut upcoming = Vec::new();
+    for (g, &op) in all.iter().enumerate() {
+        if g == warmup.len() && g > 0 {
+            replay.restart(op.step);
+        }
+        let index = if g < warmup.len() {
+            g
+        } else {
+            g - warmup.len()
+        };
+        replay.clock = Now {
+            seq: g as u64,
+            step: op.step,
+            index: index as u32,
+        };
+        op.announce_to(replay.policy);
+        replay.run_op(op)?;
+        // Free what the run released after this op, or (without release records) what the
+        // trace never touches again; parameters and optimizer state outlive the step (they
+        // stay where they are, evictable).
+        if frees_recorded {
+            for &id in &op.freed {
+                replay.release(id);
+            }
+        } else {
+            for a in op.inputs.iter().chain(&op.outputs) {
+                if last_access.get(&a.0) == Some(&g)
+                    && !matches!(
+                        kind_of(a.2),
+                        BufferKind::Parameter | BufferKind::OptimizerState
+                    )
+                {
+                    replay.release(a.0);
+                }
+            }
+        }
+        replay.write_back();
+        replay.prefetch(&mut upcoming);
+    }
+    replay.r.step_ms = replay.now * 1e3;
+    Ok(replay.r)
+}
+
+/// The state of a replay.
+struct Replay<'a> {
+    policy: &'a mut dyn Policy,
+    profile: &'a DeviceProfile,
+    budget: usize,
+    /// The policy drops buffers to recompute them: outputs keep recipes.
+    drops: bool,
+    bufs: KeyMap<u64, Buf>,
+    by_key: KeyMap<u64, u64>,
+    /// Buffer → dropped buffers whose recipes read it (recomputed before it is overwritten).
+    dependents: KeyMap<u64, Vec<u64>>,
+    /// Buffers dropped now.
+    dropped: usize,
+    mem: Memory,
+    /// The compute stream's clock, and when each copy stream is next free, seconds.
+    now: f64,
+    h2d_free: f64,
+    d2h_free: f64,
+    r: SimResult,
+    clock: Now,
+    /// Never evicted now: the op's own buffers, then the inputs of each recomputation in
+    /// progress, outermost first.
+    pinned: Vec<u64>,
+    /// The op's outputs that exist already (written in place).
+    writing: Vec<u64>,
+}
+
+impl Replay<'_> {
+    /// The timed step begins: copies have landed, buffers from before are named by id (as the
+    /// memory manager renames them at a step boundary), clocks restart.
+    fn restart(&mut self, step: u64) {
+        self.policy.step_boundary(step);
+        self.by_key.clear();
+        for (&id, b) in self.bufs.iter_mut() {
+            b.key = id;
+            if let Place::Arriving(_) = b.place {
+                b.place = Place::Device;
+            }
+            // So have write-backs: their completion times belong to the old clock.
+            b.clean_at = 0.0;
+            self.by_key.insert(id, id);
+        }
+        (self.now, self.h2d_free, self.d2h_free) = (0.0, 0.0, 0.0);
+        self.r = SimResult {
+            peak_device_bytes: self.mem.used,
+            ..SimResult::default()
+        };
+    }
+
+    /// Brings `op`'s inputs to the device, makes room for its outputs and runs its kernel.
+    fn run_op(&mut self, op: &OpRecord) -> Result<()> {
+        let seq = self.clock.seq;
+        let stall_before = self.r.stall_ms;
+        self.pinned.clear();
+        self.pinned
+            .extend(op.inputs.iter().chain(&op.outputs).map(|a| a.0));
+        self.writing.clear();
+        for a in &op.outputs {
+            if self.bufs.contains_key(&a.0) {
+                self.writing.push(a.0);
+            }
+        }
+        if self.drops {
+            // Dropped buffers computed from the old values of a buffer this op writes in
+            // place are recomputed now, while they can be.
+            for w in self.writing.clone() {
+                self.recompute_dependents(w)?;
+            }
+        }
+        // Inputs: resident, arriving, in the host tier, dropped, or first seen (made outside ops).
+        for a in &op.inputs {
+            let (start, issued) = (self.now, self.r.host_ms());
+            if self.bufs.contains_key(&a.0) {
+                self.make_resident(a.0)?;
+            } else {
+                self.first_seen(a, seq)?;
+            }
+            self.r.stall_ms += (self.now - start) * 1e3 - (self.r.host_ms() - issued);
+        }
+        // The recipe of the fresh outputs, read before this op writes anything in place.
+        let recipe = self.drops.then(|| Recipe::of(op, &self.bufs));
+        let mut stale = Vec::new();
+        for a in &op.outputs {
+            if let Some(b) = self.bufs.get_mut(&a.0) {
+                // Written in place: the host copy is stale, and so is its recipe.
+                b.clean = false;
+                b.version += 1;
+                stale.extend(b.recipe.take().filter(|_| std::mem::take(&mut b.holding)));
+                continue;
+            }
+            let (start, issued) = (self.now, self.r.host_ms());
+            let block = self.alloc(a.1 as usize)?;
+            self.r.stall_ms += (self.now - start) * 1e3 - (self.r.host_ms() - issued);
+            self.bufs
+                .insert(a.0, Buf::new(a, block, seq, recipe.clone()));
+            self.by_key.insert(a.3, a.0);
+        }
+        self.r.peak_device_bytes = self.r.peak_device_bytes.max(self.mem.used);
+        let t = self
+            .profile
+            .kernel_s(op.flops, op.bytes_read + op.bytes_written);
+        self.now += t;
+        self.r.compute_ms += t * 1e3;
+        self.policy.observe(op);
+        self.r.stall_ms_by_phase[usize::from(op.phase.min(2))] += self.r.stall_ms - stall_before;
+        for a in op.inputs.iter().chain(&op.outputs) {
+            if let Some(b) = self.bufs.get_mut(&a.0) {
+                b.last_use = seq;
+                b.uses += 1;
+            }
+        }
+        for recipe in stale {
+            self.unhold(recipe);
+        }
+        Ok(())
+    }
+
+    /// A buffer made before the step (parameters, optimizer state, inputs): left on the
+    /// device by the previous step if it still fits, else in the host tier.
+    fn first_seen(&mut self, a: &Access, seq: u64) -> Result<()> {
+        let block = match self.mem.take(a.1 as usize) {
+            Ok(block) => block,
+            Err(()) => {
+                let block = self.alloc(a.1 as usize)?;
+                self.fetch(a.1);
+                block
+            }
+        };
+        self.bufs.insert(a.0, Buf::new(a, block, seq, None));
+        self.by_key.insert(a.3, a.0);
+        Ok(())
+    }
+
+    /// Makes buffer `id` resident: waits for its prefetch, fetches it or recomputes it.
+    fn make_resident(&mut self, id: u64) -> Result<()> {
+        let Some(b) = self.bufs.get(&id) else {
+            return Ok(());
+        };
+        let (place, bytes) = (b.place, b.bytes);
+        let mut block = None;
+        match place {
+            Place::Device => {}
+            Place::Arriving(t) => self.now = self.now.max(t),
+            Place::Host => {
+                block = self.alloc(bytes)?;
+                self.fetch(bytes as u64);
+                if let Some(b) = self.bufs.get_mut(&id) {
+                    b.clean = true;
+                }
+            }
+            Place::Dropped => block = self.recompute(id)?,
+        }
+        if let Some(b) = self.bufs.get_mut(&id) {
+            b.place = Place::Device;
+            if block.is_some() {
+                b.block = block;
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies `bytes` host→device on demand: the executor issues the move and waits for it.
+    fn fetch(&mut self, bytes: u64) {
+        self.profile.issue_move(&mut self.now, &mut self.r);
+        let begin = self.now.max(self.h2d_free);
+        self.h2d_free = begin + self.profile.h2d_s(bytes);
+        self.now = self.h2d_free;
+        self.r.bytes_h2d += bytes;
+        self.r.demand_fetches += 1;
+    }
+
+    /// The run released buffer `id`: it is freed, unless recipes still read it.
+    fn release(&mut self, id: u64) {
+        let Some(b) = self.bufs.get_mut(&id) else {
+            return;
+        };
+        if b.holders > 0 {
+            b.released = true;
+        } else {
+            self.free(id);
+        }
+    }
+
+    /// Frees buffer `id`, and with its recipe the released buffers only it still held.
+    fn free(&mut self, id: u64) {
+        let mut work = vec![id];
+        while let Some(id) = work.pop() {
+            let Some(b) = self.bufs.remove(&id) else {
+                continue;
+            };
+            match b.place {
+                Place::Device | Place::Arriving(_) => self.mem.give(b.bytes, b.block),
+                Place::Dropped => self.dropped -= 1,
+                Place::Host => {}
+            }
+            if self.by_key.get(&b.key) == Some(&id) {
+                self.by_key.remove(&b.key);
+            }
+            self.dependents.remove(&id);
+            if let Some(recipe) = b.recipe.filter(|_| b.holding) {
+                work.extend(self.unheld(&recipe));
+            }
+        }
+    }
+
+    /// Under a budget, while the download link is idle, writes the least recently used
+    /// resident buffer whose host copy is stale back to the host, keeping it on the device
+    /// (as the memory manager does): evicting it later waits for that copy at most.
+    fn write_back(&mut self) {
+        if !self.profile.write_back || self.budget == usize::MAX || self.d2h_free > self.now {
+            return;
+        }
+        let budget = self.budget;
+        let oldest = self
+            .bufs
+            .iter()
+            .filter(|(_, b)| {
+                b.place == Place::Device
+                    && !b.clean
+                    && crate::transfer::write_back_fits(b.bytes, budget)
+            })
+            .min_by_key(|(id, b)| (b.last_use, **id))
+            .map(|(&id, _)| id);
+        if let Some(b) = oldest.and_then(|id| self.bufs.get_mut(&id)) {
+            self.d2h_free = self.now + self.profile.d2h_s(b.bytes as u64);
+            b.clean = true;
+            b.clean_at = self.d2h_free;
+            self.r.bytes_d2h += b.bytes as u64;
+            self.r.write_backs += 1;
+        }
+    }
+
+    /// Prefetches what the policy expects soon, while there is free room.
+    fn prefetch(&mut self, upcoming: &mut Vec<u64>) {
+        upcoming.clear();
+        self.policy.upcoming(self.clock, PREFETCH_HORIZON, upcoming);
+        for &key in upcoming.iter() {
+            let Some(&id) = self.by_key.get(&key) else {
+                continue;
+            };
+            let Some(b) = self.bufs.get_mut(&id) else {
+                continue;
+            };
+            if b.place != Place::Host {
+                continue;
+            }
+            let Ok(block) = self.mem.take(b.bytes) else {
+                break;
+            };
+            b.block = block;
+            let begin = self.now.max(self.h2d_free);
+            self.h2d_free = begin + self.profile.h2d_s(b.bytes as u64);
+            b.place = Place::Arriving(self.h2d_free);
+            b.clean = true;
+            self.r.bytes_h2d += b.bytes as u64;
+            self.r.peak_device_bytes = self.r.peak_device_bytes.max(self.mem.used);
+        }
+    }
+
+    /// Takes `bytes` of device memory, evicting as the memory manager does when they do not
+    /// fit: by byte count, until they fit; with a pool, by rounds (repack when the budget has
+    /// room but no block is free, else evict the policy's first victims until a rounded
+    /// `bytes` is freed, and try again), as `MemoryManager::reserve` does.
+    fn alloc(&mut self, bytes: usize) -> Result<Option<Block>> {
+        if let Ok(block) = self.mem.take(bytes) {
+            return Ok(block);
+        }
+        if !self.policy.evicts() {
+            return Err(Error::OutOfMemory {
+                requested: bytes,
+                budget: self.mem.budget,
+                msg: format!(
+                    "simulated: {bytes} bytes needed with {used} of {budget} in use; the `none` policy never offloads",
+                    used = self.mem.used,
+                    budget = self.mem.budget
+                ),
+            });
+        }
+        if self.mem.pool.is_none() {
+            let budget = self.mem.budget;
+            self.evict_ranked(|mem, _| mem.used + bytes <= budget);
+            return self.mem.take(bytes).map_err(|()| self.no_room(bytes));
+        }
+        let need = DevicePool::rounded(bytes);
+        loop {
+            if let Ok(block) = self.mem.take(bytes) {
+                return Ok(block);
+            }
+            if self
+                .mem
+                .pool
+                .as_ref()
+                .is_some_and(|p| p.available() >= need)
+                && let Some(blocks) = self.repack(need)
+            {
+                let host = self.profile.repack_host_s * blocks as f64;
+                self.now += host;
+                self.r.repacks += 1;
+                self.r.repack_host_ms += host * 1e3;
+                continue;
+            }
+            if self.evict_ranked(|_, freed| freed >= need) == 0 {
+                return Err(self.no_room(bytes));
+            }
+        }
+    }
+
+    /// Ranks the evictable buffers and evicts them in order until `done(memory, bytes freed)`;
+    /// returns how many were evicted.
+    fn evict_ranked(&mut self, done: impl Fn(&Memory, usize) -> bool) -> usize {
+        let clusters = (self.drops && self.dropped > 0).then(|| Clusters::of(&self.bufs));
+        let mut cands: Vec<Candidate> = self
+            .bufs
+            .iter()
+            .filter(|(id, b)| {
+                matches!(b.place, Place::Device | Place::Arriving(_)) && !self.pinned.contains(id)
+            })
+            .map(|(&id, b)| Candidate {
+                id: BufferId(id),
+                key: b.key,
+                bytes: b.bytes,
+                kind: kind_of(b.kind),
+                last_use: b.last_use,
+                uses: b.uses,
+                recompute_flops: self.recompute_flops(id, b, clusters.as_ref()),
+            })
+            .collect();
+        // Candidates come from a hash map: give policies a fixed order, so ties break the same
+        // way in every run.
+        cands.sort_by_key(|c| c.id);
+        self.policy.rank_victims(self.clock, &mut cands);
+        let (mut freed, mut evicted) = (0, 0);
+        for c in cands {
+            if done(&self.mem, freed) {
+                break;
+            }
+            // Only a buffer with a usable recipe can be dropped: without one its bytes would
+            // be lost.
+            let how = match self.policy.eviction(&c) {
+                Eviction::Drop if c.recompute_flops.is_none() => Eviction::Offload,
+                how => how,
+            };
+            let Some(b) = self.bufs.get_mut(&c.id.0) else {
+                continue;
+            };
+            if let Place::Arriving(t) = b.place {
+                // A prefetch still in flight: it can leave once it has landed.
+                self.now = self.now.max(t);
+            }
+            match how {
+                Eviction::Drop => {
+                    b.place = Place::Dropped;
+                    b.clean = false;
+                    self.dropped += 1;
+                    let inputs = b.recipe.iter().flat_map(|r| r.inputs());
+                    for i in inputs {
+                        let deps = self.dependents.entry(i).or_default();
+                        if !deps.contains(&c.id.0) {
+                            deps.push(c.id.0);
+                        }
+                    }
+                }
+                // Its host copy is current: the device copy is released, nothing moves.
+                Eviction::Offload if b.clean => {
+                    self.now = self.now.max(b.clean_at);
+                    b.place = Place::Host;
+                    self.r.clean_evictions += 1;
+                }
+                Eviction::Offload => {
+                    self.profile.issue_move(&mut self.now, &mut self.r);
+                    let begin = self.now.max(self.d2h_free);
+                    self.d2h_free = begin + self.profile.d2h_s(b.bytes as u64);
+                    // The space is free once the copy has left the device.
+                    self.now = self.d2h_free;
+                    self.r.bytes_d2h += b.bytes as u64;
+                    b.place = Place::Host;
+                }
+            }
+            self.mem.give(b.bytes, b.block.take());
+            freed += DevicePool::rounded(b.bytes);
+            evicted += 1;
+            self.r.evictions += 1;
+            if how == Eviction::Drop {
+                self.hold_dropped(c.id.0);
+            }
+        }
+        evicted
+    }
+
+    /// Repacks the live blocks as the memory manager does ([`DevicePool::compact`]) so that
+    /// `room` bytes are free in one piece (the pool's accounting only: nothing is copied, as
+    /// on the device). Returns how many live blocks were placed again, or `None` when they do
+    /// not fit.
+    fn repack(&mut self, room: usize) -> Option<usize> {
+        let pool = self.mem.pool.as_mut()?;
+        let mut live: Vec<(u64, Block)> = self
+            .bufs
+            .iter()
+            .filter_map(|(&id, b)| b.block.map(|block| (id, block)))
+            .collect();
+        live.sort_by_key(|l| l.0);
+        let blocks: Vec<Block> = live.iter().map(|l| l.1).collect();
+        match pool.compact(&blocks, room) {
+            Ok(moved) => {
+                for ((id, _), block) in live.iter().zip(moved) {
+                    if let Some(b) = self.bufs.get_mut(id) {
+                        b.block = Some(block);
+                    }
+                }
+                Some(live.len())
+            }
+            Err(_) => None,
+        }
+    }
+
+    fn no_room(&self, bytes: usize) -> Error {
+        Error::OutOfMemory {
+            requested: bytes,
+            budget: self.mem.budget,
+            msg: format!(
+                "simulated: {bytes} bytes do not fit beside the {pinned} buffers pinned for the op and its recomputations ({used} bytes in use)",
+                pinned = self.pinned.len(),
+                used = self.mem.used
+            ),
+        }
+    }
+}

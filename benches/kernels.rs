@@ -8,7 +8,9 @@
 //! shared host). The top-level `mem_bw_gbs` is measured once at the start; each case's is
 //! the same probe sampled between that case's runs, the bar its memory-bound figures are
 //! read against (the machine's bandwidth drifts by tens of percent within minutes).
-//! `-- --quick` runs fewer repetitions; `-- --filter NAME` runs matching cases only.
+//! `-- --quick` runs fewer repetitions; `-- --filter NAME` runs matching cases only;
+//! `-- --half` adds element-wise cases in f16 and bf16 (they enter the geomean too, so the
+//! issue's figure is the run without it).
 
 use candle_core::{D as CD, Device as CDevice, Tensor as CTensor, Var};
 use dynn::prelude::*;
@@ -178,6 +180,7 @@ fn main() -> BenchResult<()> {
     let args: Vec<String> = std::env::args().collect();
     let json = args.iter().any(|a| a == "--json");
     let quick = args.iter().any(|a| a == "--quick");
+    let half = args.iter().any(|a| a == "--half");
     let filter = args
         .iter()
         .position(|a| a == "--filter")
@@ -353,6 +356,44 @@ fn main() -> BenchResult<()> {
                 loss.backward()?
             }
         );
+    }
+
+    if half {
+        let (a, ca) = pair(&mut rng, &[4096, 1024])?;
+        let (b, cb) = pair(&mut rng, &[1024])?;
+        for (dt, cdt, tag) in [
+            (DType::F16, candle_core::DType::F16, "f16"),
+            (DType::BF16, candle_core::DType::BF16, "bf16"),
+        ] {
+            let (a, ca) = (a.to_dtype(dt)?, ca.to_dtype(cdt)?);
+            let (b, cb) = (b.to_dtype(dt)?, cb.to_dtype(cdt)?);
+            // Elements of two bytes: an op reads and writes 8 MiB per (4096, 1024) tensor.
+            let mib8 = 4096.0 * 1024.0 * 2.0;
+            case!(
+                format!("broadcast_add_{tag}_4096x1024+1024"),
+                Work::Bytes(2.0 * mib8),
+                a.add(&b)?,
+                ca.broadcast_add(&cb)?
+            );
+            case!(
+                format!("gelu_{tag}_4096x1024"),
+                Work::Bytes(2.0 * mib8),
+                a.gelu()?,
+                ca.gelu()?
+            );
+            case!(
+                format!("softmax_{tag}_4096x1024"),
+                Work::Bytes(2.0 * mib8),
+                a.softmax(1)?,
+                candle_nn::ops::softmax_last_dim(&ca)?
+            );
+            case!(
+                format!("sum_last_dim_{tag}_4096x1024"),
+                Work::Bytes(mib8),
+                a.sum_dims(&[-1], false)?,
+                ca.sum(CD::Minus1)?
+            );
+        }
     }
 
     println!(

@@ -114,7 +114,12 @@ macro_rules! element {
 }
 element!(f32, F32, |v: f32| v as f64, |v: f64| v as f32);
 element!(f64, F64, |v: f64| v, |v: f64| v);
-element!(f16, F16, |v: f16| v.to_f64(), f16::from_f64);
+element!(
+    f16,
+    F16,
+    |v: f16| crate::f16_to_f32(v) as f64,
+    f16::from_f64
+);
 element!(bf16, BF16, |v: bf16| v.to_f64(), bf16::from_f64);
 element!(i64, I64, |v: i64| v as f64, |v: f64| v as i64);
 element!(u32, U32, |v: u32| v as f64, |v: f64| v as u32);
@@ -137,7 +142,7 @@ macro_rules! float_element {
 }
 float_element!(f32, f32, |v: f32| v, |v: f32| v);
 float_element!(f64, f64, |v: f64| v, |v: f64| v);
-float_element!(f16, f32, |v: f16| v.to_f32(), f16::from_f32);
+float_element!(f16, f32, crate::f16_to_f32, crate::f32_to_f16);
 float_element!(bf16, f32, |v: bf16| v.to_f32(), bf16::from_f32);
 
 /// The arithmetic a kernel needs from an accumulator float (`f32` or `f64`).

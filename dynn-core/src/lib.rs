@@ -17,6 +17,7 @@ mod device;
 mod dtype;
 mod error;
 mod executor;
+mod half_bits;
 mod hooks;
 pub mod host_cache;
 mod layout;
@@ -36,6 +37,7 @@ pub use device::{Backend, CpuBackend, Device, DeviceStorage, HostStorage, regist
 pub use dtype::{DType, Element, FloatElement, erf, num_like::AccFloat};
 pub use error::{Error, Result};
 pub use executor::{Tensors, execute, execute_inplace, execute_on, execute_view, execute1};
+pub use half_bits::{f16_to_f32, f32_to_f16};
 pub use hooks::{Cost, Idioms, MemoryHooks, OpEvent, Phase};
 pub use layout::{Layout, StridedIndex};
 pub use op::{

@@ -39,7 +39,7 @@ impl CastElem for f32 {
         self as f64
     }
     fn c_f16(self) -> f16 {
-        f16::from_f32(self)
+        dynn_core::f32_to_f16(self)
     }
     fn c_bf16(self) -> bf16 {
         bf16::from_f32(self)
@@ -81,26 +81,26 @@ impl CastElem for f64 {
 
 impl CastElem for f16 {
     fn c_f32(self) -> f32 {
-        self.to_f32()
+        dynn_core::f16_to_f32(self)
     }
     fn c_f64(self) -> f64 {
-        self.to_f64()
+        dynn_core::f16_to_f32(self) as f64
     }
     fn c_f16(self) -> f16 {
         self
     }
     fn c_bf16(self) -> bf16 {
         // f16 → f32 is exact, so this rounds once.
-        bf16::from_f32(self.to_f32())
+        bf16::from_f32(dynn_core::f16_to_f32(self))
     }
     fn c_i64(self) -> i64 {
-        self.to_f32() as i64
+        dynn_core::f16_to_f32(self) as i64
     }
     fn c_u32(self) -> u32 {
-        self.to_f32() as u32
+        dynn_core::f16_to_f32(self) as u32
     }
     fn c_u8(self) -> u8 {
-        self.to_f32() as u8
+        dynn_core::f16_to_f32(self) as u8
     }
 }
 
@@ -112,7 +112,7 @@ impl CastElem for bf16 {
         self.to_f64()
     }
     fn c_f16(self) -> f16 {
-        f16::from_f32(self.to_f32())
+        dynn_core::f32_to_f16(self.to_f32())
     }
     fn c_bf16(self) -> bf16 {
         self
@@ -184,7 +184,7 @@ impl CastElem for u8 {
         self as f64
     }
     fn c_f16(self) -> f16 {
-        f16::from_f32(self as f32)
+        dynn_core::f32_to_f16(self as f32)
     }
     fn c_bf16(self) -> bf16 {
         bf16::from_f32(self as f32)

@@ -171,7 +171,7 @@ fn gemm_batched<T: 'static + Copy + Send + Sync + Default>(
 
 fn to_f32(s: &CpuStorage) -> Vec<f32> {
     match s {
-        CpuStorage::F16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
+        CpuStorage::F16(v) => v.par_iter().map(|&x| dynn_core::f16_to_f32(x)).collect(),
         CpuStorage::BF16(v) => v.par_iter().map(|x| x.to_f32()).collect(),
         _ => Vec::new(),
     }
@@ -483,7 +483,7 @@ impl Op for Matmul {
                 );
                 match sa.dtype() {
                     DType::F16 => {
-                        CpuStorage::F16(r.par_iter().map(|&v| half::f16::from_f32(v)).collect())
+                        CpuStorage::F16(r.par_iter().map(|&v| dynn_core::f32_to_f16(v)).collect())
                     }
                     _ => CpuStorage::BF16(r.par_iter().map(|&v| half::bf16::from_f32(v)).collect()),
                 }

@@ -131,6 +131,17 @@ fn init<A: AccFloat>(kind: ReduceKind) -> A {
 /// Reduces a contiguous row with 16 independent lanes (vectorizes; fixed order).
 #[inline(always)]
 pub(crate) fn reduce_row<T: FloatElement>(kind: ReduceKind, row: &[T]) -> T::Acc {
+    // One loop per kind, the kind a constant in each: a loop that matched on it per element
+    // stayed scalar for the 16-bit types.
+    match kind {
+        ReduceKind::Sum => reduce_row_as::<T>(ReduceKind::Sum, row),
+        ReduceKind::Max => reduce_row_as::<T>(ReduceKind::Max, row),
+        ReduceKind::Min => reduce_row_as::<T>(ReduceKind::Min, row),
+    }
+}
+
+#[inline(always)]
+fn reduce_row_as<T: FloatElement>(kind: ReduceKind, row: &[T]) -> T::Acc {
     let mut acc = [init::<T::Acc>(kind); 16];
     let chunks = row.chunks_exact(16);
     let rem = chunks.remainder();

@@ -5,7 +5,7 @@
 //! when gradients are on.
 
 use crate::autograd::{GradMeta, Node, Rule, Saved, next_tape_seq};
-use crate::op::{InplaceOp, KernelArg, Op, Recipe, TensorSpec, ViewOp};
+use crate::op::{InplaceOp, KernelArg, Op, TensorSpec, ViewOp, WeakRecipe};
 use crate::{
     Buffer, BufferKind, Device, DeviceStorage, Error, Layout, OpEvent, Phase, Result, Slot, Tensor,
     context, memory_hooks,
@@ -84,14 +84,10 @@ pub fn execute_on<O: Op>(op: O, inputs: &[&Tensor], device: Device) -> Result<Te
         .map(|s| Arc::new(Buffer::new(s.dtype, s.shape.elem_count(), device, kind)))
         .collect();
     let hooks = memory_hooks();
-    let recipe = hooks.as_ref().filter(|h| h.wants_recipes()).map(|_| {
-        Arc::new(Recipe {
-            op: op.clone(),
-            inputs: inputs.iter().map(|t| t.detach()).collect(),
-            specs: specs.clone(),
-            input_versions: in_bufs.iter().map(|b| b.version()).collect(),
-        })
-    });
+    let recipe = hooks
+        .as_ref()
+        .filter(|h| h.wants_recipes())
+        .map(|_| Arc::new(WeakRecipe::new(op.clone(), inputs, specs.clone())));
     let event = hooks.as_ref().map(|_| OpEvent {
         seq: context::next_op_seq(),
         op: name,

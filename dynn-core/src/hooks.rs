@@ -1,6 +1,6 @@
 //! The seam between the executor and a memory manager: op events and the hooks trait.
 
-use crate::{Buffer, BufferId, BufferKind, Recipe, Result};
+use crate::{Buffer, BufferId, BufferKind, Result, WeakRecipe};
 use std::sync::Arc;
 
 /// Which pass an op runs in.
@@ -81,7 +81,7 @@ pub struct OpEvent<'a> {
     /// The op's cost.
     pub cost: Cost,
     /// How to recompute the outputs (only when the hooks ask for recipes).
-    pub recipe: Option<&'a Arc<Recipe>>,
+    pub recipe: Option<&'a Arc<WeakRecipe>>,
 }
 
 impl OpEvent<'_> {
@@ -108,7 +108,7 @@ pub trait MemoryHooks: Send + Sync {
     fn before_op(&self, event: &OpEvent<'_>) -> Result<()>;
     /// After the kernel: outputs are materialized.
     fn after_op(&self, event: &OpEvent<'_>) -> Result<()>;
-    /// True when the hooks want a [`Recipe`] with every op event (to drop and recompute).
+    /// True when the hooks want a [`WeakRecipe`] with every op event (to drop and recompute).
     fn wants_recipes(&self) -> bool {
         false
     }

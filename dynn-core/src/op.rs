@@ -269,13 +269,24 @@ impl Recipe {
     }
 }
 
-impl Recipe {
-    /// The same recipe without keeping its inputs alive (see [`WeakRecipe`]).
-    pub fn downgrade(&self) -> WeakRecipe {
+/// A [`Recipe`] that does not keep its inputs alive: what the executor hands the memory
+/// hooks with every op when they ask for recipes. A memory manager keeps one for every output
+/// and [upgrades](WeakRecipe::upgrade) it only to drop the output: a strong recipe would hold
+/// every input of every op for as long as the op's output lives, memory the run had already
+/// released.
+pub struct WeakRecipe {
+    op: std::sync::Arc<dyn Op>,
+    inputs: SmallVec<[(crate::BufferId, std::sync::Weak<crate::Buffer>, Layout); 4]>,
+    specs: Specs,
+    input_versions: SmallVec<[u64; 4]>,
+}
+
+impl WeakRecipe {
+    /// The recipe of `op` run on `inputs` (their versions as they are now) producing `specs`.
+    pub fn new(op: std::sync::Arc<dyn Op>, inputs: &[&Tensor], specs: Specs) -> Self {
         WeakRecipe {
-            op: self.op.clone(),
-            inputs: self
-                .inputs
+            op,
+            inputs: inputs
                 .iter()
                 .map(|t| {
                     (
@@ -285,27 +296,9 @@ impl Recipe {
                     )
                 })
                 .collect(),
-            specs: self.specs.clone(),
-            input_versions: self.input_versions.clone(),
+            specs,
+            input_versions: inputs.iter().map(|t| t.buffer().version()).collect(),
         }
-    }
-}
-
-/// A [`Recipe`] that does not keep its inputs alive. A memory manager keeps one for every
-/// output and [upgrades](WeakRecipe::upgrade) it only to drop the output: a recipe would
-/// otherwise hold every input of every op for as long as the op's output lives, memory the
-/// run had already released.
-pub struct WeakRecipe {
-    op: std::sync::Arc<dyn Op>,
-    inputs: SmallVec<[(crate::BufferId, std::sync::Weak<crate::Buffer>, Layout); 4]>,
-    specs: Specs,
-    input_versions: SmallVec<[u64; 4]>,
-}
-
-impl WeakRecipe {
-    /// The op.
-    pub fn op(&self) -> &std::sync::Arc<dyn Op> {
-        &self.op
     }
 
     /// The ids of its input buffers, in argument order.

@@ -7,8 +7,8 @@
 use dynn_core::smallvec::smallvec;
 use dynn_core::{
     BackwardCtx, CpuStorage, DType, Device, Error, Idioms, InplaceOp, InputGrads, KernelArg,
-    Layout, MemoryHooks, Op, OpEvent, Outputs, Phase, Recipe, Result, Specs, Tensor, TensorSpec,
-    ViewOp, execute, execute_inplace, execute_view, execute1, install_memory_hooks, no_grad,
+    Layout, MemoryHooks, Op, OpEvent, Outputs, Phase, Result, Specs, Tensor, TensorSpec, ViewOp,
+    WeakRecipe, execute, execute_inplace, execute_view, execute1, install_memory_hooks, no_grad,
     run_backward,
 };
 use std::sync::{Arc, Mutex};
@@ -179,7 +179,7 @@ struct Rec {
     events: Mutex<Vec<Ev>>,
     recipes: bool,
     recomputed: Mutex<Vec<Vec<f32>>>,
-    kept: Mutex<Vec<Arc<Recipe>>>,
+    kept: Mutex<Vec<Arc<WeakRecipe>>>,
 }
 
 impl MemoryHooks for Rec {
@@ -188,7 +188,8 @@ impl MemoryHooks for Rec {
     }
     fn after_op(&self, e: &OpEvent<'_>) -> Result<()> {
         if let Some(r) = e.recipe {
-            let again = r.recompute()?;
+            let strong = r.upgrade().expect("the op's inputs live while it runs");
+            let again = strong.recompute()?;
             let v = again[0].to_host()?.as_slice::<f32>("test")?.to_vec();
             assert!(r.is_fresh(), "a recipe is fresh right after its op");
             self.recomputed.lock().unwrap().push(v);
@@ -362,7 +363,10 @@ fn recipes_recompute_the_same_bits_and_go_stale_after_in_place_updates() -> Resu
     let x = v(&[1.0, -2.0, 0.25], &[3]);
     let y = scale(&x, 3.0)?;
     let evs = rec.events.lock().unwrap().clone();
-    assert_eq!(evs[0].recipe.as_deref(), Some("Recipe(scale, 1 inputs)"));
+    assert_eq!(
+        evs[0].recipe.as_deref(),
+        Some("WeakRecipe(scale, 1 inputs)")
+    );
     assert_eq!(rec.recomputed.lock().unwrap()[0], y.to_vec::<f32>()?);
     let recipe = rec.kept.lock().unwrap()[0].clone();
     assert!(recipe.is_fresh());
@@ -371,6 +375,9 @@ fn recipes_recompute_the_same_bits_and_go_stale_after_in_place_updates() -> Resu
     assert!(!recipe.is_fresh());
     // The in-place op itself carries no recipe.
     assert_eq!(rec.events.lock().unwrap().last().unwrap().recipe, None);
+    // The recipe does not keep its input alive.
+    drop(x);
+    assert!(recipe.upgrade().is_none());
     Ok(())
 }
 

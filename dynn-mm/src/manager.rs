@@ -1414,7 +1414,6 @@ impl MemoryHooks for MemoryManager {
             }
         }
         if let Some(recipe) = ev.recipe {
-            let recipe = Arc::new(recipe.downgrade());
             for (i, b) in ev.outputs.iter().enumerate() {
                 if let Some(e) = st.table.get_mut(&b.id()) {
                     e.recipe = Some(recipe.clone());

@@ -20,6 +20,8 @@ use dynn_core::{Error, Result};
 
 mod replay;
 
+pub use replay::simulate_with;
+
 /// How many ops ahead the simulator prefetches: inputs of the next few ops only, so that
 /// prefetched bytes do not push out what is needed sooner.
 pub const PREFETCH_HORIZON: usize = 4;
@@ -241,20 +243,4 @@ pub fn simulate(
     profile: &DeviceProfile,
 ) -> Result<SimResult> {
     simulate_with(&[], ops, policy, budget, profile, SimMemory::Bytes)
-}
-
-/// [`simulate`] with device memory accounted as `memory` says, after replaying `warmup` (the
-/// step before `ops`, or nothing) untimed, so that `ops` starts from the device memory that
-/// step left: the buffers that outlive a step (parameters, optimizer state) are then where a
-/// real run has them, on the device until evicted, rather than placed at first use. The
-/// policy sees `warmup`, then a step boundary, then `ops`.
-pub fn simulate_with(
-    warmup: &[OpRecord],
-    ops: &[OpRecord],
-    policy: &mut dyn Policy,
-    budget: Option<usize>,
-    profile: &DeviceProfile,
-    memory: SimMemory,
-) -> Result<SimResult> {
-    replay::run(warmup, ops, policy, budget, profile, memory)
 }

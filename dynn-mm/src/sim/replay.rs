@@ -73,7 +73,7 @@ struct Buf {
     uses: u32,
     /// How to compute it again (kept only under a policy that drops, as the memory manager
     /// keeps an op's recipe only then); `None` once written in place. It holds the op's
-    /// inputs alive only while this buffer is dropped (`holding`).
+    /// inputs alive only while this buffer is dropped.
     recipe: Option<Recipe>,
     /// Times written in place: a recipe that read an older version no longer reproduces
     /// what was computed from it.
@@ -82,8 +82,6 @@ struct Buf {
     holders: u32,
     /// The run released it while recipes still held it: it is freed with the last of them.
     released: bool,
-    /// Its recipe holds its inputs now (it is dropped).
-    holding: bool,
     /// The host tier holds a current copy (fetched or written back, and not written since):
     /// evicting it copies nothing, as [`dynn_core::Buffer::offload`] does.
     clean: bool,
@@ -105,15 +103,18 @@ impl Buf {
             version: 0,
             holders: 0,
             released: false,
-            holding: false,
             clean: false,
             clean_at: 0.0,
         }
     }
 }
 
-/// Replays `warmup` untimed, then `ops` timed (see [`super::simulate_with`]).
-pub(super) fn run(
+/// [`simulate`](super::simulate) with device memory accounted as `memory` says, after replaying `warmup` (the
+/// step before `ops`, or nothing) untimed, so that `ops` starts from the device memory that
+/// step left: the buffers that outlive a step (parameters, optimizer state) are then where a
+/// real run has them, on the device until evicted, rather than placed at first use. The
+/// policy sees `warmup`, then a step boundary, then `ops`.
+pub fn simulate_with(
     warmup: &[OpRecord],
     ops: &[OpRecord],
     policy: &mut dyn Policy,
@@ -279,7 +280,8 @@ impl Replay<'_> {
                 // Written in place: the host copy is stale, and so is its recipe.
                 b.clean = false;
                 b.version += 1;
-                stale.extend(b.recipe.take().filter(|_| std::mem::take(&mut b.holding)));
+                let holding = b.place == Place::Dropped;
+                stale.extend(b.recipe.take().filter(|_| holding));
                 continue;
             }
             let (start, issued) = (self.now, self.r.host_ms());
@@ -391,7 +393,8 @@ impl Replay<'_> {
                 self.by_key.remove(&b.key);
             }
             self.dependents.remove(&id);
-            if let Some(recipe) = b.recipe.filter(|_| b.holding) {
+            // A dropped buffer's recipe held its inputs.
+            if let Some(recipe) = b.recipe.filter(|_| b.place == Place::Dropped) {
                 work.extend(self.unheld(&recipe));
             }
         }
@@ -537,6 +540,11 @@ impl Replay<'_> {
             let Some(b) = self.bufs.get_mut(&c.id.0) else {
                 continue;
             };
+            // A dropped buffer's recipe holds its inputs until the buffer is back or freed.
+            let held = match how {
+                Eviction::Drop => b.recipe.clone(),
+                Eviction::Offload => None,
+            };
             if let Place::Arriving(t) = b.place {
                 // A prefetch still in flight: it can leave once it has landed.
                 self.now = self.now.max(t);
@@ -574,8 +582,8 @@ impl Replay<'_> {
             freed += DevicePool::rounded(b.bytes);
             evicted += 1;
             self.r.evictions += 1;
-            if how == Eviction::Drop {
-                self.hold_dropped(c.id.0);
+            if let Some(recipe) = held {
+                self.hold(&recipe);
             }
         }
         evicted

@@ -124,20 +124,6 @@ impl Replay<'_> {
         }
     }
 
-    /// The dropped buffer `id`'s recipe holds its inputs (if it did not already).
-    pub(super) fn hold_dropped(&mut self, id: u64) {
-        let Some(b) = self.bufs.get_mut(&id) else {
-            return;
-        };
-        if b.holding {
-            return;
-        }
-        b.holding = true;
-        if let Some(recipe) = b.recipe.clone() {
-            self.hold(&recipe);
-        }
-    }
-
     /// A recipe is gone: its inputs are read by one recipe fewer, and those the run released
     /// that no recipe reads now are freed.
     pub(super) fn unhold(&mut self, recipe: Recipe) {
@@ -183,11 +169,7 @@ impl Replay<'_> {
         self.r.recomputed_flops += recipe.flops;
         self.dropped -= 1;
         // Back: its recipe no longer holds the inputs (those the run released go).
-        if let Some(b) = self.bufs.get_mut(&id)
-            && std::mem::take(&mut b.holding)
-        {
-            self.unhold(recipe);
-        }
+        self.unhold(recipe);
         Ok(block)
     }
 

@@ -108,6 +108,10 @@ struct Args {
     /// `--write-back`).
     #[arg(long)]
     write_back: bool,
+    /// Replay runs that evict only when an op needs the room (a trainer's
+    /// `--no-evict-ahead`).
+    #[arg(long)]
+    no_evict_ahead: bool,
     /// With `--trace`: count device memory in bytes instead of replaying the memory manager's
     /// own pool (with the trainers' segment sizes, so evictions fall where the run's did).
     #[arg(long)]
@@ -162,6 +166,7 @@ fn run() -> Result<()> {
     let args = Args::parse();
     let mut prof = DeviceProfile::by_name(&args.profile)?;
     prof.write_back = args.write_back;
+    prof.evict_ahead = !args.no_evict_ahead;
     let models = if args.models.is_empty() {
         ALL.to_vec()
     } else {

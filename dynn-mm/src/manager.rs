@@ -149,6 +149,12 @@ pub struct ManagerConfig {
     /// H100 it cost the bundled trainers more step time than it saved (docs/PERFORMANCE.md,
     /// GPU runs 9–10), and on the CPU the Evoformer's too.
     pub write_back: bool,
+    /// Under a budget, when less than `budget / EVICT_AHEAD_SHARE` bytes are free
+    /// ([`crate::transfer::EVICT_AHEAD_SHARE`]), write the policy's next victim back in the
+    /// background and evict it once the copy has left, unless an op used it meanwhile: an
+    /// eviction then rarely waits for a copy on the executor's thread, and the room it frees
+    /// is there for prefetches before an op needs it. On by default.
+    pub evict_ahead: bool,
 }
 
 impl ManagerConfig {
@@ -163,6 +169,7 @@ impl ManagerConfig {
             record_timeline: false,
             segments: (crate::pool::SMALL_SEGMENT, crate::pool::LARGE_SEGMENT),
             write_back: false,
+            evict_ahead: true,
         }
     }
 }
@@ -213,6 +220,11 @@ struct State {
     writing_back: bool,
     /// Background write-backs are on ([`ManagerConfig::write_back`]).
     write_back: bool,
+    /// Evicting ahead of need is on ([`ManagerConfig::evict_ahead`]).
+    evict_ahead: bool,
+    /// Victims written back ahead of need, with their `last_use` then: evicted when the copy
+    /// completes unless used since.
+    leaving: Vec<(BufferId, u64)>,
 }
 
 /// A dropped buffer being recomputed.
@@ -369,6 +381,8 @@ impl MemoryManager {
                 record: OpRecord::default(),
                 writing_back: false,
                 write_back: config.write_back,
+                evict_ahead: config.evict_ahead,
+                leaving: Vec::new(),
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -509,6 +523,21 @@ impl MemoryManager {
             if c.result.is_ok() && c.bytes > 0 {
                 st.stats.bytes_d2h += c.bytes as u64;
                 st.stats.write_backs += 1;
+            }
+            if let Some(i) = st.leaving.iter().position(|l| l.0 == c.id) {
+                let (id, used) = st.leaving.swap_remove(i);
+                let unused = st.table.get(&id).is_some_and(|e| {
+                    e.last_use == used
+                        && e.pins == 0
+                        && e.held == 0
+                        && matches!(e.res, Residency::Device(_))
+                        && e.buf.upgrade().is_some_and(|b| b.host_copy_is_current())
+                });
+                // Its host copy is current: releasing the device copy moves nothing. Should
+                // that fail, the buffer stays resident, as if it had been used again.
+                if c.result.is_ok() && unused {
+                    let _ = self.evict(st, id, Eviction::Offload);
+                }
             }
             return;
         }
@@ -1211,31 +1240,82 @@ impl MemoryManager {
         announced.attach_to(rec);
     }
 
-    /// Under a budget, while no write-back is in flight, copies the least recently used
-    /// resident buffer whose host copy is stale to the host tier in the background (keeping
-    /// it on the device), so that evicting it later costs no copy on the executor's thread.
+    /// Under a budget, while no write-back is in flight, copies one resident buffer to the
+    /// host tier in the background (keeping it on the device), so that evicting it later
+    /// costs no copy on the executor's thread: the policy's next victim under memory pressure
+    /// ([`ManagerConfig::evict_ahead`], evicted when the copy completes unless used since),
+    /// else, where asked ([`ManagerConfig::write_back`]), the least recently used buffer whose
+    /// host copy is stale.
     fn write_back(&self, st: &mut State) {
         let budget = st.pool.budget();
-        if !st.write_back || st.writing_back || budget == usize::MAX {
+        if st.writing_back || budget == usize::MAX {
             return;
         }
-        let oldest = st
-            .table
-            .iter()
-            .filter(|(_, e)| {
-                e.pins == 0
-                    && e.held == 0
-                    && crate::transfer::write_back_fits(e.bytes, budget)
-                    && matches!(e.res, Residency::Device(_))
-            })
-            .filter_map(|(&id, e)| Some((e.last_use, id, e.buf.upgrade()?)))
-            .filter(|(_, _, b)| !b.host_copy_is_current())
-            .min_by_key(|(last_use, id, _)| (*last_use, id.0));
-        if let Some((_, _, buf)) = oldest
+        let ahead = if st.evict_ahead {
+            self.next_victim(st)
+        } else {
+            None
+        };
+        let is_ahead = ahead.is_some();
+        let pick = match ahead {
+            Some(buf) => Some(buf),
+            None if st.write_back => st
+                .table
+                .iter()
+                .filter(|(_, e)| {
+                    e.pins == 0
+                        && e.held == 0
+                        && crate::transfer::write_back_fits(e.bytes, budget)
+                        && matches!(e.res, Residency::Device(_))
+                })
+                .filter_map(|(&id, e)| Some((e.last_use, id, e.buf.upgrade()?)))
+                .filter(|(_, _, b)| !b.host_copy_is_current())
+                .min_by_key(|(last_use, id, _)| (*last_use, id.0))
+                .map(|(_, _, buf)| buf),
+            None => None,
+        };
+        if let Some(buf) = pick
             && self.engine.submit(&buf, Direction::WriteBack)
         {
             st.writing_back = true;
+            if is_ahead && let Some(e) = st.table.get(&buf.id()) {
+                st.leaving.push((buf.id(), e.last_use));
+            }
         }
+    }
+
+    /// Under memory pressure (less than `budget / EVICT_AHEAD_SHARE` free), the next victim
+    /// to write back ahead of need: among the policy's first victims for that much room, the
+    /// first whose host copy is stale, small enough to write back, and not one the policy
+    /// would drop instead (dropping needs no copy).
+    fn next_victim(&self, st: &mut State) -> Option<Arc<Buffer>> {
+        let budget = st.pool.budget();
+        let low = budget / crate::transfer::EVICT_AHEAD_SHARE;
+        let free = st.pool.available();
+        if !st.policy.evicts() || free >= low {
+            return None;
+        }
+        let mut cands = self.candidates(st);
+        let choosing = Instant::now();
+        st.policy.rank_victims(st.now, &mut cands);
+        st.stats.choose_time += choosing.elapsed();
+        let mut room = free;
+        for c in cands {
+            if room >= low {
+                break;
+            }
+            room += c.bytes;
+            let drops = c.recompute_flops.is_some() && st.policy.eviction(&c) == Eviction::Drop;
+            if drops || !crate::transfer::write_back_fits(c.bytes, budget) {
+                continue;
+            }
+            if let Some(buf) = st.table.get(&c.id).and_then(|e| e.buf.upgrade())
+                && !buf.host_copy_is_current()
+            {
+                return Some(buf);
+            }
+        }
+        None
     }
 
     /// Issues prefetches for buffers the policy expects soon, without evicting anything the

@@ -59,6 +59,12 @@ pub struct DeviceProfile {
     /// link is idle, as the memory manager does when asked ([`crate::ManagerConfig::write_back`];
     /// off by default in both).
     pub write_back: bool,
+    /// Under memory pressure the run writes the policy's next victim back in the background
+    /// while the download link is idle, and evicts it once the copy has left unless an op
+    /// used it meanwhile, as the memory manager does ([`crate::ManagerConfig::evict_ahead`];
+    /// on by default in both): evictions then rarely wait for a copy, and their room is free
+    /// for prefetches before an op needs it.
+    pub evict_ahead: bool,
 }
 
 impl DeviceProfile {
@@ -75,6 +81,7 @@ impl DeviceProfile {
             move_host_s: 0.0,
             repack_host_s: 0.0,
             write_back: false,
+            evict_ahead: true,
         }
     }
 
@@ -91,6 +98,7 @@ impl DeviceProfile {
             move_host_s: 0.0,
             repack_host_s: 0.0,
             write_back: false,
+            evict_ahead: true,
         }
     }
 
@@ -108,6 +116,7 @@ impl DeviceProfile {
             move_host_s: 0.0,
             repack_host_s: 0.0,
             write_back: false,
+            evict_ahead: true,
         }
     }
 

@@ -443,6 +443,7 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     // asked for at a step's end, of a buffer that outlives the step, complete.
     let mut cfg = ManagerConfig::new(policy::by_name("lru").unwrap(), Some(peak / 3));
     cfg.write_back = true;
+    cfg.evict_ahead = false;
     let mm = MemoryManager::new(cfg);
     {
         let _g = install_memory_hooks(mm.clone());
@@ -458,17 +459,20 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     }
     let s = mm.stats();
     assert!(s.write_backs > 0 && s.clean_evictions > 0, "{s:?}");
-    // Off by default.
-    let off = MemoryManager::new(ManagerConfig::new(
-        policy::by_name("lru").unwrap(),
-        Some(peak / 3),
-    ));
+    // Off by default (and evicting ahead off here: it writes back too).
+    let mut cfg = ManagerConfig::new(policy::by_name("lru").unwrap(), Some(peak / 3));
+    cfg.evict_ahead = false;
+    let off = MemoryManager::new(cfg);
     {
         let _g = install_memory_hooks(off.clone());
         Mlp::new(48, 8, 1).unwrap().train(3, 16, 2).unwrap();
     }
     assert_eq!(off.stats().write_backs, 0);
     assert!(off.stats().evictions > 0);
+    let prof = DeviceProfile {
+        evict_ahead: false,
+        ..prof
+    };
     let default = simulate(
         &ops,
         policy::by_name("lru").unwrap().as_mut(),
@@ -492,6 +496,72 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     assert!(lru.write_backs > 0 && lru.clean_evictions > 0, "{lru:?}");
     let free = simulate(&ops, policy::by_name("lru").unwrap().as_mut(), None, &prof).unwrap();
     assert_eq!(free.write_backs, 0);
+}
+
+#[test]
+fn evicting_ahead_writes_the_next_victims_back_and_frees_their_room_once_copied() {
+    let ops = recorded_step();
+    let ahead = DeviceProfile::a100_pcie4();
+    assert!(ahead.evict_ahead, "on by default");
+    let lazy = DeviceProfile {
+        evict_ahead: false,
+        ..ahead.clone()
+    };
+    let peak = unlimited_peak(&ops, &ahead);
+    for budget in [peak / 2, peak / 3] {
+        let run = |prof: &DeviceProfile, budget| {
+            simulate(&ops, policy::by_name("lru").unwrap().as_mut(), budget, prof).unwrap()
+        };
+        let (a, l) = (run(&ahead, Some(budget)), run(&lazy, Some(budget)));
+        // Victims leave after their background copy, without a copy on the compute stream.
+        assert!(
+            a.write_backs > 0 && a.clean_evictions > 0,
+            "budget {budget}: {a:?}"
+        );
+        assert_eq!(l.write_backs, 0);
+        // Fewer stalls, and about the same bytes: only victims are written back.
+        assert!(a.stall_ms < l.stall_ms, "budget {budget}: {a:?}\n{l:?}");
+        assert!(
+            a.bytes_d2h as f64 <= 1.25 * l.bytes_d2h as f64,
+            "budget {budget}: {} bytes written against {}",
+            a.bytes_d2h,
+            l.bytes_d2h
+        );
+        assert!(a.peak_device_bytes <= budget);
+    }
+    // Nothing to make room for without a budget, nor under the policy that never evicts.
+    let none = simulate(
+        &ops,
+        policy::by_name("none").unwrap().as_mut(),
+        None,
+        &ahead,
+    )
+    .unwrap();
+    assert_eq!(none.write_backs, 0);
+    let free = simulate(&ops, policy::by_name("lru").unwrap().as_mut(), None, &ahead).unwrap();
+    assert_eq!(free.write_backs, 0);
+
+    // The manager, on by default: the same, on the transfer thread (paused between steps so
+    // that a loaded machine's transfer thread gets to run, as above).
+    let mm = MemoryManager::new(ManagerConfig::new(
+        policy::by_name("lru").unwrap(),
+        Some(peak / 3),
+    ));
+    {
+        let _g = install_memory_hooks(mm.clone());
+        let m = Mlp::new(48, 8, 1).unwrap();
+        for _ in 0..200 {
+            m.train(1, 16, 2).unwrap();
+            let s = mm.stats();
+            if s.write_backs > 0 && s.clean_evictions > 0 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+    let s = mm.stats();
+    assert!(s.write_backs > 0 && s.clean_evictions > 0, "{s:?}");
+    assert!(s.peak_device_bytes <= peak / 3, "{s:?}");
 }
 
 #[test]

@@ -149,6 +149,7 @@ pub fn simulate_with(
         clock: Now::default(),
         pinned: Vec::new(),
         writing: Vec::new(),
+        leaving: Vec::new(),
     };
     let mut upcoming = Vec::new();
     for (g, &op) in all.iter().enumerate() {
@@ -187,6 +188,7 @@ pub fn simulate_with(
             }
         }
         replay.write_back();
+        replay.land_leaving();
         replay.prefetch(&mut upcoming);
     }
     replay.r.step_ms = replay.now * 1e3;
@@ -218,6 +220,8 @@ struct Replay<'a> {
     pinned: Vec<u64>,
     /// The op's outputs that exist already (written in place).
     writing: Vec<u64>,
+    /// Victims written back ahead of need: evicted once their copy has left, unless used again.
+    leaving: Vec<(u64, u64)>,
 }
 
 impl Replay<'_> {
@@ -400,31 +404,129 @@ impl Replay<'_> {
         }
     }
 
-    /// Under a budget, while the download link is idle, writes the least recently used
-    /// resident buffer whose host copy is stale back to the host, keeping it on the device
-    /// (as the memory manager does): evicting it later waits for that copy at most.
+    /// Under a budget, while the download link is idle, copies one buffer to the host in the
+    /// background, keeping it on the device, as the memory manager does: the policy's next
+    /// victim under memory pressure ([`DeviceProfile::evict_ahead`]; it is evicted once its
+    /// copy has left, unless used again), else, where asked ([`DeviceProfile::write_back`]),
+    /// the least recently used buffer whose host copy is stale. Evicting either later copies
+    /// nothing, waiting at most for that copy.
     fn write_back(&mut self) {
-        if !self.profile.write_back || self.budget == usize::MAX || self.d2h_free > self.now {
+        if self.budget == usize::MAX || self.d2h_free > self.now {
             return;
         }
         let budget = self.budget;
-        let oldest = self
+        let ahead = self
+            .profile
+            .evict_ahead
+            .then(|| self.next_victim())
+            .flatten();
+        let pick = ahead.or_else(|| {
+            self.profile.write_back.then(|| {
+                self.bufs
+                    .iter()
+                    .filter(|(_, b)| {
+                        b.place == Place::Device
+                            && !b.clean
+                            && crate::transfer::write_back_fits(b.bytes, budget)
+                    })
+                    .min_by_key(|(id, b)| (b.last_use, **id))
+                    .map(|(&id, _)| id)
+            })?
+        });
+        let Some((id, b)) = pick.and_then(|id| Some((id, self.bufs.get_mut(&id)?))) else {
+            return;
+        };
+        self.d2h_free = self.now + self.profile.d2h_s(b.bytes as u64);
+        b.clean = true;
+        b.clean_at = self.d2h_free;
+        self.r.bytes_d2h += b.bytes as u64;
+        self.r.write_backs += 1;
+        if ahead.is_some() {
+            self.leaving.push((id, b.last_use));
+        }
+    }
+
+    /// Under memory pressure (less than `budget / EVICT_AHEAD_SHARE` free), the next victim
+    /// to write back ahead of need: among the policy's first victims for that much room, the
+    /// first whose host copy is stale, small enough to write back, and not one the policy
+    /// would drop instead (dropping needs no copy).
+    fn next_victim(&mut self) -> Option<u64> {
+        let low = self.budget / crate::transfer::EVICT_AHEAD_SHARE;
+        let free = self.budget.saturating_sub(self.mem.used);
+        if !self.policy.evicts() || free >= low {
+            return None;
+        }
+        let clusters = (self.drops && self.dropped > 0).then(|| Clusters::of(&self.bufs));
+        let mut cands = self.candidates(clusters.as_ref());
+        self.policy.rank_victims(self.clock, &mut cands);
+        let mut room = free;
+        for c in cands {
+            if room >= low {
+                break;
+            }
+            room += c.bytes;
+            let drops = c.recompute_flops.is_some() && self.policy.eviction(&c) == Eviction::Drop;
+            let b = &self.bufs[&c.id.0];
+            if b.place == Place::Device
+                && !b.clean
+                && !drops
+                && crate::transfer::write_back_fits(b.bytes, self.budget)
+            {
+                return Some(c.id.0);
+            }
+        }
+        None
+    }
+
+    /// Evicts the victims written back ahead of need whose copies have left the device and
+    /// which no op has used since (as the memory manager does when the write-back completes).
+    fn land_leaving(&mut self) {
+        let now = self.now;
+        let mut i = 0;
+        while i < self.leaving.len() {
+            let (id, used) = self.leaving[i];
+            let Some(b) = self.bufs.get_mut(&id) else {
+                self.leaving.swap_remove(i);
+                continue;
+            };
+            if b.last_use != used || !b.clean || b.place != Place::Device {
+                self.leaving.swap_remove(i);
+                continue;
+            }
+            if b.clean_at > now {
+                i += 1;
+                continue;
+            }
+            b.place = Place::Host;
+            self.r.clean_evictions += 1;
+            self.r.evictions += 1;
+            self.mem.give(b.bytes, b.block.take());
+            self.leaving.swap_remove(i);
+        }
+    }
+
+    /// The buffers an eviction may take now, in a fixed order.
+    fn candidates(&self, clusters: Option<&Clusters>) -> Vec<Candidate> {
+        let mut cands: Vec<Candidate> = self
             .bufs
             .iter()
-            .filter(|(_, b)| {
-                b.place == Place::Device
-                    && !b.clean
-                    && crate::transfer::write_back_fits(b.bytes, budget)
+            .filter(|(id, b)| {
+                matches!(b.place, Place::Device | Place::Arriving(_)) && !self.pinned.contains(id)
             })
-            .min_by_key(|(id, b)| (b.last_use, **id))
-            .map(|(&id, _)| id);
-        if let Some(b) = oldest.and_then(|id| self.bufs.get_mut(&id)) {
-            self.d2h_free = self.now + self.profile.d2h_s(b.bytes as u64);
-            b.clean = true;
-            b.clean_at = self.d2h_free;
-            self.r.bytes_d2h += b.bytes as u64;
-            self.r.write_backs += 1;
-        }
+            .map(|(&id, b)| Candidate {
+                id: BufferId(id),
+                key: b.key,
+                bytes: b.bytes,
+                kind: kind_of(b.kind),
+                last_use: b.last_use,
+                uses: b.uses,
+                recompute_flops: self.recompute_flops(id, b, clusters),
+            })
+            .collect();
+        // Candidates come from a hash map: give policies a fixed order, so ties break the same
+        // way in every run.
+        cands.sort_by_key(|c| c.id);
+        cands
     }
 
     /// Prefetches what the policy expects soon, while there is free room.
@@ -506,25 +608,7 @@ impl Replay<'_> {
     /// returns how many were evicted.
     fn evict_ranked(&mut self, done: impl Fn(&Memory, usize) -> bool) -> usize {
         let clusters = (self.drops && self.dropped > 0).then(|| Clusters::of(&self.bufs));
-        let mut cands: Vec<Candidate> = self
-            .bufs
-            .iter()
-            .filter(|(id, b)| {
-                matches!(b.place, Place::Device | Place::Arriving(_)) && !self.pinned.contains(id)
-            })
-            .map(|(&id, b)| Candidate {
-                id: BufferId(id),
-                key: b.key,
-                bytes: b.bytes,
-                kind: kind_of(b.kind),
-                last_use: b.last_use,
-                uses: b.uses,
-                recompute_flops: self.recompute_flops(id, b, clusters.as_ref()),
-            })
-            .collect();
-        // Candidates come from a hash map: give policies a fixed order, so ties break the same
-        // way in every run.
-        cands.sort_by_key(|c| c.id);
+        let mut cands = self.candidates(clusters.as_ref());
         self.policy.rank_victims(self.clock, &mut cands);
         let (mut freed, mut evicted) = (0, 0);
         for c in cands {

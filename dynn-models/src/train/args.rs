@@ -56,6 +56,10 @@ pub struct TrainArgs {
     /// download side is idle (evicting them later then copies nothing).
     #[arg(long)]
     pub write_back: bool,
+    /// Do not evict ahead of need: evict only when an op needs the room, waiting for each
+    /// copy on the executor's thread (see `ManagerConfig::evict_ahead`).
+    #[arg(long)]
+    pub no_evict_ahead: bool,
     /// Print one JSON summary as the last line of stdout.
     #[arg(long)]
     pub json: bool,
@@ -87,6 +91,7 @@ impl Default for TrainArgs {
             grad_accum: 1,
             clip: 1.0,
             write_back: false,
+            no_evict_ahead: false,
             json: false,
             quiet: false,
             record_trace: false,

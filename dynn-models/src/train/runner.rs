@@ -48,6 +48,7 @@ fn manager_config(policy: &str, budget: Option<usize>, args: &TrainArgs) -> Resu
     cfg.record_trace = args.trace_out.is_some() || args.record_trace;
     cfg.record_timeline = args.plot.is_some();
     cfg.write_back = args.write_back;
+    cfg.evict_ahead = !args.no_evict_ahead;
     Ok(cfg)
 }
 

@@ -4,7 +4,8 @@
 # budget with every policy against its unlimited run (parameters must be bit-identical); and
 # the benchmarks against PyTorch. Logs and JSON go to $OUT (default gpu-out/).
 # The pilot stage measures the pilot's own host time per step on the GPU (issue 6's 2% bar).
-# The writeback stage times each trainer at 25% (lru) with and without background write-backs.
+# The writeback stage times each trainer at 25% (lru, pilot) evicting ahead of need (the
+# default) and not (--no-evict-ahead); parameters must match.
 # The arena stage runs the op suite with buffers carved from a reserved arena
 # (DYNN_CUDA_ARENA=2048), times the host-bound training-step benchmarks with and without one,
 # and runs each trainer at 25% (lru, pilot) in its budget's arena (DYNN_CUDA_ARENA=budget):
@@ -252,20 +253,22 @@ if has pilot; then
     done
 fi
 if has writeback; then
-    echo "== background write-backs on and off: lru at 25%, steady-state median of 6 steps, twice"
+    echo "== evicting ahead on and off: lru and pilot at 25%, steady-state median of 6 steps, twice"
     : > "$OUT/writeback.jsonl"
     for model in moe early_exit treelstm evoformer; do
         exe="$BIN/train_$model"
         extra=$(extra_flags "$model")
-        for round in 1 2; do
-            for wb in on off; do
-                flag=""; [ "$wb" = on ] && flag="--write-back"
-                row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
-                    --policy lru $extra $flag 2>>"$OUT/writeback_err.log" | tail -1)
-                python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["write_back"]=sys.argv[2]; print(json.dumps(r))' \
-                    "$row" "$wb" >> "$OUT/writeback.jsonl" 2>/dev/null || { echo "$model $wb: failed"; status=1; continue; }
-                python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%-11s write-back %-3s %8.2f ms  %d moves  %.1f µs per move  params %s" % (sys.argv[2], sys.argv[3], r["step_ms_median"], r["moves"], r["move_host_us"], r["params_fnv"]))' \
-                    "$row" "$model" "$wb"
+        for policy in lru pilot; do
+            for round in 1 2; do
+                for mode in ahead lazy; do
+                    flag=""; [ "$mode" = lazy ] && flag="--no-evict-ahead"
+                    row=$(timeout 120 "$exe" --device cuda --steps 6 --json --quiet --device-budget 25% \
+                        --policy $policy $extra $flag 2>>"$OUT/writeback_err.log" | tail -1)
+                    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); r["evict"]=sys.argv[2]; print(json.dumps(r))' \
+                        "$row" "$mode" >> "$OUT/writeback.jsonl" 2>/dev/null || { echo "$model $policy $mode: failed"; status=1; continue; }
+                    python3 -c 'import json,sys; r=json.loads(sys.argv[1]); print("%-11s %-6s evict %-6s %8.2f ms  %d moves  %.1f µs per move  params %s" % (sys.argv[2], sys.argv[3], sys.argv[4], r["step_ms_median"], r["moves"], r["move_host_us"], r["params_fnv"]))' \
+                        "$row" "$model" "$policy" "$mode"
+                done
             done
         done
     done

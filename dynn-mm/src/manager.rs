@@ -225,6 +225,9 @@ struct State {
     /// Victims written back ahead of need, with their `last_use` then: evicted when the copy
     /// completes unless used since.
     leaving: Vec<(BufferId, u64)>,
+    /// The last ranking made to evict ahead, and the op count when it was made.
+    ahead_ranking: Vec<Candidate>,
+    ahead_ranked_at: u64,
 }
 
 /// A dropped buffer being recomputed.
@@ -383,6 +386,8 @@ impl MemoryManager {
                 write_back: config.write_back,
                 evict_ahead: config.evict_ahead,
                 leaving: Vec::new(),
+                ahead_ranking: Vec::new(),
+                ahead_ranked_at: 0,
                 graphs: Default::default(),
                 stats: MemoryStats::default(),
                 trace: config.record_trace.then(Trace::default),
@@ -1295,21 +1300,38 @@ impl MemoryManager {
         if !st.policy.evicts() || free >= low {
             return None;
         }
-        let mut cands = self.candidates(st);
-        let choosing = Instant::now();
-        st.policy.rank_victims(st.now, &mut cands);
-        st.stats.choose_time += choosing.elapsed();
+        let clock = st.stats.ops;
+        if st.ahead_ranking.is_empty()
+            || clock >= st.ahead_ranked_at + crate::transfer::AHEAD_RANKING_OPS
+        {
+            let mut cands = self.candidates(st);
+            let choosing = Instant::now();
+            st.policy.rank_victims(st.now, &mut cands);
+            st.stats.choose_time += choosing.elapsed();
+            (st.ahead_ranking, st.ahead_ranked_at) = (cands, clock);
+        }
         let mut room = free;
-        for c in cands {
+        for c in &st.ahead_ranking {
             if room >= low {
                 break;
             }
+            // Skip what was used, moved or pinned since the ranking.
+            let Some(e) = st.table.get(&c.id) else {
+                continue;
+            };
+            if e.pins > 0
+                || e.held > 0
+                || e.last_use != c.last_use
+                || !matches!(e.res, Residency::Device(_))
+            {
+                continue;
+            }
             room += c.bytes;
-            let drops = c.recompute_flops.is_some() && st.policy.eviction(&c) == Eviction::Drop;
+            let drops = c.recompute_flops.is_some() && st.policy.eviction(c) == Eviction::Drop;
             if drops || !crate::transfer::write_back_fits(c.bytes, budget) {
                 continue;
             }
-            if let Some(buf) = st.table.get(&c.id).and_then(|e| e.buf.upgrade())
+            if let Some(buf) = e.buf.upgrade()
                 && !buf.host_copy_is_current()
             {
                 return Some(buf);

@@ -31,6 +31,8 @@ fn full(name: &str, steps: u64, policy: &str, budget: &str, device: &str) -> Res
         device_budget: budget.to_string(),
         device: device.to_string(),
         quiet: true,
+        // NO_EVICT_AHEAD=1: evict only on demand (the trainers' `--no-evict-ahead`).
+        no_evict_ahead: std::env::var("NO_EVICT_AHEAD").is_ok_and(|v| v == "1"),
         ..Default::default()
     };
     let dev: Device = device.parse()?;

@@ -150,6 +150,8 @@ pub fn simulate_with(
         pinned: Vec::new(),
         writing: Vec::new(),
         leaving: Vec::new(),
+        ahead_ranking: Vec::new(),
+        ahead_ranked_at: 0,
     };
     let mut upcoming = Vec::new();
     for (g, &op) in all.iter().enumerate() {
@@ -222,6 +224,9 @@ struct Replay<'a> {
     writing: Vec<u64>,
     /// Victims written back ahead of need: evicted once their copy has left, unless used again.
     leaving: Vec<(u64, u64)>,
+    /// The last ranking made to evict ahead, and the op when it was made.
+    ahead_ranking: Vec<Candidate>,
+    ahead_ranked_at: u64,
 }
 
 impl Replay<'_> {
@@ -240,6 +245,7 @@ impl Replay<'_> {
             self.by_key.insert(id, id);
         }
         (self.now, self.h2d_free, self.d2h_free) = (0.0, 0.0, 0.0);
+        self.ahead_ranking.clear();
         self.r = SimResult {
             peak_device_bytes: self.mem.used,
             ..SimResult::default()
@@ -456,22 +462,31 @@ impl Replay<'_> {
         if !self.policy.evicts() || free >= low {
             return None;
         }
-        let clusters = (self.drops && self.dropped > 0).then(|| Clusters::of(&self.bufs));
-        let mut cands = self.candidates(clusters.as_ref());
-        self.policy.rank_victims(self.clock, &mut cands);
+        let clock = self.clock.seq;
+        if self.ahead_ranking.is_empty()
+            || clock >= self.ahead_ranked_at + crate::transfer::AHEAD_RANKING_OPS
+        {
+            let clusters = (self.drops && self.dropped > 0).then(|| Clusters::of(&self.bufs));
+            let mut cands = self.candidates(clusters.as_ref());
+            self.policy.rank_victims(self.clock, &mut cands);
+            (self.ahead_ranking, self.ahead_ranked_at) = (cands, clock);
+        }
         let mut room = free;
-        for c in cands {
+        for c in &self.ahead_ranking {
             if room >= low {
                 break;
             }
-            room += c.bytes;
-            let drops = c.recompute_flops.is_some() && self.policy.eviction(&c) == Eviction::Drop;
-            let b = &self.bufs[&c.id.0];
-            if b.place == Place::Device
-                && !b.clean
-                && !drops
-                && crate::transfer::write_back_fits(b.bytes, self.budget)
+            // Skip what was used, moved or pinned since the ranking.
+            let Some(b) = self.bufs.get(&c.id.0) else {
+                continue;
+            };
+            if b.last_use != c.last_use || b.place != Place::Device || self.pinned.contains(&c.id.0)
             {
+                continue;
+            }
+            room += c.bytes;
+            let drops = c.recompute_flops.is_some() && self.policy.eviction(c) == Eviction::Drop;
+            if !b.clean && !drops && crate::transfer::write_back_fits(b.bytes, self.budget) {
                 return Some(c.id.0);
             }
         }

@@ -432,6 +432,23 @@ fn replaying_the_pool_after_the_step_before_evicts_where_the_manager_did() {
     }
 }
 
+/// Trains the test MLP under `mm` a step at a time, pausing between steps, until a background
+/// write-back has spared an eviction its copy (or 200 steps have run); the manager's stats.
+fn train_until_written_back(mm: &std::sync::Arc<MemoryManager>) -> dynn_mm::MemoryStats {
+    let hooks = install_memory_hooks(mm.clone());
+    let m = Mlp::new(48, 8, 1).unwrap();
+    for _ in 0..200 {
+        m.train(1, 16, 2).unwrap();
+        let s = mm.stats();
+        if s.write_backs > 0 && s.clean_evictions > 0 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    drop(hooks);
+    mm.stats()
+}
+
 #[test]
 fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     let ops = recorded_step();
@@ -445,19 +462,7 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
     cfg.write_back = true;
     cfg.evict_ahead = false;
     let mm = MemoryManager::new(cfg);
-    {
-        let _g = install_memory_hooks(mm.clone());
-        let m = Mlp::new(48, 8, 1).unwrap();
-        for _ in 0..200 {
-            m.train(1, 16, 2).unwrap();
-            let s = mm.stats();
-            if s.write_backs > 0 && s.clean_evictions > 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-    }
-    let s = mm.stats();
+    let s = train_until_written_back(&mm);
     assert!(s.write_backs > 0 && s.clean_evictions > 0, "{s:?}");
     // Off by default (and evicting ahead off here: it writes back too).
     let mut cfg = ManagerConfig::new(policy::by_name("lru").unwrap(), Some(peak / 3));
@@ -547,19 +552,7 @@ fn evicting_ahead_writes_the_next_victims_back_and_frees_their_room_once_copied(
         policy::by_name("lru").unwrap(),
         Some(peak / 3),
     ));
-    {
-        let _g = install_memory_hooks(mm.clone());
-        let m = Mlp::new(48, 8, 1).unwrap();
-        for _ in 0..200 {
-            m.train(1, 16, 2).unwrap();
-            let s = mm.stats();
-            if s.write_backs > 0 && s.clean_evictions > 0 {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(2));
-        }
-    }
-    let s = mm.stats();
+    let s = train_until_written_back(&mm);
     assert!(s.write_backs > 0 && s.clean_evictions > 0, "{s:?}");
     assert!(s.peak_device_bytes <= peak / 3, "{s:?}");
 }

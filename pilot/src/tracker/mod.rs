@@ -13,6 +13,9 @@ use crate::plan::{PlanCursor, PlanDistance};
 use dynn_mm::OpRecord;
 use dynn_mm::trace::Access;
 
+mod features;
+mod hints;
+
 /// Buffers unused for this many steps are forgotten.
 const KEEP_STEPS: u64 = 4;
 
@@ -333,27 +336,6 @@ impl Tracker {
         }
     }
 
-    /// Ops until the backward pass reaches a buffer last used at forward position `p`: the
-    /// tape replays the forward in reverse, at the previous step's ratio of backward to
-    /// forward ops.
-    fn mirror(&self, p: u32) -> Option<u64> {
-        let [fwd_prev, bwd_prev, _] = self.prev_phase_ops;
-        let ratio = match (fwd_prev, bwd_prev) {
-            (0, _) | (_, 0) => 1.0,
-            (f, b) => b as f64 / f as f64,
-        };
-        let [fwd, bwd, _] = self.phase_ops;
-        match self.phase {
-            0 => {
-                let total = fwd.max(fwd_prev) as f64;
-                let rest = total - fwd as f64;
-                Some((rest + ratio * (total - p as f64)).max(1.0) as u64)
-            }
-            1 => Some((ratio * (fwd as f64 - p as f64) - bwd as f64).max(1.0) as u64),
-            _ => None,
-        }
-    }
-
     /// Records that op `op` ran.
     pub fn observe(&mut self, op: &OpRecord) {
         self.observe_view(&OpView::of_record(op), &op.inputs, &op.outputs);
@@ -621,173 +603,5 @@ impl Tracker {
     fn age(&self, b: &Hot) -> u64 {
         self.index
             .saturating_sub(1 + b.last_use_index(self.step_start)) as u64
-    }
-
-    /// What the site of candidate `b`'s last use showed last time (see
-    /// [`CandidateView::site`]).
-    fn site_for(&self, b: &Hot) -> Option<Option<u64>> {
-        if !b.used_in(self.step) || b.last_site == 0 {
-            return None;
-        }
-        let gap = *self.sites.get(&b.last_site)?;
-        let age = self.age(b);
-        Some((gap != NEVER).then(|| (gap as u64).saturating_sub(age).max(1)))
-    }
-
-    /// The previous step's distance from here to the next use of the buffer with aligned
-    /// key `aligned`, from the corresponding op (see [`Tracker::after`]): `None` without a
-    /// previous step.
-    fn hint_aligned(&self, aligned: u64) -> Option<Option<u64>> {
-        self.hint_in(self.previous.range_of(aligned))
-    }
-
-    /// [`Tracker::hint_aligned`] of the key whose previous uses are `range`.
-    fn hint_in(&self, range: UseRange) -> Option<Option<u64>> {
-        (!self.previous.is_empty()).then(|| self.previous.next_use_in(self.after(), range))
-    }
-
-    /// The previous step's distance from here to the next use of the buffer with memory
-    /// manager key `key` (see [`Tracker::hint_for`] for a candidate).
-    pub fn hint(&self, key: u64) -> Option<Option<u64>> {
-        let aligned = match key {
-            k if k < PERSISTENT => k,
-            k => self
-                .by_aligned
-                .iter()
-                .find(|(_, id)| self.key_of(**id) == Some(k))
-                .map_or(k, |(a, _)| *a),
-        };
-        self.hint_aligned(aligned)
-    }
-
-    /// The previous step's prediction for candidate `q` (see [`CandidateView::hint`]). A
-    /// buffer last used in its `r`-th use of a phase this step is due when the previous
-    /// step's gap from that use to the next one has passed — robust to ops added or removed
-    /// elsewhere in the step; one not used yet this step is due where the previous step first
-    /// used it, counted from the corresponding op.
-    pub fn hint_for(&self, q: &Query) -> Option<Option<u64>> {
-        if self.previous.is_empty() {
-            return None;
-        }
-        let state = self.bufs.get(q.id);
-        match state.filter(|(b, _)| b.used_in(self.step)) {
-            Some((b, c)) => {
-                debug_assert_eq!(c.prev, self.previous.range_of(b.aligned));
-                let p = (b.last_phase as usize).min(PHASES - 1);
-                let there =
-                    self.previous
-                        .nth_use_in_phase_in(c.prev, b.last_phase, b.phase_uses[p]);
-                let Some(there) = there else {
-                    return self.hint_in(c.prev);
-                };
-                Some(
-                    self.previous
-                        .next_use_in(Some(there), c.prev)
-                        .map(|gap| gap.saturating_sub(self.age(b)).max(1)),
-                )
-            }
-            None => match state {
-                Some((_, c)) => self.hint_in(c.prev),
-                None => self.hint_aligned(q.key),
-            },
-        }
-    }
-
-    /// Appends the memory manager keys of the buffers the previous step used in the next
-    /// `horizon` ops from here, soonest first (buffers of this step not made yet are
-    /// skipped).
-    pub fn upcoming_by_history(&self, horizon: usize, out: &mut Vec<u64>) {
-        self.upcoming_in_previous(self.after(), horizon, out);
-    }
-
-    /// [`Tracker::upcoming_by_history`] from op `after` of the previous step.
-    fn upcoming_in_previous(&self, after: Option<u32>, horizon: usize, out: &mut Vec<u64>) {
-        let from = out.len();
-        self.previous.upcoming(after, horizon, out);
-        let mut keep = from;
-        for i in from..out.len() {
-            let k = out[i];
-            let key = if k < PERSISTENT {
-                Some(k)
-            } else {
-                self.by_aligned.get(&k).and_then(|&id| self.key_of(id))
-            };
-            if let Some(key) = key {
-                out[keep] = key;
-                keep += 1;
-            }
-        }
-        out.truncate(keep);
-    }
-
-    /// What the encoder reads of candidate `q` now.
-    pub fn candidate(&self, q: &Query) -> CandidateView {
-        let state = self.bufs.get(q.id);
-        let used = state.filter(|(b, _)| b.last_use != u64::MAX);
-        CandidateView {
-            kind: q.kind,
-            bytes: q.bytes,
-            age: used.map_or(0, |(b, _)| self.clock.saturating_sub(b.last_use + 1)),
-            uses_step: state.map_or(0, |(b, _)| b.uses_step),
-            uses_past: state.map_or(0, |(_, c)| c.uses_past),
-            created_this_step: state.is_none_or(|(_, c)| c.first_step == self.step),
-            // An op of this step used it (use counts restart at every boundary).
-            last_use_position: state
-                .filter(|(b, _)| b.uses_step > 0)
-                .map_or(0.0, |(b, _)| {
-                    self.position(b.last_use_index(self.step_start))
-                }),
-            matching: self.matching,
-            hint: self.hint_for(q).filter(|_| self.cfg.hint),
-            mirror: state
-                .filter(|(b, _)| b.last_forward != NO_FORWARD && b.last_step == self.step)
-                .and_then(|(b, _)| self.mirror(b.last_forward)),
-            site: state.and_then(|(b, _)| self.site_for(b)),
-            plan: self.plan_distance(q),
-            plan_last: self.plan.last_of_step(),
-            producer: state.and_then(|(_, c)| c.producer),
-        }
-    }
-
-    /// Writes the model input for candidate `q` into `out` (`cfg.input_dim()` long): the
-    /// window's op rows oldest first (zeros before the first ops), then the candidate.
-    pub fn features(&self, q: &Query, out: &mut [f32]) {
-        debug_assert_eq!(out.len(), self.cfg.input_dim());
-        let (ops, cand) = out.split_at_mut(self.cfg.window_dim().min(out.len()));
-        self.window_features(ops);
-        self.candidate_features(q, cand);
-    }
-
-    /// Writes the window part of the model input (the same for every candidate until the
-    /// next op) into `out` (`window × op_dim` long).
-    pub fn window_features(&self, out: &mut [f32]) {
-        let d = self.cfg.encoding.op_dim();
-        let (newer, older) = self.ring.split_at(self.next);
-        for (row, op) in out.chunks_mut(d).zip(older.iter().chain(newer)) {
-            match op {
-                Some((view, at)) => encode_op(self.cfg.encoding, view, *at, row),
-                None => row.fill(0.0),
-            }
-        }
-    }
-
-    /// Writes the candidate part of the model input for `q` into `out` (`cand_dim` long).
-    pub fn candidate_features(&self, q: &Query, out: &mut [f32]) {
-        encode_candidate(self.cfg.encoding, &self.candidate(q), out);
-    }
-
-    /// The query for a tracked buffer `id` (its current key, kind and size).
-    pub fn query(&self, id: u64) -> Option<Query> {
-        self.bufs.get(id).map(|(h, c)| Query {
-            id,
-            key: c.key,
-            kind: h.kind,
-            bytes: c.bytes,
-        })
-    }
-
-    /// The encoding in use.
-    pub fn encoding(&self) -> Encoding {
-        self.cfg.encoding
     }
 }

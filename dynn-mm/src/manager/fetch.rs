@@ -1,4 +1,5 @@
-//! Bringing buffers back: an op's inputs gathered, fetched or recomputed on demand, and prefetched ahead.
+//! Bringing buffers back: an op's inputs gathered, fetched or recomputed on demand, and
+//! prefetched ahead.
 
 use super::*;
 

@@ -12,6 +12,21 @@ const LOG2E: f32 = std::f32::consts::LOG2_E;
 const LN2_HI: f32 = 0.693_359_4;
 const LN2_LO: f32 = -2.121_944_4e-4;
 
+/// `c[0]·x^(N-1) + … + c[N-1]` by Horner's rule, one `mul_add` per term (highest power
+/// first).
+#[inline(always)]
+fn horner_f32<const N: usize>(x: f32, c: [f32; N]) -> f32 {
+    const { assert!(N > 0, "a polynomial needs a coefficient") }; // so `c[0]` is in bounds
+    c[1..].iter().fold(c[0], |p, &k| p.mul_add(x, k))
+}
+
+/// [`horner_f32`] in f64.
+#[inline(always)]
+fn horner_f64<const N: usize>(x: f64, c: [f64; N]) -> f64 {
+    const { assert!(N > 0, "a polynomial needs a coefficient") }; // so `c[0]` is in bounds
+    c[1..].iter().fold(c[0], |p, &k| p.mul_add(x, k))
+}
+
 /// e^x for f32: range reduction to r in [-ln2/2, ln2/2] (Cody–Waite, fused) and a degree-6
 /// polynomial (Cephes), branch-free so loops over it vectorize.
 #[inline(always)]
@@ -23,12 +38,17 @@ pub fn exp_f32(x: f32) -> f32 {
     let n = shifted - MAGIC;
     let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, xc));
     let z = r * r;
-    let mut p = 1.987_569_1e-4f32;
-    p = p.mul_add(r, 1.398_199_9e-3);
-    p = p.mul_add(r, 8.333_452e-3);
-    p = p.mul_add(r, 4.166_579_6e-2);
-    p = p.mul_add(r, 1.666_666_5e-1);
-    p = p.mul_add(r, 5.000_000_1e-1);
+    let p = horner_f32(
+        r,
+        [
+            1.987_569_1e-4,
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            5.000_000_1e-1,
+        ],
+    );
     let y = p.mul_add(z, r) + 1.0;
     // n as an integer, read from the mantissa bits the magic addition left it in: integer
     // arithmetic that vectorizes, where the saturating `n as i32` would not (and, as
@@ -53,11 +73,16 @@ pub fn exp_f32(x: f32) -> f32 {
 pub fn tanh_f32(x: f32) -> f32 {
     let a = x.abs();
     let z = x * x;
-    let mut p = -5.704_988_7e-3f32;
-    p = p.mul_add(z, 2.063_908_9e-2);
-    p = p.mul_add(z, -5.373_971_6e-2);
-    p = p.mul_add(z, 1.333_144_5e-1);
-    p = p.mul_add(z, -3.333_328_2e-1);
+    let p = horner_f32(
+        z,
+        [
+            -5.704_988_7e-3,
+            2.063_908_9e-2,
+            -5.373_971_6e-2,
+            1.333_144_5e-1,
+            -3.333_328_2e-1,
+        ],
+    );
     let small = (x * z).mul_add(p, x);
     let e = exp_f32(2.0 * a);
     let big = 1.0 - 2.0 / (e + 1.0);
@@ -78,20 +103,28 @@ pub fn tanh_f32(x: f32) -> f32 {
 pub fn erf_f32(x: f32) -> f32 {
     let x = f64::from(x.clamp(-3.92, 3.92));
     let s = x * x;
-    let mut p: f64 = 2.050_204_126_256_489_1e-6;
-    p = p.mul_add(s, 2.848_692_616_589_279e-4);
-    p = p.mul_add(s, 3.765_002_671_737_722_3e-3);
-    p = p.mul_add(s, 5.274_684_056_278_784_5e-2);
-    p = p.mul_add(s, 1.903_921_006_700_927_4e-1);
-    p = p.mul_add(s, 1.128_379_146_570_648_8);
-    let mut q: f64 = 3.809_221_738_321_110_3e-5;
-    q = q.mul_add(s, 1.162_386_939_737_286_5e-3);
-    q = q.mul_add(s, 1.496_799_083_823_115_6e-2);
-    q = q.mul_add(s, 1.141_031_867_553_786_7e-1);
-    q = q.mul_add(s, 5.020_633_513_470_686_8e-1);
-    q = q.mul_add(s, 1.0);
-    // 1/q from an f32 division (16 lanes, where f64 division runs 8 at half the rate),
-    // refined by one Newton step: relative error (2^-23)^2, far below the f32 result's.
+    let p = horner_f64(
+        s,
+        [
+            2.050_204_126_256_489_1e-6,
+            2.848_692_616_589_279e-4,
+            3.765_002_671_737_722_3e-3,
+            5.274_684_056_278_784_5e-2,
+            1.903_921_006_700_927_4e-1,
+            1.128_379_146_570_648_8,
+        ],
+    );
+    let q = horner_f64(
+        s,
+        [
+            3.809_221_738_321_110_3e-5,
+            1.162_386_939_737_286_5e-3,
+            1.496_799_083_823_115_6e-2,
+            1.141_031_867_553_786_7e-1,
+            5.020_633_513_470_686_8e-1,
+            1.0,
+        ],
+    );
     (x * p / q) as f32
 }
 

@@ -7,7 +7,7 @@ use common::Mlp;
 use dynn_core::{Error, install_memory_hooks};
 use dynn_mm::policy::{Belady, Profile};
 use dynn_mm::{
-    DeviceProfile, ManagerConfig, MemoryManager, OpRecord, SimMemory, policy, simulate,
+    DeviceProfile, ManagerConfig, MemoryManager, OpRecord, SimMemory, SimResult, policy, simulate,
     simulate_with,
 };
 
@@ -26,19 +26,27 @@ fn recorded_step() -> Vec<OpRecord> {
     trace.step_ops(1)
 }
 
+/// `ops` replayed under the built-in policy `name`.
+fn replay(
+    ops: &[OpRecord],
+    name: &str,
+    budget: Option<usize>,
+    prof: &DeviceProfile,
+) -> dynn_core::Result<SimResult> {
+    simulate(ops, policy::by_name(name)?.as_mut(), budget, prof)
+}
+
 /// The peak device bytes of `ops` replayed without a budget.
 fn unlimited_peak(ops: &[OpRecord], prof: &DeviceProfile) -> usize {
-    simulate(ops, policy::by_name("none").unwrap().as_mut(), None, prof)
-        .unwrap()
-        .peak_device_bytes
+    replay(ops, "none", None, prof).unwrap().peak_device_bytes
 }
 
 #[test]
 fn replay_is_deterministic_and_free_without_a_budget() {
     let ops = recorded_step();
     let prof = DeviceProfile::a100_pcie4();
-    let a = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof).unwrap();
-    let b = simulate(&ops, policy::by_name("none").unwrap().as_mut(), None, &prof).unwrap();
+    let a = replay(&ops, "none", None, &prof).unwrap();
+    let b = replay(&ops, "none", None, &prof).unwrap();
     assert_eq!(a, b);
     assert!(a.step_ms > 0.0 && a.peak_device_bytes > 0);
     assert_eq!(
@@ -56,23 +64,9 @@ fn none_fails_below_the_peak() {
     let ops = recorded_step();
     let prof = DeviceProfile::a100_pcie4();
     let peak = unlimited_peak(&ops, &prof);
-    let err = simulate(
-        &ops,
-        policy::by_name("none").unwrap().as_mut(),
-        Some(peak / 2),
-        &prof,
-    )
-    .unwrap_err();
+    let err = replay(&ops, "none", Some(peak / 2), &prof).unwrap_err();
     assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
-    assert!(
-        simulate(
-            &ops,
-            policy::by_name("none").unwrap().as_mut(),
-            Some(peak),
-            &prof
-        )
-        .is_ok()
-    );
+    assert!(replay(&ops, "none", Some(peak), &prof).is_ok());
 }
 
 #[test]
@@ -83,13 +77,7 @@ fn belady_beats_lru_below_the_peak() {
     for frac in [0.5, 0.25] {
         let bytes = (peak as f64 * frac) as usize;
         let budget = Some(bytes);
-        let lru = simulate(
-            &ops,
-            policy::by_name("lru").unwrap().as_mut(),
-            budget,
-            &prof,
-        )
-        .unwrap();
+        let lru = replay(&ops, "lru", budget, &prof).unwrap();
         let mut belady = Belady::with_profile(Profile::from_ops(&ops));
         let opt = simulate(&ops, &mut belady, budget, &prof).unwrap();
         assert!(lru.peak_device_bytes <= bytes && opt.peak_device_bytes <= bytes);
@@ -199,20 +187,8 @@ fn copy_latency_is_paid_per_copy() {
     let slow = DeviceProfile::by_name("calibrated:2e13,1e12,2.5e10,1e-4").unwrap();
     let peak = unlimited_peak(&ops, &fast);
     let budget = Some(peak / 4);
-    let a = simulate(
-        &ops,
-        policy::by_name("lru").unwrap().as_mut(),
-        budget,
-        &fast,
-    )
-    .unwrap();
-    let b = simulate(
-        &ops,
-        policy::by_name("lru").unwrap().as_mut(),
-        budget,
-        &slow,
-    )
-    .unwrap();
+    let a = replay(&ops, "lru", budget, &fast).unwrap();
+    let b = replay(&ops, "lru", budget, &slow).unwrap();
     assert_eq!(a.bytes_h2d, b.bytes_h2d);
     assert!(a.evictions > 0);
     assert!(
@@ -478,28 +454,16 @@ fn under_a_budget_evictions_are_written_back_ahead_and_cost_no_copy() {
         evict_ahead: false,
         ..prof
     };
-    let default = simulate(
-        &ops,
-        policy::by_name("lru").unwrap().as_mut(),
-        Some(peak / 3),
-        &prof,
-    )
-    .unwrap();
+    let default = replay(&ops, "lru", Some(peak / 3), &prof).unwrap();
     assert_eq!(default.write_backs, 0);
     // The simulator: the same rule, and never with a budget that is not set.
     let prof = DeviceProfile {
         write_back: true,
         ..prof
     };
-    let lru = simulate(
-        &ops,
-        policy::by_name("lru").unwrap().as_mut(),
-        Some(peak / 3),
-        &prof,
-    )
-    .unwrap();
+    let lru = replay(&ops, "lru", Some(peak / 3), &prof).unwrap();
     assert!(lru.write_backs > 0 && lru.clean_evictions > 0, "{lru:?}");
-    let free = simulate(&ops, policy::by_name("lru").unwrap().as_mut(), None, &prof).unwrap();
+    let free = replay(&ops, "lru", None, &prof).unwrap();
     assert_eq!(free.write_backs, 0);
 }
 
@@ -514,9 +478,7 @@ fn evicting_ahead_writes_the_next_victims_back_and_frees_their_room_once_copied(
     };
     let peak = unlimited_peak(&ops, &ahead);
     for budget in [peak / 2, peak / 3] {
-        let run = |prof: &DeviceProfile, budget| {
-            simulate(&ops, policy::by_name("lru").unwrap().as_mut(), budget, prof).unwrap()
-        };
+        let run = |prof: &DeviceProfile, budget| replay(&ops, "lru", budget, prof).unwrap();
         let (a, l) = (run(&ahead, Some(budget)), run(&lazy, Some(budget)));
         // Victims leave after their background copy, without a copy on the compute stream.
         assert!(
@@ -535,15 +497,9 @@ fn evicting_ahead_writes_the_next_victims_back_and_frees_their_room_once_copied(
         assert!(a.peak_device_bytes <= budget);
     }
     // Nothing to make room for without a budget, nor under the policy that never evicts.
-    let none = simulate(
-        &ops,
-        policy::by_name("none").unwrap().as_mut(),
-        None,
-        &ahead,
-    )
-    .unwrap();
+    let none = replay(&ops, "none", None, &ahead).unwrap();
     assert_eq!(none.write_backs, 0);
-    let free = simulate(&ops, policy::by_name("lru").unwrap().as_mut(), None, &ahead).unwrap();
+    let free = replay(&ops, "lru", None, &ahead).unwrap();
     assert_eq!(free.write_backs, 0);
 
     // The manager, on by default: the same, on the transfer thread (paused between steps so

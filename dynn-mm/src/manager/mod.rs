@@ -63,6 +63,17 @@ struct Entry {
     flops: u64,
 }
 
+impl Entry {
+    /// Resident, unpinned, not held for a gathering, and not used since op `last_use`: what
+    /// a victim chosen then must still be to leave now.
+    fn untouched_since(&self, last_use: u64) -> bool {
+        self.last_use == last_use
+            && self.pins == 0
+            && self.held == 0
+            && matches!(self.res, Residency::Device(_))
+    }
+}
+
 #[derive(Default)]
 struct Releases(Mutex<Vec<BufferId>>);
 
@@ -307,10 +318,7 @@ impl MemoryManager {
             if let Some(i) = st.leaving.iter().position(|l| l.0 == c.id) {
                 let (id, used) = st.leaving.swap_remove(i);
                 let unused = st.table.get(&id).is_some_and(|e| {
-                    e.last_use == used
-                        && e.pins == 0
-                        && e.held == 0
-                        && matches!(e.res, Residency::Device(_))
+                    e.untouched_since(used)
                         && e.buf.upgrade().is_some_and(|b| b.host_copy_is_current())
                 });
                 // Its host copy is current: releasing the device copy moves nothing. Should

@@ -315,11 +315,7 @@ impl MemoryManager {
             let Some(e) = st.table.get(&c.id) else {
                 continue;
             };
-            if e.pins > 0
-                || e.held > 0
-                || e.last_use != c.last_use
-                || !matches!(e.res, Residency::Device(_))
-            {
+            if !e.untouched_since(c.last_use) {
                 continue;
             }
             room += c.bytes;

@@ -164,6 +164,20 @@ fn invalid_arguments_say_what_is_wrong() {
             "4 elements",
         ],
     );
+    // A dense layer's bias that does not match its weight's outputs, and a weight of rank 3.
+    let e = t(&[2, 3]).linear(&t(&[3, 4]), &t(&[5])).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidArgument { op: "linear", .. }),
+        "{e:?}"
+    );
+    has_all(&e.to_string(), &["linear", "bias", "(4,)", "[5]", "[3, 4]"]);
+    let e = t(&[2, 3]).linear(&t(&[1, 3, 4]), &t(&[4])).unwrap_err();
+    has_all(&e.to_string(), &["linear", "weight", "[1, 3, 4]"]);
+    let e = t(&[2, 3]).linear(&t(&[2, 4]), &t(&[4])).unwrap_err();
+    has_all(
+        &e.to_string(),
+        &["linear", "shape mismatch", "[2, 3]", "[2, 4]"],
+    );
     let e = t(&[2, 3]).permute(&[0, 0]).unwrap_err();
     assert!(
         matches!(e, Error::InvalidArgument { op: "permute", .. }),

@@ -58,11 +58,13 @@ impl Module for Linear {
 }
 
 impl Forward for Linear {
+    /// `x W + b` over the last dim of `x` (rank 2 or more); with a bias, one fused kernel
+    /// ([`MatmulOps::linear`]), whose output the memory manager can recompute from the layer's
+    /// input and parameters.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.matmul(&self.weight)?;
         match &self.bias {
-            Some(b) => y.add(b),
-            None => Ok(y),
+            Some(b) => x.linear(&self.weight, b),
+            None => x.matmul(&self.weight),
         }
     }
 }

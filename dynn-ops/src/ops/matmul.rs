@@ -1,7 +1,9 @@
-//! Matrix multiply with numpy batch broadcasting: `(..., m, k) @ (..., k, n)`. Kernels come
-//! from the `gemm` crate, which reads any row/column strides, so transposed operands (as in
-//! every backward) are never copied. f16/bf16 are computed in f32.
+//! Matrix multiply with numpy batch broadcasting: `(..., m, k) @ (..., k, n)`, and the dense
+//! layer's `x W + b` in one kernel. Kernels come from the `gemm` crate, which reads any
+//! row/column strides, so transposed operands (as in every backward) are never copied.
+//! f16/bf16 are computed in f32.
 
+use crate::cpu::gather_layout;
 use crate::cuda::{self, CudaStorage};
 use crate::ops::reduce::ReduceOps;
 use crate::ops::views::ViewOps;
@@ -21,6 +23,20 @@ pub struct Matmul;
 /// A multiply-accumulate: element-wise products reduced over k (no row of PyTorch's table).
 const IDIOMS: Idioms = Idioms([0, 0, 0, 1, 1, 0]);
 
+/// `x W + b` over the last dim of `x` (`W` is `(in, out)`, `b` is `(out,)`), as one kernel:
+/// PyTorch's `addmm`. The output starts as the bias rows and the product accumulates into it,
+/// so no product without the bias is stored and no second pass over the output adds it; the
+/// output's recipe reads the layer's input and parameters, which the backward pass keeps, so
+/// the memory manager can drop it and compute it again.
+#[derive(Debug, Clone, Copy)]
+pub struct Linear;
+
+/// A multiply-accumulate, then the bias: a second element-wise map.
+const LINEAR_IDIOMS: Idioms = Idioms([0, 0, 0, 1, 2, 0]);
+
+/// Output elements above which the bias rows are written in parallel.
+const PAR_FILL: usize = 1 << 15;
+
 /// The broadcast problem: batch shape, m, n, k.
 struct Problem {
     batch: Shape,
@@ -29,21 +45,21 @@ struct Problem {
     k: usize,
 }
 
-fn problem(a: &Shape, b: &Shape) -> Result<Problem> {
+fn problem(op: &'static str, a: &Shape, b: &Shape) -> Result<Problem> {
     let (ad, bd) = (a.dims(), b.dims());
     if ad.len() < 2 || bd.len() < 2 {
         return Err(Error::invalid(
-            "matmul",
+            op,
             format!("operands need rank >= 2, got {a} and {b}"),
         ));
     }
     let (m, k) = (ad[ad.len() - 2], ad[ad.len() - 1]);
     let (k2, n) = (bd[bd.len() - 2], bd[bd.len() - 1]);
     if k != k2 {
-        return Err(Error::shape_mismatch("matmul", a, b));
+        return Err(Error::shape_mismatch(op, a, b));
     }
-    let batch = Shape::new(&ad[..ad.len() - 2])
-        .broadcast_with(&Shape::new(&bd[..bd.len() - 2]), "matmul")?;
+    let batch =
+        Shape::new(&ad[..ad.len() - 2]).broadcast_with(&Shape::new(&bd[..bd.len() - 2]), op)?;
     Ok(Problem { batch, m, n, k })
 }
 
@@ -76,12 +92,14 @@ fn operand<'a, T>(data: &'a [T], l: &Layout, batch: &Shape) -> Result<Operand<'a
     })
 }
 
-/// Runs gemm for every batch entry into a contiguous `(batch, m, n)` output.
+/// Runs gemm for every batch entry into a contiguous `(batch, m, n)` output; with `bias` (`n`
+/// values), every output row starts as the bias and the product accumulates into it.
 fn gemm_batched<T: 'static + Copy + Send + Sync + Default>(
     a: &Operand<'_, T>,
     b: &Operand<'_, T>,
     p: &Problem,
     one: T,
+    bias: Option<&[T]>,
 ) -> Vec<T> {
     let (m, n, k) = (p.m, p.n, p.k);
     let nb = p.batch.elem_count();
@@ -90,17 +108,31 @@ fn gemm_batched<T: 'static + Copy + Send + Sync + Default>(
         if m * n == 0 {
             return;
         }
+        let fill_rows = |rows: &mut [std::mem::MaybeUninit<T>], row: &[T]| {
+            for r in rows.chunks_mut(n) {
+                for (o, &v) in r.iter_mut().zip(row) {
+                    o.write(v);
+                }
+            }
+        };
+        match bias {
+            Some(row) if out.len() >= PAR_FILL => out
+                .par_chunks_mut(n * (PAR_FILL / n).max(1))
+                .for_each(|rows| fill_rows(rows, row)),
+            Some(row) => fill_rows(out, row),
+            None if k == 0 => fill_rows(out, &vec![T::default(); n]),
+            None => {}
+        }
         if k == 0 {
-            out.iter_mut().for_each(|o| {
-                o.write(T::default());
-            });
             return;
         }
+        let read_dst = bias.is_some();
         let run = |dst: *mut T, ao: usize, bo: usize, m: usize, par: Parallelism| {
             // SAFETY: `dst` points at m*n writable elements (one output matrix, or the folded
             // block); the operand offsets and strides come from layouts validated against their
-            // buffers, so every element gemm reads is in bounds. read_dst = false: dst is only
-            // written, never read, so it may be uninitialised.
+            // buffers, so every element gemm reads is in bounds. Without a bias read_dst is
+            // false: dst is only written, never read, so it may be uninitialised; with one,
+            // every element was written with the bias above.
             unsafe {
                 gemm::gemm(
                     m,
@@ -109,7 +141,7 @@ fn gemm_batched<T: 'static + Copy + Send + Sync + Default>(
                     dst,
                     1,
                     n as isize,
-                    false,
+                    read_dst,
                     a.data.as_ptr().add(ao),
                     a.cs,
                     a.rs,
@@ -255,20 +287,30 @@ fn gather_operand(
     )
 }
 
-/// `a @ b` on the GPU through cuBLAS's strided-batched GEMM.
-fn cuda_matmul(a: &KernelArg<'_>, b: &KernelArg<'_>) -> Result<Box<dyn dynn_core::DeviceStorage>> {
-    let p = problem(a.shape(), b.shape())?;
+/// `a @ b` (plus `bias` along the last dim) on the GPU through cuBLAS's strided-batched GEMM:
+/// with a bias, the output starts as the bias rows and cuBLAS accumulates into it (`β = 1`).
+fn cuda_matmul(
+    op: &'static str,
+    a: &KernelArg<'_>,
+    b: &KernelArg<'_>,
+    bias: Option<&KernelArg<'_>>,
+) -> Result<Box<dyn dynn_core::DeviceStorage>> {
+    let p = problem(op, a.shape(), b.shape())?;
     let dtype = a.dtype();
-    let (sa, sb) = (cuda::storage("matmul", a)?, cuda::storage("matmul", b)?);
+    let (sa, sb) = (cuda::storage(op, a)?, cuda::storage(op, b)?);
     let dev = sa.dev().clone();
     let nb = p.batch.elem_count();
-    let mut out = CudaStorage::alloc(&dev, dtype, nb * p.m * p.n)?;
-    if nb * p.m * p.n == 0 {
+    let mut out = match bias {
+        Some(c) => gather_operand(c, &p.batch, p.m, p.n)?,
+        None => CudaStorage::alloc(&dev, dtype, nb * p.m * p.n)?,
+    };
+    if nb * p.m * p.n == 0 || (p.k == 0 && bias.is_some()) {
         return Ok(Box::new(out));
     }
     if p.k == 0 {
         return Ok(Box::new(CudaStorage::zeros(&dev, dtype, nb * p.m * p.n)?));
     }
+    let accumulate = bias.is_some();
     let too_big = [p.m, p.n, p.k, nb].iter().any(|&d| d > i32::MAX as usize);
     if too_big {
         return Err(Error::invalid(
@@ -333,20 +375,21 @@ fn cuda_matmul(a: &KernelArg<'_>, b: &KernelArg<'_>) -> Result<Box<dyn dynn_core
     // kernel accumulates in f32 too; cuBLAS may still reduce in the output type where it
     // splits k, as PyTorch's defaults allow).
     use half::{bf16, f16};
+    let beta = |one: f64| if accumulate { one } else { 0.0 };
     match dtype {
-        DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f32, 0.0),
-        DType::F64 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f64, 0.0),
-        DType::F16 => blas_gemm(&blas, &p, nb, a, b, c, f16::ONE, f16::ZERO),
-        DType::BF16 => blas_gemm(&blas, &p, nb, a, b, c, bf16::ONE, bf16::ZERO),
+        DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f32, beta(1.0) as f32),
+        DType::F64 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f64, beta(1.0)),
+        DType::F16 => blas_gemm(&blas, &p, nb, a, b, c, f16::ONE, f16::from_f64(beta(1.0))),
+        DType::BF16 => blas_gemm(&blas, &p, nb, a, b, c, bf16::ONE, bf16::from_f64(beta(1.0))),
         other => Err(Error::Device {
-            op: "matmul",
-            msg: format!("CUDA matmul runs on f32, f64, f16 and bf16, got {other:?}"),
+            op,
+            msg: format!("CUDA {op} runs on f32, f64, f16 and bf16, got {other:?}"),
         }),
     }
     .map_err(|e| match e {
         Error::Device { .. } => e,
         other => Error::Device {
-            op: "matmul",
+            op,
             msg: other.to_string(),
         },
     })?;
@@ -410,6 +453,84 @@ where
     unsafe { blas.gemm_strided_batched(cfg, &vb, &va, &mut vc) }.map_err(dev.err("matmul"))
 }
 
+/// `a @ b` (plus `bias` along the last dim) on the CPU. The dtypes were checked to agree by
+/// the op's `infer`.
+fn cpu_matmul(
+    op: &'static str,
+    a: &KernelArg<'_>,
+    b: &KernelArg<'_>,
+    bias: Option<&KernelArg<'_>>,
+) -> Result<CpuStorage> {
+    let p = problem(op, a.shape(), b.shape())?;
+    let (sa, sb) = (a.cpu(op)?, b.cpu(op)?);
+    // The bias as one contiguous row, in the type the product accumulates in.
+    let (mut row32, mut row64) = (None, None);
+    if let Some(c) = bias {
+        match c.cpu(op)? {
+            CpuStorage::F32(v) => row32 = Some(gather_layout(v, c.layout)),
+            CpuStorage::F64(v) => row64 = Some(gather_layout(v, c.layout)),
+            CpuStorage::F16(v) => {
+                let v = gather_layout(v, c.layout);
+                row32 = Some(v.into_iter().map(dynn_core::f16_to_f32).collect());
+            }
+            CpuStorage::BF16(v) => {
+                let v = gather_layout(v, c.layout);
+                row32 = Some(v.into_iter().map(|x| x.to_f32()).collect());
+            }
+            other => return Err(Error::unsupported_dtype(op, other.dtype())),
+        }
+    }
+    let (row32, row64) = (row32.as_deref(), row64.as_deref());
+    Ok(match (sa, sb) {
+        (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(gemm_batched(
+            &operand(x, a.layout, &p.batch)?,
+            &operand(y, b.layout, &p.batch)?,
+            &p,
+            1.0,
+            row32,
+        )),
+        (CpuStorage::F64(x), CpuStorage::F64(y)) => CpuStorage::F64(gemm_batched(
+            &operand(x, a.layout, &p.batch)?,
+            &operand(y, b.layout, &p.batch)?,
+            &p,
+            1.0,
+            row64,
+        )),
+        (CpuStorage::F16(_), CpuStorage::F16(_)) | (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+            let (x, y) = (to_f32(sa), to_f32(sb));
+            let r = gemm_batched(
+                &operand(&x, a.layout, &p.batch)?,
+                &operand(&y, b.layout, &p.batch)?,
+                &p,
+                1.0f32,
+                row32,
+            );
+            match sa.dtype() {
+                DType::F16 => {
+                    CpuStorage::F16(r.par_iter().map(|&v| dynn_core::f32_to_f16(v)).collect())
+                }
+                _ => CpuStorage::BF16(r.par_iter().map(|&v| half::bf16::from_f32(v)).collect()),
+            }
+        }
+        _ => return Err(Error::unsupported_dtype(op, sa.dtype())),
+    })
+}
+
+/// The gradient of a weight `b` in `a @ b` for the output gradient `g`. A batch times one
+/// weight (`x W` in a layer) folds the batch into the rows, `Σ_b a_bᵀ g_b = [a]ᵀ [g]`: one
+/// matmul instead of a per-batch gradient the size of the weight times the batch, summed.
+fn weight_grad(a: &Tensor, b_shape: &Shape, g: &Tensor) -> Result<Tensor> {
+    let (ad, gd) = (a.dims(), g.dims());
+    if b_shape.rank() == 2 && a.rank() > 2 {
+        let rows: usize = ad[..ad.len() - 1].iter().product();
+        let a2 = a.contiguous()?.reshape((rows, ad[ad.len() - 1]))?;
+        let g2 = g.contiguous()?.reshape((rows, gd[gd.len() - 1]))?;
+        a2.t()?.matmul(&g2)
+    } else {
+        a.t()?.matmul(g)?.sum_to(b_shape)
+    }
+}
+
 impl Op for Matmul {
     fn name(&self) -> &'static str {
         "matmul"
@@ -429,7 +550,7 @@ impl Op for Matmul {
         if !a.dtype().is_float() {
             return Err(Error::unsupported_dtype("matmul", a.dtype()));
         }
-        let p = problem(a.shape(), b.shape())?;
+        let p = problem("matmul", a.shape(), b.shape())?;
         let mut dims = p.batch.to_vec();
         dims.extend([p.m, p.n]);
         Ok(smallvec![TensorSpec::new(dims, a.dtype())])
@@ -439,7 +560,7 @@ impl Op for Matmul {
             .iter()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum();
-        let (flops, written) = match problem(inputs[0].shape(), inputs[1].shape()) {
+        let (flops, written) = match problem("matmul", inputs[0].shape(), inputs[1].shape()) {
             Ok(p) => (
                 2 * p.batch.elem_count() * p.m * p.n * p.k,
                 outputs[0].size_in_bytes(),
@@ -455,42 +576,9 @@ impl Op for Matmul {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (a, b) = (inputs[0], inputs[1]);
         if cuda::on_cuda(inputs) {
-            return Ok(smallvec![cuda_matmul(&a, &b)?]);
+            return Ok(smallvec![cuda_matmul("matmul", &a, &b, None)?]);
         }
-        let p = problem(a.shape(), b.shape())?;
-        let (sa, sb) = (a.cpu("matmul")?, b.cpu("matmul")?);
-        let out = match (sa, sb) {
-            (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(gemm_batched(
-                &operand(x, a.layout, &p.batch)?,
-                &operand(y, b.layout, &p.batch)?,
-                &p,
-                1.0,
-            )),
-            (CpuStorage::F64(x), CpuStorage::F64(y)) => CpuStorage::F64(gemm_batched(
-                &operand(x, a.layout, &p.batch)?,
-                &operand(y, b.layout, &p.batch)?,
-                &p,
-                1.0,
-            )),
-            (CpuStorage::F16(_), CpuStorage::F16(_))
-            | (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-                let (x, y) = (to_f32(sa), to_f32(sb));
-                let r = gemm_batched(
-                    &operand(&x, a.layout, &p.batch)?,
-                    &operand(&y, b.layout, &p.batch)?,
-                    &p,
-                    1.0f32,
-                );
-                match sa.dtype() {
-                    DType::F16 => {
-                        CpuStorage::F16(r.par_iter().map(|&v| dynn_core::f32_to_f16(v)).collect())
-                    }
-                    _ => CpuStorage::BF16(r.par_iter().map(|&v| half::bf16::from_f32(v)).collect()),
-                }
-            }
-            _ => return Err(Error::unsupported_dtype("matmul", sa.dtype())),
-        };
-        Ok(crate::cpu::one(out))
+        Ok(crate::cpu::one(cpu_matmul("matmul", &a, &b, None)?))
     }
     fn save(&self) -> Save {
         Save::INPUTS
@@ -504,22 +592,91 @@ impl Op for Matmul {
             .transpose()?;
         let gb = ctx
             .needs(1)
-            .then(|| {
-                let (ad, gd) = (a.dims(), g.dims());
-                if b.rank() == 2 && a.rank() > 2 {
-                    // A batch times one weight (`x W` in a layer): fold the batch into the rows,
-                    // `Σ_b a_bᵀ g_b = [a]ᵀ [g]`, one matmul instead of a per-batch gradient
-                    // the size of the weight times the batch, summed.
-                    let rows: usize = ad[..ad.len() - 1].iter().product();
-                    let a2 = a.contiguous()?.reshape((rows, ad[ad.len() - 1]))?;
-                    let g2 = g.contiguous()?.reshape((rows, gd[gd.len() - 1]))?;
-                    a2.t()?.matmul(&g2)
-                } else {
-                    a.t()?.matmul(g)?.sum_to(&ctx.input_specs[1].shape)
-                }
-            })
+            .then(|| weight_grad(a, &ctx.input_specs[1].shape, g))
             .transpose()?;
         Ok(smallvec![ga, gb])
+    }
+}
+
+impl Op for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+    fn idioms(&self) -> Idioms {
+        LINEAR_IDIOMS
+    }
+    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
+        let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
+        for t in [w, b] {
+            if t.dtype() != x.dtype() {
+                return Err(Error::DTypeMismatch {
+                    op: "linear",
+                    expected: x.dtype(),
+                    got: t.dtype(),
+                });
+            }
+        }
+        if !x.dtype().is_float() {
+            return Err(Error::unsupported_dtype("linear", x.dtype()));
+        }
+        if w.rank() != 2 {
+            return Err(Error::invalid(
+                "linear",
+                format!("the weight must be (in, out), got {}", w.shape()),
+            ));
+        }
+        let p = problem("linear", x.shape(), w.shape())?;
+        if b.dims() != [p.n] {
+            return Err(Error::invalid(
+                "linear",
+                format!(
+                    "the bias must be (out,) = ({},) for weight {}, got {}",
+                    p.n,
+                    w.shape(),
+                    b.shape()
+                ),
+            ));
+        }
+        let mut dims = p.batch.to_vec();
+        dims.extend([p.m, p.n]);
+        Ok(smallvec![TensorSpec::new(dims, x.dtype())])
+    }
+    fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
+        let mut cost = Matmul.cost(&inputs[..2], outputs);
+        let bias = inputs[2].elem_count() * inputs[2].dtype().size_in_bytes();
+        cost.bytes_read += bias as u64;
+        cost.flops += outputs[0].shape.elem_count() as u64;
+        cost
+    }
+    fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
+        let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
+        if cuda::on_cuda(inputs) {
+            return Ok(smallvec![cuda_matmul("linear", &x, &w, Some(&b))?]);
+        }
+        Ok(crate::cpu::one(cpu_matmul("linear", &x, &w, Some(&b))?))
+    }
+    fn save(&self) -> Save {
+        // The input and the weight; the bias's gradient needs only the output's.
+        Save {
+            inputs: 0b011,
+            outputs: 0,
+        }
+    }
+    fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
+        let g = ctx.grad(0)?;
+        let gx = ctx
+            .needs(0)
+            .then(|| g.matmul(&ctx.input(1)?.t()?))
+            .transpose()?;
+        let gw = ctx
+            .needs(1)
+            .then(|| weight_grad(ctx.input(0)?, &ctx.input_specs[1].shape, g))
+            .transpose()?;
+        let gb = ctx
+            .needs(2)
+            .then(|| g.sum_to(&ctx.input_specs[2].shape))
+            .transpose()?;
+        Ok(smallvec![gx, gw, gb])
     }
 }
 
@@ -527,20 +684,34 @@ impl Op for Matmul {
 pub trait MatmulOps {
     /// `self @ rhs` over the last two dims, broadcasting batch dims (numpy `matmul`).
     fn matmul(&self, rhs: &Tensor) -> Result<Tensor>;
+    /// `self @ weight + bias` in one kernel (PyTorch's `addmm`): `self` is `(..., in)` (rank
+    /// at least 2), `weight` is `(in, out)`, `bias` is `(out,)`; the result is `(..., out)`.
+    fn linear(&self, weight: &Tensor, bias: &Tensor) -> Result<Tensor>;
 }
 
 impl MatmulOps for Tensor {
     fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         execute1(Matmul, &[self, rhs])
     }
+    fn linear(&self, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        execute1(Linear, &[self, weight, bias])
+    }
 }
 
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
-    vec![OpInfo {
-        name: "matmul",
-        idioms: IDIOMS,
-        differentiable: true,
-        family: "matmul",
-    }]
+    vec![
+        OpInfo {
+            name: "matmul",
+            idioms: IDIOMS,
+            differentiable: true,
+            family: "matmul",
+        },
+        OpInfo {
+            name: "linear",
+            idioms: LINEAR_IDIOMS,
+            differentiable: true,
+            family: "matmul",
+        },
+    ]
 }

@@ -1,4 +1,4 @@
-//! Matmul on the GPU (cuBLAS): plain, transposed operands, batched with broadcasting,
+//! Matmul and linear (bias accumulated into by cuBLAS) on the GPU: plain, transposed operands, batched with broadcasting,
 //! narrowed (non-unit strides cuBLAS cannot read directly), f32, f64, f16 and bf16 (f32
 //! accumulation on both devices), forward and backward.
 
@@ -55,6 +55,16 @@ fn matmul() {
             "broadcast batch",
             vec![r(&[4, 1, 8, 9], 13), r(&[3, 9, 6], 14)],
             |v| v[0].matmul(&v[1]),
+        );
+        case(
+            "linear",
+            vec![r(&[3, 17, 30], 21), r(&[30, 12], 22), r(&[12], 23)],
+            |v| v[0].linear(&v[1], &v[2]),
+        );
+        case(
+            "linear, transposed weight",
+            vec![r(&[17, 30], 24), r(&[12, 30], 25), r(&[12], 26)],
+            |v| v[0].linear(&v[1].t()?, &v[2]),
         );
         case("narrowed", vec![r(&[20, 50], 15), r(&[40, 30], 16)], |v| {
             v[0].narrow(1, 5, 40)?.matmul(&v[1].narrow(1, 2, 20)?)

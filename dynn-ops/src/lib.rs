@@ -18,6 +18,7 @@ pub use registry::{OpInfo, cuda_sources, idioms_markdown, op_table};
 /// The tensor methods of every op family, and the core types.
 pub mod prelude {
     pub use crate::grad::Backward;
+    pub use crate::ops::attention::AttentionOps;
     pub use crate::ops::binary::BinaryOps;
     pub use crate::ops::cast::CastOps;
     pub use crate::ops::compare::{CmpOp, CompareOps};

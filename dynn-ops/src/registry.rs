@@ -33,6 +33,7 @@ pub fn op_table() -> Vec<OpInfo> {
         crate::ops::logical::ops(),
         crate::ops::cast::ops(),
         crate::ops::softmax::ops(),
+        crate::ops::attention::ops(),
         crate::ops::norm::ops(),
         crate::ops::cross_entropy::ops(),
         crate::ops::dropout::ops(),

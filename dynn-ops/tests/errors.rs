@@ -173,6 +173,20 @@ fn invalid_arguments_say_what_is_wrong() {
     has_all(&e.to_string(), &["linear", "bias", "(4,)", "[5]", "[3, 4]"]);
     let e = t(&[2, 3]).linear(&t(&[1, 3, 4]), &t(&[4])).unwrap_err();
     has_all(&e.to_string(), &["linear", "weight", "[1, 3, 4]"]);
+    let e = t(&[2, 3])
+        .attention_probs(&t(&[4, 3]), Some(&t(&[3, 4])), 1.0)
+        .unwrap_err();
+    has_all(
+        &e.to_string(),
+        &["attention_probs", "bias", "[3, 4]", "[2, 4]"],
+    );
+    let e = t(&[2, 3])
+        .attention_probs(&t(&[4, 5]), None, 1.0)
+        .unwrap_err();
+    has_all(
+        &e.to_string(),
+        &["attention_probs", "shape mismatch", "[2, 3]", "[4, 5]"],
+    );
     let e = t(&[2, 3]).linear(&t(&[2, 4]), &t(&[4])).unwrap_err();
     has_all(
         &e.to_string(),

@@ -113,7 +113,9 @@ pub fn scaled_dot_product_attention(
     attention_probs(q, k, bias, None)?.matmul(v)
 }
 
-/// The attention weights `softmax(q kᵀ / √d + bias)`, dropout applied when given.
+/// The attention weights `softmax(q kᵀ / √d + bias)` (one op, [`AttentionOps::attention_probs`],
+/// so that the memory manager can recompute them from `q`, `k` and the bias), dropout applied
+/// when given.
 fn attention_probs(
     q: &Tensor,
     k: &Tensor,
@@ -126,13 +128,7 @@ fn attention_probs(
             "q must have rank >= 2, got a scalar",
         )
     })?;
-    let mut scores = q
-        .matmul(&k.transpose(-2, -1)?)?
-        .scale(1.0 / (d.max(1) as f64).sqrt())?;
-    if let Some(b) = bias {
-        scores = scores.add(b)?;
-    }
-    let probs = scores.softmax(-1)?;
+    let probs = q.attention_probs(k, bias, 1.0 / (d.max(1) as f64).sqrt())?;
     match dropout {
         Some(dr) => dr.forward(&probs),
         None => Ok(probs),

@@ -3,7 +3,7 @@
 //! row/column strides, so transposed operands (as in every backward) are never copied.
 //! f16/bf16 are computed in f32.
 
-use crate::cpu::gather_layout;
+use crate::cpu::map_layout;
 use crate::cuda::{self, CudaStorage};
 use crate::ops::reduce::ReduceOps;
 use crate::ops::views::ViewOps;
@@ -33,9 +33,6 @@ pub struct Linear;
 
 /// A multiply-accumulate, then the bias: a second element-wise map.
 const LINEAR_IDIOMS: Idioms = Idioms([0, 0, 0, 1, 2, 0]);
-
-/// Output elements above which the bias rows are written in parallel.
-const PAR_FILL: usize = 1 << 15;
 
 /// The broadcast problem: batch shape, m, n, k.
 struct Problem {
@@ -92,113 +89,126 @@ fn operand<'a, T>(data: &'a [T], l: &Layout, batch: &Shape) -> Result<Operand<'a
     })
 }
 
-/// Runs gemm for every batch entry into a contiguous `(batch, m, n)` output; with `bias` (`n`
-/// values), every output row starts as the bias and the product accumulates into it.
+/// Runs gemm for every batch entry into a contiguous `(batch, m, n)` output, the products
+/// scaled by `scale`. With `init` (the whole output's starting values, e.g. a broadcast bias)
+/// the scaled products accumulate into it.
 fn gemm_batched<T: 'static + Copy + Send + Sync + Default>(
     a: &Operand<'_, T>,
     b: &Operand<'_, T>,
     p: &Problem,
-    one: T,
-    bias: Option<&[T]>,
+    (one, scale): (T, T),
+    init: Option<Vec<T>>,
 ) -> Vec<T> {
+    let len = p.batch.elem_count() * p.m * p.n;
+    match init {
+        Some(mut out) => {
+            if p.k > 0 && len > 0 {
+                // SAFETY: `T` and `MaybeUninit<T>` have the same layout, and the slice only
+                // gets initialised values written through it.
+                let uninit =
+                    unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast(), out.len()) };
+                gemm_into(uninit, a, b, p, (one, scale), true);
+            }
+            out
+        }
+        None => vec_from_fill(len, |out| {
+            if len == 0 {
+                return;
+            }
+            if p.k == 0 {
+                out.iter_mut().for_each(|o| {
+                    o.write(T::default());
+                });
+                return;
+            }
+            gemm_into(out, a, b, p, (one, scale), false);
+        }),
+    }
+}
+
+/// [`gemm_batched`]'s products into `out`: read first (`read_dst`, then every element is
+/// initialised) or only written.
+fn gemm_into<T: 'static + Copy + Send + Sync + Default>(
+    out: &mut [std::mem::MaybeUninit<T>],
+    a: &Operand<'_, T>,
+    b: &Operand<'_, T>,
+    p: &Problem,
+    (one, scale): (T, T),
+    read_dst: bool,
+) {
     let (m, n, k) = (p.m, p.n, p.k);
     let nb = p.batch.elem_count();
     let threads = rayon::current_num_threads();
-    vec_from_fill(nb * m * n, |out| {
-        if m * n == 0 {
-            return;
+    let run = |dst: *mut T, ao: usize, bo: usize, m: usize, par: Parallelism| {
+        // SAFETY: `dst` points at m*n writable elements (one output matrix, or the folded
+        // block); the operand offsets and strides come from layouts validated against their
+        // buffers, so every element gemm reads is in bounds. Without read_dst, dst is only
+        // written, never read, so it may be uninitialised; with it, the caller initialised it.
+        unsafe {
+            gemm::gemm(
+                m,
+                n,
+                k,
+                dst,
+                1,
+                n as isize,
+                read_dst,
+                a.data.as_ptr().add(ao),
+                a.cs,
+                a.rs,
+                b.data.as_ptr().add(bo),
+                b.cs,
+                b.rs,
+                one,
+                scale,
+                false,
+                false,
+                false,
+                par,
+            )
         }
-        let fill_rows = |rows: &mut [std::mem::MaybeUninit<T>], row: &[T]| {
-            for r in rows.chunks_mut(n) {
-                for (o, &v) in r.iter_mut().zip(row) {
-                    o.write(v);
-                }
-            }
-        };
-        match bias {
-            Some(row) if out.len() >= PAR_FILL => out
-                .par_chunks_mut(n * (PAR_FILL / n).max(1))
-                .for_each(|rows| fill_rows(rows, row)),
-            Some(row) => fill_rows(out, row),
-            None if k == 0 => fill_rows(out, &vec![T::default(); n]),
-            None => {}
-        }
-        if k == 0 {
-            return;
-        }
-        let read_dst = bias.is_some();
-        let run = |dst: *mut T, ao: usize, bo: usize, m: usize, par: Parallelism| {
-            // SAFETY: `dst` points at m*n writable elements (one output matrix, or the folded
-            // block); the operand offsets and strides come from layouts validated against their
-            // buffers, so every element gemm reads is in bounds. Without a bias read_dst is
-            // false: dst is only written, never read, so it may be uninitialised; with one,
-            // every element was written with the bias above.
-            unsafe {
-                gemm::gemm(
-                    m,
-                    n,
-                    k,
-                    dst,
-                    1,
-                    n as isize,
-                    read_dst,
-                    a.data.as_ptr().add(ao),
-                    a.cs,
-                    a.rs,
-                    b.data.as_ptr().add(bo),
-                    b.cs,
-                    b.rs,
-                    one,
-                    one,
-                    false,
-                    false,
-                    false,
-                    par,
-                )
-            }
-        };
-        // One big problem when b is shared across a batch of row-contiguous a matrices.
-        let b_shared = b.offsets.iter().all(|&o| o == b.offsets[0]);
-        let a_folds = a
-            .offsets
-            .windows(2)
-            .all(|w| w[1] == w[0] + m * a.rs as usize)
-            && a.rs > 0;
-        let par_all = if threads > 1 {
-            Parallelism::Rayon(threads)
-        } else {
-            Parallelism::None
-        };
-        if nb == 1 || (b_shared && a_folds) {
+    };
+    // One big problem when b is shared across a batch of row-contiguous a matrices.
+    let b_shared = b.offsets.iter().all(|&o| o == b.offsets[0]);
+    let a_folds = a
+        .offsets
+        .windows(2)
+        .all(|w| w[1] == w[0] + m * a.rs as usize)
+        && a.rs > 0;
+    let par_all = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    if nb == 1 || (b_shared && a_folds) {
+        run(
+            out.as_mut_ptr().cast(),
+            a.offsets[0],
+            b.offsets[0],
+            m * nb,
+            par_all,
+        );
+    } else if nb >= threads && m * n * k <= 256 * 256 * 256 {
+        out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
             run(
-                out.as_mut_ptr().cast(),
-                a.offsets[0],
-                b.offsets[0],
-                m * nb,
+                o.as_mut_ptr().cast(),
+                a.offsets[i],
+                b.offsets[i],
+                m,
+                Parallelism::None,
+            )
+        });
+    } else {
+        for (i, o) in out.chunks_mut(m * n).enumerate() {
+            run(
+                o.as_mut_ptr().cast(),
+                a.offsets[i],
+                b.offsets[i],
+                m,
                 par_all,
             );
-        } else if nb >= threads && m * n * k <= 256 * 256 * 256 {
-            out.par_chunks_mut(m * n).enumerate().for_each(|(i, o)| {
-                run(
-                    o.as_mut_ptr().cast(),
-                    a.offsets[i],
-                    b.offsets[i],
-                    m,
-                    Parallelism::None,
-                )
-            });
-        } else {
-            for (i, o) in out.chunks_mut(m * n).enumerate() {
-                run(
-                    o.as_mut_ptr().cast(),
-                    a.offsets[i],
-                    b.offsets[i],
-                    m,
-                    par_all,
-                );
-            }
         }
-    })
+    }
 }
 
 fn to_f32(s: &CpuStorage) -> Vec<f32> {
@@ -287,13 +297,15 @@ fn gather_operand(
     )
 }
 
-/// `a @ b` (plus `bias` along the last dim) on the GPU through cuBLAS's strided-batched GEMM:
-/// with a bias, the output starts as the bias rows and cuBLAS accumulates into it (`β = 1`).
-fn cuda_matmul(
+/// `scale · (a @ b) + bias` on the GPU through cuBLAS's strided-batched GEMM (`α = scale`):
+/// with a bias, the output starts as the bias broadcast to its shape and cuBLAS accumulates
+/// into it (`β = 1`).
+pub(crate) fn cuda_matmul(
     op: &'static str,
     a: &KernelArg<'_>,
     b: &KernelArg<'_>,
     bias: Option<&KernelArg<'_>>,
+    scale: f64,
 ) -> Result<Box<dyn dynn_core::DeviceStorage>> {
     let p = problem(op, a.shape(), b.shape())?;
     let dtype = a.dtype();
@@ -375,12 +387,30 @@ fn cuda_matmul(
     // kernel accumulates in f32 too; cuBLAS may still reduce in the output type where it
     // splits k, as PyTorch's defaults allow).
     use half::{bf16, f16};
-    let beta = |one: f64| if accumulate { one } else { 0.0 };
+    let beta = if accumulate { 1.0 } else { 0.0 };
     match dtype {
-        DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f32, beta(1.0) as f32),
-        DType::F64 => blas_gemm(&blas, &p, nb, a, b, c, 1.0f64, beta(1.0)),
-        DType::F16 => blas_gemm(&blas, &p, nb, a, b, c, f16::ONE, f16::from_f64(beta(1.0))),
-        DType::BF16 => blas_gemm(&blas, &p, nb, a, b, c, bf16::ONE, bf16::from_f64(beta(1.0))),
+        DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, scale as f32, beta as f32),
+        DType::F64 => blas_gemm(&blas, &p, nb, a, b, c, scale, beta),
+        DType::F16 => blas_gemm(
+            &blas,
+            &p,
+            nb,
+            a,
+            b,
+            c,
+            f16::from_f64(scale),
+            f16::from_f64(beta),
+        ),
+        DType::BF16 => blas_gemm(
+            &blas,
+            &p,
+            nb,
+            a,
+            b,
+            c,
+            bf16::from_f64(scale),
+            bf16::from_f64(beta),
+        ),
         other => Err(Error::Device {
             op,
             msg: format!("CUDA {op} runs on f32, f64, f16 and bf16, got {other:?}"),
@@ -453,48 +483,49 @@ where
     unsafe { blas.gemm_strided_batched(cfg, &vb, &va, &mut vc) }.map_err(dev.err("matmul"))
 }
 
-/// `a @ b` (plus `bias` along the last dim) on the CPU. The dtypes were checked to agree by
-/// the op's `infer`.
-fn cpu_matmul(
+/// `scale · (a @ b) + bias` on the CPU, `bias` broadcast to the output's shape. The dtypes
+/// were checked to agree by the op's `infer`.
+pub(crate) fn cpu_matmul(
     op: &'static str,
     a: &KernelArg<'_>,
     b: &KernelArg<'_>,
     bias: Option<&KernelArg<'_>>,
+    scale: f64,
 ) -> Result<CpuStorage> {
     let p = problem(op, a.shape(), b.shape())?;
     let (sa, sb) = (a.cpu(op)?, b.cpu(op)?);
-    // The bias as one contiguous row, in the type the product accumulates in.
-    let (mut row32, mut row64) = (None, None);
-    if let Some(c) = bias {
+    // The output's starting values: the bias broadcast, in the type the product accumulates in.
+    let out_layout = bias
+        .map(|c| {
+            let mut dims = p.batch.to_vec();
+            dims.extend([p.m, p.n]);
+            c.layout.broadcast_as(&Shape::new(&dims))
+        })
+        .transpose()?;
+    let (mut init32, mut init64) = (None, None);
+    if let (Some(c), Some(l)) = (bias, &out_layout) {
         match c.cpu(op)? {
-            CpuStorage::F32(v) => row32 = Some(gather_layout(v, c.layout)),
-            CpuStorage::F64(v) => row64 = Some(gather_layout(v, c.layout)),
-            CpuStorage::F16(v) => {
-                let v = gather_layout(v, c.layout);
-                row32 = Some(v.into_iter().map(dynn_core::f16_to_f32).collect());
-            }
-            CpuStorage::BF16(v) => {
-                let v = gather_layout(v, c.layout);
-                row32 = Some(v.into_iter().map(|x| x.to_f32()).collect());
-            }
+            CpuStorage::F32(v) => init32 = Some(map_layout(v, l, |x| x)),
+            CpuStorage::F64(v) => init64 = Some(map_layout(v, l, |x| x)),
+            CpuStorage::F16(v) => init32 = Some(map_layout(v, l, dynn_core::f16_to_f32)),
+            CpuStorage::BF16(v) => init32 = Some(map_layout(v, l, |x| x.to_f32())),
             other => return Err(Error::unsupported_dtype(op, other.dtype())),
         }
     }
-    let (row32, row64) = (row32.as_deref(), row64.as_deref());
     Ok(match (sa, sb) {
         (CpuStorage::F32(x), CpuStorage::F32(y)) => CpuStorage::F32(gemm_batched(
             &operand(x, a.layout, &p.batch)?,
             &operand(y, b.layout, &p.batch)?,
             &p,
-            1.0,
-            row32,
+            (1.0, scale as f32),
+            init32,
         )),
         (CpuStorage::F64(x), CpuStorage::F64(y)) => CpuStorage::F64(gemm_batched(
             &operand(x, a.layout, &p.batch)?,
             &operand(y, b.layout, &p.batch)?,
             &p,
-            1.0,
-            row64,
+            (1.0, scale),
+            init64,
         )),
         (CpuStorage::F16(_), CpuStorage::F16(_)) | (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
             let (x, y) = (to_f32(sa), to_f32(sb));
@@ -502,8 +533,8 @@ fn cpu_matmul(
                 &operand(&x, a.layout, &p.batch)?,
                 &operand(&y, b.layout, &p.batch)?,
                 &p,
-                1.0f32,
-                row32,
+                (1.0, scale as f32),
+                init32,
             );
             match sa.dtype() {
                 DType::F16 => {
@@ -576,9 +607,9 @@ impl Op for Matmul {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (a, b) = (inputs[0], inputs[1]);
         if cuda::on_cuda(inputs) {
-            return Ok(smallvec![cuda_matmul("matmul", &a, &b, None)?]);
+            return Ok(smallvec![cuda_matmul("matmul", &a, &b, None, 1.0)?]);
         }
-        Ok(crate::cpu::one(cpu_matmul("matmul", &a, &b, None)?))
+        Ok(crate::cpu::one(cpu_matmul("matmul", &a, &b, None, 1.0)?))
     }
     fn save(&self) -> Save {
         Save::INPUTS
@@ -651,9 +682,15 @@ impl Op for Linear {
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
         if cuda::on_cuda(inputs) {
-            return Ok(smallvec![cuda_matmul("linear", &x, &w, Some(&b))?]);
+            return Ok(smallvec![cuda_matmul("linear", &x, &w, Some(&b), 1.0)?]);
         }
-        Ok(crate::cpu::one(cpu_matmul("linear", &x, &w, Some(&b))?))
+        Ok(crate::cpu::one(cpu_matmul(
+            "linear",
+            &x,
+            &w,
+            Some(&b),
+            1.0,
+        )?))
     }
     fn save(&self) -> Save {
         // The input and the weight; the bias's gradient needs only the output's.

@@ -1,5 +1,6 @@
 //! One file per op family: kernels, backward rule, idioms and cost in one place.
 
+pub mod attention;
 pub mod binary;
 pub mod cast;
 pub mod compare;

@@ -1,4 +1,4 @@
-//! Matmul and linear (bias accumulated into by cuBLAS) on the GPU: plain, transposed operands, batched with broadcasting,
+//! Matmul, linear and attention_probs (the bias accumulated into by cuBLAS) on the GPU: plain, transposed operands, batched with broadcasting,
 //! narrowed (non-unit strides cuBLAS cannot read directly), f32, f64, f16 and bf16 (f32
 //! accumulation on both devices), forward and backward.
 
@@ -55,6 +55,20 @@ fn matmul() {
             "broadcast batch",
             vec![r(&[4, 1, 8, 9], 13), r(&[3, 9, 6], 14)],
             |v| v[0].matmul(&v[1]),
+        );
+        case(
+            "attention_probs, mask",
+            vec![
+                r(&[2, 3, 17, 16], 27),
+                r(&[2, 3, 20, 16], 28),
+                r(&[2, 1, 1, 20], 29),
+            ],
+            |v| v[0].attention_probs(&v[1], Some(&v[2]), 0.25),
+        );
+        case(
+            "attention_probs, no bias",
+            vec![r(&[4, 17, 16], 30), r(&[4, 20, 16], 31)],
+            |v| v[0].attention_probs(&v[1], None, 0.25),
         );
         case(
             "linear",

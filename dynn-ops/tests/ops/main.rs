@@ -35,6 +35,7 @@ families!(
     views,
     reduce,
     matmul,
+    attention,
     update,
     optim,
     softmax,

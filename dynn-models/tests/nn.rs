@@ -418,6 +418,31 @@ fn causal_mask_does_not_look_ahead() -> Result<()> {
 }
 
 #[test]
+fn a_prepared_mask_gives_the_same_attention() -> Result<()> {
+    let m = MultiHeadAttention::new(&builder(65), 8, 2)?;
+    let x = randn((2, 5, 8), 66)?;
+    for mask in [
+        AttentionMask::None,
+        AttentionMask::Causal,
+        AttentionMask::Padding(padding()?),
+        AttentionMask::CausalPadding(padding()?),
+    ] {
+        let prepared = mask.prepared(2, 5, 5, x.dtype(), x.device())?;
+        assert_eq!(
+            m.forward(&x, &mask)?.to_vec::<f64>()?,
+            m.forward(&x, &prepared)?.to_vec::<f64>()?,
+            "{mask:?}"
+        );
+    }
+    // A causal bias is built once for any batch: (1, 1, seq, seq).
+    match AttentionMask::Causal.prepared(1, 5, 5, x.dtype(), x.device())? {
+        AttentionMask::Bias(t) => assert_eq!(t.dims(), [1, 1, 5, 5]),
+        other => panic!("expected a bias, got {other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
 fn padding_mask_ignores_padded_keys() -> Result<()> {
     let m = MultiHeadAttention::new(&builder(63), 8, 2)?;
     let x = randn((2, 5, 8), 64)?;

@@ -185,9 +185,11 @@ impl EarlyExitLm {
             exit_loss: 0.0,
         };
         let v = self.cfg.vocab;
+        // One causal bias for every block (it does not depend on the batch, which shrinks).
+        let mask = AttentionMask::Causal.prepared(1, seq, seq, x.dtype(), x.device())?;
         for (i, (blk, norm)) in self.blocks.iter().zip(&self.exit_norms).enumerate() {
             let b = x.dims()[0];
-            x = blk.forward(&x, &AttentionMask::Causal)?;
+            x = blk.forward(&x, &mask)?;
             let logits = self.head.forward(&norm.forward(&x)?)?;
             let per_token = logits.reshape((b * seq, v))?.cross_entropy(
                 &tgt.reshape(b * seq)?,

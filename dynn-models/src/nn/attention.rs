@@ -30,6 +30,10 @@ pub enum AttentionMask {
     Padding(Tensor),
     /// [`AttentionMask::Causal`] and [`AttentionMask::Padding`] together.
     CausalPadding(Tensor),
+    /// An additive bias built already, which must broadcast to the scores `(batch, heads,
+    /// seq_q, seq_k)`: what [`AttentionMask::prepared`] makes once per forward pass for every
+    /// layer to share.
+    Bias(Tensor),
 }
 
 impl AttentionMask {
@@ -47,6 +51,7 @@ impl AttentionMask {
     ) -> Result<Option<Tensor>> {
         let causal = match self {
             AttentionMask::None => return Ok(None),
+            AttentionMask::Bias(t) => return Ok(Some(t.clone())),
             AttentionMask::Causal | AttentionMask::CausalPadding(_) => {
                 Some(causal_bias(seq_q, seq_k, dtype, device)?)
             }
@@ -61,6 +66,24 @@ impl AttentionMask {
         Ok(match (causal, padding) {
             (Some(c), Some(p)) => Some(c.add(&p)?),
             (c, p) => c.or(p),
+        })
+    }
+
+    /// The same mask with its bias built once ([`AttentionMask::Bias`]), to pass to every layer
+    /// of a forward pass: the layers then share one bias instead of building one each, and
+    /// each layer's attention weights stay recomputable from it (a bias built per layer is
+    /// released right after its layer, and with it the weights' recipe).
+    pub fn prepared(
+        &self,
+        batch: usize,
+        seq_q: usize,
+        seq_k: usize,
+        dtype: DType,
+        device: Device,
+    ) -> Result<AttentionMask> {
+        Ok(match self.bias(batch, seq_q, seq_k, dtype, device)? {
+            Some(t) => AttentionMask::Bias(t),
+            None => AttentionMask::None,
         })
     }
 }

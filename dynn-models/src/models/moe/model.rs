@@ -52,16 +52,20 @@ impl MoeBlock {
         })
     }
 
-    /// The block on `x` `(batch, seq, dim)`: the output, the layer's load-balancing loss and
-    /// its routing recorded into `stats`.
-    pub fn forward(&self, x: &Tensor, stats: &mut MoeStats) -> Result<(Tensor, Tensor)> {
+    /// The block on `x` `(batch, seq, dim)` under attention mask `mask` (causal in [`MoeLm`],
+    /// built once per forward pass with [`AttentionMask::prepared`]): the output, the layer's
+    /// load-balancing loss and its routing recorded into `stats`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        mask: &AttentionMask,
+        stats: &mut MoeStats,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, s, d) = match *x.dims() {
             [b, s, d] => (b, s, d),
             _ => return Err(Error::invalid("MoeBlock", "expected (batch, seq, dim)")),
         };
-        let a = self
-            .attn
-            .forward(&self.ln1.forward(x)?, &AttentionMask::Causal)?;
+        let a = self.attn.forward(&self.ln1.forward(x)?, mask)?;
         let h = x.add(&self.drop(&a)?)?;
         let tokens = self.ln2.forward(&h)?.reshape((b * s, d))?;
         let out = self.moe.forward(&tokens)?;
@@ -163,8 +167,9 @@ impl MoeLm {
         let mut x = self.tok.forward(ids)?.add(&pos)?;
         let mut stats = MoeStats::default();
         let mut aux: Option<Tensor> = None;
+        let mask = AttentionMask::Causal.prepared(1, s, s, x.dtype(), x.device())?;
         for block in &self.blocks {
-            let (y, a) = block.forward(&x, &mut stats)?;
+            let (y, a) = block.forward(&x, &mask, &mut stats)?;
             x = y;
             aux = Some(match aux {
                 Some(t) => t.add(&a)?,

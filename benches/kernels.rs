@@ -302,6 +302,19 @@ fn main() -> BenchResult<()> {
         );
     }
     {
+        // A dense layer with a bias: dynn's one-kernel `linear` against candle-nn's way
+        // (`Linear::forward` is a matmul, then a broadcast add).
+        let (x, cx) = pair(&mut rng, &[2048, 1024])?;
+        let (w, cw) = pair(&mut rng, &[1024, 1024])?;
+        let (b, cb) = pair(&mut rng, &[1024])?;
+        case!(
+            "linear_2048x1024x1024+bias",
+            Work::Flops(2.0 * 2048.0 * 1024.0 * 1024.0),
+            x.linear(&w, &b)?,
+            cx.matmul(&cw)?.broadcast_add(&cb)?
+        );
+    }
+    {
         let (table, ctable) = pair(&mut rng, &[50_000, 512])?;
         let ids: Vec<u32> = (0..8192).map(|_| (rng.next() % 50_000) as u32).collect();
         let dids = Tensor::from_vec(ids.clone(), 8192, Device::Cpu)?;

@@ -50,3 +50,24 @@ fn oracle_cases() -> Result<()> {
     oracle(&[r(&[4, 2, 64, 16], 6), r(&[4, 2, 64, 16], 7), r(&[4, 2, 64, 64], 8)], probs, cprobs, 1e-4).ctx("full bias, parallel paths")?;
     Ok(())
 }
+
+/// Edge sizes: no inner dim (the scores are the bias alone), one key, and a dense layer with
+/// no inputs (the output is the bias).
+#[test]
+fn empty_products_leave_the_bias() -> Result<()> {
+    let q = rand_f32(&[2, 3, 0], 1);
+    let k = rand_f32(&[2, 4, 0], 2);
+    let bias = rand_f32(&[2, 3, 4], 3);
+    let p = q.attention_probs(&k, Some(&bias), 0.5)?;
+    let want = bias.softmax(-1)?;
+    assert_eq!(p.to_vec::<f32>()?, want.to_vec::<f32>()?);
+    let one = rand_f32(&[2, 3, 5], 4).attention_probs(&rand_f32(&[2, 1, 5], 5), None, 0.5)?;
+    assert_eq!(one.to_vec::<f32>()?, vec![1.0; 6]);
+    let x = rand_f32(&[3, 0], 6);
+    let w = rand_f32(&[0, 4], 7);
+    let b = rand_f32(&[4], 8);
+    let y = x.linear(&w, &b)?;
+    assert_eq!(y.dims(), [3, 4]);
+    assert_eq!(y.to_vec::<f32>()?, b.to_vec::<f32>()?.repeat(3));
+    Ok(())
+}

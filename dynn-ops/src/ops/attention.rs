@@ -6,7 +6,7 @@
 //! softmax's; the backward rule is softmax's, then matmul's.
 
 use crate::cuda;
-use crate::ops::matmul::{MatmulOps, cpu_matmul, cuda_matmul};
+use crate::ops::matmul::{MatmulOps, cpu_matmul, cuda_matmul, one_float_dtype};
 use crate::ops::reduce::ReduceOps;
 use crate::ops::softmax::{Softmax, SoftmaxBackward};
 use crate::ops::unary::UnaryOps;
@@ -80,18 +80,7 @@ impl Op for AttentionProbs {
                 ));
             }
         };
-        for t in &inputs[1..] {
-            if t.dtype() != q.dtype() {
-                return Err(Error::DTypeMismatch {
-                    op: NAME,
-                    expected: q.dtype(),
-                    got: t.dtype(),
-                });
-            }
-        }
-        if !q.dtype().is_float() {
-            return Err(Error::unsupported_dtype(NAME, q.dtype()));
-        }
+        one_float_dtype(NAME, inputs)?;
         let shape = scores_shape(q.shape(), k.shape())?;
         if let Some(bias) = inputs.get(2)
             && bias.layout().broadcast_as(&shape).is_err()

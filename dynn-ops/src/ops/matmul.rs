@@ -547,6 +547,25 @@ pub(crate) fn cpu_matmul(
     })
 }
 
+/// Checks that every input of `op` has the first one's dtype, a float one.
+pub(crate) fn one_float_dtype(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
+    let Some(first) = inputs.first() else {
+        return Ok(());
+    };
+    let dtype = first.dtype();
+    if let Some(t) = inputs.iter().find(|t| t.dtype() != dtype) {
+        return Err(Error::DTypeMismatch {
+            op,
+            expected: dtype,
+            got: t.dtype(),
+        });
+    }
+    if !dtype.is_float() {
+        return Err(Error::unsupported_dtype(op, dtype));
+    }
+    Ok(())
+}
+
 /// The gradient of a weight `b` in `a @ b` for the output gradient `g`. A batch times one
 /// weight (`x W` in a layer) folds the batch into the rows, `Σ_b a_bᵀ g_b = [a]ᵀ [g]`: one
 /// matmul instead of a per-batch gradient the size of the weight times the batch, summed.
@@ -571,16 +590,7 @@ impl Op for Matmul {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (a, b) = (inputs[0], inputs[1]);
-        if a.dtype() != b.dtype() {
-            return Err(Error::DTypeMismatch {
-                op: "matmul",
-                expected: a.dtype(),
-                got: b.dtype(),
-            });
-        }
-        if !a.dtype().is_float() {
-            return Err(Error::unsupported_dtype("matmul", a.dtype()));
-        }
+        one_float_dtype("matmul", inputs)?;
         let p = problem("matmul", a.shape(), b.shape())?;
         let mut dims = p.batch.to_vec();
         dims.extend([p.m, p.n]);
@@ -638,18 +648,7 @@ impl Op for Linear {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
-        for t in [w, b] {
-            if t.dtype() != x.dtype() {
-                return Err(Error::DTypeMismatch {
-                    op: "linear",
-                    expected: x.dtype(),
-                    got: t.dtype(),
-                });
-            }
-        }
-        if !x.dtype().is_float() {
-            return Err(Error::unsupported_dtype("linear", x.dtype()));
-        }
+        one_float_dtype("linear", inputs)?;
         if w.rank() != 2 {
             return Err(Error::invalid(
                 "linear",

@@ -72,6 +72,16 @@ fn gradcheck_linear() -> Result<()> {
     let x = leaf((4, 5), 2)?;
     let p = Probe::new((4, 3), 3)?;
     check(&with_inputs(&m, &[("x", &x)]), || p.loss(&m.forward(&x)?))?;
+    // A vector input, as PyTorch's `nn.Linear` takes: (in,) → (out,), the row's output.
+    let v = leaf(5, 5)?;
+    let y = m.forward(&v)?;
+    assert_eq!(y.dims(), [3]);
+    assert_eq!(
+        y.to_vec::<f64>()?,
+        m.forward(&v.unsqueeze(0)?)?.to_vec::<f64>()?
+    );
+    let pv = Probe::new(3, 6)?;
+    check(&with_inputs(&m, &[("x", &v)]), || pv.loss(&m.forward(&v)?))?;
     Ok(())
 }
 

@@ -58,10 +58,13 @@ impl Module for Linear {
 }
 
 impl Forward for Linear {
-    /// `x W + b` over the last dim of `x` (rank 2 or more); with a bias, one fused kernel
-    /// ([`MatmulOps::linear`]), whose output the memory manager can recompute from the layer's
-    /// input and parameters.
+    /// `x W + b` over the last dim of `x` (a vector `(in,)` gives `(out,)`); with a bias, one
+    /// fused kernel ([`MatmulOps::linear`]), whose output the memory manager can recompute from
+    /// the layer's input and parameters.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.rank() == 1 {
+            return self.forward(&x.unsqueeze(0)?)?.squeeze(0);
+        }
         match &self.bias {
             Some(b) => x.linear(&self.weight, b),
             None => x.matmul(&self.weight),

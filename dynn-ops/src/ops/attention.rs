@@ -3,17 +3,18 @@
 //! bias, which the backward pass keeps, so the memory manager can drop the weights and compute
 //! them again (with the scores a tensor of their own, released once the softmax has run, it
 //! could not). The kernels are matmul's (the scale and the bias folded into the GEMM) and
-//! softmax's; the backward rule is softmax's, then matmul's.
+//! softmax's (on the CPU written over the scores, so the op needs no buffer beyond its
+//! output); the backward rule is softmax's, then matmul's.
 
 use crate::cuda;
 use crate::ops::matmul::{MatmulOps, cpu_matmul, cuda_matmul, one_float_dtype};
 use crate::ops::reduce::ReduceOps;
-use crate::ops::softmax::{Softmax, SoftmaxBackward};
+use crate::ops::softmax::{Softmax, SoftmaxBackward, softmax_rows_in_place};
 use crate::ops::unary::UnaryOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, DeviceStorage, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs,
+    BackwardCtx, Cost, CpuStorage, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs,
     Result, Save, Shape, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
 };
 
@@ -116,12 +117,21 @@ impl Op for AttentionProbs {
             storage: k.storage,
             layout: &kt_layout,
         };
-        let scores: Box<dyn DeviceStorage> = if cuda::on_cuda(inputs) {
-            cuda_matmul(NAME, &q, &kt, bias, self.scale)?
-        } else {
-            Box::new(cpu_matmul(NAME, &q, &kt, bias, self.scale)?)
-        };
         let shape = &specs[0].shape;
+        if !cuda::on_cuda(inputs) {
+            // The weights are written over the scores: no second buffer.
+            let mut scores = cpu_matmul(NAME, &q, &kt, bias, self.scale)?;
+            let len = shape.dims().last().copied().unwrap_or(1);
+            match &mut scores {
+                CpuStorage::F32(v) => softmax_rows_in_place(v, len),
+                CpuStorage::F64(v) => softmax_rows_in_place(v, len),
+                CpuStorage::F16(v) => softmax_rows_in_place(v, len),
+                CpuStorage::BF16(v) => softmax_rows_in_place(v, len),
+                other => return Err(Error::unsupported_dtype(NAME, other.dtype())),
+            }
+            return Ok(crate::cpu::one(scores));
+        }
+        let scores = cuda_matmul(NAME, &q, &kt, bias, self.scale)?;
         let layout = Layout::contiguous(shape.clone());
         let scores = KernelArg {
             storage: &*scores,

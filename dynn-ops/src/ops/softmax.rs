@@ -440,6 +440,47 @@ where
     x.restore(out)
 }
 
+/// Softmax over contiguous rows of `len`, written over them: the same arithmetic as
+/// [`SoftmaxRows`] (so the same bits), for a kernel's own temporary (the attention scores)
+/// that no one else reads.
+struct SoftmaxInPlace<'a, T: FloatElement> {
+    rows: &'a mut [T],
+    len: usize,
+}
+
+impl<T: FloatElement> SimdTask for SoftmaxInPlace<'_, T>
+where
+    T::Acc: VecExp,
+{
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let mut scratch = vec![<T::Acc as AccFloat>::ZERO; self.len];
+        for row in self.rows.chunks_mut(self.len) {
+            let m = max_row(row);
+            let sum = exp_sum(row, m, &mut scratch);
+            let inv = <T::Acc as AccFloat>::ONE / sum;
+            for (o, &e) in row.iter_mut().zip(scratch.iter()) {
+                *o = T::from_acc(e * inv);
+            }
+        }
+    }
+}
+
+/// Softmax over the contiguous rows of `len` elements of `data`, in place.
+pub(crate) fn softmax_rows_in_place<T: FloatElement>(data: &mut [T], len: usize)
+where
+    T::Acc: VecExp,
+{
+    if len == 0 {
+        return;
+    }
+    let parallel = data.len() >= PAR_MIN;
+    for_chunks(data, rows_per_chunk(len) * len, parallel, |_, rows| {
+        simd_task(SoftmaxInPlace { rows, len })
+    });
+}
+
 /// The fused backward over rows: `(g - Σ g·y) · y`, or `g - e^y · Σ g` for log-softmax.
 struct SoftmaxGradRows<'r, 'a, T: FloatElement> {
     y: &'r Rows<'a, T>,

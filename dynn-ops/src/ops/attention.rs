@@ -7,15 +7,17 @@
 //! output); the backward rule is softmax's, then matmul's.
 
 use crate::cuda;
-use crate::ops::matmul::{MatmulOps, cpu_matmul, cuda_matmul, one_float_dtype};
+use crate::float_dispatch;
+use crate::ops::matmul::{MatmulOps, cpu_matmul, cuda_matmul};
 use crate::ops::reduce::ReduceOps;
+use crate::ops::same_float_dtype;
 use crate::ops::softmax::{Softmax, SoftmaxBackward, softmax_rows_in_place};
 use crate::ops::unary::UnaryOps;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use dynn_core::{
-    BackwardCtx, Cost, CpuStorage, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs,
-    Result, Save, Shape, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
+    BackwardCtx, Cost, Error, Idioms, InputGrads, KernelArg, Layout, Op, Outputs, Result, Save,
+    Shape, Specs, Tensor, TensorSpec, execute1, smallvec::smallvec,
 };
 
 /// `softmax(scale · q kᵀ + bias)` over the last dim: `q` is `(..., seq_q, d)`, `k` is
@@ -81,7 +83,7 @@ impl Op for AttentionProbs {
                 ));
             }
         };
-        one_float_dtype(NAME, inputs)?;
+        same_float_dtype(NAME, inputs)?;
         let shape = scores_shape(q.shape(), k.shape())?;
         if let Some(bias) = inputs.get(2)
             && bias.layout().broadcast_as(&shape).is_err()
@@ -122,13 +124,7 @@ impl Op for AttentionProbs {
             // The weights are written over the scores: no second buffer.
             let mut scores = cpu_matmul(NAME, &q, &kt, bias, self.scale)?;
             let len = shape.dims().last().copied().unwrap_or(1);
-            match &mut scores {
-                CpuStorage::F32(v) => softmax_rows_in_place(v, len),
-                CpuStorage::F64(v) => softmax_rows_in_place(v, len),
-                CpuStorage::F16(v) => softmax_rows_in_place(v, len),
-                CpuStorage::BF16(v) => softmax_rows_in_place(v, len),
-                other => return Err(Error::unsupported_dtype(NAME, other.dtype())),
-            }
+            float_dispatch!(NAME, &mut scores, |v| softmax_rows_in_place(v, len));
             return Ok(crate::cpu::one(scores));
         }
         let scores = cuda_matmul(NAME, &q, &kt, bias, self.scale)?;

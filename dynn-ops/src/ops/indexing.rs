@@ -9,6 +9,7 @@
 
 use crate::cpu::{PAR_MIN, SimdTask, gather_layout, map_layout, simd_task};
 use crate::cuda::{self, CudaSource, CudaStorage, Strided};
+use crate::ops::same_float_dtype;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use cudarc::driver::{CudaView, LaunchConfig};
@@ -433,20 +434,6 @@ fn bytes(t: &Tensor) -> u64 {
 
 fn spec_bytes(s: &TensorSpec) -> u64 {
     s.size_in_bytes() as u64
-}
-
-fn same_float_dtype(op: &'static str, a: &Tensor, b: &Tensor) -> Result<()> {
-    if a.dtype() != b.dtype() {
-        return Err(Error::DTypeMismatch {
-            op,
-            expected: a.dtype(),
-            got: b.dtype(),
-        });
-    }
-    if !a.dtype().is_float() {
-        return Err(Error::unsupported_dtype(op, a.dtype()));
-    }
-    Ok(())
 }
 
 // ----- CUDA -----
@@ -1237,7 +1224,7 @@ impl Op for IndexAdd {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (x, ids, src) = (inputs[0], inputs[1], inputs[2]);
-        same_float_dtype("index_add", x, src)?;
+        same_float_dtype("index_add", &[x, src])?;
         check_ids_along("index_add", x, ids, self.dim)?;
         let mut want = x.dims().to_vec();
         want[self.dim] = ids.elem_count();
@@ -1415,7 +1402,7 @@ impl Op for ScatterAdd {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (x, index, src) = (inputs[0], inputs[1], inputs[2]);
-        same_float_dtype("scatter_add", x, src)?;
+        same_float_dtype("scatter_add", &[x, src])?;
         check_elem_shapes("scatter_add", x.shape(), index, self.dim)?;
         if src.shape() != index.shape() {
             return Err(Error::shape_mismatch(

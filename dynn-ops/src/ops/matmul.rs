@@ -6,6 +6,7 @@
 use crate::cpu::map_layout;
 use crate::cuda::{self, CudaStorage};
 use crate::ops::reduce::ReduceOps;
+use crate::ops::same_float_dtype;
 use crate::ops::views::ViewOps;
 use crate::registry::OpInfo;
 use dynn_core::{
@@ -322,7 +323,6 @@ pub(crate) fn cuda_matmul(
     if p.k == 0 {
         return Ok(Box::new(CudaStorage::zeros(&dev, dtype, nb * p.m * p.n)?));
     }
-    let accumulate = bias.is_some();
     let too_big = [p.m, p.n, p.k, nb].iter().any(|&d| d > i32::MAX as usize);
     if too_big {
         return Err(Error::invalid(
@@ -387,7 +387,7 @@ pub(crate) fn cuda_matmul(
     // kernel accumulates in f32 too; cuBLAS may still reduce in the output type where it
     // splits k, as PyTorch's defaults allow).
     use half::{bf16, f16};
-    let beta = if accumulate { 1.0 } else { 0.0 };
+    let beta = if bias.is_some() { 1.0 } else { 0.0 };
     match dtype {
         DType::F32 => blas_gemm(&blas, &p, nb, a, b, c, scale as f32, beta as f32),
         DType::F64 => blas_gemm(&blas, &p, nb, a, b, c, scale, beta),
@@ -547,25 +547,6 @@ pub(crate) fn cpu_matmul(
     })
 }
 
-/// Checks that every input of `op` has the first one's dtype, a float one.
-pub(crate) fn one_float_dtype(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
-    let Some(first) = inputs.first() else {
-        return Ok(());
-    };
-    let dtype = first.dtype();
-    if let Some(t) = inputs.iter().find(|t| t.dtype() != dtype) {
-        return Err(Error::DTypeMismatch {
-            op,
-            expected: dtype,
-            got: t.dtype(),
-        });
-    }
-    if !dtype.is_float() {
-        return Err(Error::unsupported_dtype(op, dtype));
-    }
-    Ok(())
-}
-
 /// The gradient of a weight `b` in `a @ b` for the output gradient `g`. A batch times one
 /// weight (`x W` in a layer) folds the batch into the rows, `Σ_b a_bᵀ g_b = [a]ᵀ [g]`: one
 /// matmul instead of a per-batch gradient the size of the weight times the batch, summed.
@@ -590,7 +571,7 @@ impl Op for Matmul {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (a, b) = (inputs[0], inputs[1]);
-        one_float_dtype("matmul", inputs)?;
+        same_float_dtype("matmul", inputs)?;
         let p = problem("matmul", a.shape(), b.shape())?;
         let mut dims = p.batch.to_vec();
         dims.extend([p.m, p.n]);
@@ -648,7 +629,7 @@ impl Op for Linear {
     }
     fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
         let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
-        one_float_dtype("linear", inputs)?;
+        same_float_dtype("linear", inputs)?;
         if w.rank() != 2 {
             return Err(Error::invalid(
                 "linear",

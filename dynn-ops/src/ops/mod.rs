@@ -19,3 +19,24 @@ pub mod topk;
 pub mod unary;
 pub mod update;
 pub mod views;
+
+use dynn_core::{Error, Result, Tensor};
+
+/// Checks that every input of `op` has the first one's dtype, and that it is a float dtype.
+pub(crate) fn same_float_dtype(op: &'static str, inputs: &[&Tensor]) -> Result<()> {
+    let Some(first) = inputs.first() else {
+        return Ok(());
+    };
+    let dtype = first.dtype();
+    if let Some(t) = inputs.iter().find(|t| t.dtype() != dtype) {
+        return Err(Error::DTypeMismatch {
+            op,
+            expected: dtype,
+            got: t.dtype(),
+        });
+    }
+    if !dtype.is_float() {
+        return Err(Error::unsupported_dtype(op, dtype));
+    }
+    Ok(())
+}

@@ -297,6 +297,18 @@ where
     sum_map(&scratch[..x.len()], |e: T::Acc| e)
 }
 
+/// Softmax's shared arithmetic for one row: writes `e^(x_i - max)` into `scratch` and returns
+/// `1 / Σ`, which the caller multiplies them by (one definition, so every softmax kernel
+/// gives the same bits).
+#[inline(always)]
+fn exp_row<T: FloatElement>(x: &[T], scratch: &mut [T::Acc]) -> T::Acc
+where
+    T::Acc: VecExp,
+{
+    let m = max_row(x);
+    <T::Acc as AccFloat>::ONE / exp_sum(x, m, scratch)
+}
+
 /// A tensor seen as contiguous rows along one dim (the dim made innermost).
 pub(crate) struct Rows<'a, T: Clone> {
     /// The elements, rows of `len` one after another.
@@ -409,16 +421,16 @@ where
     #[inline(always)]
     fn row(&self, r: usize, out: &mut [MaybeUninit<T>], scratch: &mut Vec<T::Acc>) {
         let x = self.x.row(r);
-        let m = max_row(x);
-        let sum = exp_sum(x, m, scratch);
         if self.log {
+            let m = max_row(x);
+            let sum = exp_sum(x, m, scratch);
             // (x - max) - ln Σ: x - max is exact near the max, where (max + ln Σ) would round.
             let ln_sum = sum.ln();
             for (o, &v) in out.iter_mut().zip(x) {
                 o.write(T::from_acc((v.to_acc() - m) - ln_sum));
             }
         } else {
-            let inv = <T::Acc as AccFloat>::ONE / sum;
+            let inv = exp_row(x, scratch);
             for (o, &e) in out.iter_mut().zip(scratch.iter()) {
                 o.write(T::from_acc(e * inv));
             }
@@ -440,9 +452,8 @@ where
     x.restore(out)
 }
 
-/// Softmax over contiguous rows of `len`, written over them: the same arithmetic as
-/// [`SoftmaxRows`] (so the same bits), for a kernel's own temporary (the attention scores)
-/// that no one else reads.
+/// Softmax over contiguous rows of `len`, written over them ([`exp_row`], as [`SoftmaxRows`]:
+/// the same bits), for a kernel's own temporary (the attention scores) that no one else reads.
 struct SoftmaxInPlace<'a, T: FloatElement> {
     rows: &'a mut [T],
     len: usize,
@@ -457,9 +468,7 @@ where
     fn run(self) {
         let mut scratch = vec![<T::Acc as AccFloat>::ZERO; self.len];
         for row in self.rows.chunks_mut(self.len) {
-            let m = max_row(row);
-            let sum = exp_sum(row, m, &mut scratch);
-            let inv = <T::Acc as AccFloat>::ONE / sum;
+            let inv = exp_row(row, &mut scratch);
             for (o, &e) in row.iter_mut().zip(scratch.iter()) {
                 *o = T::from_acc(e * inv);
             }

@@ -86,6 +86,40 @@ fn gradcheck_linear() -> Result<()> {
 }
 
 #[test]
+fn linear_epilogues_give_the_bits_of_the_separate_ops() -> Result<()> {
+    let b = builder(7);
+    let (with_bias, no_bias) = (
+        Linear::new(&b.pp("a"), 5, 3)?,
+        Linear::no_bias(&b.pp("b"), 5, 3)?,
+    );
+    for m in [&with_bias, &no_bias] {
+        for x in [randn((2, 4, 5), 8)?, randn(5, 9)?] {
+            let y = m.forward(&x)?;
+            let r = randn(y.dims().to_vec(), 10)?;
+            let same = |a: Tensor, b: Tensor| -> Result<()> {
+                assert_eq!(a.dims(), b.dims());
+                assert_eq!(a.to_vec::<f64>()?, b.to_vec::<f64>()?);
+                Ok(())
+            };
+            same(m.forward_act(&x, Activation::Relu)?, y.relu()?)?;
+            same(m.forward_act(&x, Activation::Sigmoid)?, y.sigmoid()?)?;
+            same(m.forward_act(&x, Activation::Tanh)?, y.tanh()?)?;
+            same(m.forward_residual(&x, &r)?, r.add(&y)?)?;
+        }
+    }
+    // Gradients of the fused forms.
+    let x = leaf((4, 5), 11)?;
+    let p = Probe::new((4, 3), 12)?;
+    let r = leaf((4, 3), 13)?;
+    let params = with_inputs(&with_bias, &[("x", &x), ("r", &r)]);
+    check(&params, || p.loss(&with_bias.forward_residual(&x, &r)?))?;
+    check(&params, || {
+        p.loss(&with_bias.forward_act(&x, Activation::Tanh)?)
+    })?;
+    Ok(())
+}
+
+#[test]
 fn gradcheck_norms() -> Result<()> {
     let b = builder(4);
     let ln = LayerNorm::new(&b.pp("ln"), 6)?;

@@ -18,6 +18,7 @@ pub use registry::{OpInfo, cuda_sources, idioms_markdown, op_table};
 /// The tensor methods of every op family, and the core types.
 pub mod prelude {
     pub use crate::grad::Backward;
+    pub use crate::ops::addcmul::AddCMulOps;
     pub use crate::ops::attention::AttentionOps;
     pub use crate::ops::binary::BinaryOps;
     pub use crate::ops::cast::CastOps;
@@ -26,6 +27,7 @@ pub mod prelude {
     pub use crate::ops::cross_entropy::{CrossEntropyOps, CrossEntropyOpts, LossReduction};
     pub use crate::ops::dropout::DropoutOps;
     pub use crate::ops::indexing::IndexingOps;
+    pub use crate::ops::linear::{Activation, LinearOps};
     pub use crate::ops::logical::{Logic, LogicalOps};
     pub use crate::ops::matmul::MatmulOps;
     pub use crate::ops::norm::NormOps;

@@ -24,6 +24,8 @@ pub fn op_table() -> Vec<OpInfo> {
         crate::ops::views::ops(),
         crate::ops::reduce::ops(),
         crate::ops::matmul::ops(),
+        crate::ops::linear::ops(),
+        crate::ops::addcmul::ops(),
         crate::ops::update::ops(),
         crate::ops::optim::ops(),
         crate::ops::indexing::ops(),

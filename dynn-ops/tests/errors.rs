@@ -173,6 +173,30 @@ fn invalid_arguments_say_what_is_wrong() {
     has_all(&e.to_string(), &["linear", "bias", "(4,)", "[5]", "[3, 4]"]);
     let e = t(&[2, 3]).linear(&t(&[1, 3, 4]), &t(&[4])).unwrap_err();
     has_all(&e.to_string(), &["linear", "weight", "[1, 3, 4]"]);
+    // A residual that is not the output's shape; the fused variants name themselves.
+    let e = t(&[2, 4])
+        .add_linear(&t(&[2, 3]), &t(&[3, 5]), &t(&[5]))
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidArgument {
+                op: "add_linear",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    has_all(
+        &e.to_string(),
+        &["add_linear", "residual", "[2, 5]", "[2, 4]"],
+    );
+    let e = t(&[2, 3])
+        .linear_act(&t(&[3, 4]), &t(&[3]), Activation::Sigmoid)
+        .unwrap_err();
+    has_all(&e.to_string(), &["linear_sigmoid", "bias", "(4,)", "[3]"]);
+    let e = t(&[2, 3]).addcmul(&t(&[2, 4]), &t(&[4])).unwrap_err();
+    has_all(&e.to_string(), &["addcmul", "[2, 3]", "[2, 4]"]);
     let e = t(&[2, 3])
         .attention_probs(&t(&[4, 3]), Some(&t(&[3, 4])), 1.0)
         .unwrap_err();

@@ -57,9 +57,46 @@ impl Module for Linear {
     }
 }
 
+impl Linear {
+    /// `act(x W + b)`: with a bias, one op whose output the memory manager can drop and
+    /// compute again ([`LinearOps::linear_act`]); the same bits as the forward then `act`.
+    pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        if x.rank() == 1 {
+            return self.forward_act(&x.unsqueeze(0)?, act)?.squeeze(0);
+        }
+        match &self.bias {
+            Some(b) => x.linear_act(&self.weight, b, act),
+            None => activate(&x.matmul(&self.weight)?, act),
+        }
+    }
+
+    /// `residual + x W + b`: with a bias, one op ([`LinearOps::add_linear`]), droppable as
+    /// [`Self::forward_act`]'s; the same bits as `residual.add(&self.forward(x)?)`.
+    /// `residual` has the output's shape.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        if x.rank() == 1 {
+            let r = residual.unsqueeze(0)?;
+            return self.forward_residual(&x.unsqueeze(0)?, &r)?.squeeze(0);
+        }
+        match &self.bias {
+            Some(b) => residual.add_linear(x, &self.weight, b),
+            None => residual.add(&x.matmul(&self.weight)?),
+        }
+    }
+}
+
+/// `act(x)` as the separate element-wise op.
+fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Relu => x.relu(),
+        Activation::Sigmoid => x.sigmoid(),
+        Activation::Tanh => x.tanh(),
+    }
+}
+
 impl Forward for Linear {
     /// `x W + b` over the last dim of `x` (a vector `(in,)` gives `(out,)`); with a bias, one
-    /// fused kernel ([`MatmulOps::linear`]), whose output the memory manager can recompute from
+    /// fused kernel ([`LinearOps::linear`]), whose output the memory manager can recompute from
     /// the layer's input and parameters.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.rank() == 1 {

@@ -99,6 +99,51 @@ fn chunking_the_outer_product_mean_keeps_the_loss_and_gradients() -> Result<()> 
     Ok(())
 }
 
+/// Each layer's residual form (the sum added by its last op) gives the bits of `x + layer(x)`,
+/// whole and in chunks.
+#[test]
+fn residual_forms_give_the_bits_of_the_separate_sums() -> Result<()> {
+    use dynn_models::models::evoformer::{
+        GatedAttention, OuterProductMean, Transition, Triangle, TriangleMultiplication,
+    };
+    use dynn_models::nn::Forward;
+    let b = ParamBuilder::new(DType::F64, Device::Cpu, 4);
+    let mut rng = Rng::new(6);
+    let mut randn = |dims: &[usize]| -> Result<Tensor> {
+        let v: Vec<f64> = (0..dims.iter().product()).map(|_| rng.normal()).collect();
+        Tensor::from_vec(v, dims.to_vec(), Device::Cpu)
+    };
+    let (m, z) = (randn(&[2, 3, 5, 4])?, randn(&[2, 5, 5, 4])?);
+    let bias = randn(&[2, 1, 2, 3, 3])?;
+    let same = |a: Tensor, b: Tensor| -> Result<()> {
+        assert_eq!(a.dims(), b.dims());
+        assert_eq!(a.to_f64_vec()?, b.to_f64_vec()?);
+        Ok(())
+    };
+    let attn = GatedAttention::new(&b.pp("attn"), 4, 2)?;
+    let mt = m.transpose(1, 2)?;
+    same(
+        attn.forward_residual(&mt, Some(&bias))?,
+        mt.add(&attn.forward(&mt, Some(&bias))?)?,
+    )?;
+    let (t, opm) = (
+        Transition::new(&b.pp("t"), 4, 2)?,
+        OuterProductMean::new(&b.pp("opm"), 4, 4, 2)?,
+    );
+    // 100 bytes: one row per chunk for both.
+    for chunk in [None, Some(100)] {
+        let t = t.clone().chunked(chunk);
+        same(t.forward_residual(&z)?, z.add(&t.forward(&z)?)?)?;
+        let opm = opm.clone().chunked(chunk);
+        same(opm.forward_residual(&m, &z)?, z.add(&opm.forward(&m)?)?)?;
+    }
+    for (name, kind) in [("out", Triangle::Outgoing), ("in", Triangle::Incoming)] {
+        let tri = TriangleMultiplication::new(&b.pp(name), kind, 4, 3)?;
+        same(tri.forward_residual(&z)?, z.add(&tri.forward(&z)?)?)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn earlier_iterations_pass_no_gradient() -> Result<()> {
     let cfg = tiny();

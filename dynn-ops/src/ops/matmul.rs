@@ -1,5 +1,5 @@
-//! Matrix multiply with numpy batch broadcasting: `(..., m, k) @ (..., k, n)`, and the dense
-//! layer's `x W + b` in one kernel. Kernels come from the `gemm` crate, which reads any
+//! Matrix multiply with numpy batch broadcasting: `(..., m, k) @ (..., k, n)`, and the GEMM
+//! kernels behind it (with a broadcast addend, for `linear` and `attention_probs`). Kernels come from the `gemm` crate, which reads any
 //! row/column strides, so transposed operands (as in every backward) are never copied.
 //! f16/bf16 are computed in f32.
 
@@ -24,26 +24,15 @@ pub struct Matmul;
 /// A multiply-accumulate: element-wise products reduced over k (no row of PyTorch's table).
 const IDIOMS: Idioms = Idioms([0, 0, 0, 1, 1, 0]);
 
-/// `x W + b` over the last dim of `x` (`W` is `(in, out)`, `b` is `(out,)`), as one kernel:
-/// PyTorch's `addmm`. The output starts as the bias rows and the product accumulates into it,
-/// so no product without the bias is stored and no second pass over the output adds it; the
-/// output's recipe reads the layer's input and parameters, which the backward pass keeps, so
-/// the memory manager can drop it and compute it again.
-#[derive(Debug, Clone, Copy)]
-pub struct Linear;
-
-/// A multiply-accumulate, then the bias: a second element-wise map.
-const LINEAR_IDIOMS: Idioms = Idioms([0, 0, 0, 1, 2, 0]);
-
 /// The broadcast problem: batch shape, m, n, k.
-struct Problem {
-    batch: Shape,
-    m: usize,
-    n: usize,
-    k: usize,
+pub(crate) struct Problem {
+    pub(crate) batch: Shape,
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
 }
 
-fn problem(op: &'static str, a: &Shape, b: &Shape) -> Result<Problem> {
+pub(crate) fn problem(op: &'static str, a: &Shape, b: &Shape) -> Result<Problem> {
     let (ad, bd) = (a.dims(), b.dims());
     if ad.len() < 2 || bd.len() < 2 {
         return Err(Error::invalid(
@@ -550,7 +539,7 @@ pub(crate) fn cpu_matmul(
 /// The gradient of a weight `b` in `a @ b` for the output gradient `g`. A batch times one
 /// weight (`x W` in a layer) folds the batch into the rows, `Σ_b a_bᵀ g_b = [a]ᵀ [g]`: one
 /// matmul instead of a per-batch gradient the size of the weight times the batch, summed.
-fn weight_grad(a: &Tensor, b_shape: &Shape, g: &Tensor) -> Result<Tensor> {
+pub(crate) fn weight_grad(a: &Tensor, b_shape: &Shape, g: &Tensor) -> Result<Tensor> {
     let (ad, gd) = (a.dims(), g.dims());
     if b_shape.rank() == 2 && a.rank() > 2 {
         let rows: usize = ad[..ad.len() - 1].iter().product();
@@ -620,115 +609,24 @@ impl Op for Matmul {
     }
 }
 
-impl Op for Linear {
-    fn name(&self) -> &'static str {
-        "linear"
-    }
-    fn idioms(&self) -> Idioms {
-        LINEAR_IDIOMS
-    }
-    fn infer(&self, inputs: &[&Tensor]) -> Result<Specs> {
-        let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
-        same_float_dtype("linear", inputs)?;
-        if w.rank() != 2 {
-            return Err(Error::invalid(
-                "linear",
-                format!("the weight must be (in, out), got {}", w.shape()),
-            ));
-        }
-        let p = problem("linear", x.shape(), w.shape())?;
-        if b.dims() != [p.n] {
-            return Err(Error::invalid(
-                "linear",
-                format!(
-                    "the bias must be (out,) = ({},) for weight {}, got {}",
-                    p.n,
-                    w.shape(),
-                    b.shape()
-                ),
-            ));
-        }
-        let mut dims = p.batch.to_vec();
-        dims.extend([p.m, p.n]);
-        Ok(smallvec![TensorSpec::new(dims, x.dtype())])
-    }
-    fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let mut cost = Matmul.cost(&inputs[..2], outputs);
-        let bias = inputs[2].elem_count() * inputs[2].dtype().size_in_bytes();
-        cost.bytes_read += bias as u64;
-        cost.flops += outputs[0].shape.elem_count() as u64;
-        cost
-    }
-    fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
-        let (x, w, b) = (inputs[0], inputs[1], inputs[2]);
-        if cuda::on_cuda(inputs) {
-            return Ok(smallvec![cuda_matmul("linear", &x, &w, Some(&b), 1.0)?]);
-        }
-        Ok(crate::cpu::one(cpu_matmul(
-            "linear",
-            &x,
-            &w,
-            Some(&b),
-            1.0,
-        )?))
-    }
-    fn save(&self) -> Save {
-        // The input and the weight; the bias's gradient needs only the output's.
-        Save {
-            inputs: 0b011,
-            outputs: 0,
-        }
-    }
-    fn backward(&self, ctx: &BackwardCtx<'_>) -> Result<InputGrads> {
-        let g = ctx.grad(0)?;
-        let gx = ctx
-            .needs(0)
-            .then(|| g.matmul(&ctx.input(1)?.t()?))
-            .transpose()?;
-        let gw = ctx
-            .needs(1)
-            .then(|| weight_grad(ctx.input(0)?, &ctx.input_specs[1].shape, g))
-            .transpose()?;
-        let gb = ctx
-            .needs(2)
-            .then(|| g.sum_to(&ctx.input_specs[2].shape))
-            .transpose()?;
-        Ok(smallvec![gx, gw, gb])
-    }
-}
-
 /// Matrix multiplication.
 pub trait MatmulOps {
     /// `self @ rhs` over the last two dims, broadcasting batch dims (numpy `matmul`).
     fn matmul(&self, rhs: &Tensor) -> Result<Tensor>;
-    /// `self @ weight + bias` in one kernel (PyTorch's `addmm`): `self` is `(..., in)` (rank
-    /// at least 2), `weight` is `(in, out)`, `bias` is `(out,)`; the result is `(..., out)`.
-    fn linear(&self, weight: &Tensor, bias: &Tensor) -> Result<Tensor>;
 }
 
 impl MatmulOps for Tensor {
     fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         execute1(Matmul, &[self, rhs])
     }
-    fn linear(&self, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
-        execute1(Linear, &[self, weight, bias])
-    }
 }
 
 /// This file's entries in the op table.
 pub(crate) fn ops() -> Vec<OpInfo> {
-    vec![
-        OpInfo {
-            name: "matmul",
-            idioms: IDIOMS,
-            differentiable: true,
-            family: "matmul",
-        },
-        OpInfo {
-            name: "linear",
-            idioms: LINEAR_IDIOMS,
-            differentiable: true,
-            family: "matmul",
-        },
-    ]
+    vec![OpInfo {
+        name: "matmul",
+        idioms: IDIOMS,
+        differentiable: true,
+        family: "matmul",
+    }]
 }

@@ -1,5 +1,6 @@
 //! One file per op family: kernels, backward rule, idioms and cost in one place.
 
+pub mod addcmul;
 pub mod attention;
 pub mod binary;
 pub mod cast;
@@ -8,6 +9,7 @@ pub mod concat;
 pub mod cross_entropy;
 pub mod dropout;
 pub mod indexing;
+pub mod linear;
 pub mod logical;
 pub mod matmul;
 pub mod norm;

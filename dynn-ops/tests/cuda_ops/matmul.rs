@@ -1,4 +1,5 @@
-//! Matmul, linear and attention_probs (the bias accumulated into by cuBLAS) on the GPU: plain, transposed operands, batched with broadcasting,
+//! Matmul, linear (with its activation and residual epilogues), addcmul and attention_probs
+//! (the bias accumulated into by cuBLAS) on the GPU: plain, transposed operands, batched with broadcasting,
 //! narrowed (non-unit strides cuBLAS cannot read directly), f32, f64, f16 and bf16 (f32
 //! accumulation on both devices), forward and backward.
 
@@ -74,6 +75,36 @@ fn matmul() {
             "linear",
             vec![r(&[3, 17, 30], 21), r(&[30, 12], 22), r(&[12], 23)],
             |v| v[0].linear(&v[1], &v[2]),
+        );
+        case(
+            "linear_relu",
+            vec![r(&[3, 17, 30], 32), r(&[30, 12], 33), r(&[12], 34)],
+            |v| v[0].linear_act(&v[1], &v[2], Activation::Relu),
+        );
+        case(
+            "linear_sigmoid",
+            vec![r(&[17, 30], 35), r(&[30, 12], 36), r(&[12], 37)],
+            |v| v[0].linear_act(&v[1], &v[2], Activation::Sigmoid),
+        );
+        case(
+            "linear_tanh",
+            vec![r(&[17, 30], 38), r(&[30, 12], 39), r(&[12], 40)],
+            |v| v[0].linear_act(&v[1], &v[2], Activation::Tanh),
+        );
+        case(
+            "add_linear, transposed residual",
+            vec![
+                r(&[17, 30], 41),
+                r(&[30, 12], 42),
+                r(&[12], 43),
+                r(&[12, 17], 44),
+            ],
+            |v| v[3].t()?.add_linear(&v[0], &v[1], &v[2]),
+        );
+        case(
+            "addcmul, broadcast gate",
+            vec![r(&[3, 17, 12], 45), r(&[3, 17, 12], 46), r(&[17, 1], 47)],
+            |v| v[0].addcmul(&v[1], &v[2]),
         );
         case(
             "linear, transposed weight",

@@ -1,7 +1,8 @@
 //! Tests of the binary ops: every kind gradient-checked in f64 with equal shapes, numpy
 //! broadcasting ((4,1,3) op (5,3), rank-0 operands on either side), non-contiguous operands and
 //! an operand used twice; and compared forward and backward with candle's `broadcast_*` ops in
-//! f32, f16 and bf16, including sizes that take the parallel and broadcast fast paths.
+//! f32, f16 and bf16, including sizes that take the parallel and broadcast fast paths; and
+//! `addcmul` the same ways, and against `mul` then `add` bit for bit.
 
 use crate::common::*;
 use candle_core as cc;
@@ -88,7 +89,67 @@ fn oracle_case(k: Binary) -> Result<()> {
     Ok(())
 }
 
+/// `r + a ⊙ b` through `addcmul` and through `mul` then `add`.
+fn addcmul(v: &[Tensor]) -> Result<Tensor> {
+    v[0].addcmul(&v[1], &v[2])
+}
+
+fn add_mul(v: &[Tensor]) -> Result<Tensor> {
+    v[0].add(&v[1].mul(&v[2])?)
+}
+
+/// `(r, a, b)` triples: equal shapes, broadcasting each way, and strided views.
+fn triples(dtype: DType) -> Result<Vec<(&'static str, Vec<Tensor>)>> {
+    let t = |s: &[usize], seed| rand_dtype(s, seed, dtype);
+    Ok(vec![
+        ("same shape", vec![t(&[3, 4], 1), t(&[3, 4], 2), t(&[3, 4], 3)]),
+        ("broadcast gate", vec![t(&[2, 3, 4], 4), t(&[2, 3, 4], 5), t(&[3, 1], 6)]),
+        ("broadcast residual", vec![t(&[4], 7), t(&[3, 4], 8), t(&[3, 4], 9)]),
+        ("strided", vec![t(&[4, 3], 10).t()?, t(&[3, 8], 11).narrow(1, 2, 4)?, t(&[4, 3], 12).t()?]),
+    ])
+}
+
+fn addcmul_grad_cases() -> Result<()> {
+    for (what, v) in triples(DType::F64)? {
+        gradcheck(&v, addcmul).ctx(format!("addcmul {what}"))?;
+    }
+    Ok(())
+}
+
+fn addcmul_oracle_cases() -> Result<()> {
+    let cf = |v: &[cc::Tensor]| v[0].broadcast_add(&v[1].broadcast_mul(&v[2])?);
+    for (what, v) in triples(DType::F32)? {
+        oracle(&v, addcmul, cf, tol(DType::F32)).ctx(format!("addcmul f32 {what}"))?;
+    }
+    for dtype in [DType::F16, DType::BF16] {
+        let v = vec![rand_dtype(&[3, 5], 21, dtype), rand_dtype(&[3, 5], 22, dtype), rand_dtype(&[3, 5], 23, dtype)];
+        oracle(&v, addcmul, cf, tol(dtype)).ctx(format!("addcmul {dtype}"))?;
+    }
+    let v = vec![rand_f32(&[200, 190], 24), rand_f32(&[200, 190], 25), rand_f32(&[190], 26)];
+    oracle(&v, addcmul, cf, tol(DType::F32)).ctx("addcmul large")?;
+    // The same bits as `mul` then `add`, forward and (shapes equal) backward.
+    for dtype in [DType::F32, DType::F64, DType::F16, DType::BF16] {
+        for (what, v) in triples(dtype)? {
+            let ctx = format!("addcmul {dtype} {what}");
+            let (fused, separate) = {
+                let _g = no_grad();
+                (addcmul(&v)?, add_mul(&v)?)
+            };
+            assert_bits(&fused, &separate).ctx(format!("{ctx}: forward"))?;
+            if what == "same shape" || what == "strided" {
+                let r = rand_dtype(fused.dims(), 31, dtype);
+                let (gf, gs) = (dynn_grad(&v, addcmul, &r)?, dynn_grad(&v, add_mul, &r)?);
+                for (i, (a, b)) in gf.iter().zip(&gs).enumerate() {
+                    assert_bits(a, b).ctx(format!("{ctx}: gradient of input {i}"))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 pub const GRAD_CASES: &[Case] = &[
+    (&["addcmul"], addcmul_grad_cases),
     (&["add"], || grad_case(Binary::Add)),
     (&["sub"], || grad_case(Binary::Sub)),
     (&["mul"], || grad_case(Binary::Mul)),
@@ -99,6 +160,7 @@ pub const GRAD_CASES: &[Case] = &[
 ];
 
 pub const ORACLE_CASES: &[Case] = &[
+    (&["addcmul"], addcmul_oracle_cases),
     (&["add"], || oracle_case(Binary::Add)),
     (&["sub"], || oracle_case(Binary::Sub)),
     (&["mul"], || oracle_case(Binary::Mul)),

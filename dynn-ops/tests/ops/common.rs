@@ -708,3 +708,24 @@ mod self_tests {
         }
     }
 }
+
+/// `a` and `b` have the same shape and hold the same values, bit for bit (every dtype widens
+/// exactly to f64).
+pub fn assert_bits(a: &Tensor, b: &Tensor) -> Result<()> {
+    let (va, vb) = (a.to_f64_vec()?, b.to_f64_vec()?);
+    if a.dims() != b.dims()
+        || va
+            .iter()
+            .map(|x| x.to_bits())
+            .ne(vb.iter().map(|x| x.to_bits()))
+    {
+        return Err(Error::Msg(format!(
+            "{} {:?} differs from {} {:?}",
+            a.shape(),
+            a.dtype(),
+            b.shape(),
+            b.dtype()
+        )));
+    }
+    Ok(())
+}

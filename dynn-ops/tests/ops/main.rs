@@ -35,6 +35,7 @@ families!(
     views,
     reduce,
     matmul,
+    linear,
     attention,
     update,
     optim,

@@ -1,7 +1,6 @@
-//! Tests of matmul and linear: gradient checks in f64 for plain, batched, batch-broadcast and
-//! transposed operands; forward and backward against candle's `broadcast_matmul` (plus
-//! `broadcast_add` of the bias) in f32, f16 and bf16, including sizes that take the parallel,
-//! batch-folding and parallel bias-filling paths.
+//! Tests of matmul: gradient checks in f64 for plain, batched, batch-broadcast and transposed
+//! operands; forward and backward against candle's `broadcast_matmul` in f32, f16 and bf16,
+//! including sizes that take the parallel and batch-folding paths.
 
 use crate::common::*;
 use candle_core as cc;
@@ -40,36 +39,5 @@ fn oracle_cases() -> Result<()> {
     Ok(())
 }
 
-fn lin(x: &[Tensor]) -> Result<Tensor> {
-    x[0].linear(&x[1], &x[2])
-}
-
-fn clin(x: &[cc::Tensor]) -> cc::Result<cc::Tensor> {
-    x[0].broadcast_matmul(&x[1])?.broadcast_add(&x[2])
-}
-
-fn linear_grad_cases() -> Result<()> {
-    gradcheck(&[randn(&[3, 4], 1), randn(&[4, 5], 2), randn(&[5], 3)], lin).ctx("2d")?;
-    gradcheck(&[randn(&[2, 3, 4], 4), randn(&[4, 2], 5), randn(&[2], 6)], lin).ctx("batch of rows")?;
-    gradcheck(&[randn(&[2, 4, 3], 7), randn(&[4, 5], 8), randn(&[5], 9)], |x| x[0].transpose(1, 2)?.linear(&x[1], &x[2])).ctx("transposed input")?;
-    gradcheck(&[randn(&[3, 4], 10), randn(&[5, 4], 11), randn(&[10], 12)], |x| x[0].linear(&x[1].t()?, &x[2].narrow(0, 2, 5)?)).ctx("transposed weight, narrowed bias")?;
-    Ok(())
-}
-
-fn linear_oracle_cases() -> Result<()> {
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let t = tol(dtype) * 4.0;
-        let (x, w, b) = (rand_dtype(&[5, 7], 1, dtype), rand_dtype(&[7, 3], 2, dtype), rand_dtype(&[3], 3, dtype));
-        oracle(&[x, w, b], lin, clin, t).ctx(format!("2d {dtype}"))?;
-        let (x, w, b) = (rand_dtype(&[4, 6, 8], 4, dtype), rand_dtype(&[8, 5], 5, dtype), rand_dtype(&[5], 6, dtype));
-        oracle(&[x, w, b], lin, clin, t).ctx(format!("folded batch {dtype}"))?;
-    }
-    let (x, w, b) = (rand_f32(&[2, 96, 80], 7), rand_f32(&[80, 640], 8), rand_f32(&[640], 9));
-    oracle(&[x, w, b], lin, clin, 1e-4).ctx("parallel bias fill")?;
-    let (x, w, b) = (rand_f32(&[40, 30], 10), rand_f32(&[50, 40], 11), rand_f32(&[50], 12));
-    oracle(&[x, w, b], |x| x[0].t()?.linear(&x[1].t()?, &x[2]), |x| x[0].t()?.matmul(&x[1].t()?)?.broadcast_add(&x[2]), 1e-4).ctx("transposed operands")?;
-    Ok(())
-}
-
-pub const GRAD_CASES: &[Case] = &[(&["matmul"], grad_cases), (&["linear"], linear_grad_cases)];
-pub const ORACLE_CASES: &[Case] = &[(&["matmul"], oracle_cases), (&["linear"], linear_oracle_cases)];
+pub const GRAD_CASES: &[Case] = &[(&["matmul"], grad_cases)];
+pub const ORACLE_CASES: &[Case] = &[(&["matmul"], oracle_cases)];

@@ -71,14 +71,16 @@ impl EvoformerBlock {
             .forward(&self.bias_norm.forward(z)?)?
             .permute(&[0, 3, 1, 2])?
             .unsqueeze(1)?;
-        let m = m.add(&self.row_attn.forward(m, Some(&bias))?)?;
+        // Residual updates added by the layers' last projections where they end in one (the
+        // sums are then ops the memory manager can recompute; see `Linear::forward_residual`).
+        let m = self.row_attn.forward_residual(m, Some(&bias))?;
         let mt = m.transpose(1, 2)?;
         let m = m.add(&self.col_attn.forward(&mt, None)?.transpose(1, 2)?)?;
-        let m = m.add(&self.msa_transition.forward(&m)?)?;
-        let z = z.add(&self.opm.forward(&m)?)?;
-        let z = z.add(&self.tri_out.forward(&z)?)?;
-        let z = z.add(&self.tri_in.forward(&z)?)?;
-        let z = z.add(&self.pair_transition.forward(&z)?)?;
+        let m = self.msa_transition.forward_residual(&m)?;
+        let z = self.opm.forward_residual(&m, z)?;
+        let z = self.tri_out.forward_residual(&z)?;
+        let z = self.tri_in.forward_residual(&z)?;
+        let z = self.pair_transition.forward_residual(&z)?;
         Ok((m, z))
     }
 }

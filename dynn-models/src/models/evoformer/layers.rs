@@ -53,6 +53,18 @@ impl GatedAttention {
     /// each row. `bias`, when given, is added to the logits `(batch, rows, heads, cols, cols)`
     /// and must broadcast to them (the pair bias is `(batch, 1, heads, cols, cols)`).
     pub fn forward(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.out.forward(&self.gated_context(x, bias)?)
+    }
+
+    /// `x` plus its update (`x + forward(x, bias)`, the same bits), the residual added by the
+    /// output projection itself: one op whose output the memory manager can drop and compute
+    /// again from tensors the backward pass keeps.
+    pub fn forward_residual(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        self.out.forward_residual(&self.gated_context(x, bias)?, x)
+    }
+
+    /// The heads' gated outputs, `(batch, rows, cols, dim)`, before the output projection.
+    fn gated_context(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
         let &[b, r, c, d] = x.dims() else {
             return Err(Error::invalid(
                 "GatedAttention",
@@ -66,16 +78,18 @@ impl GatedAttention {
                 .reshape(vec![b, r, c, h, hd])?
                 .permute(&[0, 1, 3, 2, 4])
         };
-        let g = self.gate.forward(&xn)?;
-        let ctx = scaled_dot_product_attention(
-            &heads(&self.q)?,
-            &heads(&self.k)?,
-            &heads(&self.v)?,
-            bias,
-        )?
-        .permute(&[0, 1, 3, 2, 4])?
-        .reshape((b, r, c, d))?;
-        self.out.forward(&ctx.mul(&g.sigmoid()?)?)
+        let g = self
+            .gate
+            .forward_act(&xn, Activation::Sigmoid)?
+            .reshape(vec![b, r, c, h, hd])?;
+        // The heads' outputs seen in (batch, rows, cols, heads, head_dim) order and gated
+        // there: the product comes out contiguous in that order, so merging the heads is a
+        // view, and no copy of the heads' outputs (whose recipe would read the attention's
+        // released output) is made.
+        scaled_dot_product_attention(&heads(&self.q)?, &heads(&self.k)?, &heads(&self.v)?, bias)?
+            .permute(&[0, 1, 3, 2, 4])?
+            .mul(&g)?
+            .reshape((b, r, c, d))
     }
 }
 
@@ -121,9 +135,32 @@ impl Transition {
         self
     }
 
-    fn forward_whole(&self, x: &Tensor) -> Result<Tensor> {
-        self.down
-            .forward(&self.up.forward(&self.norm.forward(x)?)?.relu()?)
+    /// The expanded hidden layer `relu(up(norm(x)))`, one op after the norm.
+    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        self.up
+            .forward_act(&self.norm.forward(x)?, Activation::Relu)
+    }
+
+    /// `x` plus its update (`x + forward(x)`, the same bits), the residual added by the
+    /// projection back itself (see [`GatedAttention::forward_residual`]).
+    pub fn forward_residual(&self, x: &Tensor) -> Result<Tensor> {
+        self.by_chunks(x, |x| self.down.forward_residual(&self.hidden(x)?, x))
+    }
+
+    /// `f` over chunks of rows (the second axis of a tensor of rank 3 or more) whose hidden
+    /// layer takes at most `chunk_bytes` each, concatenated.
+    fn by_chunks(&self, x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let dims = x.dims();
+        if self.chunk_bytes.is_none() || dims.len() < 3 {
+            return f(x);
+        }
+        let rows = dims[1];
+        let hidden = self.up.weight.dims().get(1).copied().unwrap_or(0);
+        let row_bytes = x.elem_count() / rows.max(1) / dims[dims.len() - 1].max(1)
+            * hidden
+            * x.dtype().size_in_bytes();
+        let chunk = rows_per_chunk(self.chunk_bytes, row_bytes, rows);
+        map_chunks(rows, chunk, 1, |i0, r| f(&x.narrow(1, i0, r)?))
     }
 }
 
@@ -139,18 +176,6 @@ impl Forward for Transition {
     /// The update for `x` (any leading shape; chunked along the second axis of a tensor of
     /// rank 3 or more).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims();
-        if self.chunk_bytes.is_none() || dims.len() < 3 {
-            return self.forward_whole(x);
-        }
-        let rows = dims[1];
-        let hidden = self.up.weight.dims().get(1).copied().unwrap_or(0);
-        let row_bytes = x.elem_count() / rows.max(1) / dims[dims.len() - 1].max(1)
-            * hidden
-            * x.dtype().size_in_bytes();
-        let chunk = rows_per_chunk(self.chunk_bytes, row_bytes, rows);
-        map_chunks(rows, chunk, 1, |i0, r| {
-            self.forward_whole(&x.narrow(1, i0, r)?)
-        })
+        self.by_chunks(x, |x| self.down.forward(&self.hidden(x)?))
     }
 }

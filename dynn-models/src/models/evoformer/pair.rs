@@ -47,6 +47,17 @@ impl OuterProductMean {
     /// The pair update `(batch, len, len, pair_dim)` from `m` of shape
     /// `(batch, depth, len, msa_dim)`.
     pub fn forward(&self, m: &Tensor) -> Result<Tensor> {
+        self.update(m, None)
+    }
+
+    /// `z` plus the pair update from `m` (`z + forward(m)`, the same bits), the residual
+    /// added by the output projection itself (one op the memory manager can recompute).
+    pub fn forward_residual(&self, m: &Tensor, z: &Tensor) -> Result<Tensor> {
+        self.update(m, Some(z))
+    }
+
+    /// The update, added to `z` by the output projection when given.
+    fn update(&self, m: &Tensor, z: Option<&Tensor>) -> Result<Tensor> {
         let &[bs, s, l, _] = m.dims() else {
             return Err(Error::invalid(
                 "OuterProductMean",
@@ -73,7 +84,10 @@ impl OuterProductMean {
                 .reshape(vec![bs, r, c, l, c])?
                 .permute(&[0, 1, 3, 2, 4])?
                 .reshape((bs, r, l, c * c))?;
-            self.out.forward(&outer)
+            match z {
+                Some(z) => self.out.forward_residual(&outer, &z.narrow(1, i0, r)?),
+                None => self.out.forward(&outer),
+            }
         })
     }
 }
@@ -143,6 +157,19 @@ impl TriangleMultiplication {
 
     /// The update for `z` of shape `(batch, len, len, pair_dim)`.
     pub fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        let (upd, gate) = self.update_and_gate(z)?;
+        upd.mul(&gate)
+    }
+
+    /// `z` plus its update (`z + forward(z)`, the same bits), as one `addcmul` the memory
+    /// manager can drop and compute again.
+    pub fn forward_residual(&self, z: &Tensor) -> Result<Tensor> {
+        let (upd, gate) = self.update_and_gate(z)?;
+        z.addcmul(&upd, &gate)
+    }
+
+    /// The ungated update and its output gate.
+    fn update_and_gate(&self, z: &Tensor) -> Result<(Tensor, Tensor)> {
         if z.rank() != 4 {
             return Err(Error::invalid(
                 "TriangleMultiplication",
@@ -150,7 +177,10 @@ impl TriangleMultiplication {
             ));
         }
         let zn = self.norm.forward(z)?;
-        let gated = |p: &Linear, g: &Linear| p.forward(&zn)?.mul(&g.forward(&zn)?.sigmoid()?);
+        let gated = |p: &Linear, g: &Linear| {
+            p.forward(&zn)?
+                .mul(&g.forward_act(&zn, Activation::Sigmoid)?)
+        };
         let a = gated(&self.a, &self.a_gate)?;
         let b = gated(&self.b, &self.b_gate)?;
         // Channels first, so the sum over k is a batched matrix product per channel.
@@ -165,7 +195,7 @@ impl TriangleMultiplication {
         };
         let prod = prod.permute(&[0, 2, 3, 1])?;
         let upd = self.out.forward(&self.out_norm.forward(&prod)?)?;
-        upd.mul(&self.gate.forward(&zn)?.sigmoid()?)
+        Ok((upd, self.gate.forward_act(&zn, Activation::Sigmoid)?))
     }
 }
 

@@ -107,6 +107,23 @@ fn linear_epilogues_give_the_bits_of_the_separate_ops() -> Result<()> {
             same(m.forward_residual(&x, &r)?, r.add(&y)?)?;
         }
     }
+    // The layers that end in a projection: their residual forms are the same sums.
+    let x = randn((2, 3, 4), 14)?;
+    let r = randn((2, 3, 4), 15)?;
+    let mlp = Mlp::new(&b.pp("mlp"), 4, 7)?;
+    let swi = SwiGlu::new(&b.pp("swiglu"), 4, 7)?;
+    let attn = MultiHeadAttention::new(&b.pp("attn"), 4, 2)?;
+    let same = |a: Tensor, b: Tensor| -> Result<()> {
+        assert_eq!(a.to_vec::<f64>()?, b.to_vec::<f64>()?);
+        Ok(())
+    };
+    same(mlp.forward_residual(&x, &r)?, r.add(&mlp.forward(&x)?)?)?;
+    same(swi.forward_residual(&x, &r)?, r.add(&swi.forward(&x)?)?)?;
+    let mask = AttentionMask::Causal;
+    same(
+        attn.forward_residual(&x, &mask, &r)?,
+        r.add(&attn.forward(&x, &mask)?)?,
+    )?;
     // Gradients of the fused forms.
     let x = leaf((4, 5), 11)?;
     let p = Probe::new((4, 3), 12)?;

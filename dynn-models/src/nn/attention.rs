@@ -224,6 +224,24 @@ impl MultiHeadAttention {
         kv_in: &Tensor,
         mask: &AttentionMask,
     ) -> Result<Tensor> {
+        self.o.forward(&self.context(q_in, kv_in, mask)?)
+    }
+
+    /// `residual + forward(x, mask)` (the same bits), the sum made by the output projection
+    /// itself: one op whose output the memory manager can drop and compute again
+    /// (see [`Linear::forward_residual`]). `residual` is `(batch, seq, dim)`.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        mask: &AttentionMask,
+        residual: &Tensor,
+    ) -> Result<Tensor> {
+        self.o
+            .forward_residual(&self.context(x, x, mask)?, residual)
+    }
+
+    /// The heads' outputs merged, `(batch, seq_q, dim)`, before the output projection.
+    fn context(&self, q_in: &Tensor, kv_in: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
         let (b, sq) = self.check_input("MultiHeadAttention (query input)", q_in)?;
         let (bk, sk) = self.check_input("MultiHeadAttention (key/value input)", kv_in)?;
         if b != bk {
@@ -238,11 +256,10 @@ impl MultiHeadAttention {
         let v = self.split_heads(&self.v.forward(kv_in)?, b, sk)?;
         let bias = mask.bias(b, sq, sk, q_in.dtype(), q_in.device())?;
         let probs = attention_probs(&q, &k, bias.as_ref(), self.dropout.as_ref())?;
-        let ctx = probs
+        probs
             .matmul(&v)?
             .transpose(1, 2)?
-            .reshape((b, sq, self.dim()))?;
-        self.o.forward(&ctx)
+            .reshape((b, sq, self.dim()))
     }
 
     /// `(batch, seq)` of a `(batch, seq, dim)` input, or an error naming `op`.

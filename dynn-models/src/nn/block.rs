@@ -32,6 +32,16 @@ impl Module for FeedForward {
     }
 }
 
+impl FeedForward {
+    /// `residual + forward(x)` (the same bits), the sum made by the last projection.
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Mlp(m) => m.forward_residual(x, residual),
+            FeedForward::SwiGlu(m) => m.forward_residual(x, residual),
+        }
+    }
+}
+
 impl Forward for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
@@ -100,16 +110,24 @@ impl TransformerBlock {
         self.attn.dim()
     }
 
-    /// `x + dropout(attn(ln1(x), mask))` for `x` of shape `(batch, seq, dim)`.
+    /// `x + dropout(attn(ln1(x), mask))` for `x` of shape `(batch, seq, dim)`. Without
+    /// dropout, the sum is made by the attention's output projection (one op the memory
+    /// manager can recompute; the same bits as the separate sum).
     pub fn attend(&self, x: &Tensor, mask: &AttentionMask) -> Result<Tensor> {
-        let a = self.attn.forward(&self.ln1.forward(x)?, mask)?;
-        x.add(&self.drop(&a)?)
+        let h = self.ln1.forward(x)?;
+        if self.dropout.is_none() {
+            return self.attn.forward_residual(&h, mask, x);
+        }
+        x.add(&self.drop(&self.attn.forward(&h, mask)?)?)
     }
 
-    /// `x + dropout(ff(ln2(x)))`.
+    /// `x + dropout(ff(ln2(x)))`, the sum made as in [`TransformerBlock::attend`].
     pub fn feed_forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.ff.forward(&self.ln2.forward(x)?)?;
-        x.add(&self.drop(&y)?)
+        let h = self.ln2.forward(x)?;
+        if self.dropout.is_none() {
+            return self.ff.forward_residual(&h, x);
+        }
+        x.add(&self.drop(&self.ff.forward(&h)?)?)
     }
 
     /// The whole block: [`TransformerBlock::attend`] then [`TransformerBlock::feed_forward`].

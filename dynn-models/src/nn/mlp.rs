@@ -30,6 +30,15 @@ impl Module for Mlp {
     }
 }
 
+impl Mlp {
+    /// `residual + forward(x)` (the same bits), the sum made by `fc2` itself (see
+    /// [`Linear::forward_residual`]).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.fc2
+            .forward_residual(&self.fc1.forward(x)?.gelu()?, residual)
+    }
+}
+
 impl Forward for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(x)?.gelu()?)
@@ -66,9 +75,20 @@ impl Module for SwiGlu {
     }
 }
 
+impl SwiGlu {
+    /// `w1 x`'s SiLU times `w3 x`: the input of `w2`.
+    fn hidden(&self, x: &Tensor) -> Result<Tensor> {
+        self.w1.forward(x)?.silu()?.mul(&self.w3.forward(x)?)
+    }
+
+    /// `residual + forward(x)` (the same bits; `w2` has no bias, so a separate sum).
+    pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        self.w2.forward_residual(&self.hidden(x)?, residual)
+    }
+}
+
 impl Forward for SwiGlu {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.w1.forward(x)?.silu()?;
-        self.w2.forward(&gate.mul(&self.w3.forward(x)?)?)
+        self.w2.forward(&self.hidden(x)?)
     }
 }

@@ -65,8 +65,12 @@ impl MoeBlock {
             [b, s, d] => (b, s, d),
             _ => return Err(Error::invalid("MoeBlock", "expected (batch, seq, dim)")),
         };
-        let a = self.attn.forward(&self.ln1.forward(x)?, mask)?;
-        let h = x.add(&self.drop(&a)?)?;
+        let xn = self.ln1.forward(x)?;
+        // Without dropout the residual sum is made by the attention's output projection.
+        let h = match &self.dropout {
+            None => self.attn.forward_residual(&xn, mask, x)?,
+            Some(_) => x.add(&self.drop(&self.attn.forward(&xn, mask)?)?)?,
+        };
         let tokens = self.ln2.forward(&h)?.reshape((b * s, d))?;
         let out = self.moe.forward(&tokens)?;
         stats.push(&out.routing, b * s, self.moe.top_k);

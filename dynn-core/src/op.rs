@@ -150,17 +150,8 @@ pub trait Op: Send + Sync + 'static {
     /// The op's cost for these inputs and outputs. The default counts one flop per output
     /// element and the bytes of all inputs and outputs.
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
         let flops: usize = outputs.iter().map(|s| s.shape.elem_count()).sum();
-        Cost {
-            flops: flops as u64,
-            bytes_read: read as u64,
-            bytes_written: written as u64,
-        }
+        Cost::streaming(inputs, outputs, flops as u64)
     }
 
     /// Runs the kernel for the inputs' device, returning one contiguous storage per spec.
@@ -352,5 +343,22 @@ impl std::fmt::Debug for Recipe {
             self.op.name(),
             self.inputs.len()
         )
+    }
+}
+
+impl Cost {
+    /// One streaming pass: every input read once, every output written once, and `flops`
+    /// operations.
+    pub fn streaming(inputs: &[&Tensor], outputs: &[TensorSpec], flops: u64) -> Cost {
+        let read: usize = inputs
+            .iter()
+            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
+        Cost {
+            flops,
+            bytes_read: read as u64,
+            bytes_written: written as u64,
+        }
     }
 }

@@ -37,15 +37,7 @@ impl Op for AddCMul {
         Ok(smallvec![TensorSpec::new(shape, r.dtype())])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        Cost {
-            flops: 2 * outputs[0].shape.elem_count() as u64,
-            bytes_read: read as u64,
-            bytes_written: outputs[0].size_in_bytes() as u64,
-        }
+        Cost::streaming(inputs, outputs, 2 * outputs[0].shape.elem_count() as u64)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (r, a, b) = (inputs[0], inputs[1], inputs[2]);

@@ -101,16 +101,8 @@ impl Op for AttentionProbs {
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let n = outputs[0].shape.elem_count() as u64;
         let d = inputs[0].dims().last().copied().unwrap_or(0) as u64;
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
         // The products, the scale and bias, softmax's five per element.
-        Cost {
-            flops: 2 * n * d + 2 * n + 5 * n,
-            bytes_read: read as u64,
-            bytes_written: outputs[0].size_in_bytes() as u64,
-        }
+        Cost::streaming(inputs, outputs, 2 * n * d + 2 * n + 5 * n)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let (q, k, bias) = (inputs[0], inputs[1], inputs.get(2));

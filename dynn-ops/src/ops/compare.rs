@@ -197,17 +197,8 @@ fn mask_of<T: Element>(v: &[T], layout: &Layout) -> Vec<u8> {
 
 pub(crate) fn elem_cost(inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
     // One pass: every input read once, the output written once, one operation per element.
-    let read: usize = inputs
-        .iter()
-        .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-        .sum();
-    let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
     let flops: usize = outputs.iter().map(|s| s.shape.elem_count()).sum();
-    Cost {
-        flops: flops as u64,
-        bytes_read: read as u64,
-        bytes_written: written as u64,
-    }
+    Cost::streaming(inputs, outputs, flops as u64)
 }
 
 // ----- CUDA -----

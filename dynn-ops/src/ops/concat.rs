@@ -239,15 +239,7 @@ impl Op for Cat {
         Ok(smallvec![TensorSpec::new(dims, first.dtype())])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        Cost {
-            flops: 0,
-            bytes_read: read as u64,
-            bytes_written: outputs[0].size_in_bytes() as u64,
-        }
+        Cost::streaming(inputs, outputs, 0)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         if cuda::on_cuda(inputs) {

@@ -664,17 +664,8 @@ impl Op for CrossEntropy {
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let n = inputs[0].elem_count() as u64;
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
         // max, subtract, exp, add (plus a sum for label smoothing).
-        Cost {
-            flops: 5 * n,
-            bytes_read: read as u64,
-            bytes_written: written as u64,
-        }
+        Cost::streaming(inputs, outputs, 5 * n)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = "cross_entropy";
@@ -846,17 +837,8 @@ impl Op for CrossEntropyBackward {
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let n = inputs[0].elem_count() as u64;
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
         // subtract, exp, subtract, scale.
-        Cost {
-            flops: 4 * n,
-            bytes_read: read as u64,
-            bytes_written: written as u64,
-        }
+        Cost::streaming(inputs, outputs, 4 * n)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = "cross_entropy_backward";

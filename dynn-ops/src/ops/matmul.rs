@@ -567,22 +567,9 @@ impl Op for Matmul {
         Ok(smallvec![TensorSpec::new(dims, a.dtype())])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        let (flops, written) = match problem("matmul", inputs[0].shape(), inputs[1].shape()) {
-            Ok(p) => (
-                2 * p.batch.elem_count() * p.m * p.n * p.k,
-                outputs[0].size_in_bytes(),
-            ),
-            Err(_) => (0, 0),
-        };
-        Cost {
-            flops: flops as u64,
-            bytes_read: read as u64,
-            bytes_written: written as u64,
-        }
+        let flops = problem("matmul", inputs[0].shape(), inputs[1].shape())
+            .map_or(0, |p| 2 * p.batch.elem_count() * p.m * p.n * p.k);
+        Cost::streaming(inputs, outputs, flops as u64)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (a, b) = (inputs[0], inputs[1]);

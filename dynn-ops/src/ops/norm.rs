@@ -846,18 +846,9 @@ impl Op for Norm {
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let n = inputs[0].elem_count() as u64;
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
         // Layer: mean (1), variance (3), normalize + affine (4). RMS: square-sum (2), scale (2).
         let per = if self.kind == NormKind::Layer { 8 } else { 4 };
-        Cost {
-            flops: per * n,
-            bytes_read: read as u64,
-            bytes_written: written as u64,
-        }
+        Cost::streaming(inputs, outputs, per * n)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();
@@ -1168,17 +1159,8 @@ impl Op for NormBackward {
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
         let n = inputs[0].elem_count() as u64;
-        let read: usize = inputs
-            .iter()
-            .map(|t| t.elem_count() * t.dtype().size_in_bytes())
-            .sum();
-        let written: usize = outputs.iter().map(TensorSpec::size_in_bytes).sum();
         // xhat (2), dxhat (1), two row sums (3), dx (4), dweight/dbias sums (3).
-        Cost {
-            flops: 13 * n,
-            bytes_read: read as u64,
-            bytes_written: written as u64,
-        }
+        Cost::streaming(inputs, outputs, 13 * n)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();

@@ -61,27 +61,32 @@ impl Linear {
     /// `act(x W + b)`: with a bias, one op whose output the memory manager can drop and
     /// compute again ([`LinearOps::linear_act`]); the same bits as the forward then `act`.
     pub fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        if x.rank() == 1 {
-            return self.forward_act(&x.unsqueeze(0)?, act)?.squeeze(0);
-        }
-        match &self.bias {
+        by_rows(x, |x| match &self.bias {
             Some(b) => x.linear_act(&self.weight, b, act),
             None => activate(&x.matmul(&self.weight)?, act),
-        }
+        })
     }
 
     /// `residual + x W + b`: with a bias, one op ([`LinearOps::add_linear`]), droppable as
     /// [`Self::forward_act`]'s; the same bits as `residual.add(&self.forward(x)?)`.
     /// `residual` has the output's shape.
     pub fn forward_residual(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
-        if x.rank() == 1 {
-            let r = residual.unsqueeze(0)?;
-            return self.forward_residual(&x.unsqueeze(0)?, &r)?.squeeze(0);
-        }
-        match &self.bias {
+        let residual = match x.rank() {
+            1 => residual.unsqueeze(0)?,
+            _ => residual.clone(),
+        };
+        by_rows(x, |x| match &self.bias {
             Some(b) => residual.add_linear(x, &self.weight, b),
             None => residual.add(&x.matmul(&self.weight)?),
-        }
+        })
+    }
+}
+
+/// `f` on `x` as a batch of rows: a vector `(in,)` is one row, and its result a vector again.
+fn by_rows(x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    match x.rank() {
+        1 => f(&x.unsqueeze(0)?)?.squeeze(0),
+        _ => f(x),
     }
 }
 
@@ -99,12 +104,9 @@ impl Forward for Linear {
     /// fused kernel ([`LinearOps::linear`]), whose output the memory manager can recompute from
     /// the layer's input and parameters.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.rank() == 1 {
-            return self.forward(&x.unsqueeze(0)?)?.squeeze(0);
-        }
-        match &self.bias {
+        by_rows(x, |x| match &self.bias {
             Some(b) => x.linear(&self.weight, b),
             None => x.matmul(&self.weight),
-        }
+        })
     }
 }

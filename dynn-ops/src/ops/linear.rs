@@ -13,7 +13,7 @@
 
 use crate::cuda;
 use crate::ops::binary::Binary;
-use crate::ops::matmul::{Matmul, MatmulOps, cpu_matmul, cuda_matmul, problem, weight_grad};
+use crate::ops::matmul::{MatmulOps, cpu_matmul, cuda_matmul, problem, weight_grad};
 use crate::ops::reduce::ReduceOps;
 use crate::ops::same_float_dtype;
 use crate::ops::unary::{Unary, UnaryBackward};
@@ -165,8 +165,7 @@ impl Op for Linear {
                 ),
             ));
         }
-        let mut dims = p.batch.to_vec();
-        dims.extend([p.m, p.n]);
+        let dims = p.out_dims();
         if let Some(r) = inputs.get(3)
             && r.dims() != dims.as_slice()
         {
@@ -182,13 +181,12 @@ impl Op for Linear {
         Ok(smallvec![TensorSpec::new(dims, x.dtype())])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let mut cost = Matmul.cost(&inputs[..2], outputs);
+        let product =
+            problem(self.name(), inputs[0].shape(), inputs[1].shape()).map_or(0, |p| p.flops());
+        // The bias, then the epilogue's map: one or two operations per output element.
+        let maps = if self.0 == Epilogue::None { 1 } else { 2 };
         let n = outputs[0].shape.elem_count() as u64;
-        for extra in &inputs[2..] {
-            cost.bytes_read += (extra.elem_count() * extra.dtype().size_in_bytes()) as u64;
-        }
-        cost.flops += n * if self.0 == Epilogue::None { 1 } else { 2 };
-        cost
+        Cost::streaming(inputs, outputs, product + maps * n)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], specs: &[TensorSpec]) -> Result<Outputs> {
         let name = self.name();

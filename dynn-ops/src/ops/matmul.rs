@@ -1,7 +1,7 @@
 //! Matrix multiply with numpy batch broadcasting: `(..., m, k) @ (..., k, n)`, and the GEMM
-//! kernels behind it (with a broadcast addend, for `linear` and `attention_probs`). Kernels come from the `gemm` crate, which reads any
-//! row/column strides, so transposed operands (as in every backward) are never copied.
-//! f16/bf16 are computed in f32.
+//! kernels behind it (with a broadcast addend, for `linear` and `attention_probs`). Kernels
+//! come from the `gemm` crate, which reads any row/column strides, so transposed operands (as
+//! in every backward) are never copied. f16/bf16 are computed in f32.
 
 use crate::cpu::map_layout;
 use crate::cuda::{self, CudaStorage};
@@ -30,6 +30,20 @@ pub(crate) struct Problem {
     pub(crate) m: usize,
     pub(crate) n: usize,
     pub(crate) k: usize,
+}
+
+impl Problem {
+    /// The output's dims: the batch, then `(m, n)`.
+    pub(crate) fn out_dims(&self) -> Vec<usize> {
+        let mut dims = self.batch.to_vec();
+        dims.extend([self.m, self.n]);
+        dims
+    }
+
+    /// The multiply-accumulates' FLOPs.
+    pub(crate) fn flops(&self) -> u64 {
+        (2 * self.batch.elem_count() * self.m * self.n * self.k) as u64
+    }
 }
 
 pub(crate) fn problem(op: &'static str, a: &Shape, b: &Shape) -> Result<Problem> {
@@ -485,11 +499,7 @@ pub(crate) fn cpu_matmul(
     let (sa, sb) = (a.cpu(op)?, b.cpu(op)?);
     // The output's starting values: the bias broadcast, in the type the product accumulates in.
     let out_layout = bias
-        .map(|c| {
-            let mut dims = p.batch.to_vec();
-            dims.extend([p.m, p.n]);
-            c.layout.broadcast_as(&Shape::new(&dims))
-        })
+        .map(|c| c.layout.broadcast_as(&Shape::new(&p.out_dims())))
         .transpose()?;
     let (mut init32, mut init64) = (None, None);
     if let (Some(c), Some(l)) = (bias, &out_layout) {
@@ -562,14 +572,12 @@ impl Op for Matmul {
         let (a, b) = (inputs[0], inputs[1]);
         same_float_dtype("matmul", inputs)?;
         let p = problem("matmul", a.shape(), b.shape())?;
-        let mut dims = p.batch.to_vec();
-        dims.extend([p.m, p.n]);
-        Ok(smallvec![TensorSpec::new(dims, a.dtype())])
+        Ok(smallvec![TensorSpec::new(p.out_dims(), a.dtype())])
     }
     fn cost(&self, inputs: &[&Tensor], outputs: &[TensorSpec]) -> Cost {
-        let flops = problem("matmul", inputs[0].shape(), inputs[1].shape())
-            .map_or(0, |p| 2 * p.batch.elem_count() * p.m * p.n * p.k);
-        Cost::streaming(inputs, outputs, flops as u64)
+        let flops =
+            problem("matmul", inputs[0].shape(), inputs[1].shape()).map_or(0, |p| p.flops());
+        Cost::streaming(inputs, outputs, flops)
     }
     fn forward(&self, inputs: &[KernelArg<'_>], _: &[TensorSpec]) -> Result<Outputs> {
         let (a, b) = (inputs[0], inputs[1]);
